@@ -1,0 +1,67 @@
+"""``python -m dstack.agent --host H --port P --token T --home DIR``: serve the agent API.
+
+Binds the socket itself so ``--port 0`` works, and writes ``DIR/agent.json`` only once the
+server is listening, so whoever spawned the agent can read the real port from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from dstack.agent.app import create_app
+
+
+def write_agent_json(home: Path, port: int, token: str) -> None:
+    tmp = home / f".agent.json.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the token
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "port": port, "token": token}, f)
+    os.replace(tmp, home / "agent.json")
+
+
+async def serve(host: str, port: int, token: str, home: Path) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must be IPPROTO_TCP: asyncio only sets TCP_NODELAY on such sockets, and without it
+    # every small response waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    real_port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(home, token), log_level="warning", access_log=False, timeout_graceful_shutdown=3
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    if server.started:
+        write_agent_json(home, real_port, token)
+    await task
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dstack.agent", description="dstack per-host agent")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--token", default=os.environ.get("DSTACK_AGENT_TOKEN"))
+    parser.add_argument("--home", type=Path, default=Path.home() / ".dstack" / "agent")
+    args = parser.parse_args(argv)
+    if not args.token:
+        parser.error("--token (or DSTACK_AGENT_TOKEN) is required")
+    home: Path = args.home.expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args.host, args.port, args.token, home))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The agent's HTTP API (docs/contracts.md, "Agent HTTP API") as a FastAPI app."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from dstack.agent.host_info import host_info
+from dstack.agent.jobs import JobError, JobManager
+from dstack.agent.models import JobSubmission, StopRequest
+from dstack.version import __version__
+
+MAX_WAIT_SECONDS = 60.0
+MAX_LIMIT = 10000
+
+
+def create_app(home: Path, token: str) -> FastAPI:
+    home = Path(home)
+    manager = JobManager(home)
+    started_at = time.time()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        manager.load()
+        # Unpack pip for the default Python now, so the first job does not pay for it.
+        warm = asyncio.create_task(asyncio.to_thread(_warm_pip, manager))
+        try:
+            yield
+        finally:
+            warm.cancel()
+            manager.shutdown()
+
+    app = FastAPI(title="dstack-agent", lifespan=lifespan)
+    app.state.manager = manager
+
+    def auth(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(403, "invalid token")
+
+    @app.exception_handler(JobError)
+    async def _job_error(request: Request, exc: JobError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.get("/api/healthcheck")
+    async def healthcheck() -> dict[str, Any]:
+        return {"service": "dstack-agent", "version": __version__, "pid": os.getpid(), "started_at": started_at}
+
+    @app.get("/api/host", dependencies=[Depends(auth)])
+    async def host() -> dict[str, Any]:
+        return await asyncio.to_thread(host_info, home, manager.venvs)
+
+    @app.get("/api/jobs", dependencies=[Depends(auth)])
+    async def list_jobs() -> list[dict[str, Any]]:
+        return [{"job_id": j.spec.job_id, "state": j.state} for j in manager.jobs.values()]
+
+    @app.post("/api/jobs", dependencies=[Depends(auth)])
+    async def submit(spec: JobSubmission) -> dict[str, str]:
+        manager.submit(spec)
+        return {"job_id": spec.job_id}
+
+    @app.put("/api/jobs/{job_id}/code", dependencies=[Depends(auth)])
+    async def upload_code(job_id: str, request: Request) -> dict[str, Any]:
+        job = manager.get(job_id)
+        fd, name = tempfile.mkstemp(prefix="code-", suffix=".tar.gz", dir=job.dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    f.write(chunk)
+            await manager.put_code(job_id, Path(name))
+        finally:
+            os.unlink(name)
+        return {}
+
+    @app.post("/api/jobs/{job_id}/start", dependencies=[Depends(auth)])
+    async def start(job_id: str) -> dict[str, str]:
+        job = manager.get(job_id)
+        job.start()
+        return {"state": job.state}
+
+    @app.get("/api/jobs/{job_id}/pull", dependencies=[Depends(auth)])
+    async def pull(
+        job_id: str,
+        cursor: int = 0,
+        known_state: str | None = None,
+        wait: float = Query(0.0, ge=0),
+        limit: int = Query(1000, ge=1),
+    ) -> Response:
+        job = manager.get(job_id)
+        body = await job.pull(cursor, known_state, min(wait, MAX_WAIT_SECONDS), min(limit, MAX_LIMIT))
+        return Response(body, media_type="application/json")
+
+    @app.post("/api/jobs/{job_id}/stop", dependencies=[Depends(auth)])
+    async def stop(job_id: str, body: StopRequest | None = None) -> dict[str, str]:
+        job = manager.get(job_id)
+        await job.stop(abort=bool(body and body.abort))
+        return {"state": job.state}
+
+    @app.delete("/api/jobs/{job_id}", dependencies=[Depends(auth)])
+    async def delete(job_id: str) -> dict[str, Any]:
+        await manager.delete(job_id)
+        return {}
+
+    return app
+
+
+def _warm_pip(manager: JobManager) -> None:
+    try:
+        manager.venvs.pip_bundle(manager.venvs.resolve(None))
+    except Exception:
+        pass

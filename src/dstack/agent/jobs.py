@@ -1,0 +1,350 @@
+"""Job state, persistence and the process lifecycle (start, stop, finish)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from dstack.agent import runner
+from dstack.agent.host_info import docker_socket
+from dstack.agent.logs import LogStore
+from dstack.agent.models import FINAL_STATES, JobSubmission
+from dstack.agent.venvs import PythonNotFound, VenvFactory
+
+logger = logging.getLogger(__name__)
+
+EOF_AFTER_EXIT_SECONDS = 1.0  # how long leftover children may hold the pipes after the shell exits
+EOF_AFTER_KILL_SECONDS = 5.0
+
+
+class JobError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class Job:
+    """One job: its spec, files under ``jobs/<id>``, state, logs and (while running) its process."""
+
+    def __init__(self, spec: JobSubmission, dir: Path, manager: "JobManager") -> None:
+        self.spec = spec
+        self.dir = dir
+        self.manager = manager
+        self.state: str = "submitted"
+        self.exit_status: int | None = None
+        self.message: str | None = None
+        self.submitted_at: float = time.time()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.pid: int | None = None
+        self.pid_create_time: float | None = None
+        self.logs = LogStore(dir / "logs.jsonl")
+        self.stop_requested: str | None = None  # "terminate" | "abort"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._grace_task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def repo_dir(self) -> Path:
+        return self.dir / "repo"
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def notify(self) -> None:
+        """Wake every long-poll waiting on this job."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def set_state(self, state: str, **fields: Any) -> None:
+        for key, value in fields.items():
+            setattr(self, key, value)
+        self.state = state
+        if state in FINAL_STATES:
+            self.finished_at = self.finished_at or time.time()
+            self.logs.close()
+        self.save()
+        self.notify()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.model_dump(),
+            "state": self.state,
+            "exit_status": self.exit_status,
+            "message": self.message,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "pid": self.pid,
+            "pid_create_time": self.pid_create_time,
+        }
+
+    def save(self) -> None:
+        """Write state.json atomically so a restarted agent still knows this job."""
+        if not self.dir.exists():
+            return
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps(self.to_dict()))
+        os.replace(tmp, self.dir / "state.json")
+
+    # -- long poll -------------------------------------------------------------------------
+    async def pull(self, cursor: int, known_state: str | None, wait: float, limit: int) -> bytes:
+        """The JSON body of a /pull answer, once there is news or ``wait`` has passed."""
+        known = self.state if known_state is None else known_state
+        deadline = asyncio.get_running_loop().time() + wait
+        while self.logs.last_seq <= cursor and self.state == known and not self.is_final:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        state = self.state  # read before the logs: a final state then implies all logs are stored
+        records, next_cursor = self.logs.read(cursor, limit)
+        head = json.dumps({
+            "state": state,
+            "exit_status": self.exit_status,
+            "message": self.message,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "next_cursor": next_cursor,
+        }).encode()
+        # Records are stored already encoded; splice them in rather than re-serialising.
+        return head[:-1] + b', "logs": [' + b",".join(records) + b"]}"
+
+    # -- running ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.state != "submitted":
+            return
+        self.set_state("preparing")
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await self._run_inner()
+        except Exception as e:  # never leave a job hanging in a non-final state
+            logger.exception("job %s crashed", self.spec.job_id)
+            if not self.is_final:
+                self.set_state("failed", message=f"agent error: {e}")
+
+    async def _prepare(self) -> tuple[Path | None, Path]:
+        spec = self.spec
+        if spec.image:
+            sock = docker_socket()
+            why = f"found {sock}, but this agent does not run images yet" if sock else "no Docker Engine API socket found"
+            raise JobError(400, f"containers are not available on this host: {why} (image {spec.image!r})")
+        interp = self.manager.venvs.resolve(spec.python)
+        venv_dir = self.dir / "venv"
+        await asyncio.to_thread(self.manager.venvs.create, interp, venv_dir)
+        self.repo_dir.mkdir(parents=True, exist_ok=True)
+        cwd = runner.resolve_working_dir(self.repo_dir, spec.working_dir)
+        try:
+            cwd.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise JobError(400, f"cannot use working_dir {spec.working_dir!r}: {e}") from e
+        return venv_dir, cwd
+
+    async def _run_inner(self) -> None:
+        spec = self.spec
+        try:
+            venv_dir, cwd = await self._prepare()
+        except (JobError, PythonNotFound) as e:
+            self.set_state("failed", message=str(e))
+            return
+        if self.stop_requested:
+            self.set_state(self._stopped_state(), message="stopped before the process started")
+            return
+        script = self.dir / "job.sh"
+        runner.write_script(script, spec.setup, spec.commands)
+        env = runner.job_env(spec.env, venv_dir, spec.gpus, self.manager.pip_cache)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "bash", "--noprofile", "--norc", str(script),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=str(cwd), env=env, start_new_session=True,
+            )
+        except OSError as e:
+            self.set_state("failed", message=f"cannot start bash: {e}")
+            return
+        self.proc = proc
+        try:
+            create_time = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            create_time = None
+        self.set_state("running", started_at=time.time(), pid=proc.pid, pid_create_time=create_time)
+        assert proc.stdout is not None and proc.stderr is not None
+        pumps = [
+            asyncio.create_task(runner.pump(proc.stdout, "stdout", self.logs, self.notify)),
+            asyncio.create_task(runner.pump(proc.stderr, "stderr", self.logs, self.notify)),
+        ]
+        rc = await proc.wait()
+        _, pending = await asyncio.wait(pumps, timeout=EOF_AFTER_EXIT_SECONDS)
+        if pending:  # children left behind still hold the pipes: end them
+            self._signal_group(signal.SIGKILL)
+            _, pending = await asyncio.wait(pumps, timeout=EOF_AFTER_KILL_SECONDS)
+            for task in pending:
+                task.cancel()
+        if self._grace_task is not None:
+            self._grace_task.cancel()
+        exit_status = rc if rc >= 0 else 128 - rc
+        if self.stop_requested:
+            self.set_state(self._stopped_state(), exit_status=exit_status, message=self.message)
+        elif rc == 0:
+            self.set_state("done", exit_status=0)
+        else:
+            self.set_state("failed", exit_status=exit_status, message=f"exited with status {exit_status}")
+
+    def _stopped_state(self) -> str:
+        return "aborted" if self.stop_requested == "abort" else "terminated"
+
+    def _signal_group(self, sig: int) -> None:
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def stop(self, abort: bool) -> None:
+        if self.is_final:
+            return
+        if abort:
+            self.stop_requested = "abort"
+        elif self.stop_requested is None:
+            self.stop_requested = "terminate"
+        if self.state == "submitted":
+            self.set_state(self._stopped_state(), message="stopped before start")
+            return
+        if self.proc is None:
+            return  # preparing: _run_inner sees stop_requested before spawning
+        if abort:
+            self.message = "aborted on request (SIGKILL)"
+            self._signal_group(signal.SIGKILL)
+        elif self._grace_task is None:
+            self.message = "stopped on request (SIGTERM)"
+            self._signal_group(signal.SIGTERM)
+            self._grace_task = asyncio.create_task(self._kill_after_grace())
+
+    async def _kill_after_grace(self) -> None:
+        grace = self.spec.stop_grace_seconds
+        await asyncio.sleep(grace)
+        if self.proc is not None and self.proc.returncode is None:
+            self.message = f"terminated: killed after the {grace:g} s grace period"
+            self._signal_group(signal.SIGKILL)
+
+    def kill_now(self) -> None:
+        """SIGKILL the process group (agent shutdown, delete)."""
+        if self.proc is not None and self.proc.returncode is None:
+            self._signal_group(signal.SIGKILL)
+
+
+class JobManager:
+    """All jobs of this agent, loaded from and persisted to ``home/jobs``."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.jobs_dir = home / "jobs"
+        self.cache_dir = home / "cache"
+        self.pip_cache = self.cache_dir / "pip-cache"
+        self.jobs: dict[str, Job] = {}
+        self.venvs = VenvFactory(self.cache_dir)
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.pip_cache.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> None:
+        """Read jobs a previous agent left; those it was running are failed (their process is killed)."""
+        for state_file in sorted(self.jobs_dir.glob("*/state.json")):
+            try:
+                data = json.loads(state_file.read_text())
+                spec = JobSubmission.model_validate(data["spec"])
+            except (OSError, ValueError, KeyError) as e:
+                logger.warning("skipping unreadable %s: %s", state_file, e)
+                continue
+            job = Job(spec, state_file.parent, self)
+            for key in ("state", "exit_status", "message", "submitted_at", "started_at",
+                        "finished_at", "pid", "pid_create_time"):
+                setattr(job, key, data.get(key))
+            if job.state not in FINAL_STATES and job.state != "submitted":
+                _kill_orphan(job.pid, job.pid_create_time)
+                job.set_state("failed", message="agent restarted")
+            self.jobs[spec.job_id] = job
+
+    def get(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise JobError(404, f"job {job_id!r} not found")
+        return job
+
+    def submit(self, spec: JobSubmission) -> Job:
+        if spec.job_id in self.jobs:
+            raise JobError(409, f"job {spec.job_id!r} already exists")
+        job_dir = self.jobs_dir / spec.job_id
+        shutil.rmtree(job_dir, ignore_errors=True)  # leftovers of a job deleted mid-way
+        (job_dir / "repo").mkdir(parents=True)
+        job = Job(spec, job_dir, self)
+        job.save()
+        self.jobs[spec.job_id] = job
+        return job
+
+    async def put_code(self, job_id: str, archive: Path) -> None:
+        job = self.get(job_id)
+        if job.state != "submitted":
+            raise JobError(409, f"job {job_id!r} is {job.state}; code can only be uploaded before start")
+        try:
+            await asyncio.to_thread(runner.safe_extract, archive, job.repo_dir)
+        except (ValueError, OSError, EOFError, tarfile.TarError) as e:
+            raise JobError(400, f"bad code archive: {e}") from e
+
+    async def delete(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if not job.is_final:
+            await job.stop(abort=True)
+            if job.task is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(job.task), EOF_AFTER_KILL_SECONDS + 2)
+                except asyncio.TimeoutError:
+                    pass
+        self.jobs.pop(job_id, None)
+        job.logs.close()
+        await asyncio.to_thread(shutil.rmtree, job.dir, True)
+
+    def shutdown(self) -> None:
+        """Agent is stopping: kill running jobs and record why."""
+        for job in self.jobs.values():
+            if not job.is_final and job.state != "submitted":
+                job.kill_now()
+                job.set_state("failed", message="agent stopped")
+            job.logs.close()
+
+
+def _kill_orphan(pid: int | None, create_time: float | None) -> None:
+    """Kill the process group of a job whose agent died, if that exact process still exists."""
+    if not pid:
+        return
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 0.01:
+            return  # pid reused by another process
+    except psutil.Error:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

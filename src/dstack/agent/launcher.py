@@ -1,0 +1,101 @@
+"""Start an agent as a detached process on this host and check on it (used by the server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+import dstack
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    pid: int
+    port: int
+    token: str
+    url: str  # "http://127.0.0.1:<port>"
+
+
+class AgentStartError(Exception):
+    pass
+
+
+def _pythonpath() -> str:
+    """PYTHONPATH for the child: ours plus the directory this ``dstack`` was imported from."""
+    src = str(Path(dstack.__file__).resolve().parent.parent)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if src not in parts:
+        parts.append(src)
+    return os.pathsep.join(parts)
+
+
+def read_agent_json(home: Path, host: str = "127.0.0.1") -> AgentInfo | None:
+    try:
+        data = json.loads((Path(home) / "agent.json").read_text())
+        return AgentInfo(int(data["pid"]), int(data["port"]), str(data["token"]), f"http://{host}:{int(data['port'])}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def start_agent(home: Path, token: str, *, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> AgentInfo:
+    """Spawn ``python -m dstack.agent`` in its own session and wait until it answers healthchecks.
+
+    The agent outlives the caller; its output goes to ``home/agent.log``.
+    """
+    home = Path(home).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "agent.json").unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=_pythonpath())
+    cmd = [sys.executable, "-m", "dstack.agent", "--host", host, "--port", str(port),
+           "--token", token, "--home", str(home)]
+    with open(home / "agent.log", "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True, env=env, cwd=str(home),
+        )
+    # Reap the child if it ever exits while we live, so it never lingers as a zombie.
+    threading.Thread(target=proc.wait, name=f"reap-agent-{proc.pid}", daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AgentStartError(f"agent exited with status {proc.returncode}: {_log_tail(home)}")
+        info = read_agent_json(home, host)
+        if info is not None and info.pid == proc.pid and _healthy(info):
+            return info
+        time.sleep(0.05)
+    proc.kill()
+    raise AgentStartError(f"agent did not start within {timeout:g} s: {_log_tail(home)}")
+
+
+def _healthy(info: AgentInfo, timeout: float = 2.0) -> bool:
+    try:
+        r = httpx.get(f"{info.url}/api/healthcheck", timeout=timeout)
+        return r.status_code == 200 and r.json().get("pid") == info.pid
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+def is_agent_alive(info: AgentInfo) -> bool:
+    """True when the agent process exists (not a zombie) and answers its healthcheck."""
+    try:
+        if psutil.Process(info.pid).status() == psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.Error:
+        return False
+    return _healthy(info)
+
+
+def _log_tail(home: Path, size: int = 2000) -> str:
+    try:
+        return (home / "agent.log").read_bytes()[-size:].decode(errors="replace")
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,43 @@
+"""Wire models of the agent HTTP API (see docs/contracts.md, "Agent HTTP API")."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+JobState = Literal["submitted", "preparing", "running", "done", "failed", "terminated", "aborted"]
+FINAL_STATES: frozenset[str] = frozenset({"done", "failed", "terminated", "aborted"})
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class JobSubmission(BaseModel):
+    """What the server sends to run one job; unknown fields are ignored for forward compatibility."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str
+    run_name: str = ""
+    commands: list[str] = Field(default_factory=list)
+    setup: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    working_dir: str | None = None
+    python: str | None = None
+    image: str | None = None
+    gpus: list[int] = Field(default_factory=list)
+    ports: list[int] = Field(default_factory=list)
+    stop_grace_seconds: float = Field(default=10, ge=0)
+
+    @field_validator("job_id")
+    @classmethod
+    def _safe_job_id(cls, v: str) -> str:
+        # The id names a directory on disk, so it must not contain separators or be "..".
+        if not _JOB_ID.match(v) or v in (".", ".."):
+            raise ValueError("job_id must be 1-128 characters of letters, digits, '_', '.', '-'")
+        return v
+
+
+class StopRequest(BaseModel):
+    abort: bool = False

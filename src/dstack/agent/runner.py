@@ -1,0 +1,139 @@
+"""Pieces of running one job's process: code extraction, environment, script, pipe pumping."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from dstack.agent.logs import LogStore
+
+PASS_ENV = {
+    "PATH", "HOME", "LANG", "LANGUAGE", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "TMPDIR",
+    "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "PYENV_ROOT", "CUDA_HOME", "HF_HOME",
+}
+PASS_PREFIXES = ("LC_", "PIP_", "NVIDIA_")
+CHUNK = 256 * 1024
+MAX_RECORD = 64 * 1024  # a line longer than this is split into several records
+PARTIAL_FLUSH_SECONDS = 0.05
+
+
+def base_env() -> dict[str, str]:
+    """The agent's own minimal environment, without its Python/venv settings."""
+    env = {k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith(PASS_PREFIXES)}
+    drop: set[str] = set()
+    if os.environ.get("VIRTUAL_ENV"):
+        drop.add(os.path.join(os.environ["VIRTUAL_ENV"], "bin"))
+    if sys.prefix != sys.base_prefix:
+        drop.add(os.path.join(sys.prefix, "bin"))
+    path = [p for p in env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(os.pathsep) if p]
+    env["PATH"] = os.pathsep.join(p for p in path if os.path.normpath(p) not in drop)
+    return env
+
+
+def job_env(spec_env: dict[str, str], venv_dir: Path | None, gpus: list[int], pip_cache: Path) -> dict[str, str]:
+    env = base_env()
+    env.update(spec_env)
+    if venv_dir is not None:
+        env["VIRTUAL_ENV"] = str(venv_dir)
+        env["PATH"] = os.pathsep.join(p for p in (str(venv_dir / "bin"), env.get("PATH")) if p)
+        env.pop("PYTHONHOME", None)
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    env.setdefault("PIP_CACHE_DIR", str(pip_cache))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def write_script(path: Path, setup: list[str], commands: list[str]) -> None:
+    """One bash script: setup then commands, stopping at the first failing line with its status."""
+    lines = ["set -e", *setup, *commands]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a (possibly empty) tar archive without letting any path escape ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if archive.stat().st_size == 0:
+        return
+    with tarfile.open(archive, "r:*") as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+            return
+        root = os.path.realpath(dest)
+        for member in tar.getmembers():
+            target = os.path.realpath(os.path.join(root, member.name))
+            if os.path.commonpath([root, target]) != root:
+                raise ValueError(f"archive member escapes the repo directory: {member.name}")
+            if member.issym() or member.islnk():
+                link = os.path.realpath(os.path.join(os.path.dirname(target), member.linkname))
+                if member.islnk():
+                    link = os.path.realpath(os.path.join(root, member.linkname))
+                if os.path.commonpath([root, link]) != root:
+                    raise ValueError(f"archive link escapes the repo directory: {member.name}")
+            elif not (member.isfile() or member.isdir()):
+                raise ValueError(f"archive member is not a file or directory: {member.name}")
+        tar.extractall(dest)
+
+
+def resolve_working_dir(repo: Path, working_dir: str | None) -> Path:
+    if not working_dir:
+        return repo
+    path = Path(os.path.expanduser(working_dir))
+    return path if path.is_absolute() else repo / path
+
+
+async def pump(reader: asyncio.StreamReader, stream: str, logs: LogStore, notify: Callable[[], None]) -> None:
+    """Turn a pipe into log records, one per line; a partial line is flushed after 50 ms."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    timer: asyncio.TimerHandle | None = None
+
+    def flush_partial() -> None:
+        nonlocal timer
+        timer = None
+        if buf:
+            logs.append(stream, bytes(buf), time.time())
+            buf.clear()
+            notify()
+
+    try:
+        while True:
+            chunk = await reader.read(CHUNK)
+            if not chunk:
+                break
+            buf += chunk
+            ts = time.time()
+            end = buf.rfind(b"\n")
+            if end >= 0:
+                start = 0
+                while start <= end:
+                    nl = buf.find(b"\n", start, end + 1)
+                    stop = nl + 1
+                    while stop - start > MAX_RECORD:
+                        logs.append(stream, bytes(buf[start:start + MAX_RECORD]), ts)
+                        start += MAX_RECORD
+                    logs.append(stream, bytes(buf[start:stop]), ts)
+                    start = stop
+                del buf[: end + 1]
+            while len(buf) >= MAX_RECORD:
+                logs.append(stream, bytes(buf[:MAX_RECORD]), ts)
+                del buf[:MAX_RECORD]
+            if not buf and timer is not None:
+                timer.cancel()
+                timer = None
+            elif buf and timer is None:  # flush 50 ms after the partial line began, not after its last byte
+                timer = loop.call_later(PARTIAL_FLUSH_SECONDS, flush_partial)
+            notify()
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if buf:
+        logs.append(stream, bytes(buf), time.time())
+        notify()
+

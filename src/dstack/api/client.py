@@ -1,0 +1,40 @@
+"""`Client`: the entry point of the Python API. It talks to the server over HTTP only."""
+
+from __future__ import annotations
+
+from dstack.api._http import APIClient
+from dstack.api.config import get_project
+from dstack.api.repos import BackendCollection, RepoCollection
+from dstack.api.runs import RunCollection
+from dstack.core.errors import ClientError
+
+
+class Client:
+    def __init__(self, api: APIClient, project_name: str) -> None:
+        self.api = api
+        self.project = project_name
+        self.runs = RunCollection(self)
+        self.repos = RepoCollection(self)
+        self.backends = BackendCollection(self)
+
+    @property
+    def project_name(self) -> str:
+        return self.project
+
+    @staticmethod
+    def from_config(project_name: str | None = None, server_url: str | None = None,
+                    user_token: str | None = None, ssh_identity_file=None) -> "Client":
+        """Connect with ~/.dstack/config.yml (or explicit url/token); `ClientError` if the server is down."""
+        if server_url and user_token:
+            url, token, project = server_url, user_token, project_name or "main"
+        else:
+            cfg = get_project(project_name)
+            if cfg is None:
+                raise ClientError(
+                    "no dstack project is configured: start the server with `dstack server` "
+                    "(it writes ~/.dstack/config.yml) or run `dstack config --url URL --project P --token T`"
+                )
+            url, token, project = cfg.url, cfg.token, cfg.name
+        api = APIClient(url, token)
+        api.post("/api/users/get_my_user")  # reachable and the token works
+        return Client(api, project)

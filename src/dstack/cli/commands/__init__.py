@@ -1,0 +1,20 @@
+"""One module per CLI command; each exposes `register(subparsers)` and sets `func` on its parser.
+
+Command modules import only `argparse` at module level so building the parser stays cheap.
+"""
+
+from dstack.cli.commands import (
+    apply,
+    config,
+    gateway,
+    init,
+    logs,
+    ps,
+    run,
+    server,
+    stop,
+)
+
+COMMANDS = (server, init, config, run, apply, ps, stop, logs, gateway)
+
+__all__ = ["COMMANDS"]

@@ -1,0 +1,34 @@
+"""`dstack apply -f FILE`: like `run`, with the working directory implied.
+
+The code comes from the current directory when FILE lies inside it (the usual "repo root"
+case), else from FILE's own folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from dstack.cli.commands.run import add_run_arguments
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser(
+        "apply",
+        help="apply a configuration",
+        description="Plan a configuration, confirm, submit it and follow its logs. The code comes from the "
+        "current directory if FILE is inside it, else from FILE's folder. "
+        "Exit codes: 0 done (or detached), 1 failed/terminated or an error, 2 usage, 130 interrupted and stopped.",
+    )
+    p.add_argument("-f", "--file", dest="file", required=True, help="the configuration file")
+    add_run_arguments(p)
+    p.set_defaults(func=cmd_apply)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from dstack.cli.commands.run import _inside, execute
+
+    path = os.path.abspath(args.file)
+    cwd = os.getcwd()
+    working_dir = cwd if _inside(path, cwd) else os.path.dirname(path)
+    return execute(args, path, working_dir)

@@ -1,0 +1,105 @@
+"""`dstack gateway create|list|delete`: manage gateways through `client.gateways`.
+
+Each subcommand checks that the API offers gateways and says so plainly when it does not yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+PROJECT_HELP = "the project (default: the default project in ~/.dstack/config.yml)"
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("gateway", help="manage gateways", description="Manage gateways.")
+    gsub = p.add_subparsers(dest="gateway_command", metavar="SUBCOMMAND")
+    p.set_defaults(func=lambda args: _usage(p))
+
+    c = gsub.add_parser("create", help="create a gateway")
+    c.add_argument("--name", required=True, help="the gateway name")
+    c.add_argument("--backend", default="local", help="where the gateway runs (default: local)")
+    c.add_argument("--region", default=None, help="the backend's region")
+    c.add_argument("--domain", default=None, help="the wildcard domain services get hostnames under")
+    c.add_argument("--default", action="store_true", help="make it the project's default gateway")
+    c.add_argument("--project", help=PROJECT_HELP)
+    c.set_defaults(func=cmd_create)
+
+    ls = gsub.add_parser("list", help="list gateways")
+    ls.add_argument("--project", help=PROJECT_HELP)
+    ls.set_defaults(func=cmd_list)
+
+    d = gsub.add_parser("delete", help="delete gateways")
+    d.add_argument("names", nargs="+", metavar="NAME")
+    d.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    d.add_argument("--project", help=PROJECT_HELP)
+    d.set_defaults(func=cmd_delete)
+
+
+def _usage(p: argparse.ArgumentParser) -> int:
+    p.print_help()
+    return 2
+
+
+def _gateways(args: argparse.Namespace) -> Any:
+    from dstack.cli.common import fail, get_client
+
+    client = get_client(args.project)
+    gateways = getattr(client, "gateways", None)
+    if gateways is None:
+        fail("gateways are not implemented yet")
+    return gateways
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from dstack.cli.common import console, escape
+
+    gw = _gateways(args).create(
+        name=args.name, backend=args.backend, region=args.region, domain=args.domain, default=args.default
+    )
+    console().print(f"[green]OK[/] gateway [bold]{escape(getattr(gw, 'name', args.name))}[/] created")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from dstack.cli.common import console, escape
+
+    items = list(_gateways(args).list())
+    if not items:
+        console().print("No gateways.")
+        return 0
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("NAME", "BACKEND", "REGION", "HOSTNAME", "DOMAIN", "DEFAULT", "STATUS"):
+        table.add_column(col)
+    for g in items:
+        table.add_row(
+            escape(getattr(g, "name", "-")),
+            escape(getattr(g, "backend", "-") or "-"),
+            escape(getattr(g, "region", "-") or "-"),
+            escape(getattr(g, "hostname", "-") or "-"),
+            escape(getattr(g, "wildcard_domain", None) or getattr(g, "domain", None) or "-"),
+            "yes" if getattr(g, "default", False) else "",
+            escape(getattr(getattr(g, "status", None), "value", getattr(g, "status", "-")) or "-"),
+        )
+    console().print(table)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    import sys
+
+    from dstack.cli.common import EXIT_ERROR, ask_yes_no, console, escape, fail
+
+    gateways = _gateways(args)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            fail("not confirmed: stdin is not a terminal; pass -y to delete without asking")
+        if not ask_yes_no(f"Delete gateway(s) {', '.join(args.names)}?"):
+            console().print("Cancelled.")
+            return EXIT_ERROR
+    gateways.delete(args.names)
+    console().print(f"[green]OK[/] deleted {escape(', '.join(args.names))}")
+    return 0

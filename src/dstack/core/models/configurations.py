@@ -1,0 +1,570 @@
+"""Pydantic models of the run configurations users write in `.dstack.yml` or build in Python.
+
+Every loose form dstack's users know (older and newer) is accepted and normalised here —
+`env` lists become dicts, `retry_policy` becomes `retry`, `replicas: 2` becomes a range — so
+the server, CLI and API only ever see one shape. `Task`, `Service`, `Serverless` are the same
+classes under the names dstack's Python API uses.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Union
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from dstack.core.errors import ConfigurationError
+from dstack.core.models.common import Duration, DurationOrOff, Env, PortMapping
+from dstack.core.models.resources import Range, ResourcesSpec
+
+SUPPORTED_PYTHONS = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
+RetryEvent = Literal["no-capacity", "interruption", "error"]
+ALL_RETRY_EVENTS: tuple[RetryEvent, ...] = ("no-capacity", "interruption", "error")
+SpotPolicy = Literal["spot", "on-demand", "auto"]
+
+
+class FieldValueError(ValueError):
+    """A ValueError raised by a whole-model check that still knows which field is wrong.
+
+    Pydantic reports model-level errors at the model's root; `field_loc` lets error reporting
+    (and the YAML loader's line numbers) point at the field instead.
+    """
+
+    def __init__(self, field_loc: Union[str, tuple[Union[str, int], ...]], message: str) -> None:
+        super().__init__(message)
+        self.field_loc: tuple[Union[str, int], ...] = (field_loc,) if isinstance(field_loc, str) else field_loc
+
+
+# --- small field helpers ---------------------------------------------------------------------
+
+
+def _str_list(value: Any) -> Any:
+    """Allow a single string where a list of strings is expected (`commands: python x.py`)."""
+    if isinstance(value, str):
+        return [value]
+    return value
+
+
+StrList = Annotated[list[str], BeforeValidator(_str_list)]
+
+
+def _python_version(value: Any) -> Any:
+    """`3.11`, `"3.11"`, `3.1` (YAML's reading of `3.10`) → `"3.11"` / `"3.10"`."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"invalid python version {value!r}")
+    if isinstance(value, float):
+        text = repr(value)
+        if text == "3.1":
+            text = "3.10"
+        value = text
+    if isinstance(value, int):
+        value = str(value)
+    if isinstance(value, str):
+        value = value.strip()
+        if value not in SUPPORTED_PYTHONS:
+            raise ValueError(f"unsupported python version {value!r}; supported: {', '.join(SUPPORTED_PYTHONS)}")
+        return value
+    raise ValueError(f"invalid python version {value!r}")
+
+
+PythonVersion = Annotated[str, BeforeValidator(_python_version)]
+
+
+def _gateway(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    raise ValueError("gateway must be a gateway name, true or false")
+
+
+_RUN_NAME = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
+
+
+# --- nested models ---------------------------------------------------------------------------
+
+
+class RegistryAuth(BaseModel):
+    """Credentials for pulling a private `image`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    username: str
+    password: str
+
+
+class Retry(BaseModel):
+    """When a failed run is resubmitted, and for how long.
+
+    Normalised from `retry: true`, `retry: {on_events, duration}` and the older
+    `retry_policy: {retry, limit}`. `duration` is seconds since the first submission;
+    `None` means no time limit.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    on_events: list[RetryEvent] = Field(default_factory=lambda: list(ALL_RETRY_EVENTS))
+    duration: Optional[Duration] = None
+
+    @field_validator("on_events", mode="before")
+    @classmethod
+    def _events(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            value = [v.strip().lower().replace("_", "-") if isinstance(v, str) else v for v in value]
+        return value
+
+
+def _retry(value: Any) -> Any:
+    if value is True:
+        return Retry()
+    if value is False:
+        return None
+    return value
+
+
+class ScalingSpec(BaseModel):
+    """Autoscaling of service replicas: `desired = ceil(rps / target)` within `replicas`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Literal["rps"] = "rps"
+    target: float = Field(gt=0)
+    scale_up_delay: Duration = 300
+    scale_down_delay: Duration = 600
+
+
+class ModelSpec(BaseModel):
+    """The model a service serves, so the proxy can expose it on the OpenAI-compatible API.
+
+    A bare string in YAML is the model name with `format: openai`.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    type: Literal["chat"] = "chat"
+    name: str
+    format: Literal["openai", "tgi"] = "openai"
+    prefix: str = "/v1"
+    chat_template: Optional[str] = None
+    eos_token: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        return value
+
+
+class ProbeSpec(BaseModel):
+    """An HTTP readiness probe: a replica gets traffic after `ready_after` successes in a row."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["http"] = "http"
+    url: str = "/"
+    method: Literal["get", "post", "head"] = "get"
+    interval: Duration = 15
+    timeout: Duration = 10
+    ready_after: int = Field(default=1, ge=1)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("probe url must be a path starting with '/'")
+        return value
+
+
+class RateLimitKey(BaseModel):
+    """What a rate limit counts by: the client IP or a header's value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["ip_address", "header"] = "ip_address"
+    header: Optional[str] = None
+
+
+class RateLimit(BaseModel):
+    """Requests per second allowed under a path prefix, per key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: str = "/"
+    key: RateLimitKey = Field(default_factory=RateLimitKey)
+    rps: float = Field(gt=0)
+    burst: int = Field(default=0, ge=0)
+
+
+class ScalerSpec(BaseModel):
+    """How a serverless endpoint decides its worker count.
+
+    `queue_delay`: seconds the oldest queued job may wait; `request_count`: queued jobs per worker.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    DEFAULT_VALUES: ClassVar[dict[str, float]] = {"queue_delay": 4, "request_count": 4}
+
+    type: Literal["queue_delay", "request_count"] = "queue_delay"
+    value: Optional[float] = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _default_value(self) -> "ScalerSpec":
+        if self.value is None:
+            self.value = float(self.DEFAULT_VALUES[self.type])
+        return self
+
+
+# --- run configurations ----------------------------------------------------------------------
+
+
+class BaseRunConfiguration(BaseModel):
+    """Fields every run type shares: what to run, where, and with which limits."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    #: keys accepted on input that are not fields (they are folded into fields)
+    input_only_fields: ClassVar[tuple[str, ...]] = ("retry_policy",)
+
+    type: str
+    name: Optional[str] = None
+    image: Optional[str] = None
+    python: Optional[PythonVersion] = None
+    env: Env = Field(default_factory=dict)
+    setup: StrList = Field(default_factory=list)
+    commands: StrList = Field(default_factory=list)
+    working_dir: Optional[str] = None
+    home_dir: Optional[str] = None
+    entrypoint: Optional[str] = None
+    registry_auth: Optional[RegistryAuth] = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    max_duration: Optional[DurationOrOff] = None
+    retry: Annotated[Optional[Retry], BeforeValidator(_retry)] = None
+    spot_policy: Optional[SpotPolicy] = None
+    max_price: Optional[float] = Field(default=None, gt=0)
+    backends: Optional[StrList] = None
+    regions: Optional[StrList] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_retry_policy(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "retry_policy" not in data:
+            return data
+        data = dict(data)
+        policy = data.pop("retry_policy")
+        if data.get("retry") is not None:
+            raise FieldValueError("retry_policy", "use either retry or the older retry_policy, not both")
+        if policy is None or policy is False:
+            return data
+        if policy is True:
+            data["retry"] = True
+            return data
+        if not isinstance(policy, dict):
+            raise FieldValueError("retry_policy", "retry_policy must be a mapping {retry: bool, limit: duration}")
+        unknown = set(policy) - {"retry", "limit"}
+        if unknown:
+            raise FieldValueError(
+                ("retry_policy", sorted(unknown)[0]), f"unknown field {sorted(unknown)[0]!r} in retry_policy"
+            )
+        enabled = policy.get("retry", policy.get("limit") is not None)
+        if enabled:
+            data["retry"] = {"duration": policy.get("limit")}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not _RUN_NAME.match(value):
+            raise ValueError(
+                f"invalid run name {value!r}: use lowercase letters, digits and dashes, starting with a letter"
+                " (at most 41 characters)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_common(self) -> "BaseRunConfiguration":
+        if self.image is not None and self.python is not None:
+            raise FieldValueError("python", "python and image are mutually exclusive; set only one")
+        return self
+
+    def effective_retry(self) -> Optional[Retry]:
+        """The retry policy to apply, or `None` when failures are final."""
+        if self.retry is None or not self.retry.on_events:
+            return None
+        return self.retry
+
+    def _require_commands(self) -> None:
+        if not self.commands and self.image is None:
+            raise FieldValueError("commands", "commands is required unless an image (with its own entrypoint) is set")
+
+
+class TaskConfiguration(BaseRunConfiguration):
+    """`type: task` — a batch job (training, a script), optionally on several nodes."""
+
+    type: Literal["task"] = "task"
+    ports: list[PortMapping] = Field(default_factory=list)
+    nodes: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _check_task(self) -> "TaskConfiguration":
+        self._require_commands()
+        return self
+
+
+class ServiceConfiguration(BaseRunConfiguration):
+    """`type: service` — replicas behind the authenticated proxy, optionally autoscaled."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+    type: Literal["service"] = "service"
+    port: PortMapping
+    replicas: Range[int] = Field(default_factory=lambda: Range[int](min=1, max=1))
+    scaling: Optional[ScalingSpec] = None
+    auth: bool = True
+    model: Optional[ModelSpec] = None
+    probes: list[ProbeSpec] = Field(default_factory=list)
+    https: Optional[bool] = None
+    gateway: Annotated[Union[bool, str, None], BeforeValidator(_gateway)] = None
+    strip_prefix: bool = True
+    rate_limits: list[RateLimit] = Field(default_factory=list)
+    #: how long the proxy holds a request that arrives while no replica is ready (e.g. at zero)
+    request_hold_timeout: Duration = 120
+
+    @model_validator(mode="after")
+    def _check_service(self) -> "ServiceConfiguration":
+        self._require_commands()
+        r = self.replicas
+        if r.max is None:
+            raise FieldValueError("replicas", "replicas needs an upper bound, e.g. 1..4")
+        if r.min is None:
+            raise FieldValueError("replicas", "replicas needs a lower bound, e.g. 0..4")
+        if r.min < 0:
+            raise FieldValueError("replicas", "replicas cannot be negative")
+        if r.max < 1:
+            raise FieldValueError("replicas", "replicas must allow at least one replica")
+        if r.min != r.max and self.scaling is None:
+            raise FieldValueError(
+                "replicas",
+                f"replicas {r} is a range, so scaling is required (e.g. scaling: {{metric: rps, target: 10}})",
+            )
+        return self
+
+
+class ServerlessConfiguration(BaseRunConfiguration):
+    """`type: serverless` — a queue endpoint whose workers poll for jobs; scales to zero."""
+
+    type: Literal["serverless"] = "serverless"
+    workers: Range[int] = Field(default_factory=lambda: Range[int](min=0, max=3))
+    idle_timeout: Duration = 5
+    scaler: ScalerSpec = Field(default_factory=ScalerSpec)
+    execution_timeout: Duration = 600
+
+    @model_validator(mode="after")
+    def _check_serverless(self) -> "ServerlessConfiguration":
+        self._require_commands()
+        w = self.workers
+        if w.max is None or w.min is None:
+            raise FieldValueError("workers", "workers needs both bounds, e.g. 0..3")
+        if w.min < 0 or w.max < 1:
+            raise FieldValueError("workers", "workers must be within 0.. and allow at least one worker")
+        return self
+
+
+class DevEnvironmentConfiguration(BaseRunConfiguration):
+    """`type: dev-environment` — an interactive machine with an IDE attached."""
+
+    type: Literal["dev-environment"] = "dev-environment"
+    ide: Literal["vscode", "cursor"] = "vscode"
+    version: Optional[str] = None
+    init: StrList = Field(default_factory=list)
+    inactivity_duration: Optional[DurationOrOff] = None
+    ports: list[PortMapping] = Field(default_factory=list)
+
+
+AnyRunConfiguration = Annotated[
+    Union[TaskConfiguration, ServiceConfiguration, ServerlessConfiguration, DevEnvironmentConfiguration],
+    Field(discriminator="type"),
+]
+
+RUN_CONFIGURATION_TYPES: dict[str, type[BaseRunConfiguration]] = {
+    "task": TaskConfiguration,
+    "service": ServiceConfiguration,
+    "serverless": ServerlessConfiguration,
+    "dev-environment": DevEnvironmentConfiguration,
+}
+#: types dstack knows that are not runs (handled elsewhere, e.g. by `dstack apply`)
+NON_RUN_TYPES = ("fleet", "gateway", "volume")
+
+Task = TaskConfiguration
+Service = ServiceConfiguration
+Serverless = ServerlessConfiguration
+DevEnvironment = DevEnvironmentConfiguration
+
+
+# --- parsing and error reporting ---------------------------------------------------------------
+
+
+def configuration_class(data: Any) -> type[BaseRunConfiguration]:
+    """Pick the model for `data["type"]`; `ConfigurationError` (field `type`) when missing/unknown."""
+    valid = ", ".join(RUN_CONFIGURATION_TYPES)
+    if not isinstance(data, Mapping):
+        raise ConfigurationError(f"a configuration must be a mapping, got {type(data).__name__}")
+    if "type" not in data or data["type"] is None:
+        raise ConfigurationError(f"missing field 'type'; valid types: {valid}", field="type")
+    kind = data["type"]
+    if kind in NON_RUN_TYPES:
+        raise ConfigurationError(f"type {kind!r} is not a run configuration; valid types: {valid}", field="type")
+    if not isinstance(kind, str) or kind not in RUN_CONFIGURATION_TYPES:
+        raise ConfigurationError(f"unknown type {kind!r}; valid types: {valid}", field="type")
+    return RUN_CONFIGURATION_TYPES[kind]
+
+
+def validate_run_configuration(
+    data: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None
+) -> BaseRunConfiguration:
+    """Validate `data`; raises `ConfigurationError` for a bad `type`, pydantic's `ValidationError` otherwise.
+
+    `environ` replaces `os.environ` as the source of bare `env` keys.
+    """
+    cls = configuration_class(data)
+    context = {"environ": environ} if environ is not None else None
+    return cls.model_validate(dict(data), context=context)
+
+
+def parse_run_configuration(
+    data: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None
+) -> AnyRunConfiguration:
+    """Validate a configuration dict into its model; every problem is a `ConfigurationError`."""
+    cls = configuration_class(data)
+    try:
+        return validate_run_configuration(data, environ)  # type: ignore[return-value]
+    except ValidationError as e:
+        issues = validation_issues(e, cls)
+        first = issues[0]
+        message = "\n".join(i.text() for i in issues)
+        raise ConfigurationError(message, field=first.field) from e
+
+
+class Issue(typing.NamedTuple):
+    """One validation problem: where (`loc`, `field` as text) and what (`message`)."""
+
+    loc: tuple[Union[str, int], ...]
+    field: Optional[str]
+    message: str
+
+    def text(self) -> str:
+        """`field: message`, or just the message when it already names the field."""
+        if not self.field or self.message.startswith("unknown field"):
+            return self.message
+        return f"{self.field}: {self.message}"
+
+
+def format_loc(loc: typing.Sequence[Union[str, int]]) -> Optional[str]:
+    """`("resources", "gpu")` → `resources.gpu`; `("env", 0)` → `env[0]`."""
+    out = ""
+    for seg in loc:
+        if isinstance(seg, int):
+            out += f"[{seg}]"
+        else:
+            out += f".{seg}" if out else str(seg)
+    return out or None
+
+
+def _unwrap_models(tp: Any) -> list[Any]:
+    """Model classes (or list element types) reachable from an annotation."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _unwrap_models(typing.get_args(tp)[0])
+    if origin is Union or (origin is not None and str(origin) == "types.UnionType"):
+        found: list[Any] = []
+        for arg in typing.get_args(tp):
+            found.extend(_unwrap_models(arg))
+        return found
+    return [tp]
+
+
+def _model_at(cls: Any, loc: typing.Sequence[Union[str, int]]) -> Optional[type[BaseModel]]:
+    """The model class that owns the last key of `loc` (used for 'did you mean' suggestions)."""
+    current: list[Any] = [cls]
+    for seg in loc:
+        nxt: list[Any] = []
+        for tp in current:
+            for t in _unwrap_models(tp):
+                if isinstance(seg, int) and typing.get_origin(t) in (list, tuple):
+                    nxt.extend(_unwrap_models(typing.get_args(t)[0]))
+                elif isinstance(t, type) and issubclass(t, BaseModel) and seg in t.model_fields:
+                    nxt.extend(_unwrap_models(t.model_fields[seg].annotation))
+        current = nxt
+    for tp in current:
+        for t in _unwrap_models(tp):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                return t
+    return None
+
+
+def known_fields(model: type[BaseModel]) -> list[str]:
+    """Keys a mapping for `model` may contain."""
+    names = list(model.model_fields)
+    names += [f.alias for f in model.model_fields.values() if f.alias]
+    names += list(getattr(model, "input_only_fields", ()))
+    return names
+
+
+def _clean_message(err: Mapping[str, Any]) -> str:
+    msg = str(err.get("msg", ""))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    kind = err.get("type", "")
+    if kind == "missing":
+        return "field required"
+    value = err.get("input")
+    if not kind.startswith("value_error") and isinstance(value, (str, int, float, bool)) and value is not None:
+        msg = f"{msg} (got {value!r})"
+    return msg
+
+
+def validation_issues(exc: ValidationError, cls: type[BaseModel]) -> list[Issue]:
+    """Turn pydantic's errors into `Issue`s with field paths and friendly messages."""
+    issues: list[Issue] = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldValueError):
+            loc = loc + cause.field_loc
+        if err.get("type") == "extra_forbidden" and loc:
+            key = str(loc[-1])
+            parent = _model_at(cls, loc[:-1])
+            message = f"unknown field {format_loc(loc)!r}"
+            if parent is not None:
+                match = difflib.get_close_matches(key, known_fields(parent), n=1, cutoff=0.6)
+                if match:
+                    message += f" — did you mean {match[0]!r}?"
+            issues.append(Issue(loc, format_loc(loc), message))
+            continue
+        if loc and loc[-1] in ("min", "max"):
+            parent = _model_at(cls, loc[:-1])
+            if parent is not None and issubclass(parent, Range):
+                loc = loc[:-1]  # "8XB" fills both ends of a range; report it once, on the range
+        issue = Issue(loc, format_loc(loc), _clean_message(err))
+        if issue not in issues:
+            issues.append(issue)
+    return issues or [Issue((), None, str(exc))]

@@ -1,0 +1,229 @@
+"""Run and job states, termination reasons and the wire models the server and clients share."""
+
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class RunStatus(str, Enum):
+    PENDING = "pending"
+    SUBMITTED = "submitted"
+    PROVISIONING = "provisioning"
+    RUNNING = "running"
+    TERMINATING = "terminating"
+    TERMINATED = "terminated"
+    FAILED = "failed"
+    DONE = "done"
+
+    def is_finished(self) -> bool:
+        return self in (RunStatus.TERMINATED, RunStatus.FAILED, RunStatus.DONE)
+
+    @classmethod
+    def finished_statuses(cls) -> list["RunStatus"]:
+        return [s for s in cls if s.is_finished()]
+
+
+class JobStatus(str, Enum):
+    SUBMITTED = "submitted"
+    PROVISIONING = "provisioning"
+    PULLING = "pulling"
+    RUNNING = "running"
+    TERMINATING = "terminating"
+    TERMINATED = "terminated"
+    ABORTED = "aborted"
+    FAILED = "failed"
+    DONE = "done"
+
+    def is_finished(self) -> bool:
+        return self in (JobStatus.TERMINATED, JobStatus.ABORTED, JobStatus.FAILED, JobStatus.DONE)
+
+    @classmethod
+    def finished_statuses(cls) -> list["JobStatus"]:
+        return [s for s in cls if s.is_finished()]
+
+    @classmethod
+    def active_statuses(cls) -> list["JobStatus"]:
+        return [s for s in cls if not s.is_finished()]
+
+
+class JobTerminationReason(str, Enum):
+    FAILED_TO_START_DUE_TO_NO_CAPACITY = "failed_to_start_due_to_no_capacity"
+    INTERRUPTED_BY_NO_CAPACITY = "interrupted_by_no_capacity"
+    WAITING_INSTANCE_LIMIT_EXCEEDED = "waiting_instance_limit_exceeded"
+    INSTANCE_UNREACHABLE = "instance_unreachable"
+    CONTAINER_EXITED_WITH_ERROR = "container_exited_with_error"
+    EXECUTOR_ERROR = "executor_error"
+    CREATING_CONTAINER_ERROR = "creating_container_error"
+    PORTS_BINDING_FAILED = "ports_binding_failed"
+    DONE_BY_RUNNER = "done_by_runner"
+    TERMINATED_BY_USER = "terminated_by_user"
+    ABORTED_BY_USER = "aborted_by_user"
+    TERMINATED_BY_SERVER = "terminated_by_server"
+    MAX_DURATION_EXCEEDED = "max_duration_exceeded"
+    SCALED_DOWN = "scaled_down"
+
+    def to_status(self) -> JobStatus:
+        return {
+            JobTerminationReason.DONE_BY_RUNNER: JobStatus.DONE,
+            JobTerminationReason.TERMINATED_BY_USER: JobStatus.TERMINATED,
+            JobTerminationReason.TERMINATED_BY_SERVER: JobStatus.TERMINATED,
+            JobTerminationReason.SCALED_DOWN: JobStatus.TERMINATED,
+            JobTerminationReason.MAX_DURATION_EXCEEDED: JobStatus.TERMINATED,
+            JobTerminationReason.ABORTED_BY_USER: JobStatus.ABORTED,
+        }.get(self, JobStatus.FAILED)
+
+    def is_retryable_error(self) -> bool:
+        return self in (
+            JobTerminationReason.CONTAINER_EXITED_WITH_ERROR,
+            JobTerminationReason.EXECUTOR_ERROR,
+            JobTerminationReason.CREATING_CONTAINER_ERROR,
+            JobTerminationReason.PORTS_BINDING_FAILED,
+        )
+
+
+class RunTerminationReason(str, Enum):
+    ALL_JOBS_DONE = "all_jobs_done"
+    JOB_FAILED = "job_failed"
+    RETRY_LIMIT_EXCEEDED = "retry_limit_exceeded"
+    STOPPED_BY_USER = "stopped_by_user"
+    ABORTED_BY_USER = "aborted_by_user"
+    SERVER_ERROR = "server_error"
+    MAX_DURATION_EXCEEDED = "max_duration_exceeded"
+
+    def to_status(self) -> RunStatus:
+        if self == RunTerminationReason.ALL_JOBS_DONE:
+            return RunStatus.DONE
+        if self in (RunTerminationReason.STOPPED_BY_USER, RunTerminationReason.ABORTED_BY_USER,
+                    RunTerminationReason.MAX_DURATION_EXCEEDED):
+            return RunStatus.TERMINATED
+        return RunStatus.FAILED
+
+
+class RunSpec(BaseModel):
+    """What a client submits: the configuration plus where its code is."""
+
+    run_name: str | None = None
+    repo_id: str | None = None
+    repo_code_hash: str | None = None
+    working_dir: str | None = None
+    configuration_path: str | None = None
+    configuration: dict[str, Any]
+    ssh_key_pub: str | None = None
+
+
+class InstanceResources(BaseModel):
+    cpus: int
+    memory_mib: int
+    disk_mib: int
+    gpus: list[dict[str, Any]] = Field(default_factory=list)  # {index, name, memory_mib, vendor}
+
+    def pretty(self) -> str:
+        parts = [f"{self.cpus}xCPU", f"{self.memory_mib / 1024:.0f}GB"]
+        if self.gpus:
+            names = {g["name"] for g in self.gpus}
+            mem = self.gpus[0].get("memory_mib", 0) / 1024
+            parts.append(f"{len(self.gpus)}x{'/'.join(sorted(names))} ({mem:.0f}GB)")
+        parts.append(f"{self.disk_mib / 1024:.0f}GB (disk)")
+        return ", ".join(parts)
+
+
+class InstanceOffer(BaseModel):
+    backend: str
+    region: str
+    instance_name: str
+    resources: InstanceResources
+    spot: bool = False
+    price: float = 0.0
+    availability: str = "available"  # available | busy (fits, but not free now)
+
+
+class JobSpec(BaseModel):
+    job_num: int = 0
+    replica_num: int = 0
+    job_name: str
+    commands: list[str] = Field(default_factory=list)
+    setup: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    working_dir: str | None = None
+    python: str | None = None
+    image: str | None = None
+    ports: list[int] = Field(default_factory=list)
+    requirements: dict[str, Any] = Field(default_factory=dict)  # ResourcesSpec as dict
+    max_duration: int | None = None
+    stop_grace_seconds: int = 10
+
+
+class JobProvisioningData(BaseModel):
+    backend: str
+    region: str
+    instance_id: str
+    instance_name: str
+    hostname: str
+    resources: InstanceResources
+    reserved: dict[str, Any] = Field(default_factory=dict)
+    price: float = 0.0
+
+
+class JobSubmission(BaseModel):
+    id: str
+    submission_num: int
+    submitted_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    status: JobStatus
+    termination_reason: JobTerminationReason | None = None
+    termination_reason_message: str | None = None
+    exit_status: int | None = None
+    job_provisioning_data: JobProvisioningData | None = None
+
+
+class Job(BaseModel):
+    job_spec: JobSpec
+    job_submissions: list[JobSubmission]
+
+
+class ServiceModelSpec(BaseModel):
+    name: str
+    base_url: str
+    type: str = "chat"
+
+
+class ServiceSpec(BaseModel):
+    url: str
+    model: ServiceModelSpec | None = None
+
+
+class Run(BaseModel):
+    id: str
+    project_name: str
+    user: str
+    run_name: str
+    submitted_at: datetime
+    last_processed_at: datetime
+    status: RunStatus
+    termination_reason: RunTerminationReason | None = None
+    error: str | None = None
+    run_spec: RunSpec
+    jobs: list[Job] = Field(default_factory=list)
+    service: ServiceSpec | None = None
+    cost: float = 0.0
+    extra: dict[str, Any] = Field(default_factory=dict)  # type-specific: serverless endpoint URL, queue
+
+
+class JobPlan(BaseModel):
+    job_spec: JobSpec
+    offers: list[InstanceOffer]
+    total_offers: int
+    max_price: float | None = None
+    no_offers_reason: str | None = None
+
+
+class RunPlan(BaseModel):
+    project_name: str
+    user: str
+    run_spec: RunSpec
+    job_plans: list[JobPlan]
+    current_resource: Run | None = None
+    action: str = "create"  # create | update

@@ -1,0 +1,61 @@
+"""The server's side of the agent HTTP API (docs/contracts.md)."""
+
+import httpx
+
+from dstack.server.backends.base import AgentEndpoint
+
+
+class AgentError(Exception):
+    pass
+
+
+class AgentClient:
+    """One pooled HTTP client per agent; long polls share it."""
+
+    def __init__(self, endpoint: AgentEndpoint) -> None:
+        self.endpoint = endpoint
+        self._http = httpx.AsyncClient(
+            base_url=endpoint.url,
+            headers={"Authorization": f"Bearer {endpoint.token}"},
+            timeout=httpx.Timeout(30.0, connect=5.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        )
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def submit(self, submission: dict) -> None:
+        r = await self._http.post("/api/jobs", json=submission)
+        if r.status_code not in (200, 409):
+            raise AgentError(f"agent refused job: {r.status_code} {r.text}")
+
+    async def upload_code(self, job_id: str, blob: bytes) -> None:
+        r = await self._http.put(
+            f"/api/jobs/{job_id}/code", content=blob, headers={"Content-Type": "application/octet-stream"}
+        )
+        if r.status_code != 200:
+            raise AgentError(f"agent refused code: {r.status_code} {r.text}")
+
+    async def start(self, job_id: str) -> dict:
+        r = await self._http.post(f"/api/jobs/{job_id}/start")
+        if r.status_code != 200:
+            raise AgentError(f"agent could not start job: {r.status_code} {r.text}")
+        return r.json()
+
+    async def pull(self, job_id: str, cursor: int, known_state: str | None, wait: float, limit: int = 2000) -> dict:
+        params = {"cursor": cursor, "wait": wait, "limit": limit}
+        if known_state:
+            params["known_state"] = known_state
+        r = await self._http.get(f"/api/jobs/{job_id}/pull", params=params, timeout=wait + 15)
+        if r.status_code == 404:
+            raise AgentError("the agent does not know this job")
+        r.raise_for_status()
+        return r.json()
+
+    async def stop(self, job_id: str, abort: bool) -> None:
+        r = await self._http.post(f"/api/jobs/{job_id}/stop", json={"abort": abort})
+        if r.status_code not in (200, 404, 409):
+            raise AgentError(f"agent could not stop job: {r.status_code} {r.text}")
+
+    async def delete(self, job_id: str) -> None:
+        await self._http.delete(f"/api/jobs/{job_id}")

@@ -1,0 +1,98 @@
+"""The FastAPI application: routers, error bodies, and the lifespan that starts the pipeline."""
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from dstack.core.errors import ConfigurationError
+from dstack.server import bootstrap, migrate
+from dstack.server.background.pipeline import Pipeline
+from dstack.server.backends.local import LocalBackend
+from dstack.server.db import Database, set_database
+from dstack.server.errors import ServerClientError
+from dstack.server.routers import projects, repos, runs, users
+from dstack.server.services.instances import InstanceManager
+from dstack.server.services.logs import LogNotifier
+from dstack.server.services.runs import run_to_wire
+from dstack.server.settings import ServerSettings
+from dstack.version import __version__
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        db = Database(settings.resolved_database_url())
+        set_database(db)
+        await migrate.upgrade(db)
+        token, created = await bootstrap.ensure_admin(db)
+        app.state.admin_token = token
+        app.state.admin_created = created
+        instances = InstanceManager(db, [LocalBackend(settings.server_dir / "local-agent")])
+        await instances.start()
+        notifier = LogNotifier()
+        pipeline = Pipeline(db, instances, notifier)
+        app.state.db = db
+        app.state.instances = instances
+        app.state.log_notifier = notifier
+        app.state.pipeline = pipeline
+        for hook in app.state.startup_hooks:
+            await hook(app)
+        await pipeline.start()
+        try:
+            yield
+        finally:
+            await pipeline.stop()
+            for hook in app.state.shutdown_hooks:
+                await hook(app)
+            await instances.close()
+            await db.dispose()
+
+    app = FastAPI(title="dstack", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.run_to_wire = run_to_wire
+    app.state.startup_hooks = []
+    app.state.shutdown_hooks = []
+
+    async def _no_op(run) -> None:
+        return None
+
+    app.state.on_run_submitted = _no_op
+
+    @app.exception_handler(ServerClientError)
+    async def _client_error(_: Request, exc: ServerClientError) -> JSONResponse:
+        item = {"msg": exc.msg, "code": exc.code}
+        if exc.fields:
+            item["fields"] = exc.fields
+        return JSONResponse({"detail": [item]}, status_code=exc.status_code)
+
+    @app.exception_handler(ConfigurationError)
+    async def _config_error(_: Request, exc: ConfigurationError) -> JSONResponse:
+        return JSONResponse({"detail": [{"msg": str(exc), "code": "invalid_configuration"}]}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        items = [
+            {"msg": e.get("msg", "invalid"), "code": "invalid_request", "fields": [".".join(str(x) for x in e.get("loc", ()))]}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": items}, status_code=422)
+
+    @app.get("/api/server/info")
+    @app.post("/api/server/get_info")
+    async def server_info() -> dict:
+        return {"server_version": __version__}
+
+    @app.get("/healthcheck")
+    async def healthcheck() -> dict:
+        return {"status": "ok"}
+
+    for r in (users.router, projects.router, repos.router, runs.router):
+        app.include_router(r)
+    return app

@@ -1,0 +1,43 @@
+"""The backend interface: where instances come from, what they offer, how their agent is reached."""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from dstack.core.models.runs import InstanceResources
+
+
+@dataclass
+class AgentEndpoint:
+    """How the server reaches the agent on an instance."""
+
+    url: str
+    token: str
+    pid: int | None = None
+
+
+@dataclass
+class ProvisionedInstance:
+    name: str
+    backend: str
+    region: str
+    hostname: str
+    resources: InstanceResources
+    price: float
+    agent: AgentEndpoint
+
+
+class Backend(ABC):
+    """One place compute comes from. The local backend offers this host; later ones add fleets and clouds."""
+
+    name: str
+
+    @abstractmethod
+    async def ensure_instances(self, known: dict[str, AgentEndpoint]) -> list[ProvisionedInstance]:
+        """Make sure the backend's instances are up and their agents reachable.
+
+        `known` maps instance names to the agent endpoints stored before a restart, so
+        agents that outlived the server are reused (their jobs keep running).
+        """
+
+    async def shutdown(self) -> None:
+        """Release what the backend holds in this process (agents keep running)."""

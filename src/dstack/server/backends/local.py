@@ -1,0 +1,65 @@
+"""The `local` backend: this host, at price 0, with its agent started as a detached process."""
+
+import asyncio
+import logging
+import secrets
+from pathlib import Path
+
+import httpx
+
+from dstack.agent.launcher import start_agent
+from dstack.core.models.runs import InstanceResources
+from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInstance
+
+logger = logging.getLogger(__name__)
+
+LOCAL_INSTANCE_NAME = "local"
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, agent_home: Path) -> None:
+        self.agent_home = agent_home
+
+    async def ensure_instances(self, known: dict[str, AgentEndpoint]) -> list[ProvisionedInstance]:
+        endpoint = known.get(LOCAL_INSTANCE_NAME)
+        if endpoint is None or not await _is_healthy(endpoint):
+            endpoint = await asyncio.to_thread(self._start_agent)
+        host = await _get_host(endpoint)
+        resources = InstanceResources(
+            cpus=host["cpus"], memory_mib=host["memory_mib"], disk_mib=host["disk_mib"], gpus=host.get("gpus", [])
+        )
+        return [
+            ProvisionedInstance(
+                name=LOCAL_INSTANCE_NAME,
+                backend=self.name,
+                region="local",
+                hostname=host.get("hostname", "localhost"),
+                resources=resources,
+                price=0.0,
+                agent=endpoint,
+            )
+        ]
+
+    def _start_agent(self) -> AgentEndpoint:
+        self.agent_home.mkdir(parents=True, exist_ok=True)
+        info = start_agent(self.agent_home, secrets.token_urlsafe(24))
+        logger.info("Started the local agent (pid %s) at %s", info.pid, info.url)
+        return AgentEndpoint(url=info.url, token=info.token, pid=info.pid)
+
+
+async def _is_healthy(endpoint: AgentEndpoint) -> bool:
+    try:
+        async with httpx.AsyncClient(timeout=3) as client:
+            r = await client.get(f"{endpoint.url}/api/host", headers={"Authorization": f"Bearer {endpoint.token}"})
+            return r.status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def _get_host(endpoint: AgentEndpoint) -> dict:
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.get(f"{endpoint.url}/api/host", headers={"Authorization": f"Bearer {endpoint.token}"})
+        r.raise_for_status()
+        return r.json()

@@ -1,0 +1,548 @@
+"""The event-driven pipeline that moves runs and jobs through their states.
+
+A submit, an agent report or a deadline wakes it; every transition is committed before the
+next step, so a server killed at any point resumes from the database. Each job on an agent
+has a watcher that long-polls the agent and stores its logs and state in one transaction.
+"""
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import time
+from datetime import datetime, timedelta, timezone
+
+import httpx
+from sqlalchemy import select
+
+from dstack.core.models.resources import ResourcesSpec
+from dstack.core.models.runs import (
+    JobProvisioningData,
+    JobSpec,
+    JobStatus,
+    JobTerminationReason,
+    RunSpec,
+    RunStatus,
+    RunTerminationReason,
+)
+from dstack.server.agent_client import AgentError
+from dstack.server.db import Database
+from dstack.server.models import CodeModel, InstanceModel, JobLogModel, JobModel, RepoModel, RunModel, utcnow
+from dstack.server.services import offers
+from dstack.server.services.instances import InstanceManager
+from dstack.server.services.jobs import dstack_env, nodes_count
+from dstack.server.services.logs import LogNotifier
+from dstack.server.services.runs import (
+    held_reservations,
+    instance_resources,
+    list_instances,
+    mark_job_terminating,
+    new_jobs,
+    parse_configuration,
+)
+
+logger = logging.getLogger(__name__)
+
+FINISHED_JOB = [s.value for s in JobStatus.finished_statuses()]
+FINISHED_RUN = [s.value for s in RunStatus.finished_statuses()]
+AGENT_UNREACHABLE_SECONDS = float(os.environ.get("DSTACK_SERVER_AGENT_UNREACHABLE_SECONDS", "60"))
+
+
+def retry_delays() -> list[float]:
+    raw = os.environ.get("DSTACK_SERVER_RETRY_DELAYS", "15,30,60,120,300,600")
+    return [float(x) for x in raw.split(",") if x.strip()]
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    if dt is not None and dt.tzinfo is None:
+        return dt.replace(tzinfo=timezone.utc)
+    return dt
+
+
+class Pipeline:
+    def __init__(self, db: Database, instances: InstanceManager, notifier: LogNotifier) -> None:
+        self.db = db
+        self.instances = instances
+        self.notifier = notifier
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._provisioning: set[str] = set()
+        self._stops_sent: set[str] = set()
+        self._stopping = False
+        #: called with a run id whenever a run's jobs change (services re-register replicas)
+        self.run_listeners: list = []
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="pipeline")
+        self.wake()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tasks = [t for t in [self._task, *self._watchers.values()] if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            timeout = 5.0
+            try:
+                deadline = await self.process()
+                if deadline is not None:
+                    timeout = min(timeout, max(0.01, deadline - time.time()))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("pipeline step failed")
+                timeout = 1.0
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def process(self) -> float | None:
+        """One pass over active runs; returns the next time-based deadline (epoch seconds)."""
+        deadlines: list[float] = []
+        async with self.db.session() as session:
+            runs = (
+                await session.execute(select(RunModel).where(RunModel.status.notin_(FINISHED_RUN)).order_by(RunModel.submitted_at))
+            ).scalars().all()
+            run_ids = [r.id for r in runs]
+        for run_id in run_ids:
+            d = await self._process_run(run_id)
+            if d is not None:
+                deadlines.append(d)
+        return min(deadlines) if deadlines else None
+
+    async def _process_run(self, run_id: str) -> float | None:
+        async with self.db.session() as session:
+            run = (await session.execute(select(RunModel).where(RunModel.id == run_id))).scalar_one()
+            deadline = None
+            if run.status == RunStatus.PENDING.value:
+                due = _aware(run.next_attempt_at)
+                if due is not None and due > utcnow():
+                    return due.timestamp()
+                self._resubmit(session, run)
+                await session.commit()
+            changed = False
+            for job in list(run.jobs):
+                status = JobStatus(job.status)
+                if status == JobStatus.SUBMITTED:
+                    d = await self._try_assign(session, run, job)
+                    deadline = _min(deadline, d)
+                elif status == JobStatus.TERMINATING:
+                    await self._terminate(session, job)
+                elif status in (JobStatus.PROVISIONING, JobStatus.PULLING, JobStatus.RUNNING):
+                    d = self._check_max_duration(job)
+                    if d == 0:
+                        mark_job_terminating(job, JobTerminationReason.MAX_DURATION_EXCEEDED)
+                        changed = True
+                    else:
+                        deadline = _min(deadline, d)
+                    self._ensure_running_on_agent(job)
+            if changed:
+                await session.commit()
+            old_status = run.status
+            d = await self._update_run_status(session, run)
+            deadline = _min(deadline, d)
+            await session.commit()
+            if run.status != old_status:
+                self.notifier.notify(run.id)
+                for listener in self.run_listeners:
+                    listener(run.id)
+            return deadline
+
+    # --- assignment -----------------------------------------------------------------------
+
+    async def _try_assign(self, session, run: RunModel, job: JobModel) -> float | None:
+        spec = JobSpec.model_validate_json(job.job_spec)
+        resources = ResourcesSpec.model_validate(spec.requirements)
+        conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
+        retry = conf.effective_retry()
+        instances = await list_instances(session)
+        fitting = [i for i in instances if offers.fits_total(resources, instance_resources(i))]
+        for inst in fitting:
+            res = instance_resources(inst)
+            reservation = offers.reserve(resources, res, await held_reservations(session, inst.id))
+            if reservation is None:
+                continue
+            job.instance_id = inst.id
+            job.reserved = json.dumps(reservation.to_dict())
+            job.status = JobStatus.PROVISIONING.value
+            job.last_processed_at = utcnow()
+            job.job_provisioning_data = JobProvisioningData(
+                backend=inst.backend,
+                region=inst.region,
+                instance_id=inst.id,
+                instance_name=inst.name,
+                hostname=inst.hostname,
+                resources=res,
+                reserved=reservation.to_dict(),
+                price=inst.price,
+            ).model_dump_json()
+            await session.commit()
+            self._spawn_provisioning(job.id)
+            return None
+        # Nothing free now.
+        waits = retry is not None and "no-capacity" in retry.on_events and fitting
+        if waits:
+            if retry.duration is not None:
+                give_up = _aware(run.submitted_at) + timedelta(seconds=retry.duration)
+                if utcnow() < give_up:
+                    return give_up.timestamp()
+            else:
+                return None
+        if fitting:
+            msg = f"all instances that fit {resources.pretty_format()} are busy with other jobs"
+        else:
+            msg = offers.describe_shortfall(resources, [(i.name, instance_resources(i)) for i in instances])
+        job.status = JobStatus.FAILED.value
+        job.termination_reason = JobTerminationReason.FAILED_TO_START_DUE_TO_NO_CAPACITY.value
+        job.termination_reason_message = msg
+        job.finished_at = utcnow()
+        await session.commit()
+        return None
+
+    def _spawn_provisioning(self, job_id: str) -> None:
+        if job_id in self._provisioning or job_id in self._watchers:
+            return
+        self._provisioning.add(job_id)
+        asyncio.create_task(self._provision(job_id), name=f"provision-{job_id}")
+
+    def _ensure_running_on_agent(self, job: JobModel) -> None:
+        """After a restart: re-provision jobs that never reached the agent, watch the rest."""
+        if job.instance_id is None:
+            return
+        if job.agent_state is None:
+            self._spawn_provisioning(job.id)
+        else:
+            self._spawn_watcher(job.id)
+
+    async def _provision(self, job_id: str) -> None:
+        try:
+            async with self.db.session() as session:
+                job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+                run = (await session.execute(select(RunModel).where(RunModel.id == job.run_id))).scalar_one()
+                spec = JobSpec.model_validate_json(job.job_spec)
+                run_spec = RunSpec.model_validate_json(run.run_spec)
+                conf = parse_configuration(run_spec)
+                reservation = offers.Reservation.from_dict(json.loads(job.reserved or "{}"))
+                inst = (await session.execute(select(InstanceModel).where(InstanceModel.id == job.instance_id))).scalar_one()
+                code = await _code_blob(session, run.project_id, run_spec)
+                env = dict(spec.env)
+                env.update(dstack_env(run.run_name, run.id, spec, nodes_count(conf), reservation.gpus, inst.hostname))
+                submission = {
+                    "job_id": job.id,
+                    "run_name": run.run_name,
+                    "commands": spec.commands,
+                    "setup": spec.setup,
+                    "env": env,
+                    "working_dir": spec.working_dir,
+                    "python": spec.python,
+                    "image": spec.image,
+                    "gpus": reservation.gpus,
+                    "ports": spec.ports,
+                    "stop_grace_seconds": spec.stop_grace_seconds,
+                }
+            client = self.instances.client(inst.id)
+            await client.submit(submission)
+            await client.upload_code(job_id, code)
+            result = await client.start(job_id)
+            async with self.db.session() as session:
+                job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+                job.agent_state = result.get("state", "submitted")
+                await session.commit()
+            self._spawn_watcher(job_id)
+        except (AgentError, httpx.HTTPError) as e:
+            logger.warning("provisioning job %s failed: %s", job_id, e)
+            await self._finish_job(job_id, JobStatus.FAILED, JobTerminationReason.EXECUTOR_ERROR, str(e))
+        except Exception as e:
+            logger.exception("provisioning job %s failed", job_id)
+            await self._finish_job(job_id, JobStatus.FAILED, JobTerminationReason.EXECUTOR_ERROR, str(e))
+        finally:
+            self._provisioning.discard(job_id)
+
+    # --- watching -------------------------------------------------------------------------
+
+    def _spawn_watcher(self, job_id: str) -> None:
+        task = self._watchers.get(job_id)
+        if task is not None and not task.done():
+            return
+        self._watchers[job_id] = asyncio.create_task(self._watch(job_id), name=f"watch-{job_id}")
+
+    async def _watch(self, job_id: str) -> None:
+        try:
+            async with self.db.session() as session:
+                job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+                cursor, known, instance_id, run_id = job.log_cursor, job.agent_state, job.instance_id, job.run_id
+            client = self.instances.client(instance_id)
+            failing_since: float | None = None
+            while not self._stopping:
+                try:
+                    resp = await client.pull(job_id, cursor, known, wait=20)
+                    failing_since = None
+                except (httpx.HTTPError, AgentError) as e:
+                    now = time.time()
+                    failing_since = failing_since or now
+                    if now - failing_since > AGENT_UNREACHABLE_SECONDS or isinstance(e, AgentError):
+                        await self._finish_job(job_id, JobStatus.FAILED, JobTerminationReason.INSTANCE_UNREACHABLE, f"agent unreachable: {e}")
+                        return
+                    await asyncio.sleep(0.5)
+                    continue
+                state = resp["state"]
+                final = state in ("done", "failed", "terminated", "aborted")
+                records = resp.get("logs", [])
+                async with self.db.session() as session:
+                    job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+                    if records:
+                        session.add_all(
+                            JobLogModel(job_id=job_id, timestamp=r["ts"], stream=r["stream"], data=base64.b64decode(r["data"]))
+                            for r in records
+                        )
+                        job.log_cursor = resp["next_cursor"]
+                    state_changed = state != known
+                    if state_changed and not (final and records):
+                        # A final state is applied only once every log record is stored.
+                        _apply_agent_state(job, resp)
+                        job.agent_state = state
+                    await session.commit()
+                cursor = resp["next_cursor"] if records else cursor
+                if records:
+                    self.notifier.notify(run_id)
+                if state_changed and not (final and records):
+                    known = state
+                    self.notifier.notify(run_id)
+                    self.wake()
+                    if final:
+                        await _forget_on_agent(client, job_id)
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("watching job %s failed", job_id)
+        finally:
+            if self._watchers.get(job_id) is asyncio.current_task():
+                self._watchers.pop(job_id, None)
+
+    async def _finish_job(self, job_id: str, status: JobStatus, reason: JobTerminationReason, message: str) -> None:
+        async with self.db.session() as session:
+            job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+            if JobStatus(job.status).is_finished():
+                return
+            if job.termination_reason and job.status == JobStatus.TERMINATING.value:
+                status = JobTerminationReason(job.termination_reason).to_status()
+            else:
+                job.termination_reason = reason.value
+                job.termination_reason_message = message
+            job.status = status.value
+            job.finished_at = utcnow()
+            await session.commit()
+            self.notifier.notify(job.run_id)
+        self.wake()
+
+    # --- stopping -------------------------------------------------------------------------
+
+    async def _terminate(self, session, job: JobModel) -> None:
+        if job.instance_id is None or job.agent_state is None and job.id not in self._provisioning:
+            if job.instance_id is None or job.agent_state is None:
+                job.status = JobTerminationReason(job.termination_reason or "terminated_by_server").to_status().value
+                job.finished_at = utcnow()
+                await session.commit()
+                return
+        if job.id in self._stops_sent:
+            return
+        self._stops_sent.add(job.id)
+        try:
+            await self.instances.client(job.instance_id).stop(job.id, abort=job.stop_requested == "abort")
+        except (AgentError, httpx.HTTPError) as e:
+            logger.warning("stopping job %s failed: %s", job.id, e)
+            self._stops_sent.discard(job.id)
+        self._spawn_watcher(job.id)
+
+    def _check_max_duration(self, job: JobModel) -> float | None:
+        """0 when the job has run out of time, else the deadline (or None)."""
+        spec = JobSpec.model_validate_json(job.job_spec)
+        if not spec.max_duration or job.started_at is None:
+            return None
+        deadline = _aware(job.started_at).timestamp() + spec.max_duration
+        return 0 if time.time() >= deadline else deadline
+
+    # --- runs -----------------------------------------------------------------------------
+
+    def _resubmit(self, session, run: RunModel) -> None:
+        conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
+        latest = _latest_jobs(run)
+        for (replica_num, _), job in sorted(latest.items()):
+            if job.status != JobStatus.DONE.value:
+                for new in new_jobs(run, conf, replica_num, submission_num=job.submission_num + 1):
+                    if new.job_num == job.job_num:
+                        session.add(new)
+                        run.jobs.append(new)
+        run.status = RunStatus.SUBMITTED.value
+        run.next_attempt_at = None
+        run.last_processed_at = utcnow()
+
+    async def _update_run_status(self, session, run: RunModel) -> float | None:
+        latest = list(_latest_jobs(run).values())
+        statuses = [JobStatus(j.status) for j in latest]
+        old = run.status
+        if run.status == RunStatus.TERMINATING.value:
+            if all(s.is_finished() for s in statuses):
+                reason = RunTerminationReason(run.termination_reason or RunTerminationReason.STOPPED_BY_USER.value)
+                run.status = reason.to_status().value
+        elif run.status == RunStatus.PENDING.value:
+            return None
+        else:
+            failed = [j for j in latest if j.status in (JobStatus.FAILED.value, JobStatus.ABORTED.value)
+                      or (j.status == JobStatus.TERMINATED.value and j.termination_reason != JobTerminationReason.SCALED_DOWN.value)]
+            if failed:
+                job = failed[0]
+                if self._should_retry(run, job):
+                    active = [j for j in latest if not JobStatus(j.status).is_finished()]
+                    for j in active:
+                        mark_job_terminating(j, JobTerminationReason.TERMINATED_BY_SERVER)
+                    if not active:
+                        delays = retry_delays()
+                        delay = delays[min(run.resubmission_attempt, len(delays) - 1)]
+                        run.resubmission_attempt += 1
+                        run.status = RunStatus.PENDING.value
+                        run.next_attempt_at = utcnow() + timedelta(seconds=delay)
+                else:
+                    reason = JobTerminationReason(job.termination_reason) if job.termination_reason else None
+                    if reason == JobTerminationReason.MAX_DURATION_EXCEEDED:
+                        run.termination_reason = RunTerminationReason.MAX_DURATION_EXCEEDED.value
+                    else:
+                        run.termination_reason = RunTerminationReason.JOB_FAILED.value
+                    run.error = _job_error(job)
+                    active = [j for j in latest if not JobStatus(j.status).is_finished()]
+                    for j in active:
+                        mark_job_terminating(j, JobTerminationReason.TERMINATED_BY_SERVER)
+                    run.status = (
+                        RunStatus.TERMINATING.value if active
+                        else RunTerminationReason(run.termination_reason).to_status().value
+                    )
+            elif latest and all(s == JobStatus.DONE for s in statuses):
+                run.status = RunStatus.DONE.value
+                run.termination_reason = RunTerminationReason.ALL_JOBS_DONE.value
+            elif any(s == JobStatus.RUNNING for s in statuses):
+                run.status = RunStatus.RUNNING.value
+            elif any(s in (JobStatus.PROVISIONING, JobStatus.PULLING) for s in statuses):
+                run.status = RunStatus.PROVISIONING.value
+            elif any(s == JobStatus.TERMINATING for s in statuses):
+                pass
+            else:
+                run.status = RunStatus.SUBMITTED.value
+        if run.status != old:
+            run.last_processed_at = utcnow()
+        if run.status == RunStatus.PENDING.value and run.next_attempt_at is not None:
+            return _aware(run.next_attempt_at).timestamp()
+        return None
+
+    def _should_retry(self, run: RunModel, job: JobModel) -> bool:
+        conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
+        retry = conf.effective_retry()
+        if retry is None or job.termination_reason is None:
+            return False
+        reason = JobTerminationReason(job.termination_reason)
+        if reason == JobTerminationReason.FAILED_TO_START_DUE_TO_NO_CAPACITY:
+            event = "no-capacity"
+        elif reason == JobTerminationReason.INSTANCE_UNREACHABLE:
+            event = "interruption"
+        elif reason.is_retryable_error():
+            event = "error"
+        else:
+            return False
+        if event not in retry.on_events:
+            return False
+        if retry.duration is not None and utcnow() - _aware(run.submitted_at) > timedelta(seconds=retry.duration):
+            return False
+        return True
+
+
+def _latest_jobs(run: RunModel) -> dict[tuple[int, int], JobModel]:
+    latest: dict[tuple[int, int], JobModel] = {}
+    for job in run.jobs:
+        key = (job.replica_num, job.job_num)
+        if key not in latest or job.submission_num > latest[key].submission_num:
+            latest[key] = job
+    return latest
+
+
+def _job_error(job: JobModel) -> str:
+    if job.exit_status is not None:
+        return f"exit status {job.exit_status}"
+    return job.termination_reason_message or job.termination_reason or "failed"
+
+
+def _apply_agent_state(job: JobModel, resp: dict) -> None:
+    state = resp["state"]
+    now = utcnow()
+    if state == "preparing" and job.status == JobStatus.PROVISIONING.value:
+        job.status = JobStatus.PULLING.value
+    elif state == "running":
+        if job.status in (JobStatus.PROVISIONING.value, JobStatus.PULLING.value):
+            job.status = JobStatus.RUNNING.value
+        if resp.get("started_at"):
+            job.started_at = datetime.fromtimestamp(resp["started_at"], tz=timezone.utc)
+        else:
+            job.started_at = job.started_at or now
+    elif state in ("done", "failed", "terminated", "aborted"):
+        job.exit_status = resp.get("exit_status")
+        job.finished_at = now
+        if job.started_at is None and resp.get("started_at"):
+            job.started_at = datetime.fromtimestamp(resp["started_at"], tz=timezone.utc)
+        if job.status == JobStatus.TERMINATING.value and job.termination_reason:
+            job.status = JobTerminationReason(job.termination_reason).to_status().value
+            if job.stop_requested == "abort":
+                job.status = JobStatus.ABORTED.value
+        elif state == "done":
+            job.status = JobStatus.DONE.value
+            job.termination_reason = JobTerminationReason.DONE_BY_RUNNER.value
+        elif state == "failed":
+            job.status = JobStatus.FAILED.value
+            if job.exit_status is not None:
+                job.termination_reason = JobTerminationReason.CONTAINER_EXITED_WITH_ERROR.value
+                job.termination_reason_message = resp.get("message") or f"exit status {job.exit_status}"
+            else:
+                job.termination_reason = JobTerminationReason.EXECUTOR_ERROR.value
+                job.termination_reason_message = resp.get("message")
+        else:
+            job.status = JobStatus.TERMINATED.value if state == "terminated" else JobStatus.ABORTED.value
+            job.termination_reason = job.termination_reason or JobTerminationReason.TERMINATED_BY_SERVER.value
+    job.last_processed_at = now
+
+
+async def _code_blob(session, project_id: str, run_spec: RunSpec) -> bytes:
+    if not run_spec.repo_code_hash or not run_spec.repo_id:
+        return b""
+    result = await session.execute(
+        select(CodeModel.blob)
+        .join(RepoModel, RepoModel.id == CodeModel.repo_id)
+        .where(RepoModel.project_id == project_id, RepoModel.name == run_spec.repo_id,
+               CodeModel.blob_hash == run_spec.repo_code_hash)
+    )
+    blob = result.scalar_one_or_none()
+    if blob is None:
+        raise AgentError(f"code {run_spec.repo_code_hash} of repo {run_spec.repo_id} was not uploaded")
+    return blob
+
+
+async def _forget_on_agent(client, job_id: str) -> None:
+    try:
+        await client.delete(job_id)
+    except httpx.HTTPError:
+        pass
+
+
+def _min(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)

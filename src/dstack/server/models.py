@@ -1,0 +1,178 @@
+"""ORM models of the control plane. Every state change of a run or job is a committed row."""
+
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from dstack.server.db import Base
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(DateTime):
+    """Stored naive in UTC (SQLite has no time zones); returned aware."""
+
+
+def _dt() -> DateTime:
+    return DateTime(timezone=True)
+
+
+class UserModel(Base):
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    global_role: Mapped[str] = mapped_column(String(20), default="user")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
+
+
+class ProjectModel(Base):
+    __tablename__ = "projects"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    members: Mapped[list["MemberModel"]] = relationship(back_populates="project", lazy="selectin")
+
+
+class MemberModel(Base):
+    __tablename__ = "members"
+    __table_args__ = (UniqueConstraint("project_id", "user_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    project_role: Mapped[str] = mapped_column(String(20), default="user")
+    project: Mapped[ProjectModel] = relationship(back_populates="members")
+    user: Mapped[UserModel] = relationship(lazy="joined")
+
+
+class RepoModel(Base):
+    __tablename__ = "repos"
+    __table_args__ = (UniqueConstraint("project_id", "name"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    info: Mapped[str] = mapped_column(Text, default="{}")
+
+
+class CodeModel(Base):
+    """An uploaded code archive, content-addressed so the same tree is stored once."""
+
+    __tablename__ = "codes"
+    __table_args__ = (UniqueConstraint("repo_id", "blob_hash"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    repo_id: Mapped[str] = mapped_column(ForeignKey("repos.id", ondelete="CASCADE"))
+    blob_hash: Mapped[str] = mapped_column(String(64))
+    blob: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class InstanceModel(Base):
+    """A host that runs jobs. The local backend has one: this host."""
+
+    __tablename__ = "instances"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    backend: Mapped[str] = mapped_column(String(30))
+    region: Mapped[str] = mapped_column(String(50), default="local")
+    hostname: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default="idle")
+    resources: Mapped[str] = mapped_column(Text)  # JSON: cpus, memory_mib, disk_mib, gpus
+    price: Mapped[float] = mapped_column(Float, default=0.0)
+    agent: Mapped[str] = mapped_column(Text, default="{}")  # JSON: url, pid, port, token
+    created_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
+
+
+class RunModel(Base):
+    __tablename__ = "runs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    run_name: Mapped[str] = mapped_column(String(100))
+    submitted_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
+    last_processed_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
+    status: Mapped[str] = mapped_column(String(20))
+    termination_reason: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    run_spec: Mapped[str] = mapped_column(Text)  # JSON RunSpec
+    service_spec: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: url, model
+    desired_replica_count: Mapped[int] = mapped_column(Integer, default=1)
+    resubmission_attempt: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(_dt(), nullable=True)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    project: Mapped[ProjectModel] = relationship(lazy="joined")
+    user: Mapped[UserModel] = relationship(lazy="joined")
+    jobs: Mapped[list["JobModel"]] = relationship(
+        back_populates="run", lazy="selectin", order_by="JobModel.submitted_at"
+    )
+
+    __table_args__ = (
+        Index("ix_runs_project_submitted", "project_id", "submitted_at"),
+        Index("ix_runs_status", "status"),
+        Index("ix_runs_project_name", "project_id", "run_name"),
+    )
+
+
+class JobModel(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    job_num: Mapped[int] = mapped_column(Integer, default=0)
+    replica_num: Mapped[int] = mapped_column(Integer, default=0)
+    submission_num: Mapped[int] = mapped_column(Integer, default=0)
+    job_name: Mapped[str] = mapped_column(String(120))
+    submitted_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
+    last_processed_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(_dt(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(_dt(), nullable=True)
+    status: Mapped[str] = mapped_column(String(20))
+    termination_reason: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    termination_reason_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    exit_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    job_spec: Mapped[str] = mapped_column(Text)  # JSON JobSpec
+    job_provisioning_data: Mapped[str | None] = mapped_column(Text, nullable=True)
+    instance_id: Mapped[str | None] = mapped_column(ForeignKey("instances.id"), nullable=True)
+    reserved: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: cpus, memory_mib, gpus
+    agent_state: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    log_cursor: Mapped[int] = mapped_column(BigInteger, default=0)
+    stop_requested: Mapped[str | None] = mapped_column(String(20), nullable=True)  # stop | abort
+    run: Mapped[RunModel] = relationship(back_populates="jobs")
+
+    __table_args__ = (
+        Index("ix_jobs_status", "status"),
+        Index("ix_jobs_run", "run_id"),
+        Index("ix_jobs_instance", "instance_id"),
+    )
+
+
+class JobLogModel(Base):
+    __tablename__ = "job_logs"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    timestamp: Mapped[float] = mapped_column(Float)
+    stream: Mapped[str] = mapped_column(String(10))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (Index("ix_job_logs_job_id", "job_id", "id"),)

@@ -1,0 +1,133 @@
+"""Runs: plan, submit/apply, list, get, stop, delete; and their logs."""
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dstack.core.models.runs import RunPlan, RunSpec
+from dstack.server.db import get_session
+from dstack.server.models import UserModel
+from dstack.server.routers.projects import user_projects
+from dstack.server.security import require_project_member, require_user
+from dstack.server.services import logs as logs_service
+from dstack.server.services import runs as runs_service
+
+router = APIRouter(tags=["runs"])
+
+
+class RunSpecRequest(BaseModel):
+    run_spec: RunSpec
+
+
+class ApplyRequest(BaseModel):
+    plan: RunPlan | dict
+    force: bool = False
+
+
+class ListRunsRequest(BaseModel):
+    only_active: bool = False
+    limit: int = 1000
+
+
+class RunNameRequest(BaseModel):
+    run_name: str
+
+
+class StopRunsRequest(BaseModel):
+    runs_names: list[str]
+    abort: bool = False
+
+
+class DeleteRunsRequest(BaseModel):
+    runs_names: list[str]
+
+
+class PollLogsRequest(BaseModel):
+    run_name: str
+    job_num: int = 0
+    replica_num: int = 0
+    start_after: int = 0
+    limit: int = 1000
+    wait: float = 0
+
+
+def _wire(request: Request, run) -> dict:
+    return request.app.state.run_to_wire(run).model_dump(mode="json")
+
+
+@router.post("/api/project/{project_name}/runs/get_plan")
+async def get_plan(body: RunSpecRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
+    user, project = member
+    plan = await runs_service.get_plan(session, project, user, body.run_spec)
+    return plan.model_dump(mode="json")
+
+
+async def _submit(request: Request, session: AsyncSession, member, run_spec: RunSpec) -> dict:
+    user, project = member
+    run = await runs_service.submit_run(session, project, user, run_spec)
+    await request.app.state.on_run_submitted(run)
+    request.app.state.pipeline.wake()
+    return _wire(request, run)
+
+
+@router.post("/api/project/{project_name}/runs/submit")
+async def submit(body: RunSpecRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
+    return await _submit(request, session, member, body.run_spec)
+
+
+@router.post("/api/project/{project_name}/runs/apply")
+async def apply(body: ApplyRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
+    plan = body.plan if isinstance(body.plan, dict) else body.plan.model_dump(mode="json")
+    run_spec = RunSpec.model_validate(plan["run_spec"])
+    user, project = member
+    if run_spec.run_name:
+        existing = await runs_service.find_run(session, project, run_spec.run_name)
+        if existing is not None and body.force and not runs_service.RunStatus(existing.status).is_finished():
+            runs_service.request_stop(existing, abort=True)
+            await session.commit()
+    return await _submit(request, session, member, run_spec)
+
+
+@router.post("/api/project/{project_name}/runs/list")
+async def list_project_runs(body: ListRunsRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> list[dict]:
+    runs = await runs_service.list_runs(session, [member[1].id], body.only_active, body.limit)
+    return [_wire(request, r) for r in runs]
+
+
+@router.post("/api/runs/list")
+async def list_all_runs(body: ListRunsRequest, request: Request, user: UserModel = Depends(require_user), session: AsyncSession = Depends(get_session)) -> list[dict]:
+    projects = await user_projects(session, user)
+    runs = await runs_service.list_runs(session, [p.id for p in projects], body.only_active, body.limit)
+    return [_wire(request, r) for r in runs]
+
+
+@router.post("/api/project/{project_name}/runs/get")
+async def get_run(body: RunNameRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
+    return _wire(request, await runs_service.get_run(session, member[1], body.run_name))
+
+
+@router.post("/api/project/{project_name}/runs/stop")
+async def stop_runs(body: StopRunsRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> None:
+    await runs_service.stop_runs(session, member[1], body.runs_names, body.abort)
+    request.app.state.pipeline.wake()
+
+
+@router.post("/api/project/{project_name}/runs/delete")
+async def delete_runs(body: DeleteRunsRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> None:
+    await runs_service.delete_runs(session, member[1], body.runs_names)
+
+
+@router.post("/api/project/{project_name}/logs/poll")
+async def poll_logs(body: PollLogsRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
+    run = await runs_service.get_run(session, member[1], body.run_name)
+    return await logs_service.poll_logs(
+        session, request.app.state.log_notifier, run, body.job_num, body.replica_num,
+        body.start_after, min(max(body.limit, 1), 5000), min(max(body.wait, 0), 30),
+    )
+
+
+@router.post("/api/project/{project_name}/backends/list")
+async def list_backends(member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> list[dict]:
+    instances = await runs_service.list_instances(session)
+    names = sorted({i.backend for i in instances})
+    return [{"name": n, "config": {"type": n}, "instances": [i.name for i in instances if i.backend == n]} for n in names]

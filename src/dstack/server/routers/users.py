@@ -1,0 +1,83 @@
+"""Users: who am I, and (admins) create, list, rotate tokens, delete."""
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dstack.server.db import get_session
+from dstack.server.errors import ResourceExists, ResourceNotFound
+from dstack.server.models import UserModel
+from dstack.server.security import hash_token, new_token, require_admin, require_user
+
+router = APIRouter(prefix="/api/users", tags=["users"])
+
+
+class CreateUserRequest(BaseModel):
+    username: str
+    global_role: str = "user"
+
+
+class UsernameRequest(BaseModel):
+    username: str
+
+
+class DeleteUsersRequest(BaseModel):
+    users: list[str]
+
+
+def user_dict(user: UserModel, token: str | None = None) -> dict:
+    d = {"id": user.id, "username": user.name, "global_role": user.global_role, "active": user.active}
+    if token is not None:
+        d["creds"] = {"token": token}
+    return d
+
+
+@router.post("/get_my_user")
+async def get_my_user(user: UserModel = Depends(require_user)) -> dict:
+    return user_dict(user)
+
+
+@router.post("/list")
+async def list_users(_: UserModel = Depends(require_admin), session: AsyncSession = Depends(get_session)) -> list[dict]:
+    return [user_dict(u) for u in (await session.execute(select(UserModel).order_by(UserModel.name))).scalars()]
+
+
+@router.post("/create")
+async def create_user(
+    body: CreateUserRequest, _: UserModel = Depends(require_admin), session: AsyncSession = Depends(get_session)
+) -> dict:
+    if (await session.execute(select(UserModel).where(UserModel.name == body.username))).first():
+        raise ResourceExists(f"user '{body.username}' already exists")
+    token = new_token()
+    user = UserModel(name=body.username, global_role=body.global_role, token_hash=hash_token(token))
+    session.add(user)
+    await session.commit()
+    return user_dict(user, token)
+
+
+@router.post("/refresh_token")
+async def refresh_token(
+    body: UsernameRequest, me: UserModel = Depends(require_user), session: AsyncSession = Depends(get_session)
+) -> dict:
+    if body.username != me.name and me.global_role != "admin":
+        raise ResourceNotFound(f"user '{body.username}' not found")
+    user = (await session.execute(select(UserModel).where(UserModel.name == body.username))).scalar_one_or_none()
+    if user is None:
+        raise ResourceNotFound(f"user '{body.username}' not found")
+    token = new_token()
+    user.token_hash = hash_token(token)
+    await session.commit()
+    return user_dict(user, token)
+
+
+@router.post("/delete")
+async def delete_users(
+    body: DeleteUsersRequest, _: UserModel = Depends(require_admin), session: AsyncSession = Depends(get_session)
+) -> None:
+    for name in body.users:
+        user = (await session.execute(select(UserModel).where(UserModel.name == name))).scalar_one_or_none()
+        if user is not None:
+            user.active = False
+            user.token_hash = hash_token(new_token())  # the old token stops working at once
+    await session.commit()

@@ -1,0 +1,79 @@
+"""Job logs: stored rows, and a notifier so followers wake the moment lines arrive."""
+
+import asyncio
+import base64
+from collections import defaultdict
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dstack.core.models.runs import RunStatus
+from dstack.server.models import JobLogModel, JobModel, RunModel
+
+
+class LogNotifier:
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+    def notify(self, run_id: str) -> None:
+        event = self._events.pop(run_id, None)
+        if event is not None:
+            event.set()
+
+    def subscribe(self, run_id: str) -> asyncio.Event:
+        """Take the event *before* reading, so a notify between the read and the wait is not lost."""
+        return self._events[run_id]
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        pass
+
+
+async def poll_logs(
+    session: AsyncSession,
+    notifier: LogNotifier,
+    run: RunModel,
+    job_num: int,
+    replica_num: int,
+    start_after: int,
+    limit: int,
+    wait: float,
+) -> dict:
+    """Log records of one job (all its submissions, in order) after the cursor `start_after`."""
+    run_id = run.id
+    event = notifier.subscribe(run_id)
+    finished = RunStatus(run.status).is_finished()
+    rows = await _fetch(session, await _job_ids(session, run_id, job_num, replica_num), start_after, limit)
+    if not rows and wait > 0 and not finished:
+        await _wait(event, wait)
+        status = (await session.execute(select(RunModel.status).where(RunModel.id == run_id))).scalar_one()
+        finished = RunStatus(status).is_finished()
+        rows = await _fetch(session, await _job_ids(session, run_id, job_num, replica_num), start_after, limit)
+    logs = [
+        {"timestamp": r.timestamp, "log_source": r.stream, "message": base64.b64encode(r.data).decode()}
+        for r in rows
+    ]
+    next_token = rows[-1].id if rows else start_after
+    return {"logs": logs, "next_token": next_token, "finished": finished and len(rows) < limit}
+
+
+async def _job_ids(session: AsyncSession, run_id: str, job_num: int, replica_num: int) -> list[str]:
+    result = await session.execute(
+        select(JobModel.id).where(JobModel.run_id == run_id, JobModel.job_num == job_num, JobModel.replica_num == replica_num)
+    )
+    return list(result.scalars())
+
+
+async def _fetch(session: AsyncSession, job_ids: list[str], start_after: int, limit: int) -> list[JobLogModel]:
+    if not job_ids:
+        return []
+    result = await session.execute(
+        select(JobLogModel)
+        .where(JobLogModel.job_id.in_(job_ids), JobLogModel.id > start_after)
+        .order_by(JobLogModel.id)
+        .limit(limit)
+    )
+    return list(result.scalars())

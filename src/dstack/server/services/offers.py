@@ -1,0 +1,91 @@
+"""Matching a job's resource requirements against instances, and reserving what it gets."""
+
+from dataclasses import dataclass, field
+
+from dstack.core.models.resources import ResourcesSpec
+from dstack.core.models.runs import InstanceResources
+
+MIB_PER_GB = 1024
+
+
+@dataclass
+class Reservation:
+    cpus: int
+    memory_mib: int
+    gpus: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"cpus": self.cpus, "memory_mib": self.memory_mib, "gpus": self.gpus}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Reservation":
+        d = d or {}
+        return cls(cpus=d.get("cpus", 0), memory_mib=d.get("memory_mib", 0), gpus=list(d.get("gpus", [])))
+
+
+def _gb_to_mib(value: float) -> int:
+    return int(round(float(value) * MIB_PER_GB))
+
+
+def matching_gpus(spec: ResourcesSpec, gpus: list[dict]) -> list[dict]:
+    """The instance GPUs that satisfy the GPU spec's name/memory filters (count is checked by the caller)."""
+    gspec = spec.gpu
+    if gspec is None:
+        return []
+    out = []
+    for g in gpus:
+        if gspec.vendor and g.get("vendor", "nvidia").lower() != gspec.vendor.lower():
+            continue
+        if gspec.name and not any(n.lower() in g["name"].lower() for n in gspec.name):
+            continue
+        if gspec.memory is not None and not gspec.memory.contains(g.get("memory_mib", 0) / MIB_PER_GB):
+            continue
+        out.append(g)
+    return out
+
+
+def wants_gpu(spec: ResourcesSpec) -> bool:
+    return spec.gpu is not None and (spec.gpu.count.min or 0) > 0
+
+
+def fits_total(spec: ResourcesSpec, res: InstanceResources) -> bool:
+    """Whether the instance could ever run the job (ignoring what other jobs hold)."""
+    if spec.cpu.min is not None and res.cpus < spec.cpu.min:
+        return False
+    if spec.memory.min is not None and res.memory_mib < _gb_to_mib(spec.memory.min):
+        return False
+    if spec.disk.min is not None and res.disk_mib < _gb_to_mib(spec.disk.min):
+        return False
+    if wants_gpu(spec):
+        if len(matching_gpus(spec, res.gpus)) < (spec.gpu.count.min or 1):
+            return False
+    return True
+
+
+def reserve(spec: ResourcesSpec, res: InstanceResources, held: list[Reservation]) -> Reservation | None:
+    """What the job gets from the free part of the instance, or None when it must wait.
+
+    A job holds the lower bound of each range: the most it may need to start, leaving the
+    rest for others. GPUs are whole devices.
+    """
+    cpus = spec.cpu.min or 0
+    memory = _gb_to_mib(spec.memory.min) if spec.memory.min is not None else 0
+    used_cpus = sum(r.cpus for r in held)
+    used_mem = sum(r.memory_mib for r in held)
+    used_gpus = {i for r in held for i in r.gpus}
+    if used_cpus + cpus > res.cpus or used_mem + memory > res.memory_mib:
+        return None
+    gpus: list[int] = []
+    if wants_gpu(spec):
+        free = [g["index"] for g in matching_gpus(spec, res.gpus) if g["index"] not in used_gpus]
+        need = spec.gpu.count.min or 1
+        if len(free) < need:
+            return None
+        gpus = free[:need]
+    return Reservation(cpus=cpus, memory_mib=memory, gpus=gpus)
+
+
+def describe_shortfall(spec: ResourcesSpec, instances: list[tuple[str, InstanceResources]]) -> str:
+    """The message for a request no instance can meet: what was asked, what exists."""
+    have = "; ".join(f"{name}: {res.pretty()}" for name, res in instances) or "no instances"
+    return f"no offers match the requirements: asked for {spec.pretty_format()}; available: {have}"

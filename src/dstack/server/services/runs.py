@@ -1,0 +1,304 @@
+"""Runs: plans, submission, listing, stopping, and their wire form."""
+
+import json
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dstack.core.errors import ConfigurationError
+from dstack.core.models.configurations import (
+    BaseRunConfiguration,
+    ServiceConfiguration,
+    ServerlessConfiguration,
+    parse_run_configuration,
+)
+from dstack.core.models.resources import ResourcesSpec
+from dstack.core.models.runs import (
+    InstanceOffer,
+    InstanceResources,
+    Job,
+    JobPlan,
+    JobProvisioningData,
+    JobSpec,
+    JobStatus,
+    JobSubmission,
+    JobTerminationReason,
+    Run,
+    RunPlan,
+    RunSpec,
+    RunStatus,
+    RunTerminationReason,
+    ServiceSpec,
+)
+from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
+from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel, UserModel, utcnow
+from dstack.server.services import offers
+from dstack.server.services.jobs import build_job_spec, nodes_count
+from dstack.server.services.names import random_run_name
+
+
+def parse_configuration(run_spec: RunSpec) -> BaseRunConfiguration:
+    try:
+        return parse_run_configuration(run_spec.configuration, environ={})
+    except ConfigurationError as e:
+        where = f"{run_spec.configuration_path}: " if run_spec.configuration_path else ""
+        raise ServerClientError(f"invalid configuration: {where}{e}", fields=[e.field] if e.field else None)
+
+
+def initial_replicas(conf: BaseRunConfiguration) -> int:
+    if isinstance(conf, ServiceConfiguration):
+        return conf.replicas.min or 0
+    if isinstance(conf, ServerlessConfiguration):
+        return 0  # workers are started by the serverless scaler
+    return 1
+
+
+async def list_instances(session: AsyncSession) -> list[InstanceModel]:
+    result = await session.execute(select(InstanceModel).order_by(InstanceModel.created_at))
+    return list(result.scalars())
+
+
+def instance_resources(instance: InstanceModel) -> InstanceResources:
+    return InstanceResources.model_validate(json.loads(instance.resources))
+
+
+async def held_reservations(session: AsyncSession, instance_id: str) -> list[offers.Reservation]:
+    result = await session.execute(
+        select(JobModel.reserved).where(
+            JobModel.instance_id == instance_id,
+            JobModel.status.in_([s.value for s in JobStatus.active_statuses()]),
+        )
+    )
+    return [offers.Reservation.from_dict(json.loads(r)) for (r,) in result if r]
+
+
+async def get_offers(session: AsyncSession, spec: ResourcesSpec) -> tuple[list[InstanceOffer], str | None]:
+    """Offers that could run the job, free ones first; and, when none, why."""
+    instances = await list_instances(session)
+    found: list[InstanceOffer] = []
+    for inst in instances:
+        res = instance_resources(inst)
+        if not offers.fits_total(spec, res):
+            continue
+        free = offers.reserve(spec, res, await held_reservations(session, inst.id)) is not None
+        found.append(
+            InstanceOffer(
+                backend=inst.backend,
+                region=inst.region,
+                instance_name=inst.name,
+                resources=res,
+                price=inst.price,
+                availability="available" if free else "busy",
+            )
+        )
+    found.sort(key=lambda o: (o.availability != "available", o.price))
+    reason = None
+    if not found:
+        reason = offers.describe_shortfall(spec, [(i.name, instance_resources(i)) for i in instances])
+    return found, reason
+
+
+async def get_plan(session: AsyncSession, project: ProjectModel, user: UserModel, run_spec: RunSpec) -> RunPlan:
+    conf = parse_configuration(run_spec)
+    run_name = run_spec.run_name or conf.name
+    current = None
+    if run_name:
+        existing = await find_run(session, project, run_name)
+        if existing is not None:
+            current = run_to_wire(existing)
+    found, reason = await get_offers(session, conf.resources)
+    spec = build_job_spec(run_name or "<random>", conf, 0, 0)
+    plan_spec = run_spec.model_copy(update={"run_name": run_name})
+    return RunPlan(
+        project_name=project.name,
+        user=user.name,
+        run_spec=plan_spec,
+        job_plans=[JobPlan(job_spec=spec, offers=found, total_offers=len(found), no_offers_reason=reason)],
+        current_resource=current,
+        action="update" if current is not None and not current.status.is_finished() else "create",
+    )
+
+
+async def find_run(session: AsyncSession, project: ProjectModel, run_name: str) -> RunModel | None:
+    result = await session.execute(
+        select(RunModel).where(
+            RunModel.project_id == project.id, RunModel.run_name == run_name, RunModel.deleted.is_(False)
+        )
+    )
+    return result.scalars().first()
+
+
+async def submit_run(session: AsyncSession, project: ProjectModel, user: UserModel, run_spec: RunSpec) -> RunModel:
+    conf = parse_configuration(run_spec)
+    run_name = run_spec.run_name or conf.name
+    if run_name:
+        existing = await find_run(session, project, run_name)
+        if existing is not None:
+            if not RunStatus(existing.status).is_finished():
+                raise ResourceExists(
+                    f"run '{run_name}' is still {existing.status}; stop it first (dstack stop {run_name})"
+                )
+            existing.deleted = True  # a finished run's name is reused, as dstack does
+    else:
+        taken = set(
+            (await session.execute(
+                select(RunModel.run_name).where(RunModel.project_id == project.id, RunModel.deleted.is_(False))
+            )).scalars()
+        )
+        run_name = random_run_name(taken)
+    run_spec = run_spec.model_copy(update={"run_name": run_name, "configuration": conf.model_dump(mode="json")})
+    now = utcnow()
+    run = RunModel(
+        project_id=project.id,
+        user_id=user.id,
+        run_name=run_name,
+        submitted_at=now,
+        last_processed_at=now,
+        status=RunStatus.SUBMITTED.value,
+        run_spec=run_spec.model_dump_json(),
+        desired_replica_count=initial_replicas(conf),
+    )
+    session.add(run)
+    await session.flush()
+    for replica_num in range(run.desired_replica_count):
+        for job in new_jobs(run, conf, replica_num, submission_num=0):
+            session.add(job)
+    await session.commit()
+    return await reload_run(session, run.id)
+
+
+def new_jobs(run: RunModel, conf: BaseRunConfiguration, replica_num: int, submission_num: int) -> list[JobModel]:
+    now = utcnow()
+    out = []
+    for job_num in range(nodes_count(conf)):
+        spec = build_job_spec(run.run_name, conf, replica_num, job_num)
+        out.append(
+            JobModel(
+                run_id=run.id,
+                project_id=run.project_id,
+                job_num=job_num,
+                replica_num=replica_num,
+                submission_num=submission_num,
+                job_name=spec.job_name,
+                submitted_at=now,
+                last_processed_at=now,
+                status=JobStatus.SUBMITTED.value,
+                job_spec=spec.model_dump_json(),
+            )
+        )
+    return out
+
+
+async def reload_run(session: AsyncSession, run_id: str) -> RunModel:
+    result = await session.execute(
+        select(RunModel).where(RunModel.id == run_id).execution_options(populate_existing=True)
+    )
+    return result.scalar_one()
+
+
+async def get_run(session: AsyncSession, project: ProjectModel, run_name: str) -> RunModel:
+    run = await find_run(session, project, run_name)
+    if run is None:
+        raise ResourceNotFound(f"run '{run_name}' not found in project '{project.name}'")
+    return run
+
+
+async def list_runs(
+    session: AsyncSession, project_ids: list[str], only_active: bool, limit: int
+) -> list[RunModel]:
+    query = select(RunModel).where(RunModel.project_id.in_(project_ids), RunModel.deleted.is_(False))
+    if only_active:
+        query = query.where(RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]))
+    query = query.order_by(RunModel.submitted_at.desc()).limit(limit)
+    return list((await session.execute(query)).scalars())
+
+
+async def stop_runs(session: AsyncSession, project: ProjectModel, names: list[str], abort: bool) -> list[RunModel]:
+    stopped = []
+    for name in names:
+        run = await get_run(session, project, name)
+        if RunStatus(run.status).is_finished():
+            continue
+        request_stop(run, abort)
+        stopped.append(run)
+    await session.commit()
+    return stopped
+
+
+def request_stop(run: RunModel, abort: bool) -> None:
+    """Mark a run and its active jobs for stopping; the pipeline does the rest."""
+    reason = JobTerminationReason.ABORTED_BY_USER if abort else JobTerminationReason.TERMINATED_BY_USER
+    run.status = RunStatus.TERMINATING.value
+    run.termination_reason = (RunTerminationReason.ABORTED_BY_USER if abort else RunTerminationReason.STOPPED_BY_USER).value
+    for job in run.jobs:
+        if JobStatus(job.status).is_finished():
+            continue
+        mark_job_terminating(job, reason, abort=abort)
+
+
+def mark_job_terminating(job: JobModel, reason: JobTerminationReason, abort: bool = False, message: str | None = None) -> None:
+    job.termination_reason = reason.value
+    job.termination_reason_message = message
+    job.stop_requested = "abort" if abort else "stop"
+    job.status = JobStatus.TERMINATING.value
+    job.last_processed_at = utcnow()
+
+
+async def delete_runs(session: AsyncSession, project: ProjectModel, names: list[str]) -> None:
+    for name in names:
+        run = await get_run(session, project, name)
+        if not RunStatus(run.status).is_finished():
+            raise ServerClientError(f"run '{name}' is {run.status}; stop it before deleting")
+        run.deleted = True
+    await session.commit()
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    if dt is not None and dt.tzinfo is None:
+        return dt.replace(tzinfo=timezone.utc)
+    return dt
+
+
+def job_to_submission(job: JobModel) -> JobSubmission:
+    return JobSubmission(
+        id=job.id,
+        submission_num=job.submission_num,
+        submitted_at=_aware(job.submitted_at),
+        started_at=_aware(job.started_at),
+        finished_at=_aware(job.finished_at),
+        status=JobStatus(job.status),
+        termination_reason=JobTerminationReason(job.termination_reason) if job.termination_reason else None,
+        termination_reason_message=job.termination_reason_message,
+        exit_status=job.exit_status,
+        job_provisioning_data=JobProvisioningData.model_validate_json(job.job_provisioning_data)
+        if job.job_provisioning_data
+        else None,
+    )
+
+
+def run_to_wire(run: RunModel, service_url: str | None = None) -> Run:
+    by_key: dict[tuple[int, int], list[JobModel]] = {}
+    for job in sorted(run.jobs, key=lambda j: (j.replica_num, j.job_num, j.submission_num)):
+        by_key.setdefault((job.replica_num, job.job_num), []).append(job)
+    jobs = [
+        Job(job_spec=JobSpec.model_validate_json(subs[-1].job_spec), job_submissions=[job_to_submission(j) for j in subs])
+        for _, subs in sorted(by_key.items())
+    ]
+    service = ServiceSpec.model_validate_json(run.service_spec) if run.service_spec else None
+    extra: dict = {}
+    return Run(
+        id=run.id,
+        project_name=run.project.name,
+        user=run.user.name,
+        run_name=run.run_name,
+        submitted_at=_aware(run.submitted_at),
+        last_processed_at=_aware(run.last_processed_at),
+        status=RunStatus(run.status),
+        termination_reason=RunTerminationReason(run.termination_reason) if run.termination_reason else None,
+        error=run.error,
+        run_spec=RunSpec.model_validate_json(run.run_spec),
+        jobs=jobs,
+        service=service,
+        extra=extra,
+    )

@@ -1,0 +1,318 @@
+"""Continuous batching over one llama.cpp context.
+
+A scheduler thread owns the context. Each step it builds one batch holding the next token of
+every decoding sequence plus prompt chunks of newly admitted ones, calls `llama_decode` once,
+samples each sequence from its own logits row and hands the token to the request's consumer.
+Requests join and leave the running batch between any two steps; a finished or cancelled
+sequence has its KV cache cleared and its slot reused at once. `llama_decode` releases the GIL,
+so the asyncio HTTP layer keeps running while the model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Optional
+
+import numpy as np
+
+from dstack.serving.llama import LlamaModel
+from dstack.serving.sampling import Sampler, SamplingParams
+from dstack.serving.text import OutputText
+
+logger = logging.getLogger(__name__)
+
+FINISH_LENGTH = "length"
+FINISH_EOS = "eos_token"
+FINISH_STOP = "stop_sequence"
+
+
+@dataclass
+class TokenInfo:
+    id: int
+    text: str
+    logprob: Optional[float]
+    special: bool = False
+
+
+@dataclass
+class Finish:
+    reason: str
+    generated_text: str
+    generated_tokens: int
+    input_length: int
+    seed: Optional[int]
+    prefill: list[TokenInfo] = field(default_factory=list)
+
+
+@dataclass
+class Event:
+    """One generated token (`delta` is the output text it releases) or the end of a request."""
+
+    token: Optional[TokenInfo]
+    delta: str = ""
+    top: list[TokenInfo] = field(default_factory=list)
+    finish: Optional[Finish] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class GenerationRequest:
+    prompt: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop: list[str] = field(default_factory=list)
+    prefill_details: bool = False
+    emit: Callable[[Event], None] = lambda e: None
+    id: int = field(default_factory=itertools.count(1).__next__)
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class _Sequence:
+    """Scheduler-side state of one admitted request (touched by the scheduler thread only)."""
+
+    def __init__(self, req: GenerationRequest, slot: int, model: LlamaModel) -> None:
+        self.req = req
+        self.slot = slot
+        self.n_prefilled = 0
+        self.n_past = 0
+        self.next_token: Optional[int] = None
+        self.generated = 0
+        self.sampler = Sampler(req.params, model.n_vocab, req.prompt)
+        self.out = OutputText(req.stop)
+        self.prefill: list[TokenInfo] = []
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_prefilled < len(self.req.prompt)
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+    cancelled: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    batch_tokens: int = 0
+    queue_size: int = 0
+    batch_size: int = 0
+
+
+class Engine:
+    """The scheduler: submit requests from any thread, events come back through `emit`."""
+
+    def __init__(self, model: LlamaModel, prefill_chunk: int = 256) -> None:
+        self.model = model
+        self.n_slots = model.n_seq_max
+        self.prefill_chunk = max(1, min(prefill_chunk, model.n_batch))
+        self.stats = EngineStats()
+        self._cv = threading.Condition()
+        self._waiting: deque[GenerationRequest] = deque()
+        self._active: dict[int, _Sequence] = {}
+        self._free: list[int] = list(range(self.n_slots))
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    # --- public, thread-safe --------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="dstack-serving-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def submit(self, req: GenerationRequest) -> None:
+        with self._cv:
+            self._waiting.append(req)
+            self.stats.queue_size = len(self._waiting)
+            self._cv.notify()
+
+    def cancel(self, req: GenerationRequest) -> None:
+        """Stop generating for `req`; its slot is freed before the next decode step."""
+        req.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[Event]:
+        """Submit `req` and yield its events; leaving the iteration early cancels it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        req.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+        self.submit(req)
+        done = False
+        try:
+            while True:
+                ev = await queue.get()
+                if ev.finish is not None or ev.error is not None:
+                    done = True
+                yield ev
+                if done:
+                    return
+        finally:
+            if not done:
+                self.cancel(req)
+
+    # --- scheduler thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+            try:
+                self._reap_cancelled()
+                self._admit()
+                if self._active:
+                    self._step()
+            except Exception as e:  # never let the scheduler die with requests hanging
+                logger.exception("engine step failed")
+                self._fail_all(f"generation failed: {e}")
+        for seq in list(self._active.values()):
+            seq.req.emit(Event(token=None, error="server is shutting down"))
+            self._release(seq)
+
+    def _admit(self) -> None:
+        with self._cv:
+            while self._waiting and self._free:
+                req = self._waiting.popleft()
+                if req.cancelled:
+                    self.stats.cancelled += 1
+                    continue
+                slot = heapq.heappop(self._free)
+                self._active[slot] = _Sequence(req, slot, self.model)
+                self.stats.requests += 1
+                self.stats.prompt_tokens += len(req.prompt)
+            self.stats.queue_size = len(self._waiting)
+            self.stats.batch_size = len(self._active)
+
+    def _reap_cancelled(self) -> None:
+        for seq in [s for s in self._active.values() if s.req.cancelled]:
+            self.stats.cancelled += 1
+            self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        self.model.clear_seq(seq.slot)
+        del self._active[seq.slot]
+        heapq.heappush(self._free, seq.slot)
+        self.stats.batch_size = len(self._active)
+
+    def _fail_all(self, message: str) -> None:
+        for seq in list(self._active.values()):
+            self.stats.failed += 1
+            seq.req.emit(Event(token=None, error=message))
+            self._release(seq)
+
+    def _step(self) -> None:
+        model = self.model
+        batch = model.batch
+        batch.clear()
+        seqs = [self._active[s] for s in sorted(self._active)]
+        n_decoding = sum(1 for s in seqs if s.next_token is not None)
+        budget = model.n_batch - n_decoding
+        outputs: list[tuple[_Sequence, int]] = []
+        prefills: list[tuple[_Sequence, int, int]] = []
+        # Tokens go in slot order: llama.cpp packs consecutive sequence ids into one ubatch.
+        for seq in seqs:
+            if seq.next_token is not None:
+                outputs.append((seq, batch.add(seq.slot, [seq.next_token], seq.n_past, True)))
+                seq.n_past += 1
+            elif seq.prefilling and budget > 0:
+                start = seq.n_prefilled
+                k = min(len(seq.req.prompt) - start, budget, self.prefill_chunk)
+                last = start + k == len(seq.req.prompt)
+                i = batch.add(seq.slot, seq.req.prompt[start : start + k], start, last)
+                if seq.req.prefill_details:
+                    batch.set_all_logits(i - k + 1, i + 1)
+                    prefills.append((seq, i - k + 1, k))
+                seq.n_prefilled += k
+                seq.n_past = seq.n_prefilled
+                budget -= k
+                if last:
+                    outputs.append((seq, i))
+        if batch.n == 0:
+            return
+        rc = model.decode()
+        self.stats.decode_steps += 1
+        self.stats.batch_tokens += batch.n
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        for seq, start, k in prefills:
+            self._prefill_logprobs(seq, start, k)
+        for seq, i in outputs:
+            if not seq.req.cancelled:
+                self._emit(seq, model.logits(i))
+
+    def _prefill_logprobs(self, seq: _Sequence, start: int, k: int) -> None:
+        """Log-probability of each prompt token given the ones before it (TGI `prefill`)."""
+        model = self.model
+        prompt = seq.req.prompt
+        p0 = seq.n_prefilled - k
+        if p0 == 0:
+            seq.prefill.append(TokenInfo(prompt[0], model.detokenize([prompt[0]], True), None))
+        for j in range(k):
+            pos = p0 + j + 1
+            if pos >= len(prompt):
+                break
+            row = model.logits(start + j)
+            m = float(row.max())
+            lse = m + float(np.log(np.exp(row - m, dtype=np.float64).sum()))
+            tok = prompt[pos]
+            seq.prefill.append(TokenInfo(tok, model.detokenize([tok], True), float(row[tok]) - lse))
+
+    def _emit(self, seq: _Sequence, logits: np.ndarray) -> None:
+        model = self.model
+        choice = seq.sampler.sample(logits)
+        tok = choice.token
+        seq.sampler.accept(tok)
+        seq.generated += 1
+        self.stats.generated_tokens += 1
+        eog = model.is_eog(tok)
+        special = model.is_special(tok)
+        if eog:
+            text = model.piece(tok, special=True).decode("utf-8", errors="replace")
+        else:
+            text = seq.out.append(model.piece(tok))
+        reason: Optional[str] = None
+        if eog:
+            reason = FINISH_EOS
+        elif seq.out.stopped_at is not None:
+            reason = FINISH_STOP
+        elif seq.generated >= seq.req.max_new_tokens or seq.n_past + 1 > model.n_ctx_per_seq:
+            reason = FINISH_LENGTH
+        top = [
+            TokenInfo(t, model.piece(t, True).decode("utf-8", errors="replace"), lp, model.is_special(t))
+            for t, lp in choice.top
+        ]
+        token = TokenInfo(tok, text, choice.logprob, special)
+        if reason is None:
+            seq.next_token = tok
+            seq.req.emit(Event(token=token, delta=seq.out.release(), top=top))
+            return
+        seq.out.flush()
+        delta = seq.out.release(finished=True)
+        finish = Finish(
+            reason=reason,
+            generated_text=seq.out.final,
+            generated_tokens=seq.generated,
+            input_length=len(seq.req.prompt),
+            seed=seq.sampler.seed,
+            prefill=seq.prefill,
+        )
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        self._release(seq)
+        seq.req.emit(Event(token=token, delta=delta, top=top, finish=finish))

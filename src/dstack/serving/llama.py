@@ -1,0 +1,223 @@
+"""A thin wrapper over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
+
+We use the low-level API, not `llama_cpp.Llama`, because continuous batching needs one context
+holding many sequences, each with its own KV-cache stream, decoded together in one call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+def _import_llama_cpp():  # type: ignore[no-untyped-def]
+    try:
+        import llama_cpp
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            "the built-in engine needs llama-cpp-python: pip install 'dstack[serving]'"
+        ) from e
+    return llama_cpp
+
+
+def physical_cores() -> int:
+    """Physical cores: llama.cpp runs fastest with one thread per core, not per hyperthread."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return max(1, min(n, len(os.sched_getaffinity(0))))
+    except Exception:
+        pass
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+class Batch:
+    """A `llama_batch` whose arrays are numpy buffers we own, so filling it is vectorised.
+
+    Every token belongs to exactly one sequence: `seq_id[i]` points into a fixed table holding
+    the ids 0..n_seq_max-1, so choosing a sequence is writing one pointer.
+    """
+
+    def __init__(self, llama_cpp, capacity: int, n_seq_max: int) -> None:  # type: ignore[no-untyped-def]
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        self._ids = np.arange(n_seq_max, dtype=np.int32)
+        self._id_addr = self._ids.ctypes.data
+        self.seq_ptr = np.zeros(capacity, dtype=np.uintp)
+        b = llama_cpp.llama_batch()
+        b.n_tokens = 0
+        b.token = self.token.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.embd = ctypes.POINTER(ctypes.c_float)()
+        b.pos = self.pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.n_seq_id = self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.seq_id = ctypes.cast(
+            ctypes.c_void_p(self.seq_ptr.ctypes.data), ctypes.POINTER(ctypes.POINTER(ctypes.c_int32))
+        )
+        b.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.struct = b
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add(self, seq_id: int, tokens: list[int] | np.ndarray, pos0: int, logits_last: bool) -> int:
+        """Append `tokens` of one sequence at positions pos0...; return the index of the last."""
+        k = len(tokens)
+        i, j = self.n, self.n + k
+        if j > self.capacity:
+            raise ValueError("batch overflow")
+        self.token[i:j] = tokens
+        self.pos[i:j] = np.arange(pos0, pos0 + k, dtype=np.int32)
+        self.seq_ptr[i:j] = self._id_addr + 4 * seq_id
+        self.logits[i:j] = 0
+        if logits_last:
+            self.logits[j - 1] = 1
+        self.n = j
+        return j - 1
+
+    def set_all_logits(self, start: int, end: int) -> None:
+        self.logits[start:end] = 1
+
+
+class LlamaModel:
+    """One GGUF model and one llama context with `n_seq_max` independent sequences."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_ctx_per_seq: int,
+        n_seq_max: int,
+        n_batch: int = 512,
+        threads: Optional[int] = None,
+        verbose: bool = False,
+        kv_unified: bool = False,
+        flash_attn: bool = False,
+    ) -> None:
+        llama_cpp = _import_llama_cpp()
+        self.lib = llama_cpp
+        if not verbose:
+            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = -1  # harmless on a CPU build, offloads all on a GPU build
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise RuntimeError(f"llama.cpp failed to load {path}")
+        self.model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
+        self.n_ctx_per_seq = min(n_ctx_per_seq, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx_per_seq
+        self.n_seq_max = n_seq_max
+        self.n_batch = n_batch
+        threads = threads or physical_cores()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx_per_seq * n_seq_max
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq_max
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        # One KV stream per sequence and no flash attention: each sequence then always occupies
+        # cells 0..n-1 of its own stream and the attention kernels reduce over the same cells
+        # in the same order whatever else is in the batch -- greedy output is batch-invariant.
+        cparams.kv_unified = kv_unified
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise RuntimeError("llama.cpp failed to create a context (out of memory?)")
+        self.ctx = ctx
+        self.threads = threads
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.batch = Batch(llama_cpp, n_batch, n_seq_max)
+        self.eos_id = int(llama_cpp.llama_vocab_eos(self.vocab))
+        self.bos_id = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self._pieces: dict[int, bytes] = {}
+        self._special_pieces: dict[int, bytes] = {}
+        self._eog = np.zeros(self.n_vocab, dtype=bool)
+        for t in range(self.n_vocab):
+            if llama_cpp.llama_vocab_is_eog(self.vocab, t):
+                self._eog[t] = True
+        self._control = np.array(
+            [bool(llama_cpp.llama_vocab_is_control(self.vocab, t)) for t in range(self.n_vocab)]
+        )
+        self._logits_fn = llama_cpp.llama_get_logits_ith
+        self._decode_fn = llama_cpp.llama_decode
+
+    # --- metadata -------------------------------------------------------------------------
+    def meta(self, key: str) -> Optional[str]:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    # --- tokens ---------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (ctypes.c_int32 * cap)()
+        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (ctypes.c_int32 * cap)()
+            n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token; cached, since decoding a token is on the hot path."""
+        cache = self._special_pieces if special else self._pieces
+        p = cache.get(token)
+        if p is None:
+            buf = ctypes.create_string_buffer(64)
+            n = self.lib.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self.lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+            p = buf.raw[:n]
+            cache[token] = p
+        return p
+
+    def detokenize(self, tokens: list[int], special: bool = False) -> str:
+        return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._eog[token])
+
+    def is_special(self, token: int) -> bool:
+        return bool(self._control[token] or self._eog[token])
+
+    # --- compute --------------------------------------------------------------------------
+    def decode(self) -> int:
+        self.batch.struct.n_tokens = self.batch.n
+        return int(self._decode_fn(self.ctx, self.batch.struct))
+
+    def logits(self, i: int) -> np.ndarray:
+        """Logits row of batch index i, as a view on llama.cpp's buffer (valid until next decode)."""
+        ptr = self._logits_fn(self.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def clear_seq(self, seq_id: int) -> None:
+        self.lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self.lib.llama_model_free(self.model)
+            self.model = None

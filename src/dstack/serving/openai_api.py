@@ -1,0 +1,283 @@
+"""OpenAI-compatible routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+Sampling follows OpenAI (temperature defaults to 1, 0 means greedy); the generation itself is the
+same engine path as TGI's routes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+
+from dstack.serving.chat import ChatTemplateError, message_text
+from dstack.serving.engine import FINISH_LENGTH, Event, GenerationRequest, TokenInfo
+from dstack.serving.sampling import SamplingParams
+from dstack.serving.schemas import ChatCompletionRequest, CompletionRequest, _OpenAICommon
+from dstack.serving.service import APIError, Result, Service, Ticket, merge, validation_error
+from dstack.version import __version__
+
+router = APIRouter(prefix="/v1")
+
+SSE_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
+FINGERPRINT = f"dstack-serving-{__version__}"
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _sse(payload: Any) -> str:
+    return "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
+
+
+def openai_finish_reason(reason: str) -> str:
+    return "length" if reason == FINISH_LENGTH else "stop"
+
+
+def sampling_from_openai(body: _OpenAICommon, top_n: int = 0) -> SamplingParams:
+    greedy = body.temperature == 0.0
+    return SamplingParams(
+        do_sample=not greedy,
+        temperature=None if greedy or body.temperature is None else body.temperature,
+        top_p=body.top_p if body.top_p is not None and body.top_p < 1.0 and not greedy else None,
+        top_k=body.top_k if not greedy else None,
+        seed=body.seed,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        repetition_penalty=body.repetition_penalty,
+        top_n_tokens=top_n,
+    )
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _logprob_entry(t: TokenInfo, top: list[TokenInfo]) -> dict[str, Any]:
+    data = t.text.encode("utf-8")
+    return {
+        "token": t.text,
+        "logprob": t.logprob,
+        "bytes": list(data),
+        "top_logprobs": [
+            {"token": x.text, "logprob": x.logprob, "bytes": list(x.text.encode("utf-8"))} for x in top
+        ],
+    }
+
+
+@router.get("/models", summary="The served model (OpenAI)")
+async def models(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    return {
+        "object": "list",
+        "data": [{"id": service.model_id, "object": "model", "created": service.started, "owned_by": "dstack"}],
+    }
+
+
+@router.post("/chat/completions", summary="Chat completion (OpenAI)")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    service = _service(request)
+    service.require_ready()
+    assert service.chat_template is not None
+    try:
+        messages = [{**m.model_dump(exclude_none=True), "content": message_text(m.content)} for m in body.messages]
+        prompt = service.chat_template.render(messages, add_generation_prompt=True)
+    except ChatTemplateError as e:
+        raise validation_error(str(e)) from e
+    top_n = (body.top_logprobs or 0) if body.logprobs else 0
+    max_new = body.max_completion_tokens or body.max_tokens
+    return await _run(
+        service, request, body, [prompt] * (body.n or 1), max_new, top_n, chat=True, logprobs=bool(body.logprobs)
+    )
+
+
+@router.post("/completions", summary="Text completion (OpenAI)")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    service = _service(request)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    n = body.n or 1
+    expanded = [p for p in prompts for _ in range(n)]
+    top_n = min(body.logprobs or 0, 5)
+    return await _run(service, request, body, expanded, body.max_tokens, top_n, chat=False, logprobs=False, echo_prompts=expanded if body.echo else None)
+
+
+async def _run(
+    service: Service,
+    request: Request,
+    body: _OpenAICommon,
+    prompts: list[str],
+    max_new: Optional[int],
+    top_n: int,
+    *,
+    chat: bool,
+    logprobs: bool,
+    echo_prompts: Optional[list[str]] = None,
+) -> Any:
+    ticket = service.acquire()
+    try:
+        sampling = sampling_from_openai(body, top_n)
+        reqs = [service.build(p, sampling, max_new, body.stop_list) for p in prompts]
+    except BaseException:
+        ticket.release()
+        raise
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    if body.stream:
+        gen = _chat_stream if chat else _completion_stream
+        return StreamingResponse(
+            gen(service, reqs, ticket, rid, created, body, logprobs, echo_prompts),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+            background=BackgroundTask(ticket.release),
+        )
+    try:
+        import asyncio
+
+        results: list[Result] = await service.until_disconnect(
+            request, asyncio.gather(*(service.collect(r) for r in reqs))
+        )
+    finally:
+        ticket.release()
+    usage = _usage(sum(len(r.prompt) for r in reqs), sum(r.finish.generated_tokens for r in results))
+    choices = []
+    for i, r in enumerate(results):
+        reason = openai_finish_reason(r.finish.reason)
+        if chat:
+            lp = None
+            if logprobs:
+                tops = r.top_tokens or [[] for _ in r.tokens]
+                lp = {"content": [_logprob_entry(t, top) for t, top in zip(r.tokens, tops) if not t.special]}
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": r.finish.generated_text},
+                    "logprobs": lp,
+                    "finish_reason": reason,
+                }
+            )
+        else:
+            text = (echo_prompts[i] if echo_prompts else "") + r.finish.generated_text
+            choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": service.model_id,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+            "usage": usage,
+        }
+    )
+
+
+def _chunk(rid: str, created: int, model: str, obj: str, choices: list[dict[str, Any]], usage_field: bool) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": choices,
+    }
+    if usage_field:
+        chunk["usage"] = None
+    return chunk
+
+
+async def _chat_stream(
+    service: Service,
+    reqs: list[GenerationRequest],
+    ticket: Ticket,
+    rid: str,
+    created: int,
+    body: _OpenAICommon,
+    logprobs: bool,
+    echo_prompts: Optional[list[str]],
+) -> AsyncIterator[str]:
+    usage = body.include_usage
+    model = service.model_id
+    completion_tokens = 0
+    try:
+        for i in range(len(reqs)):
+            yield _sse(_chunk(rid, created, model, "chat.completion.chunk", [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ], usage))
+        async with aclosing(merge([service.events(r) for r in reqs])) as events:
+            async for i, ev in events:
+                if ev.error is not None:
+                    yield _sse({"error": {"message": ev.error, "type": "generation"}})
+                    return
+                lp = None
+                if logprobs and ev.token is not None and not ev.token.special:
+                    lp = {"content": [_logprob_entry(ev.token, ev.top)]}
+                if ev.finish is None and not ev.delta and lp is None:
+                    continue
+                delta = {"role": "assistant", "content": ev.delta} if ev.delta or ev.finish is None else {}
+                reason = None
+                if ev.finish is not None:
+                    reason = openai_finish_reason(ev.finish.reason)
+                    completion_tokens += ev.finish.generated_tokens
+                yield _sse(_chunk(rid, created, model, "chat.completion.chunk", [
+                    {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
+                ], usage))
+        if usage:
+            prompt_tokens = sum(len(r.prompt) for r in reqs)
+            final = _chunk(rid, created, model, "chat.completion.chunk", [], False)
+            final["usage"] = _usage(prompt_tokens, completion_tokens)
+            yield _sse(final)
+        yield "data: [DONE]\n\n"
+    finally:
+        ticket.release()
+
+
+async def _completion_stream(
+    service: Service,
+    reqs: list[GenerationRequest],
+    ticket: Ticket,
+    rid: str,
+    created: int,
+    body: _OpenAICommon,
+    logprobs: bool,
+    echo_prompts: Optional[list[str]],
+) -> AsyncIterator[str]:
+    usage = body.include_usage
+    model = service.model_id
+    completion_tokens = 0
+    try:
+        if echo_prompts:
+            for i, p in enumerate(echo_prompts):
+                yield _sse(_chunk(rid, created, model, "text_completion", [
+                    {"index": i, "text": p, "logprobs": None, "finish_reason": None}
+                ], usage))
+        async with aclosing(merge([service.events(r) for r in reqs])) as events:
+            async for i, ev in events:
+                if ev.error is not None:
+                    yield _sse({"error": {"message": ev.error, "type": "generation"}})
+                    return
+                if ev.finish is None and not ev.delta:
+                    continue
+                reason = None
+                if ev.finish is not None:
+                    reason = openai_finish_reason(ev.finish.reason)
+                    completion_tokens += ev.finish.generated_tokens
+                yield _sse(_chunk(rid, created, model, "text_completion", [
+                    {"index": i, "text": ev.delta, "logprobs": None, "finish_reason": reason}
+                ], usage))
+        if usage:
+            final = _chunk(rid, created, model, "text_completion", [], False)
+            final["usage"] = _usage(sum(len(r.prompt) for r in reqs), completion_tokens)
+            yield _sse(final)
+        yield "data: [DONE]\n\n"
+    finally:
+        ticket.release()
+
+
+_ = (Event, APIError)  # re-exported names used in type hints by other modules

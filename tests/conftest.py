@@ -1,0 +1,152 @@
+"""Shared fixtures: a real `dstack server` process on a free port in a temporary home."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A dstack server subprocess; `restart()` keeps its home (and database)."""
+
+    home: Path
+    port: int
+    token: str
+    database_url: str | None = None
+    extra_env: dict = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env["DSTACK_HOME"] = str(self.home)
+        env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+        env["DSTACK_SERVER_ADMIN_TOKEN"] = self.token
+        if self.database_url:
+            env["DSTACK_DATABASE_URL"] = self.database_url
+        return env
+
+    def start(self) -> None:
+        log = open(self.home / f"server-{int(time.time() * 1000)}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dstack.cli.main", "server", "--port", str(self.port)],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.logs()}")
+            try:
+                r = httpx.post(f"{self.url}/api/users/get_my_user", headers=self.headers, timeout=2)
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not start: {self.logs()}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.home.glob("server-*.log")))
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def client(self, project: str = "main"):
+        from dstack.api import Client
+
+        return Client.from_config(project_name=project, server_url=self.url, user_token=self.token)
+
+    def kill_agents(self) -> None:
+        for info in self.home.rglob("agent.json"):
+            try:
+                pid = json.loads(info.read_text())["pid"]
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+            except (OSError, ValueError, KeyError):
+                pass
+
+
+def _database_url(tmp: Path) -> str | None:
+    pg = os.environ.get("DSTACK_TEST_POSTGRES")
+    if not pg:
+        return None
+    # A fresh database per server, so tests never see each other's rows.
+    import asyncio
+
+    import asyncpg
+
+    name = f"dstack_test_{os.getpid()}_{int(time.time() * 1e6)}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(pg)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return pg.rsplit("/", 1)[0] + "/" + name
+
+
+def make_server(tmp_path: Path, **extra_env) -> ServerProcess:
+    home = tmp_path / "dstack-home"
+    home.mkdir(parents=True, exist_ok=True)
+    return ServerProcess(
+        home=home, port=free_port(), token="test-admin-token-" + os.urandom(6).hex(),
+        database_url=_database_url(tmp_path), extra_env=dict(extra_env),
+    )
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = make_server(tmp_path, DSTACK_SERVER_RETRY_DELAYS="1,2,4")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        srv.kill_agents()
+
+
+@pytest.fixture
+def client(server):
+    return server.client()

@@ -1,0 +1,135 @@
+"""Run the test server (tests/serverless/server_app.py) as a real subprocess on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .launcher import kill_all
+
+HERE = Path(__file__).resolve().parent
+WORKERS = HERE / "workers"
+TOKEN = "test-user-token"
+FAST_OPTIONS = {
+    "take_wait": 5.0, "tick": 0.2, "ping_interval_ms": 1000, "heartbeat_timeout": 8.0, "lost_job_grace": 3.0,
+    "webhook_retry_delay": 0.5, "retention": 120.0, "init_timeout": 60.0,
+    "extra_worker_env": {"RUNPOD_LOG_LEVEL": "WARN"},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def endpoint(script: str, min_: int = 0, max_: int = 1, env: dict[str, str] | None = None, **settings: Any) -> dict:
+    return {"script": str(WORKERS / script), "env": env or {},
+            "settings": {"workers_min": min_, "workers_max": max_, **settings}}
+
+
+class Server:
+    def __init__(self, run_dir: Path, endpoints: dict[str, dict], port: int | None = None,
+                 options: dict[str, Any] | None = None) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.spec = {"db": str(run_dir / "server.db"), "port": self.port, "run_dir": str(run_dir), "token": TOKEN,
+                     "options": {**FAST_OPTIONS, **(options or {})}, "endpoints": endpoints}
+        self.spec_path = run_dir / "spec.json"
+        self.spec_path.write_text(json.dumps(self.spec))
+        self.proc: subprocess.Popen | None = None
+        self.client = httpx.Client(base_url=self.url + "/v2", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+
+    def start(self) -> "Server":
+        log = open(self.run_dir / "server.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "server_app.py"), str(self.spec_path)],
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        first = next(iter(self.spec["endpoints"]))
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited: " + (self.run_dir / "server.log").read_text()[-3000:])
+            try:
+                if self.client.get(f"/{first}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def kill(self) -> None:
+        """SIGKILL the server only (its workers live on, as after a crash)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        kill_all(str(self.run_dir))
+        self.client.close()
+
+    # ---- conveniences ----------------------------------------------------------------------
+
+    def run(self, ep: str, inp: Any, **extra: Any) -> str:
+        r = self.client.post(f"/{ep}/run", json={"input": inp, **extra})
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "IN_QUEUE"
+        return r.json()["id"]
+
+    def status(self, ep: str, job_id: str) -> dict:
+        r = self.client.get(f"/{ep}/status/{job_id}")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait(self, ep: str, job_id: str, statuses: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"),
+             timeout: float = 30) -> dict:
+        deadline = time.time() + timeout
+        while True:
+            st = self.status(ep, job_id)
+            if st["status"] in statuses:
+                return st
+            if time.time() > deadline:
+                raise AssertionError(f"job {job_id} stuck: {st}")
+            time.sleep(0.05)
+
+    def health(self, ep: str) -> dict:
+        r = self.client.get(f"/{ep}/health")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def worker_pids(self) -> dict[str, int]:
+        return {p.stem: int(p.read_text()) for p in (self.run_dir / "pids").glob("*.pid")}
+
+
+def wait_until(pred: Any, timeout: float = 30, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.time() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
