@@ -54,7 +54,7 @@ class ServerProcess:
             [sys.executable, "-m", "dstack.cli.main", "server", "--port", str(self.port)],
             env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.logs()}")
@@ -105,10 +105,12 @@ class ServerProcess:
                 pass
 
 
-def _database_url(tmp: Path) -> str | None:
+def _database_url(tmp: Path, database: str = "sqlite") -> str | None:
     pg = os.environ.get("DSTACK_TEST_POSTGRES")
-    if not pg:
+    if database == "sqlite":
         return None
+    if not pg:
+        pytest.skip("PostgreSQL tests need DSTACK_TEST_POSTGRES (a server URL); .ci/run starts one")
     # A fresh database per server, so tests never see each other's rows.
     import asyncio
 
@@ -127,18 +129,34 @@ def _database_url(tmp: Path) -> str | None:
     return pg.rsplit("/", 1)[0] + "/" + name
 
 
-def make_server(tmp_path: Path, **extra_env) -> ServerProcess:
+def make_server(tmp_path: Path, database: str = "sqlite", **extra_env) -> ServerProcess:
     home = tmp_path / "dstack-home"
     home.mkdir(parents=True, exist_ok=True)
     return ServerProcess(
         home=home, port=free_port(), token="test-admin-token-" + os.urandom(6).hex(),
-        database_url=_database_url(tmp_path), extra_env=dict(extra_env),
+        database_url=_database_url(tmp_path, database), extra_env=dict(extra_env),
     )
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = make_server(tmp_path, DSTACK_SERVER_RETRY_DELAYS="1,2,4")
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(request, tmp_path_factory):
+    """One server per test module and database (starting one costs seconds).
+
+    Every test that uses it runs on SQLite and, when DSTACK_TEST_POSTGRES is set, on PostgreSQL.
+    """
+    srv = make_server(tmp_path_factory.mktemp("server"), request.param, DSTACK_SERVER_RETRY_DELAYS="1,2,4")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        srv.kill_agents()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def fresh_server(request, tmp_path):
+    """A server of the test's own, for tests that kill or restart it."""
+    srv = make_server(tmp_path, request.param, DSTACK_SERVER_RETRY_DELAYS="1,2,4")
     srv.start()
     try:
         yield srv

@@ -92,6 +92,23 @@ def run_dstack(port: int, upstream: str) -> None:
                 access_log=False, lifespan="off", proxy_headers=False)
 
 
+# ---------------------------------------------------------------- uvicorn floor (own process)
+async def hello_app(scope, receive, send):  # type: ignore[no-untyped-def]
+    """The cheapest ASGI answer: what uvicorn alone costs per request on this machine."""
+    if scope["type"] != "http":
+        return
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(CHAT)).encode())]})
+    await send({"type": "http.response.body", "body": CHAT})
+
+
+def run_hello(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(hello_app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="error",
+                access_log=False, lifespan="off", proxy_headers=False)
+
+
 # ---------------------------------------------------------------- helpers
 def free_port() -> int:
     with socket.socket() as s:
@@ -116,8 +133,11 @@ def _ms(v: str) -> float:
     return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
 
-def wrk(url: str, conc: int, duration: int, post: bool = False, token: bool = False) -> dict[str, float]:
-    lua = ["wrk.headers['Authorization'] = 'Bearer t'"] if token else []
+LITELLM_KEY = "sk-" + "5e" * 32
+
+
+def wrk(url: str, conc: int, duration: int, post: bool = False, token: str = "") -> dict[str, float]:
+    lua = [f"wrk.headers['Authorization'] = 'Bearer {token}'"] if token else []
     if post:
         lua += ["wrk.method = 'POST'", f"wrk.body = '{REQ_BODY}'", "wrk.headers['Content-Type'] = 'application/json'"]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
@@ -176,20 +196,25 @@ def main() -> None:
     ap.add_argument("--litellm", default="/tmp/litellm-venv", help="venv with litellm[proxy]; skipped if missing")
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--dstack", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--hello", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream-url", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.upstream:
         return run_upstream(a.upstream)
     if a.dstack:
         return run_dstack(a.dstack, a.upstream_url)
+    if a.hello:
+        return run_hello(a.hello)
 
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
-    up, dp, np_, lp = free_port(), free_port(), free_port(), free_port()
+    up, dp, np_, lp, hp = free_port(), free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[2] / "src")}
     procs.append(start([sys.executable, str(HERE), "--upstream", str(up)], env))
     procs.append(start([sys.executable, str(HERE), "--dstack", str(dp), "--upstream-url", f"http://127.0.0.1:{up}"], env))
-    peers = {"direct": f"http://127.0.0.1:{up}/x", "dstack": f"http://127.0.0.1:{dp}/services/main/bench/x"}
+    procs.append(start([sys.executable, str(HERE), "--hello", str(hp)], env))
+    peers = {"direct": f"http://127.0.0.1:{up}/x", "dstack": f"http://127.0.0.1:{dp}/services/main/bench/x",
+             "uvicorn-hello": f"http://127.0.0.1:{hp}/x"}
     if shutil.which("nginx"):
         (tmp / "nginx.conf").write_text(f"""
 worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/nginx.err warn;
@@ -209,11 +234,12 @@ model_list:
   - model_name: bench-model
     litellm_params: {{model: openai/bench-model, api_base: "http://127.0.0.1:{up}/v1", api_key: x}}
 litellm_settings: {{telemetry: false, drop_params: true}}
+general_settings: {{master_key: "{LITELLM_KEY}"}}
 """)
         procs.append(start([str(litellm_bin), "--config", str(tmp / "litellm.yaml"), "--host", "127.0.0.1", "--port", str(lp),
                             "--num_workers", "1"], {**os.environ, "LITELLM_LOG": "ERROR"}))
     try:
-        for p in (up, dp):
+        for p in (up, dp, hp):
             wait_port(p)
         if "nginx" in peers:
             wait_port(np_)
@@ -223,12 +249,13 @@ litellm_settings: {{telemetry: false, drop_params: true}}
                 wait_port(lp, 180)
             except TimeoutError:
                 have_litellm = False
+                print("LiteLLM did not start within 180 s; skipped")
         d = a.duration
         rows: dict[str, dict[str, float]] = {}
         for conc in (1, 64):
             for name, url in peers.items():
                 wrk(url, conc, 1)  # warm up
-                rows[f"{name} c{conc}"] = wrk(url, conc, d, token=name == "dstack")
+                rows[f"{name} c{conc}"] = wrk(url, conc, d, token="t" if name == "dstack" else "")
         # the model endpoint: POST /v1/chat/completions, routed by the `model` field
         models = {"direct": f"http://127.0.0.1:{up}/v1/chat/completions",
                   "dstack": f"http://127.0.0.1:{dp}/models/main/v1/chat/completions"}
@@ -236,8 +263,9 @@ litellm_settings: {{telemetry: false, drop_params: true}}
             models["litellm"] = f"http://127.0.0.1:{lp}/v1/chat/completions"
         for conc in (1, 64):
             for name, url in models.items():
-                wrk(url, conc, 1, post=True, token=name == "dstack")
-                rows[f"chat {name} c{conc}"] = wrk(url, conc, d, post=True, token=name == "dstack")
+                tok = {"dstack": "t", "litellm": LITELLM_KEY}.get(name, "")
+                wrk(url, conc, 1, post=True, token=tok)
+                rows[f"chat {name} c{conc}"] = wrk(url, conc, d, post=True, token=tok)
         chunks = {"direct": chunk_latency(up, "/stream"), "dstack": chunk_latency(dp, "/services/main/bench/stream", True)}
         if "nginx" in peers:
             chunks["nginx"] = chunk_latency(np_, "/stream")
@@ -256,7 +284,7 @@ def report(rows: dict[str, dict[str, float]], chunks: dict[str, float]) -> None:
     for prefix in ("", "chat "):
         for conc in (1, 64):
             base = rows.get(f"{prefix}direct c{conc}")
-            for name in ("dstack", "nginx", "litellm"):
+            for name in ("dstack", "nginx", "litellm", "uvicorn-hello"):
                 r = rows.get(f"{prefix}{name} c{conc}")
                 if base and r:
                     print(f"{prefix or 'plain '}{name:8} c{conc:<3} added p50 {r['p50'] - base['p50']:7.3f} ms"
@@ -267,9 +295,11 @@ def report(rows: dict[str, dict[str, float]], chunks: dict[str, float]) -> None:
             print(f"chat c{conc}: dstack added p50 / litellm added p50 = "
                   f"{(n['p50'] - d['p50']) / max(1e-9, l['p50'] - d['p50']):.3f}; req/s dstack/litellm = {n['rps'] / l['rps']:.1f}x")
     for conc in (1, 64):
-        n, x = rows.get(f"dstack c{conc}"), rows.get(f"nginx c{conc}")
+        n, x, h = rows.get(f"dstack c{conc}"), rows.get(f"nginx c{conc}"), rows.get(f"uvicorn-hello c{conc}")
         if n and x:
             print(f"plain c{conc}: dstack req/s / nginx req/s = {n['rps'] / x['rps']:.2f}")
+        if n and h:
+            print(f"plain c{conc}: dstack req/s / uvicorn hello-world req/s = {n['rps'] / h['rps']:.2f} (the floor under uvicorn)")
     print("\nstreamed chunk latency (median, send→receive):",
           ", ".join(f"{k} {v:.3f} ms" for k, v in chunks.items()),
           f"→ dstack adds {chunks['dstack'] - chunks['direct']:.3f} ms per chunk")

@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-import pytest
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 SMALL = "resources:\n  cpu: 1..\n  memory: 0.5GB..\n  disk: 1GB..\n"

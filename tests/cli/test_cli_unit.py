@@ -32,7 +32,6 @@ from dstack.core.models.runs import (
     RunStatus,
 )
 
-NOW = datetime.now(timezone.utc)
 RES = InstanceResources(cpus=8, memory_mib=32768, disk_mib=102400)
 
 
@@ -44,7 +43,7 @@ def _job(status: JobStatus, replica: int = 0, job_num: int = 0, reason: Any = No
         job_spec=JobSpec(job_name="j", job_num=job_num, replica_num=replica),
         job_submissions=[
             JobSubmission(
-                id="s", submission_num=0, submitted_at=NOW - timedelta(minutes=3), status=status,
+                id="s", submission_num=0, submitted_at=datetime.now(timezone.utc) - timedelta(minutes=3), status=status,
                 termination_reason=reason, exit_status=exit_status, job_provisioning_data=jpd,
             )
         ],
@@ -62,7 +61,7 @@ class FakeRun:
         self.service_url = service_url
         self.error = error
         self.termination_reason = None
-        self.submitted_at = NOW - timedelta(minutes=3)
+        self.submitted_at = datetime.now(timezone.utc) - timedelta(minutes=3)
         self.stopped: Optional[bool] = None
         self.interrupt_logs = interrupt_logs
         self.log_calls: list[dict] = []

@@ -26,6 +26,9 @@ class SubprocessLauncher:
         self.procs: dict[str, asyncio.subprocess.Process] = {}
 
     async def start_worker(self, endpoint_id: str, worker_id: str, env: dict[str, str]) -> None:
+        if self.scripts[endpoint_id] == "-":  # a worker driven by hand (benchmarks): just publish its env
+            (self.pid_dir.parent / f"{worker_id}.env.json").write_text(__import__("json").dumps(env))
+            return
         full = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
         full.update(self.extra_env.get(endpoint_id, {}))
         full.update(env)

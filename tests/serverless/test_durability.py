@@ -66,10 +66,13 @@ def test_server_sigkill_and_restart_loses_nothing(tmp_path):
     srv.start()
     try:
         wait_until(lambda: srv.health("ep-crash")["workers"]["idle"] == 2, timeout=40, what="two warm workers")
-        ids = asyncio.run(_submit(srv.url, "ep-crash", [{"mode": "sleep", "seconds": 0.4} for _ in range(60)]))
-        wait_until(lambda: srv.health("ep-crash")["jobs"]["completed"] >= 10, timeout=30, what="some done")
-        h = srv.health("ep-crash")["jobs"]
-        assert h["inProgress"] > 0 and h["inQueue"] > 0
+        ids = asyncio.run(_submit(srv.url, "ep-crash", [{"mode": "sleep", "seconds": 1.0} for _ in range(60)]))
+
+        def mid_way():
+            h = srv.health("ep-crash")["jobs"]
+            return h["completed"] >= 8 and h["inProgress"] > 0 and h["inQueue"] > 0
+
+        wait_until(mid_way, timeout=30, interval=0.05, what="jobs queued, running and done at once")
         srv.kill()
         time.sleep(1.0)  # running jobs finish while the server is down: their results are lost in flight
         srv.start()

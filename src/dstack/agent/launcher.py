@@ -56,7 +56,7 @@ def start_agent(home: Path, token: str, *, host: str = "127.0.0.1", port: int = 
     (home / "agent.json").unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=_pythonpath())
     cmd = [sys.executable, "-m", "dstack.agent", "--host", host, "--port", str(port),
-           "--token", token, "--home", str(home)]
+           f"--token={token}", "--home", str(home)]
     with open(home / "agent.log", "ab") as log:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

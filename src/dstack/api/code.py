@@ -8,19 +8,20 @@ the same sha256 and the server can skip re-uploading it.
 
 from __future__ import annotations
 
-import gzip
+import functools
 import hashlib
 import io
 import os
 import stat
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
-
-import pathspec
+from typing import TYPE_CHECKING, Optional, Union
 
 from dstack.core.errors import DstackError
+
+if TYPE_CHECKING:
+    import pathspec
+    import tarfile
 
 __all__ = ["CodeTooLargeError", "DEFAULT_MAX_SIZE", "IGNORE_FILES", "ALWAYS_SKIPPED", "archive_code", "list_files"]
 
@@ -39,16 +40,16 @@ class CodeTooLargeError(DstackError):
         self.largest = largest
 
 
+@functools.lru_cache(maxsize=1)
 def _pattern_style() -> str:
     """pathspec >= 1.0 calls git's wildmatch style `gitignore` (the old name warns)."""
+    import pathspec
+
     try:
         pathspec.PathSpec.from_lines("gitignore", [])
         return "gitignore"
     except Exception:
         return "gitwildmatch"
-
-
-_PATTERN_STYLE = _pattern_style()
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ def _read_spec(directory: str) -> Optional[pathspec.PathSpec]:
     lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not lines:
         return None
-    return pathspec.PathSpec.from_lines(_PATTERN_STYLE, lines)
+    import pathspec  # imported here: importing dstack.api should not pay for it
+
+    return pathspec.PathSpec.from_lines(_pattern_style(), lines)
 
 
 def _ancestor_specs(root: Path) -> list[_Spec]:
@@ -171,7 +174,9 @@ def _fmt_size(n: int) -> str:
     return f"{n}B"
 
 
-def _tarinfo(entry: _Entry) -> tarfile.TarInfo:
+def _tarinfo(entry: _Entry) -> "tarfile.TarInfo":
+    import tarfile
+
     info = tarfile.TarInfo(entry.rel)
     info.mtime = 0
     info.uid = info.gid = 0
@@ -205,6 +210,9 @@ class _Guard:
 
 def archive_code(root: Union[str, Path] = ".", max_size: int = DEFAULT_MAX_SIZE) -> tuple[bytes, str]:
     """Return `(tar.gz bytes, sha256 hex)` of `root`; raise `CodeTooLargeError` past `max_size`."""
+    import gzip
+    import tarfile
+
     entries = list_files(root)
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=6) as gz:

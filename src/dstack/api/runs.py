@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dstack.core.models.configurations import BaseRunConfiguration, parse_run_configuration
-from dstack.core.models.resources import ResourcesSpec
 from dstack.core.models.runs import Job, RunPlan, RunSpec, RunStatus, RunTerminationReason
 from dstack.core.models.runs import Run as RunWire
 
 if TYPE_CHECKING:
     from dstack.api.client import Client
+    from dstack.core.models.configurations import BaseRunConfiguration
+    from dstack.core.models.resources import ResourcesSpec
     from dstack.api.ports import PortForwarder
 
 
@@ -151,8 +151,8 @@ class RunCollection:
         return f"/api/project/{self._client.project}/runs/{op}"
 
     # --- current style --------------------------------------------------------------------
-    def get_run_plan(self, configuration: BaseRunConfiguration | dict, repo=None, configuration_path: str | None = None,
-                     run_name: str | None = None, resources: ResourcesSpec | None = None,
+    def get_run_plan(self, configuration: "BaseRunConfiguration | dict", repo=None, configuration_path: str | None = None,
+                     run_name: str | None = None, resources: "ResourcesSpec | None" = None,
                      repo_dir: str | os.PathLike | None = None, **_: Any) -> RunPlan:
         conf = _configuration(configuration, resources, run_name)
         spec = RunSpec(run_name=run_name or conf.name, configuration_path=configuration_path,
@@ -166,15 +166,15 @@ class RunCollection:
         data = self._client.api.post(self._path("apply"), {"plan": run_plan.model_dump(mode="json"), "force": force})
         return Run(self._client, RunWire.model_validate(data))
 
-    def apply_configuration(self, configuration: BaseRunConfiguration | dict, repo=None,
+    def apply_configuration(self, configuration: "BaseRunConfiguration | dict", repo=None,
                             configuration_path: str | None = None, run_name: str | None = None,
-                            resources: ResourcesSpec | None = None, repo_dir=None, force: bool = False, **kw: Any) -> Run:
+                            resources: "ResourcesSpec | None" = None, repo_dir=None, force: bool = False, **kw: Any) -> Run:
         plan = self.get_run_plan(configuration, repo=repo, configuration_path=configuration_path,
                                  run_name=run_name, resources=resources, repo_dir=repo_dir)
         return self.apply_plan(plan, force=force)
 
     # --- 0.15 style -----------------------------------------------------------------------
-    def get_plan(self, configuration, repo=None, run_name: str | None = None, resources: ResourcesSpec | None = None,
+    def get_plan(self, configuration, repo=None, run_name: str | None = None, resources: "ResourcesSpec | None" = None,
                  **kw: Any) -> RunPlan:
         return self.get_run_plan(configuration, repo=repo, run_name=run_name, resources=resources, **kw)
 
@@ -182,7 +182,7 @@ class RunCollection:
         return self.apply_plan(run_plan, repo=repo, reserve_ports=reserve_ports)
 
     # --- simple ---------------------------------------------------------------------------
-    def submit(self, configuration, run_name: str | None = None, resources: ResourcesSpec | None = None,
+    def submit(self, configuration, run_name: str | None = None, resources: "ResourcesSpec | None" = None,
                repo=None, configuration_path: str | None = None, reserve_ports: bool = True,
                repo_dir=None, **kw: Any) -> Run:
         """Plan and start a run in one call; `run_name` is random when not given."""
@@ -216,7 +216,9 @@ class RunCollection:
             raise
 
 
-def _configuration(configuration, resources: ResourcesSpec | None, run_name: str | None) -> BaseRunConfiguration:
+def _configuration(configuration, resources: "ResourcesSpec | None", run_name: str | None) -> "BaseRunConfiguration":
+    from dstack.core.models.configurations import parse_run_configuration
+
     conf = parse_run_configuration(configuration) if isinstance(configuration, dict) else configuration
     update: dict[str, Any] = {}
     if resources is not None:

@@ -79,8 +79,9 @@ def ask_yes_no(question: str, *, default_when_no_tty: Optional[bool] = None) -> 
         out.print(f"{question} [y/n]: ", end="", markup=False, highlight=False)
         out.file.flush()
         line = sys.stdin.readline()
+        if not sys.stdin.isatty():
+            out.print(line.strip(), markup=False)  # a piped answer is not echoed by a terminal
         if not line:
-            out.print()
             return False
         answer = line.strip().lower()
         if answer in ("y", "yes"):
@@ -99,8 +100,9 @@ def get_client(project: Optional[str]) -> "Client":
     except ConfigError as e:
         fail(str(e))
     if cfg is None:
-        if project:
-            fail(f"project {project!r} is not configured; add it with 'dstack config --url URL --project {project} --token TOKEN'")
+        wanted = project or os.environ.get("DSTACK_PROJECT")
+        if wanted:
+            fail(f"project {wanted!r} is not configured; add it with 'dstack config --url URL --project {wanted} --token TOKEN'")
         fail("no project is configured; start a server with 'dstack server' or run 'dstack config --url URL --project NAME --token TOKEN'")
     return Client.from_config(project_name=project)
 
@@ -186,3 +188,46 @@ def escape(text: Any) -> str:
     from rich.markup import escape as _escape
 
     return _escape(str(text))
+
+
+# --- fast plain tables -----------------------------------------------------------------------
+
+Cell = tuple[str, str]  # (text, style); style is a space-separated subset of _SGR's keys
+
+_SGR = {
+    "bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36", "grey62": "90",
+}
+
+
+def use_color(stream: Any = None) -> bool:
+    stream = stream or sys.stdout
+    return stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def _paint(text: str, style: str, color: bool) -> str:
+    if not color or not style or not text:
+        return text
+    codes = ";".join(_SGR[s] for s in style.split() if s in _SGR)
+    return f"\x1b[{codes}m{text}\x1b[0m" if codes else text
+
+
+def render_table(columns: list[str], rows: list[list[Cell]], color: bool) -> str:
+    """Left-aligned columns two spaces apart, a bold header; linear in the number of cells.
+
+    rich's Table measures every cell through its layout engine, which costs seconds for a
+    thousand rows; `ps` needs this to stay instant.
+    """
+    widths = [len(c) for c in columns]
+    for row in rows:
+        for i, (text, _) in enumerate(row):
+            if len(text) > widths[i]:
+                widths[i] = len(text)
+    last = len(columns) - 1
+    lines = ["  ".join(_paint(c.ljust(widths[i]) if i < last else c, "bold", color) for i, c in enumerate(columns))]
+    for row in rows:
+        parts = []
+        for i, (text, style) in enumerate(row):
+            pad = "" if i == last else " " * (widths[i] - len(text))
+            parts.append(_paint(text, style, color) + pad)
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)

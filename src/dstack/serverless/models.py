@@ -13,6 +13,7 @@ import uuid
 from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
+import dstack.server.models  # noqa: F401  (projects and runs: foreign-key targets)
 from dstack.server.db import Base
 
 IN_QUEUE = "IN_QUEUE"

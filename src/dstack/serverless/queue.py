@@ -80,16 +80,71 @@ class Store:
         self.engine = database.engine
         self.is_pg = not database.is_sqlite
         self._lock = asyncio.Lock()
+        self._conn: AsyncConnection | None = None  # SQLite: the one writer connection
+        self._group: asyncio.Future[None] | None = None  # commit of the open group transaction
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction. PostgreSQL: one per call. SQLite: group commit — blocks run one
+        at a time on one connection, and the writers that queued meanwhile share one COMMIT;
+        each caller resumes only once its writes are committed."""
         if self.is_pg:
             async with self.engine.begin() as conn:
                 yield conn
             return
         async with self._lock:
-            async with self.engine.begin() as conn:
+            if self._conn is None:
+                self._conn = await self.engine.connect()
+            conn = self._conn
+            if self._group is None:
+                self._group = asyncio.get_running_loop().create_future()
+                asyncio.ensure_future(self._commit_group())
+            group = self._group
+            if not conn.in_transaction():
+                await conn.begin()
+            try:
                 yield conn
+            except BaseException as e:
+                await self._abort_group(e)
+                raise
+        await asyncio.shield(group)
+
+    async def _commit_group(self) -> None:
+        # Queued behind the writers already waiting for the lock (asyncio.Lock is FIFO), so
+        # they all join this transaction before it commits.
+        async with self._lock:
+            group, self._group = self._group, None
+            if group is None or group.done():
+                return
+            try:
+                assert self._conn is not None
+                await self._conn.commit()
+            except BaseException as e:
+                await self._reset_conn()
+                group.set_exception(e)
+                group.exception()  # mark retrieved: callers re-raise it
+                return
+            group.set_result(None)
+
+    async def _abort_group(self, error: BaseException) -> None:
+        group, self._group = self._group, None
+        await self._reset_conn()
+        if group is not None and not group.done():
+            group.set_exception(RuntimeError(f"transaction rolled back: {error}"))
+            group.exception()
+
+    async def _reset_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.rollback()
+                await conn.close()
+            except Exception:
+                pass
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._reset_conn()
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

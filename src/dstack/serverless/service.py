@@ -39,6 +39,7 @@ from dstack.serverless.models import (
 from dstack.serverless.queue import Finished, Store, status_object
 from dstack.serverless.scaler import QueueSnapshot, desired_workers
 from dstack.serverless.settings import EndpointSettings, ServiceOptions
+from dstack.serverless.signals import Signals
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,6 @@ class ServerlessService:
         self.base_url = base_url.rstrip("/")
         self.options = options or ServiceOptions()
         self.store = Store(database)
-        from dstack.serverless.signals import Signals  # needs no loop until used
-
         self.signals = Signals()
         self._endpoints: dict[str, _Endpoint] = {}
         self._workers: dict[str, _Worker] = {}
@@ -134,6 +133,7 @@ class ServerlessService:
         self._tasks.clear()
         if self._http is not None:
             await self._http.aclose()
+        await self.store.close()
 
     # ---- endpoints -----------------------------------------------------------------------
 

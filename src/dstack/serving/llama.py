@@ -102,7 +102,8 @@ class LlamaModel:
         threads: Optional[int] = None,
         verbose: bool = False,
         kv_unified: bool = False,
-        flash_attn: bool = False,
+        flash_attn: bool = True,
+        kv_type: str = "q8_0",
     ) -> None:
         llama_cpp = _import_llama_cpp()
         self.lib = llama_cpp
@@ -136,6 +137,9 @@ class LlamaModel:
         cparams.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
+        kv_ggml_type = {"f16": 1, "q8_0": 8}[kv_type]
+        cparams.type_k = kv_ggml_type
+        cparams.type_v = kv_ggml_type
         cparams.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:

@@ -20,15 +20,15 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "current directory if FILE is inside it, else from FILE's folder. "
         "Exit codes: 0 done (or detached), 1 failed/terminated or an error, 2 usage, 130 interrupted and stopped.",
     )
-    p.add_argument("-f", "--file", dest="file", required=True, help="the configuration file")
+    p.add_argument("-f", "--file", dest="file", help="the configuration file (default: ./.dstack.yml)")
     add_run_arguments(p)
     p.set_defaults(func=cmd_apply)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from dstack.cli.commands.run import _inside, execute
+    from dstack.cli.commands.run import _default_file, _inside, execute
 
-    path = os.path.abspath(args.file)
+    path = os.path.abspath(args.file) if args.file else _default_file(os.getcwd())
     cwd = os.getcwd()
     working_dir = cwd if _inside(path, cwd) else os.path.dirname(path)
     return execute(args, path, working_dir)

@@ -1,9 +1,15 @@
-"""`dstack ps`: a table of runs, with jobs and replicas nested beneath multi-job runs."""
+"""`dstack ps`: a table of runs, with jobs and replicas nested beneath multi-job runs.
+
+Rendered with a plain, linear-time table (see `render_table`) so it stays instant however many
+rows the server returns.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any, Iterator
+
+from dstack.cli.common import Cell
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -20,7 +26,16 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.set_defaults(func=cmd_ps)
 
 
-Row = tuple[str, ...]
+# Cells: NAME BACKEND RESOURCES PRICE STATUS SUBMITTED INSTANCE ERROR
+Row = list[Cell]
+_EMPTY: Cell = ("", "")
+
+
+def _status_cell(status: Any) -> Cell:
+    from dstack.cli.common import STATUS_STYLES, status_value
+
+    value = status_value(status) or "-"
+    return value, STATUS_STYLES.get(value, "")
 
 
 def _job_label(job: Any, multi_replica: bool, multi_node: bool) -> str:
@@ -33,106 +48,97 @@ def _job_label(job: Any, multi_replica: bool, multi_node: bool) -> str:
     return "  " + " ".join(parts)
 
 
-def _provisioning(job: Any) -> tuple[str, str, str, str]:
+def _provisioning(job: Any) -> tuple[Cell, Cell, Cell, Cell]:
     """(backend, resources, price, instance) of the job's latest submission."""
-    from dstack.cli.common import escape, format_price, resources_text
+    from dstack.cli.common import format_price, resources_text
     from dstack.cli.views import latest_submission
 
     sub = latest_submission(job)
     jpd = getattr(sub, "job_provisioning_data", None) if sub is not None else None
     if jpd is None:
-        return "-", "-", "-", "-"
-    backend = escape(jpd.backend)
+        return ("-", ""), ("-", ""), ("-", ""), ("-", "")
+    backend = str(jpd.backend)
     region = getattr(jpd, "region", None)
     if region and region != jpd.backend:
-        backend += f" ({escape(region)})"
-    instance = getattr(jpd, "instance_name", None) or getattr(jpd, "instance_type", None) or "-"
-    return backend, escape(resources_text(jpd.resources)), format_price(jpd.price), escape(instance)
+        backend += f" ({region})"
+    instance = getattr(jpd, "instance_name", None) or "-"
+    return (backend, ""), (resources_text(jpd.resources), ""), (format_price(jpd.price), ""), (str(instance), "")
 
 
-def rows(runs: list[Any], verbose: bool) -> Iterator[tuple[Row, bool]]:
-    """(cells, is_run_row) for each line: NAME BACKEND RESOURCES PRICE STATUS SUBMITTED INSTANCE ERROR."""
-    from dstack.cli.common import escape, format_ago, styled_status
+def rows(runs: list[Any]) -> Iterator[Row]:
+    from dstack.cli.common import format_ago
     from dstack.cli.views import job_error, latest_submission, run_error
 
     for run in runs:
         jobs = sorted(run.jobs or [], key=lambda j: (j.job_spec.replica_num, j.job_spec.job_num))
-        error = escape(run_error(run))
-        name = f"[bold]{escape(run.name)}[/]"
-        submitted = format_ago(run.submitted_at)
+        error: Cell = (run_error(run), "red")
+        name: Cell = (run.name, "bold")
+        submitted: Cell = (format_ago(run.submitted_at), "")
         if len(jobs) <= 1:
-            backend, resources, price, instance = _provisioning(jobs[0]) if jobs else ("-", "-", "-", "-")
-            yield (name, backend, resources, price, styled_status(run.status), submitted, instance, error), True
+            blank = (("-", ""),) * 4
+            backend, resources, price, instance = _provisioning(jobs[0]) if jobs else blank
+            yield [name, backend, resources, price, _status_cell(run.status), submitted, instance, error]
         else:
-            yield (name, "", "", "", styled_status(run.status), submitted, "", error), True
+            yield [name, _EMPTY, _EMPTY, _EMPTY, _status_cell(run.status), submitted, _EMPTY, error]
             multi_replica = len({j.job_spec.replica_num for j in jobs}) > 1
             multi_node = len({j.job_spec.job_num for j in jobs}) > 1
             for job in jobs:
                 sub = latest_submission(job)
                 backend, resources, price, instance = _provisioning(job)
-                yield (
-                    _job_label(job, multi_replica, multi_node),
-                    backend,
-                    resources,
-                    price,
-                    styled_status(getattr(sub, "status", "-")),
-                    format_ago(getattr(sub, "submitted_at", None)),
+                yield [
+                    (_job_label(job, multi_replica, multi_node), ""),
+                    backend, resources, price,
+                    _status_cell(getattr(sub, "status", None)),
+                    (format_ago(getattr(sub, "submitted_at", None)), ""),
                     instance,
-                    escape(job_error(job)),
-                ), False
+                    (job_error(job), "red"),
+                ]
         url = getattr(run, "service_url", None)
         if url:
-            yield (f"  [dim]{escape(url)}[/]", "", "", "", "", "", "", ""), False
+            yield [(f"  {url}", "dim")] + [_EMPTY] * 7
 
 
-def build_table(runs: list[Any], verbose: bool) -> Any:
-    from rich.table import Table
+def build_table(runs: list[Any], verbose: bool, color: bool = False) -> str:
+    from dstack.cli.common import render_table
 
-    all_rows = list(rows(runs, verbose))
-    show_error = verbose or any(r[7] for r, _ in all_rows)
-    table = Table(box=None, header_style="bold", pad_edge=False, show_edge=False)
-    columns = ["NAME", "BACKEND", "RESOURCES", "PRICE", "STATUS", "SUBMITTED"]
-    if verbose:
-        columns.append("INSTANCE")
-    if show_error:
-        columns.append("ERROR")
-    for col in columns:
-        table.add_column(col, no_wrap=col not in ("RESOURCES", "ERROR"))
-    for cells, _ in all_rows:
-        picked = list(cells[:6])
-        if verbose:
-            picked.append(cells[6])
-        if show_error:
-            picked.append(cells[7])
-        table.add_row(*picked)
-    return table
+    all_rows = list(rows(runs))
+    show_error = verbose or any(r[7][0] for r in all_rows)
+    keep = [0, 1, 2, 3, 4, 5] + ([6] if verbose else []) + ([7] if show_error else [])
+    names = ["NAME", "BACKEND", "RESOURCES", "PRICE", "STATUS", "SUBMITTED", "INSTANCE", "ERROR"]
+    return render_table([names[i] for i in keep], [[r[i] for i in keep] for r in all_rows], color)
 
 
 def _fetch(client: Any, args: argparse.Namespace) -> list[Any]:
-    runs = client.runs.list(all=args.all, limit=args.last)
-    return list(runs)
+    return list(client.runs.list(all=args.all, limit=args.last))
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    from dstack.cli.common import console, get_client
+    import sys
+
+    from dstack.cli.common import get_client, use_color
 
     client = get_client(args.project)
-    out = console()
     if not args.watch:
         runs = _fetch(client, args)
         if not runs:
-            out.print("No runs." + ("" if args.all else " Use -a to show finished ones."))
+            print("No runs." + ("" if args.all else " Use -a to show finished ones."))
             return 0
-        out.print(build_table(runs, args.verbose))
+        sys.stdout.write(build_table(runs, args.verbose, use_color()) + "\n")
         return 0
     import time
 
     from rich.live import Live
+    from rich.text import Text
+
+    from dstack.cli.common import console
+
+    def renderable() -> Text:
+        return Text.from_ansi(build_table(_fetch(client, args), args.verbose, color=True))
 
     try:
-        with Live(build_table(_fetch(client, args), args.verbose), console=out, auto_refresh=False) as live:
+        with Live(renderable(), console=console(), auto_refresh=False) as live:
             while True:
                 time.sleep(2)
-                live.update(build_table(_fetch(client, args), args.verbose), refresh=True)
+                live.update(renderable(), refresh=True)
     except KeyboardInterrupt:
         return 0

@@ -44,7 +44,7 @@ class LocalBackend(Backend):
 
     def _start_agent(self) -> AgentEndpoint:
         self.agent_home.mkdir(parents=True, exist_ok=True)
-        info = start_agent(self.agent_home, secrets.token_urlsafe(24))
+        info = start_agent(self.agent_home, secrets.token_hex(24))
         logger.info("Started the local agent (pid %s) at %s", info.pid, info.url)
         return AgentEndpoint(url=info.url, token=info.token, pid=info.pid)
 

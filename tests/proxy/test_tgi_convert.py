@@ -1,0 +1,45 @@
+"""Pure conversion rules of format: tgi (no network)."""
+
+from __future__ import annotations
+
+import json
+
+from dstack.proxy.registry import ModelInfo
+from dstack.proxy.tgi import StreamConverter, render_chat, stop_list, tgi_parameters, trim_stop
+
+
+def _texts(out: bytes) -> list[str]:
+    res = []
+    for line in out.split(b"\n\n"):
+        if line.startswith(b"data: {"):
+            ch = json.loads(line[6:])["choices"]
+            if ch:
+                res.append(ch[0]["delta"].get("content") or "")
+    return res
+
+
+def test_stop_split_across_tokens_is_held_back_and_trimmed():
+    conv = StreamConverter(True, "m", ["END"], False, None)
+    out = b""
+    for t in ["Hi ", "E", "N"]:
+        piece, done = conv.event({"token": {"text": t, "special": False}})
+        out += piece
+        assert not done
+    assert "".join(_texts(out)) == "Hi "  # "EN" could still become "END"
+    piece, done = conv.event({"token": {"text": "D!", "special": False}, "generated_text": "Hi END!",
+                              "details": {"finish_reason": "stop_sequence", "generated_tokens": 4, "input_length": 7}})
+    assert done and piece.endswith(b"data: [DONE]\n\n")
+    assert "".join(_texts(out + piece)) == "Hi "
+
+
+def test_parameters_and_template():
+    m = ModelInfo("m", "tgi", chat_template="{{ bos_token }}{% for x in messages %}{{ x.content }}{% endfor %}", eos_token="</s>",
+                  bos_token="<s>")
+    assert render_chat(m, [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]) == "<s>ab"
+    stops = stop_list({"stop": "x"}, m)
+    assert stops == ["x", "</s>"]
+    p = tgi_parameters({"max_tokens": 5, "temperature": 0, "top_p": 1.0, "seed": 3, "n": 2}, stops, stream=False)
+    assert p == {"details": True, "max_new_tokens": 5, "best_of": 2, "do_sample": True, "stop": ["x", "</s>"]}
+    p = tgi_parameters({"temperature": 0.7, "top_p": 0.9, "seed": 3}, [], stream=True)
+    assert p == {"details": True, "temperature": 0.7, "top_p": 0.9, "do_sample": True, "seed": 3}
+    assert trim_stop("abc</s>", ["</s>"]) == "abc"
