@@ -17,10 +17,26 @@ from dstack.server.routers import projects, repos, runs, users
 from dstack.server.services.instances import InstanceManager
 from dstack.server.services.logs import LogNotifier
 from dstack.server.services.runs import run_to_wire
+from dstack.server.services.services import ServiceManager
 from dstack.server.settings import ServerSettings
+from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
+from dstack.server.db import get_database
+from dstack.server.models import UserModel
+from dstack.server.security import authenticate, project_for_member, require_user
+from fastapi import Depends
+from fastapi.responses import PlainTextResponse
 from dstack.version import __version__
 
 logger = logging.getLogger(__name__)
+
+
+async def _authorize(project: str, token: str | None) -> bool:
+    """The proxy's auth hook: may this token's user reach the project's services?"""
+    if not token:
+        return False
+    async with get_database().session() as session:
+        user = await authenticate(session, token)
+        return user is not None and await project_for_member(session, user, project) is not None
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
@@ -38,6 +54,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         await instances.start()
         notifier = LogNotifier()
         pipeline = Pipeline(db, instances, notifier)
+        services = ServiceManager(db, registry, pipeline.wake)
+        pipeline.run_listeners.append(services.on_run_changed)
+        app.state.services = services
         app.state.db = db
         app.state.instances = instances
         app.state.log_notifier = notifier
@@ -45,9 +64,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         for hook in app.state.startup_hooks:
             await hook(app)
         await pipeline.start()
+        await services.start()
         try:
             yield
         finally:
+            await services.stop()
             await pipeline.stop()
             for hook in app.state.shutdown_hooks:
                 await hook(app)
@@ -55,6 +76,14 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             await db.dispose()
 
     app = FastAPI(title="dstack", version=__version__, lifespan=lifespan)
+    registry = ServiceRegistry()
+    app.state.registry = registry
+    app.mount("/proxy", build_proxy_app(registry, _authorize))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(_: UserModel = Depends(require_user)) -> PlainTextResponse:
+        return PlainTextResponse(render_prometheus(registry), media_type="text/plain; version=0.0.4")
+
     app.state.settings = settings
     app.state.run_to_wire = run_to_wire
     app.state.startup_hooks = []

@@ -164,6 +164,9 @@ class JobProvisioningData(BaseModel):
     resources: InstanceResources
     reserved: dict[str, Any] = Field(default_factory=dict)
     price: float = 0.0
+    #: where the job's ports are reachable from the host (its network namespace's address)
+    address: str | None = None
+    network: str = "host"
 
 
 class JobSubmission(BaseModel):

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 FINISHED_JOB = [s.value for s in JobStatus.finished_statuses()]
 FINISHED_RUN = [s.value for s in RunStatus.finished_statuses()]
+MAX_REPLICA_FAILURES = 5
 AGENT_UNREACHABLE_SECONDS = float(os.environ.get("DSTACK_SERVER_AGENT_UNREACHABLE_SECONDS", "60"))
 
 
@@ -249,6 +250,8 @@ class Pipeline:
                     "gpus": reservation.gpus,
                     "ports": spec.ports,
                     "stop_grace_seconds": spec.stop_grace_seconds,
+                    # Replicas of a service share one fixed port: each gets its own network namespace.
+                    "network": "isolated" if run_spec.configuration.get("type") == "service" else "host",
                 }
             client = self.instances.client(inst.id)
             await client.submit(submission)
@@ -311,6 +314,12 @@ class Pipeline:
                         # A final state is applied only once every log record is stored.
                         _apply_agent_state(job, resp)
                         job.agent_state = state
+                        if resp.get("address") and job.job_provisioning_data:
+                            jpd = JobProvisioningData.model_validate_json(job.job_provisioning_data)
+                            if jpd.address != resp["address"]:
+                                jpd.address = resp["address"]
+                                jpd.network = resp.get("network", jpd.network)
+                                job.job_provisioning_data = jpd.model_dump_json()
                     await session.commit()
                 cursor = resp["next_cursor"] if records else cursor
                 if records:
@@ -319,6 +328,8 @@ class Pipeline:
                     known = state
                     self.notifier.notify(run_id)
                     self.wake()
+                    for listener in self.run_listeners:
+                        listener(run_id)
                     if final:
                         await _forget_on_agent(client, job_id)
                         return
@@ -398,6 +409,8 @@ class Pipeline:
                 run.status = reason.to_status().value
         elif run.status == RunStatus.PENDING.value:
             return None
+        elif _run_type(run) in ("service", "serverless"):
+            self._update_replicated_run(session, run, latest)
         else:
             failed = [j for j in latest if j.status in (JobStatus.FAILED.value, JobStatus.ABORTED.value)
                       or (j.status == JobStatus.TERMINATED.value and j.termination_reason != JobTerminationReason.SCALED_DOWN.value)]
@@ -444,6 +457,49 @@ class Pipeline:
             return _aware(run.next_attempt_at).timestamp()
         return None
 
+    def _update_replicated_run(self, session, run: RunModel, latest: list[JobModel]) -> None:
+        """Services (and serverless workers) keep running while replicas come and go.
+
+        A replica that fails is replaced; after several failures in a row with none running,
+        the run fails with the last replica's error.
+        """
+        conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
+        failed = [j for j in latest if j.status in (JobStatus.FAILED.value, JobStatus.ABORTED.value)
+                  or (j.status == JobStatus.TERMINATED.value
+                      and j.termination_reason not in (JobTerminationReason.SCALED_DOWN.value,
+                                                       JobTerminationReason.TERMINATED_BY_USER.value))]
+        running = [j for j in latest if j.status == JobStatus.RUNNING.value]
+        if running:
+            run.resubmission_attempt = 0
+        if failed and _run_type(run) == "service":
+            if run.resubmission_attempt >= MAX_REPLICA_FAILURES and not running:
+                run.termination_reason = RunTerminationReason.JOB_FAILED.value
+                run.error = _job_error(failed[0])
+                active = [j for j in latest if not JobStatus(j.status).is_finished()]
+                for j in active:
+                    mark_job_terminating(j, JobTerminationReason.TERMINATED_BY_SERVER)
+                run.status = RunStatus.TERMINATING.value if active else RunStatus.FAILED.value
+                return
+            for job in failed:
+                if job.replica_num < run.desired_replica_count:
+                    for new in new_jobs(run, conf, job.replica_num, submission_num=job.submission_num + 1):
+                        if new.job_num == job.job_num:
+                            session.add(new)
+                            run.jobs.append(new)
+                    run.resubmission_attempt += 1
+                    logger.info("replacing failed replica %s of %s", job.replica_num, run.run_name)
+        statuses = [JobStatus(j.status) for j in _latest_jobs(run).values()]
+        if any(s == JobStatus.RUNNING for s in statuses):
+            run.status = RunStatus.RUNNING.value
+        elif any(s in (JobStatus.PROVISIONING, JobStatus.PULLING) for s in statuses):
+            run.status = RunStatus.PROVISIONING.value
+        elif run.desired_replica_count == 0:
+            run.status = RunStatus.RUNNING.value  # scaled to zero; a request wakes it
+        elif any(s == JobStatus.SUBMITTED for s in statuses) and run.status == RunStatus.SUBMITTED.value:
+            pass
+        else:
+            run.status = RunStatus.PROVISIONING.value if run.status != RunStatus.SUBMITTED.value else run.status
+
     def _should_retry(self, run: RunModel, job: JobModel) -> bool:
         conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
         retry = conf.effective_retry()
@@ -463,6 +519,10 @@ class Pipeline:
         if retry.duration is not None and utcnow() - _aware(run.submitted_at) > timedelta(seconds=retry.duration):
             return False
         return True
+
+
+def _run_type(run: RunModel) -> str:
+    return json.loads(run.run_spec)["configuration"].get("type", "task")
 
 
 def _latest_jobs(run: RunModel) -> dict[tuple[int, int], JobModel]:

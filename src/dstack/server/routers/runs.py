@@ -64,7 +64,7 @@ async def get_plan(body: RunSpecRequest, member=Depends(require_project_member),
 
 async def _submit(request: Request, session: AsyncSession, member, run_spec: RunSpec) -> dict:
     user, project = member
-    run = await runs_service.submit_run(session, project, user, run_spec)
+    run = await runs_service.submit_run(session, project, user, run_spec, request.app.state.settings.url)
     await request.app.state.on_run_submitted(run)
     request.app.state.pipeline.wake()
     return _wire(request, run)

@@ -129,8 +129,10 @@ async def find_run(session: AsyncSession, project: ProjectModel, run_name: str) 
     return result.scalars().first()
 
 
-async def submit_run(session: AsyncSession, project: ProjectModel, user: UserModel, run_spec: RunSpec) -> RunModel:
+async def submit_run(session: AsyncSession, project: ProjectModel, user: UserModel, run_spec: RunSpec,
+                     server_url: str = "") -> RunModel:
     conf = parse_configuration(run_spec)
+    model_meta = await _model_meta(conf)
     run_name = run_spec.run_name or conf.name
     if run_name:
         existing = await find_run(session, project, run_name)
@@ -158,6 +160,7 @@ async def submit_run(session: AsyncSession, project: ProjectModel, user: UserMod
         status=RunStatus.SUBMITTED.value,
         run_spec=run_spec.model_dump_json(),
         desired_replica_count=initial_replicas(conf),
+        service_spec=service_spec_json(conf, project.name, run_name, server_url, model_meta),
     )
     session.add(run)
     await session.flush()
@@ -166,6 +169,36 @@ async def submit_run(session: AsyncSession, project: ProjectModel, user: UserMod
             session.add(job)
     await session.commit()
     return await reload_run(session, run.id)
+
+
+async def _model_meta(conf: BaseRunConfiguration) -> dict | None:
+    """For `format: tgi` services, the chat template and eos token, found before anything starts."""
+    if not isinstance(conf, ServiceConfiguration) or conf.model is None:
+        return None
+    import asyncio
+
+    from dstack.server.services.model_meta import ModelMetadataError, resolve_chat_metadata
+
+    if conf.model.format != "tgi":
+        return {}
+    try:
+        meta = await asyncio.to_thread(resolve_chat_metadata, conf.model.name, conf.model.chat_template, conf.model.eos_token)
+    except ModelMetadataError as e:
+        raise ServerClientError(str(e), fields=["model.chat_template"])
+    return {"chat_template": meta.chat_template, "eos_token": meta.eos_token, "bos_token": meta.bos_token}
+
+
+def service_spec_json(conf: BaseRunConfiguration, project: str, run_name: str, server_url: str,
+                      model_meta: dict | None) -> str | None:
+    if not isinstance(conf, ServiceConfiguration):
+        return None
+    spec: dict = {"url": f"{server_url}/proxy/services/{project}/{run_name}/"}
+    if conf.model is not None:
+        spec["model"] = {"name": conf.model.name, "type": conf.model.type,
+                         "base_url": f"{server_url}/proxy/models/{project}/v1"}
+    if model_meta:
+        spec["model_meta"] = model_meta
+    return json.dumps(spec)
 
 
 def new_jobs(run: RunModel, conf: BaseRunConfiguration, replica_num: int, submission_num: int) -> list[JobModel]:
