@@ -144,7 +144,7 @@ def server(request, tmp_path_factory):
 
     Every test that uses it runs on SQLite and, when DSTACK_TEST_POSTGRES is set, on PostgreSQL.
     """
-    srv = make_server(tmp_path_factory.mktemp("server"), request.param, DSTACK_SERVER_RETRY_DELAYS="1,2,4")
+    srv = make_server(tmp_path_factory.mktemp("server"), request.param, DSTACK_SERVER_RETRY_DELAYS="1,2,4", DSTACK_SERVER_AUTOSCALER_WINDOW="4")
     srv.start()
     try:
         yield srv
@@ -156,7 +156,7 @@ def server(request, tmp_path_factory):
 @pytest.fixture(params=["sqlite", "postgres"])
 def fresh_server(request, tmp_path):
     """A server of the test's own, for tests that kill or restart it."""
-    srv = make_server(tmp_path, request.param, DSTACK_SERVER_RETRY_DELAYS="1,2,4")
+    srv = make_server(tmp_path, request.param, DSTACK_SERVER_RETRY_DELAYS="1,2,4", DSTACK_SERVER_AUTOSCALER_WINDOW="4")
     srv.start()
     try:
         yield srv

@@ -319,7 +319,7 @@ def test_api_errors_and_auth(client: httpx.Client, agent: AgentInfo) -> None:
     assert client.post("/api/jobs", json={"job_id": job_id, "commands": []}).status_code == 409
     assert client.post("/api/jobs", json={"job_id": "../x", "commands": []}).status_code == 422
     assert client.get("/api/jobs/nope/pull").status_code == 404
-    assert {"job_id": job_id, "state": "submitted"} in client.get("/api/jobs").json()
+    assert {"job_id": job_id, "state": "submitted", "network": "host", "address": "127.0.0.1"} in client.get("/api/jobs").json()
     assert client.delete(f"/api/jobs/{job_id}").status_code == 200
     assert all(j["job_id"] != job_id for j in client.get("/api/jobs").json())
     host = client.get("/api/host").json()

@@ -322,8 +322,9 @@ def _open_stream(server: Server, max_new_tokens: int = 1000):  # type: ignore[no
     body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": max_new_tokens}}
     resp = client.send(client.build_request("POST", server.url + "/generate_stream", json=body), stream=True)
     assert resp.status_code == 200
-    first = next(resp.iter_lines())
-    assert first.startswith("data:")
+    lines = resp.iter_lines()
+    assert next(lines).startswith("data:")
+    resp.lines = lines  # keep the iterator alive: collecting it would close the connection
     return client, resp
 
 
@@ -367,7 +368,8 @@ def test_overload_429_and_disconnect_frees_slot(small_server: Server) -> None:
 def test_non_streaming_disconnect_cancels(small_server: Server) -> None:
     s = small_server
     cancelled = s.metric("dstack_serving_sequences_cancelled_total")
-    body = json.dumps({"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 1500}}).encode()
+    # greedy, this prompt runs for ~400 tokens before the model ends it
+    body = json.dumps({"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 1500}}).encode()
     sock = socket.create_connection(("127.0.0.1", s.port))
     sock.sendall(
         b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -30,6 +30,7 @@ def create_app(home: Path, token: str) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(manager.net.probe)  # once; cached for /api/host and submissions
         manager.load()
         # Unpack pip for the default Python now, so the first job does not pay for it.
         warm = asyncio.create_task(asyncio.to_thread(_warm_pip, manager))
@@ -60,11 +61,14 @@ def create_app(home: Path, token: str) -> FastAPI:
 
     @app.get("/api/host", dependencies=[Depends(auth)])
     async def host() -> dict[str, Any]:
-        return await asyncio.to_thread(host_info, home, manager.venvs)
+        info = await asyncio.to_thread(host_info, home, manager.venvs)
+        info["network_isolation"] = manager.net.available
+        return info
 
     @app.get("/api/jobs", dependencies=[Depends(auth)])
     async def list_jobs() -> list[dict[str, Any]]:
-        return [{"job_id": j.spec.job_id, "state": j.state} for j in manager.jobs.values()]
+        return [{"job_id": j.spec.job_id, "state": j.state, "network": j.network, "address": j.address}
+                for j in manager.jobs.values()]
 
     @app.post("/api/jobs", dependencies=[Depends(auth)])
     async def submit(spec: JobSubmission) -> dict[str, str]:

@@ -19,12 +19,14 @@ from dstack.agent import runner
 from dstack.agent.host_info import docker_socket
 from dstack.agent.logs import LogStore
 from dstack.agent.models import FINAL_STATES, JobSubmission
+from dstack.agent.netns import NetnsAllocation, NetnsError, NetworkIsolation
 from dstack.agent.venvs import PythonNotFound, VenvFactory
 
 logger = logging.getLogger(__name__)
 
 EOF_AFTER_EXIT_SECONDS = 1.0  # how long leftover children may hold the pipes after the shell exits
 EOF_AFTER_KILL_SECONDS = 5.0
+HOST_ADDRESS = "127.0.0.1"
 
 
 class JobError(Exception):
@@ -55,6 +57,10 @@ class Job:
         self.task: asyncio.Task[None] | None = None
         self._grace_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        # Effective network: "isolated" only when asked for and this host can do it.
+        self.network: str = "isolated" if spec.network == "isolated" and manager.net.available else "host"
+        self.netns: NetnsAllocation | None = None  # while its namespace exists
+        self.address: str | None = HOST_ADDRESS if self.network == "host" else None
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -91,6 +97,9 @@ class Job:
             "finished_at": self.finished_at,
             "pid": self.pid,
             "pid_create_time": self.pid_create_time,
+            "network": self.network,
+            "address": self.address,
+            "netns": self.netns.to_dict() if self.netns is not None else None,
         }
 
     def save(self) -> None:
@@ -122,6 +131,8 @@ class Job:
             "message": self.message,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "network": self.network,
+            "address": self.address,
             "next_cursor": next_cursor,
         }).encode()
         # Records are stored already encoded; splice them in rather than re-serialising.
@@ -139,6 +150,10 @@ class Job:
             await self._run_inner()
         except Exception as e:  # never leave a job hanging in a non-final state
             logger.exception("job %s crashed", self.spec.job_id)
+            try:
+                await self.release_network()
+            except Exception:
+                pass
             if not self.is_final:
                 self.set_state("failed", message=f"agent error: {e}")
 
@@ -172,15 +187,32 @@ class Job:
         script = self.dir / "job.sh"
         runner.write_script(script, spec.setup, spec.commands)
         env = runner.job_env(spec.env, venv_dir, spec.gpus, self.manager.pip_cache)
+        prefix: list[str] = []
+        if self.network == "isolated":
+            try:
+                self.netns = await asyncio.to_thread(self.manager.net.setup, spec.job_id)
+            except (NetnsError, OSError) as e:
+                logger.warning("job %s: cannot create its network namespace, using the host network: %s",
+                               spec.job_id, e)
+                self.network, self.address = "host", HOST_ADDRESS
+            else:
+                self.address = self.netns.address
+                self.save()  # the allocation is on disk before anything runs in it
+                prefix = self.manager.net.exec_prefix(self.netns)
+                if self.stop_requested:  # stopped while the namespace was being made
+                    await self.release_network()
+                    self.set_state(self._stopped_state(), message="stopped before the process started")
+                    return
         try:
             proc = await asyncio.create_subprocess_exec(
-                "bash", "--noprofile", "--norc", str(script),
+                *prefix, "bash", "--noprofile", "--norc", str(script),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 cwd=str(cwd), env=env, start_new_session=True,
             )
         except OSError as e:
+            await self.release_network()
             self.set_state("failed", message=f"cannot start bash: {e}")
             return
         self.proc = proc
@@ -203,6 +235,7 @@ class Job:
                 task.cancel()
         if self._grace_task is not None:
             self._grace_task.cancel()
+        await self.release_network()
         exit_status = rc if rc >= 0 else 128 - rc
         if self.stop_requested:
             self.set_state(self._stopped_state(), exit_status=exit_status, message=self.message)
@@ -249,6 +282,21 @@ class Job:
             self.message = f"terminated: killed after the {grace:g} s grace period"
             self._signal_group(signal.SIGKILL)
 
+    async def release_network(self) -> None:
+        if self.netns is not None:
+            await asyncio.to_thread(self.release_network_sync)
+
+    def release_network_sync(self) -> None:
+        """Remove the job's namespace and veth pair (kills anything still running in it)."""
+        alloc, self.netns = self.netns, None
+        if alloc is None:
+            return
+        try:
+            self.manager.net.teardown(alloc)
+        except Exception:
+            logger.exception("job %s: cannot remove network namespace %s", self.spec.job_id, alloc.netns)
+        self.save()
+
     def kill_now(self) -> None:
         """SIGKILL the process group (agent shutdown, delete)."""
         if self.proc is not None and self.proc.returncode is None:
@@ -264,6 +312,7 @@ class JobManager:
         self.cache_dir = home / "cache"
         self.pip_cache = self.cache_dir / "pip-cache"
         self.jobs: dict[str, Job] = {}
+        self.net = NetworkIsolation(home)
         self.venvs = VenvFactory(self.cache_dir)
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.pip_cache.mkdir(parents=True, exist_ok=True)
@@ -281,10 +330,19 @@ class JobManager:
             for key in ("state", "exit_status", "message", "submitted_at", "started_at",
                         "finished_at", "pid", "pid_create_time"):
                 setattr(job, key, data.get(key))
+            if data.get("network") in ("host", "isolated"):
+                job.network = data["network"]
+                job.address = data.get("address")
             if job.state not in FINAL_STATES and job.state != "submitted":
                 _kill_orphan(job.pid, job.pid_create_time)
                 job.set_state("failed", message="agent restarted")
+            alloc = NetnsAllocation.from_dict(data.get("netns"))
+            if alloc is not None:  # a namespace left by a previous agent: nothing runs there now
+                job.netns = alloc
+                self.net.adopt(alloc)
+                job.release_network_sync()
             self.jobs[spec.job_id] = job
+        self.net.cleanup_stale()
 
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -321,6 +379,7 @@ class JobManager:
                     await asyncio.wait_for(asyncio.shield(job.task), EOF_AFTER_KILL_SECONDS + 2)
                 except asyncio.TimeoutError:
                     pass
+        await job.release_network()
         self.jobs.pop(job_id, None)
         job.logs.close()
         await asyncio.to_thread(shutil.rmtree, job.dir, True)
@@ -331,6 +390,7 @@ class JobManager:
             if not job.is_final and job.state != "submitted":
                 job.kill_now()
                 job.set_state("failed", message="agent stopped")
+            job.release_network_sync()
             job.logs.close()
 
 

@@ -29,6 +29,8 @@ class JobSubmission(BaseModel):
     gpus: list[int] = Field(default_factory=list)
     ports: list[int] = Field(default_factory=list)
     stop_grace_seconds: float = Field(default=10, ge=0)
+    # "isolated": own network namespace (if the host supports it; else it runs as "host").
+    network: Literal["host", "isolated"] = "host"
 
     @field_validator("job_id")
     @classmethod

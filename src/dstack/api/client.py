@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dstack.api._http import APIClient
 from dstack.api.config import get_project
+from dstack.api.gateways import GatewayCollection
 from dstack.api.repos import BackendCollection, RepoCollection
 from dstack.api.runs import RunCollection
 from dstack.core.errors import ClientError
@@ -16,6 +17,7 @@ class Client:
         self.runs = RunCollection(self)
         self.repos = RepoCollection(self)
         self.backends = BackendCollection(self)
+        self.gateways = GatewayCollection(self)
 
     @property
     def project_name(self) -> str:

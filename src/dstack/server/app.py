@@ -13,6 +13,8 @@ from dstack.server.background.pipeline import Pipeline
 from dstack.server.backends.local import LocalBackend
 from dstack.server.db import Database, set_database
 from dstack.server.errors import ServerClientError
+from dstack.server.gateways import router as gateways_router
+from dstack.server.gateways.manager import GatewayManager
 from dstack.server.routers import projects, repos, runs, users
 from dstack.server.services.instances import InstanceManager
 from dstack.server.services.logs import LogNotifier
@@ -57,18 +59,24 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         services = ServiceManager(db, registry, pipeline.wake)
         pipeline.run_listeners.append(services.on_run_changed)
         app.state.services = services
+        gateways = GatewayManager(db, settings)
+        services.publishers.append(gateways.publish)
+        app.state.gateways = gateways
         app.state.db = db
         app.state.instances = instances
         app.state.log_notifier = notifier
         app.state.pipeline = pipeline
         for hook in app.state.startup_hooks:
             await hook(app)
+        await gateways.start()
         await pipeline.start()
         await services.start()
+        await gateways.reconcile()
         try:
             yield
         finally:
             await services.stop()
+            await gateways.stop()
             await pipeline.stop()
             for hook in app.state.shutdown_hooks:
                 await hook(app)
@@ -122,6 +130,6 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def healthcheck() -> dict:
         return {"status": "ok"}
 
-    for r in (users.router, projects.router, repos.router, runs.router):
+    for r in (users.router, projects.router, repos.router, runs.router, gateways_router.router):
         app.include_router(r)
     return app

@@ -206,9 +206,23 @@ class Engine:
             self._release(seq)
 
     def _release(self, seq: _Sequence) -> None:
-        self.model.clear_seq(seq.slot)
-        del self._active[seq.slot]
-        heapq.heappush(self._free, seq.slot)
+        """Free a sequence's slot, keeping the active slots contiguous from 0.
+
+        llama.cpp decodes sequences of separate KV streams together only when their ids are
+        consecutive; a hole would split every following step into several smaller ones. So
+        the sequence in the highest slot moves into the hole (a copy of its KV stream).
+        """
+        slot = seq.slot
+        self.model.clear_seq(slot)
+        del self._active[slot]
+        top = max(self._active, default=-1)
+        if top > slot:
+            moved = self._active.pop(top)
+            self.model.move_seq(top, slot)
+            moved.slot = slot
+            self._active[slot] = moved
+            slot = top
+        heapq.heappush(self._free, slot)
         self.stats.batch_size = len(self._active)
 
     def _fail_all(self, message: str) -> None:

@@ -218,6 +218,11 @@ class LlamaModel:
     def clear_seq(self, seq_id: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
 
+    def move_seq(self, src: int, dst: int) -> None:
+        """Move a sequence to another (empty) KV stream; the copy happens at the next decode."""
+        self.lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        self.lib.llama_memory_seq_rm(self.memory, src, -1, -1)
+
     def close(self) -> None:
         if getattr(self, "ctx", None):
             self.lib.llama_free(self.ctx)

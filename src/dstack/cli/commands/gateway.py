@@ -1,6 +1,7 @@
 """`dstack gateway create|list|delete`: manage gateways through `client.gateways`.
 
-Each subcommand checks that the API offers gateways and says so plainly when it does not yet.
+`create` starts a gateway process on the server's host: services are then published at
+`https://<run>.<domain>[:port]/` and models at `https://gateway.<domain>[:port]/v1`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     c.add_argument("--name", required=True, help="the gateway name")
     c.add_argument("--backend", default="local", help="where the gateway runs (default: local)")
     c.add_argument("--region", default=None, help="the backend's region")
-    c.add_argument("--domain", default=None, help="the wildcard domain services get hostnames under")
-    c.add_argument("--default", action="store_true", help="make it the project's default gateway")
+    c.add_argument("--domain", required=True, help="the wildcard domain services get hostnames under")
+    c.add_argument("--port", type=int, default=None, help="the port it listens on (default: 443 with TLS, else 80)")
+    c.add_argument("--host", default=None, help="the address it binds (default: 0.0.0.0)")
+    c.add_argument("--tls-cert", default=None, help="certificate (PEM) for *.DOMAIN, a path on the server's host")
+    c.add_argument("--tls-key", default=None, help="its private key (PEM)")
+    c.add_argument("--default", action="store_true",
+                   help="make it the project's default gateway (the project's first gateway is the default)")
     c.add_argument("--project", help=PROJECT_HELP)
     c.set_defaults(func=cmd_create)
 
@@ -55,10 +61,19 @@ def _gateways(args: argparse.Namespace) -> Any:
 def cmd_create(args: argparse.Namespace) -> int:
     from dstack.cli.common import console, escape
 
+    from dstack.cli.common import fail
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        fail("--tls-cert and --tls-key go together")
     gw = _gateways(args).create(
-        name=args.name, backend=args.backend, region=args.region, domain=args.domain, default=args.default
+        name=args.name, backend=args.backend, region=args.region, domain=args.domain, default=args.default,
+        port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, host=args.host,
     )
     console().print(f"[green]OK[/] gateway [bold]{escape(getattr(gw, 'name', args.name))}[/] created")
+    url = getattr(gw, "url", None)
+    if url:
+        console().print(f"Services are published at [bold]{escape(url.replace('://gateway.', '://<run>.', 1))}/[/], "
+                        f"models at [bold]{escape(url)}/v1[/]")
     return 0
 
 

@@ -32,6 +32,8 @@ from dstack.core.models.runs import (
     ServiceSpec,
 )
 from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
+from dstack.server.gateways.models import GatewayModel
+from dstack.server.gateways.urls import resolve_gateway, service_urls
 from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel, UserModel, utcnow
 from dstack.server.services import offers
 from dstack.server.services.jobs import build_job_spec, nodes_count
@@ -133,6 +135,7 @@ async def submit_run(session: AsyncSession, project: ProjectModel, user: UserMod
                      server_url: str = "") -> RunModel:
     conf = parse_configuration(run_spec)
     model_meta = await _model_meta(conf)
+    gateway = await resolve_gateway(session, project, conf.gateway) if isinstance(conf, ServiceConfiguration) else None
     run_name = run_spec.run_name or conf.name
     if run_name:
         existing = await find_run(session, project, run_name)
@@ -160,7 +163,7 @@ async def submit_run(session: AsyncSession, project: ProjectModel, user: UserMod
         status=RunStatus.SUBMITTED.value,
         run_spec=run_spec.model_dump_json(),
         desired_replica_count=initial_replicas(conf),
-        service_spec=service_spec_json(conf, project.name, run_name, server_url, model_meta),
+        service_spec=service_spec_json(conf, project.name, run_name, server_url, model_meta, gateway),
     )
     session.add(run)
     await session.flush()
@@ -189,13 +192,16 @@ async def _model_meta(conf: BaseRunConfiguration) -> dict | None:
 
 
 def service_spec_json(conf: BaseRunConfiguration, project: str, run_name: str, server_url: str,
-                      model_meta: dict | None) -> str | None:
+                      model_meta: dict | None, gateway: GatewayModel | None = None) -> str | None:
     if not isinstance(conf, ServiceConfiguration):
         return None
-    spec: dict = {"url": f"{server_url}/proxy/services/{project}/{run_name}/"}
+    if gateway is not None:  # published at <run>.<domain>, models at gateway.<domain>/v1
+        url, model_base = service_urls(gateway, run_name)
+    else:  # the in-server proxy
+        url, model_base = f"{server_url}/proxy/services/{project}/{run_name}/", f"{server_url}/proxy/models/{project}/v1"
+    spec: dict = {"url": url}
     if conf.model is not None:
-        spec["model"] = {"name": conf.model.name, "type": conf.model.type,
-                         "base_url": f"{server_url}/proxy/models/{project}/v1"}
+        spec["model"] = {"name": conf.model.name, "type": conf.model.type, "base_url": model_base}
     if model_meta:
         spec["model_meta"] = model_meta
     return json.dumps(spec)
