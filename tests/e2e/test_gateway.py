@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -182,7 +183,7 @@ def test_gateway_end_to_end(gw_server, tmp_path):
     server = gw_server
     cert, key = make_cert(tmp_path)
     port = free_port()
-    http = httpx.Client(transport=LoopbackTransport(verify=str(cert)), timeout=30)
+    http = httpx.Client(transport=LoopbackTransport(verify=ssl.create_default_context(cafile=str(cert))), timeout=30)
     auth = server.headers
 
     out = cli(server, "gateway", "create", "--name", "gw", "--domain", DOMAIN, "--port", str(port),

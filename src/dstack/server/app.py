@@ -1,5 +1,6 @@
 """The FastAPI application: routers, error bodies, and the lifespan that starts the pipeline."""
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -20,6 +21,9 @@ from dstack.server.services.instances import InstanceManager
 from dstack.server.services.logs import LogNotifier
 from dstack.server.services.runs import run_to_wire
 from dstack.server.services.services import ServiceManager
+from dstack.server.services.serverless_workers import JobWorkerLauncher, ServerlessBridge
+from dstack.serverless.router import router as serverless_router
+from dstack.serverless.service import ServerlessService
 from dstack.server.settings import ServerSettings
 from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
 from dstack.server.db import get_database
@@ -62,6 +66,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         gateways = GatewayManager(db, settings)
         services.publishers.append(gateways.publish)
         app.state.gateways = gateways
+        serverless = ServerlessService(db, JobWorkerLauncher(db, pipeline.wake), base_url=settings.url)
+        bridge = ServerlessBridge(db, serverless)
+        pipeline.run_listeners.append(lambda run_id: asyncio.ensure_future(bridge.on_run_changed(run_id)))
+        app.state.serverless = serverless
+        app.state.serverless_bridge = bridge
+        app.state.on_run_submitted = bridge.on_run_submitted
         app.state.db = db
         app.state.instances = instances
         app.state.log_notifier = notifier
@@ -72,9 +82,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         await pipeline.start()
         await services.start()
         await gateways.reconcile()
+        await serverless.start()
         try:
             yield
         finally:
+            await serverless.stop()
             await services.stop()
             await gateways.stop()
             await pipeline.stop()
@@ -130,6 +142,6 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def healthcheck() -> dict:
         return {"status": "ok"}
 
-    for r in (users.router, projects.router, repos.router, runs.router, gateways_router.router):
+    for r in (users.router, projects.router, repos.router, runs.router, gateways_router.router, serverless_router):
         app.include_router(r)
     return app

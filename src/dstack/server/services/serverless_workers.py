@@ -1,0 +1,114 @@
+"""The server's side of serverless endpoints: workers are jobs of the endpoint's run.
+
+`JobWorkerLauncher` turns the serverless scaler's start/stop requests into replica jobs that run
+the configuration's commands with the RUNPOD_* environment; `ServerlessBridge` registers an
+endpoint when its run is submitted, reports worker jobs that end, and removes the endpoint when
+the run stops.
+"""
+
+import json
+import logging
+
+from sqlalchemy import select
+
+from dstack.core.models.runs import JobSpec, JobStatus, JobTerminationReason, RunSpec, RunStatus
+from dstack.serverless.service import ServerlessService
+from dstack.serverless.settings import EndpointSettings
+from dstack.server.db import Database
+from dstack.server.errors import ResourceExists
+from dstack.server.models import JobModel, RunModel
+from dstack.server.services.runs import mark_job_terminating, new_jobs, parse_configuration
+
+logger = logging.getLogger(__name__)
+
+
+def is_serverless(run: RunModel) -> bool:
+    return json.loads(run.run_spec)["configuration"].get("type") == "serverless"
+
+
+async def _active_endpoint_run(session, endpoint_id: str) -> RunModel | None:
+    runs = (await session.execute(
+        select(RunModel).where(RunModel.run_name == endpoint_id, RunModel.deleted.is_(False),
+                               RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]))
+    )).scalars().all()
+    return next((r for r in runs if is_serverless(r)), None)
+
+
+class JobWorkerLauncher:
+    def __init__(self, db: Database, wake_pipeline) -> None:
+        self.db = db
+        self.wake_pipeline = wake_pipeline
+
+    async def start_worker(self, endpoint_id: str, worker_id: str, env: dict[str, str]) -> None:
+        async with self.db.session() as session:
+            run = await _active_endpoint_run(session, endpoint_id)
+            if run is None:
+                raise RuntimeError(f"endpoint '{endpoint_id}' has no active run")
+            conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
+            replica_num = max((j.replica_num for j in run.jobs), default=-1) + 1
+            job = new_jobs(run, conf, replica_num, submission_num=0)[0]
+            spec = JobSpec.model_validate_json(job.job_spec)
+            spec.env.update(env)
+            job.job_spec = spec.model_dump_json()
+            job.job_name = worker_id  # how stop_worker and exit reports find it
+            session.add(job)
+            await session.commit()
+        self.wake_pipeline()
+
+    async def stop_worker(self, endpoint_id: str, worker_id: str) -> None:
+        async with self.db.session() as session:
+            job = (await session.execute(select(JobModel).where(JobModel.job_name == worker_id))).scalar_one_or_none()
+            if job is not None and not JobStatus(job.status).is_finished() and job.status != JobStatus.TERMINATING.value:
+                mark_job_terminating(job, JobTerminationReason.SCALED_DOWN)
+                await session.commit()
+        self.wake_pipeline()
+
+
+class ServerlessBridge:
+    def __init__(self, db: Database, service: ServerlessService) -> None:
+        self.db = db
+        self.service = service
+        self._reported: set[str] = set()
+        self._deregistered: set[str] = set()
+
+    async def on_run_submitted(self, run: RunModel) -> None:
+        if not is_serverless(run):
+            return
+        conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
+        async with self.db.session() as session:
+            others = (await session.execute(
+                select(RunModel).where(RunModel.run_name == run.run_name, RunModel.id != run.id, RunModel.deleted.is_(False),
+                                       RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]))
+            )).scalars().all()
+            if any(is_serverless(o) for o in others):
+                db_run = await session.get(RunModel, run.id)
+                db_run.status = RunStatus.FAILED.value
+                db_run.error = f"endpoint id '{run.run_name}' is taken by another project's endpoint"
+                await session.commit()
+                raise ResourceExists(f"serverless endpoint '{run.run_name}' already exists (endpoint ids are global); pick another name")
+            await self.service.register_endpoint(session, run.run_name, run.project_id, run.id,
+                                                 EndpointSettings.from_configuration(conf))
+            await session.commit()
+
+    async def on_run_changed(self, run_id: str) -> None:
+        async with self.db.session() as session:
+            run = await session.get(RunModel, run_id)
+            if run is None or not is_serverless(run):
+                return
+            jobs = (await session.execute(select(JobModel).where(JobModel.run_id == run_id))).scalars().all()
+            finished = [(j.job_name, j.termination_reason or j.status) for j in jobs
+                        if JobStatus(j.status).is_finished() and j.job_name not in self._reported]
+            stopping = run.status in (RunStatus.TERMINATING.value,) or RunStatus(run.status).is_finished()
+            name = run.run_name
+        for worker_id, reason in finished:
+            self._reported.add(worker_id)
+            await self.service.on_worker_exited(name, worker_id, str(reason))
+        if stopping and run_id not in self._deregistered:
+            self._deregistered.add(run_id)
+            await self.service.deregister_endpoint(name)
+
+    async def status(self, run_name: str) -> dict | None:
+        try:
+            return await self.service.endpoint_status(run_name)
+        except Exception:
+            return None
