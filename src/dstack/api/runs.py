@@ -62,6 +62,16 @@ class Run:
         return self._run.service.url if self._run.service else None
 
     @property
+    def endpoint_id(self) -> str | None:
+        """For serverless runs: the id in `/v2/{endpoint_id}/...`."""
+        return self._run.extra.get("endpoint_id")
+
+    @property
+    def endpoint_url(self) -> str | None:
+        """For serverless runs: the RunPod-style base URL (`.../v2/{endpoint_id}`)."""
+        return self._run.extra.get("endpoint_url")
+
+    @property
     def hostname(self) -> str | None:
         for job in self._run.jobs:
             jpd = job.job_submissions[-1].job_provisioning_data

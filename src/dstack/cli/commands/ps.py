@@ -96,6 +96,18 @@ def rows(runs: list[Any]) -> Iterator[Row]:
         url = getattr(run, "service_url", None)
         if url:
             yield [(f"  {url}", "dim")] + [_EMPTY] * 7
+        endpoint_url = getattr(run, "endpoint_url", None)
+        if endpoint_url and not run.status.is_finished():
+            yield [(f"  {endpoint_url}  {_queue_summary(run)}", "dim")] + [_EMPTY] * 7
+
+
+def _queue_summary(run: Any) -> str:
+    """Serverless endpoints: workers by state and queue depth."""
+    extra = run._run.extra
+    workers = extra.get("workers") or {}
+    jobs = extra.get("jobs") or {}
+    states = ", ".join(f"{k} {v}" for k, v in workers.items() if v and k != "ready") or "none"
+    return f"workers: {states}; queue: {jobs.get('inQueue', 0)} waiting, {jobs.get('inProgress', 0)} in progress"
 
 
 def build_table(runs: list[Any], verbose: bool, color: bool = False) -> str:

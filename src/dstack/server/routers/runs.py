@@ -51,8 +51,17 @@ class PollLogsRequest(BaseModel):
     wait: float = 0
 
 
-def _wire(request: Request, run) -> dict:
-    return request.app.state.run_to_wire(run).model_dump(mode="json")
+async def _wire(request: Request, run) -> dict:
+    wire = request.app.state.run_to_wire(run)
+    conf_type = wire.run_spec.configuration.get("type")
+    if conf_type == "serverless":
+        wire.extra["endpoint_id"] = run.run_name
+        wire.extra["endpoint_url"] = f"{request.app.state.settings.url}/v2/{run.run_name}"
+        if not wire.status.is_finished():
+            status = await request.app.state.serverless_bridge.status(run.run_name)
+            if status:
+                wire.extra.update(status)
+    return wire.model_dump(mode="json")
 
 
 @router.post("/api/project/{project_name}/runs/get_plan")
@@ -67,7 +76,7 @@ async def _submit(request: Request, session: AsyncSession, member, run_spec: Run
     run = await runs_service.submit_run(session, project, user, run_spec, request.app.state.settings.url)
     await request.app.state.on_run_submitted(run)
     request.app.state.pipeline.wake()
-    return _wire(request, run)
+    return await _wire(request, run)
 
 
 @router.post("/api/project/{project_name}/runs/submit")
@@ -91,19 +100,19 @@ async def apply(body: ApplyRequest, request: Request, member=Depends(require_pro
 @router.post("/api/project/{project_name}/runs/list")
 async def list_project_runs(body: ListRunsRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> list[dict]:
     runs = await runs_service.list_runs(session, [member[1].id], body.only_active, body.limit)
-    return [_wire(request, r) for r in runs]
+    return [await _wire(request, r) for r in runs]
 
 
 @router.post("/api/runs/list")
 async def list_all_runs(body: ListRunsRequest, request: Request, user: UserModel = Depends(require_user), session: AsyncSession = Depends(get_session)) -> list[dict]:
     projects = await user_projects(session, user)
     runs = await runs_service.list_runs(session, [p.id for p in projects], body.only_active, body.limit)
-    return [_wire(request, r) for r in runs]
+    return [await _wire(request, r) for r in runs]
 
 
 @router.post("/api/project/{project_name}/runs/get")
 async def get_run(body: RunNameRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
-    return _wire(request, await runs_service.get_run(session, member[1], body.run_name))
+    return await _wire(request, await runs_service.get_run(session, member[1], body.run_name))
 
 
 @router.post("/api/project/{project_name}/runs/stop")
