@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import tempfile
 import time
@@ -19,6 +20,8 @@ from dstack.agent.jobs import JobError, JobManager
 from dstack.agent.models import JobSubmission, StopRequest
 from dstack.version import __version__
 
+logger = logging.getLogger(__name__)
+
 MAX_WAIT_SECONDS = 60.0
 MAX_LIMIT = 10000
 
@@ -32,7 +35,8 @@ def create_app(home: Path, token: str) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(manager.net.probe)  # once; cached for /api/host and submissions
         manager.load()
-        # Unpack pip for the default Python now, so the first job does not pay for it.
+        # Unpack pip for the default Python now, so the first job does not pay for it; drop shared
+        # venvs unused for a week (under their build lock, so a job starting meanwhile is safe).
         warm = asyncio.create_task(asyncio.to_thread(_warm_pip, manager))
         try:
             yield
@@ -125,3 +129,7 @@ def _warm_pip(manager: JobManager) -> None:
         manager.venvs.pip_bundle(manager.venvs.resolve(None))
     except Exception:
         pass
+    try:
+        manager.venvs.evict_unused()
+    except Exception:
+        logger.exception("evicting unused shared venvs failed")

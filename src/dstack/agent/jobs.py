@@ -20,7 +20,7 @@ from dstack.agent.host_info import docker_socket
 from dstack.agent.logs import LogStore
 from dstack.agent.models import FINAL_STATES, JobSubmission
 from dstack.agent.netns import NetnsAllocation, NetnsError, NetworkIsolation
-from dstack.agent.venvs import PythonNotFound, VenvFactory
+from dstack.agent.venvs import SETUP_LOCK, PythonNotFound, VenvFactory, touch_last_used
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class Job:
         self.network: str = "isolated" if spec.network == "isolated" and manager.net.available else "host"
         self.netns: NetnsAllocation | None = None  # while its namespace exists
         self.address: str | None = HOST_ADDRESS if self.network == "host" else None
+        self.shared_venv: Path | None = None  # the cached venv it uses (spec.venv_key), once prepared
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -164,8 +165,16 @@ class Job:
             why = f"found {sock}, but this agent does not run images yet" if sock else "no Docker Engine API socket found"
             raise JobError(400, f"containers are not available on this host: {why} (image {spec.image!r})")
         interp = self.manager.venvs.resolve(spec.python)
-        venv_dir = self.dir / "venv"
-        await asyncio.to_thread(self.manager.venvs.create, interp, venv_dir)
+        if spec.venv_key:
+            # shared with every job of the same key (same python + setup): prepared by earlier runs
+            try:
+                venv_dir = await asyncio.to_thread(self.manager.venvs.shared, interp, spec.venv_key)
+            except OSError as e:
+                raise JobError(500, f"cannot prepare the shared venv {spec.venv_key!r}: {e}") from e
+            self.shared_venv = venv_dir
+        else:
+            venv_dir = self.dir / "venv"
+            await asyncio.to_thread(self.manager.venvs.create, interp, venv_dir)
         self.repo_dir.mkdir(parents=True, exist_ok=True)
         cwd = runner.resolve_working_dir(self.repo_dir, spec.working_dir)
         try:
@@ -185,7 +194,8 @@ class Job:
             self.set_state(self._stopped_state(), message="stopped before the process started")
             return
         script = self.dir / "job.sh"
-        runner.write_script(script, spec.setup, spec.commands)
+        setup_lock = self.shared_venv / SETUP_LOCK if self.shared_venv is not None else None
+        runner.write_script(script, spec.setup, spec.commands, setup_lock)
         env = runner.job_env(spec.env, venv_dir, spec.gpus, self.manager.pip_cache)
         prefix: list[str] = []
         if self.network == "isolated":
@@ -236,6 +246,8 @@ class Job:
         if self._grace_task is not None:
             self._grace_task.cancel()
         await self.release_network()
+        if self.shared_venv is not None:  # a long job counts as a use until it ends
+            touch_last_used(self.shared_venv)
         exit_status = rc if rc >= 0 else 128 - rc
         if self.stop_requested:
             self.set_state(self._stopped_state(), exit_status=exit_status, message=self.message)

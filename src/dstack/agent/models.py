@@ -31,6 +31,9 @@ class JobSubmission(BaseModel):
     stop_grace_seconds: float = Field(default=10, ge=0)
     # "isolated": own network namespace (if the host supports it; else it runs as "host").
     network: Literal["host", "isolated"] = "host"
+    # Set: the job uses the shared, prepared venv ``cache/venvs/<python>/<venv_key>`` (created on
+    # first use, kept across runs and agent restarts) instead of a fresh one of its own.
+    venv_key: str | None = None
 
     @field_validator("job_id")
     @classmethod
@@ -38,6 +41,16 @@ class JobSubmission(BaseModel):
         # The id names a directory on disk, so it must not contain separators or be "..".
         if not _JOB_ID.match(v) or v in (".", ".."):
             raise ValueError("job_id must be 1-128 characters of letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("venv_key")
+    @classmethod
+    def _safe_venv_key(cls, v: str | None) -> str | None:
+        # The key names a directory under the cache; "" means no key.
+        if not v:
+            return None
+        if not _JOB_ID.match(v) or v in (".", ".."):
+            raise ValueError("venv_key must be 1-128 characters of letters, digits, '_', '.', '-'")
         return v
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
+import shutil
 import sys
 import tarfile
 import time
@@ -50,9 +52,36 @@ def job_env(spec_env: dict[str, str], venv_dir: Path | None, gpus: list[int], pi
     return env
 
 
-def write_script(path: Path, setup: list[str], commands: list[str]) -> None:
-    """One bash script: setup then commands, stopping at the first failing line with its status."""
-    lines = ["set -e", *setup, *commands]
+def write_script(path: Path, setup: list[str], commands: list[str], setup_lock: Path | None = None) -> None:
+    """One bash script: setup then commands, stopping at the first failing line with its status.
+
+    With ``setup_lock`` (a job on a shared venv) the setup lines run holding an exclusive flock on
+    that file, so jobs sharing the venv never ``pip install`` into it at the same time. The lines
+    stay in the script's own shell (``export``/``cd`` reach the commands); fd 9 is closed for them
+    so a background process started in setup does not keep the lock. Without the ``flock`` tool the
+    lock is taken on the same fd by a one-line Python (a flock belongs to the open file, not to
+    the process that took it).
+    """
+    lines = ["set -e"]
+    if setup and setup_lock is not None:
+        if shutil.which("flock"):
+            try_lock, lock, unlock = "flock -n 9", "flock 9", "flock -u 9"
+        else:
+            py = shlex.quote(str(setup_lock.parent / "bin" / "python")) + " -c 'import fcntl; fcntl.flock(9, fcntl.{})'"
+            try_lock = py.format("LOCK_EX | fcntl.LOCK_NB") + " 2>/dev/null"
+            lock, unlock = py.format("LOCK_EX"), py.format("LOCK_UN")
+        lines += [
+            f"exec 9>>{shlex.quote(str(setup_lock))}",
+            f"{try_lock} || {{ echo 'dstack: waiting for another job to finish its setup in the shared venv' >&2; {lock}; }}",
+            "{",
+            *setup,
+            "} 9>&-",
+            unlock,
+            "exec 9>&-",
+        ]
+    else:
+        lines += setup
+    lines += commands
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -6,24 +6,43 @@ is written by hand (pyvenv.cfg + interpreter symlinks, about a millisecond) and 
 per-version bundle unpacked once under ``cache/pip-<version>`` and put on ``sys.path`` by a
 ``.pth`` file. The ``bin/pip`` wrappers run that pip with the venv's interpreter, so packages land
 in the venv's own site-packages.
+
+A job that names a ``venv_key`` instead uses a shared venv ``cache/venvs/<version>/<key>/``, built
+the same way on first use and kept across runs and agent restarts, so a ``setup`` that installs
+packages pays for them once ("Requirement already satisfied" afterwards). Its build is guarded by a
+lock file beside it; the job script serialises ``setup`` on ``<venv>/.setup.lock``; a venv unused
+for ``SHARED_VENV_TTL_SECONDS`` is removed when the agent starts.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import threading
+import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+logger = logging.getLogger(__name__)
 
 _VERSION_NAME = re.compile(r"^python(3\.\d+)$")
 
 # A script that is valid sh and valid Python: sh re-executes it with the python beside it.
 SH_TRAMPOLINE = "#!/bin/sh\n'''exec' \"$(dirname -- \"$0\")/python\" \"$0\" \"$@\"\n' '''\n"
+
+SHARED_VENV_TTL_SECONDS = 7 * 24 * 3600
+SHARED_MARKER = ".dstack-venv.json"  # written last when a shared venv is built: it is complete
+LAST_USED = ".last-used"  # unix time of the last job that used a shared venv
+SETUP_LOCK = ".setup.lock"  # jobs' setup sections take it (flock) inside their script
 
 
 @dataclass(frozen=True)
@@ -249,3 +268,104 @@ class VenvFactory:
             'PATH="$VIRTUAL_ENV/bin:$PATH"\nexport PATH\nunset PYTHONHOME\n'
         )
         return bin_dir
+
+    # -- shared (keyed) venvs ------------------------------------------------------------------
+    @property
+    def shared_root(self) -> Path:
+        return self.cache_dir / "venvs"
+
+    def shared(self, interp: Interpreter, key: str) -> Path:
+        """The shared venv for ``key`` (built on first use); records this use. Returns its dir."""
+        root = self.shared_root / interp.version
+        venv_dir = root / key
+        root.mkdir(parents=True, exist_ok=True)
+        with _file_lock(root / f".{key}.lock"):
+            if not _is_complete(venv_dir, interp):
+                if venv_dir.exists() or venv_dir.is_symlink():
+                    # half-built by an agent that died, or built for another interpreter binary
+                    _remove(venv_dir)
+                self.create(interp, venv_dir)
+                (venv_dir / SHARED_MARKER).write_text(json.dumps({
+                    "key": key, "version": interp.version, "executable": str(interp.executable),
+                    "created_at": time.time(),
+                }))
+            touch_last_used(venv_dir)
+        return venv_dir
+
+    def evict_unused(self, max_age: float = SHARED_VENV_TTL_SECONDS, now: float | None = None) -> list[Path]:
+        """Remove shared venvs whose last use is older than ``max_age``; returns what was removed."""
+        now = time.time() if now is None else now
+        removed: list[Path] = []
+        if not self.shared_root.is_dir():
+            return removed
+        for root in sorted(p for p in self.shared_root.iterdir() if p.is_dir()):
+            for entry in sorted(root.iterdir()):
+                if entry.name.startswith(".trash-") and entry.is_dir():
+                    _remove(entry)  # left by an eviction that was interrupted
+                    continue
+                if entry.name.startswith(".") or not entry.is_dir() or entry.is_symlink():
+                    continue
+                with _file_lock(root / f".{entry.name}.lock"):
+                    age = now - last_used(entry)
+                    if age <= max_age:
+                        continue
+                    trash = root / f".trash-{entry.name}-{os.getpid()}"
+                    try:
+                        os.replace(entry, trash)
+                    except OSError as e:
+                        logger.warning("cannot evict shared venv %s: %s", entry, e)
+                        continue
+                _remove(trash)
+                removed.append(entry)
+                logger.info("evicted shared venv %s (unused for %.1f days)", entry, age / 86400)
+        return removed
+
+
+def touch_last_used(venv_dir: Path) -> None:
+    try:
+        tmp = venv_dir / f"{LAST_USED}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.write_text(f"{time.time():.3f}\n")
+        os.replace(tmp, venv_dir / LAST_USED)
+    except OSError as e:
+        logger.warning("cannot record the use of %s: %s", venv_dir, e)
+
+
+def last_used(venv_dir: Path) -> float:
+    """When a shared venv was last used (its directory's mtime when not recorded)."""
+    try:
+        return float((venv_dir / LAST_USED).read_text().strip())
+    except (OSError, ValueError):
+        try:
+            return venv_dir.stat().st_mtime
+        except OSError:
+            return 0.0
+
+
+def _is_complete(venv_dir: Path, interp: Interpreter) -> bool:
+    try:
+        info = json.loads((venv_dir / SHARED_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(info, dict)
+        and info.get("executable") == str(interp.executable)
+        and (venv_dir / "bin" / "python").exists()
+    )
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path``: between threads (each opens its own file) and processes."""
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

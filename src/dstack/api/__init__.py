@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "Client": "dstack.api.client",
+    "CompletionService": "dstack.api.completion",
+    "CompletionTask": "dstack.api.completion",
     "Run": "dstack.api.runs",
     "RunCollection": "dstack.api.runs",
     "RepoCollection": "dstack.api.repos",
@@ -43,6 +45,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # pragma: no cover
     from dstack.api.client import Client
+    from dstack.api.completion import CompletionService, CompletionTask
     from dstack.api.repos import BackendCollection, RepoCollection
     from dstack.api.runs import Run, RunCollection
     from dstack.core.errors import ClientError, ServerClientError

@@ -8,8 +8,8 @@ import threading
 from dstack.core.models.runs import Run
 
 
-def ports_to_forward(run: Run, overrides: list | None = None) -> list[tuple[int, int]]:
-    """(local port, job port) pairs. Same-number ports on this very host need no forwarding."""
+def ports_to_forward(run: Run, overrides: list | None = None, address: str = "127.0.0.1") -> list[tuple[int, int]]:
+    """(local port, job port) pairs. Same-number ports of a job on this host's own network need no forwarding."""
     conf = run.run_spec.configuration
     pairs: list[tuple[int, int]] = []
     for p in conf.get("ports") or []:
@@ -19,7 +19,9 @@ def ports_to_forward(run: Run, overrides: list | None = None) -> list[tuple[int,
     pairs.extend((int(a), int(b)) for a, b in extra)
     for o in overrides or []:
         pairs.append((int(o[0]), int(o[1])))
-    return [(l, r) for l, r in pairs if l != r]
+    if address in ("127.0.0.1", "localhost"):
+        return [(l, r) for l, r in pairs if l != r]
+    return pairs
 
 
 class PortForwarder:

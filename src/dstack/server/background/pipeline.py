@@ -10,6 +10,7 @@ import base64
 import json
 import logging
 import os
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -238,6 +239,8 @@ class Pipeline:
                 code = await _code_blob(session, run.project_id, run_spec)
                 env = dict(spec.env)
                 env.update(dstack_env(run.run_name, run.id, spec, nodes_count(conf), reservation.gpus, inst.hostname))
+                # The built-in engine ships with dstack: engine jobs run it with the agent's Python.
+                env.setdefault("DSTACK_ENGINE_PYTHON", sys.executable)
                 submission = {
                     "job_id": job.id,
                     "run_name": run.run_name,
@@ -251,7 +254,13 @@ class Pipeline:
                     "ports": spec.ports,
                     "stop_grace_seconds": spec.stop_grace_seconds,
                     # Replicas of a service share one fixed port: each gets its own network namespace.
-                    "network": "isolated" if run_spec.configuration.get("type") == "service" else "host",
+                    "network": "isolated" if run_spec.configuration.get("type") == "service" or spec.ports else "host",
+                    # Jobs with the same python + setup share one prepared venv on the agent (kept
+                    # across runs), so their `pip install`s are paid once; no setup: a fresh venv.
+                    "venv_key": (
+                        __import__("hashlib").sha256(json.dumps([spec.python, spec.setup]).encode()).hexdigest()[:16]
+                        if spec.setup else None
+                    ),
                 }
             client = self.instances.client(inst.id)
             await client.submit(submission)

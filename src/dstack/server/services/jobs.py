@@ -11,6 +11,9 @@ def nodes_count(conf: BaseRunConfiguration) -> int:
 def job_ports(conf: BaseRunConfiguration) -> list[int]:
     if isinstance(conf, ServiceConfiguration):
         return [conf.port.container_port]
+    engine = getattr(conf, "engine", None)
+    if engine is not None and not getattr(conf, "ports", None):
+        return [engine.port]
     ports = getattr(conf, "ports", None) or []
     return [p.container_port for p in ports]
 
@@ -21,7 +24,7 @@ def build_job_spec(run_name: str, conf: BaseRunConfiguration, replica_num: int, 
         job_num=job_num,
         replica_num=replica_num,
         job_name=f"{run_name}-{job_num}-{replica_num}",
-        commands=list(conf.commands),
+        commands=conf.job_commands(),
         setup=list(conf.setup),
         env=dict(conf.env),
         working_dir=conf.working_dir,

@@ -48,6 +48,23 @@ def parse_configuration(run_spec: RunSpec) -> BaseRunConfiguration:
         raise ServerClientError(f"invalid configuration: {where}{e}", fields=[e.field] if e.field else None)
 
 
+def check_engine(conf: BaseRunConfiguration) -> None:
+    """Refuse engine settings the engine cannot serve, before anything starts."""
+    engine = getattr(conf, "engine", None)
+    if engine is None:
+        return
+    from dstack.serving.models import ModelError, check_quantize
+
+    try:
+        check_quantize(engine.quantize)
+    except ModelError as e:
+        raise ServerClientError(str(e), fields=["engine.quantize"])
+    if engine.dtype and engine.dtype.lower() not in ("auto", "gguf") and conf.resources.gpu is None:
+        raise ServerClientError(
+            f"dtype {engine.dtype} needs a GPU engine; the built-in CPU engine serves GGUF weights as stored "
+            "(drop dtype, or ask for a GPU in resources)", fields=["engine.dtype"])
+
+
 def initial_replicas(conf: BaseRunConfiguration) -> int:
     if isinstance(conf, ServiceConfiguration):
         return conf.replicas.min or 0
@@ -103,6 +120,7 @@ async def get_offers(session: AsyncSession, spec: ResourcesSpec) -> tuple[list[I
 
 async def get_plan(session: AsyncSession, project: ProjectModel, user: UserModel, run_spec: RunSpec) -> RunPlan:
     conf = parse_configuration(run_spec)
+    check_engine(conf)
     run_name = run_spec.run_name or conf.name
     current = None
     if run_name:
@@ -134,6 +152,7 @@ async def find_run(session: AsyncSession, project: ProjectModel, run_name: str) 
 async def submit_run(session: AsyncSession, project: ProjectModel, user: UserModel, run_spec: RunSpec,
                      server_url: str = "") -> RunModel:
     conf = parse_configuration(run_spec)
+    check_engine(conf)
     model_meta = await _model_meta(conf)
     gateway = await resolve_gateway(session, project, conf.gateway) if isinstance(conf, ServiceConfiguration) else None
     run_name = run_spec.run_name or conf.name
