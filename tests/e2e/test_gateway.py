@@ -159,7 +159,16 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def wait_status(http: httpx.Client, url: str, want: int, headers: dict | None = None, timeout: float = 60) -> httpx.Response:
+def describe(run) -> str:
+    run.refresh()
+    subs = [(s.status.value, s.termination_reason, s.termination_reason_message, s.exit_status)
+            for j in run.jobs for s in j.job_submissions]
+    logs = b"".join(run.logs()).decode(errors="replace")[-1500:]
+    return f"run {run.name}: {run.status.value} {run.error} {subs}\n{logs}"
+
+
+def wait_status(http: httpx.Client, url: str, want: int, headers: dict | None = None, timeout: float = 60,
+                run=None) -> httpx.Response:
     deadline = time.time() + timeout
     last = None
     while time.time() < deadline:
@@ -170,7 +179,8 @@ def wait_status(http: httpx.Client, url: str, want: int, headers: dict | None = 
         except httpx.HTTPError as e:
             last = e
         time.sleep(0.2)
-    raise AssertionError(f"{url}: wanted {want}, last {getattr(last, 'status_code', last)} {getattr(last, 'text', '')[:300]}")
+    raise AssertionError(f"{url}: wanted {want}, last {getattr(last, 'status_code', last)} "
+                         f"{getattr(last, 'text', '')[:300]}\n{describe(run) if run is not None else ''}")
 
 
 @pytest.fixture
@@ -227,12 +237,12 @@ def test_gateway_end_to_end(gw_server, tmp_path):
     assert chat._run.service.model.base_url == f"https://gateway.{DOMAIN}:{port}/v1"
 
     url = files.service_url + "hello.txt"
-    r = wait_status(http, url, 200, auth)
+    r = wait_status(http, url, 200, auth, run=files)
     assert r.text == "hello through the gateway\n"
     assert http.get(url).status_code == 401
     assert http.get(url, headers={"Authorization": "Bearer not-a-token"}).status_code == 403
 
-    wait_status(http, chat.service_url + "v1/models", 200, auth)
+    wait_status(http, chat.service_url + "v1/models", 200, auth, run=chat)
     ai = openai.OpenAI(base_url=chat._run.service.model.base_url, api_key=server.token, http_client=http)
     done = ai.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi there"}])
     assert done.choices[0].message.content == "echo: hi there"
@@ -240,7 +250,7 @@ def test_gateway_end_to_end(gw_server, tmp_path):
               ai.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "a b c"}], stream=True)
               if c.choices]
     assert "".join(pieces) == "echo: a b c" and len(pieces) > 2
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.PermissionDeniedError):  # a token that is not allowed: 403
         openai.OpenAI(base_url=chat._run.service.model.base_url, api_key="wrong", http_client=http).models.list()
 
     # The server restarts; the gateway process keeps serving the same services.

@@ -144,6 +144,7 @@ def follow_run(run: Any, configuration_type: str, detach: bool) -> int:
     """After submission: wait for the run to start, print endpoints, stream logs, report the end."""
     if detach:
         console().print(f"Run [bold]{escape(run.name)}[/] is submitted. Follow it with 'dstack logs -f {escape(run.name)}'")
+        print_endpoints(run, configuration_type)  # known at submission; printed even when detached
         return EXIT_OK
     try:
         if configuration_type == "serverless":
