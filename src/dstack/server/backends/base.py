@@ -13,6 +13,8 @@ class AgentEndpoint:
     url: str
     token: str
     pid: int | None = None
+    #: whether the agent can give each job its own network namespace (so jobs may share a port)
+    network_isolation: bool = False
 
 
 @dataclass

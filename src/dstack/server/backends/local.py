@@ -27,6 +27,7 @@ class LocalBackend(Backend):
         if endpoint is None or not await _is_healthy(endpoint):
             endpoint = await asyncio.to_thread(self._start_agent)
         host = await _get_host(endpoint)
+        endpoint.network_isolation = bool(host.get("network_isolation"))
         resources = InstanceResources(
             cpus=host["cpus"], memory_mib=host["memory_mib"], disk_mib=host["disk_mib"], gpus=host.get("gpus", [])
         )

@@ -169,7 +169,12 @@ class Pipeline:
         retry = conf.effective_retry()
         instances = await list_instances(session)
         fitting = [i for i in instances if offers.fits_total(resources, instance_resources(i))]
+        port_conflicts: list[str] = []
         for inst in fitting:
+            conflict = await _port_conflict(session, inst, spec)
+            if conflict:
+                port_conflicts.append(conflict)
+                continue
             res = instance_resources(inst)
             reservation = offers.reserve(resources, res, await held_reservations(session, inst.id))
             if reservation is None:
@@ -200,7 +205,9 @@ class Pipeline:
                     return give_up.timestamp()
             else:
                 return None
-        if fitting:
+        if port_conflicts and len(port_conflicts) == len(fitting):
+            msg = "; ".join(port_conflicts)
+        elif fitting:
             msg = f"all instances that fit {resources.pretty_format()} are busy with other jobs"
         else:
             msg = offers.describe_shortfall(resources, [(i.name, instance_resources(i)) for i in instances])
@@ -528,6 +535,22 @@ class Pipeline:
         if retry.duration is not None and utcnow() - _aware(run.submitted_at) > timedelta(seconds=retry.duration):
             return False
         return True
+
+
+async def _port_conflict(session, inst: InstanceModel, spec: JobSpec) -> str | None:
+    """Why the job can't share this instance's network, or None. Only hosts whose agent cannot
+    give jobs their own network namespace (not root, not Linux) have this limit."""
+    if not spec.ports or json.loads(inst.agent or "{}").get("network_isolation"):
+        return None
+    rows = await session.execute(
+        select(JobModel.job_spec, JobModel.job_name).where(
+            JobModel.instance_id == inst.id, JobModel.status.notin_(FINISHED_JOB)))
+    for other_spec, other_name in rows:
+        taken = set(JobSpec.model_validate_json(other_spec).ports) & set(spec.ports)
+        if taken:
+            return (f"port {sorted(taken)[0]} on {inst.name} is already used by job {other_name}, and this host's "
+                    "agent cannot give jobs their own network namespaces (that needs root on Linux with iproute2)")
+    return None
 
 
 def _run_type(run: RunModel) -> str:

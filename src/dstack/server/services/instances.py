@@ -39,7 +39,8 @@ class InstanceManager:
                     row.resources = inst.resources.model_dump_json()
                     row.price = inst.price
                     row.status = "idle"
-                    row.agent = json.dumps({"url": inst.agent.url, "token": inst.agent.token, "pid": inst.agent.pid})
+                    row.agent = json.dumps({"url": inst.agent.url, "token": inst.agent.token, "pid": inst.agent.pid,
+                                            "network_isolation": inst.agent.network_isolation})
                     await session.flush()
                     self._clients[row.id] = AgentClient(inst.agent)
             await session.commit()
