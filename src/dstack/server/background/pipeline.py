@@ -7,6 +7,7 @@ has a watcher that long-polls the agent and stores its logs and state in one tra
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -262,12 +263,7 @@ class Pipeline:
                     "stop_grace_seconds": spec.stop_grace_seconds,
                     # Replicas of a service share one fixed port: each gets its own network namespace.
                     "network": "isolated" if run_spec.configuration.get("type") == "service" or spec.ports else "host",
-                    # Jobs with the same python + setup share one prepared venv on the agent (kept
-                    # across runs), so their `pip install`s are paid once; no setup: a fresh venv.
-                    "venv_key": (
-                        __import__("hashlib").sha256(json.dumps([spec.python, spec.setup]).encode()).hexdigest()[:16]
-                        if spec.setup else None
-                    ),
+                    "venv_key": venv_key(run.project_id, spec),
                 }
             client = self.instances.client(inst.id)
             await client.submit(submission)
@@ -535,6 +531,15 @@ class Pipeline:
         if retry.duration is not None and utcnow() - _aware(run.submitted_at) > timedelta(seconds=retry.duration):
             return False
         return True
+
+
+def venv_key(project_id: str, spec: JobSpec) -> str | None:
+    """Jobs of one project with the same python + setup share one prepared venv on the agent
+    (kept across runs), so their `pip install`s are paid once. Scoped per project, so one
+    project's setup never changes what another's jobs import. No setup: a fresh venv per job."""
+    if not spec.setup:
+        return None
+    return hashlib.sha256(json.dumps([project_id, spec.python, spec.setup]).encode()).hexdigest()[:16]
 
 
 async def _port_conflict(session, inst: InstanceModel, spec: JobSpec) -> str | None:
