@@ -141,7 +141,8 @@ def start(name: str, gguf: str, threads: int, llama_server: Optional[str], ctx: 
         return ServerProc(name, cmd, port, env)
     if name == "llama-cpp-python":
         cmd = [py, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",
-               "--n_ctx", str(ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads)]
+               "--n_ctx", str(ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+               "--interrupt_requests", "False"]  # queue concurrent requests instead of aborting them
         return ServerProc(name, cmd, port)
     if name == "llama-server":
         assert llama_server

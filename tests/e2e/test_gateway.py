@@ -28,7 +28,8 @@ from dstack.api import Resources, RunStatus, Service
 from dstack.core.errors import ServerClientError
 
 DOMAIN = "example.test"
-SMALL = Resources(cpu=1, memory="0.3GB")
+FINISHED = (RunStatus.TERMINATED, RunStatus.FAILED, RunStatus.DONE)
+SMALL = Resources(cpu=1, memory="0.3GB", disk="1GB..")  # several replicas at once on one host
 
 # An OpenAI-compatible upstream on the standard library only (replicas run in a bare venv).
 OPENAI_APP = '''
@@ -220,7 +221,9 @@ def test_gateway_end_to_end(gw_server, tmp_path):
         run_name="files", repo_dir=repo)
     assert files.service_url == f"https://files.{DOMAIN}:{port}/"
     # `gateway: false` keeps a service on the in-server proxy.
-    inner = client.runs.submit(Service(commands=["sleep 60"], port=free_port(), gateway=False, resources=SMALL),
+    # (At zero replicas, so it takes no CPU: a host with 2 CPUs fits only two replicas at once.)
+    inner = client.runs.submit(Service(commands=["sleep 60"], port=free_port(), gateway=False, resources=SMALL,
+                                       replicas="0..1", scaling={"metric": "rps", "target": 10}),
                                run_name="inner", repo_dir=repo)
     assert inner.service_url == f"{server.url}/proxy/services/main/inner/"
     inner.stop(abort=True)
@@ -262,7 +265,7 @@ def test_gateway_end_to_end(gw_server, tmp_path):
 
     # Stopping a run takes it off the gateway.
     chat.stop(abort=True)
-    chat.wait(statuses=(RunStatus.TERMINATED, RunStatus.FAILED, RunStatus.DONE), timeout=30)
+    chat.wait(statuses=FINISHED, timeout=30)
     wait_status(http, chat.service_url + "v1/models", 404, auth, timeout=15)
 
     # Deleting the gateway stops its process; the next service uses the in-server proxy.
@@ -273,7 +276,7 @@ def test_gateway_end_to_end(gw_server, tmp_path):
         time.sleep(0.1)
     assert "No gateways" in cli(server, "gateway", "list").stdout
     files.stop(abort=True)
-    files.wait(statuses=(RunStatus.TERMINATED, RunStatus.FAILED, RunStatus.DONE), timeout=30)
+    files.wait(statuses=FINISHED, timeout=30)
     again = client.runs.submit(Service(commands=["sleep 60"], port=free_port(), resources=SMALL),
                                run_name="after", repo_dir=repo)
     assert again.service_url == f"{server.url}/proxy/services/main/after/"

@@ -68,6 +68,10 @@ class _Endpoint:
     settings: EndpointSettings
     token: str
     token_hashes: list[str]
+    # workers that ended before ever calling in (crash at start-up, no capacity, a bad command)
+    # in a row: the next launch waits 1, 2, 4 ... 60 s instead of looping at the tick rate
+    launch_failures: int = 0
+    next_launch_at: float = 0.0
 
 
 @dataclass
@@ -161,7 +165,9 @@ class ServerlessService:
         row.worker_token_hashes = json.dumps(hashes)
         project = await session.get(ProjectModel, row.project_id)
         self._endpoints[row.endpoint_id] = _Endpoint(row.endpoint_id, row.project_id, project.name if project else "",
-                                                     row.run_id, settings, token, hashes)
+                                                     row.run_id, settings, token, hashes,
+                                                     known.launch_failures if known else 0,
+                                                     known.next_launch_at if known else 0.0)
 
     async def deregister_endpoint(self, endpoint_id: str) -> None:
         """Stop the endpoint's workers and delete it with its jobs (the run is over)."""
@@ -425,6 +431,12 @@ class ServerlessService:
     async def on_worker_exited(self, endpoint_id: str, worker_id: str, reason: str) -> None:
         """The launcher saw the worker process end: requeue its jobs and forget it."""
         w = self._workers.pop(worker_id, None)
+        ep = self._endpoints.get(endpoint_id)
+        if ep is not None and w is not None and w.state == INITIALIZING:
+            ep.launch_failures += 1
+            ep.next_launch_at = time.time() + min(60.0, 2.0 ** (ep.launch_failures - 1))
+            log.warning("serverless: worker %s ended before calling in (%s); next launch in %.0f s",
+                        worker_id, reason, ep.next_launch_at - time.time())
         requeued, failed = await self.store.requeue(worker_id, self.options.max_attempts,
                                                     f"worker {worker_id} exited ({reason})")
         async with self.store.write() as conn:
@@ -433,6 +445,10 @@ class ServerlessService:
         if w is not None:
             self.signals.fire("stop:" + worker_id)
         self._kick.set()
+
+    def worker_ids(self) -> list[str]:
+        """Workers the service believes are alive (for the launcher's exit sweep)."""
+        return list(self._workers)
 
     # ---- internals -------------------------------------------------------------------------
 
@@ -459,6 +475,9 @@ class ServerlessService:
                     w.state, w.stop_requested_at = exists.state, now
         elif w.state == INITIALIZING:
             w.state, w.last_busy = READY, now
+            ep = self._endpoints.get(endpoint_id)
+            if ep is not None:
+                ep.launch_failures, ep.next_launch_at = 0, 0.0
             async with self.store.write() as conn:
                 await conn.execute(update(WK).where(WK.c.worker_id == worker_id, WK.c.state == INITIALIZING).values(state=READY))
         w.last_contact = now
@@ -593,6 +612,8 @@ class ServerlessService:
                              sum(1 for w in live if w.state == INITIALIZING))
         want = desired_workers(ep.settings, snap)
         for _ in range(want - len(live)):
+            if time.time() < ep.next_launch_at:
+                break
             await self._launch(ep)
         excess = len(live) - max(ep.settings.workers_min, want if ep.settings.scaler_type == "request_count" else 0)
         if excess <= 0 or queued_any:

@@ -27,7 +27,7 @@ from dstack.serving.schemas import (
     GenerateRequest,
     TokenizeRequest,
 )
-from dstack.serving.service import APIError, ClientGone, Result, Service, Ticket, merge
+from dstack.serving.service import APIError, ClientGone, Result, Service, Ticket
 from dstack.version import __version__
 
 SSE_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
@@ -144,7 +144,7 @@ def create_app(service: Service) -> FastAPI:
     async def tokenize(body: TokenizeRequest) -> list[dict[str, Any]]:
         service.require_ready()
         ids = service.tokenize(body.inputs)
-        out, offset, data = [], 0, b""
+        out, data = [], b""
         for tid in ids:
             piece = service.model.piece(tid, True)
             text = piece.decode("utf-8", errors="replace")
@@ -152,7 +152,6 @@ def create_app(service: Service) -> FastAPI:
             data += piece
             stop = len(data.decode("utf-8", errors="ignore"))
             out.append({"id": tid, "text": text, "start": start, "stop": stop})
-            offset = stop
         return out
 
     @app.post("/generate", summary="Generate text (TGI)")

@@ -130,9 +130,14 @@ class LlamaModel:
         cparams.n_seq_max = n_seq_max
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        # One KV stream per sequence and no flash attention: each sequence then always occupies
-        # cells 0..n-1 of its own stream and the attention kernels reduce over the same cells
-        # in the same order whatever else is in the batch -- greedy output is batch-invariant.
+        # Batch invariance (greedy output identical whether a request runs alone or with others):
+        # - one KV stream per sequence (kv_unified=False): a sequence always occupies cells
+        #   0..n-1 of its own stream, in position order, whatever else runs;
+        # - flash attention with a quantized (q8_0) KV cache: ggml's CPU kernel then always takes
+        #   its row-by-row path, which reduces over a query's cells in the same order for any
+        #   batch shape. With an f16 cache it switches to a split-KV path for lone decodes over
+        #   >=512 cells and to a tiled path for >=64 queries, which round differently.
+        # The matrix products (Q4_x/Q8_0 weights) compute each output row independently.
         cparams.kv_unified = kv_unified
         cparams.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED

@@ -6,6 +6,7 @@ same engine path as TGI's routes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -17,10 +18,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from dstack.serving.chat import ChatTemplateError, message_text
-from dstack.serving.engine import FINISH_LENGTH, Event, GenerationRequest, TokenInfo
+from dstack.serving.engine import FINISH_LENGTH, GenerationRequest, TokenInfo
 from dstack.serving.sampling import SamplingParams
 from dstack.serving.schemas import ChatCompletionRequest, CompletionRequest, _OpenAICommon
-from dstack.serving.service import APIError, Result, Service, Ticket, merge, validation_error
+from dstack.serving.service import Result, Service, Ticket, merge, validation_error
 from dstack.version import __version__
 
 router = APIRouter(prefix="/v1")
@@ -105,7 +106,10 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     n = body.n or 1
     expanded = [p for p in prompts for _ in range(n)]
     top_n = min(body.logprobs or 0, 5)
-    return await _run(service, request, body, expanded, body.max_tokens, top_n, chat=False, logprobs=False, echo_prompts=expanded if body.echo else None)
+    return await _run(
+        service, request, body, expanded, body.max_tokens, top_n,
+        chat=False, logprobs=False, echo_prompts=expanded if body.echo else None,
+    )
 
 
 async def _run(
@@ -138,8 +142,6 @@ async def _run(
             background=BackgroundTask(ticket.release),
         )
     try:
-        import asyncio
-
         results: list[Result] = await service.until_disconnect(
             request, asyncio.gather(*(service.collect(r) for r in reqs))
         )
@@ -279,5 +281,3 @@ async def _completion_stream(
     finally:
         ticket.release()
 
-
-_ = (Event, APIError)  # re-exported names used in type hints by other modules

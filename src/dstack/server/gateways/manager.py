@@ -125,7 +125,7 @@ class GatewayManager:
                     ids = (await session.execute(select(GatewayModel.id))).scalars().all()
                 for gid in ids:
                     try:
-                        await self.ensure_running(gid)
+                        await self.ensure_running(gid, check_url=False)
                     except Exception as e:
                         logger.warning("gateway %s is down and could not be restarted: %s", gid, e)
             except Exception:
@@ -159,15 +159,19 @@ class GatewayManager:
         except (httpx.HTTPError, ValueError):
             return False
 
-    async def ensure_running(self, gateway_id: str) -> bool:
-        """Reuse a healthy gateway process or (re)start it. True when a process was started."""
+    async def ensure_running(self, gateway_id: str, check_url: bool = True) -> bool:
+        """Reuse a healthy gateway process or (re)start it. True when a process was started.
+
+        `check_url` (at start and create) also restarts a healthy one that calls back a different
+        server URL than ours; the monitor restarts only dead ones."""
         lock = self._start_locks.setdefault(gateway_id, asyncio.Lock())
         async with lock:
             async with self.db.session() as session:
                 gw = (await session.execute(select(GatewayModel).where(GatewayModel.id == gateway_id))).scalar_one_or_none()
                 if gw is None:
                     return False
-                if self._is_ours(gw) and gw.server_url == self.settings.url and await self._healthy(gw):
+                url_ok = gw.server_url == self.settings.url or not check_url
+                if self._is_ours(gw) and url_ok and await self._healthy(gw):
                     if gw.status != "running":
                         gw.status, gw.status_message = "running", None
                         await session.commit()
@@ -224,10 +228,18 @@ class GatewayManager:
                 pass
         self._pid_file(gw).unlink(missing_ok=True)
 
-    async def stop_gateway(self, gw: GatewayModel) -> None:
-        """Stop the gateway's process (the caller deletes the row)."""
-        await asyncio.to_thread(self._terminate, gw)
-        gw.pid, gw.status = None, "stopped"
+    async def delete_gateway(self, gateway_id: str) -> None:
+        """Stop the gateway's process and delete its row, under the lock the monitor takes, so a
+        gateway being deleted is never restarted."""
+        async with self._start_locks.setdefault(gateway_id, asyncio.Lock()):
+            async with self.db.session() as session:
+                gw = (await session.execute(select(GatewayModel).where(GatewayModel.id == gateway_id))).scalar_one_or_none()
+                if gw is None:
+                    return
+                await asyncio.to_thread(self._terminate, gw)
+                await session.delete(gw)
+                await session.commit()
+        self._start_locks.pop(gateway_id, None)
 
     # --- publishing ------------------------------------------------------------------------
 

@@ -177,10 +177,10 @@ async def delete_gateways(body: DeleteGatewaysRequest, request: Request, member=
                           session: AsyncSession = Depends(get_session)) -> None:
     _, project = member
     gws = [await _get(session, project, name) for name in body.names]  # all exist, or nothing is deleted
+    await session.commit()
     for gw in gws:
-        await request.app.state.gateways.stop_gateway(gw)
-        await session.delete(gw)
-    await session.flush()
+        await request.app.state.gateways.delete_gateway(gw.id)
+    session.expunge_all()
     left = await _project_gateways(session, project)
     if left and not any(g.default for g in left):
         left[0].default = True

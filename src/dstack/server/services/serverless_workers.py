@@ -6,6 +6,7 @@ endpoint when its run is submitted, reports worker jobs that end, and removes th
 the run stops.
 """
 
+import asyncio
 import json
 import logging
 
@@ -64,14 +65,54 @@ class JobWorkerLauncher:
         self.wake_pipeline()
 
 
+SWEEP_INTERVAL = 2.0
+
+
 class ServerlessBridge:
     def __init__(self, db: Database, service: ServerlessService) -> None:
         self.db = db
         self.service = service
         self._reported: set[str] = set()
         self._deregistered: set[str] = set()
+        self._sweeper: asyncio.Task | None = None
+        self._ensure_sweeper()
+
+    def _ensure_sweeper(self) -> None:
+        """Run listeners fire only when a run's status changes; a worker job that fails while the
+        run's status stays the same (e.g. no capacity while another worker keeps the run RUNNING)
+        would go unreported and the scaler would wait for it until its init timeout. The sweep
+        reports such jobs within seconds."""
+        if self._sweeper is not None and not self._sweeper.done():
+            return
+        try:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        except RuntimeError:  # no loop yet: started by the first submission or run change
+            self._sweeper = None
+
+    async def _sweep_loop(self) -> None:
+        while not self.service._closing:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("serverless: sweeping worker jobs failed")
+
+    async def sweep(self) -> None:
+        """Report worker jobs that ended while the service still counts them as workers."""
+        ids = [w for w in self.service.worker_ids() if w not in self._reported]
+        if not ids:
+            return
+        async with self.db.session() as session:
+            rows = (await session.execute(
+                select(JobModel.run_id, JobModel.job_name, JobModel.status).where(JobModel.job_name.in_(ids))
+            )).all()
+        for run_id in {r.run_id for r in rows if JobStatus(r.status).is_finished()}:
+            await self.on_run_changed(run_id)
 
     async def on_run_submitted(self, run: RunModel) -> None:
+        self._ensure_sweeper()
         if not is_serverless(run):
             return
         conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
@@ -91,6 +132,7 @@ class ServerlessBridge:
             await session.commit()
 
     async def on_run_changed(self, run_id: str) -> None:
+        self._ensure_sweeper()
         async with self.db.session() as session:
             run = await session.get(RunModel, run_id)
             if run is None or not is_serverless(run):
