@@ -29,7 +29,7 @@ from dstack.core.errors import ServerClientError
 
 DOMAIN = "example.test"
 FINISHED = (RunStatus.TERMINATED, RunStatus.FAILED, RunStatus.DONE)
-SMALL = Resources(cpu=1, memory="0.3GB", disk="1GB..")  # several replicas at once on one host
+SMALL = Resources(cpu="0..1", memory="0.3GB", disk="1GB..")  # several replicas at once on one host
 
 # An OpenAI-compatible upstream on the standard library only (replicas run in a bare venv).
 OPENAI_APP = '''

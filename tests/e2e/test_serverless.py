@@ -13,13 +13,13 @@ import httpx
 import openai
 import pytest
 
-from dstack.api import Resources, RunStatus, Serverless
+from dstack.api import Resources, Serverless, Task
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "serverless"
 SETUP = ["pip install -q runpod==1.12.0"]
 # cpu=0 reserves no core: the test host may have two, and up to five workers run at once here
 SMALL = Resources(cpu=0, memory="0.3GB")
-COLD = 180  # the first worker also pays the pip install (later ones reuse the prepared venv)
+COLD = 240  # the first worker also pays the pip install (later ones reuse the prepared venv)
 
 HANDLER = '''
 import asyncio
@@ -249,14 +249,18 @@ def test_scale_out_under_burst_then_back_to_zero(server, echo, sdk):
 
 
 def test_worker_without_capacity_is_reported_and_retried_with_backoff(server, tmp_path_factory):
-    # No host has 64 CPUs: every worker job fails at assignment while the run's status stays the
-    # same. The scaler must still learn that the worker is gone (and relaunch it, backing off)
-    # instead of waiting for it until its init timeout; the job waits in the queue meanwhile.
+    # A task holds one core, and the endpoint's workers want all of them: every worker job fails
+    # at assignment while the run's status stays the same. The scaler must still learn that the
+    # worker is gone (and relaunch it, backing off) instead of waiting for it until its init
+    # timeout; the job waits in the queue meanwhile.
+    client = server.client()
     repo = tmp_path_factory.mktemp("nocap")
     (repo / "handler.py").write_text(HANDLER)
+    hog = client.runs.submit(Task(commands=["sleep 300"], resources=Resources(cpu=1, memory="0.1GB")),
+                             run_name="sls-cpu-hog", repo_dir=repo)
     conf = Serverless(setup=SETUP, commands=["python handler.py"], workers="0..1",
-                      resources=Resources(cpu=64, memory="0.3GB"))
-    run = server.client().runs.submit(conf, run_name="sls-nocap", repo_dir=repo)
+                      resources=Resources(cpu=os.cpu_count(), memory="0.3GB"))
+    run = client.runs.submit(conf, run_name="sls-nocap", repo_dir=repo)
     try:
         job_id = httpx.post(f"{run.endpoint_url}/run", headers=server.headers, json={"input": {}}).json()["id"]
         jobs = wait_until(lambda: len(run.refresh().jobs) >= 3 and run.jobs, 30, "relaunched worker jobs")
@@ -266,19 +270,25 @@ def test_worker_without_capacity_is_reported_and_retried_with_backoff(server, tm
         assert st["status"] == "IN_QUEUE"
     finally:
         run.stop(abort=True)
+        hog.stop(abort=True)
 
 
 def test_openai_route_with_smollm2_worker(server, smol, sdk):
     run, warmup = smol
+    t0 = time.time()
     st = wait_until(lambda: (s := httpx.get(f"{run.endpoint_url}/status/{warmup}", headers=server.headers).json())["status"]
                     in ("COMPLETED", "FAILED") and s, COLD, "the SmolLM2 worker's first job", interval=0.5)
     assert st["status"] == "COMPLETED", st
+    print(f"\nSmolLM2 warm-up job: waited {time.time() - t0:.1f} s more here; delay {st['delayTime'] / 1000:.1f} s, "
+          f"execution {st['executionTime'] / 1000:.1f} s")
+    t0 = time.time()
     assert st["output"][0]["generated_text"] is not None
     client = openai.OpenAI(base_url=f"{run.endpoint_url}/openai/v1", api_key=server.token, timeout=120)
     msgs = [{"role": "user", "content": "What is 2+2?"}]
     resp = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=msgs, max_tokens=12, temperature=0)
     text = resp.choices[0].message.content
     assert text.strip() and resp.usage.completion_tokens <= 12
+    print(f"first chat completion: {time.time() - t0:.1f} s")
     chunks = list(client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=msgs, max_tokens=12,
                                                  temperature=0, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -198,9 +198,12 @@ class Pipeline:
             self._spawn_provisioning(job.id)
             return None
         # Nothing free now.
-        waits = retry is not None and "no-capacity" in retry.on_events and fitting
+        # Replicas of services and workers of endpoints wait for a busy host; so do jobs whose
+        # retry policy covers no-capacity. A request no host could ever meet fails at once.
+        waits = bool(fitting) and not (port_conflicts and len(port_conflicts) == len(fitting)) and (
+            (retry is not None and "no-capacity" in retry.on_events) or _run_type(run) in ("service", "serverless"))
         if waits:
-            if retry.duration is not None:
+            if retry is not None and retry.duration is not None:
                 give_up = _aware(run.submitted_at) + timedelta(seconds=retry.duration)
                 if utcnow() < give_up:
                     return give_up.timestamp()
