@@ -263,7 +263,11 @@ def test_worker_without_capacity_is_reported_and_retried_with_backoff(server, tm
     run = client.runs.submit(conf, run_name="sls-nocap", repo_dir=repo)
     try:
         job_id = httpx.post(f"{run.endpoint_url}/run", headers=server.headers, json={"input": {}}).json()["id"]
-        jobs = wait_until(lambda: len(run.refresh().jobs) >= 3 and run.jobs, 30, "relaunched worker jobs")
+        deadline = time.time() + 30
+        while len(run.refresh().jobs) < 3:
+            assert time.time() < deadline, (hog.refresh().status, [(j.job_submissions[-1].status, j.job_submissions[-1].termination_reason) for j in run.jobs])
+            time.sleep(0.3)
+        jobs = run.jobs
         assert all(j.job_submissions[-1].termination_reason.value == "failed_to_start_due_to_no_capacity"
                    for j in jobs if j.job_submissions[-1].status.is_finished())
         st = httpx.get(f"{run.endpoint_url}/status/{job_id}", headers=server.headers).json()

@@ -34,18 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _skip_httpx_cli() -> None:
-    """httpx imports its own CLI (click, rich.progress, pygments) on import when click is
-    installed: ~0.1 s on every `dstack` call. A placeholder module makes httpx fall back to its
-    stub `main`, which we never call; the HTTP client itself is unaffected."""
-    if "httpx" not in sys.modules and "httpx._main" not in sys.modules:
-        import types
-
-        sys.modules["httpx._main"] = types.ModuleType("httpx._main")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    _skip_httpx_cli()
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
