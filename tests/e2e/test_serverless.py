@@ -5,7 +5,6 @@ openai SDK, and scaling 0 -> N -> 0."""
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from dstack.api import Resources, Serverless, Task
+from dstack.api import Resources, RunStatus, Serverless, Task
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "serverless"
 SETUP = ["pip install -q runpod==1.12.0"]
@@ -248,35 +247,6 @@ def test_scale_out_under_burst_then_back_to_zero(server, echo, sdk):
     assert "workers: none" in ps(server)
 
 
-def test_worker_without_capacity_is_reported_and_retried_with_backoff(server, tmp_path_factory):
-    # A task holds one core, and the endpoint's workers want all of them: every worker job fails
-    # at assignment while the run's status stays the same. The scaler must still learn that the
-    # worker is gone (and relaunch it, backing off) instead of waiting for it until its init
-    # timeout; the job waits in the queue meanwhile.
-    client = server.client()
-    repo = tmp_path_factory.mktemp("nocap")
-    (repo / "handler.py").write_text(HANDLER)
-    hog = client.runs.submit(Task(commands=["sleep 300"], resources=Resources(cpu=1, memory="0.1GB")),
-                             run_name="sls-cpu-hog", repo_dir=repo)
-    conf = Serverless(setup=SETUP, commands=["python handler.py"], workers="0..1",
-                      resources=Resources(cpu=os.cpu_count(), memory="0.3GB"))
-    run = client.runs.submit(conf, run_name="sls-nocap", repo_dir=repo)
-    try:
-        job_id = httpx.post(f"{run.endpoint_url}/run", headers=server.headers, json={"input": {}}).json()["id"]
-        deadline = time.time() + 30
-        while len(run.refresh().jobs) < 3:
-            assert time.time() < deadline, (hog.refresh().status, [(j.job_submissions[-1].status, j.job_submissions[-1].termination_reason) for j in run.jobs])
-            time.sleep(0.3)
-        jobs = run.jobs
-        assert all(j.job_submissions[-1].termination_reason.value == "failed_to_start_due_to_no_capacity"
-                   for j in jobs if j.job_submissions[-1].status.is_finished())
-        st = httpx.get(f"{run.endpoint_url}/status/{job_id}", headers=server.headers).json()
-        assert st["status"] == "IN_QUEUE"
-    finally:
-        run.stop(abort=True)
-        hog.stop(abort=True)
-
-
 def test_openai_route_with_smollm2_worker(server, smol, sdk):
     run, warmup = smol
     t0 = time.time()
@@ -314,3 +284,34 @@ def test_stopped_run_removes_endpoint_and_ends_workers(server, gen, sdk):
     run = gen.wait(timeout=60)
     assert run.status.is_finished()
     assert run.jobs and all(j.job_submissions[-1].status.is_finished() for j in run.jobs)
+
+
+def test_worker_waits_for_a_busy_host(server, tmp_path_factory, smol):
+    # Last: frees the host first (the SmolLM2 worker holds a core). A task then holds every core,
+    # so the endpoint's first worker cannot be placed: it waits (the job stays queued) and starts
+    # as soon as the task ends.
+    smol[0].stop(abort=True)
+    smol[0].wait(timeout=60)
+    client = server.client()
+    repo = tmp_path_factory.mktemp("busy")
+    (repo / "handler.py").write_text(HANDLER)
+    hog = client.runs.submit(Task(commands=["sleep 300"], resources=Resources(cpu=os.cpu_count(), memory="0.1GB")),
+                             run_name="sls-cpu-hog", repo_dir=repo)
+    run = None
+    try:
+        hog.wait(statuses=(RunStatus.RUNNING,), timeout=60)
+        conf = Serverless(setup=SETUP, commands=["python handler.py"], workers="0..1",
+                          resources=Resources(cpu=1, memory="0.3GB"))
+        run = client.runs.submit(conf, run_name="sls-busy", repo_dir=repo)
+        job_id = httpx.post(f"{run.endpoint_url}/run", headers=server.headers, json={"input": {"value": "waited"}}).json()["id"]
+        time.sleep(3)
+        assert httpx.get(f"{run.endpoint_url}/status/{job_id}", headers=server.headers).json()["status"] == "IN_QUEUE"
+        assert [j.job_submissions[-1].status.value for j in run.refresh().jobs] == ["submitted"]
+        hog.stop(abort=True)
+        st = wait_until(lambda: (s := httpx.get(f"{run.endpoint_url}/status/{job_id}", headers=server.headers).json())
+                        ["status"] == "COMPLETED" and s, 90, "the job to run once the host is free", interval=0.5)
+        assert st["output"]["echo"] == "waited"
+    finally:
+        hog.stop(abort=True)
+        if run is not None:
+            run.stop(abort=True)
