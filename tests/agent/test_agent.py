@@ -14,7 +14,7 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import psutil
@@ -33,24 +33,6 @@ def _stop_agent(info: AgentInfo) -> None:
         psutil.Process(info.pid).wait(10)
     except (ProcessLookupError, psutil.Error):
         pass
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("agent-home")
-
-
-@pytest.fixture(scope="module")
-def agent(home: Path) -> Iterator[AgentInfo]:
-    info = start_agent(home, TOKEN)
-    yield info
-    _stop_agent(info)
-
-
-@pytest.fixture
-def client(agent: AgentInfo) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=agent.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
-        yield c
 
 
 def make_tar(files: dict[str, bytes]) -> bytes:

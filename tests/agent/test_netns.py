@@ -10,13 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 
-from dstack.agent.launcher import AgentInfo, start_agent
+from dstack.agent.launcher import start_agent
 from tests.agent.test_agent import TOKEN, _stop_agent, make_tar, pull, submit, text, wait_final
 
 
@@ -48,24 +48,6 @@ def netns_list() -> set[str]:
 
 def link_exists(name: str) -> bool:
     return subprocess.run(["ip", "link", "show", name], capture_output=True).returncode == 0
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("agent-netns-home")
-
-
-@pytest.fixture(scope="module")
-def agent(home: Path) -> Iterator[AgentInfo]:
-    info = start_agent(home, TOKEN)
-    yield info
-    _stop_agent(info)
-
-
-@pytest.fixture
-def client(agent: AgentInfo) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=agent.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
-        yield c
 
 
 def wait_running(client: httpx.Client, job_id: str, timeout: float = 30) -> dict[str, Any]:

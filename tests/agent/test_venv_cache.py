@@ -9,37 +9,19 @@ import time
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
 from dstack.agent import runner
-from dstack.agent.launcher import AgentInfo, start_agent
+from dstack.agent.launcher import start_agent
 from dstack.agent.venvs import LAST_USED, SETUP_LOCK, VenvFactory, last_used
 from tests.agent.test_agent import TOKEN, _stop_agent, make_tar, make_wheel, pull, submit, text, wait_final
 
 PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
 PKG = "dstackheavypkg"
 N_MODULES = 300  # enough files that installing (and byte-compiling) them is clearly slower than "already satisfied"
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("agent-venv-cache")
-
-
-@pytest.fixture(scope="module")
-def agent(home: Path) -> Iterator[AgentInfo]:
-    info = start_agent(home, TOKEN)
-    yield info
-    _stop_agent(info)
-
-
-@pytest.fixture
-def client(agent: AgentInfo) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=agent.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

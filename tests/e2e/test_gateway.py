@@ -16,7 +16,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 

@@ -1,6 +1,5 @@
 """Services end to end: real server, agent, replicas running the upstream apps, the proxy in between."""
 
-import json
 import threading
 import time
 from pathlib import Path

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from dstack.proxy.auth import bearer_token
 from dstack.proxy.forward import Proxy
-from dstack.proxy.http import Receive, Scope, Send, read_body, send_bytes, send_json
+from dstack.proxy.http import Receive, Scope, Send, read_body, send_json
 from dstack.proxy.registry import ReplicaState, ServiceState
 from dstack.proxy import tgi
 from dstack.proxy.upstream import Connection, UpstreamClosed, UpstreamConnectError, UpstreamError
