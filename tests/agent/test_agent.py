@@ -142,7 +142,9 @@ def test_many_lines_intact_and_ordered(client: httpx.Client) -> None:
     resp, records = run(client, [f"seq 1 {n}", "echo to-stderr >&2"], timeout=60)
     elapsed = time.monotonic() - t0
     assert resp["state"] == "done"
-    assert [r["seq"] for r in records] == list(range(1, n + 2))
+    # Dense sequence numbers; on a loaded host a line split across pipe reads may be flushed as
+    # two records (the 50 ms partial-line flush), so compare the text, not the record count.
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
     assert text(records) == "".join(f"{i}\n" for i in range(1, n + 1))
     assert text(records, "stderr") == "to-stderr\n"
     print(f"\n{n} lines stored and pulled in {elapsed:.2f} s")
