@@ -178,3 +178,43 @@ def test_invalid_configuration_over_http_names_the_field(server):
                    json={"run_spec": {"configuration": {"type": "task", "commands": ["true"], "resources": {"gpu": "A100:xx:yy"}}}})
     assert r.status_code == 400
     assert "resources.gpu" in r.json()["detail"][0]["msg"]
+
+
+def test_plan_forms_backends_and_repos(client, tmp_path):
+    task = Task(commands=["echo planned"], resources=SMALL)
+    plan = client.runs.get_plan(task, run_name="plan-015")  # dstack 0.15 style
+    assert plan.job_plans[0].offers[0].backend == "local"
+    run = client.runs.exec_plan(plan)
+    assert run.name == "plan-015"
+    run = client.runs.apply_configuration(Task(commands=["echo applied"], resources=SMALL), run_name="plan-now")
+    run.wait(timeout=60)
+    assert b"".join(run.logs()).decode().strip() == "applied"
+    assert [b["name"] for b in client.backends.list()] == ["local"]
+    assert client.repos.init(tmp_path)
+
+
+def test_seed_api_example_flow(client):
+    """The API page's example: submit, attach, stream logs, stop(abort=True), detach."""
+    import sys
+
+    task = Task(commands=["python -m http.server 8123"], ports=["8123"], env={"MODEL_ID": "x"})
+    with pytest.raises(ServerClientError):  # no GPU on this host: refused with what exists
+        client.runs.submit(run_name="my-awesome-run", configuration=task, resources=Resources(gpu=GPU(memory="24GB")))
+    run = client.runs.submit(run_name="my-awesome-run", configuration=task, resources=SMALL)
+    assert run.attach(timeout=60)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                if httpx.get("http://localhost:8123/", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        run.stop(abort=True)
+        for log in run.logs():
+            sys.stdout.buffer.write(log)
+        run.refresh()
+        assert run.status == RunStatus.TERMINATED
+    finally:
+        run.detach()
