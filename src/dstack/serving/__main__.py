@@ -26,6 +26,8 @@ def parse_args(argv: Optional[list[str]] = None) -> ServeConfig:
     ap.add_argument("--ctx-size", type=int, default=2048, help="max tokens per request (prompt + generated)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="max prompt tokens per sequence per step")
+    ap.add_argument("--kv-cache-type", choices=["q8_0", "f16"], default="q8_0",
+                    help="KV cache type; q8_0 keeps greedy results identical with and without batching")
     ap.add_argument("--model-id", default=None, help="name reported by /info and /v1/models")
     ap.add_argument("--verbose", action="store_true", help="show llama.cpp logs")
     a = ap.parse_args(argv)
@@ -43,6 +45,7 @@ def parse_args(argv: Optional[list[str]] = None) -> ServeConfig:
         ctx_size=a.ctx_size,
         threads=a.threads,
         prefill_chunk=a.prefill_chunk,
+        kv_cache_type=a.kv_cache_type,
         model_id=model_id,
         verbose=a.verbose,
     )

@@ -36,6 +36,7 @@ class ServeConfig:
     ctx_size: int = 2048  # per request: prompt + generated tokens (TGI's max_total_tokens)
     threads: Optional[int] = None
     prefill_chunk: int = 256
+    kv_cache_type: str = "q8_0"  # q8_0 keeps greedy output batch-invariant (see llama.py)
     model_id: Optional[str] = None
     verbose: bool = False
 
@@ -122,6 +123,7 @@ class Service:
                 n_seq_max=self.config.max_batch_size,
                 threads=self.config.threads,
                 verbose=self.config.verbose,
+                kv_type=self.config.kv_cache_type,
             )
             self.chat_template_source = template
             self.chat_template = ChatTemplate(template or CHATML_TEMPLATE, bos, eos)
