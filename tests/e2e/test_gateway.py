@@ -35,6 +35,11 @@ OPENAI_APP = '''
 import json, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+# The data plane barely touches the database: these run on SQLite only (the core suite, the CLI
+# and serverless queues also run on PostgreSQL).
+pytestmark = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+
+
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 

@@ -10,6 +10,11 @@ import pytest
 
 from dstack.api import Resources, RunStatus, Service
 
+# The data plane barely touches the database: these run on SQLite only (the core suite, the CLI
+# and serverless queues also run on PostgreSQL).
+pytestmark = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+
+
 APPS = Path(__file__).parent / "apps"
 # The upstream apps are tiny: they hold no dedicated CPU, so many replicas fit on a 2-core host.
 SMALL = Resources(cpu="0..1", memory="0.3GB")

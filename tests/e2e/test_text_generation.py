@@ -13,6 +13,11 @@ from text_generation import Client as TGIClient
 from dstack.api import CompletionService, CompletionTask, Resources
 from dstack.core.errors import ServerClientError
 
+# The data plane barely touches the database: these run on SQLite only (the core suite, the CLI
+# and serverless queues also run on PostgreSQL).
+pytestmark = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+
+
 MODEL = "SmolLM2-135M-Instruct"
 SMALL = Resources(cpu=1, memory="1GB")
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "text-generation" / "smollm2.dstack.yml"
