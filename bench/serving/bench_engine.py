@@ -136,8 +136,10 @@ async def run_level(url: str, c: int, n: int, rounds: int, extra: dict) -> Level
 def start(name: str, gguf: str, threads: int, llama_server: Optional[str], ctx: int) -> ServerProc:
     port = free_port()
     py = sys.executable
-    if name == "dstack":
+    if name in ("dstack", "dstack-passive"):
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        if name == "dstack-passive":  # OpenMP threads sleep at barriers instead of spinning
+            env["OMP_WAIT_POLICY"] = "passive"
         cmd = [py, "-m", "dstack.serving", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",
                "--max-batch-size", "16", "--max-concurrent-requests", "64", "--ctx-size", str(ctx),
                "--threads", str(threads)]
