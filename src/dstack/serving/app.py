@@ -85,8 +85,18 @@ def create_app(service: Service) -> FastAPI:
         "batching, behind the TGI and OpenAI HTTP APIs.",
         version=__version__,
         lifespan=lifespan,
+        docs_url=None,
     )
     app.state.service = service
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> Response:
+        """Swagger UI that also works behind dstack's proxy, which serves the engine under a
+        path prefix and says so in X-Forwarded-Prefix."""
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        prefix = request.headers.get("x-forwarded-prefix", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{prefix}{app.openapi_url}", title=f"{app.title} - docs")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
