@@ -215,13 +215,19 @@ class RunCollection:
         return self.apply_plan(plan)
 
     def list(self, all: bool = False, limit: int | None = None) -> list[Run]:
-        body = {"only_active": False, "limit": limit or (1000 if all else 100)}
-        runs = [Run(self._client, RunWire.model_validate(r)) for r in self._client.api.post(self._path("list"), body)]
-        if not all:
-            # Active runs, plus the latest finished ones so a just-finished run is still visible.
-            active = [r for r in runs if not r.status.is_finished()]
-            finished = [r for r in runs if r.status.is_finished()][: max(0, 5 - len(active)) or 1]
-            runs = active + finished
+        """All runs (newest first) with `all`; else the active ones plus the latest few, so a run
+        that just finished is still visible. The server filters: listing stays fast with
+        thousands of runs stored."""
+        def fetch(body: dict) -> "list[Run]":
+            return [Run(self._client, RunWire.model_validate(r)) for r in self._client.api.post(self._path("list"), body)]
+
+        if all:
+            return fetch({"only_active": False, "limit": limit or 1000})
+        runs = fetch({"only_active": True, "limit": limit or 1000})
+        if len(runs) < 5:
+            names = {r.name for r in runs}
+            runs += [r for r in fetch({"only_active": False, "limit": 5}) if r.name not in names][: 5 - len(runs)]
+            runs.sort(key=lambda r: r.submitted_at, reverse=True)
         return runs
 
     def get(self, run_name: str) -> Run | None:
