@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from dataclasses import asdict, dataclass, field, replace
 
 from dstack.core.errors import DstackError
 
@@ -34,8 +34,12 @@ class ConfigError(DstackError):
     """`config.yml` exists but cannot be read or is malformed."""
 
 
-class ProjectConfig(BaseModel):
-    """One project on one server, with the token of the user that talks to it."""
+@dataclass
+class ProjectConfig:
+    """One project on one server, with the token of the user that talks to it.
+
+    Plain dataclasses, not pydantic: every CLI command reads this file, and `dstack ps` must
+    not pay for importing pydantic."""
 
     name: str
     url: str
@@ -43,8 +47,27 @@ class ProjectConfig(BaseModel):
     default: bool = False
 
 
-class UserConfig(BaseModel):
-    projects: list[ProjectConfig] = Field(default_factory=list)
+@dataclass
+class UserConfig:
+    projects: list[ProjectConfig] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "UserConfig":
+        projects = data.get("projects") or []
+        if not isinstance(projects, list):
+            raise ValueError("`projects` must be a list")
+        out = []
+        for i, p in enumerate(projects):
+            if not isinstance(p, dict):
+                raise ValueError(f"projects[{i}] must be a mapping")
+            for key in ("name", "url", "token"):
+                if not isinstance(p.get(key), str) or not p[key]:
+                    raise ValueError(f"projects[{i}].{key} must be a non-empty string")
+            unknown = set(p) - {"name", "url", "token", "default"}
+            if unknown:
+                raise ValueError(f"projects[{i}]: unknown field {sorted(unknown)[0]!r}")
+            out.append(ProjectConfig(name=p["name"], url=p["url"], token=p["token"], default=bool(p.get("default", False))))
+        return cls(projects=out)
 
     def get(self, name: str) -> Optional[ProjectConfig]:
         return next((p for p in self.projects if p.name == name), None)
@@ -83,8 +106,8 @@ def load_config() -> UserConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with a `projects` list")
     try:
-        return UserConfig.model_validate(data)
-    except ValidationError as e:
+        return UserConfig.from_dict(data)
+    except ValueError as e:
         raise ConfigError(f"{path} is malformed: {e}") from e
 
 
@@ -92,7 +115,7 @@ def save_config(cfg: UserConfig) -> None:
     """Write atomically (temp file + rename) with mode 0600: the file holds tokens."""
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = cfg.model_dump(mode="json")
+    data = asdict(cfg)
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yml.tmp", dir=path.parent)
     try:
@@ -116,7 +139,7 @@ def add_project(name: str, url: str, token: str, default: bool = True) -> Projec
     project = ProjectConfig(name=name, url=url.rstrip("/"), token=token, default=default)
     projects = [p for p in cfg.projects if p.name != name]
     if default:
-        projects = [p.model_copy(update={"default": False}) for p in projects]
+        projects = [replace(p, default=False) for p in projects]
     projects.append(project)
     save_config(UserConfig(projects=projects))
     return project
