@@ -1,5 +1,6 @@
 """Shared fixtures: a real `dstack server` process on a free port in a temporary home."""
 
+import contextlib
 import json
 import os
 import signal
@@ -138,31 +139,37 @@ def make_server(tmp_path: Path, database: str = "sqlite", **extra_env) -> Server
     )
 
 
+#: short retry backoff and autoscaler window, so tests of those finish in seconds
+TEST_SERVER_ENV = {"DSTACK_SERVER_RETRY_DELAYS": "1,2,4", "DSTACK_SERVER_AUTOSCALER_WINDOW": "4"}
+
+
+@contextlib.contextmanager
+def running_server(tmp_path: Path, database: str = "sqlite", **extra_env):
+    """A started server that is stopped, and its agents killed, however the test ends."""
+    srv = make_server(tmp_path, database, **{**TEST_SERVER_ENV, **extra_env})
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        srv.kill_agents()
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def server(request, tmp_path_factory):
     """One server per test module and database (starting one costs seconds).
 
     Every test that uses it runs on SQLite and, when DSTACK_TEST_POSTGRES is set, on PostgreSQL.
     """
-    srv = make_server(tmp_path_factory.mktemp("server"), request.param, DSTACK_SERVER_RETRY_DELAYS="1,2,4", DSTACK_SERVER_AUTOSCALER_WINDOW="4")
-    srv.start()
-    try:
+    with running_server(tmp_path_factory.mktemp("server"), request.param) as srv:
         yield srv
-    finally:
-        srv.stop()
-        srv.kill_agents()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def fresh_server(request, tmp_path):
     """A server of the test's own, for tests that kill or restart it."""
-    srv = make_server(tmp_path, request.param, DSTACK_SERVER_RETRY_DELAYS="1,2,4", DSTACK_SERVER_AUTOSCALER_WINDOW="4")
-    srv.start()
-    try:
+    with running_server(tmp_path, request.param) as srv:
         yield srv
-    finally:
-        srv.stop()
-        srv.kill_agents()
 
 
 @pytest.fixture

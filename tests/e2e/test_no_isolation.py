@@ -5,18 +5,13 @@ import pytest
 
 from dstack.api import Resources, RunStatus, Service
 
-from tests.conftest import make_server
+from tests.conftest import running_server
 
 
 @pytest.fixture
 def plain_server(tmp_path):
-    srv = make_server(tmp_path, "sqlite", DSTACK_AGENT_NO_NETNS="1")
-    srv.start()
-    try:
+    with running_server(tmp_path, "sqlite", DSTACK_AGENT_NO_NETNS="1") as srv:
         yield srv
-    finally:
-        srv.stop()
-        srv.kill_agents()
 
 
 def test_second_replica_on_the_same_port_is_refused(plain_server):

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from dstack.api import Resources, RunStatus, Service
+from tests.e2e.util import wait_ready
 
 # The data plane barely touches the database: these run on SQLite only (the core suite, the CLI
 # and serverless queues also run on PostgreSQL).
@@ -24,20 +25,6 @@ def serve(client, name: str, mode: str, **kw) -> "object":
     conf = Service(commands=[f"python upstream.py {mode} 8000"], port=8000, resources=kw.pop("resources", SMALL), **kw)
     run = client.runs.submit(conf, run_name=name, repo_dir=APPS)
     return run
-
-
-def wait_ready(url: str, headers: dict | None = None, timeout: float = 60, path: str = "") -> httpx.Response:
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        try:
-            last = httpx.get(url + path, headers=headers, timeout=10)
-            if last.status_code == 200:
-                return last
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} not ready: {last.status_code if last else None} {last.text if last else ''}")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from text_generation import Client as TGIClient
 
 from dstack.api import CompletionService, CompletionTask, Resources
 from dstack.core.errors import ServerClientError
+from tests.e2e.util import wait_ready
 
 # The data plane barely touches the database: these run on SQLite only (the core suite, the CLI
 # and serverless queues also run on PostgreSQL).
@@ -24,15 +25,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "text-generation" /
 
 
 def wait_healthy(url: str, headers: dict, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "health", headers=headers, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} never became healthy")
+    wait_ready(url, headers, timeout=timeout, path="health")
 
 
 @pytest.fixture(scope="module")
