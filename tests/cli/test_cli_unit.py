@@ -121,15 +121,38 @@ class FakeRuns:
     def list(self, all: bool = False, limit: Optional[int] = None) -> list[Any]:
         return self.listed
 
+    def wire(self) -> list[dict]:
+        """`listed` as the server's runs/list JSON, which `dstack ps` reads directly."""
+        return [
+            {"run_name": r.name, "status": r.status.value, "submitted_at": r.submitted_at.isoformat(),
+             "error": r.error, "termination_reason": None, "extra": {},
+             "service": {"url": r.service_url} if r.service_url else None,
+             "jobs": [j.model_dump(mode="json") for j in r.jobs]}
+            for r in self.listed
+        ]
+
+
     def get(self, name: str) -> Optional[FakeRun]:
         if self.run is not None and self.run.name == name:
             return self.run
         return None
 
 
+class FakeAPI:
+    """Answers `runs/list` like the server, from the fake runs."""
+
+    def __init__(self, runs: FakeRuns) -> None:
+        self.runs = runs
+
+    def post(self, path: str, body: dict) -> list[dict]:
+        assert path == "/api/project/main/runs/list"
+        return self.runs.wire()
+
+
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
-    client = SimpleNamespace(project="main", runs=FakeRuns(), repos=SimpleNamespace(init=lambda repo_dir=".": None))
+    runs = FakeRuns()
+    client = SimpleNamespace(project="main", runs=runs, api=FakeAPI(runs), repos=SimpleNamespace(init=lambda repo_dir=".": None))
     monkeypatch.setattr(common, "get_client", lambda project: client)
     monkeypatch.setattr(common, "_consoles", {})
     monkeypatch.setattr("dstack.cli.attach.POLL_SECONDS", 0)

@@ -49,15 +49,22 @@ class APIClient:
                 data = resp.read()
                 break
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
-                conn.close()
-                self._local.conn = None
+                self._drop(conn)
                 if attempt == 1:  # a kept-alive connection the server closed: retry once on a new one
                     raise ClientError(f"cannot reach the dstack server at {self.base_url}: {e}") from e
             except (OSError, http.client.HTTPException) as e:
-                conn.close()
-                self._local.conn = None
+                self._drop(conn)
                 raise ClientError(f"cannot reach the dstack server at {self.base_url}: {e}") from e
+            except BaseException:
+                # Interrupted mid-request (Ctrl-C during a long poll): the connection is in an
+                # unknown state, so the next request must not reuse it.
+                self._drop(conn)
+                raise
         return _result(resp.status, resp.reason, data)
+
+    def _drop(self, conn: http.client.HTTPConnection) -> None:
+        conn.close()
+        self._local.conn = None
 
     def post(self, path: str, json: Any = None, timeout: float | None = None, content: bytes | None = None,
              params: dict | None = None) -> Any:

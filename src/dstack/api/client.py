@@ -2,22 +2,49 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+from typing import TYPE_CHECKING
+
 from dstack.api._http import APIClient
 from dstack.api.config import get_project
-from dstack.api.gateways import GatewayCollection
-from dstack.api.repos import BackendCollection, RepoCollection
-from dstack.api.runs import RunCollection
 from dstack.core.errors import ClientError
+
+if TYPE_CHECKING:
+    from dstack.api.gateways import GatewayCollection
+    from dstack.api.repos import BackendCollection, RepoCollection
+    from dstack.api.runs import RunCollection
 
 
 class Client:
+    """The collections load on first use: read-only CLI commands never import the models."""
+
     def __init__(self, api: APIClient, project_name: str) -> None:
         self.api = api
         self.project = project_name
-        self.runs = RunCollection(self)
-        self.repos = RepoCollection(self)
-        self.backends = BackendCollection(self)
-        self.gateways = GatewayCollection(self)
+
+    @cached_property
+    def runs(self) -> "RunCollection":
+        from dstack.api.runs import RunCollection
+
+        return RunCollection(self)
+
+    @cached_property
+    def repos(self) -> "RepoCollection":
+        from dstack.api.repos import RepoCollection
+
+        return RepoCollection(self)
+
+    @cached_property
+    def backends(self) -> "BackendCollection":
+        from dstack.api.repos import BackendCollection
+
+        return BackendCollection(self)
+
+    @cached_property
+    def gateways(self) -> "GatewayCollection":
+        from dstack.api.gateways import GatewayCollection
+
+        return GatewayCollection(self)
 
     @property
     def project_name(self) -> str:

@@ -215,20 +215,11 @@ class RunCollection:
         return self.apply_plan(plan)
 
     def list(self, all: bool = False, limit: int | None = None) -> list[Run]:
-        """All runs (newest first) with `all`; else the active ones plus the latest few, so a run
-        that just finished is still visible. The server filters: listing stays fast with
-        thousands of runs stored."""
-        def fetch(body: dict) -> "list[Run]":
-            return [Run(self._client, RunWire.model_validate(r)) for r in self._client.api.post(self._path("list"), body)]
+        """All runs (newest first) with `all`; else the active ones plus the latest few."""
+        from dstack.api.listing import list_runs_json
 
-        if all:
-            return fetch({"only_active": False, "limit": limit or 1000})
-        runs = fetch({"only_active": True, "limit": limit or 1000})
-        if len(runs) < 5:
-            names = {r.name for r in runs}
-            runs += [r for r in fetch({"only_active": False, "limit": 5}) if r.name not in names][: 5 - len(runs)]
-            runs.sort(key=lambda r: r.submitted_at, reverse=True)
-        return runs
+        return [Run(self._client, RunWire.model_validate(d))
+                for d in list_runs_json(self._client, all=all, limit=limit)]
 
     def get(self, run_name: str) -> Run | None:
         from dstack.core.errors import ServerClientError

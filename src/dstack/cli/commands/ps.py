@@ -97,13 +97,13 @@ def rows(runs: list[Any]) -> Iterator[Row]:
         if url:
             yield [(f"  {url}", "dim")] + [_EMPTY] * 7
         endpoint_url = getattr(run, "endpoint_url", None)
-        if endpoint_url and not run.status.is_finished():
+        if endpoint_url and not run.is_finished():
             yield [(f"  {endpoint_url}  {_queue_summary(run)}", "dim")] + [_EMPTY] * 7
 
 
 def _queue_summary(run: Any) -> str:
     """Serverless endpoints: workers by state and queue depth."""
-    extra = run._run.extra
+    extra = run.extra
     workers = extra.get("workers") or {}
     jobs = extra.get("jobs") or {}
     states = ", ".join(f"{k} {v}" for k, v in workers.items() if v and k != "ready") or "none"
@@ -121,7 +121,9 @@ def build_table(runs: list[Any], verbose: bool, color: bool = False) -> str:
 
 
 def _fetch(client: Any, args: argparse.Namespace) -> list[Any]:
-    return list(client.runs.list(all=args.all, limit=args.last))
+    from dstack.api.listing import list_run_views
+
+    return list_run_views(client, all=args.all, limit=args.last)
 
 
 def cmd_ps(args: argparse.Namespace) -> int:

@@ -120,13 +120,9 @@ class InstanceResources(BaseModel):
     gpus: list[dict[str, Any]] = Field(default_factory=list)  # {index, name, memory_mib, vendor}
 
     def pretty(self) -> str:
-        parts = [f"{self.cpus}xCPU", f"{self.memory_mib / 1024:.0f}GB"]
-        if self.gpus:
-            names = {g["name"] for g in self.gpus}
-            mem = self.gpus[0].get("memory_mib", 0) / 1024
-            parts.append(f"{len(self.gpus)}x{'/'.join(sorted(names))} ({mem:.0f}GB)")
-        parts.append(f"{self.disk_mib / 1024:.0f}GB (disk)")
-        return ", ".join(parts)
+        from dstack.core.models.views import pretty_resources
+
+        return pretty_resources(self.cpus, self.memory_mib, self.disk_mib, self.gpus)
 
 
 class InstanceOffer(BaseModel):
