@@ -35,10 +35,6 @@ OPENAI_APP = '''
 import json, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-# The data plane barely touches the database: these run on SQLite only (the core suite, the CLI
-# and serverless queues also run on PostgreSQL).
-pytestmark = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
-
 
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -168,7 +164,7 @@ def describe(run) -> str:
     run.refresh()
     subs = [(s.status.value, s.termination_reason, s.termination_reason_message, s.exit_status)
             for j in run.jobs for s in j.job_submissions]
-    logs = b"".join(run.logs()).decode(errors="replace")[-1500:]
+    logs = b"".join(run.logs(follow=False)).decode(errors="replace")[-1500:]
     return f"run {run.name}: {run.status.value} {run.error} {subs}\n{logs}"
 
 
@@ -287,6 +283,7 @@ def test_gateway_end_to_end(gw_server, tmp_path):
     again.stop(abort=True)
 
 
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)  # validation only: no database specifics
 def test_gateway_create_validation(server, tmp_path):
     client = server.client()
     (tmp_path / "only.crt").write_text("x")
