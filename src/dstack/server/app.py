@@ -4,33 +4,30 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from dstack.core.errors import ConfigurationError
+from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
 from dstack.server import bootstrap, migrate
 from dstack.server.background.pipeline import Pipeline
 from dstack.server.backends.local import LocalBackend
-from dstack.server.db import Database, set_database
+from dstack.server.db import Database, get_database, set_database
 from dstack.server.errors import ServerClientError
 from dstack.server.gateways import router as gateways_router
 from dstack.server.gateways.manager import GatewayManager
+from dstack.server.models import UserModel
 from dstack.server.routers import projects, repos, runs, users
+from dstack.server.security import authenticate, project_for_member, require_user
 from dstack.server.services.instances import InstanceManager
 from dstack.server.services.logs import LogNotifier
 from dstack.server.services.runs import run_to_wire
-from dstack.server.services.services import ServiceManager
 from dstack.server.services.serverless_workers import JobWorkerLauncher, ServerlessBridge
+from dstack.server.services.services import ServiceManager
+from dstack.server.settings import ServerSettings
 from dstack.serverless.router import router as serverless_router
 from dstack.serverless.service import ServerlessService
-from dstack.server.settings import ServerSettings
-from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
-from dstack.server.db import get_database
-from dstack.server.models import UserModel
-from dstack.server.security import authenticate, project_for_member, require_user
-from fastapi import Depends
-from fastapi.responses import PlainTextResponse
 from dstack.version import __version__
 
 logger = logging.getLogger(__name__)

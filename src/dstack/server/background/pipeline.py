@@ -37,6 +37,7 @@ from dstack.server.services.jobs import dstack_env, nodes_count
 from dstack.server.services.logs import LogNotifier
 from dstack.server.services.runs import (
     held_reservations,
+    latest_jobs,
     instance_resources,
     list_instances,
     mark_job_terminating,
@@ -375,12 +376,16 @@ class Pipeline:
     # --- stopping -------------------------------------------------------------------------
 
     async def _terminate(self, session, job: JobModel) -> None:
-        if job.instance_id is None or job.agent_state is None and job.id not in self._provisioning:
-            if job.instance_id is None or job.agent_state is None:
-                job.status = JobTerminationReason(job.termination_reason or "terminated_by_server").to_status().value
-                job.finished_at = utcnow()
-                await session.commit()
-                return
+        if job.id in self._provisioning:
+            # The agent may not know the job yet: a stop now would be lost and the job would then
+            # start. The next pass, once provisioning has finished, sends it.
+            return
+        if job.instance_id is None or job.agent_state is None:
+            # Never reached an agent: nothing runs, the job ends here.
+            job.status = JobTerminationReason(job.termination_reason or "terminated_by_server").to_status().value
+            job.finished_at = utcnow()
+            await session.commit()
+            return
         if job.id in self._stops_sent:
             return
         self._stops_sent.add(job.id)
@@ -403,7 +408,7 @@ class Pipeline:
 
     def _resubmit(self, session, run: RunModel) -> None:
         conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
-        latest = _latest_jobs(run)
+        latest = latest_jobs(run)
         for (replica_num, _), job in sorted(latest.items()):
             if job.status != JobStatus.DONE.value:
                 for new in new_jobs(run, conf, replica_num, submission_num=job.submission_num + 1):
@@ -415,7 +420,7 @@ class Pipeline:
         run.last_processed_at = utcnow()
 
     async def _update_run_status(self, session, run: RunModel) -> float | None:
-        latest = list(_latest_jobs(run).values())
+        latest = list(latest_jobs(run).values())
         statuses = [JobStatus(j.status) for j in latest]
         old = run.status
         if run.status == RunStatus.TERMINATING.value:
@@ -503,17 +508,15 @@ class Pipeline:
                             run.jobs.append(new)
                     run.resubmission_attempt += 1
                     logger.info("replacing failed replica %s of %s", job.replica_num, run.run_name)
-        statuses = [JobStatus(j.status) for j in _latest_jobs(run).values()]
+        statuses = [JobStatus(j.status) for j in latest_jobs(run).values()]
         if any(s == JobStatus.RUNNING for s in statuses):
             run.status = RunStatus.RUNNING.value
         elif any(s in (JobStatus.PROVISIONING, JobStatus.PULLING) for s in statuses):
             run.status = RunStatus.PROVISIONING.value
         elif run.desired_replica_count == 0:
             run.status = RunStatus.RUNNING.value  # scaled to zero; a request wakes it
-        elif any(s == JobStatus.SUBMITTED for s in statuses) and run.status == RunStatus.SUBMITTED.value:
-            pass
-        else:
-            run.status = RunStatus.PROVISIONING.value if run.status != RunStatus.SUBMITTED.value else run.status
+        elif run.status != RunStatus.SUBMITTED.value:
+            run.status = RunStatus.PROVISIONING.value  # replicas being replaced or waiting for capacity
 
     def _should_retry(self, run: RunModel, job: JobModel) -> bool:
         conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
@@ -563,15 +566,6 @@ async def _port_conflict(session, inst: InstanceModel, spec: JobSpec) -> str | N
 
 def _run_type(run: RunModel) -> str:
     return json.loads(run.run_spec)["configuration"].get("type", "task")
-
-
-def _latest_jobs(run: RunModel) -> dict[tuple[int, int], JobModel]:
-    latest: dict[tuple[int, int], JobModel] = {}
-    for job in run.jobs:
-        key = (job.replica_num, job.job_num)
-        if key not in latest or job.submission_num > latest[key].submission_num:
-            latest[key] = job
-    return latest
 
 
 def _job_error(job: JobModel) -> str:

@@ -248,6 +248,16 @@ def new_jobs(run: RunModel, conf: BaseRunConfiguration, replica_num: int, submis
     return out
 
 
+def latest_jobs(run: RunModel) -> dict[tuple[int, int], JobModel]:
+    """The latest submission of each job, keyed by (replica_num, job_num)."""
+    latest: dict[tuple[int, int], JobModel] = {}
+    for job in run.jobs:
+        key = (job.replica_num, job.job_num)
+        if key not in latest or job.submission_num > latest[key].submission_num:
+            latest[key] = job
+    return latest
+
+
 async def reload_run(session: AsyncSession, run_id: str) -> RunModel:
     result = await session.execute(
         select(RunModel).where(RunModel.id == run_id).execution_options(populate_existing=True)

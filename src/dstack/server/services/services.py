@@ -6,6 +6,7 @@ proxy's request counts. Replica jobs themselves are started and stopped by the p
 """
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ from dstack.core.models.runs import JobProvisioningData, JobStatus, JobTerminati
 from dstack.proxy import ModelInfo, Replica, ServiceInfo, ServiceRegistry
 from dstack.server.db import Database
 from dstack.server.models import JobModel, RunModel, utcnow
-from dstack.server.services.runs import mark_job_terminating, new_jobs, parse_configuration
+from dstack.server.services.runs import latest_jobs, mark_job_terminating, new_jobs, parse_configuration
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +42,9 @@ class ServiceState:
     draining: dict[str, float] = field(default_factory=dict)  # job id → when draining began
 
 
-def latest_jobs(run: RunModel) -> dict[int, JobModel]:
-    """The latest submission of each replica."""
-    out: dict[int, JobModel] = {}
-    for job in run.jobs:
-        cur = out.get(job.replica_num)
-        if cur is None or job.submission_num > cur.submission_num:
-            out[job.replica_num] = job
-    return out
+def latest_replicas(run: RunModel) -> dict[int, JobModel]:
+    """The latest submission of each replica (a service replica is a single job)."""
+    return {replica: job for (replica, _), job in latest_jobs(run).items()}
 
 
 def model_info(conf: ServiceConfiguration, meta: dict | None) -> ModelInfo | None:
@@ -126,10 +122,8 @@ class ServiceManager:
                 self._forget(run_id)
                 return
             conf = parse_configuration(run_spec)
-            import json
-
             meta = json.loads(run.service_spec).get("model_meta") if run.service_spec else None
-            jobs = [j for j in latest_jobs(run).values() if j.status == JobStatus.RUNNING.value]
+            jobs = [j for j in latest_replicas(run).values() if j.status == JobStatus.RUNNING.value]
             endpoints = {}
             for job in jobs:
                 jpd = JobProvisioningData.model_validate_json(job.job_provisioning_data)
@@ -263,7 +257,7 @@ class ServiceManager:
         logger.info("scaling %s from %s to %s replicas", run.run_name, run.desired_replica_count, desired)
         run.desired_replica_count = desired
         state.last_scaled_at = time.monotonic()
-        latest = latest_jobs(run)
+        latest = latest_replicas(run)
         active = {n: j for n, j in latest.items() if not JobStatus(j.status).is_finished()
                   and j.status != JobStatus.TERMINATING.value and j.id not in state.draining}
         if len(active) < desired:
