@@ -104,6 +104,8 @@ class ServerProcess:
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
             except (OSError, ValueError, KeyError):
                 pass
+        # warm-start zygotes of this home's venvs (they idle out after 30 min otherwise)
+        subprocess.run(["pkill", "-f", f"{self.home}/.*prewarm/zygote.py"], check=False)
 
 
 def _database_url(tmp: Path, database: str = "sqlite") -> str | None:
@@ -175,3 +177,16 @@ def fresh_server(request, tmp_path):
 @pytest.fixture
 def client(server):
     return server.client()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test that used a server shows the end of that server's log (CI keeps no files)."""
+    report = yield
+    if report.when == "call" and report.failed:
+        for name in ("server", "fresh_server"):
+            srv = item.funcargs.get(name) if hasattr(item, "funcargs") else None
+            if isinstance(srv, ServerProcess):
+                tail = "\n".join(p.read_text(errors="replace")[-12000:] for p in sorted(srv.home.glob("server-*.log"))[-1:])
+                report.sections.append((f"{name} log (last 12 kB)", tail))
+    return report

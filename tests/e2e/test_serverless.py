@@ -234,12 +234,18 @@ def test_scale_out_under_burst_then_back_to_zero(server, echo, sdk):
     t0 = time.time()
     seen_workers = set()
 
-    def done():
-        states = [httpx.get(f"{url}/status/{i}", headers=hdr).json() for i in ids]
-        seen_workers.update(s.get("workerId") for s in states if s.get("workerId"))
-        return all(s["status"] == "COMPLETED" for s in states)
+    states: list[dict] = []
 
-    wait_until(done, 120, "the burst to finish", interval=0.5)
+    def settled():
+        states[:] = [httpx.get(f"{url}/status/{i}", headers=hdr).json() for i in ids]
+        seen_workers.update(s.get("workerId") for s in states if s.get("workerId"))
+        return all(s["status"] not in ("IN_QUEUE", "IN_PROGRESS") for s in states)
+
+    try:
+        wait_until(settled, 120, "the burst to finish", interval=0.5)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; jobs: {states}; health: {health(server, echo)}") from None
+    assert all(s["status"] == "COMPLETED" for s in states), states
     print(f"\nburst of 4 x 8 s jobs finished {time.time() - t0:.1f} s after scale-out on {len(seen_workers)} workers")
     assert len(seen_workers) >= 2
     # idle for 3 s -> stopped; the worker jobs end and the endpoint is back at zero

@@ -78,6 +78,20 @@ def test_stop_and_abort(client):
     assert aborted.jobs[0].job_submissions[-1].termination_reason == JobTerminationReason.ABORTED_BY_USER
 
 
+def test_stop_right_after_submit_is_not_lost(client):
+    # The stop lands while the pipeline is placing the job or reporting it running: the
+    # pipeline's older view of the run must not overwrite it.
+    runs = [client.runs.submit(Task(commands=["sleep 120"], resources=Resources(cpu=0, memory="0.1GB"))) for _ in range(3)]
+    for i, run in enumerate(runs):
+        if i:
+            time.sleep(0.05 * i)  # a little later each time: before, during and after placement
+        run.stop()
+    for run in runs:
+        wait_for(run, [], timeout=30)
+        assert run.status == RunStatus.TERMINATED, run.status
+        assert run.jobs[0].job_submissions[-1].termination_reason == JobTerminationReason.TERMINATED_BY_USER
+
+
 def test_max_duration(client):
     run = client.runs.submit(Task(commands=["sleep 60"], max_duration="2s", resources=SMALL))
     t0 = time.time()

@@ -1,10 +1,17 @@
 """Database engine and sessions: SQLite by default, PostgreSQL when DSTACK_DATABASE_URL says so."""
 
-from collections.abc import AsyncIterator
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm.exc import StaleDataError
+
+T = TypeVar("T")
+CONFLICT_ATTEMPTS = 20
 
 
 class Base(DeclarativeBase):
@@ -32,6 +39,25 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+async def retry_on_conflict(session: AsyncSession, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` (reads, decisions, commit) again on fresh rows when another writer got there first.
+
+    Runs and jobs carry a version column: an UPDATE built from rows someone else has changed
+    since they were read matches nothing and raises StaleDataError instead of silently
+    overwriting, say, a user's stop with the pipeline's older view of the run. Rolling back
+    expires every loaded row, so the next attempt decides again from what is committed now.
+    """
+    for attempt in range(CONFLICT_ATTEMPTS):
+        try:
+            return await work()
+        except StaleDataError:
+            await session.rollback()
+            if attempt == CONFLICT_ATTEMPTS - 1:
+                raise
+            await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+    raise AssertionError("unreachable")
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

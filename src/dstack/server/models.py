@@ -121,6 +121,8 @@ class RunModel(Base):
     resubmission_attempt: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(_dt(), nullable=True)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: bumped by every UPDATE; see `db.retry_on_conflict`
+    version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
     project: Mapped[ProjectModel] = relationship(lazy="joined")
     user: Mapped[UserModel] = relationship(lazy="joined")
     jobs: Mapped[list["JobModel"]] = relationship(
@@ -132,6 +134,7 @@ class RunModel(Base):
         Index("ix_runs_status", "status"),
         Index("ix_runs_project_name", "project_id", "run_name"),
     )
+    __mapper_args__ = {"version_id_col": version}
 
 
 class JobModel(Base):
@@ -158,6 +161,7 @@ class JobModel(Base):
     agent_state: Mapped[str | None] = mapped_column(String(20), nullable=True)
     log_cursor: Mapped[int] = mapped_column(BigInteger, default=0)
     stop_requested: Mapped[str | None] = mapped_column(String(20), nullable=True)  # stop | abort
+    version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
     run: Mapped[RunModel] = relationship(back_populates="jobs")
 
     __table_args__ = (
@@ -165,6 +169,7 @@ class JobModel(Base):
         Index("ix_jobs_run", "run_id"),
         Index("ix_jobs_instance", "instance_id"),
     )
+    __mapper_args__ = {"version_id_col": version}
 
 
 class JobLogModel(Base):

@@ -29,7 +29,7 @@ from dstack.core.models.runs import (
     RunTerminationReason,
 )
 from dstack.server.agent_client import AgentError
-from dstack.server.db import Database
+from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import CodeModel, InstanceModel, JobLogModel, JobModel, RepoModel, RunModel, utcnow
 from dstack.server.services import offers
 from dstack.server.services.instances import InstanceManager
@@ -126,41 +126,46 @@ class Pipeline:
 
     async def _process_run(self, run_id: str) -> float | None:
         async with self.db.session() as session:
-            run = (await session.execute(select(RunModel).where(RunModel.id == run_id))).scalar_one()
-            deadline = None
-            if run.status == RunStatus.PENDING.value:
-                due = _aware(run.next_attempt_at)
-                if due is not None and due > utcnow():
-                    return due.timestamp()
-                self._resubmit(session, run)
-                await session.commit()
-            changed = False
-            for job in list(run.jobs):
-                status = JobStatus(job.status)
-                if status == JobStatus.SUBMITTED:
-                    d = await self._try_assign(session, run, job)
-                    deadline = _min(deadline, d)
-                elif status == JobStatus.TERMINATING:
-                    await self._terminate(session, job)
-                elif status in (JobStatus.PROVISIONING, JobStatus.PULLING, JobStatus.RUNNING):
-                    d = self._check_max_duration(job)
-                    if d == 0:
-                        mark_job_terminating(job, JobTerminationReason.MAX_DURATION_EXCEEDED)
-                        changed = True
-                    else:
-                        deadline = _min(deadline, d)
-                    self._ensure_running_on_agent(job)
-            if changed:
-                await session.commit()
-            old_status = run.status
-            d = await self._update_run_status(session, run)
-            deadline = _min(deadline, d)
+            return await retry_on_conflict(session, lambda: self._process_run_once(session, run_id))
+
+    async def _process_run_once(self, session, run_id: str) -> float | None:
+        """Every step decides from the rows as read and commits; a concurrent change (a stop, an
+        agent report) makes the commit fail and the whole pass run again on fresh rows."""
+        run = (await session.execute(select(RunModel).where(RunModel.id == run_id))).scalar_one()
+        deadline = None
+        if run.status == RunStatus.PENDING.value:
+            due = _aware(run.next_attempt_at)
+            if due is not None and due > utcnow():
+                return due.timestamp()
+            self._resubmit(session, run)
             await session.commit()
-            if run.status != old_status:
-                self.notifier.notify(run.id)
-                for listener in self.run_listeners:
-                    listener(run.id)
-            return deadline
+        changed = False
+        for job in list(run.jobs):
+            status = JobStatus(job.status)
+            if status == JobStatus.SUBMITTED:
+                d = await self._try_assign(session, run, job)
+                deadline = _min(deadline, d)
+            elif status == JobStatus.TERMINATING:
+                await self._terminate(session, job)
+            elif status in (JobStatus.PROVISIONING, JobStatus.PULLING, JobStatus.RUNNING):
+                d = self._check_max_duration(job)
+                if d == 0:
+                    mark_job_terminating(job, JobTerminationReason.MAX_DURATION_EXCEEDED)
+                    changed = True
+                else:
+                    deadline = _min(deadline, d)
+                self._ensure_running_on_agent(job)
+        if changed:
+            await session.commit()
+        old_status = run.status
+        d = await self._update_run_status(session, run)
+        deadline = _min(deadline, d)
+        await session.commit()
+        if run.status != old_status:
+            self.notifier.notify(run.id)
+            for listener in self.run_listeners:
+                listener(run.id)
+        return deadline
 
     # --- assignment -----------------------------------------------------------------------
 
@@ -273,10 +278,14 @@ class Pipeline:
             await client.submit(submission)
             await client.upload_code(job_id, code)
             result = await client.start(job_id)
-            async with self.db.session() as session:
+
+            async def note_started() -> None:
                 job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
                 job.agent_state = result.get("state", "submitted")
                 await session.commit()
+
+            async with self.db.session() as session:
+                await retry_on_conflict(session, note_started)
             self._spawn_watcher(job_id)
         except (AgentError, httpx.HTTPError) as e:
             logger.warning("provisioning job %s failed: %s", job_id, e)
@@ -317,26 +326,9 @@ class Pipeline:
                 state = resp["state"]
                 final = state in ("done", "failed", "terminated", "aborted")
                 records = resp.get("logs", [])
+                state_changed = state != known
                 async with self.db.session() as session:
-                    job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
-                    if records:
-                        session.add_all(
-                            JobLogModel(job_id=job_id, timestamp=r["ts"], stream=r["stream"], data=base64.b64decode(r["data"]))
-                            for r in records
-                        )
-                        job.log_cursor = resp["next_cursor"]
-                    state_changed = state != known
-                    if state_changed and not (final and records):
-                        # A final state is applied only once every log record is stored.
-                        _apply_agent_state(job, resp)
-                        job.agent_state = state
-                        if resp.get("address") and job.job_provisioning_data:
-                            jpd = JobProvisioningData.model_validate_json(job.job_provisioning_data)
-                            if jpd.address != resp["address"]:
-                                jpd.address = resp["address"]
-                                jpd.network = resp.get("network", jpd.network)
-                                job.job_provisioning_data = jpd.model_dump_json()
-                    await session.commit()
+                    await retry_on_conflict(session, lambda: _store_report(session, job_id, resp, records, state_changed and not (final and records)))
                 cursor = resp["next_cursor"] if records else cursor
                 if records:
                     self.notifier.notify(run_id)
@@ -358,19 +350,24 @@ class Pipeline:
                 self._watchers.pop(job_id, None)
 
     async def _finish_job(self, job_id: str, status: JobStatus, reason: JobTerminationReason, message: str) -> None:
-        async with self.db.session() as session:
+        async def finish() -> str | None:
             job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
             if JobStatus(job.status).is_finished():
-                return
+                return None
             if job.termination_reason and job.status == JobStatus.TERMINATING.value:
-                status = JobTerminationReason(job.termination_reason).to_status()
+                job.status = JobTerminationReason(job.termination_reason).to_status().value
             else:
                 job.termination_reason = reason.value
                 job.termination_reason_message = message
-            job.status = status.value
+                job.status = status.value
             job.finished_at = utcnow()
             await session.commit()
-            self.notifier.notify(job.run_id)
+            return job.run_id
+
+        async with self.db.session() as session:
+            run_id = await retry_on_conflict(session, finish)
+        if run_id is not None:
+            self.notifier.notify(run_id)
         self.wake()
 
     # --- stopping -------------------------------------------------------------------------
@@ -572,6 +569,28 @@ def _job_error(job: JobModel) -> str:
     if job.exit_status is not None:
         return f"exit status {job.exit_status}"
     return job.termination_reason_message or job.termination_reason or "failed"
+
+
+async def _store_report(session, job_id: str, resp: dict, records: list[dict], apply_state: bool) -> None:
+    """Store an agent report: new log records, and the job's new state once every record of a
+    final state is stored."""
+    job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+    if records:
+        session.add_all(
+            JobLogModel(job_id=job_id, timestamp=r["ts"], stream=r["stream"], data=base64.b64decode(r["data"]))
+            for r in records
+        )
+        job.log_cursor = resp["next_cursor"]
+    if apply_state:
+        _apply_agent_state(job, resp)
+        job.agent_state = resp["state"]
+        if resp.get("address") and job.job_provisioning_data:
+            jpd = JobProvisioningData.model_validate_json(job.job_provisioning_data)
+            if jpd.address != resp["address"]:
+                jpd.address = resp["address"]
+                jpd.network = resp.get("network", jpd.network)
+                job.job_provisioning_data = jpd.model_dump_json()
+    await session.commit()
 
 
 def _apply_agent_state(job: JobModel, resp: dict) -> None:

@@ -5,7 +5,7 @@ from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.models.runs import RunPlan, RunSpec
-from dstack.server.db import get_session
+from dstack.server.db import get_database, get_session
 from dstack.server.models import UserModel
 from dstack.server.routers.projects import user_projects
 from dstack.server.security import require_project_member, require_user
@@ -89,11 +89,11 @@ async def apply(body: ApplyRequest, request: Request, member=Depends(require_pro
     plan = body.plan if isinstance(body.plan, dict) else body.plan.model_dump(mode="json")
     run_spec = RunSpec.model_validate(plan["run_spec"])
     user, project = member
-    if run_spec.run_name:
+    if run_spec.run_name and body.force:
         existing = await runs_service.find_run(session, project, run_spec.run_name)
-        if existing is not None and body.force and not runs_service.RunStatus(existing.status).is_finished():
-            runs_service.request_stop(existing, abort=True)
-            await session.commit()
+        if existing is not None and not runs_service.RunStatus(existing.status).is_finished():
+            await runs_service.stop_runs(get_database(), project, [run_spec.run_name], abort=True)
+            await session.commit()  # ends this session's read, so the submission sees the stop
     return await _submit(request, session, member, run_spec)
 
 
@@ -117,13 +117,13 @@ async def get_run(body: RunNameRequest, request: Request, member=Depends(require
 
 @router.post("/api/project/{project_name}/runs/stop")
 async def stop_runs(body: StopRunsRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> None:
-    await runs_service.stop_runs(session, member[1], body.runs_names, body.abort)
+    await runs_service.stop_runs(get_database(), member[1], body.runs_names, body.abort)
     request.app.state.pipeline.wake()
 
 
 @router.post("/api/project/{project_name}/runs/delete")
 async def delete_runs(body: DeleteRunsRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> None:
-    await runs_service.delete_runs(session, member[1], body.runs_names)
+    await runs_service.delete_runs(get_database(), member[1], body.runs_names)
 
 
 @router.post("/api/project/{project_name}/logs/poll")

@@ -31,6 +31,7 @@ from dstack.core.models.runs import (
     RunTerminationReason,
     ServiceSpec,
 )
+from dstack.server.db import Database, retry_on_conflict
 from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
 from dstack.server.gateways.models import GatewayModel
 from dstack.server.gateways.urls import resolve_gateway, service_urls
@@ -282,16 +283,17 @@ async def list_runs(
     return list((await session.execute(query)).scalars())
 
 
-async def stop_runs(session: AsyncSession, project: ProjectModel, names: list[str], abort: bool) -> list[RunModel]:
-    stopped = []
-    for name in names:
-        run = await get_run(session, project, name)
-        if RunStatus(run.status).is_finished():
-            continue
-        request_stop(run, abort)
-        stopped.append(run)
-    await session.commit()
-    return stopped
+async def stop_runs(db: Database, project: ProjectModel, names: list[str], abort: bool) -> None:
+    """In a session of its own: a retry after a conflict expires every row the session holds."""
+    async def stop() -> None:
+        for name in names:
+            run = await get_run(session, project, name)
+            if not RunStatus(run.status).is_finished():
+                request_stop(run, abort)
+        await session.commit()
+
+    async with db.session() as session:
+        await retry_on_conflict(session, stop)
 
 
 def request_stop(run: RunModel, abort: bool) -> None:
@@ -313,13 +315,17 @@ def mark_job_terminating(job: JobModel, reason: JobTerminationReason, abort: boo
     job.last_processed_at = utcnow()
 
 
-async def delete_runs(session: AsyncSession, project: ProjectModel, names: list[str]) -> None:
-    for name in names:
-        run = await get_run(session, project, name)
-        if not RunStatus(run.status).is_finished():
-            raise ServerClientError(f"run '{name}' is {run.status}; stop it before deleting")
-        run.deleted = True
-    await session.commit()
+async def delete_runs(db: Database, project: ProjectModel, names: list[str]) -> None:
+    async def delete() -> None:
+        for name in names:
+            run = await get_run(session, project, name)
+            if not RunStatus(run.status).is_finished():
+                raise ServerClientError(f"run '{name}' is {run.status}; stop it before deleting")
+            run.deleted = True
+        await session.commit()
+
+    async with db.session() as session:
+        await retry_on_conflict(session, delete)
 
 
 def _aware(dt: datetime | None) -> datetime | None:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from dstack.core.models.runs import JobSpec, JobStatus, JobTerminationReason, RunSpec, RunStatus
 from dstack.serverless.service import ServerlessService
 from dstack.serverless.settings import EndpointSettings
-from dstack.server.db import Database
+from dstack.server.db import Database, retry_on_conflict
 from dstack.server.errors import ResourceExists
 from dstack.server.models import JobModel, RunModel
 from dstack.server.services.runs import mark_job_terminating, new_jobs, parse_configuration
@@ -57,11 +57,14 @@ class JobWorkerLauncher:
         self.wake_pipeline()
 
     async def stop_worker(self, endpoint_id: str, worker_id: str) -> None:
-        async with self.db.session() as session:
+        async def stop() -> None:
             job = (await session.execute(select(JobModel).where(JobModel.job_name == worker_id))).scalar_one_or_none()
             if job is not None and not JobStatus(job.status).is_finished() and job.status != JobStatus.TERMINATING.value:
                 mark_job_terminating(job, JobTerminationReason.SCALED_DOWN)
                 await session.commit()
+
+        async with self.db.session() as session:
+            await retry_on_conflict(session, stop)
         self.wake_pipeline()
 
 
@@ -122,10 +125,13 @@ class ServerlessBridge:
                                        RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]))
             )).scalars().all()
             if any(is_serverless(o) for o in others):
-                db_run = await session.get(RunModel, run.id)
-                db_run.status = RunStatus.FAILED.value
-                db_run.error = f"endpoint id '{run.run_name}' is taken by another project's endpoint"
-                await session.commit()
+                async def refuse() -> None:
+                    db_run = await session.get(RunModel, run.id)
+                    db_run.status = RunStatus.FAILED.value
+                    db_run.error = f"endpoint id '{run.run_name}' is taken by another project's endpoint"
+                    await session.commit()
+
+                await retry_on_conflict(session, refuse)
                 raise ResourceExists(f"serverless endpoint '{run.run_name}' already exists (endpoint ids are global); pick another name")
             await self.service.register_endpoint(session, run.run_name, run.project_id, run.id,
                                                  EndpointSettings.from_configuration(conf))

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from dstack.core.models.configurations import ServiceConfiguration
 from dstack.core.models.runs import JobProvisioningData, JobStatus, JobTerminationReason, RunSpec, RunStatus
 from dstack.proxy import ModelInfo, Replica, ServiceInfo, ServiceRegistry
-from dstack.server.db import Database
+from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import JobModel, RunModel, utcnow
 from dstack.server.services.runs import latest_jobs, mark_job_terminating, new_jobs, parse_configuration
 
@@ -214,11 +214,14 @@ class ServiceManager:
         """A request arrived at a service with no ready replica: make sure one is coming."""
         for state in self.services.values():
             if state.project == project and state.run_name == run_name:
-                async with self.db.session() as session:
+                async def wake_from_zero() -> None:
                     run = (await session.execute(select(RunModel).where(RunModel.id == state.run_id))).scalar_one()
                     if run.desired_replica_count == 0:
                         logger.info("waking %s from zero", run_name)
                         await self._set_desired(session, run, state, 1)
+
+                async with self.db.session() as session:
+                    await retry_on_conflict(session, wake_from_zero)
                 return
 
     async def _autoscale_loop(self) -> None:
@@ -241,7 +244,8 @@ class ServiceManager:
         if stats.in_flight > 0:
             desired = max(desired, 1)
         desired = max(conf.replicas.min, min(conf.replicas.max, desired))
-        async with self.db.session() as session:
+
+        async def rescale() -> None:
             run = (await session.execute(select(RunModel).where(RunModel.id == state.run_id))).scalar_one()
             if run.status != RunStatus.RUNNING.value and run.desired_replica_count > 0:
                 return
@@ -251,6 +255,9 @@ class ServiceManager:
                 await self._set_desired(session, run, state, desired)
             elif desired < current and since >= conf.scaling.scale_down_delay:
                 await self._set_desired(session, run, state, desired)
+
+        async with self.db.session() as session:
+            await retry_on_conflict(session, rescale)
 
     async def _set_desired(self, session, run: RunModel, state: ServiceState, desired: int) -> None:
         """Start or stop replica jobs to reach `desired`; stop not-ready replicas first."""
@@ -295,11 +302,16 @@ class ServiceManager:
                 if stats.replica_in_flight.get(jid, 0) == 0 or time.monotonic() - since > DRAIN_TIMEOUT]
         if not done:
             return
-        async with self.db.session() as session:
+
+        async def stop_drained() -> None:
             for jid in done:
                 job = (await session.execute(select(JobModel).where(JobModel.id == jid))).scalar_one_or_none()
                 if job is not None and not JobStatus(job.status).is_finished():
                     mark_job_terminating(job, JobTerminationReason.SCALED_DOWN)
-                state.draining.pop(jid, None)
             await session.commit()
+
+        async with self.db.session() as session:
+            await retry_on_conflict(session, stop_drained)
+        for jid in done:
+            state.draining.pop(jid, None)
         self.wake_pipeline()
