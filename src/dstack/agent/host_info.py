@@ -11,6 +11,7 @@ from typing import Any
 
 import psutil
 
+from dstack.agent import containers
 from dstack.agent.venvs import VenvFactory
 
 NVIDIA_QUERY = ["--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"]
@@ -43,18 +44,8 @@ def nvidia_gpus() -> list[dict[str, Any]]:
     return parse_nvidia_smi(out.stdout) if out.returncode == 0 else []
 
 
-def docker_socket() -> str | None:
-    """Path of a Docker Engine API unix socket, if one exists."""
-    host = os.environ.get("DOCKER_HOST", "")
-    candidates = [host[len("unix://"):]] if host.startswith("unix://") else []
-    candidates += ["/var/run/docker.sock", "/run/podman/podman.sock"]
-    for path in candidates:
-        if path and Path(path).is_socket():
-            return path
-    return None
-
-
 def host_info(home: Path, venvs: VenvFactory) -> dict[str, Any]:
+    runtime = containers.detect()
     return {
         "hostname": socket.gethostname(),
         "cpus": os.cpu_count() or psutil.cpu_count() or 1,
@@ -62,6 +53,7 @@ def host_info(home: Path, venvs: VenvFactory) -> dict[str, Any]:
         "disk_mib": shutil.disk_usage(home).total // (1024 * 1024),
         "gpus": nvidia_gpus(),
         "pythons": venvs.versions(),
-        # Jobs with an image are not run by this agent yet, whatever sockets exist.
-        "containers": False,
+        # Jobs with an image run through this container CLI (podman or docker), when one works.
+        "containers": runtime is not None,
+        "container_runtime": runtime.kind if runtime is not None else None,
     }

@@ -15,11 +15,11 @@ from typing import Any
 
 import psutil
 
-from dstack.agent import runner
-from dstack.agent.host_info import docker_socket
+from dstack.agent import containers, runner
 from dstack.agent.logs import LogStore
+from dstack.agent.prewarm import with_prewarm_path
 from dstack.agent.models import FINAL_STATES, JobSubmission
-from dstack.agent.netns import NetnsAllocation, NetnsError, NetworkIsolation
+from dstack.agent.netns import NETNS_DIR, NetnsAllocation, NetnsError, NetworkIsolation
 from dstack.agent.venvs import SETUP_LOCK, PythonNotFound, VenvFactory, touch_last_used
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,11 @@ class Job:
         self.netns: NetnsAllocation | None = None  # while its namespace exists
         self.address: str | None = HOST_ADDRESS if self.network == "host" else None
         self.shared_venv: Path | None = None  # the cached venv it uses (spec.venv_key), once prepared
+        # Image jobs: the container's name (found by it on stop and after an agent restart).
+        self.container: str | None = containers.container_name(manager.home, spec.job_id) if spec.image else None
+        self.runtime: containers.ContainerRuntime | None = None  # the CLI, once prepared
+        self._pull_proc: asyncio.subprocess.Process | None = None  # while the image is pulled
+        self._kill_task: asyncio.Task[None] | None = None  # an abort's `kill` of the container
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -161,9 +166,7 @@ class Job:
     async def _prepare(self) -> tuple[Path | None, Path]:
         spec = self.spec
         if spec.image:
-            sock = docker_socket()
-            why = f"found {sock}, but this agent does not run images yet" if sock else "no Docker Engine API socket found"
-            raise JobError(400, f"containers are not available on this host: {why} (image {spec.image!r})")
+            return await self._prepare_image(spec.image)
         interp = self.manager.venvs.resolve(spec.python)
         if spec.venv_key:
             # shared with every job of the same key (same python + setup): prepared by earlier runs
@@ -183,12 +186,62 @@ class Job:
             raise JobError(400, f"cannot use working_dir {spec.working_dir!r}: {e}") from e
         return venv_dir, cwd
 
+    async def _prepare_image(self, image: str) -> tuple[None, Path]:
+        """Find the container CLI and make sure the image is local; the CLI runs in the job dir."""
+        rt = await asyncio.to_thread(containers.detect)
+        if rt is None:
+            raise JobError(400, f"containers are not available on this host: {containers.why_unavailable()} "
+                                f"(image {image!r})")
+        self.runtime = rt
+        if rt.kind == "docker" and self.network == "isolated":
+            # docker cannot join a namespace it did not make: the job shares the host network
+            logger.warning("job %s: docker cannot use the job's network namespace; using the host network",
+                           self.spec.job_id)
+            self.network, self.address = "host", HOST_ADDRESS
+        self.repo_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            await containers.ensure_image(rt, image, on_pull=self._note_pull)
+        except containers.ContainerError as e:
+            raise JobError(400, str(e)) from e
+        return None, self.dir
+
+    def _note_pull(self, proc: asyncio.subprocess.Process | None) -> None:
+        self._pull_proc = proc
+
+    def _command(self, script: Path, venv_dir: Path | None, prefix: list[str]) -> tuple[list[str], dict[str, str]]:
+        """The job's command line and its environment: bash on the host, or the container CLI."""
+        spec = self.spec
+        if self.runtime is None:
+            env = runner.job_env(spec.env, venv_dir, spec.gpus, self.manager.pip_cache)
+            if spec.prewarm and self.network == "host" and self.shared_venv is not None:
+                # Zygote children live in the host's network namespace: host-network jobs only.
+                try:
+                    env = with_prewarm_path(env, self.shared_venv)
+                except OSError as e:
+                    logger.warning("job %s: no warm start: %s", spec.job_id, e)
+            return [*prefix, "bash", "--noprofile", "--norc", str(script)], env
+        job_env = {"PYTHONUNBUFFERED": "1", **spec.env}
+        by_name, by_value = containers.split_env(job_env)
+        c = containers.ContainerSpec(
+            name=self.container or "", job_id=spec.job_id, image=spec.image or "", code_dir=self.repo_dir,
+            workdir=containers.container_workdir(spec.working_dir),
+            network=containers.network_arg(NETNS_DIR / self.netns.netns if self.netns is not None else None),
+            script=script if (spec.commands or spec.setup) else None, args=list(spec.args),
+            env_by_name=by_name, env_by_value=by_value, gpus=list(spec.gpus), stop_grace=spec.stop_grace_seconds,
+        )
+        env = runner.base_env()
+        env.update({k: job_env[k] for k in by_name})
+        return self.runtime.run_cmd(c), env
+
     async def _run_inner(self) -> None:
         spec = self.spec
         try:
             venv_dir, cwd = await self._prepare()
         except (JobError, PythonNotFound) as e:
-            self.set_state("failed", message=str(e))
+            if self.stop_requested:  # e.g. a pull ended by the stop
+                self.set_state(self._stopped_state(), message="stopped before the process started")
+            else:
+                self.set_state("failed", message=str(e))
             return
         if self.stop_requested:
             self.set_state(self._stopped_state(), message="stopped before the process started")
@@ -196,7 +249,6 @@ class Job:
         script = self.dir / "job.sh"
         setup_lock = self.shared_venv / SETUP_LOCK if self.shared_venv is not None else None
         runner.write_script(script, spec.setup, spec.commands, setup_lock)
-        env = runner.job_env(spec.env, venv_dir, spec.gpus, self.manager.pip_cache)
         prefix: list[str] = []
         if self.network == "isolated":
             try:
@@ -213,9 +265,10 @@ class Job:
                     await self.release_network()
                     self.set_state(self._stopped_state(), message="stopped before the process started")
                     return
+        argv, env = self._command(script, venv_dir, prefix)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *prefix, "bash", "--noprofile", "--norc", str(script),
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -223,7 +276,7 @@ class Job:
             )
         except OSError as e:
             await self.release_network()
-            self.set_state("failed", message=f"cannot start bash: {e}")
+            self.set_state("failed", message=f"cannot start {os.path.basename(argv[0])}: {e}")
             return
         self.proc = proc
         try:
@@ -249,6 +302,8 @@ class Job:
         if self.shared_venv is not None:  # a long job counts as a use until it ends
             touch_last_used(self.shared_venv)
         exit_status = rc if rc >= 0 else 128 - rc
+        if self.container is not None and self.stop_requested == "terminate" and exit_status == 128 + signal.SIGKILL:
+            self.message = f"terminated: killed after the {spec.stop_grace_seconds:g} s grace period"
         if self.stop_requested:
             self.set_state(self._stopped_state(), exit_status=exit_status, message=self.message)
         elif rc == 0:
@@ -277,8 +332,13 @@ class Job:
         if self.state == "submitted":
             self.set_state(self._stopped_state(), message="stopped before start")
             return
-        if self.proc is None:
-            return  # preparing: _run_inner sees stop_requested before spawning
+        if self.proc is None:  # preparing: _run_inner sees stop_requested before spawning
+            if self._pull_proc is not None and self._pull_proc.returncode is None:
+                self._pull_proc.kill()
+            return
+        if self.container is not None:
+            self._stop_container(abort)
+            return
         if abort:
             self.message = "aborted on request (SIGKILL)"
             self._signal_group(signal.SIGKILL)
@@ -286,6 +346,30 @@ class Job:
             self.message = "stopped on request (SIGTERM)"
             self._signal_group(signal.SIGTERM)
             self._grace_task = asyncio.create_task(self._kill_after_grace())
+
+    def _stop_container(self, abort: bool) -> None:
+        """The CLI signals the container (its process is not in our process group)."""
+        assert self.runtime is not None and self.container is not None
+        if abort:
+            self.message = "aborted on request (SIGKILL)"
+            self._kill_task = asyncio.create_task(self._container_control(self.runtime.kill_cmd(self.container)))
+        elif self._grace_task is None:
+            self.message = "stopped on request (SIGTERM)"
+            grace = self.spec.stop_grace_seconds
+            self._grace_task = asyncio.create_task(
+                self._container_control(self.runtime.stop_cmd(self.container, grace), grace))
+
+    async def _container_control(self, argv: list[str], grace: float = 0) -> None:
+        """Run a stop/kill until it takes: right after start the container may not exist yet."""
+        while self.proc is not None and self.proc.returncode is None:
+            try:
+                rc, err = await containers.call(argv, timeout=grace + containers.CONTROL_TIMEOUT)
+            except asyncio.TimeoutError:
+                rc, err = -1, "timed out"
+            if rc == 0:
+                return
+            logger.debug("job %s: %s: %s", self.spec.job_id, containers.describe(argv), err)
+            await asyncio.sleep(0.2)
 
     async def _kill_after_grace(self) -> None:
         grace = self.spec.stop_grace_seconds
@@ -310,9 +394,20 @@ class Job:
         self.save()
 
     def kill_now(self) -> None:
-        """SIGKILL the process group (agent shutdown, delete)."""
+        """SIGKILL the process group (agent shutdown, delete); an image job's container goes too."""
+        if self._pull_proc is not None and self._pull_proc.returncode is None:
+            self._pull_proc.kill()
         if self.proc is not None and self.proc.returncode is None:
             self._signal_group(signal.SIGKILL)
+            self.remove_container_sync()
+
+    def remove_container_sync(self) -> None:
+        """Remove the job's container, if any (it is not a child of ours: killing the CLI leaves it)."""
+        if self.container is None:
+            return
+        rt = self.runtime or containers.detect()
+        if rt is not None:
+            containers.call_sync(rt.remove_cmd(self.container))
 
 
 class JobManager:
@@ -347,6 +442,7 @@ class JobManager:
                 job.address = data.get("address")
             if job.state not in FINAL_STATES and job.state != "submitted":
                 _kill_orphan(job.pid, job.pid_create_time)
+                job.remove_container_sync()  # outlives its CLI: found by name
                 job.set_state("failed", message="agent restarted")
             alloc = NetnsAllocation.from_dict(data.get("netns"))
             if alloc is not None:  # a namespace left by a previous agent: nothing runs there now

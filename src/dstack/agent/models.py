@@ -26,6 +26,8 @@ class JobSubmission(BaseModel):
     working_dir: str | None = None
     python: str | None = None
     image: str | None = None
+    # With an image and no commands: arguments to the image's own entrypoint (e.g. an engine's flags).
+    args: list[str] = Field(default_factory=list)
     gpus: list[int] = Field(default_factory=list)
     ports: list[int] = Field(default_factory=list)
     stop_grace_seconds: float = Field(default=10, ge=0)
@@ -34,6 +36,8 @@ class JobSubmission(BaseModel):
     # Set: the job uses the shared, prepared venv ``cache/venvs/<python>/<venv_key>`` (created on
     # first use, kept across runs and agent restarts) instead of a fresh one of its own.
     venv_key: str | None = None
+    # Set for serverless workers: `python script.py` forks a warm zygote of the venv (agent.prewarm).
+    prewarm: bool = False
 
     @field_validator("job_id")
     @classmethod

@@ -15,6 +15,8 @@ class AgentEndpoint:
     pid: int | None = None
     #: whether the agent can give each job its own network namespace (so jobs may share a port)
     network_isolation: bool = False
+    #: whether the agent runs jobs with an `image` (it found a working podman/docker)
+    containers: bool = False
 
 
 @dataclass

@@ -28,6 +28,7 @@ class LocalBackend(Backend):
             endpoint = await asyncio.to_thread(self._start_agent)
         host = await _get_host(endpoint)
         endpoint.network_isolation = bool(host.get("network_isolation"))
+        endpoint.containers = bool(host.get("containers"))
         resources = InstanceResources(
             cpus=host["cpus"], memory_mib=host["memory_mib"], disk_mib=host["disk_mib"], gpus=host.get("gpus", [])
         )

@@ -40,7 +40,8 @@ class InstanceManager:
                     row.price = inst.price
                     row.status = "idle"
                     row.agent = json.dumps({"url": inst.agent.url, "token": inst.agent.token, "pid": inst.agent.pid,
-                                            "network_isolation": inst.agent.network_isolation})
+                                            "network_isolation": inst.agent.network_isolation,
+                                            "containers": inst.agent.containers})
                     await session.flush()
                     self._clients[row.id] = AgentClient(inst.agent)
             await session.commit()

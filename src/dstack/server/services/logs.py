@@ -45,7 +45,9 @@ async def poll_logs(
     """Log records of one job (all its submissions, in order) after the cursor `start_after`."""
     run_id = run.id
     event = notifier.subscribe(run_id)
-    finished = RunStatus(run.status).is_finished()
+    # `run` was read before subscribing: read the status again, or a finish in between is missed
+    status = (await session.execute(select(RunModel.status).where(RunModel.id == run_id))).scalar_one()
+    finished = RunStatus(status).is_finished()
     rows = await _fetch(session, await _job_ids(session, run_id, job_num, replica_num), start_after, limit)
     if not rows and wait > 0 and not finished:
         await _wait(event, wait)

@@ -1,0 +1,157 @@
+"""Which engine serves an `engine:` job, decided when the host is known (at provisioning).
+
+- the job got NVIDIA GPUs and the host's agent runs containers: TGI's image, started by its own
+  launcher (`--model-id`, `--port`, ...);
+- the job got GPUs, no containers: vLLM, pip-installed into a shared venv, behind dstack's TGI
+  bridge (`python -m dstack.serving.tgi_bridge`) so the job still answers the TGI API
+  (`/generate`, `/generate_stream`, `/info`, `/health`) that services with an engine declare;
+  vLLM's own OpenAI routes (`/v1/...`) pass through;
+- no GPU, or GGUF weights (a `.gguf` path, a GGUF repository, a GGUF `quantize` type): the
+  built-in llama.cpp engine, i.e. the submission is left as it is.
+
+Everything here is pure: it maps a configuration and facts about the host to submission fields.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any, Mapping, Optional
+
+from dstack.core.models.configurations import BaseRunConfiguration, EngineSpec
+
+TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.5"
+VLLM_VERSION = "0.33.0"
+BUILTIN_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the safetensors original of the built-in GGUF
+_BUILTIN_NAMES = {"smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+HF_TOKEN_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+# EngineSpec.dtype spellings -> each engine's own name (None: the engine's default).
+_DTYPES = {"auto": None, "gguf": None, "float16": "float16", "fp16": "float16", "half": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
+_TGI_DTYPES = {"float16", "bfloat16"}
+# GPU weight formats (EngineSpec.quantize) each engine loads, under its own name.
+_TGI_QUANTIZE = {q: q for q in ("awq", "gptq", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "eetq",
+                                "exl2", "marlin", "fp8", "compressed-tensors")}
+_VLLM_QUANTIZE = {"awq": "awq", "gptq": "gptq", "marlin": "marlin", "fp8": "fp8", "hqq": "hqq",
+                  "compressed-tensors": "compressed-tensors", "bitsandbytes": "bitsandbytes",
+                  "bitsandbytes-nf4": "bitsandbytes", "bitsandbytes-fp4": "bitsandbytes"}
+GPU_QUANTIZE = set(_TGI_QUANTIZE) | set(_VLLM_QUANTIZE)
+
+
+class EngineError(ValueError):
+    """The engine settings cannot be served by the engine this host gets; the message says why."""
+
+
+def choose_engine(engine: EngineSpec, gpus: list[int], containers: bool) -> str:
+    """"tgi", "vllm" or "builtin" for this engine on a host with these GPUs reserved."""
+    if not gpus or is_gguf(engine):
+        return "builtin"
+    return "tgi" if containers else "vllm"
+
+
+def is_gguf(engine: EngineSpec) -> bool:
+    """GGUF weights, which only the built-in (llama.cpp) engine loads."""
+    name = engine.model_name.strip()
+    if name.lower() in _BUILTIN_NAMES:
+        return bool(engine.quantize) and engine.quantize.lower() not in GPU_QUANTIZE
+    local = name.startswith(("/", "./", "../", "~")) or name.lower().endswith(".gguf")
+    gguf_quant = bool(engine.quantize) and engine.quantize.lower() not in GPU_QUANTIZE
+    return local or "gguf" in name.lower() or gguf_quant
+
+
+def hf_model_id(engine: EngineSpec) -> str:
+    name = engine.model_name.strip()
+    return BUILTIN_HF_ID if name.lower() in _BUILTIN_NAMES else name
+
+
+def engine_submission(conf: BaseRunConfiguration, gpus: list[int], agent: Mapping[str, Any],
+                      env: Mapping[str, str]) -> dict[str, Any]:
+    """The agent-submission fields that replace the built-in engine's on this host ({}: keep it).
+
+    `agent` is the instance's stored agent info (`containers`: whether it runs images); `env` the
+    job's environment as built so far.
+    """
+    engine: Optional[EngineSpec] = getattr(conf, "engine", None)
+    if engine is None:
+        return {}
+    kind = choose_engine(engine, gpus, bool(agent.get("containers")))
+    if kind == "tgi":
+        return tgi_submission(engine, env)
+    if kind == "vllm":
+        return vllm_submission(engine, env)
+    return {}
+
+
+def _env_with_token(env: Mapping[str, str], kind: str) -> dict[str, str]:
+    """The job env plus DSTACK_ENGINE, with a Hugging Face token under both names engines read."""
+    out = dict(env)
+    token = next((env[n] for n in HF_TOKEN_NAMES if env.get(n)), None)
+    if token:
+        for n in HF_TOKEN_NAMES:
+            out.setdefault(n, token)
+    out["DSTACK_ENGINE"] = kind
+    return out
+
+
+def _dtype(engine: EngineSpec, allowed: Optional[set[str]], engine_name: str) -> Optional[str]:
+    if not engine.dtype:
+        return None
+    key = engine.dtype.lower()
+    if key not in _DTYPES:
+        raise EngineError(f"engine.dtype {engine.dtype!r} is not known; use float16, bfloat16, float32 or auto")
+    value = _DTYPES[key]
+    if value is not None and allowed is not None and value not in allowed:
+        raise EngineError(f"engine.dtype {engine.dtype} is not supported by {engine_name} "
+                          f"(use one of {', '.join(sorted(allowed))})")
+    return value
+
+
+def _quantize(engine: EngineSpec, table: dict[str, str], engine_name: str) -> Optional[str]:
+    if not engine.quantize:
+        return None
+    value = table.get(engine.quantize.lower())
+    if value is None:
+        raise EngineError(f"engine.quantize {engine.quantize} is not supported by {engine_name} "
+                          f"(it loads {', '.join(sorted(table))})")
+    return value
+
+
+def tgi_submission(engine: EngineSpec, env: Mapping[str, str]) -> dict[str, Any]:
+    """TGI's image with its launcher's arguments; the image's entrypoint is the launcher."""
+    args = ["--model-id", hf_model_id(engine), "--hostname", "0.0.0.0", "--port", str(engine.port)]
+    quantize = _quantize(engine, _TGI_QUANTIZE, "TGI")
+    if quantize:
+        args += ["--quantize", quantize]
+    dtype = _dtype(engine, _TGI_DTYPES, "TGI")
+    if dtype:
+        args += ["--dtype", dtype]
+    if engine.max_concurrent_requests:
+        args += ["--max-concurrent-requests", str(engine.max_concurrent_requests)]
+    return {"image": TGI_IMAGE, "args": args, "commands": [], "setup": [], "python": None, "venv_key": None,
+            "env": _env_with_token(env, "tgi")}
+
+
+def vllm_command(engine: EngineSpec) -> str:
+    """The shell line: dstack's TGI bridge (agent's Python) starting vLLM (job venv) behind it."""
+    model = hf_model_id(engine)
+    vllm = ["vllm", "serve", model, "--served-model-name", model]
+    quantize = _quantize(engine, _VLLM_QUANTIZE, "vLLM")
+    if quantize:
+        vllm += ["--quantization", quantize]
+    dtype = _dtype(engine, None, "vLLM")
+    if dtype:
+        vllm += ["--dtype", dtype]
+    if engine.max_concurrent_requests:
+        vllm += ["--max-num-seqs", str(engine.max_concurrent_requests)]
+    bridge = ['exec "${DSTACK_ENGINE_PYTHON:-python3}"', "-m", "dstack.serving.tgi_bridge",
+              "--host", "0.0.0.0", "--port", str(engine.port), "--model-id", shlex.quote(model)]
+    if engine.max_concurrent_requests:
+        bridge += ["--max-concurrent-requests", str(engine.max_concurrent_requests)]
+    return " ".join(bridge + ["--"] + [shlex.quote(a) for a in vllm])
+
+
+def vllm_submission(engine: EngineSpec, env: Mapping[str, str]) -> dict[str, Any]:
+    """vLLM on the host: installed once into a venv shared by every vLLM engine job of the agent."""
+    return {"image": None, "args": [], "setup": [f"pip install vllm=={VLLM_VERSION}"],
+            "commands": [vllm_command(engine)], "venv_key": f"engine-vllm-{VLLM_VERSION}",
+            "env": _env_with_token(env, "vllm")}
