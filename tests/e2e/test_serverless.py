@@ -241,11 +241,16 @@ def test_scale_out_under_burst_then_back_to_zero(server, echo, sdk):
         seen_workers.update(s.get("workerId") for s in states if s.get("workerId"))
         return all(s["status"] not in ("IN_QUEUE", "IN_PROGRESS") for s in states)
 
+    def worker_logs() -> str:
+        return "\n".join(f"--- replica {n}:\n" + b"".join(echo.logs(replica_num=n, follow=False)).decode(errors="replace")[-3000:]
+                         for n in range(8))
+
     try:
         wait_until(settled, 120, "the burst to finish", interval=0.5)
     except AssertionError as e:
-        raise AssertionError(f"{e}; jobs: {states}; health: {health(server, echo)}") from None
-    assert all(s["status"] == "COMPLETED" for s in states), states
+        raise AssertionError(f"{e}; jobs: {states}; health: {health(server, echo)}\n{worker_logs()}") from None
+    if not all(s["status"] == "COMPLETED" for s in states):
+        raise AssertionError(f"{[(s['status'], s.get('error'), s.get('workerId')) for s in states]}\n{worker_logs()}")
     print(f"\nburst of 4 x 8 s jobs finished {time.time() - t0:.1f} s after scale-out on {len(seen_workers)} workers")
     assert len(seen_workers) >= 2
     # idle for 3 s -> stopped; the worker jobs end and the endpoint is back at zero

@@ -15,6 +15,8 @@ def run_server(host: str = "127.0.0.1", port: int = 3000, log_level: str = "info
     settings = ServerSettings(host=host, port=port)
     app = create_app(settings)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per agent call (several per job per second) would drown what the server itself says.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     _announce_on_start(app, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level if log_level != "info" else "warning",
                             loop="uvloop", http="httptools", timeout_keep_alive=75, access_log=False)

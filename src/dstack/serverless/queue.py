@@ -246,11 +246,17 @@ class Store:
         now = time.time()
         pick = (select(J.c.id).where(J.c.endpoint_id == endpoint_id, J.c.status == IN_QUEUE, J.c.expires_at > now)
                 .order_by(J.c.low_priority, J.c.queued_at).limit(n))
+        values = dict(status=IN_PROGRESS, worker_id=worker_id, started_at=now, attempts=J.c.attempts + 1)
         if self.is_pg:
-            pick = pick.with_for_update(skip_locked=True)
-        stmt = (update(J).where(J.c.id.in_(pick), J.c.status == IN_QUEUE)
-                .values(status=IN_PROGRESS, worker_id=worker_id, started_at=now, attempts=J.c.attempts + 1)
-                .returning(J.c.id, J.c.input, J.c.webhook, J.c.queued_at))
+            # PostgreSQL may run an `IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` subquery more
+            # than once while updating, each run skipping the rows just locked: a take for one job
+            # then claimed every queued job, and all but the first were never delivered. A
+            # materialized CTE picks the rows exactly once.
+            picked = pick.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
+            stmt = update(J).where(J.c.id == picked.c.id, J.c.status == IN_QUEUE)
+        else:  # one writer at a time: the subquery cannot race
+            stmt = update(J).where(J.c.id.in_(pick), J.c.status == IN_QUEUE)
+        stmt = stmt.values(**values).returning(J.c.id, J.c.input, J.c.webhook, J.c.queued_at)
         async with self.write() as conn:
             rows = (await conn.execute(stmt)).all()
         rows.sort(key=lambda r: r.queued_at)

@@ -421,6 +421,8 @@ class ServerlessService:
         if lost:
             requeued, failed = await self.store.requeue(worker_id, self.options.max_attempts,
                                                         f"worker {worker_id} no longer holds the job", lost)
+            log.info("serverless: worker %s no longer holds %s; requeued %d, failed %d", worker_id, lost,
+                     len(requeued), len(failed))
             self._after_requeue(endpoint_id, requeued, failed)
         foreign = held - {r.id for r in mine}
         if foreign:
@@ -439,6 +441,8 @@ class ServerlessService:
                         worker_id, reason, ep.next_launch_at - time.time())
         requeued, failed = await self.store.requeue(worker_id, self.options.max_attempts,
                                                     f"worker {worker_id} exited ({reason})")
+        log.info("serverless: worker %s exited (%s); %d job(s) requeued, %d failed", worker_id, reason,
+                 len(requeued), len(failed))
         async with self.store.write() as conn:
             await conn.execute(delete(WK).where(WK.c.worker_id == worker_id))
         self._after_requeue(endpoint_id, requeued, failed)
@@ -509,6 +513,7 @@ class ServerlessService:
             await conn.execute(insert(WK).values(worker_id=worker_id, endpoint_id=ep.endpoint_id, state=INITIALIZING,
                                                  created_at=now, jobs_in_flight=0))
         self._workers[worker_id] = _Worker(worker_id, ep.endpoint_id, INITIALIZING, now, now, now)
+        log.info("serverless: starting worker %s", worker_id)
         env = self.worker_env(ep.endpoint_id, worker_id)
         try:
             await self.launcher.start_worker(ep.endpoint_id, worker_id, env)
@@ -520,6 +525,7 @@ class ServerlessService:
         if w.state in (STOPPING, UNHEALTHY) and w.stop_requested_at:
             return
         w.state, w.stop_requested_at = state, time.time()
+        log.info("serverless: stopping worker %s (%s): %s", w.worker_id, state, reason)
         async with self.store.write() as conn:
             await conn.execute(update(WK).where(WK.c.worker_id == w.worker_id).values(state=state, stop_reason=reason))
         self.signals.fire("take:" + w.endpoint_id)
@@ -527,6 +533,8 @@ class ServerlessService:
 
     async def _lose_worker(self, w: _Worker, state: str, reason: str) -> None:
         requeued, failed = await self.store.requeue(w.worker_id, self.options.max_attempts, reason)
+        log.info("serverless: lost worker %s: %s; %d job(s) requeued, %d failed", w.worker_id, reason,
+                 len(requeued), len(failed))
         self._after_requeue(w.endpoint_id, requeued, failed)
         await self._stop_worker(w, reason, state)
 

@@ -273,8 +273,9 @@ class Pipeline:
                     # Replicas of a service share one fixed port: each gets its own network namespace.
                     "network": "isolated" if run_spec.configuration.get("type") == "service" or spec.ports else "host",
                     "venv_key": venv_key(run.project_id, spec),
-                    # Serverless workers start from the venv's warm zygote (agent.prewarm).
-                    "prewarm": run_spec.configuration.get("type") == "serverless",
+                    # Serverless workers start from the venv's warm zygote (agent.prewarm),
+                    # unless the configuration's env says DSTACK_PREWARM=0.
+                    "prewarm": run_spec.configuration.get("type") == "serverless" and env.get("DSTACK_PREWARM") != "0",
                 }
                 from dstack.server.services.engines import engine_submission  # GPU hosts: TGI image or vLLM
                 submission.update(engine_submission(conf, reservation.gpus, json.loads(inst.agent or "{}"), env))
