@@ -85,8 +85,9 @@ class ServerProcess:
         self.stop()
         self.start()
 
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.home.glob("server-*.log")))
+    def logs(self, tail: int = 4000) -> str:
+        """The last `tail` characters of each start's log."""
+        return "\n".join(p.read_text(errors="replace")[-tail:] for p in sorted(self.home.glob("server-*.log")))
 
     @property
     def headers(self) -> dict:
@@ -187,6 +188,5 @@ def pytest_runtest_makereport(item, call):
         for name in ("server", "fresh_server"):
             srv = item.funcargs.get(name) if hasattr(item, "funcargs") else None
             if isinstance(srv, ServerProcess):
-                tail = "\n".join(p.read_text(errors="replace")[-12000:] for p in sorted(srv.home.glob("server-*.log"))[-1:])
-                report.sections.append((f"{name} log (last 12 kB)", tail))
+                report.sections.append((f"{name} log (last 12 kB of each start)", srv.logs(tail=12000)))
     return report

@@ -32,7 +32,8 @@ from conftest import make_server  # noqa: E402
 from dstack.api import Resources, Serverless  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serverless import direct_baseline  # noqa: E402
+from bench_serverless import direct_baseline, pct  # noqa: E402
+from serverless.helpers import live_workers, wait_until  # noqa: E402
 
 HANDLER = '''
 import time
@@ -45,11 +46,6 @@ async def handler(job):
 
 runpod.serverless.start({"handler": handler, "concurrency_modifier": lambda current: 50})
 '''
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def deploy(srv, tmp: Path, name: str, workers: str, env: dict | None = None):
@@ -65,21 +61,8 @@ def health(srv, run) -> dict:
     return httpx.get(f"{run.endpoint_url}/health", headers=srv.headers, timeout=30).json()
 
 
-def live(h: dict) -> int:
-    w = h["workers"]
-    return w["idle"] + w["running"] + w["initializing"]
-
-
-def wait(pred, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not pred():
-        if time.time() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def cold_start(srv, run) -> float:
-    wait(lambda: live(health(srv, run)) == 0, 120, f"{run.name} at zero workers")
+    wait_until(lambda: live_workers(health(srv, run)) == 0, 120, what=f"{run.name} at zero workers")
     time.sleep(0.5)
     t0 = time.time()
     r = httpx.post(f"{run.endpoint_url}/runsync?wait=300000", headers=srv.headers, json={"input": "cold"}, timeout=330)
@@ -152,7 +135,7 @@ def main() -> None:
         plain.stop(abort=True)
 
         steady = deploy(srv, tmp, "bench-steady", "3..3")
-        wait(lambda: health(srv, steady)["workers"]["idle"] == 3, 300, "three idle workers")
+        wait_until(lambda: health(srv, steady)["workers"]["idle"] == 3, 300, what="three idle workers")
         d = [x * 1000 for x in dispatch(srv, steady, args.dispatch)]
         direct = [x * 1000 for x in direct_baseline()]
         result["dispatch_ms"] = {"p50": pct(d, 50), "p99": pct(d, 99), "direct_call_p50": pct(direct, 50)}

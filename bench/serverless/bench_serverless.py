@@ -23,17 +23,12 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from serverless.helpers import TOKEN, Server, endpoint, wait_until  # noqa: E402
+from serverless.helpers import TOKEN, Server, endpoint, live_workers, wait_until  # noqa: E402
 
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
-def live(h: dict) -> int:
-    w = h["workers"]
-    return w["initializing"] + w["idle"] + w["running"]
 
 
 def direct_baseline(n: int = 2000) -> list[float]:
@@ -141,7 +136,7 @@ def bench_throughput(srv: Server, n: int) -> dict:
 def bench_cold(srv: Server, rounds: int) -> list[float]:
     out = []
     for i in range(rounds):
-        wait_until(lambda: live(srv.health("b-cold")) == 0 and sum(srv.health("b-cold")["workers"].values()) == 0,
+        wait_until(lambda: live_workers(srv.health("b-cold")) == 0 and sum(srv.health("b-cold")["workers"].values()) == 0,
                    timeout=60, what="zero workers")
         t0 = time.time()
         r = srv.client.post("/b-cold/runsync", json={"input": {"mode": "echo", "i": i}})

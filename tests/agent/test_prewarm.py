@@ -100,7 +100,8 @@ def test_signals_reach_the_worker_and_it_dies_with_its_starter(warm_venv, tmp_pa
     wait_for_zygote(root)
     (tmp_path / "trap.py").write_text(
         "import os, signal, sys, time\n"
-        "signal.signal(signal.SIGTERM, lambda *a: (print('got term', flush=True), sys.exit(7)))\n"
+        # os.write: the signal may land while print() is still flushing the pid line
+        "signal.signal(signal.SIGTERM, lambda *a: (os.write(1, b'got term\\n'), sys.exit(7)))\n"
         "print(os.getpid(), flush=True)\ntime.sleep(60)\n")
     p = subprocess.Popen(["python", "trap.py"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     worker = int(p.stdout.readline())

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from dstack.api import Resources, RunStatus, Serverless, Task
+from tests.serverless.helpers import live_workers, wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "serverless"
 SETUP = ["pip install -q runpod==1.12.0"]
@@ -56,17 +57,6 @@ runpod.serverless.start({"handler": handler})
 '''
 
 
-def wait_until(pred, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.time() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
 def submit(server, tmp_path_factory, name: str, source: str, **kw):
     repo = tmp_path_factory.mktemp(name)
     (repo / "handler.py").write_text(source)
@@ -78,11 +68,6 @@ def health(server, run) -> dict:
     r = httpx.get(f"{run.endpoint_url}/health", headers=server.headers, timeout=10)
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def live_workers(h: dict) -> int:
-    w = h["workers"]
-    return w["idle"] + w["running"] + w["initializing"]
 
 
 def ps(server) -> str:
@@ -162,7 +147,7 @@ def test_sdk_run_status_output(sdk, echo):
 def test_sdk_health_and_cancel(sdk, echo):
     ep = sdk.Endpoint("sls-echo")
     job = ep.run({"mode": "sleep", "seconds": 60, "value": "long"})
-    wait_until(lambda: job.status() == "IN_PROGRESS", 90, "the job to start")
+    wait_until(lambda: job.status() == "IN_PROGRESS", 90, what="the job to start")
     h = ep.health()
     assert h["jobs"]["inProgress"] == 1 and h["workers"]["running"] >= 1
     assert job.cancel()["status"] == "CANCELLED"
@@ -177,7 +162,7 @@ def test_http_run_status_runsync_failure(server, echo):
     assert r.status_code == 200 and r.json()["status"] == "IN_QUEUE"
     job_id = r.json()["id"]
     st = wait_until(lambda: (s := httpx.get(f"{url}/status/{job_id}", headers=hdr).json())["status"] == "COMPLETED" and s,
-                    60, "the job to complete")
+                    60, what="the job to complete")
     assert st["id"] == job_id and st["output"]["echo"] == "curl"
     assert st["delayTime"] >= 0 and st["executionTime"] >= 0 and st["workerId"].startswith("sls-echo-")
     r = httpx.post(f"{url}/runsync", headers=hdr, json={"input": {"value": [1, 2]}}, timeout=100)
@@ -216,7 +201,7 @@ def test_purge_queue(server, gen, sdk):
     # low-priority jobs never trigger scaling: with the worker busy they stay queued
     ep = sdk.Endpoint("sls-gen")
     busy = ep.run({"n": 1, "delay": 5})
-    wait_until(lambda: busy.status() == "IN_PROGRESS", 60, "the busy job to start")
+    wait_until(lambda: busy.status() == "IN_PROGRESS", 60, what="the busy job to start")
     for _ in range(2):
         ep.rp_client.post("sls-gen/run", {"input": {"n": 1}, "policy": {"lowPriority": True}})
     assert ep.purge_queue() == {"removed": 2, "status": "completed"}
@@ -228,7 +213,7 @@ def test_scale_out_under_burst_then_back_to_zero(server, echo, sdk):
     ids = [httpx.post(f"{url}/run", headers=hdr, json={"input": {"mode": "sleep", "seconds": 8, "value": i}}).json()["id"]
            for i in range(4)]
     # request_count 1: one worker per queued or running job, capped at 3
-    wait_until(lambda: live_workers(health(server, echo)) >= 2, 30, "a second worker")
+    wait_until(lambda: live_workers(health(server, echo)) >= 2, 30, what="a second worker")
     table = ps(server)
     assert "sls-echo" in table and "workers:" in table
     t0 = time.time()
@@ -246,7 +231,7 @@ def test_scale_out_under_burst_then_back_to_zero(server, echo, sdk):
                          for n in range(8))
 
     try:
-        wait_until(settled, 120, "the burst to finish", interval=0.5)
+        wait_until(settled, 120, what="the burst to finish", interval=0.5)
     except AssertionError as e:
         raise AssertionError(f"{e}; jobs: {states}; health: {health(server, echo)}\n{worker_logs()}") from None
     if not all(s["status"] == "COMPLETED" for s in states):
@@ -254,7 +239,7 @@ def test_scale_out_under_burst_then_back_to_zero(server, echo, sdk):
     print(f"\nburst of 4 x 8 s jobs finished {time.time() - t0:.1f} s after scale-out on {len(seen_workers)} workers")
     assert len(seen_workers) >= 2
     # idle for 3 s -> stopped; the worker jobs end and the endpoint is back at zero
-    wait_until(lambda: sum(health(server, echo)["workers"].values()) == 0, 60, "scale to zero", interval=0.5)
+    wait_until(lambda: sum(health(server, echo)["workers"].values()) == 0, 60, what="scale to zero", interval=0.5)
     assert "workers: none" in ps(server)
 
 
@@ -262,7 +247,7 @@ def test_openai_route_with_smollm2_worker(server, smol, sdk):
     run, warmup = smol
     t0 = time.time()
     st = wait_until(lambda: (s := httpx.get(f"{run.endpoint_url}/status/{warmup}", headers=server.headers).json())["status"]
-                    in ("COMPLETED", "FAILED") and s, COLD, "the SmolLM2 worker's first job", interval=0.5)
+                    in ("COMPLETED", "FAILED") and s, COLD, what="the SmolLM2 worker's first job", interval=0.5)
     assert st["status"] == "COMPLETED", st
     print(f"\nSmolLM2 warm-up job: waited {time.time() - t0:.1f} s more here; delay {st['delayTime'] / 1000:.1f} s, "
           f"execution {st['executionTime'] / 1000:.1f} s")
@@ -290,7 +275,7 @@ def test_stopped_run_removes_endpoint_and_ends_workers(server, gen, sdk):
     assert live_workers(health(server, gen)) == 1  # idle_timeout 10 m: still warm from the tests above
     gen.stop()
     wait_until(lambda: httpx.get(f"{gen.endpoint_url}/health", headers=server.headers).status_code == 404, 30,
-               "the endpoint to go away")
+               what="the endpoint to go away")
     assert httpx.post(f"{gen.endpoint_url}/run", headers=server.headers, json={"input": {}}).status_code == 404
     run = gen.wait(timeout=60)
     assert run.status.is_finished()
@@ -320,7 +305,7 @@ def test_worker_waits_for_a_busy_host(server, tmp_path_factory, smol):
         assert [j.job_submissions[-1].status.value for j in run.refresh().jobs] == ["submitted"]
         hog.stop(abort=True)
         st = wait_until(lambda: (s := httpx.get(f"{run.endpoint_url}/status/{job_id}", headers=server.headers).json())
-                        ["status"] == "COMPLETED" and s, 90, "the job to run once the host is free", interval=0.5)
+                        ["status"] == "COMPLETED" and s, 90, what="the job to run once the host is free", interval=0.5)
         assert st["output"]["echo"] == "waited"
     finally:
         hog.stop(abort=True)

@@ -124,8 +124,14 @@ def wait_until(pred: Any, timeout: float = 30, interval: float = 0.1, what: str 
         if value:
             return value
         if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def live_workers(health: dict) -> int:
+    """Workers counted as up in a `/health` body: starting, idle or busy."""
+    w = health["workers"]
+    return w["initializing"] + w["idle"] + w["running"]
 
 
 def killpg(pid: int) -> None:

@@ -5,7 +5,6 @@
 # `python [-u] script.py args...` runs as a fork of the venv's warm zygote when one is up;
 # anything else, or no zygote, runs the real interpreter (and starts a zygote for next time).
 import array
-import glob
 import json
 import os
 import signal
@@ -19,10 +18,6 @@ SPAWN_MARKER_SECONDS = 120
 
 def real_python() -> None:
     os.execv(REAL, [REAL] + sys.argv[1:])  # noqa: F821 (set by the header)
-
-
-def site_stamp(prefix: str) -> float:
-    return max([0.0] + [os.stat(p).st_mtime for p in glob.glob(os.path.join(prefix, "lib", "python*", "site-packages"))])
 
 
 def start_zygote() -> None:
@@ -45,6 +40,9 @@ def start_zygote() -> None:
 
 
 def connect() -> socket.socket | None:
+    sys.path.insert(0, os.path.dirname(ZYGOTE))  # noqa: F821
+    from zygote import site_stamp  # the zygote's own measure of "packages changed"
+
     venv = os.path.dirname(os.path.dirname(REAL))  # noqa: F821
     try:
         with open(SOCK + ".stamp") as f:  # noqa: F821
