@@ -52,10 +52,10 @@ def choose_engine(engine: EngineSpec, gpus: list[int], containers: bool) -> str:
 def is_gguf(engine: EngineSpec) -> bool:
     """GGUF weights, which only the built-in (llama.cpp) engine loads."""
     name = engine.model_name.strip()
-    if name.lower() in _BUILTIN_NAMES:
-        return bool(engine.quantize) and engine.quantize.lower() not in GPU_QUANTIZE
-    local = name.startswith(("/", "./", "../", "~")) or name.lower().endswith(".gguf")
     gguf_quant = bool(engine.quantize) and engine.quantize.lower() not in GPU_QUANTIZE
+    if name.lower() in _BUILTIN_NAMES:  # also published as safetensors: GGUF only when asked
+        return gguf_quant
+    local = name.startswith(("/", "./", "../", "~")) or name.lower().endswith(".gguf")
     return local or "gguf" in name.lower() or gguf_quant
 
 
