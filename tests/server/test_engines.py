@@ -93,3 +93,28 @@ def test_settings_an_engine_cannot_serve_are_refused_clearly() -> None:
     with pytest.raises(EngineError, match="not known"):
         engines.tgi_submission(EngineSpec(model_name="m", dtype="int3"), {})
     assert "--quantization bitsandbytes" in engines.vllm_command(EngineSpec(model_name="m", quantize="bitsandbytes-nf4"))
+
+
+def test_weights_only_vllm_loads_go_to_vllm_even_with_containers() -> None:
+    engine = EngineSpec(model_name="TheOrg/model-HQQ", quantize="hqq")
+    assert engines.choose_engine(engine, [0], containers=True) == "vllm"
+    assert engines.choose_engine(EngineSpec(model_name="m", quantize="awq"), [0], containers=True) == "tgi"
+
+
+@pytest.mark.parametrize("model,quantize,dtype,gpu,refused", [
+    ("TheOrg/model-AWQ", "awq", None, True, None),
+    ("TheOrg/model-AWQ", "awq", None, False, "ask for a GPU"),
+    ("TheOrg/model-GGUF", "gptq", None, True, "is GGUF"),
+    ("./weights/model.gguf", "awq", None, True, "is GGUF"),
+    ("TheOrg/model-GGUF", "Q4_K_M", None, False, None),
+    ("TheOrg/model", None, "bfloat16", False, "needs a GPU engine"),
+    ("TheOrg/model", None, "bfloat16", True, None),
+    ("TheOrg/model", None, "int3", True, "not known"),
+])
+def test_engine_settings_checked_before_anything_starts(model, quantize, dtype, gpu, refused) -> None:
+    engine = EngineSpec(model_name=model, quantize=quantize, dtype=dtype)
+    if refused is None:
+        engines.check_engine_settings(engine, gpu_requested=gpu)
+    else:
+        with pytest.raises(EngineError, match=refused):
+            engines.check_engine_settings(engine, gpu_requested=gpu)

@@ -43,10 +43,37 @@ class EngineError(ValueError):
 
 
 def choose_engine(engine: EngineSpec, gpus: list[int], containers: bool) -> str:
-    """"tgi", "vllm" or "builtin" for this engine on a host with these GPUs reserved."""
+    """"tgi", "vllm" or "builtin" for this engine on a host with these GPUs reserved.
+
+    TGI's image where containers run, unless the weight format is one only vLLM loads (hqq)."""
     if not gpus or is_gguf(engine):
         return "builtin"
-    return "tgi" if containers else "vllm"
+    quant = (engine.quantize or "").lower()
+    if containers and (not quant or quant in _TGI_QUANTIZE):
+        return "tgi"
+    return "vllm"
+
+
+def check_engine_settings(engine: EngineSpec, gpu_requested: bool) -> None:
+    """Refuse, before anything starts, settings no engine the run can get would serve.
+
+    Without `resources.gpu` the run lands on the built-in llama.cpp engine, which loads GGUF
+    weights only; with a GPU, GPU weight formats go to TGI or vLLM, but never with GGUF files."""
+    quant = (engine.quantize or "").lower()
+    if quant in GPU_QUANTIZE:
+        if _names_gguf(engine.model_name):
+            raise EngineError(f"quantize {engine.quantize} is a GPU weight format, but {engine.model_name} is GGUF, "
+                              "which only the built-in engine loads: use a GGUF quantization type (e.g. Q4_K_M)")
+        if not gpu_requested:
+            raise EngineError(
+                f"quantize {engine.quantize} is a GPU weight format; without a GPU the built-in engine runs GGUF "
+                "models on llama.cpp. Use a GGUF quantization type (e.g. Q4_K_M, Q8_0), or ask for a GPU "
+                f"(resources: gpu: 1) to serve {engine.quantize} weights on TGI or vLLM")
+    if engine.dtype:
+        _dtype(engine, None, "any engine")  # unknown spellings
+        if engine.dtype.lower() not in ("auto", "gguf") and not gpu_requested:
+            raise EngineError(f"dtype {engine.dtype} needs a GPU engine; the built-in CPU engine serves GGUF "
+                              "weights as stored (drop dtype, or ask for a GPU in resources)")
 
 
 def is_gguf(engine: EngineSpec) -> bool:
@@ -55,8 +82,14 @@ def is_gguf(engine: EngineSpec) -> bool:
     gguf_quant = bool(engine.quantize) and engine.quantize.lower() not in GPU_QUANTIZE
     if name.lower() in _BUILTIN_NAMES:  # also published as safetensors: GGUF only when asked
         return gguf_quant
+    return _names_gguf(name) or gguf_quant
+
+
+def _names_gguf(model_name: str) -> bool:
+    """A local path, a `.gguf` file or a GGUF repository (by its name)."""
+    name = model_name.strip()
     local = name.startswith(("/", "./", "../", "~")) or name.lower().endswith(".gguf")
-    return local or "gguf" in name.lower() or gguf_quant
+    return local or "gguf" in name.lower()
 
 
 def hf_model_id(engine: EngineSpec) -> str:

@@ -54,16 +54,22 @@ def check_engine(conf: BaseRunConfiguration) -> None:
     engine = getattr(conf, "engine", None)
     if engine is None:
         return
-    from dstack.serving.models import ModelError, check_quantize
+    from dstack.server.services.engines import EngineError, check_engine_settings
 
     try:
-        check_quantize(engine.quantize)
-    except ModelError as e:
-        raise ServerClientError(str(e), fields=["engine.quantize"])
-    if engine.dtype and engine.dtype.lower() not in ("auto", "gguf") and conf.resources.gpu is None:
-        raise ServerClientError(
-            f"dtype {engine.dtype} needs a GPU engine; the built-in CPU engine serves GGUF weights as stored "
-            "(drop dtype, or ask for a GPU in resources)", fields=["engine.dtype"])
+        check_engine_settings(engine, gpu_requested=_gpu_requested(conf))
+    except EngineError as e:
+        field = "engine.quantize" if "quantize" in str(e) else "engine.dtype"
+        raise ServerClientError(str(e), fields=[field])
+
+
+def _gpu_requested(conf: BaseRunConfiguration) -> bool:
+    gpu = conf.resources.gpu
+    if gpu is None:
+        return False
+    count = getattr(gpu, "count", None)
+    low = getattr(count, "min", count)
+    return low is not None and low > 0
 
 
 def initial_replicas(conf: BaseRunConfiguration) -> int:
