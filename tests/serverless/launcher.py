@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dstack.agent.workersite import with_worker_site
+
 
 class SubprocessLauncher:
     def __init__(self, scripts: dict[str, str], extra_env: dict[str, dict[str, str]], run_dir: str) -> None:
@@ -32,6 +34,8 @@ class SubprocessLauncher:
         full = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
         full.update(self.extra_env.get(endpoint_id, {}))
         full.update(env)
+        if full.get("DSTACK_RUNPOD_LOOP") != "0":  # as the agent starts serverless workers
+            full = with_worker_site(full)
         log = open(self.log_dir / f"{worker_id}.log", "wb")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, self.scripts[endpoint_id], env=full, stdout=log, stderr=asyncio.subprocess.STDOUT,

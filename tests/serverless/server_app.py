@@ -22,7 +22,7 @@ import dstack.serverless.models  # noqa: E402,F401  (tables for create_all)
 from dstack.server.db import Base, Database  # noqa: E402
 from dstack.server.models import MemberModel, ProjectModel, RunModel, UserModel  # noqa: E402
 from dstack.server.security import hash_token  # noqa: E402
-from dstack.serverless.router import router  # noqa: E402
+from dstack.serverless.router import ServerlessApp  # noqa: E402
 from dstack.serverless.service import ServerlessService  # noqa: E402
 from dstack.serverless.settings import EndpointSettings, ServiceOptions  # noqa: E402
 from tests.serverless.launcher import SubprocessLauncher  # noqa: E402
@@ -76,7 +76,7 @@ def build_app(spec: dict) -> FastAPI:
         await db.dispose()
 
     app = FastAPI(lifespan=lifespan)
-    app.include_router(router)
+    app.mount("/v2", ServerlessApp(lambda: getattr(app.state, "serverless", None)))
     return app
 
 

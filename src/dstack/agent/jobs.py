@@ -18,6 +18,7 @@ import psutil
 from dstack.agent import containers, runner
 from dstack.agent.logs import LogStore
 from dstack.agent.prewarm import with_prewarm_path
+from dstack.agent.workersite import with_worker_site
 from dstack.agent.models import FINAL_STATES, JobSubmission
 from dstack.agent.netns import NETNS_DIR, NetnsAllocation, NetnsError, NetworkIsolation
 from dstack.agent.venvs import SETUP_LOCK, PythonNotFound, VenvFactory, touch_last_used
@@ -219,6 +220,8 @@ class Job:
                     env = with_prewarm_path(env, self.shared_venv)
                 except OSError as e:
                     logger.warning("job %s: no warm start: %s", spec.job_id, e)
+            if spec.worker_site:
+                env = with_worker_site(env)
             return [*prefix, "bash", "--noprofile", "--norc", str(script)], env
         job_env = {"PYTHONUNBUFFERED": "1", **spec.env}
         by_name, by_value = containers.split_env(job_env)

@@ -38,6 +38,9 @@ class JobSubmission(BaseModel):
     venv_key: str | None = None
     # Set for serverless workers: `python script.py` forks a warm zygote of the venv (agent.prewarm).
     prewarm: bool = False
+    # Set for serverless workers: dstack's sitecustomize on PYTHONPATH (agent.workersite), which
+    # gives the runpod SDK event-driven job loops.
+    worker_site: bool = False
 
     @field_validator("job_id")
     @classmethod

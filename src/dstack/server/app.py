@@ -26,7 +26,7 @@ from dstack.server.services.runs import run_to_wire
 from dstack.server.services.serverless_workers import JobWorkerLauncher, ServerlessBridge
 from dstack.server.services.services import ServiceManager
 from dstack.server.settings import ServerSettings
-from dstack.serverless.router import router as serverless_router
+from dstack.serverless.router import ServerlessApp
 from dstack.serverless.service import ServerlessService
 from dstack.version import __version__
 
@@ -96,6 +96,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     registry = ServiceRegistry()
     app.state.registry = registry
     app.mount("/proxy", build_proxy_app(registry, _authorize))
+    app.mount("/v2", ServerlessApp(lambda: getattr(app.state, "serverless", None)))
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(_: UserModel = Depends(require_user)) -> PlainTextResponse:
@@ -139,6 +140,6 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def healthcheck() -> dict:
         return {"status": "ok"}
 
-    for r in (users.router, projects.router, repos.router, runs.router, gateways_router.router, serverless_router):
+    for r in (users.router, projects.router, repos.router, runs.router, gateways_router.router):
         app.include_router(r)
     return app

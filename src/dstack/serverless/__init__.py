@@ -31,8 +31,8 @@ Seam with the server (the server wires these; nothing else is needed):
   - `await endpoint_status(endpoint_id) -> {"jobs": {completed, failed, inProgress, inQueue,
     retried, cancelled, timedOut}, "workers": {idle, running, initializing, ready, unhealthy,
     stopping, throttled}}` for `dstack ps`.
-- HTTP: `app.state.serverless = service; app.include_router(dstack.serverless.router.router)`
-  (at the app root; routes start with `/v2/`; CORS for them is handled by the router itself).
+- HTTP: `app.mount("/v2", dstack.serverless.router.ServerlessApp(lambda: service))`, a raw
+  ASGI app (the hot paths skip FastAPI); CORS for these routes is handled by the app itself.
   Uvicorn should be given `timeout_graceful_shutdown` of a few seconds: job-take and job-stop are
   long polls (`ServiceOptions.take_wait`, 20 s).
 """

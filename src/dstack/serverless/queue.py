@@ -1,42 +1,71 @@
 """The durable job queue: every transition is one guarded SQL statement, so a job has one owner,
 terminal states are final, and duplicate or late worker posts change nothing.
 
-Core statements (not ORM sessions) on the hot paths keep a job's round trip to a few
-milliseconds. On SQLite, writers are serialised by an in-process lock instead of spinning in
-SQLite's busy handler; on PostgreSQL the claim uses `FOR UPDATE SKIP LOCKED`.
+Each operation is a plain function of a synchronous connection, run by the executor
+(`dstack.serverless.executor`): batched in a thread on SQLite, one transaction per call on
+PostgreSQL. The statements of the hot paths (submit, claim, result, status) are built once, with
+bound parameters, so SQLAlchemy compiles them once and caches them by identity. On PostgreSQL
+the claim uses `FOR UPDATE SKIP LOCKED`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, func, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Integer, Row, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy.engine import Connection
 
 from dstack.server.db import Database
+from dstack.serverless.executor import executor_for
 from dstack.serverless.models import (
     CANCELLED,
     FAILED,
     IN_PROGRESS,
     IN_QUEUE,
+    ServerlessEndpointModel,
     ServerlessJobModel,
     ServerlessStreamChunkModel,
     ServerlessWebhookModel,
+    ServerlessWorkerModel,
     new_job_id,
 )
 
+E = ServerlessEndpointModel.__table__
 J = ServerlessJobModel.__table__
 C = ServerlessStreamChunkModel.__table__
 W = ServerlessWebhookModel.__table__
+WK = ServerlessWorkerModel.__table__
 
 _STATUS_COLS = (J.c.id, J.c.status, J.c.output, J.c.error, J.c.worker_id, J.c.queued_at, J.c.started_at,
                 J.c.finished_at, J.c.webhook, J.c.endpoint_id)
+
+# ---- the hot statements, built once ----------------------------------------------------------
+
+_SUBMIT = insert(J)
+_GET = select(*_STATUS_COLS, J.c.expires_at).where(J.c.id == bindparam("b_id"), J.c.endpoint_id == bindparam("b_ep"))
+_PICK = (select(J.c.id).where(J.c.endpoint_id == bindparam("b_ep"), J.c.status == IN_QUEUE,
+                              J.c.expires_at > bindparam("b_now"))
+         .order_by(J.c.low_priority, J.c.queued_at).limit(bindparam("b_n", type_=Integer)))
+_CLAIM_VALUES = dict(status=IN_PROGRESS, worker_id=bindparam("b_worker"), started_at=bindparam("b_now"),
+                     attempts=J.c.attempts + 1)
+_CLAIM_RETURNING = (J.c.id, J.c.input, J.c.webhook, J.c.queued_at)
+# SQLite: one writer at a time, so the subquery cannot race.
+_CLAIM_SQLITE = (update(J).where(J.c.id.in_(_PICK), J.c.status == IN_QUEUE)
+                 .values(**_CLAIM_VALUES).returning(*_CLAIM_RETURNING))
+# PostgreSQL may run an `IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` subquery more than once
+# while updating, each run skipping the rows just locked: a take for one job then claimed every
+# queued job, and all but the first were never delivered. A materialized CTE picks them once.
+_PICKED = _PICK.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
+_CLAIM_PG = (update(J).where(J.c.id == _PICKED.c.id, J.c.status == IN_QUEUE)
+             .values(**_CLAIM_VALUES).returning(*_CLAIM_RETURNING))
+_FINISH = (update(J).where(J.c.id == bindparam("b_id"), J.c.status == IN_PROGRESS, J.c.worker_id == bindparam("b_worker"))
+           .values(status=bindparam("b_status"), finished_at=bindparam("b_now"), output=bindparam("b_output"),
+                   error=bindparam("b_error"))
+           .returning(*_STATUS_COLS))
 
 
 @dataclass
@@ -47,7 +76,18 @@ class Finished:
     endpoint_id: str
     status: str
     worker_id: str | None
-    payload: dict[str, Any]
+    hooked: bool  # a webhook delivery was queued with it
+
+
+@dataclass
+class ScaleSnapshot:
+    """What the scaler reads for one endpoint."""
+
+    queued: int  # normal priority
+    queued_any: int
+    running: int  # normal priority
+    oldest_queued_at: float | None
+    busy_workers: dict[str, int]
 
 
 def status_object(row: Any, now: float | None = None) -> dict[str, Any]:
@@ -77,157 +117,88 @@ def status_object(row: Any, now: float | None = None) -> dict[str, Any]:
 class Store:
     def __init__(self, database: Database) -> None:
         self.db = database
-        self.engine = database.engine
         self.is_pg = not database.is_sqlite
-        self._lock = asyncio.Lock()
-        self._conn: AsyncConnection | None = None  # SQLite: the one writer connection
-        self._group: asyncio.Future[None] | None = None  # commit of the open group transaction
-
-    @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction. PostgreSQL: one per call. SQLite: group commit — blocks run one
-        at a time on one connection, and the writers that queued meanwhile share one COMMIT;
-        each caller resumes only once its writes are committed."""
-        if self.is_pg:
-            async with self.engine.begin() as conn:
-                yield conn
-            return
-        async with self._lock:
-            if self._conn is None:
-                self._conn = await self.engine.connect()
-            conn = self._conn
-            if self._group is None:
-                self._group = asyncio.get_running_loop().create_future()
-                asyncio.ensure_future(self._commit_group())
-            group = self._group
-            if not conn.in_transaction():
-                await conn.begin()
-            try:
-                yield conn
-            except BaseException as e:
-                await self._abort_group(e)
-                raise
-        await asyncio.shield(group)
-
-    async def _commit_group(self) -> None:
-        # Queued behind the writers already waiting for the lock (asyncio.Lock is FIFO), so
-        # they all join this transaction before it commits.
-        async with self._lock:
-            group, self._group = self._group, None
-            if group is None or group.done():
-                return
-            try:
-                assert self._conn is not None
-                await self._conn.commit()
-            except BaseException as e:
-                await self._reset_conn()
-                group.set_exception(e)
-                group.exception()  # mark retrieved: callers re-raise it
-                return
-            group.set_result(None)
-
-    async def _abort_group(self, error: BaseException) -> None:
-        group, self._group = self._group, None
-        await self._reset_conn()
-        if group is not None and not group.done():
-            group.set_exception(RuntimeError(f"transaction rolled back: {error}"))
-            group.exception()
-
-    async def _reset_conn(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await conn.rollback()
-                await conn.close()
-            except Exception:
-                pass
+        self.ex = executor_for(database)
+        self._claim = _CLAIM_PG if self.is_pg else _CLAIM_SQLITE
 
     async def close(self) -> None:
-        async with self._lock:
-            await self._reset_conn()
-
-    @contextlib.asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.connect() as conn:
-            yield conn
+        await self.ex.close()
 
     # ---- clients -------------------------------------------------------------------------
 
     async def submit(self, endpoint_id: str, input_json: str, webhook: str | None, execution_timeout_ms: int,
                      ttl_ms: int, low_priority: bool) -> str:
         job_id, now = new_job_id(), time.time()
-        async with self.write() as conn:
-            await conn.execute(insert(J).values(
-                id=job_id, endpoint_id=endpoint_id, status=IN_QUEUE, input=input_json, webhook=webhook,
-                execution_timeout_ms=execution_timeout_ms, ttl_ms=ttl_ms, low_priority=low_priority,
-                attempts=0, retried=0, created_at=now, queued_at=now, expires_at=now + ttl_ms / 1000,
-                stream_seq=0, stream_cursor=0,
-            ))
+        row = dict(id=job_id, endpoint_id=endpoint_id, status=IN_QUEUE, input=input_json, webhook=webhook,
+                   execution_timeout_ms=execution_timeout_ms, ttl_ms=ttl_ms, low_priority=low_priority,
+                   attempts=0, retried=0, created_at=now, queued_at=now, expires_at=now + ttl_ms / 1000,
+                   stream_seq=0, stream_cursor=0)
+        await self.ex.write(lambda conn: conn.execute(_SUBMIT, row))
         return job_id
 
     async def get(self, endpoint_id: str, job_id: str) -> Row | None:
-        async with self.read() as conn:
-            res = await conn.execute(select(*_STATUS_COLS, J.c.expires_at).where(J.c.id == job_id, J.c.endpoint_id == endpoint_id))
-            row = res.first()
+        row = await self.ex.read(lambda conn: conn.execute(_GET, {"b_id": job_id, "b_ep": endpoint_id}).first())
         if row is not None and row.expires_at < time.time():
             return None
         return row
 
     async def take_stream(self, endpoint_id: str, job_id: str) -> tuple[Row, list[str]] | None:
         """The job and its chunks since the last call (the cursor advances: each chunk is handed out once)."""
-        async with self.write() as conn:
-            res = await conn.execute(select(*_STATUS_COLS, J.c.stream_seq, J.c.stream_cursor, J.c.expires_at)
-                                     .where(J.c.id == job_id, J.c.endpoint_id == endpoint_id))
-            row = res.first()
+
+        def op(conn: Connection) -> tuple[Row, list[str]] | None:
+            row = conn.execute(select(*_STATUS_COLS, J.c.stream_seq, J.c.stream_cursor, J.c.expires_at)
+                               .where(J.c.id == job_id, J.c.endpoint_id == endpoint_id)).first()
             if row is None or row.expires_at < time.time():
                 return None
             chunks: list[str] = []
             if row.stream_seq > row.stream_cursor:
-                res = await conn.execute(select(C.c.seq, C.c.output).where(C.c.job_id == job_id, C.c.seq > row.stream_cursor)
-                                         .order_by(C.c.seq))
-                got = res.all()
+                got = conn.execute(select(C.c.seq, C.c.output).where(C.c.job_id == job_id, C.c.seq > row.stream_cursor)
+                                   .order_by(C.c.seq)).all()
                 if got:
                     chunks = [r.output for r in got]
-                    await conn.execute(update(J).where(J.c.id == job_id, J.c.stream_cursor < got[-1].seq)
-                                       .values(stream_cursor=got[-1].seq))
-        return row, chunks
+                    conn.execute(update(J).where(J.c.id == job_id, J.c.stream_cursor < got[-1].seq)
+                                 .values(stream_cursor=got[-1].seq))
+            return row, chunks
+
+        return await self.ex.write(op)
 
     async def cancel(self, endpoint_id: str, job_id: str) -> tuple[Row | None, Finished | None]:
         """Cancel a queued or running job; returns the (old) row and the transition if there was one."""
-        async with self.write() as conn:
-            res = await conn.execute(select(*_STATUS_COLS, J.c.expires_at).where(J.c.id == job_id, J.c.endpoint_id == endpoint_id))
-            row = res.first()
+
+        def op(conn: Connection) -> tuple[Row | None, Finished | None]:
+            row = conn.execute(select(*_STATUS_COLS, J.c.expires_at).where(J.c.id == job_id, J.c.endpoint_id == endpoint_id)).first()
             if row is None or row.expires_at < time.time() or row.status not in (IN_QUEUE, IN_PROGRESS):
                 return row, None
-            done = await self._terminal(conn, and_(J.c.id == job_id, J.c.status == row.status), CANCELLED, keep_output=True)
-        return row, (done[0] if done else None)
+            done = _terminal(conn, and_(J.c.id == job_id, J.c.status == row.status), CANCELLED)
+            return row, (done[0] if done else None)
+
+        return await self.ex.write(op)
 
     async def retry(self, endpoint_id: str, job_id: str) -> str | None:
         """FAILED / TIMED_OUT → IN_QUEUE with the same id and input; returns the status it had."""
-        now = time.time()
-        async with self.write() as conn:
-            res = await conn.execute(select(J.c.status, J.c.expires_at).where(J.c.id == job_id, J.c.endpoint_id == endpoint_id))
-            row = res.first()
+
+        def op(conn: Connection) -> str | None:
+            now = time.time()
+            row = conn.execute(select(J.c.status, J.c.expires_at).where(J.c.id == job_id, J.c.endpoint_id == endpoint_id)).first()
             if row is None or row.expires_at < now:
                 return None
             if row.status in ("FAILED", "TIMED_OUT"):
-                await conn.execute(update(J).where(J.c.id == job_id, J.c.status == row.status).values(
+                conn.execute(update(J).where(J.c.id == job_id, J.c.status == row.status).values(
                     status=IN_QUEUE, output=None, error=None, worker_id=None, started_at=None, finished_at=None,
                     queued_at=now, attempts=0, retried=J.c.retried + 1, stream_seq=0, stream_cursor=0))
-                await conn.execute(delete(C).where(C.c.job_id == job_id))
+                conn.execute(delete(C).where(C.c.job_id == job_id))
             return row.status
 
+        return await self.ex.write(op)
+
     async def purge(self, endpoint_id: str) -> int:
-        async with self.write() as conn:
-            res = await conn.execute(delete(J).where(J.c.endpoint_id == endpoint_id, J.c.status == IN_QUEUE))
+        res = await self.ex.write(lambda conn: conn.execute(delete(J).where(J.c.endpoint_id == endpoint_id, J.c.status == IN_QUEUE)))
         return res.rowcount or 0
 
     async def counts(self, endpoint_id: str) -> dict[str, int]:
-        async with self.read() as conn:
-            res = await conn.execute(select(J.c.status, func.count(), func.coalesce(func.sum(J.c.retried), 0))
-                                     .where(J.c.endpoint_id == endpoint_id, J.c.expires_at >= time.time())
-                                     .group_by(J.c.status))
-            rows = res.all()
+        rows = await self.ex.read(lambda conn: conn.execute(
+            select(J.c.status, func.count(), func.coalesce(func.sum(J.c.retried), 0))
+            .where(J.c.endpoint_id == endpoint_id, J.c.expires_at >= time.time()).group_by(J.c.status)).all())
         by = {r[0]: int(r[1]) for r in rows}
         return {
             "completed": by.get("COMPLETED", 0),
@@ -239,65 +210,70 @@ class Store:
             "timedOut": by.get("TIMED_OUT", 0),
         }
 
+    async def scale_snapshot(self, endpoint_id: str) -> ScaleSnapshot:
+        def op(conn: Connection) -> ScaleSnapshot:
+            rows = conn.execute(select(J.c.status, J.c.low_priority, func.count(), func.min(J.c.queued_at)).where(
+                J.c.endpoint_id == endpoint_id, J.c.status.in_([IN_QUEUE, IN_PROGRESS])).group_by(J.c.status, J.c.low_priority)).all()
+            busy = dict(conn.execute(select(J.c.worker_id, func.count()).where(
+                J.c.endpoint_id == endpoint_id, J.c.status == IN_PROGRESS).group_by(J.c.worker_id)).all())
+            return ScaleSnapshot(
+                queued=sum(r[2] for r in rows if r[0] == IN_QUEUE and not r[1]),
+                queued_any=sum(r[2] for r in rows if r[0] == IN_QUEUE),
+                running=sum(r[2] for r in rows if r[0] == IN_PROGRESS and not r[1]),
+                oldest_queued_at=min((r[3] for r in rows if r[0] == IN_QUEUE and not r[1]), default=None),
+                busy_workers=busy)
+
+        return await self.ex.read(op)
+
     # ---- workers -------------------------------------------------------------------------
 
     async def claim(self, endpoint_id: str, worker_id: str, n: int) -> list[Row]:
         """Atomically hand up to `n` queued jobs (normal before low priority, FIFO) to one worker."""
-        now = time.time()
-        pick = (select(J.c.id).where(J.c.endpoint_id == endpoint_id, J.c.status == IN_QUEUE, J.c.expires_at > now)
-                .order_by(J.c.low_priority, J.c.queued_at).limit(n))
-        values = dict(status=IN_PROGRESS, worker_id=worker_id, started_at=now, attempts=J.c.attempts + 1)
-        if self.is_pg:
-            # PostgreSQL may run an `IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` subquery more
-            # than once while updating, each run skipping the rows just locked: a take for one job
-            # then claimed every queued job, and all but the first were never delivered. A
-            # materialized CTE picks the rows exactly once.
-            picked = pick.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
-            stmt = update(J).where(J.c.id == picked.c.id, J.c.status == IN_QUEUE)
-        else:  # one writer at a time: the subquery cannot race
-            stmt = update(J).where(J.c.id.in_(pick), J.c.status == IN_QUEUE)
-        stmt = stmt.values(**values).returning(J.c.id, J.c.input, J.c.webhook, J.c.queued_at)
-        async with self.write() as conn:
-            rows = (await conn.execute(stmt)).all()
+        params = {"b_ep": endpoint_id, "b_worker": worker_id, "b_now": time.time(), "b_n": n}
+        rows = await self.ex.write(lambda conn: conn.execute(self._claim, params).all())
         rows.sort(key=lambda r: r.queued_at)
         return rows
 
     async def finish(self, job_id: str, worker_id: str, status: str, output_json: str | None,
                      error: str | None) -> Finished | None:
         """A worker's result; ignored (None) unless that worker holds the job IN_PROGRESS."""
-        async with self.write() as conn:
-            done = await self._terminal(
-                conn, and_(J.c.id == job_id, J.c.status == IN_PROGRESS, J.c.worker_id == worker_id),
-                status, output_json=output_json, error=error)
-        return done[0] if done else None
+        params = {"b_id": job_id, "b_worker": worker_id, "b_status": status, "b_now": time.time(),
+                  "b_output": output_json, "b_error": error}
+
+        def op(conn: Connection) -> Finished | None:
+            row = conn.execute(_FINISH, params).first()
+            if row is None:
+                return None
+            return _queue_hooks(conn, [row], params["b_now"])[0]
+
+        return await self.ex.write(op)
 
     async def progress(self, job_id: str, worker_id: str, output_json: str) -> bool:
-        async with self.write() as conn:
-            res = await conn.execute(update(J).where(J.c.id == job_id, J.c.status == IN_PROGRESS, J.c.worker_id == worker_id)
-                                     .values(output=output_json))
+        res = await self.ex.write(lambda conn: conn.execute(
+            update(J).where(J.c.id == job_id, J.c.status == IN_PROGRESS, J.c.worker_id == worker_id).values(output=output_json)))
         return bool(res.rowcount)
 
     async def add_chunk(self, job_id: str, worker_id: str, output_json: str) -> bool:
-        async with self.write() as conn:
-            res = await conn.execute(update(J).where(J.c.id == job_id, J.c.status == IN_PROGRESS, J.c.worker_id == worker_id)
-                                     .values(stream_seq=J.c.stream_seq + 1).returning(J.c.stream_seq))
-            seq = res.scalar()
+        def op(conn: Connection) -> bool:
+            seq = conn.execute(update(J).where(J.c.id == job_id, J.c.status == IN_PROGRESS, J.c.worker_id == worker_id)
+                               .values(stream_seq=J.c.stream_seq + 1).returning(J.c.stream_seq)).scalar()
             if seq is None:
                 return False
-            await conn.execute(insert(C).values(job_id=job_id, seq=seq, output=output_json))
-        return True
+            conn.execute(insert(C).values(job_id=job_id, seq=seq, output=output_json))
+            return True
+
+        return await self.ex.write(op)
 
     async def jobs_of_worker(self, worker_id: str) -> list[Row]:
-        async with self.read() as conn:
-            res = await conn.execute(select(J.c.id, J.c.started_at).where(J.c.worker_id == worker_id, J.c.status == IN_PROGRESS))
-            return list(res.all())
+        return await self.ex.read(lambda conn: list(conn.execute(
+            select(J.c.id, J.c.started_at).where(J.c.worker_id == worker_id, J.c.status == IN_PROGRESS)).all()))
 
     async def statuses(self, job_ids: Sequence[str]) -> list[Row]:
         if not job_ids:
             return []
-        async with self.read() as conn:
-            res = await conn.execute(select(J.c.id, J.c.status, J.c.worker_id).where(J.c.id.in_(list(job_ids))))
-            return list(res.all())
+        ids = list(job_ids)
+        return await self.ex.read(lambda conn: list(conn.execute(
+            select(J.c.id, J.c.status, J.c.worker_id).where(J.c.id.in_(ids))).all()))
 
     async def requeue(self, worker_id: str, max_attempts: int, reason: str,
                       job_ids: Sequence[str] | None = None) -> tuple[list[str], list[Finished]]:
@@ -307,45 +283,101 @@ class Store:
             if not job_ids:
                 return [], []
             cond = and_(cond, J.c.id.in_(list(job_ids)))
-        async with self.write() as conn:
-            failed = await self._terminal(
-                conn, and_(cond, J.c.attempts >= max_attempts), FAILED,
-                error=json.dumps({"error_type": "WorkerLost", "error_message": f"{reason}; gave up after {max_attempts} attempts"}),
-                keep_output=True)
-            res = await conn.execute(update(J).where(cond).values(
+        error = json.dumps({"error_type": "WorkerLost", "error_message": f"{reason}; gave up after {max_attempts} attempts"})
+
+        def op(conn: Connection) -> tuple[list[str], list[Finished]]:
+            failed = _terminal(conn, and_(cond, J.c.attempts >= max_attempts), FAILED, error=error)
+            requeued = [r[0] for r in conn.execute(update(J).where(cond).values(
                 status=IN_QUEUE, worker_id=None, started_at=None, output=None, stream_seq=0, stream_cursor=0,
-            ).returning(J.c.id))
-            requeued = [r[0] for r in res.all()]
+            ).returning(J.c.id)).all()]
             if requeued:
-                await conn.execute(delete(C).where(C.c.job_id.in_(requeued)))
-        return requeued, failed
+                conn.execute(delete(C).where(C.c.job_id.in_(requeued)))
+            return requeued, failed
+
+        return await self.ex.write(op)
+
+    # ---- worker rows -----------------------------------------------------------------------
+
+    async def load_workers(self) -> list[Row]:
+        return await self.ex.read(lambda conn: list(conn.execute(select(WK)).all()))
+
+    async def endpoint_workers(self, endpoint_id: str) -> tuple[list[Row], set[str]]:
+        """The endpoint's worker rows, and which workers hold a job now."""
+
+        def op(conn: Connection) -> tuple[list[Row], set[str]]:
+            workers = list(conn.execute(select(WK.c.worker_id, WK.c.state).where(WK.c.endpoint_id == endpoint_id)).all())
+            busy = set(conn.execute(select(J.c.worker_id).where(
+                J.c.endpoint_id == endpoint_id, J.c.status == IN_PROGRESS).distinct()).scalars().all())
+            return workers, busy
+
+        return await self.ex.read(op)
+
+    async def add_worker(self, worker_id: str, endpoint_id: str, state: str, now: float, pinged: bool = False) -> None:
+        await self.ex.write(lambda conn: conn.execute(insert(WK).values(
+            worker_id=worker_id, endpoint_id=endpoint_id, state=state, created_at=now,
+            last_ping_at=now if pinged else None, jobs_in_flight=0)))
+
+    async def adopt_worker(self, worker_id: str, endpoint_id: str, state: str, now: float) -> str | None:
+        """A worker calling in that this process did not launch: its stored state, or a new row."""
+
+        def op(conn: Connection) -> str | None:
+            exists = conn.execute(select(WK.c.state).where(WK.c.worker_id == worker_id)).first()
+            if exists is None:
+                conn.execute(insert(WK).values(worker_id=worker_id, endpoint_id=endpoint_id, state=state,
+                                               created_at=now, last_ping_at=now, jobs_in_flight=0))
+                return None
+            return exists.state
+
+        return await self.ex.write(op)
+
+    async def set_worker_state(self, worker_id: str, state: str, reason: str | None = None,
+                               only_from: str | None = None) -> None:
+        stmt = update(WK).where(WK.c.worker_id == worker_id)
+        if only_from is not None:
+            stmt = stmt.where(WK.c.state == only_from)
+        values: dict[str, Any] = {"state": state}
+        if reason is not None:
+            values["stop_reason"] = reason
+        await self.ex.write(lambda conn: conn.execute(stmt.values(**values)))
+
+    async def note_ping(self, worker_id: str, now: float, jobs_in_flight: int, version: str) -> None:
+        await self.ex.write(lambda conn: conn.execute(update(WK).where(WK.c.worker_id == worker_id).values(
+            last_ping_at=now, jobs_in_flight=jobs_in_flight, runpod_version=version[:40])))
+
+    async def delete_worker(self, worker_id: str) -> None:
+        await self.ex.write(lambda conn: conn.execute(delete(WK).where(WK.c.worker_id == worker_id)))
+
+    async def delete_endpoint(self, endpoint_id: str) -> None:
+        await self.ex.write(lambda conn: conn.execute(delete(E).where(E.c.endpoint_id == endpoint_id)))
 
     # ---- timers --------------------------------------------------------------------------
 
     async def time_out(self) -> list[Finished]:
-        now = time.time()
-        cond = and_(J.c.status == IN_PROGRESS, J.c.execution_timeout_ms < (now - J.c.started_at) * 1000)
-        async with self.write() as conn:
-            return await self._terminal(conn, cond, "TIMED_OUT", keep_output=True,
-                                        error_fn=lambda r: f"execution timeout exceeded ({r.execution_timeout_ms} ms)")
+        def op(conn: Connection) -> list[Finished]:
+            cond = and_(J.c.status == IN_PROGRESS, J.c.execution_timeout_ms < (time.time() - J.c.started_at) * 1000)
+            return _terminal(conn, cond, "TIMED_OUT",
+                             error_fn=lambda r: f"execution timeout exceeded ({r.execution_timeout_ms} ms)")
+
+        return await self.ex.write(op)
 
     async def expire(self, retention: float) -> list[Row]:
         """Delete jobs past their TTL, and finished jobs past the retention period."""
-        now = time.time()
-        async with self.write() as conn:
-            res = await conn.execute(delete(J).where(J.c.expires_at < now).returning(J.c.id, J.c.status, J.c.worker_id))
-            gone = list(res.all())
-            await conn.execute(delete(J).where(J.c.finished_at.is_not(None), J.c.finished_at < now - retention))
-            await conn.execute(delete(W).where(W.c.status != "pending", W.c.created_at < now - retention))
-        return gone
+
+        def op(conn: Connection) -> list[Row]:
+            now = time.time()
+            gone = list(conn.execute(delete(J).where(J.c.expires_at < now).returning(J.c.id, J.c.status, J.c.worker_id)).all())
+            conn.execute(delete(J).where(J.c.finished_at.is_not(None), J.c.finished_at < now - retention))
+            conn.execute(delete(W).where(W.c.status != "pending", W.c.created_at < now - retention))
+            return gone
+
+        return await self.ex.write(op)
 
     # ---- webhooks ------------------------------------------------------------------------
 
     async def due_webhooks(self, exclude: set[int], limit: int = 50) -> list[Row]:
-        async with self.read() as conn:
-            stmt = select(W.c.id, W.c.url, W.c.payload, W.c.attempts).where(
-                W.c.status == "pending", W.c.next_attempt_at <= time.time()).order_by(W.c.next_attempt_at).limit(limit + len(exclude))
-            rows = (await conn.execute(stmt)).all()
+        stmt = select(W.c.id, W.c.url, W.c.payload, W.c.attempts).where(
+            W.c.status == "pending", W.c.next_attempt_at <= time.time()).order_by(W.c.next_attempt_at).limit(limit + len(exclude))
+        rows = await self.ex.read(lambda conn: conn.execute(stmt).all())
         return [r for r in rows if r.id not in exclude][:limit]
 
     async def webhook_result(self, delivery_id: int, attempts: int, ok: bool, error: str | None,
@@ -356,38 +388,35 @@ class Store:
             values = {"status": "failed", "attempts": attempts, "last_error": error}
         else:
             values = {"attempts": attempts, "last_error": error, "next_attempt_at": time.time() + retry_delay}
-        async with self.write() as conn:
-            await conn.execute(update(W).where(W.c.id == delivery_id).values(**values))
+        await self.ex.write(lambda conn: conn.execute(update(W).where(W.c.id == delivery_id).values(**values)))
 
-    # ---- internals -----------------------------------------------------------------------
 
-    async def _terminal(self, conn: AsyncConnection, cond: Any, status: str, *, output_json: str | None = None,
-                        error: str | None = None, keep_output: bool = False, error_fn: Any = None) -> list[Finished]:
-        """Move matching jobs to a terminal status and queue their webhooks, in the caller's transaction."""
-        now = time.time()
-        values: dict[str, Any] = {"status": status, "finished_at": now}
-        if not keep_output:
-            values["output"] = output_json
-        if error is not None:
-            values["error"] = error
-        if error_fn is not None:
-            rows = (await conn.execute(select(J.c.id, J.c.execution_timeout_ms).where(cond))).all()
-            if not rows:
-                return []
-            for r in rows:
-                await conn.execute(update(J).where(J.c.id == r.id, cond).values(**values, error=error_fn(r)))
-            ids = [r.id for r in rows]
-            res = await conn.execute(select(*_STATUS_COLS).where(J.c.id.in_(ids), J.c.status == status))
-        else:
-            res = await conn.execute(update(J).where(cond).values(**values).returning(*_STATUS_COLS))
-        finished = []
-        hooks = []
-        for row in res.all():
-            payload = status_object(row, now)
-            finished.append(Finished(row.id, row.endpoint_id, row.status, row.worker_id, payload))
-            if row.webhook:
-                hooks.append({"job_id": row.id, "url": row.webhook, "payload": json.dumps(payload), "status": "pending",
-                              "attempts": 0, "next_attempt_at": now, "created_at": now})
-        if hooks:
-            await conn.execute(insert(W), hooks)
-        return finished
+# ---- shared by the operations above -----------------------------------------------------------
+
+def _terminal(conn: Connection, cond: Any, status: str, *, error: str | None = None,
+              error_fn: Any = None) -> list[Finished]:
+    """Move matching jobs to a terminal status (output kept) and queue their webhooks, in the
+    caller's transaction."""
+    now = time.time()
+    values: dict[str, Any] = {"status": status, "finished_at": now}
+    if error is not None:
+        values["error"] = error
+    if error_fn is not None:
+        rows = conn.execute(select(J.c.id, J.c.execution_timeout_ms).where(cond)).all()
+        if not rows:
+            return []
+        for r in rows:
+            conn.execute(update(J).where(J.c.id == r.id, cond).values(**values, error=error_fn(r)))
+        res = conn.execute(select(*_STATUS_COLS).where(J.c.id.in_([r.id for r in rows]), J.c.status == status))
+    else:
+        res = conn.execute(update(J).where(cond).values(**values).returning(*_STATUS_COLS))
+    return _queue_hooks(conn, res.all(), now)
+
+
+def _queue_hooks(conn: Connection, rows: Sequence[Any], now: float) -> list[Finished]:
+    """The transitions as `Finished`, with a webhook delivery queued for each job that has one."""
+    hooks = [{"job_id": r.id, "url": r.webhook, "payload": json.dumps(status_object(r, now)), "status": "pending",
+              "attempts": 0, "next_attempt_at": now, "created_at": now} for r in rows if r.webhook]
+    if hooks:
+        conn.execute(insert(W), hooks)
+    return [Finished(r.id, r.endpoint_id, r.status, r.worker_id, bool(r.webhook)) for r in rows]

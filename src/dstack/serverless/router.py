@@ -1,162 +1,277 @@
-"""HTTP surface of serverless endpoints, included by the server at the app root.
+"""HTTP surface of serverless endpoints: a raw ASGI app the server mounts at `/v2`.
 
 `/v2/{endpoint}/...`: the RunPod-style client API (Bearer user token of a project member), the
 OpenAI passthrough, and the worker protocol (raw per-endpoint worker token, no `Bearer`).
-CORS is handled here, scoped to these routes: browsers call endpoints straight from web pages.
-The service is found at `request.app.state.serverless`.
+Every answer carries CORS headers: browsers call endpoints straight from web pages.
+
+These are the queue's hot paths (each job costs a `/run` and a `job-done`, workers long-poll
+`job-take`), so they skip the FastAPI layer — request models, dependency injection — that the
+control-plane API uses: a route here is a path split and a dict lookup.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
-
-from dstack.server.security import bearer_token, error_detail
+from dstack.proxy.http import Receive, Scope, Send, header, read_body, route_path
+from dstack.server.security import error_detail
 from dstack.serverless.models import TERMINAL
 from dstack.serverless.service import ServerlessError, ServerlessService
 
-CORS_HEADERS = {
-    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-    "Access-Control-Max-Age": "600",
-}
+MAX_BODY = 64 * 1024 * 1024
+_CORS_PREFLIGHT = [(b"access-control-allow-methods", b"GET, POST, OPTIONS"), (b"access-control-max-age", b"600")]
+_JSON = b"application/json"
+
+Handler = Callable[["Call"], Awaitable[None]]
 
 
-def _cors(request: Request, response: Response) -> Response:
-    response.headers["Access-Control-Allow-Origin"] = request.headers.get("origin") or "*"
-    response.headers["Vary"] = "Origin"
-    response.headers["Access-Control-Expose-Headers"] = "Content-Type"
-    return response
+class Call:
+    """One request: its path parts, query, body and the way back."""
+
+    __slots__ = ("scope", "receive", "send", "svc", "endpoint_id", "args", "_query", "_disconnected", "_watcher")
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, svc: ServerlessService, endpoint_id: str,
+                 args: list[str]) -> None:
+        self.scope, self.receive, self.send, self.svc = scope, receive, send, svc
+        self.endpoint_id, self.args = endpoint_id, args
+        self._query: dict[str, str] | None = None
+        self._disconnected = False
+        self._watcher: asyncio.Task | None = None
+
+    @property
+    def method(self) -> str:
+        return self.scope["method"]
+
+    def query(self, name: str) -> str | None:
+        if self._query is None:
+            self._query = dict(parse_qsl((self.scope.get("query_string") or b"").decode("latin-1")))
+        return self._query.get(name)
+
+    def int_query(self, name: str) -> int | None:
+        raw = self.query(name)
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            raise ServerlessError(400, f"query parameter '{name}' must be an integer, not {raw!r}", "invalid_request") from None
+
+    def authorization(self) -> str | None:
+        raw = header(self.scope, b"authorization")
+        return raw.decode("latin-1") if raw is not None else None
+
+    def bearer(self) -> str | None:
+        """The token of `Authorization: Bearer <t>` (or a bare token)."""
+        value = self.authorization()
+        if not value:
+            return None
+        parts = value.split(None, 1)
+        if len(parts) == 2 and parts[0].lower() == "bearer":
+            return parts[1].strip() or None
+        return value.strip() or None
+
+    async def body(self) -> bytes:
+        try:
+            return await read_body(self.receive, MAX_BODY)
+        except ValueError:
+            raise ServerlessError(413, f"the body is larger than {MAX_BODY // (1024 * 1024)} MiB", "too_large") from None
+
+    async def json_body(self) -> Any:
+        raw = await self.body()
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise ServerlessError(400, "the body is not valid JSON", "invalid_request") from None
+
+    async def is_disconnected(self) -> bool:
+        """For long polls: has the client gone? (The body must have been read already.)"""
+        if self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch())
+        await asyncio.sleep(0)
+        return self._disconnected
+
+    async def _watch(self) -> None:
+        while True:
+            msg = await self.receive()
+            if msg["type"] == "http.disconnect":
+                self._disconnected = True
+                return
+
+    def close(self) -> None:
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
+
+    def _headers(self, content_type: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
+        origin = header(self.scope, b"origin") or b"*"
+        hdrs = [(b"content-type", content_type), (b"access-control-allow-origin", origin), (b"vary", b"Origin"),
+                (b"access-control-expose-headers", b"Content-Type")]
+        if extra:
+            hdrs.extend(extra)
+        return hdrs
+
+    async def reply(self, status: int, body: bytes = b"", content_type: bytes = _JSON,
+                    extra: list[tuple[bytes, bytes]] | None = None) -> None:
+        hdrs = self._headers(content_type, extra)
+        hdrs.append((b"content-length", str(len(body)).encode()))
+        await self.send({"type": "http.response.start", "status": status, "headers": hdrs})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def json(self, obj: Any, status: int = 200) -> None:
+        await self.reply(status, json.dumps(obj).encode())
+
+    async def stream(self, chunks: AsyncIterator[bytes], content_type: bytes) -> None:
+        """Send `chunks` as they come; a client that goes away closes the iterator (its
+        `finally` runs), as it would under a streaming response."""
+        await self.send({"type": "http.response.start", "status": 200,
+                         "headers": self._headers(content_type, [(b"cache-control", b"no-cache")])})
+        gone = asyncio.ensure_future(self._watch())
+
+        async def pump() -> None:
+            async for chunk in chunks:
+                await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        sender = asyncio.ensure_future(pump())
+        try:
+            await asyncio.wait([sender, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (sender, gone):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(sender, gone, return_exceptions=True)
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if sender.done() and not sender.cancelled() and sender.exception() is not None:
+            raise sender.exception()  # type: ignore[misc]
 
 
-class _ServerlessRoute(APIRoute):
-    """Turns ServerlessError / validation errors into `{"detail": [...]}` bodies and adds CORS headers."""
+class ServerlessApp:
+    """The ASGI app; finds its `ServerlessService` through `get_service` at request time (the
+    server creates the service in its lifespan, after the app is built)."""
 
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
+    def __init__(self, get_service: Callable[[], ServerlessService | None]) -> None:
+        self.get_service = get_service
 
-        async def wrapped(request: Request) -> Response:
-            try:
-                response = await handler(request)
-            except ServerlessError as e:
-                response = JSONResponse(error_detail(e.msg, e.code), status_code=e.status)
-            except RequestValidationError as e:
-                first = e.errors()[0] if e.errors() else {}
-                fields = [str(x) for x in first.get("loc", ())[1:]]
-                response = JSONResponse(error_detail(first.get("msg", "invalid request"), "invalid_request", fields), status_code=400)
-            return _cors(request, response)
-
-        return wrapped
-
-
-router = APIRouter(route_class=_ServerlessRoute, tags=["serverless"])
-
-
-def _svc(request: Request) -> ServerlessService:
-    return request.app.state.serverless
-
-
-async def _client(request: Request, endpoint_id: str) -> ServerlessService:
-    svc = _svc(request)
-    await svc.authorize(endpoint_id, bearer_token(request))
-    return svc
-
-
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise ServerlessError(400, "the body is not valid JSON", "invalid_request") from None
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1003})
+            return
+        parts = route_path(scope).split("/")  # ['', endpoint, action, ...]
+        svc = self.get_service()
+        endpoint_id = parts[1] if len(parts) > 1 else ""
+        action = parts[2] if len(parts) > 2 else ""
+        call = Call(scope, receive, send, svc, endpoint_id, parts[3:])  # type: ignore[arg-type]
+        try:
+            if svc is None:
+                raise ServerlessError(503, "serverless endpoints are not available yet (the server is starting)", "unavailable")
+            if scope["method"] == "OPTIONS":
+                await _preflight(call)
+                return
+            route = ROUTES.get(action)
+            if not endpoint_id or route is None or len(call.args) != route.nargs and not route.rest:
+                raise ServerlessError(404, f"no such route: {scope['method']} /v2{route_path(scope)}", "not_found")
+            if scope["method"] not in route.methods:
+                raise ServerlessError(405, f"{action} takes {' or '.join(sorted(route.methods))}, not {scope['method']}",
+                                      "method_not_allowed")
+            await route.handler(call)
+        except ServerlessError as e:
+            await call.json(error_detail(e.msg, e.code), e.status)
+        except ConnectionResetError:
+            pass  # the client went away mid-request
+        finally:
+            call.close()
 
 
-# ---- CORS preflight --------------------------------------------------------------------------
+class _Route:
+    __slots__ = ("handler", "methods", "nargs", "rest")
 
-@router.options("/v2/{endpoint_id}/{rest:path}")
-async def preflight(request: Request, endpoint_id: str, rest: str) -> Response:
-    headers = dict(CORS_HEADERS)
-    headers["Access-Control-Allow-Headers"] = request.headers.get("access-control-request-headers") or "Authorization, Content-Type"
-    return Response(status_code=204, headers=headers)
+    def __init__(self, handler: Handler, methods: tuple[str, ...], nargs: int, rest: bool = False) -> None:
+        self.handler, self.methods, self.nargs, self.rest = handler, frozenset(methods), nargs, rest
+
+
+async def _preflight(call: Call) -> None:
+    allow = header(call.scope, b"access-control-request-headers") or b"Authorization, Content-Type"
+    await call.reply(204, b"", extra=_CORS_PREFLIGHT + [(b"access-control-allow-headers", allow)])
 
 
 # ---- client API ------------------------------------------------------------------------------
 
-@router.post("/v2/{endpoint_id}/run")
-async def run(request: Request, endpoint_id: str) -> Response:
-    svc = await _client(request, endpoint_id)
-    job_id = await svc.submit(endpoint_id, await _json_body(request))
-    return JSONResponse({"id": job_id, "status": "IN_QUEUE"})
+async def _client(call: Call) -> ServerlessService:
+    await call.svc.authorize(call.endpoint_id, call.bearer())
+    return call.svc
 
 
-@router.post("/v2/{endpoint_id}/runsync")
-async def runsync(request: Request, endpoint_id: str, wait: int | None = None) -> Response:
-    svc = await _client(request, endpoint_id)
-    return JSONResponse(await svc.run_sync(endpoint_id, await _json_body(request), wait))
+async def run(call: Call) -> None:
+    svc = await _client(call)
+    job_id = await svc.submit(call.endpoint_id, await call.json_body())
+    await call.reply(200, b'{"id":"' + job_id.encode() + b'","status":"IN_QUEUE"}')
 
 
-@router.api_route("/v2/{endpoint_id}/status/{job_id}", methods=["GET", "POST"])
-async def status(request: Request, endpoint_id: str, job_id: str) -> Response:
-    svc = await _client(request, endpoint_id)
-    return JSONResponse(await svc.status(endpoint_id, job_id))
+async def runsync(call: Call) -> None:
+    svc = await _client(call)
+    wait = call.int_query("wait")
+    await call.json(await svc.run_sync(call.endpoint_id, await call.json_body(), wait))
 
 
-@router.api_route("/v2/{endpoint_id}/stream/{job_id}", methods=["GET", "POST"])
-async def stream(request: Request, endpoint_id: str, job_id: str) -> Response:
-    svc = await _client(request, endpoint_id)
-    return JSONResponse(await svc.stream(endpoint_id, job_id))
+async def status(call: Call) -> None:
+    svc = await _client(call)
+    await call.json(await svc.status(call.endpoint_id, call.args[0]))
 
 
-@router.post("/v2/{endpoint_id}/cancel/{job_id}")
-async def cancel(request: Request, endpoint_id: str, job_id: str) -> Response:
-    svc = await _client(request, endpoint_id)
-    return JSONResponse(await svc.cancel(endpoint_id, job_id))
+async def stream(call: Call) -> None:
+    svc = await _client(call)
+    await call.json(await svc.stream(call.endpoint_id, call.args[0]))
 
 
-@router.post("/v2/{endpoint_id}/retry/{job_id}")
-async def retry(request: Request, endpoint_id: str, job_id: str) -> Response:
-    svc = await _client(request, endpoint_id)
-    return JSONResponse(await svc.retry(endpoint_id, job_id))
+async def cancel(call: Call) -> None:
+    svc = await _client(call)
+    await call.json(await svc.cancel(call.endpoint_id, call.args[0]))
 
 
-@router.post("/v2/{endpoint_id}/purge-queue")
-async def purge_queue(request: Request, endpoint_id: str) -> Response:
-    svc = await _client(request, endpoint_id)
-    return JSONResponse(await svc.purge(endpoint_id))
+async def retry(call: Call) -> None:
+    svc = await _client(call)
+    await call.json(await svc.retry(call.endpoint_id, call.args[0]))
 
 
-@router.get("/v2/{endpoint_id}/health")
-async def health(request: Request, endpoint_id: str) -> Response:
-    svc = await _client(request, endpoint_id)
-    return JSONResponse(await svc.health(endpoint_id))
+async def purge_queue(call: Call) -> None:
+    svc = await _client(call)
+    await call.json(await svc.purge(call.endpoint_id))
 
 
-@router.api_route("/v2/{endpoint_id}/openai/{path:path}", methods=["GET", "POST"])
-async def openai(request: Request, endpoint_id: str, path: str) -> Response:
+async def health(call: Call) -> None:
+    svc = await _client(call)
+    await call.json(await svc.health(call.endpoint_id))
+
+
+async def openai(call: Call) -> None:
     """OpenAI-compatible calls become jobs `{"openai_route", "openai_input"}`, as RunPod's vLLM
     worker expects; what the handler yields comes back as SSE (stream=true) or one JSON body."""
-    svc = await _client(request, endpoint_id)
-    body = await _json_body(request) if request.method == "POST" else None
+    svc = await _client(call)
+    body = await call.json_body() if call.method == "POST" else None
+    path = "/".join(call.args)
     job_input = {"openai_route": "/" + path.lstrip("/"), "openai_input": body if body is not None else {}}
-    job_id = await svc.submit(endpoint_id, {"input": job_input})
+    job_id = await svc.submit(call.endpoint_id, {"input": job_input})
     if isinstance(body, dict) and body.get("stream"):
-        return StreamingResponse(_sse(svc, endpoint_id, job_id), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    result = await _wait_final(svc, endpoint_id, job_id, svc.options.runsync_max_ms / 1000)
+        await call.stream(_sse(svc, call.endpoint_id, job_id), b"text/event-stream")
+        return
+    result = await _wait_final(svc, call.endpoint_id, job_id, svc.options.runsync_max_ms / 1000)
     if result["status"] != "COMPLETED":
         code = 504 if result["status"] not in TERMINAL else 500
-        return JSONResponse({"error": {"message": result.get("error") or f"job {result['status']}", "type": result["status"]}}, status_code=code)
+        await call.json({"error": {"message": result.get("error") or f"job {result['status']}", "type": result["status"]}}, code)
+        return
     output = result.get("output")
     if isinstance(output, list) and len(output) == 1:
         output = output[0]
-    return JSONResponse(output)
+    await call.json(output)
 
 
 async def _wait_final(svc: ServerlessService, endpoint_id: str, job_id: str, timeout: float) -> dict[str, Any]:
@@ -200,10 +315,9 @@ async def _sse(svc: ServerlessService, endpoint_id: str, job_id: str) -> AsyncIt
 
 # ---- worker protocol -------------------------------------------------------------------------
 
-def _worker(request: Request, endpoint_id: str) -> ServerlessService:
-    svc = _svc(request)
-    svc.check_worker(endpoint_id, request.headers.get("authorization"))
-    return svc
+def _worker(call: Call) -> ServerlessService:
+    call.svc.check_worker(call.endpoint_id, call.authorization())
+    return call.svc
 
 
 def _job_json(row: Any) -> str:
@@ -214,53 +328,72 @@ def _job_json(row: Any) -> str:
     return "".join(parts)
 
 
-@router.get("/v2/{endpoint_id}/job-take/{worker_id}")
-async def job_take(request: Request, endpoint_id: str, worker_id: str) -> Response:
-    svc = _worker(request, endpoint_id)
-    rows = await svc.take(endpoint_id, worker_id, 1, request.is_disconnected)
+async def job_take(call: Call) -> None:
+    svc = _worker(call)
+    rows = await svc.take(call.endpoint_id, call.args[0], 1, call.is_disconnected)
     if not rows:
-        return Response(status_code=204)
-    return Response(_job_json(rows[0]), media_type="application/json")
+        await call.reply(204)
+        return
+    await call.reply(200, _job_json(rows[0]).encode())
 
 
-@router.get("/v2/{endpoint_id}/job-take-batch/{worker_id}")
-async def job_take_batch(request: Request, endpoint_id: str, worker_id: str, batch_size: int = 1) -> Response:
-    svc = _worker(request, endpoint_id)
-    rows = await svc.take(endpoint_id, worker_id, max(1, min(batch_size, 1000)), request.is_disconnected)
+async def job_take_batch(call: Call) -> None:
+    svc = _worker(call)
+    size = call.int_query("batch_size") or 1
+    rows = await svc.take(call.endpoint_id, call.args[0], max(1, min(size, 1000)), call.is_disconnected)
     if not rows:
-        return Response(status_code=204)
-    return Response("[" + ",".join(_job_json(r) for r in rows) + "]", media_type="application/json")
+        await call.reply(204)
+        return
+    await call.reply(200, ("[" + ",".join(_job_json(r) for r in rows) + "]").encode())
 
 
-@router.post("/v2/{endpoint_id}/job-done/{worker_id}/{job_id}")
-async def job_done(request: Request, endpoint_id: str, worker_id: str, job_id: str) -> Response:
-    svc = _worker(request, endpoint_id)
-    await svc.job_done(endpoint_id, worker_id, job_id, await request.body())
-    return JSONResponse({"ok": True})
+_OK = b'{"ok":true}'
 
 
-@router.post("/v2/{endpoint_id}/job-stream/{worker_id}/{job_id}")
-async def job_stream(request: Request, endpoint_id: str, worker_id: str, job_id: str) -> Response:
-    svc = _worker(request, endpoint_id)
-    await svc.job_stream(endpoint_id, worker_id, job_id, await request.body())
-    return JSONResponse({"ok": True})
+async def job_done(call: Call) -> None:
+    svc = _worker(call)
+    await svc.job_done(call.endpoint_id, call.args[0], call.args[1], await call.body())
+    await call.reply(200, _OK)
 
 
-@router.get("/v2/{endpoint_id}/job-stop/{worker_id}")
-async def job_stop(request: Request, endpoint_id: str, worker_id: str) -> Response:
-    svc = _worker(request, endpoint_id)
-    ids = await svc.job_stop(endpoint_id, worker_id)
+async def job_stream(call: Call) -> None:
+    svc = _worker(call)
+    await svc.job_stream(call.endpoint_id, call.args[0], call.args[1], await call.body())
+    await call.reply(200, _OK)
+
+
+async def job_stop(call: Call) -> None:
+    svc = _worker(call)
+    ids = await svc.job_stop(call.endpoint_id, call.args[0])
     if not ids:
-        return Response(status_code=204)
-    return JSONResponse({"jobsToStop": ids})
+        await call.reply(204)
+        return
+    await call.json({"jobsToStop": ids})
 
 
-@router.get("/v2/{endpoint_id}/ping/{worker_id}")
-async def ping(request: Request, endpoint_id: str, worker_id: str, job_id: str | None = None,
-               runpod_version: str | None = None, status: str | None = None, check: str | None = None,
-               reason: str | None = None) -> Response:
-    svc = _worker(request, endpoint_id)
-    ids = [j for j in (job_id or "").split(",") if j]
-    unhealthy = f"{check or '?'}: {reason or ''}" if status == "unhealthy" else None
-    await svc.ping(endpoint_id, worker_id, ids, runpod_version, unhealthy)
-    return JSONResponse({"ok": True})
+async def ping(call: Call) -> None:
+    svc = _worker(call)
+    ids = [j for j in (call.query("job_id") or "").split(",") if j]
+    unhealthy = f"{call.query('check') or '?'}: {call.query('reason') or ''}" if call.query("status") == "unhealthy" else None
+    await svc.ping(call.endpoint_id, call.args[0], ids, call.query("runpod_version"), unhealthy)
+    await call.reply(200, _OK)
+
+
+_GET_POST = ("GET", "POST")
+ROUTES: dict[str, _Route] = {
+    "run": _Route(run, ("POST",), 0),
+    "runsync": _Route(runsync, ("POST",), 0),
+    "status": _Route(status, _GET_POST, 1),
+    "stream": _Route(stream, _GET_POST, 1),
+    "cancel": _Route(cancel, ("POST",), 1),
+    "retry": _Route(retry, ("POST",), 1),
+    "purge-queue": _Route(purge_queue, ("POST",), 0),
+    "health": _Route(health, ("GET",), 0),
+    "openai": _Route(openai, _GET_POST, 0, rest=True),
+    "job-take": _Route(job_take, ("GET",), 1),
+    "job-take-batch": _Route(job_take_batch, ("GET",), 1),
+    "job-done": _Route(job_done, ("POST",), 2),
+    "job-stream": _Route(job_stream, ("POST",), 2),
+    "job-stop": _Route(job_stop, ("GET",), 1),
+    "ping": _Route(ping, ("GET",), 1),
+}

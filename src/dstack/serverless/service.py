@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import httpx
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.server.db import Database
@@ -33,8 +33,6 @@ from dstack.serverless.models import (
     IN_QUEUE,
     TERMINAL,
     ServerlessEndpointModel,
-    ServerlessJobModel,
-    ServerlessWorkerModel,
 )
 from dstack.serverless.queue import Finished, Store, status_object
 from dstack.serverless.scaler import QueueSnapshot, desired_workers
@@ -43,9 +41,6 @@ from dstack.serverless.signals import Signals
 
 log = logging.getLogger(__name__)
 
-E = ServerlessEndpointModel.__table__
-J = ServerlessJobModel.__table__
-WK = ServerlessWorkerModel.__table__
 
 INITIALIZING, READY, UNHEALTHY, STOPPING = "initializing", "ready", "unhealthy", "stopping"
 MAX_TOKEN_HASHES = 8
@@ -119,12 +114,11 @@ class ServerlessService:
             for row in rows:
                 await self._remember_endpoint(session, row, EndpointSettings.from_json(row.settings))
             await session.commit()
-        async with self.store.read() as conn:
-            for w in (await conn.execute(select(WK))).all():
-                if w.endpoint_id in self._endpoints:
-                    self._workers[w.worker_id] = _Worker(w.worker_id, w.endpoint_id, w.state, w.created_at,
-                                                         last_contact=w.last_ping_at or 0.0, last_busy=self._started_at,
-                                                         stop_requested_at=self._started_at if w.state in (STOPPING, UNHEALTHY) else 0.0)
+        for w in await self.store.load_workers():
+            if w.endpoint_id in self._endpoints:
+                self._workers[w.worker_id] = _Worker(w.worker_id, w.endpoint_id, w.state, w.created_at,
+                                                     last_contact=w.last_ping_at or 0.0, last_busy=self._started_at,
+                                                     stop_requested_at=self._started_at if w.state in (STOPPING, UNHEALTHY) else 0.0)
         self._tasks = [asyncio.create_task(self._control_loop()), asyncio.create_task(self._webhook_loop())]
 
     async def stop(self) -> None:
@@ -175,8 +169,7 @@ class ServerlessService:
         workers = [w for w in self._workers.values() if w.endpoint_id == endpoint_id]
         for w in workers:
             self._workers.pop(w.worker_id, None)
-        async with self.store.write() as conn:
-            await conn.execute(delete(E).where(E.c.endpoint_id == endpoint_id))
+        await self.store.delete_endpoint(endpoint_id)
         self.signals.fire("take:" + endpoint_id)
         if ep is not None:
             await asyncio.gather(*(self._call_launcher_stop(endpoint_id, w.worker_id) for w in workers))
@@ -204,10 +197,7 @@ class ServerlessService:
         """Queue depth and workers by state, for `dstack ps` and `/health`."""
         self._ep(endpoint_id)
         counts = await self.store.counts(endpoint_id)
-        async with self.store.read() as conn:
-            workers = (await conn.execute(select(WK.c.worker_id, WK.c.state).where(WK.c.endpoint_id == endpoint_id))).all()
-            busy = set((await conn.execute(select(J.c.worker_id).where(
-                J.c.endpoint_id == endpoint_id, J.c.status == IN_PROGRESS).distinct())).scalars().all())
+        workers, busy = await self.store.endpoint_workers(endpoint_id)
         by_state = {"idle": 0, "running": 0, "initializing": 0, "ready": 0, "throttled": 0, "unhealthy": 0, "stopping": 0}
         for w in workers:
             if w.state == READY:
@@ -410,9 +400,7 @@ class ServerlessService:
         if unhealthy_reason is not None:
             await self._lose_worker(w, UNHEALTHY, f"worker failed a fitness check: {unhealthy_reason}")
             return
-        async with self.store.write() as conn:
-            await conn.execute(update(WK).where(WK.c.worker_id == worker_id).values(
-                last_ping_at=now, jobs_in_flight=len(job_ids), runpod_version=(version or "")[:40]))
+        await self.store.note_ping(worker_id, now, len(job_ids), version or "")
         held = set(job_ids)
         if held:
             w.last_busy = now
@@ -443,8 +431,7 @@ class ServerlessService:
                                                     f"worker {worker_id} exited ({reason})")
         log.info("serverless: worker %s exited (%s); %d job(s) requeued, %d failed", worker_id, reason,
                  len(requeued), len(failed))
-        async with self.store.write() as conn:
-            await conn.execute(delete(WK).where(WK.c.worker_id == worker_id))
+        await self.store.delete_worker(worker_id)
         self._after_requeue(endpoint_id, requeued, failed)
         if w is not None:
             self.signals.fire("stop:" + worker_id)
@@ -470,27 +457,22 @@ class ServerlessService:
             if w is not None:
                 raise ServerlessError(403, f"worker '{worker_id}' belongs to another endpoint", "forbidden")
             w = self._workers[worker_id] = _Worker(worker_id, endpoint_id, READY, now, now, now)
-            async with self.store.write() as conn:
-                exists = (await conn.execute(select(WK.c.state).where(WK.c.worker_id == worker_id))).first()
-                if exists is None:
-                    await conn.execute(insert(WK).values(worker_id=worker_id, endpoint_id=endpoint_id, state=READY,
-                                                         created_at=now, last_ping_at=now, jobs_in_flight=0))
-                elif exists.state in (STOPPING, UNHEALTHY):
-                    w.state, w.stop_requested_at = exists.state, now
+            stored = await self.store.adopt_worker(worker_id, endpoint_id, READY, now)
+            if stored in (STOPPING, UNHEALTHY):
+                w.state, w.stop_requested_at = stored, now
         elif w.state == INITIALIZING:
             w.state, w.last_busy = READY, now
             ep = self._endpoints.get(endpoint_id)
             if ep is not None:
                 ep.launch_failures, ep.next_launch_at = 0, 0.0
-            async with self.store.write() as conn:
-                await conn.execute(update(WK).where(WK.c.worker_id == worker_id, WK.c.state == INITIALIZING).values(state=READY))
+            await self.store.set_worker_state(worker_id, READY, only_from=INITIALIZING)
         w.last_contact = now
         return w
 
     def _finished(self, done: list[Finished]) -> None:
         for d in done:
             self.signals.fire("job:" + d.id)
-        if done:
+        if any(d.hooked for d in done):
             self._hook_kick.set()
 
     def _after_requeue(self, endpoint_id: str, requeued: list[str], failed: list[Finished]) -> None:
@@ -509,9 +491,7 @@ class ServerlessService:
     async def _launch(self, ep: _Endpoint) -> None:
         worker_id = f"{ep.endpoint_id}-{uuid.uuid4().hex[:8]}"
         now = time.time()
-        async with self.store.write() as conn:
-            await conn.execute(insert(WK).values(worker_id=worker_id, endpoint_id=ep.endpoint_id, state=INITIALIZING,
-                                                 created_at=now, jobs_in_flight=0))
+        await self.store.add_worker(worker_id, ep.endpoint_id, INITIALIZING, now)
         self._workers[worker_id] = _Worker(worker_id, ep.endpoint_id, INITIALIZING, now, now, now)
         log.info("serverless: starting worker %s", worker_id)
         env = self.worker_env(ep.endpoint_id, worker_id)
@@ -526,8 +506,7 @@ class ServerlessService:
             return
         w.state, w.stop_requested_at = state, time.time()
         log.info("serverless: stopping worker %s (%s): %s", w.worker_id, state, reason)
-        async with self.store.write() as conn:
-            await conn.execute(update(WK).where(WK.c.worker_id == w.worker_id).values(state=state, stop_reason=reason))
+        await self.store.set_worker_state(w.worker_id, state, reason)
         self.signals.fire("take:" + w.endpoint_id)
         self._spawn(self._call_launcher_stop(w.endpoint_id, w.worker_id))
 
@@ -602,15 +581,9 @@ class ServerlessService:
 
     async def _scale(self, ep: _Endpoint) -> None:
         now = time.time()
-        async with self.store.read() as conn:
-            rows = (await conn.execute(select(J.c.status, J.c.low_priority, func.count(), func.min(J.c.queued_at)).where(
-                J.c.endpoint_id == ep.endpoint_id, J.c.status.in_([IN_QUEUE, IN_PROGRESS])).group_by(J.c.status, J.c.low_priority))).all()
-            busy = dict((await conn.execute(select(J.c.worker_id, func.count()).where(
-                J.c.endpoint_id == ep.endpoint_id, J.c.status == IN_PROGRESS).group_by(J.c.worker_id))).all())
-        queued = sum(r[2] for r in rows if r[0] == IN_QUEUE and not r[1])
-        queued_any = sum(r[2] for r in rows if r[0] == IN_QUEUE)
-        running = sum(r[2] for r in rows if r[0] == IN_PROGRESS and not r[1])
-        oldest = min((r[3] for r in rows if r[0] == IN_QUEUE and not r[1]), default=None)
+        snap0 = await self.store.scale_snapshot(ep.endpoint_id)
+        queued, queued_any, running, oldest = snap0.queued, snap0.queued_any, snap0.running, snap0.oldest_queued_at
+        busy = snap0.busy_workers
         workers = [w for w in self._workers.values() if w.endpoint_id == ep.endpoint_id]
         live = [w for w in workers if w.state in (INITIALIZING, READY)]
         for w in live:

@@ -276,6 +276,9 @@ class Pipeline:
                     # Serverless workers start from the venv's warm zygote (agent.prewarm),
                     # unless the configuration's env says DSTACK_PREWARM=0.
                     "prewarm": run_spec.configuration.get("type") == "serverless" and env.get("DSTACK_PREWARM") != "0",
+                    # ... and run the runpod SDK's job loops event-driven (agent.workersite),
+                    # unless it says DSTACK_RUNPOD_LOOP=0.
+                    "worker_site": run_spec.configuration.get("type") == "serverless" and env.get("DSTACK_RUNPOD_LOOP") != "0",
                 }
                 from dstack.server.services.engines import engine_submission  # GPU hosts: TGI image or vLLM
                 submission.update(engine_submission(conf, reservation.gpus, json.loads(inst.agent or "{}"), env))
