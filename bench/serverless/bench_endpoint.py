@@ -32,7 +32,7 @@ from conftest import make_server  # noqa: E402
 from dstack.api import Resources, Serverless  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serverless import direct_baseline, pct  # noqa: E402
+from bench_serverless import direct_baseline, pct, submit_with_sdk  # noqa: E402
 from serverless.helpers import live_workers, wait_until  # noqa: E402
 
 HANDLER = '''
@@ -84,19 +84,13 @@ def dispatch(srv, run, n: int) -> list[float]:
     return out
 
 
-async def _throughput(url: str, headers: dict, n: int) -> float:
-    async with httpx.AsyncClient(headers=headers, timeout=120, limits=httpx.Limits(max_connections=32)) as c:
-        sem = asyncio.Semaphore(32)
-        ids: list[str] = []
-
-        async def one(i: int) -> None:
-            async with sem:
-                ids.append((await c.post(f"{url}/run", json={"input": i})).json()["id"])
-
-        t0 = time.time()
-        await asyncio.gather(*(one(i) for i in range(n)))
+async def _throughput(srv, run, n: int) -> float:
+    """Submit `n` jobs with the runpod SDK's async client; seconds until all are COMPLETED."""
+    t0 = time.time()
+    await submit_with_sdk(run.endpoint_url.rsplit("/", 1)[0], run.name, srv.token, n)
+    async with httpx.AsyncClient(headers=srv.headers, timeout=120) as c:
         while True:
-            h = (await c.get(f"{url}/health")).json()
+            h = (await c.get(f"{run.endpoint_url}/health")).json()
             if h["jobs"]["completed"] >= n:
                 return time.time() - t0
             await asyncio.sleep(0.05)
@@ -135,13 +129,17 @@ def main() -> None:
         plain.stop(abort=True)
 
         steady = deploy(srv, tmp, "bench-steady", "3..3")
-        wait_until(lambda: health(srv, steady)["workers"]["idle"] == 3, 300, what="three idle workers")
-        d = [x * 1000 for x in dispatch(srv, steady, args.dispatch)]
+        stock = deploy(srv, tmp, "bench-stock", "1..1", {"DSTACK_RUNPOD_LOOP": "0"})  # the SDK's own loops
+        wait_until(lambda: health(srv, steady)["workers"]["idle"] == 3 and health(srv, stock)["workers"]["idle"] == 1,
+                   300, what="idle workers")
         direct = [x * 1000 for x in direct_baseline()]
-        result["dispatch_ms"] = {"p50": pct(d, 50), "p99": pct(d, 99), "direct_call_p50": pct(direct, 50)}
-        print(f"dispatch submit -> handler start, warm idle worker: p50 {pct(d, 50):.1f} ms, p99 {pct(d, 99):.1f} ms "
-              f"(direct in-process call: {pct(direct, 50) * 1000:.1f} us)", flush=True)
-        elapsed = asyncio.run(_throughput(steady.endpoint_url, srv.headers, args.jobs))
+        for key, run in (("dispatch_ms", steady), ("dispatch_ms_stock_loop", stock)):
+            d = [x * 1000 for x in dispatch(srv, run, args.dispatch)]
+            result[key] = {"p50": pct(d, 50), "p99": pct(d, 99), "direct_call_p50": pct(direct, 50)}
+            print(f"dispatch submit -> handler start, warm idle worker ({run.name}): p50 {pct(d, 50):.1f} ms, "
+                  f"p99 {pct(d, 99):.1f} ms (direct in-process call: {pct(direct, 50) * 1000:.1f} us)", flush=True)
+        stock.stop(abort=True)
+        elapsed = asyncio.run(_throughput(srv, steady, args.jobs))
         result["throughput_jobs_per_s"] = args.jobs / elapsed
         print(f"throughput: {args.jobs} jobs in {elapsed:.1f} s = {args.jobs / elapsed:.0f} jobs/s "
               f"(3 workers x concurrency 50, no-op async handler)", flush=True)

@@ -51,14 +51,14 @@ def direct_baseline(n: int = 2000) -> list[float]:
     return asyncio.run(main())
 
 
-def bench_dispatch(srv: Server, n: int) -> dict:
+def bench_dispatch(srv: Server, n: int, ep: str = "b-dispatch") -> dict:
     import random
 
     lat, rtt = [], []
     for i in range(n):
         time.sleep(random.uniform(0, 0.2))  # break the phase lock with the SDK's 100 ms run loop
         t0 = time.time()
-        r = srv.client.post("/b-dispatch/runsync", json={"input": {"mode": "echo", "i": i}})
+        r = srv.client.post(f"/{ep}/runsync", json={"input": {"mode": "echo", "i": i}})
         t1 = time.time()
         body = r.json()
         assert body["status"] == "COMPLETED", body
@@ -103,14 +103,22 @@ def bench_raw_dispatch(srv: Server, n: int) -> list[float]:
     return lat
 
 
-async def _submit_all(url: str, ep: str, n: int, concurrency: int) -> float:
+async def submit_with_sdk(v2_url: str, endpoint_id: str, token: str, n: int, concurrency: int = 32) -> float:
+    """Submit `n` jobs with the runpod SDK's own async client (aiohttp), `concurrency` at a time;
+    returns the seconds it took."""
+    import aiohttp
+    import runpod
+    from runpod.endpoint.asyncio.asyncio_runner import Endpoint as AsyncEndpoint
+
+    runpod.endpoint_url_base = v2_url
     sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url + "/v2", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60,
-                                 limits=limits) as c:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        ep = AsyncEndpoint(endpoint_id, session, api_key=token)
+
         async def one(i: int) -> None:
             async with sem:
-                (await c.post(f"/{ep}/run", json={"input": {"mode": "echo", "i": i}})).raise_for_status()
+                await ep.run({"mode": "echo", "i": i})
+
         t0 = time.time()
         await asyncio.gather(*(one(i) for i in range(n)))
         return time.time() - t0
@@ -121,12 +129,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def bench_throughput(srv: Server, n: int) -> dict:
-    base = srv.health("b-tput")["jobs"]["completed"]
+def bench_throughput(srv: Server, n: int, ep: str = "b-tput") -> dict:
+    """Submit `n` jobs (the runpod SDK's async client) while the endpoint's workers drain them."""
+    base = srv.health(ep)["jobs"]["completed"]
     cpu0 = cpu_seconds(srv.proc.pid)
     t0 = time.time()
-    submit_s = asyncio.run(_submit_all(srv.url, "b-tput", n, 32))
-    wait_until(lambda: srv.health("b-tput")["jobs"]["completed"] - base >= n, timeout=600, interval=0.05, what="drain")
+    submit_s = asyncio.run(submit_with_sdk(srv.url + "/v2", ep, TOKEN, n))
+    wait_until(lambda: srv.health(ep)["jobs"]["completed"] - base >= n, timeout=600, interval=0.05, what="drain")
     total = time.time() - t0
     cpu_ms = (cpu_seconds(srv.proc.pid) - cpu0) * 1000 / n
     return {"jobs": n, "submit_s": submit_s, "total_s": total, "jobs_per_s": n / total, "submit_per_s": n / submit_s,
@@ -159,9 +168,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).with_name("last-run.json")))
     args = ap.parse_args()
     load_before = os.getloadavg()
+    stock = {"DSTACK_RUNPOD_LOOP": "0"}  # the peer: the SDK's own polling loops
     eps = {
         "b-dispatch": endpoint("async_worker.py", 1, 1, env={"WORKER_CONCURRENCY": "4"}),
+        "b-dispatch-stock": endpoint("async_worker.py", 1, 1, env={"WORKER_CONCURRENCY": "4", **stock}),
         "b-tput": endpoint("async_worker.py", 3, 3, env={"WORKER_CONCURRENCY": "50"}),
+        "b-tput-stock": endpoint("async_worker.py", 3, 3, env={"WORKER_CONCURRENCY": "50", **stock}),
         "b-raw": {"script": "-", "settings": {"workers_min": 1, "workers_max": 1}},
         "b-cold": endpoint("async_worker.py", 0, 1, env={"WORKER_CONCURRENCY": "1"}, idle_timeout=0.5),
     }
@@ -170,24 +182,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         srv = Server(Path(tmp), eps, options={"take_wait": 20.0}).start()
         try:
-            wait_until(lambda: srv.health("b-tput")["workers"]["idle"] == 3 and srv.health("b-dispatch")["workers"]["idle"] == 1,
-                       timeout=60, what="warm workers")
+            wait_until(lambda: all(srv.health(e)["workers"]["idle"] == k for e, k in
+                                   (("b-tput", 3), ("b-tput-stock", 3), ("b-dispatch", 1), ("b-dispatch-stock", 1))),
+                       timeout=90, what="warm workers")
             time.sleep(1)
             results["sdk_import_s"] = sdk_import_s()
             cold = bench_cold(srv, args.cold)
             results["cold_start_s"] = {"p50": statistics.median(cold), "min": min(cold), "max": max(cold), "all": cold}
             raw = bench_raw_dispatch(srv, args.dispatch)
             results["server_dispatch_ms"] = {"p50": pct(raw, 50), "p99": pct(raw, 99)}
-            d = bench_dispatch(srv, args.dispatch)
-            results["dispatch_ms"] = {"p50": pct(d["dispatch_ms"], 50), "p99": pct(d["dispatch_ms"], 99)}
-            results["runsync_roundtrip_ms"] = {"p50": pct(d["runsync_ms"], 50), "p99": pct(d["runsync_ms"], 99)}
-            results["throughput"] = bench_throughput(srv, args.jobs)
+            for key, ep in (("", "b-dispatch"), ("_stock_loop", "b-dispatch-stock")):
+                d = bench_dispatch(srv, args.dispatch, ep)
+                results["dispatch_ms" + key] = {"p50": pct(d["dispatch_ms"], 50), "p99": pct(d["dispatch_ms"], 99)}
+                results["runsync_roundtrip_ms" + key] = {"p50": pct(d["runsync_ms"], 50), "p99": pct(d["runsync_ms"], 99)}
+            results["throughput"] = bench_throughput(srv, args.jobs, "b-tput")
+            results["throughput_stock_loop"] = bench_throughput(srv, args.jobs, "b-tput-stock")
         finally:
             srv.close()
     base = direct_baseline()
     results["direct_call_us"] = {"p50": pct(base, 50) * 1e6, "p99": pct(base, 99) * 1e6}
     results["dispatch_vs_direct_ratio_p50"] = results["dispatch_ms"]["p50"] * 1000 / max(results["direct_call_us"]["p50"], 1e-3)
     results["server_dispatch_vs_direct_ratio_p50"] = results["server_dispatch_ms"]["p50"] * 1000 / max(results["direct_call_us"]["p50"], 1e-3)
+    results["dispatch_vs_stock_loop_ratio_p50"] = results["dispatch_ms"]["p50"] / results["dispatch_ms_stock_loop"]["p50"]
+    results["throughput_vs_stock_loop_ratio"] = (results["throughput"]["jobs_per_s"]
+                                                 / results["throughput_stock_loop"]["jobs_per_s"])
     results["load_after"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

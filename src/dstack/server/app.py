@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Mount
 
 from dstack.core.errors import ConfigurationError
 from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
@@ -31,6 +32,7 @@ from dstack.serverless.service import ServerlessService
 from dstack.version import __version__
 
 logger = logging.getLogger(__name__)
+DATA_PLANE_MOUNTS = ("/proxy", "/v2")
 
 
 async def _authorize(project: str, token: str | None) -> bool:
@@ -143,3 +145,24 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     for r in (users.router, projects.router, repos.router, runs.router, gateways_router.router):
         app.include_router(r)
     return app
+
+
+class DataPlaneFirst:
+    """ASGI wrapper for serving: requests for the data-plane apps mounted on the FastAPI app
+    (the proxy, serverless endpoints) go straight to them, skipping the middleware stack and
+    router that the control-plane API needs and they don't. Everything else, lifespan included,
+    goes to the FastAPI app; its mounts still answer if it is served unwrapped."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.state = app.state
+        self.mounts = [(r.path, r.app) for r in app.routes if isinstance(r, Mount) and r.path in DATA_PLANE_MOUNTS]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            path: str = scope["path"]
+            for prefix, sub in self.mounts:
+                if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+                    await sub(dict(scope, root_path=scope.get("root_path", "") + prefix), receive, send)
+                    return
+        await self.app(scope, receive, send)

@@ -7,7 +7,7 @@ import sys
 
 import uvicorn
 
-from dstack.server.app import create_app
+from dstack.server.app import DataPlaneFirst, create_app
 from dstack.server.settings import ServerSettings
 
 
@@ -18,10 +18,19 @@ def run_server(host: str = "127.0.0.1", port: int = 3000, log_level: str = "info
     # One line per agent call (several per job per second) would drown what the server itself says.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     _announce_on_start(app, settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level if log_level != "info" else "warning",
+    config = uvicorn.Config(DataPlaneFirst(app), host=host, port=port, log_level=log_level if log_level != "info" else "warning",
                             loop="uvloop", http="httptools", timeout_keep_alive=75, access_log=False)
     server = uvicorn.Server(config)
-    asyncio.run(server.serve())
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:  # asyncio.run() would ignore `loop`
+        runner.run(server.serve())
+
+
+def _loop_factory():
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _announce_on_start(app, settings: ServerSettings) -> None:

@@ -51,6 +51,9 @@ FINISHED_JOB = [s.value for s in JobStatus.finished_statuses()]
 FINISHED_RUN = [s.value for s in RunStatus.finished_statuses()]
 MAX_REPLICA_FAILURES = 5
 AGENT_UNREACHABLE_SECONDS = float(os.environ.get("DSTACK_SERVER_AGENT_UNREACHABLE_SECONDS", "60"))
+# While a job keeps printing, pull its logs at most this often: a chatty job (a serverless worker
+# logging every request) then costs one transaction per interval, not one per line.
+LOG_PULL_INTERVAL = 0.1
 
 
 def retry_delays() -> list[float]:
@@ -349,6 +352,8 @@ class Pipeline:
                     if final:
                         await _forget_on_agent(client, job_id)
                         return
+                elif records:
+                    await asyncio.sleep(LOG_PULL_INTERVAL)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -21,6 +21,7 @@ from dstack.server.models import JobModel, RunModel
 from dstack.server.services.runs import mark_job_terminating, new_jobs, parse_configuration
 
 logger = logging.getLogger(__name__)
+LOG_LEVEL_KEYS = {"RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"}  # the SDK reads the first it finds
 
 
 def is_serverless(run: RunModel) -> bool:
@@ -49,6 +50,8 @@ class JobWorkerLauncher:
             replica_num = max((j.replica_num for j in run.jobs), default=-1) + 1
             job = new_jobs(run, conf, replica_num, submission_num=0)[0]
             spec = JobSpec.model_validate_json(job.job_spec)
+            if LOG_LEVEL_KEYS & spec.env.keys():  # the configuration's log level wins over dstack's default
+                env = {k: v for k, v in env.items() if k not in LOG_LEVEL_KEYS}
             spec.env.update(env)
             job.job_spec = spec.model_dump_json()
             job.job_name = worker_id  # how stop_worker and exit reports find it
