@@ -80,6 +80,23 @@ def test_stop_kill_remove_pull_commands() -> None:
     assert PODMAN.pull_cmd("i")[-3:] == ["pull", "-q", "i"]
 
 
+def test_private_registry_credentials_reach_the_pull(tmp_path: Path) -> None:
+    import base64
+    import json
+    import stat
+
+    assert containers.registry_host("ghcr.io/org/img:1") == "ghcr.io"
+    assert containers.registry_host("localhost:5000/img") == "localhost:5000"
+    assert containers.registry_host("library/ubuntu") == containers.registry_host("ubuntu") == "docker.io"
+    auth_dir = containers.write_auth(tmp_path / "auth", "ghcr.io/org/img:1", "me", "s3cret")
+    path = auth_dir / containers.AUTH_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    auth = json.loads(path.read_text())["auths"]["ghcr.io"]["auth"]
+    assert base64.b64decode(auth).decode() == "me:s3cret"
+    assert PODMAN.pull_cmd("i", auth_dir)[-4:] == ["-q", "--authfile", str(path), "i"]
+    assert DOCKER.pull_cmd("i", auth_dir) == ["/usr/bin/docker", "--config", str(auth_dir), "pull", "-q", "i"]
+
+
 def test_workdir_env_split_and_names(tmp_path: Path) -> None:
     assert containers.container_workdir(None) == "/workflow"
     assert containers.container_workdir("sub/dir/") == "/workflow/sub/dir"
@@ -274,6 +291,22 @@ def test_restarted_agent_removes_its_container(tmp_path: Path, image: str) -> No
         assert not _container_exists(name)
     finally:
         _stop_agent(info)
+
+
+def test_pull_with_credentials_fails_clearly_and_leaves_no_secret(client: httpx.Client, image: str,
+                                                                  home: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: the pull is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job_id = submit(client, ["true"], image=f"127.0.0.1:{port}/private:1",
+                    registry_auth={"username": "me", "password": "s3cret-value"})
+    resp, _ = wait_final(client, job_id, timeout=60)
+    assert resp["state"] == "failed" and "cannot pull image" in resp["message"], resp
+    for path in home.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size < 1_000_000:
+            assert b"s3cret-value" not in path.read_bytes(), path  # neither the state file nor an auth file
 
 
 def test_stop_during_a_pull_ends_it(client: httpx.Client, image: str) -> None:

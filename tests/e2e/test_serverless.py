@@ -34,7 +34,10 @@ async def handler(job):
         await asyncio.sleep(inp.get("seconds", 1))
     if inp.get("mode") == "fail":
         raise ValueError("asked to fail")
-    return {"echo": inp.get("value"), "worker": os.environ["RUNPOD_POD_ID"]}
+    from runpod.serverless.modules import rp_scale
+
+    return {"echo": inp.get("value"), "worker": os.environ["RUNPOD_POD_ID"],
+            "event_loops": bool(getattr(rp_scale.JobScaler, "dstack_event_loops", False))}
 
 
 runpod.serverless.start({"handler": handler})
@@ -134,6 +137,7 @@ def test_sdk_run_sync_cold_start_from_zero(server, echo, sdk):
     cold = time.time() - t0
     print(f"\nfirst cold start (incl. pip install): {cold:.1f} s")
     assert out["echo"] == "first" and out["worker"].startswith("sls-echo-")
+    assert out["event_loops"] is True  # the agent started it with dstack's worker hook (agent.workersite)
     assert live_workers(health(server, echo)) >= 1
 
 

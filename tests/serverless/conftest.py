@@ -13,6 +13,7 @@ os.environ["RUNPOD_ENDPOINT_BASE_URL"] = f"http://127.0.0.1:{MAIN_PORT}/v2"
 MAIN_ENDPOINTS = {
     "ep-sync": endpoint("sync_worker.py", 1, 1),
     "ep-async": endpoint("async_worker.py", 1, 1, env={"WORKER_CONCURRENCY": "4"}),
+    "ep-stock": endpoint("async_worker.py", 1, 1, env={"WORKER_CONCURRENCY": "4", "DSTACK_RUNPOD_LOOP": "0"}),
     "ep-gen": endpoint("gen_worker.py", 1, 1),
     "ep-agen": endpoint("agen_worker.py", 1, 1),
     "ep-timeout": endpoint("async_worker.py", 0, 1, idle_timeout=2),

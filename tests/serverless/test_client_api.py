@@ -54,6 +54,16 @@ def test_async_handler_runs_jobs_concurrently(server):
     assert max(r["output"]["active_at_start"] for r in results) >= 2
 
 
+@pytest.mark.parametrize("ep,event_loops", [("ep-async", True), ("ep-stock", False)])
+def test_event_driven_job_loops_and_the_stock_ones(server, ep, event_loops):
+    """Workers dstack starts run the SDK with event-driven job loops unless DSTACK_RUNPOD_LOOP=0;
+    either way concurrent jobs complete with the handler's output."""
+    assert server.wait(ep, server.run(ep, {"mode": "loops"}))["output"] == {"event_loops": event_loops}
+    outs = [server.wait(ep, j) for j in [server.run(ep, {"mode": "sleep", "seconds": 0.3}) for _ in range(8)]]
+    assert [o["status"] for o in outs] == ["COMPLETED"] * 8
+    assert max(o["output"]["active_at_start"] for o in outs) <= 4  # the concurrency_modifier holds
+
+
 def test_generator_stream_and_aggregate(server):
     job = server.run("ep-gen", {"n": 5, "delay": 0.2})
     seen = []
@@ -176,6 +186,11 @@ def test_bad_requests_and_auth(server):
     assert c.post("/ep-sync/run", json={"input": 1, "policy": {"ttl": -5}}).status_code == 400
     assert c.post("/ep-sync/runsync?wait=abc", json={"input": 1}).status_code == 400
     assert c.get("/ep-sync/status/does-not-exist").status_code == 404
+    r = c.get("/ep-sync/no-such-action")
+    assert r.status_code == 404 and "no such route" in r.json()["detail"][0]["msg"]
+    r = c.get("/ep-sync/run")
+    assert r.status_code == 405 and "POST" in r.json()["detail"][0]["msg"]
+    assert c.get("/ep-sync/job-take-batch/w1?batch_size=lots", headers={"Authorization": TOKEN}).status_code in (400, 403)
     anon = httpx.Client(base_url=server.url + "/v2")
     r = anon.post("/ep-sync/run", json={"input": 1})
     assert r.status_code == 401 and r.json()["detail"][0]["code"] == "not_authenticated"

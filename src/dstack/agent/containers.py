@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import resource
 import shlex
@@ -73,8 +74,13 @@ class ContainerRuntime:
             return [*self.global_args, "image", "exists", image]
         return [*self.global_args, "image", "inspect", "--format", "{{.Id}}", image]
 
-    def pull_cmd(self, image: str) -> list[str]:
-        return [*self.global_args, "pull", "-q", image]
+    def pull_cmd(self, image: str, auth_dir: Path | None = None) -> list[str]:
+        """`pull`; with `auth_dir` (written by `write_auth`) the CLI logs in with its credentials."""
+        if auth_dir is None:
+            return [*self.global_args, "pull", "-q", image]
+        if self.kind == "podman":
+            return [*self.global_args, "pull", "-q", "--authfile", str(auth_dir / AUTH_FILE), image]
+        return [self.exe, "--config", str(auth_dir), *self.global_args[1:], "pull", "-q", image]
 
     # -- containers --------------------------------------------------------------------------
     def run_cmd(self, c: "ContainerSpec") -> list[str]:
@@ -290,17 +296,45 @@ def call_sync(argv: list[str], timeout: float = CONTROL_TIMEOUT) -> int:
         return -1
 
 
+AUTH_FILE = "config.json"  # docker reads <dir>/config.json; podman takes the file itself
+
+
+def registry_host(image: str) -> str:
+    """The registry an image reference names (`ghcr.io/org/img:tag` -> ghcr.io; `ubuntu` -> docker.io)."""
+    first, _, rest = image.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
+
+
+def write_auth(directory: Path, image: str, username: str, password: str) -> Path:
+    """A private (0600) auth file for the image's registry, in the format both CLIs read."""
+    import base64
+
+    host = registry_host(image)
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    keys = [host] + (["https://index.docker.io/v1/"] if host == "docker.io" else [])
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / AUTH_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"auths": {k: {"auth": token} for k in keys}}, f)
+    return directory
+
+
 async def ensure_image(rt: ContainerRuntime, image: str,
-                       on_pull: Callable[[asyncio.subprocess.Process | None], None] | None = None) -> None:
+                       on_pull: Callable[[asyncio.subprocess.Process | None], None] | None = None,
+                       auth_dir: Path | None = None) -> None:
     """Pull ``image`` unless it is already local; ContainerError with the CLI's reason if that fails.
 
-    ``on_pull`` gets the pull process while it runs (and None after), so a stop can end it.
+    ``on_pull`` gets the pull process while it runs (and None after), so a stop can end it;
+    ``auth_dir`` holds the registry credentials (`write_auth`) when the image is private.
     """
     rc, _ = await call(rt.image_exists_cmd(image))
     if rc == 0:
         return
     proc = await asyncio.create_subprocess_exec(
-        *rt.pull_cmd(image), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        *rt.pull_cmd(image, auth_dir), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE)
     if on_pull is not None:
         on_pull(proc)

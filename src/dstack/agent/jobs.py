@@ -95,7 +95,7 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "spec": self.spec.model_dump(),
+            "spec": self.spec.model_dump(exclude={"registry_auth"}),  # credentials stay in memory
             "state": self.state,
             "exit_status": self.exit_status,
             "message": self.message,
@@ -200,10 +200,17 @@ class Job:
                            self.spec.job_id)
             self.network, self.address = "host", HOST_ADDRESS
         self.repo_dir.mkdir(parents=True, exist_ok=True)
+        auth = self.spec.registry_auth
+        auth_dir = None
         try:
-            await containers.ensure_image(rt, image, on_pull=self._note_pull)
+            if auth is not None:
+                auth_dir = containers.write_auth(self.dir / ".registry-auth", image, auth.username, auth.password)
+            await containers.ensure_image(rt, image, on_pull=self._note_pull, auth_dir=auth_dir)
         except containers.ContainerError as e:
             raise JobError(400, str(e)) from e
+        finally:
+            if auth_dir is not None:  # the credentials are needed for the pull only
+                shutil.rmtree(auth_dir, ignore_errors=True)
         return None, self.dir
 
     def _note_pull(self, proc: asyncio.subprocess.Process | None) -> None:

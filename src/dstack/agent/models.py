@@ -13,6 +13,16 @@ FINAL_STATES: frozenset[str] = frozenset({"done", "failed", "terminated", "abort
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
+class RegistryCredentials(BaseModel):
+    username: str
+    password: str
+
+    def __repr__(self) -> str:  # keep the password out of logs and tracebacks
+        return f"RegistryCredentials(username={self.username!r}, password='***')"
+
+    __str__ = __repr__
+
+
 class JobSubmission(BaseModel):
     """What the server sends to run one job; unknown fields are ignored for forward compatibility."""
 
@@ -28,6 +38,8 @@ class JobSubmission(BaseModel):
     image: str | None = None
     # With an image and no commands: arguments to the image's own entrypoint (e.g. an engine's flags).
     args: list[str] = Field(default_factory=list)
+    # Credentials for pulling a private `image` ({"username", "password"}); never logged.
+    registry_auth: RegistryCredentials | None = None
     gpus: list[int] = Field(default_factory=list)
     ports: list[int] = Field(default_factory=list)
     stop_grace_seconds: float = Field(default=10, ge=0)

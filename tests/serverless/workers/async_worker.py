@@ -31,6 +31,10 @@ async def handler(job):
                     "worker": os.environ["RUNPOD_POD_ID"]}
         finally:
             active -= 1
+    if mode == "loops":  # which job loops this worker runs: dstack's event-driven ones or the SDK's
+        from runpod.serverless.modules import rp_scale
+
+        return {"event_loops": bool(getattr(rp_scale.JobScaler, "dstack_event_loops", False))}
     if mode == "flaky":
         marker = Path(inp["marker"])
         if not marker.exists():

@@ -270,6 +270,7 @@ class Pipeline:
                     "working_dir": spec.working_dir,
                     "python": spec.python,
                     "image": spec.image,
+                    "registry_auth": run_spec.configuration.get("registry_auth") if spec.image else None,
                     "gpus": reservation.gpus,
                     "ports": spec.ports,
                     "stop_grace_seconds": spec.stop_grace_seconds,
