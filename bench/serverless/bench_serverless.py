@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import platform
 import statistics
@@ -24,6 +25,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from serverless.helpers import TOKEN, Server, endpoint, live_workers, wait_until  # noqa: E402
+
+logging.getLogger("httpx").setLevel(logging.WARNING)  # runpod's import turns on a line per request
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -160,13 +163,31 @@ def sdk_import_s() -> float:
     return time.time() - t0
 
 
+def fresh_postgres_database(server_url: str) -> str:
+    import asyncpg
+
+    name = f"dstack_bench_{int(time.time())}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(server_url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return server_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1) + "/" + name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=3000)
     ap.add_argument("--dispatch", type=int, default=200)
     ap.add_argument("--cold", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).with_name("last-run.json")))
+    ap.add_argument("--postgres", help="a PostgreSQL server URL: run on a fresh database there instead of SQLite")
     args = ap.parse_args()
+    database_url = fresh_postgres_database(args.postgres) if args.postgres else None
     load_before = os.getloadavg()
     stock = {"DSTACK_RUNPOD_LOOP": "0"}  # the peer: the SDK's own polling loops
     eps = {
@@ -178,9 +199,9 @@ def main() -> None:
         "b-cold": endpoint("async_worker.py", 0, 1, env={"WORKER_CONCURRENCY": "1"}, idle_timeout=0.5),
     }
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-                     "load_before": load_before}
+                     "database": "postgresql" if database_url else "sqlite", "load_before": load_before}
     with tempfile.TemporaryDirectory() as tmp:
-        srv = Server(Path(tmp), eps, options={"take_wait": 20.0}).start()
+        srv = Server(Path(tmp), eps, options={"take_wait": 20.0}, database_url=database_url).start()
         try:
             wait_until(lambda: all(srv.health(e)["workers"]["idle"] == k for e, k in
                                    (("b-tput", 3), ("b-tput-stock", 3), ("b-dispatch", 1), ("b-dispatch-stock", 1))),

@@ -39,13 +39,14 @@ def endpoint(script: str, min_: int = 0, max_: int = 1, env: dict[str, str] | No
 
 class Server:
     def __init__(self, run_dir: Path, endpoints: dict[str, dict], port: int | None = None,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, database_url: str | None = None) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.spec = {"db": str(run_dir / "server.db"), "port": self.port, "run_dir": str(run_dir), "token": TOKEN,
-                     "options": {**FAST_OPTIONS, **(options or {})}, "endpoints": endpoints}
+                     "options": {**FAST_OPTIONS, **(options or {})}, "endpoints": endpoints,
+                     "database_url": database_url}
         self.spec_path = run_dir / "spec.json"
         self.spec_path.write_text(json.dumps(self.spec))
         self.proc: subprocess.Popen | None = None

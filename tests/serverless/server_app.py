@@ -1,7 +1,8 @@
-"""A small real server for tests and benchmarks: the serverless router and service on SQLite.
+"""A small real server for tests and benchmarks: the serverless router and service on SQLite
+(or the empty database `database_url` names).
 
 Usage: python tests/serverless/server_app.py SPEC.json — SPEC has db, port, run_dir, token,
-options (ServiceOptions fields) and endpoints {id: {script, env, settings}}.
+options (ServiceOptions fields), endpoints {id: {script, env, settings}} and database_url.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ async def seed(db: Database, spec: dict) -> tuple[str, dict[str, str]]:
 def build_app(spec: dict) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        db = Database(f"sqlite+aiosqlite:///{spec['db']}")
+        db = Database(spec.get("database_url") or f"sqlite+aiosqlite:///{spec['db']}")
         async with db.engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
         project_id, runs = await seed(db, spec)

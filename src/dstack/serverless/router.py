@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -23,6 +24,7 @@ from dstack.server.security import error_detail
 from dstack.serverless.models import TERMINAL
 from dstack.serverless.service import ServerlessError, ServerlessService
 
+log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024 * 1024
 _CORS_PREFLIGHT = [(b"access-control-allow-methods", b"GET, POST, OPTIONS"), (b"access-control-max-age", b"600")]
 _JSON = b"application/json"
@@ -134,8 +136,11 @@ class Call:
         gone = asyncio.ensure_future(self._watch())
 
         async def pump() -> None:
-            async for chunk in chunks:
-                await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            try:
+                async for chunk in chunks:
+                    await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except Exception:  # the status line is out: all that is left is to end the body
+                log.exception("serverless: a stream broke off")
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
         sender = asyncio.ensure_future(pump())
@@ -149,8 +154,6 @@ class Call:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
-        if sender.done() and not sender.cancelled() and sender.exception() is not None:
-            raise sender.exception()  # type: ignore[misc]
 
 
 class ServerlessApp:
