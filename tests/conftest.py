@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.pg import fresh_database
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -115,22 +117,7 @@ def _database_url(tmp: Path, database: str = "sqlite") -> str | None:
         return None
     if not pg:
         pytest.skip("PostgreSQL tests need DSTACK_TEST_POSTGRES (a server URL); .ci/run starts one")
-    # A fresh database per server, so tests never see each other's rows.
-    import asyncio
-
-    import asyncpg
-
-    name = f"dstack_test_{os.getpid()}_{int(time.time() * 1e6)}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(pg)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    return pg.rsplit("/", 1)[0] + "/" + name
+    return fresh_database(pg)
 
 
 def make_server(tmp_path: Path, database: str = "sqlite", **extra_env) -> ServerProcess:

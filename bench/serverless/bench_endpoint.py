@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src")]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src"), str(ROOT)]
 from conftest import make_server  # noqa: E402
 
 from dstack.api import Resources, Serverless  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 from serverless.helpers import TOKEN, Server, endpoint, live_workers, wait_until  # noqa: E402
 
 logging.getLogger("httpx").setLevel(logging.WARNING)  # runpod's import turns on a line per request
@@ -164,19 +164,9 @@ def sdk_import_s() -> float:
 
 
 def fresh_postgres_database(server_url: str) -> str:
-    import asyncpg
+    from tests.pg import fresh_database
 
-    name = f"dstack_bench_{int(time.time())}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(server_url)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    return server_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1) + "/" + name
+    return fresh_database(server_url, "dstack_bench").replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
 def main() -> None:

@@ -140,3 +140,22 @@ def killpg(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+async def seed_endpoint(db: Any, endpoint_id: str = "ep") -> None:
+    """Tables, and an endpoint with the project and owner it belongs to, in an empty database."""
+    from dstack.server.db import Base
+    from dstack.server.models import ProjectModel, UserModel
+    from dstack.serverless.models import ServerlessEndpointModel
+
+    async with db.engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    async with db.session() as session:
+        user = UserModel(name="alice", token_hash="x", global_role="admin")
+        session.add(user)
+        await session.flush()
+        project = ProjectModel(name="main", owner_id=user.id)
+        session.add(project)
+        await session.flush()
+        session.add(ServerlessEndpointModel(endpoint_id=endpoint_id, project_id=project.id, settings="{}"))
+        await session.commit()

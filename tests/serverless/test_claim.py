@@ -7,10 +7,9 @@ import os
 import pytest
 
 import dstack.serverless.models  # noqa: F401  (tables)
-from dstack.server.db import Base, Database
-from dstack.server.models import ProjectModel, UserModel
-from dstack.serverless.models import ServerlessEndpointModel
+from dstack.server.db import Database
 from dstack.serverless.queue import Store
+from tests.serverless.helpers import seed_endpoint
 from tests.conftest import _database_url
 
 
@@ -25,17 +24,7 @@ def db_url(request, tmp_path):
 async def test_takes_claim_exactly_what_they_return(db_url):
     db = Database(db_url)
     try:
-        async with db.engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-        async with db.session() as session:  # an endpoint (and the project it belongs to)
-            user = UserModel(name="alice", token_hash="x", global_role="admin")
-            session.add(user)
-            await session.flush()
-            project = ProjectModel(name="main", owner_id=user.id)
-            session.add(project)
-            await session.flush()
-            session.add(ServerlessEndpointModel(endpoint_id="ep", project_id=project.id, settings="{}"))
-            await session.commit()
+        await seed_endpoint(db)
         store = Store(db)
         ids = [await store.submit("ep", f'{{"i": {i}}}', None, 60_000, 600_000, False) for i in range(12)]
         # eight workers take one job each at once, then one takes a batch of three

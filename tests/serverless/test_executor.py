@@ -8,12 +8,11 @@ import pytest
 from sqlalchemy import func, insert, select
 
 import dstack.serverless.models  # noqa: F401  (tables)
-from dstack.server.db import Base, Database
-from dstack.server.models import ProjectModel, UserModel
+from dstack.server.db import Database
 from dstack.serverless.executor import SqliteExecutor
-from dstack.serverless.models import ServerlessEndpointModel, ServerlessWorkerModel
+from dstack.serverless.models import ServerlessWorkerModel
+from tests.serverless.helpers import seed_endpoint
 
-E = ServerlessEndpointModel.__table__
 WK = ServerlessWorkerModel.__table__
 
 
@@ -21,18 +20,7 @@ WK = ServerlessWorkerModel.__table__
 async def db_url(tmp_path):
     url = f"sqlite+aiosqlite:///{tmp_path / 'q.db'}"
     db = Database(url)
-    async with db.engine.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
-    async with db.session() as s:
-        user = UserModel(name="u", token_hash="h", global_role="admin")
-        s.add(user)
-        await s.flush()
-        project = ProjectModel(name="p", owner_id=user.id)
-        s.add(project)
-        await s.flush()
-        await s.execute(insert(E).values(endpoint_id="ep", project_id=project.id, settings="{}",
-                                         worker_token_hashes="[]", created_at=0.0))
-        await s.commit()
+    await seed_endpoint(db)
     await db.dispose()
     return url
 

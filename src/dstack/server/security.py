@@ -21,7 +21,11 @@ def hash_token(token: str) -> str:
 
 def bearer_token(request: Request) -> str | None:
     """The token from `Authorization: Bearer <t>` (or a bare token, as RunPod workers send it)."""
-    header = request.headers.get("authorization")
+    return token_from_authorization(request.headers.get("authorization"))
+
+
+def token_from_authorization(header: str | None) -> str | None:
+    """The token of an Authorization header value: `Bearer <t>`, or a bare `<t>`."""
     if not header:
         return None
     parts = header.split(None, 1)

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from dstack.proxy.http import Receive, Scope, Send, header, read_body, route_path
-from dstack.server.security import error_detail
+from dstack.server.security import error_detail, token_from_authorization
 from dstack.serverless.models import TERMINAL
 from dstack.serverless.service import ServerlessError, ServerlessService
 
@@ -68,14 +68,7 @@ class Call:
         return raw.decode("latin-1") if raw is not None else None
 
     def bearer(self) -> str | None:
-        """The token of `Authorization: Bearer <t>` (or a bare token)."""
-        value = self.authorization()
-        if not value:
-            return None
-        parts = value.split(None, 1)
-        if len(parts) == 2 and parts[0].lower() == "bearer":
-            return parts[1].strip() or None
-        return value.strip() or None
+        return token_from_authorization(self.authorization())
 
     async def body(self) -> bytes:
         try:
@@ -225,34 +218,24 @@ async def runsync(call: Call) -> None:
     await call.json(await svc.run_sync(call.endpoint_id, await call.json_body(), wait))
 
 
-async def status(call: Call) -> None:
-    svc = await _client(call)
-    await call.json(await svc.status(call.endpoint_id, call.args[0]))
+def _job_action(name: str) -> Handler:
+    """`/{action}/{job_id}`: the service's method of that name on the job, its answer as JSON."""
+
+    async def handler(call: Call) -> None:
+        svc = await _client(call)
+        await call.json(await getattr(svc, name)(call.endpoint_id, call.args[0]))
+
+    return handler
 
 
-async def stream(call: Call) -> None:
-    svc = await _client(call)
-    await call.json(await svc.stream(call.endpoint_id, call.args[0]))
+def _endpoint_action(name: str) -> Handler:
+    """`/{action}`: the service's method of that name on the endpoint, its answer as JSON."""
 
+    async def handler(call: Call) -> None:
+        svc = await _client(call)
+        await call.json(await getattr(svc, name)(call.endpoint_id))
 
-async def cancel(call: Call) -> None:
-    svc = await _client(call)
-    await call.json(await svc.cancel(call.endpoint_id, call.args[0]))
-
-
-async def retry(call: Call) -> None:
-    svc = await _client(call)
-    await call.json(await svc.retry(call.endpoint_id, call.args[0]))
-
-
-async def purge_queue(call: Call) -> None:
-    svc = await _client(call)
-    await call.json(await svc.purge(call.endpoint_id))
-
-
-async def health(call: Call) -> None:
-    svc = await _client(call)
-    await call.json(await svc.health(call.endpoint_id))
+    return handler
 
 
 async def openai(call: Call) -> None:
@@ -386,12 +369,12 @@ _GET_POST = ("GET", "POST")
 ROUTES: dict[str, _Route] = {
     "run": _Route(run, ("POST",), 0),
     "runsync": _Route(runsync, ("POST",), 0),
-    "status": _Route(status, _GET_POST, 1),
-    "stream": _Route(stream, _GET_POST, 1),
-    "cancel": _Route(cancel, ("POST",), 1),
-    "retry": _Route(retry, ("POST",), 1),
-    "purge-queue": _Route(purge_queue, ("POST",), 0),
-    "health": _Route(health, ("GET",), 0),
+    "status": _Route(_job_action("status"), _GET_POST, 1),
+    "stream": _Route(_job_action("stream"), _GET_POST, 1),
+    "cancel": _Route(_job_action("cancel"), ("POST",), 1),
+    "retry": _Route(_job_action("retry"), ("POST",), 1),
+    "purge-queue": _Route(_endpoint_action("purge"), ("POST",), 0),
+    "health": _Route(_endpoint_action("health"), ("GET",), 0),
     "openai": _Route(openai, _GET_POST, 0, rest=True),
     "job-take": _Route(job_take, ("GET",), 1),
     "job-take-batch": _Route(job_take_batch, ("GET",), 1),
