@@ -9,8 +9,9 @@ Queue operations are plain functions of a connection, so one definition serves b
   transactions (and thread hops) with everyone else's; each caller resumes only once its writes
   are committed. If any operation of a batch fails, the batch is rolled back and each operation
   runs again in a transaction of its own, so one bad call never takes others down with it.
-- PostgreSQL (`AsyncEngineExecutor`): each call is its own transaction on the async engine's
-  pool (`run_sync`): several server replicas share the queue with `FOR UPDATE SKIP LOCKED`.
+- PostgreSQL (`AsyncEngineExecutor`): the same batching, on a few pooled connections of the
+  async engine at once (`run_sync`); several server replicas share the queue with
+  `FOR UPDATE SKIP LOCKED`.
 
 Operations must not touch Python state: a batch that is retried runs them twice.
 """
@@ -54,6 +55,7 @@ class SqliteExecutor:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        self.batches = 0  # transactions run, for tests and benchmarks
 
     async def write(self, fn: Callable[[Connection], T]) -> T:
         return await self._submit(fn, True)
@@ -113,7 +115,8 @@ class SqliteExecutor:
                 try:
                     if conn is None:
                         conn = self.engine.connect()
-                    self._run_batch(conn, batch)
+                    run_batch(conn, batch)
+                    self.batches += 1
                 except BaseException as e:  # the connection itself broke: fail the batch, reconnect
                     for call in batch:
                         call.error = call.error or e
@@ -130,25 +133,26 @@ class SqliteExecutor:
             if conn is not None:
                 _close_quietly(conn)
 
-    def _run_batch(self, conn: Connection, batch: list[_Call]) -> None:
-        conn.info["immediate"] = any(c.write for c in batch)
+def run_batch(conn: Connection, batch: list[_Call]) -> None:
+    """The batch in one transaction; if an operation fails, each again in a transaction of its own."""
+    conn.info["immediate"] = any(c.write for c in batch)
+    try:
+        with conn.begin():
+            for call in batch:
+                call.result = call.fn(conn)
+        return
+    except Exception as e:
+        if len(batch) == 1:
+            batch[0].result, batch[0].error = None, e
+            return
+    for call in batch:  # one of them failed: each alone, so only that one fails
+        conn.info["immediate"] = call.write
+        call.result, call.error = None, None
         try:
             with conn.begin():
-                for call in batch:
-                    call.result = call.fn(conn)
-            return
+                call.result = call.fn(conn)
         except Exception as e:
-            if len(batch) == 1:
-                batch[0].result, batch[0].error = None, e
-                return
-        for call in batch:  # one of them failed: each alone, so only that one fails
-            conn.info["immediate"] = call.write
-            call.result, call.error = None, None
-            try:
-                with conn.begin():
-                    call.result = call.fn(conn)
-            except Exception as e:
-                call.error = e
+            call.error = e
 
 
 def _settle(batch: list[_Call]) -> None:
@@ -181,19 +185,66 @@ def _begin(conn: Connection) -> None:
 
 
 class AsyncEngineExecutor:
+    """Calls that arrive together share a transaction here too, on up to `RUNNERS` pooled
+    connections at once, so one slow statement does not hold up everyone else's."""
+
+    RUNNERS = 4
+
     def __init__(self, database: Database) -> None:
         self.engine = database.engine
+        self._calls: asyncio.Queue[_Call] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runners: list[asyncio.Task] = []
+        self.batches = 0
 
     async def write(self, fn: Callable[[Connection], T]) -> T:
-        async with self.engine.begin() as conn:
-            return await conn.run_sync(fn)
+        return await self._submit(fn, True)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
-        async with self.engine.connect() as conn:
-            return await conn.run_sync(fn)
+        return await self._submit(fn, False)
+
+    async def _submit(self, fn: Op, write: bool) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._calls is None or self._loop is not loop:
+            self._loop, self._calls = loop, asyncio.Queue()
+            self._runners = [loop.create_task(self._serve(self._calls)) for _ in range(self.RUNNERS)]
+        call = _Call(fn, write, loop.create_future())
+        self._calls.put_nowait(call)
+        return await call.future
+
+    async def _serve(self, calls: asyncio.Queue[_Call]) -> None:
+        while True:
+            batch = [await calls.get()]
+            while len(batch) < MAX_BATCH and not calls.empty():
+                batch.append(calls.get_nowait())
+            try:
+                async with self.engine.connect() as conn:
+                    await conn.run_sync(run_batch, batch)
+                self.batches += 1
+            except asyncio.CancelledError:
+                _fail(batch, RuntimeError("the queue is shutting down"))
+                raise
+            except Exception as e:  # no connection: the whole batch fails
+                for call in batch:
+                    call.error = call.error or e
+            _settle(batch)
 
     async def close(self) -> None:
-        return None
+        for task in self._runners:
+            task.cancel()
+        await asyncio.gather(*self._runners, return_exceptions=True)
+        if self._calls is not None:
+            left = []
+            while not self._calls.empty():
+                left.append(self._calls.get_nowait())
+            _fail(left, RuntimeError("the queue is shutting down"))
+        self._runners, self._calls = [], None
+
+
+def _fail(batch: list[_Call], error: BaseException) -> None:
+    for call in batch:
+        if not call.future.done():
+            call.future.set_exception(error)
 
 
 def executor_for(database: Database) -> SqliteExecutor | AsyncEngineExecutor:
