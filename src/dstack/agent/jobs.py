@@ -17,11 +17,11 @@ import psutil
 
 from dstack.agent import containers, runner
 from dstack.agent.logs import LogStore
-from dstack.agent.prewarm import with_prewarm_path
-from dstack.agent.workersite import with_worker_site
 from dstack.agent.models import FINAL_STATES, JobSubmission
 from dstack.agent.netns import NETNS_DIR, NetnsAllocation, NetnsError, NetworkIsolation
+from dstack.agent.prewarm import with_prewarm_path
 from dstack.agent.venvs import SETUP_LOCK, PythonNotFound, VenvFactory, touch_last_used
+from dstack.agent.workersite import with_worker_site
 
 logger = logging.getLogger(__name__)
 

@@ -155,7 +155,6 @@ class DataPlaneFirst:
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
-        self.state = app.state
         self.mounts = [(r.path, r.app) for r in app.routes if isinstance(r, Mount) and r.path in DATA_PLANE_MOUNTS]
 
     async def __call__(self, scope, receive, send) -> None:

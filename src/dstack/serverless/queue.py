@@ -80,8 +80,8 @@ class Finished:
 
 
 @dataclass
-class ScaleSnapshot:
-    """What the scaler reads for one endpoint."""
+class QueueCounts:
+    """The endpoint's queue as the scaler reads it."""
 
     queued: int  # normal priority
     queued_any: int
@@ -210,13 +210,13 @@ class Store:
             "timedOut": by.get("TIMED_OUT", 0),
         }
 
-    async def scale_snapshot(self, endpoint_id: str) -> ScaleSnapshot:
-        def op(conn: Connection) -> ScaleSnapshot:
+    async def queue_counts(self, endpoint_id: str) -> QueueCounts:
+        def op(conn: Connection) -> QueueCounts:
             rows = conn.execute(select(J.c.status, J.c.low_priority, func.count(), func.min(J.c.queued_at)).where(
                 J.c.endpoint_id == endpoint_id, J.c.status.in_([IN_QUEUE, IN_PROGRESS])).group_by(J.c.status, J.c.low_priority)).all()
             busy = dict(conn.execute(select(J.c.worker_id, func.count()).where(
                 J.c.endpoint_id == endpoint_id, J.c.status == IN_PROGRESS).group_by(J.c.worker_id)).all())
-            return ScaleSnapshot(
+            return QueueCounts(
                 queued=sum(r[2] for r in rows if r[0] == IN_QUEUE and not r[1]),
                 queued_any=sum(r[2] for r in rows if r[0] == IN_QUEUE),
                 running=sum(r[2] for r in rows if r[0] == IN_PROGRESS and not r[1]),
@@ -312,10 +312,9 @@ class Store:
 
         return await self.ex.read(op)
 
-    async def add_worker(self, worker_id: str, endpoint_id: str, state: str, now: float, pinged: bool = False) -> None:
+    async def add_worker(self, worker_id: str, endpoint_id: str, state: str, now: float) -> None:
         await self.ex.write(lambda conn: conn.execute(insert(WK).values(
-            worker_id=worker_id, endpoint_id=endpoint_id, state=state, created_at=now,
-            last_ping_at=now if pinged else None, jobs_in_flight=0)))
+            worker_id=worker_id, endpoint_id=endpoint_id, state=state, created_at=now, jobs_in_flight=0)))
 
     async def adopt_worker(self, worker_id: str, endpoint_id: str, state: str, now: float) -> str | None:
         """A worker calling in that this process did not launch: its stored state, or a new row."""

@@ -581,15 +581,15 @@ class ServerlessService:
 
     async def _scale(self, ep: _Endpoint) -> None:
         now = time.time()
-        snap0 = await self.store.scale_snapshot(ep.endpoint_id)
-        queued, queued_any, running, oldest = snap0.queued, snap0.queued_any, snap0.running, snap0.oldest_queued_at
-        busy = snap0.busy_workers
+        q = await self.store.queue_counts(ep.endpoint_id)
+        busy = q.busy_workers
         workers = [w for w in self._workers.values() if w.endpoint_id == ep.endpoint_id]
         live = [w for w in workers if w.state in (INITIALIZING, READY)]
         for w in live:
             if w.worker_id in busy:
                 w.last_busy = now
-        snap = QueueSnapshot(queued, running, now - oldest if oldest else 0.0, len(live),
+        oldest = q.oldest_queued_at
+        snap = QueueSnapshot(q.queued, q.running, now - oldest if oldest else 0.0, len(live),
                              sum(1 for w in live if w.state == INITIALIZING))
         want = desired_workers(ep.settings, snap)
         for _ in range(want - len(live)):
@@ -597,7 +597,7 @@ class ServerlessService:
                 break
             await self._launch(ep)
         excess = len(live) - max(ep.settings.workers_min, want if ep.settings.scaler_type == "request_count" else 0)
-        if excess <= 0 or queued_any:
+        if excess <= 0 or q.queued_any:
             return
         for w in sorted((w for w in live if w.state == READY), key=lambda w: w.last_busy):
             if excess <= 0:

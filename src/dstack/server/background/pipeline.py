@@ -261,6 +261,7 @@ class Pipeline:
                 env.update(dstack_env(run.run_name, run.id, spec, nodes_count(conf), reservation.gpus, inst.hostname))
                 # The built-in engine ships with dstack: engine jobs run it with the agent's Python.
                 env.setdefault("DSTACK_ENGINE_PYTHON", sys.executable)
+                serverless = run_spec.configuration.get("type") == "serverless"
                 submission = {
                     "job_id": job.id,
                     "run_name": run.run_name,
@@ -278,11 +279,11 @@ class Pipeline:
                     "network": "isolated" if run_spec.configuration.get("type") == "service" or spec.ports else "host",
                     "venv_key": venv_key(run.project_id, spec),
                     # Serverless workers start from the venv's warm zygote (agent.prewarm),
-                    # unless the configuration's env says DSTACK_PREWARM=0.
-                    "prewarm": run_spec.configuration.get("type") == "serverless" and env.get("DSTACK_PREWARM") != "0",
+                    # unless the configuration's env says DSTACK_PREWARM=0 ...
+                    "prewarm": serverless and env.get("DSTACK_PREWARM") != "0",
                     # ... and run the runpod SDK's job loops event-driven (agent.workersite),
                     # unless it says DSTACK_RUNPOD_LOOP=0.
-                    "worker_site": run_spec.configuration.get("type") == "serverless" and env.get("DSTACK_RUNPOD_LOOP") != "0",
+                    "worker_site": serverless and env.get("DSTACK_RUNPOD_LOOP") != "0",
                 }
                 from dstack.server.services.engines import engine_submission  # GPU hosts: TGI image or vLLM
                 submission.update(engine_submission(conf, reservation.gpus, json.loads(inst.agent or "{}"), env))
