@@ -247,3 +247,14 @@ def test_openai_client_library(server):
     assert out.choices[0].message.content == "A B"
     chunks = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a b"}], stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "a b "
+
+
+def test_refresh_worker_replaces_the_worker_after_its_job(server):
+    """A handler that returns `refresh_worker: True` gets its result kept and its worker replaced:
+    the next job runs on a new worker (the endpoint keeps its one warm worker)."""
+    first = server.wait("ep-sync", server.run("ep-sync", {"mode": "refresh"}))
+    assert first["status"] == "COMPLETED" and first["output"]["worker"] == first["workerId"]
+    old = first["workerId"]
+    nxt = server.wait("ep-sync", server.run("ep-sync", {"mode": "echo", "value": 7}), timeout=60)
+    assert nxt["status"] == "COMPLETED" and nxt["output"]["echo"] == 7
+    assert nxt["workerId"] != old
