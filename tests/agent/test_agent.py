@@ -378,3 +378,19 @@ def test_parse_nvidia_smi() -> None:
         {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559, "vendor": "nvidia"},
         {"index": 1, "name": "NVIDIA A10G", "memory_mib": 23028, "vendor": "nvidia"},
     ]
+
+
+def test_pull_linger_batches_lines_but_not_state_changes(client: httpx.Client) -> None:
+    """A job printing a line every 20 ms: with linger the answers carry several lines each; the
+    final state still comes back at once, with every record."""
+    job_id = submit(client, ["for i in $(seq 1 15); do echo line-$i; sleep 0.02; done"], code=make_tar({}))
+    cursor, answers, lines, state = 0, 0, [], None
+    deadline = time.monotonic() + 30
+    while state not in ("done", "failed") and time.monotonic() < deadline:
+        resp = pull(client, job_id, cursor, wait=5, linger=0.5)
+        answers += 1
+        lines += [base64.b64decode(r["data"]).decode() for r in resp["logs"]]
+        cursor, state = resp["next_cursor"], resp["state"]
+    assert state == "done"
+    assert "".join(lines).split() == [f"line-{i}" for i in range(1, 16)]
+    assert answers < 8  # without linger a pull answers per line or two

@@ -22,6 +22,7 @@ from dstack.version import __version__
 
 logger = logging.getLogger(__name__)
 
+MAX_LINGER_SECONDS = 1.0
 MAX_WAIT_SECONDS = 60.0
 MAX_LIMIT = 10000
 
@@ -105,9 +106,11 @@ def create_app(home: Path, token: str) -> FastAPI:
         known_state: str | None = None,
         wait: float = Query(0.0, ge=0),
         limit: int = Query(1000, ge=1),
+        linger: float = Query(0.0, ge=0),
     ) -> Response:
         job = manager.get(job_id)
-        body = await job.pull(cursor, known_state, min(wait, MAX_WAIT_SECONDS), min(limit, MAX_LIMIT))
+        body = await job.pull(cursor, known_state, min(wait, MAX_WAIT_SECONDS), min(limit, MAX_LIMIT),
+                              min(linger, MAX_LINGER_SECONDS))
         return Response(body, media_type="application/json")
 
     @app.post("/api/jobs/{job_id}/stop", dependencies=[Depends(auth)])

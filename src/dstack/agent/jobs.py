@@ -83,6 +83,16 @@ class Job:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    async def _wait_change(self, timeout: float) -> bool:
+        """Until the next notify() (True) or `timeout` (False)."""
+        if timeout <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
     def set_state(self, state: str, **fields: Any) -> None:
         for key, value in fields.items():
             setattr(self, key, value)
@@ -118,18 +128,23 @@ class Job:
         os.replace(tmp, self.dir / "state.json")
 
     # -- long poll -------------------------------------------------------------------------
-    async def pull(self, cursor: int, known_state: str | None, wait: float, limit: int) -> bytes:
-        """The JSON body of a /pull answer, once there is news or ``wait`` has passed."""
+    async def pull(self, cursor: int, known_state: str | None, wait: float, limit: int, linger: float = 0.0) -> bytes:
+        """The JSON body of a /pull answer, once there is news or ``wait`` has passed.
+
+        When the only news is new log records, ``linger`` holds the answer that much longer (or
+        until the state changes, or ``limit`` records are there), so a job that keeps printing
+        costs its watcher one answer per interval rather than one per line."""
         known = self.state if known_state is None else known_state
-        deadline = asyncio.get_running_loop().time() + wait
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
         while self.logs.last_seq <= cursor and self.state == known and not self.is_final:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
+            if not await self._wait_change(deadline - loop.time()):
                 break
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                break
+        if linger > 0 and self.logs.last_seq > cursor:
+            deadline = loop.time() + linger
+            while self.state == known and not self.is_final and self.logs.last_seq - cursor < limit:
+                if not await self._wait_change(deadline - loop.time()):
+                    break
         state = self.state  # read before the logs: a final state then implies all logs are stored
         records, next_cursor = self.logs.read(cursor, limit)
         head = json.dumps({

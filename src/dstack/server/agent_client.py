@@ -42,11 +42,12 @@ class AgentClient:
             raise AgentError(f"agent could not start job: {r.status_code} {r.text}")
         return r.json()
 
-    async def pull(self, job_id: str, cursor: int, known_state: str | None, wait: float, limit: int = 2000) -> dict:
-        params = {"cursor": cursor, "wait": wait, "limit": limit}
+    async def pull(self, job_id: str, cursor: int, known_state: str | None, wait: float, limit: int = 2000,
+                   linger: float = 0.0) -> dict:
+        params = {"cursor": cursor, "wait": wait, "limit": limit, "linger": linger}
         if known_state:
             params["known_state"] = known_state
-        r = await self._http.get(f"/api/jobs/{job_id}/pull", params=params, timeout=wait + 15)
+        r = await self._http.get(f"/api/jobs/{job_id}/pull", params=params, timeout=wait + linger + 15)
         if r.status_code == 404:
             raise AgentError("the agent does not know this job")
         r.raise_for_status()

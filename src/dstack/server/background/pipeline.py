@@ -51,9 +51,10 @@ FINISHED_JOB = [s.value for s in JobStatus.finished_statuses()]
 FINISHED_RUN = [s.value for s in RunStatus.finished_statuses()]
 MAX_REPLICA_FAILURES = 5
 AGENT_UNREACHABLE_SECONDS = float(os.environ.get("DSTACK_SERVER_AGENT_UNREACHABLE_SECONDS", "60"))
-# While a job keeps printing, pull its logs at most this often: a chatty job (a serverless worker
-# logging every request) then costs one transaction per interval, not one per line.
-LOG_PULL_INTERVAL = 0.1
+# While a job keeps printing, the agent holds a pull's answer this long for more lines (a state
+# change still answers at once): a chatty job (a serverless worker logging every request) then
+# costs one transaction per interval, not one per line.
+LOG_LINGER_SECONDS = 0.1
 
 
 def retry_delays() -> list[float]:
@@ -326,7 +327,7 @@ class Pipeline:
             failing_since: float | None = None
             while not self._stopping:
                 try:
-                    resp = await client.pull(job_id, cursor, known, wait=20)
+                    resp = await client.pull(job_id, cursor, known, wait=20, linger=LOG_LINGER_SECONDS)
                     failing_since = None
                 except (httpx.HTTPError, AgentError) as e:
                     now = time.time()
@@ -354,8 +355,6 @@ class Pipeline:
                     if final:
                         await _forget_on_agent(client, job_id)
                         return
-                elif records:
-                    await asyncio.sleep(LOG_PULL_INTERVAL)
         except asyncio.CancelledError:
             raise
         except Exception:
