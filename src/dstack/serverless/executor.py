@@ -44,7 +44,20 @@ class _Call:
         self.error: BaseException | None = None
 
 
-class SqliteExecutor:
+class _Executor:
+    """`write(fn)` / `read(fn)`: `fn(conn)` in a transaction, once it is committed."""
+
+    async def write(self, fn: Callable[[Connection], T]) -> T:
+        return await self._submit(fn, True)
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        return await self._submit(fn, False)
+
+    async def _submit(self, fn: Op, write: bool) -> Any:
+        raise NotImplementedError
+
+
+class SqliteExecutor(_Executor):
     def __init__(self, url: str) -> None:
         self.engine = create_engine(url.replace("+aiosqlite", "", 1), poolclass=NullPool,
                                     connect_args={"timeout": 30, "check_same_thread": False})
@@ -56,12 +69,6 @@ class SqliteExecutor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self.batches = 0  # transactions run, for tests and benchmarks
-
-    async def write(self, fn: Callable[[Connection], T]) -> T:
-        return await self._submit(fn, True)
-
-    async def read(self, fn: Callable[[Connection], T]) -> T:
-        return await self._submit(fn, False)
 
     async def _submit(self, fn: Op, write: bool) -> Any:
         loop = asyncio.get_running_loop()
@@ -184,7 +191,7 @@ def _begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("immediate", True) else "BEGIN")
 
 
-class AsyncEngineExecutor:
+class AsyncEngineExecutor(_Executor):
     """Calls that arrive together share a transaction here too, on up to `RUNNERS` pooled
     connections at once, so one slow statement does not hold up everyone else's."""
 
@@ -196,12 +203,6 @@ class AsyncEngineExecutor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runners: list[asyncio.Task] = []
         self.batches = 0
-
-    async def write(self, fn: Callable[[Connection], T]) -> T:
-        return await self._submit(fn, True)
-
-    async def read(self, fn: Callable[[Connection], T]) -> T:
-        return await self._submit(fn, False)
 
     async def _submit(self, fn: Op, write: bool) -> Any:
         loop = asyncio.get_running_loop()
