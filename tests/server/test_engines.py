@@ -118,3 +118,12 @@ def test_engine_settings_checked_before_anything_starts(model, quantize, dtype, 
     else:
         with pytest.raises(EngineError, match=refused):
             engines.check_engine_settings(engine, gpu_requested=gpu)
+
+
+def test_refusals_name_the_setting() -> None:
+    with pytest.raises(EngineError) as e:
+        engines.check_engine_settings(EngineSpec(model_name="m", quantize="awq"), gpu_requested=False)
+    assert e.value.field == "engine.quantize"
+    with pytest.raises(EngineError) as e:
+        engines.check_engine_settings(EngineSpec(model_name="m", dtype="bfloat16"), gpu_requested=False)
+    assert e.value.field == "engine.dtype"

@@ -140,6 +140,7 @@ class SqliteExecutor(_Executor):
             if conn is not None:
                 _close_quietly(conn)
 
+
 def run_batch(conn: Connection, batch: list[_Call]) -> None:
     """The batch in one transaction; if an operation fails, each again in a transaction of its own."""
     conn.info["immediate"] = any(c.write for c in batch)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
-from dstack.proxy.http import Receive, Scope, Send, header, read_body, route_path
+from dstack.proxy.http import Receive, Scope, Send, header, read_body, route_path, send_bytes
 from dstack.server.security import error_detail, token_from_authorization
 from dstack.serverless.models import TERMINAL
 from dstack.serverless.service import ServerlessError, ServerlessService
@@ -103,20 +103,14 @@ class Call:
         if self._watcher is not None and not self._watcher.done():
             self._watcher.cancel()
 
-    def _headers(self, content_type: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
+    def _cors(self, extra: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
         origin = header(self.scope, b"origin") or b"*"
-        hdrs = [(b"content-type", content_type), (b"access-control-allow-origin", origin), (b"vary", b"Origin"),
-                (b"access-control-expose-headers", b"Content-Type")]
-        if extra:
-            hdrs.extend(extra)
-        return hdrs
+        return [(b"access-control-allow-origin", origin), (b"vary", b"Origin"),
+                (b"access-control-expose-headers", b"Content-Type"), *(extra or ())]
 
     async def reply(self, status: int, body: bytes = b"", content_type: bytes = _JSON,
                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
-        hdrs = self._headers(content_type, extra)
-        hdrs.append((b"content-length", str(len(body)).encode()))
-        await self.send({"type": "http.response.start", "status": status, "headers": hdrs})
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+        await send_bytes(self.send, status, body, content_type, self._cors(extra))
 
     async def json(self, obj: Any, status: int = 200) -> None:
         await self.reply(status, json.dumps(obj).encode())
@@ -125,7 +119,7 @@ class Call:
         """Send `chunks` as they come; a client that goes away closes the iterator (its
         `finally` runs), as it would under a streaming response."""
         await self.send({"type": "http.response.start", "status": 200,
-                         "headers": self._headers(content_type, [(b"cache-control", b"no-cache")])})
+                         "headers": [(b"content-type", content_type), *self._cors([(b"cache-control", b"no-cache")])]})
         gone = asyncio.ensure_future(self._watch())
 
         async def pump() -> None:

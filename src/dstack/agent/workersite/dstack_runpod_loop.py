@@ -60,12 +60,11 @@ def patch(rp_scale):
         w = _wakers(self)
         while self.is_alive():
             await self.set_scale()
-            if self.current_concurrency - self.current_occupancy() <= 0:
-                w.slot_free.clear()
-                if self.current_concurrency - self.current_occupancy() <= 0:
-                    await _wait(w.slot_free, FULL_CHECK_SECONDS)
-                continue
             jobs_needed = self.current_concurrency - self.current_occupancy()
+            if jobs_needed <= 0:  # nothing runs between this check and the clear: no wake-up is lost
+                w.slot_free.clear()
+                await _wait(w.slot_free, FULL_CHECK_SECONDS)
+                continue
             try:
                 log.debug("JobScaler.get_jobs | Starting job acquisition.")
                 acquired = await asyncio.wait_for(self.jobs_fetcher(session, jobs_needed),

@@ -39,7 +39,12 @@ GPU_QUANTIZE = set(_TGI_QUANTIZE) | set(_VLLM_QUANTIZE)
 
 
 class EngineError(ValueError):
-    """The engine settings cannot be served by the engine this host gets; the message says why."""
+    """The engine settings cannot be served by the engine this host gets; the message says why,
+    `field` which setting."""
+
+    def __init__(self, msg: str, field: str) -> None:
+        super().__init__(msg)
+        self.field = field
 
 
 def choose_engine(engine: EngineSpec, gpus: list[int], containers: bool) -> str:
@@ -63,17 +68,18 @@ def check_engine_settings(engine: EngineSpec, gpu_requested: bool) -> None:
     if quant in GPU_QUANTIZE:
         if _names_gguf(engine.model_name):
             raise EngineError(f"quantize {engine.quantize} is a GPU weight format, but {engine.model_name} is GGUF, "
-                              "which only the built-in engine loads: use a GGUF quantization type (e.g. Q4_K_M)")
+                              "which only the built-in engine loads: use a GGUF quantization type (e.g. Q4_K_M)",
+                              "engine.quantize")
         if not gpu_requested:
             raise EngineError(
                 f"quantize {engine.quantize} is a GPU weight format; without a GPU the built-in engine runs GGUF "
                 "models on llama.cpp. Use a GGUF quantization type (e.g. Q4_K_M, Q8_0), or ask for a GPU "
-                f"(resources: gpu: 1) to serve {engine.quantize} weights on TGI or vLLM")
+                f"(resources: gpu: 1) to serve {engine.quantize} weights on TGI or vLLM", "engine.quantize")
     if engine.dtype:
         _dtype(engine, None, "any engine")  # unknown spellings
         if engine.dtype.lower() not in ("auto", "gguf") and not gpu_requested:
             raise EngineError(f"dtype {engine.dtype} needs a GPU engine; the built-in CPU engine serves GGUF "
-                              "weights as stored (drop dtype, or ask for a GPU in resources)")
+                              "weights as stored (drop dtype, or ask for a GPU in resources)", "engine.dtype")
 
 
 def is_gguf(engine: EngineSpec) -> bool:
@@ -131,11 +137,12 @@ def _dtype(engine: EngineSpec, allowed: Optional[set[str]], engine_name: str) ->
         return None
     key = engine.dtype.lower()
     if key not in _DTYPES:
-        raise EngineError(f"engine.dtype {engine.dtype!r} is not known; use float16, bfloat16, float32 or auto")
+        raise EngineError(f"engine.dtype {engine.dtype!r} is not known; use float16, bfloat16, float32 or auto",
+                          "engine.dtype")
     value = _DTYPES[key]
     if value is not None and allowed is not None and value not in allowed:
         raise EngineError(f"engine.dtype {engine.dtype} is not supported by {engine_name} "
-                          f"(use one of {', '.join(sorted(allowed))})")
+                          f"(use one of {', '.join(sorted(allowed))})", "engine.dtype")
     return value
 
 
@@ -145,7 +152,7 @@ def _quantize(engine: EngineSpec, table: dict[str, str], engine_name: str) -> Op
     value = table.get(engine.quantize.lower())
     if value is None:
         raise EngineError(f"engine.quantize {engine.quantize} is not supported by {engine_name} "
-                          f"(it loads {', '.join(sorted(table))})")
+                          f"(it loads {', '.join(sorted(table))})", "engine.quantize")
     return value
 
 

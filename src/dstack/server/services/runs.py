@@ -59,17 +59,13 @@ def check_engine(conf: BaseRunConfiguration) -> None:
     try:
         check_engine_settings(engine, gpu_requested=_gpu_requested(conf))
     except EngineError as e:
-        field = "engine.quantize" if "quantize" in str(e) else "engine.dtype"
-        raise ServerClientError(str(e), fields=[field])
+        raise ServerClientError(str(e), fields=[e.field])
 
 
 def _gpu_requested(conf: BaseRunConfiguration) -> bool:
+    """At least one GPU, whatever the offer (`gpu: 0..1` may land on a CPU host)."""
     gpu = conf.resources.gpu
-    if gpu is None:
-        return False
-    count = getattr(gpu, "count", None)
-    low = getattr(count, "min", count)
-    return low is not None and low > 0
+    return gpu is not None and (gpu.count.min or 0) > 0
 
 
 def initial_replicas(conf: BaseRunConfiguration) -> int:
