@@ -1,0 +1,77 @@
+"""Request body size limit for the control-plane API (413 over the limit).
+
+Pure ASGI so it sees the body as it arrives: a declared `Content-Length` over the limit is
+refused before anything is read, and a chunked body is cut off at the first byte over it (the
+endpoint's read raises `RequestTooLarge`, which the app answers with 413).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from starlette.exceptions import HTTPException
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class RequestTooLarge(HTTPException):
+    """Raised from `receive` when the body passes the limit (FastAPI passes HTTPExceptions on)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, _message(limit))
+        self.limit = limit
+
+
+def _message(limit: int) -> str:
+    return f"the request body is larger than this server's limit of {limit / (1024 * 1024):g} MiB"
+
+
+class BodySizeLimit:
+    """Wraps an ASGI app; `limit_for(path)` is the most bytes a request body to `path` may have."""
+
+    def __init__(self, app: Any, limit_for: Callable[[str], int]) -> None:
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope.get("path", ""))
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _refuse(send, limit)
+            return
+        seen = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise RequestTooLarge(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _refuse(send: Send, limit: int) -> None:
+    import json
+
+    body = json.dumps({"detail": [{"msg": _message(limit), "code": "too_large"}]}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
