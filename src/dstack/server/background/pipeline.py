@@ -17,6 +17,8 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm.exc import StaleDataError
 
 from dstack.core.models.resources import ResourcesSpec
 from dstack.core.models.runs import (
@@ -55,11 +57,19 @@ AGENT_UNREACHABLE_SECONDS = float(os.environ.get("DSTACK_SERVER_AGENT_UNREACHABL
 # change still answers at once): a chatty job (a serverless worker logging every request) then
 # costs one transaction per interval, not one per line.
 LOG_LINGER_SECONDS = 0.1
+# Date arithmetic on user-given durations is capped here: `timedelta` and `datetime` overflow
+# (OverflowError) near 10**9 days, far beyond any deadline that matters.
+MAX_DEADLINE_SECONDS = 100 * 365 * 86400
 
 
 def retry_delays() -> list[float]:
     raw = os.environ.get("DSTACK_SERVER_RETRY_DELAYS", "15,30,60,120,300,600")
     return [float(x) for x in raw.split(",") if x.strip()]
+
+
+def capped_timedelta(seconds: float) -> timedelta:
+    """`timedelta(seconds=...)` that never overflows: clamped to [0, MAX_DEADLINE_SECONDS]."""
+    return timedelta(seconds=min(max(seconds, 0), MAX_DEADLINE_SECONDS))  # no float(): huge ints overflow it
 
 
 def _aware(dt: datetime | None) -> datetime | None:
@@ -78,6 +88,7 @@ class Pipeline:
         self._watchers: dict[str, asyncio.Task] = {}
         self._provisioning: set[str] = set()
         self._stops_sent: set[str] = set()
+        self._failed_runs: set[str] = set()  # runs whose processing raised (logged once each)
         self._stopping = False
         #: called with a run id whenever a run's jobs change (services re-register replicas)
         self.run_listeners: list = []
@@ -123,10 +134,72 @@ class Pipeline:
             ).scalars().all()
             run_ids = [r.id for r in runs]
         for run_id in run_ids:
-            d = await self._process_run(run_id)
+            d = await self._process_run_isolated(run_id)
             if d is not None:
                 deadlines.append(d)
         return min(deadlines) if deadlines else None
+
+    async def _process_run_isolated(self, run_id: str) -> float | None:
+        """One run's step; whatever it raises stays with that run, so one bad row (a spec the
+        code cannot handle) never stops the pass for every other run and project."""
+        try:
+            return await self._process_run(run_id)
+        except asyncio.CancelledError:
+            raise
+        except (StaleDataError, OperationalError) as e:
+            # Contention (conflicts past their retries, a locked database): not the run's fault.
+            logger.warning("processing run %s deferred: %s", run_id, e)
+            return time.time() + 1.0
+        except Exception as e:
+            if run_id not in self._failed_runs:
+                self._failed_runs.add(run_id)
+                logger.exception("processing run %s failed; failing the run", run_id)
+            try:
+                await self._fail_run(run_id, e)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.debug("failing run %s failed", run_id, exc_info=True)
+            return None
+
+    async def _fail_run(self, run_id: str, error: Exception) -> None:
+        """Fail a run whose processing raised: SERVER_ERROR with the error, its jobs stopped
+        through the usual terminating path. Reads only what that path needs, never the run's
+        spec, so a spec the pipeline cannot parse still ends here."""
+        message = f"server error while processing the run: {type(error).__name__}: {error}"[:1000]
+
+        async def fail() -> str:
+            run = (await session.execute(select(RunModel).where(RunModel.id == run_id))).scalar_one()
+            if RunStatus(run.status).is_finished():
+                return run.status
+            if run.termination_reason != RunTerminationReason.SERVER_ERROR.value:
+                run.termination_reason = RunTerminationReason.SERVER_ERROR.value
+                run.error = message
+            active = [j for j in run.jobs if not JobStatus(j.status).is_finished()]
+            for job in active:
+                if job.status != JobStatus.TERMINATING.value:
+                    mark_job_terminating(job, JobTerminationReason.TERMINATED_BY_SERVER, message=message)
+            run.status = RunStatus.TERMINATING.value if active else RunStatus.FAILED.value
+            run.last_processed_at = utcnow()
+            await session.commit()
+            for job in active:
+                await self._terminate(session, job)
+            if run.status == RunStatus.TERMINATING.value and all(JobStatus(j.status).is_finished() for j in run.jobs):
+                run.status = RunStatus.FAILED.value
+                await session.commit()
+            return run.status
+
+        async with self.db.session() as session:
+            await retry_on_conflict(session, fail)
+        self._notify_run_changed(run_id)
+
+    def _notify_run_changed(self, run_id: str) -> None:
+        self.notifier.notify(run_id)
+        for listener in self.run_listeners:
+            try:
+                listener(run_id)
+            except Exception:
+                logger.exception("a run listener failed for run %s", run_id)
 
     async def _process_run(self, run_id: str) -> float | None:
         async with self.db.session() as session:
@@ -166,9 +239,7 @@ class Pipeline:
         deadline = _min(deadline, d)
         await session.commit()
         if run.status != old_status:
-            self.notifier.notify(run.id)
-            for listener in self.run_listeners:
-                listener(run.id)
+            self._notify_run_changed(run.id)
         return deadline
 
     # --- assignment -----------------------------------------------------------------------
@@ -214,7 +285,7 @@ class Pipeline:
             (retry is not None and "no-capacity" in retry.on_events) or _run_type(run) in ("service", "serverless"))
         if waits:
             if retry is not None and retry.duration is not None:
-                give_up = _aware(run.submitted_at) + timedelta(seconds=retry.duration)
+                give_up = _aware(run.submitted_at) + capped_timedelta(retry.duration)
                 if utcnow() < give_up:
                     return give_up.timestamp()
             else:
@@ -412,7 +483,7 @@ class Pipeline:
         spec = JobSpec.model_validate_json(job.job_spec)
         if not spec.max_duration or job.started_at is None:
             return None
-        deadline = _aware(job.started_at).timestamp() + spec.max_duration
+        deadline = _aware(job.started_at).timestamp() + min(spec.max_duration, MAX_DEADLINE_SECONDS)
         return 0 if time.time() >= deadline else deadline
 
     # --- runs -----------------------------------------------------------------------------
@@ -456,7 +527,7 @@ class Pipeline:
                         delay = delays[min(run.resubmission_attempt, len(delays) - 1)]
                         run.resubmission_attempt += 1
                         run.status = RunStatus.PENDING.value
-                        run.next_attempt_at = utcnow() + timedelta(seconds=delay)
+                        run.next_attempt_at = utcnow() + capped_timedelta(delay)
                 else:
                     reason = JobTerminationReason(job.termination_reason) if job.termination_reason else None
                     if reason == JobTerminationReason.MAX_DURATION_EXCEEDED:
@@ -545,7 +616,7 @@ class Pipeline:
             return False
         if event not in retry.on_events:
             return False
-        if retry.duration is not None and utcnow() - _aware(run.submitted_at) > timedelta(seconds=retry.duration):
+        if retry.duration is not None and utcnow() - _aware(run.submitted_at) > capped_timedelta(retry.duration):
             return False
         return True
 
