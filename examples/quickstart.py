@@ -6,6 +6,7 @@
    through `curl .../generate` (the TGI API), and prints the answers and the URLs.
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import openai
 
 from dstack.api import Client, ClientError, CompletionService, Resources
 
-SERVER_URL = "http://127.0.0.1:3000"
+PORT = 3000
+SERVER_URL = f"http://127.0.0.1:{PORT}"
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = "What is Deep Learning?"
 
@@ -31,7 +33,7 @@ def ensure_server() -> subprocess.Popen | None:
     print("Starting `dstack server` (log: dstack-server.log) ...")
     log = open("dstack-server.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dstack.cli.main", "server", "--port", "3000"],
+        [sys.executable, "-m", "dstack.cli.main", "server", "--port", str(PORT)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # keeps serving after this script ends
     )
     for _ in range(1200):
@@ -59,6 +61,11 @@ def wait_until_serving(url: str, token: str, timeout: float = 300) -> None:
 
 
 def main() -> None:
+    global PORT, SERVER_URL
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--port", type=int, default=PORT, help="the dstack server's port (default 3000)")
+    PORT = ap.parse_args().port
+    SERVER_URL = f"http://127.0.0.1:{PORT}"
     server = ensure_server()
     try:
         client = Client.from_config()
@@ -79,7 +86,7 @@ def main() -> None:
     )
     wait_until_serving(run.service_url, token)
     run.refresh()
-    base_url = run._run.service.model.base_url
+    base_url = run.model_base_url
     print(f"\nService is published at {run.service_url}")
     print(f"OpenAI-compatible endpoint: {base_url} (model '{MODEL}')\n")
 

@@ -61,6 +61,12 @@ class Run:
     def service_url(self) -> str | None:
         return self._run.service.url if self._run.service else None
 
+    @property
+    def model_base_url(self) -> str | None:
+        """For services with a model: the OpenAI-compatible base URL (`openai.OpenAI(base_url=...)`)."""
+        service = self._run.service
+        return service.model.base_url if service and service.model else None
+
     def _job_address(self) -> str:
         """Where the first job's ports are reachable from here (its network namespace, or the host)."""
         for job in self._run.jobs:
@@ -179,7 +185,10 @@ class RunCollection:
         repo_dir = repo_dir if repo_dir is not None else (repo if isinstance(repo, (str, os.PathLike)) else None)
         if repo_dir is not None:
             spec.repo_id, spec.repo_code_hash = self._client.repos.upload(repo_dir)
-        return RunPlan.model_validate(self._client.api.post(self._path("get_plan"), {"run_spec": spec.model_dump(mode="json")}))
+        plan = RunPlan.model_validate(self._client.api.post(self._path("get_plan"), {"run_spec": spec.model_dump(mode="json")}))
+        # The server's answer hides credentials (`***`); applying the plan sends ours again.
+        plan.run_spec.configuration = spec.configuration
+        return plan
 
     def apply_plan(self, run_plan: RunPlan, repo=None, reserve_ports: bool = True, force: bool = False) -> Run:
         data = self._client.api.post(self._path("apply"), {"plan": run_plan.model_dump(mode="json"), "force": force})

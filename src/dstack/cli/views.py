@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from dstack.cli.common import console, escape, format_price, resources_text
+from dstack.core.exit_status import exit_error
 
 
 def latest_submission(job: Any) -> Any:
@@ -27,7 +28,7 @@ def job_error(job: Any) -> str:
     if reason in _NOT_ERRORS:
         return ""  # a stop someone asked for (or a normal end) is not an error
     if exit_status not in (None, 0) and reason in (None, "container_exited_with_error"):
-        return f"exit status {exit_status}"
+        return exit_error(exit_status, message)
     if reason is None:
         return ""
     text = reason.replace("_", " ")

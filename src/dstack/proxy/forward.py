@@ -76,7 +76,9 @@ class Proxy:
         info = state.info
         name = f"{info.project}/{info.run_name}"
         if not self.registry.maybe_wake(state):
-            await send_detail(send, 503, f"Service '{name}' has no ready replica; try again later", [(b"retry-after", b"5")])
+            why = f" (last replica failure: {info.last_error})" if info.last_error else ""
+            await send_detail(send, 503, f"Service '{name}' has no ready replica{why}; try again later",
+                              [(b"retry-after", b"5")])
             return None
         deadline = time.monotonic() + info.hold_timeout
         while True:

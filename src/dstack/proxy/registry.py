@@ -41,6 +41,8 @@ class ServiceInfo:
     strip_prefix: bool = True
     hold_timeout: float = 120.0
     min_replicas: int = 1
+    #: why the last replica failed ("engine crashed: SIGSEGV"), for the proxy's 503 while none is ready
+    last_error: Optional[str] = None
 
 
 @dataclass(frozen=True)

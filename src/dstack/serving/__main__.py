@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import sys
@@ -26,14 +27,22 @@ def parse_args(argv: Optional[list[str]] = None) -> ServeConfig:
     ap.add_argument("--ctx-size", type=int, default=2048, help="max tokens per request (prompt + generated)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="max prompt tokens per sequence per step")
+    ap.add_argument("--prefix-cache-slots", type=int, default=4,
+                    help="extra KV streams that keep finished requests' prompts for prefix reuse (0: only idle decoding slots)")
     ap.add_argument("--kv-cache-type", choices=["q8_0", "f16"], default="q8_0",
                     help="KV cache type; q8_0 keeps greedy results identical with and without batching")
+    ap.add_argument("--weight-repack", choices=["auto", "on", "off"],
+                    default=os.environ.get("DSTACK_SERVING_REPACK", "auto"),
+                    help="let llama.cpp repack weights for faster CPU kernels; auto: not where the "
+                    "AMX path is present (it crashes there), see dstack/serving/llama.py")
     ap.add_argument("--model-id", default=None, help="name reported by /info and /v1/models")
     ap.add_argument("--verbose", action="store_true", help="show llama.cpp logs")
     a = ap.parse_args(argv)
     for name in ("max_concurrent_requests", "max_batch_size", "ctx_size", "prefill_chunk"):
         if getattr(a, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
+    if not 0 <= a.prefix_cache_slots <= 64 or a.max_batch_size + a.prefix_cache_slots > 256:
+        ap.error("--prefix-cache-slots must be 0..64, and with --max-batch-size at most 256 (llama.cpp's limit)")
     model_id = a.model_id or (BUILTIN_MODEL_ID if a.model.lower() in _BUILTIN_NAMES else a.model)
     return ServeConfig(
         model=a.model,
@@ -45,13 +54,18 @@ def parse_args(argv: Optional[list[str]] = None) -> ServeConfig:
         ctx_size=a.ctx_size,
         threads=a.threads,
         prefill_chunk=a.prefill_chunk,
+        prefix_cache_slots=a.prefix_cache_slots,
         kv_cache_type=a.kv_cache_type,
+        weight_repack=a.weight_repack,
         model_id=model_id,
         verbose=a.verbose,
     )
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    # A crash inside llama.cpp (a signal, not an exception) then leaves the Python stack of every
+    # thread in the job's log, next to the "engine crashed: SIGSEGV" the server reports.
+    faulthandler.enable()
     config = parse_args(argv)
     try:
         check_quantize(config.quantize)

@@ -318,7 +318,11 @@ def render_metrics(service: Service) -> str:
         metric("dstack_serving_batch_tokens_total", "counter", "Tokens sent to llama_decode", s.batch_tokens)
         metric("dstack_serving_queue_size", "gauge", "Sequences waiting for a batch slot", s.queue_size)
         metric("dstack_serving_batch_size", "gauge", "Sequences in the running batch", s.batch_size)
-        metric("dstack_serving_batch_max_size", "gauge", "Batch slots", engine.n_slots)
+        metric("dstack_serving_batch_max_size", "gauge", "Batch slots", engine.max_active)
+        metric("dstack_serving_prefix_cache_hits_total", "counter", "Requests that reused a cached prompt prefix",
+               s.prefix_cache_hits)
+        metric("dstack_serving_prefix_cache_tokens_total", "counter", "Prompt tokens not prefilled thanks to the cache",
+               s.prefix_cache_tokens)
         # TGI's names, for dashboards built for TGI
         metric("tgi_queue_size", "gauge", "Sequences waiting for a batch slot", s.queue_size)
         metric("tgi_batch_current_size", "gauge", "Sequences in the running batch", s.batch_size)

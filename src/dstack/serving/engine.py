@@ -23,6 +23,7 @@ from typing import AsyncIterator, Callable, Optional
 import numpy as np
 
 from dstack.serving.llama import LlamaModel
+from dstack.serving.prefix_cache import PrefixCache
 from dstack.serving.sampling import Sampler, SamplingParams
 from dstack.serving.text import OutputText
 
@@ -88,10 +89,16 @@ class _Sequence:
         self.sampler = Sampler(req.params, model.n_vocab, req.prompt)
         self.out = OutputText(req.stop)
         self.prefill: list[TokenInfo] = []
+        self.fed: list[int] = []  # generated tokens already decoded into the KV cache
+        self.reused = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def prefilling(self) -> bool:
         return self.n_prefilled < len(self.req.prompt)
+
+    def kv_tokens(self) -> list[int]:
+        """The tokens at positions 0..n_past-1 of this sequence's KV stream."""
+        return list(self.req.prompt[: self.n_prefilled]) + self.fed
 
 
 @dataclass
@@ -106,14 +113,20 @@ class EngineStats:
     batch_tokens: int = 0
     queue_size: int = 0
     batch_size: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_tokens: int = 0
 
 
 class Engine:
     """The scheduler: submit requests from any thread, events come back through `emit`."""
 
-    def __init__(self, model: LlamaModel, prefill_chunk: int = 256) -> None:
+    def __init__(self, model: LlamaModel, prefill_chunk: int = 256, max_active: Optional[int] = None) -> None:
         self.model = model
         self.n_slots = model.n_seq_max
+        # Slots beyond `max_active` are never decoded: they only keep finished sequences' KV for
+        # the prefix cache, so it still has room when every decoding slot is busy.
+        self.max_active = min(max_active or self.n_slots, self.n_slots)
+        self.cache = PrefixCache()
         self.prefill_chunk = max(1, min(prefill_chunk, model.n_batch))
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -134,6 +147,28 @@ class Engine:
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+    def warm_up(self, prompt: list[int], timeout: float = 600) -> None:
+        """Decode one token of `prompt` and wait for it: the server reports ready only after this.
+
+        A build whose kernels crash on this CPU (see llama.py on AMX) then dies before /health
+        ever answers 200, instead of dying on the first user's request after looking ready.
+        """
+        done = threading.Event()
+        result: list[Event] = []
+
+        def emit(ev: Event) -> None:
+            if ev.finish is not None or ev.error is not None:
+                result.append(ev)
+                done.set()
+
+        self.submit(GenerationRequest(prompt=prompt, params=SamplingParams(), max_new_tokens=1, emit=emit))
+        if not done.wait(timeout):
+            raise RuntimeError(f"warm-up decode did not finish in {timeout:.0f}s")
+        if result[0].error is not None:
+            raise RuntimeError(f"warm-up decode failed: {result[0].error}")
+        with self._cv:
+            self.stats = EngineStats(queue_size=self.stats.queue_size)  # metrics count users' requests only
 
     def submit(self, req: GenerationRequest) -> None:
         with self._cv:
@@ -188,17 +223,34 @@ class Engine:
 
     def _admit(self) -> None:
         with self._cv:
-            while self._waiting and self._free:
+            while self._waiting and len(self._active) < self.max_active:
                 req = self._waiting.popleft()
                 if req.cancelled:
                     self.stats.cancelled += 1
                     continue
                 slot = heapq.heappop(self._free)
-                self._active[slot] = _Sequence(req, slot, self.model)
+                seq = _Sequence(req, slot, self.model)
+                self._reuse_prefix(seq)
+                self._active[slot] = seq
                 self.stats.requests += 1
                 self.stats.prompt_tokens += len(req.prompt)
             self.stats.queue_size = len(self._waiting)
             self.stats.batch_size = len(self._active)
+
+    def _reuse_prefix(self, seq: _Sequence) -> None:
+        """Start `seq` from the longest prefix of its prompt some idle slot's KV already holds."""
+        slot = seq.slot
+        source, n = (None, 0) if seq.req.prefill_details else self.cache.best(seq.req.prompt, [slot, *self._free], slot)
+        if source is not None and source != slot:
+            self.model.copy_seq(source, slot)  # the whole stream; the tail is cut below
+        if source is None:
+            self.model.clear_seq(slot)
+        else:
+            self.model.truncate_seq(slot, n)
+            seq.n_prefilled = seq.n_past = seq.reused = n
+            self.stats.prefix_cache_hits += 1
+            self.stats.prefix_cache_tokens += n
+        self.cache.drop(slot)
 
     def _reap_cancelled(self) -> None:
         for seq in [s for s in self._active.values() if s.req.cancelled]:
@@ -213,15 +265,23 @@ class Engine:
         the sequence in the highest slot moves into the hole (a copy of its KV stream).
         """
         slot = seq.slot
-        self.model.clear_seq(slot)
         del self._active[slot]
+        tokens = seq.kv_tokens()
         top = max(self._active, default=-1)
         if top > slot:
+            # The hole gets the top sequence; this one's KV is parked in an idle slot first.
+            park = self.cache.parking_slot(self._free) if len(tokens) >= self.cache.min_reuse else None
+            if park is not None:
+                self.model.copy_seq(slot, park)
+                self.cache.hold(park, tokens)
             moved = self._active.pop(top)
             self.model.move_seq(top, slot)
             moved.slot = slot
             self._active[slot] = moved
+            self.cache.drop(top)
             slot = top
+        else:
+            self.cache.hold(slot, tokens)  # its KV stays where it is
         heapq.heappush(self._free, slot)
         self.stats.batch_size = len(self._active)
 
@@ -230,6 +290,9 @@ class Engine:
             self.stats.failed += 1
             seq.req.emit(Event(token=None, error=message))
             self._release(seq)
+        for slot in range(self.n_slots):  # after a failed decode no KV stream is trusted
+            self.model.clear_seq(slot)
+        self.cache.clear()
 
     def _step(self) -> None:
         model = self.model
@@ -244,6 +307,7 @@ class Engine:
         for seq in seqs:
             if seq.next_token is not None:
                 outputs.append((seq, batch.add(seq.slot, [seq.next_token], seq.n_past, True)))
+                seq.fed.append(seq.next_token)
                 seq.n_past += 1
             elif seq.prefilling and budget > 0:
                 start = seq.n_prefilled

@@ -38,6 +38,62 @@ def physical_cores() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
+# --- weight repacking ------------------------------------------------------------------------
+# llama.cpp's CPU backend may keep weights in "extra" buffer types that repack them for faster
+# kernels: CPU_REPACK (interleaved Q4_0/IQ4_NL/Q8_0 for AVX2, AVX-512 and NEON) and, in builds for
+# Intel AMX hosts, AMX (tile-friendly Q4_0/Q4_1/Q8_0/Q4_K/... layouts). The AMX path crashes at the
+# first decode (SIGSEGV in ggml_backend_amx_mul_mat, llama.cpp's own llama-server too) on the
+# Sapphire Rapids class of Xeons with the quantisations we ship, and llama.cpp offers no switch
+# for AMX alone: `use_extra_bufts` turns every extra type on or off together. So the choice is:
+# - "auto" (default): extra buffer types are used unless this build actually offers the AMX type
+#   (compiled for AMX *and* the kernel granted the tile state). On AMX hosts we give up CPU_REPACK
+#   too; bench/serving/RESULTS-serving.md measures what that costs where repacking helps (Q4_0).
+# - "on" / "off": forced, for hosts where the user knows better (DSTACK_SERVING_REPACK or
+#   `--weight-repack`).
+REPACK_MODES = ("auto", "on", "off")
+_CPU_DEVICE = 0  # GGML_BACKEND_DEVICE_TYPE_CPU
+
+
+def cpu_extra_buffer_types() -> list[str]:
+    """Names of the extra buffer types this llama.cpp build's CPU backend offers (e.g. AMX)."""
+    try:
+        from llama_cpp._ggml import libggml as lib
+    except Exception:  # pragma: no cover - an unusual build layout: assume none
+        return []
+    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.ggml_backend_buft_name.restype = ctypes.c_char_p
+    lib.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    dev = lib.ggml_backend_dev_by_type(_CPU_DEVICE)
+    if not dev:
+        return []
+    reg = lib.ggml_backend_dev_backend_reg(dev)
+    addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+    if not addr:
+        return []
+    get_extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(addr)
+    bufts = get_extra(dev)
+    names = []
+    i = 0
+    while bufts and bufts[i]:
+        names.append(lib.ggml_backend_buft_name(bufts[i]).decode())
+        i += 1
+    return names
+
+
+def use_weight_repacking(mode: str, extra_types: list[str]) -> bool:
+    """Whether to let llama.cpp repack weights into its extra buffer types (see above)."""
+    if mode not in REPACK_MODES:
+        raise ValueError(f"weight repacking must be one of {', '.join(REPACK_MODES)}, not {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    return "AMX" not in extra_types
+
+
 class Batch:
     """A `llama_batch` whose arrays are numpy buffers we own, so filling it is vectorised.
 
@@ -104,6 +160,7 @@ class LlamaModel:
         kv_unified: bool = False,
         flash_attn: bool = True,
         kv_type: str = "q8_0",
+        repack: str = "auto",
     ) -> None:
         llama_cpp = _import_llama_cpp()
         self.lib = llama_cpp
@@ -112,6 +169,9 @@ class LlamaModel:
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = -1  # harmless on a CPU build, offloads all on a GPU build
+        self.extra_buffer_types = cpu_extra_buffer_types()
+        self.repack = use_weight_repacking(repack, self.extra_buffer_types)
+        mparams.use_extra_bufts = self.repack
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
             raise RuntimeError(f"llama.cpp failed to load {path}")
@@ -223,10 +283,19 @@ class LlamaModel:
     def clear_seq(self, seq_id: int) -> None:
         self.lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
 
-    def move_seq(self, src: int, dst: int) -> None:
-        """Move a sequence to another (empty) KV stream; the copy happens at the next decode."""
+    def truncate_seq(self, seq_id: int, n: int) -> None:
+        """Keep positions 0..n-1 of a sequence, drop the rest."""
+        self.lib.llama_memory_seq_rm(self.memory, seq_id, n, -1)
+
+    def copy_seq(self, src: int, dst: int) -> None:
+        """Copy a sequence's whole KV stream over another's; the data moves at the next decode,
+        queued copies in the order they were asked for."""
         self.lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
-        self.lib.llama_memory_seq_rm(self.memory, src, -1, -1)
+
+    def move_seq(self, src: int, dst: int) -> None:
+        """Move a sequence to another KV stream; the copy happens at the next decode."""
+        self.copy_seq(src, dst)
+        self.clear_seq(src)
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

@@ -36,7 +36,9 @@ class ServeConfig:
     ctx_size: int = 2048  # per request: prompt + generated tokens (TGI's max_total_tokens)
     threads: Optional[int] = None
     prefill_chunk: int = 256
+    prefix_cache_slots: int = 4  # KV streams that only keep finished requests' prefixes for reuse
     kv_cache_type: str = "q8_0"  # q8_0 keeps greedy output batch-invariant (see llama.py)
+    weight_repack: str = "auto"  # auto | on | off (see llama.py: off where AMX is present)
     model_id: Optional[str] = None
     verbose: bool = False
 
@@ -120,21 +122,25 @@ class Service:
             model = LlamaModel(
                 path,
                 n_ctx_per_seq=self.config.ctx_size,
-                n_seq_max=self.config.max_batch_size,
+                n_seq_max=self.config.max_batch_size + self.config.prefix_cache_slots,
                 threads=self.config.threads,
                 verbose=self.config.verbose,
                 kv_type=self.config.kv_cache_type,
+                repack=self.config.weight_repack,
             )
             self.chat_template_source = template
             self.chat_template = ChatTemplate(template or CHATML_TEMPLATE, bos, eos)
-            engine = Engine(model, prefill_chunk=self.config.prefill_chunk)
+            engine = Engine(model, prefill_chunk=self.config.prefill_chunk, max_active=self.config.max_batch_size)
             engine.start()
+            engine.warm_up(model.tokenize("Hello", add_special=True))
             self.model, self.engine = model, engine
             self.status = "ready"
             print(
-                f"Model {path.name} loaded in {time.monotonic() - t0:.1f}s "
-                f"(ctx {model.n_ctx_per_seq} tokens x {model.n_seq_max} sequences, "
-                f"{model.threads} threads)",
+                f"Model {path.name} loaded and warmed up in {time.monotonic() - t0:.1f}s "
+                f"(ctx {model.n_ctx_per_seq} tokens x {engine.max_active} sequences, "
+                f"{model.n_seq_max - engine.max_active} more for the prefix cache, "
+                f"{model.threads} threads, weight repacking {'on' if model.repack else 'off'}, "
+                f"extra buffer types: {', '.join(model.extra_buffer_types) or 'none'})",
                 flush=True,
             )
         except Exception as e:

@@ -102,15 +102,19 @@ class RunTerminationReason(str, Enum):
 
 
 class RunSpec(BaseModel):
-    """What a client submits: the configuration plus where its code is."""
+    """What a client submits: the configuration plus where its code is.
 
-    run_name: str | None = None
-    repo_id: str | None = None
-    repo_code_hash: str | None = None
-    working_dir: str | None = None
-    configuration_path: str | None = None
+    Strings are bounded here; the run name's rule is checked by the server at submission (runs
+    stored before the rule existed must still load).
+    """
+
+    run_name: str | None = Field(default=None, max_length=100)
+    repo_id: str | None = Field(default=None, max_length=200)
+    repo_code_hash: str | None = Field(default=None, max_length=64)
+    working_dir: str | None = Field(default=None, max_length=4096)
+    configuration_path: str | None = Field(default=None, max_length=4096)
     configuration: dict[str, Any]
-    ssh_key_pub: str | None = None
+    ssh_key_pub: str | None = Field(default=None, max_length=16384)
 
 
 class InstanceResources(BaseModel):
@@ -149,6 +153,8 @@ class JobSpec(BaseModel):
     requirements: dict[str, Any] = Field(default_factory=dict)  # ResourcesSpec as dict
     max_duration: int | None = None
     stop_grace_seconds: int = 10
+    #: the job is an inference engine (`engine:`, CompletionService): its deaths read "engine crashed: SIGSEGV"
+    engine: bool = False
 
 
 class JobProvisioningData(BaseModel):

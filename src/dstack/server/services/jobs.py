@@ -33,6 +33,7 @@ def build_job_spec(run_name: str, conf: BaseRunConfiguration, replica_num: int, 
         ports=job_ports(conf),
         requirements=conf.resources.model_dump(mode="json"),
         max_duration=max_duration,
+        engine=getattr(conf, "engine", None) is not None,
     )
 
 

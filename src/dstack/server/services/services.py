@@ -134,7 +134,7 @@ class ServiceManager:
         state.conf = conf
         info = ServiceInfo(project, run_name, auth=conf.auth, model=model_info(conf, meta),
                            strip_prefix=conf.strip_prefix, hold_timeout=float(conf.request_hold_timeout),
-                           min_replicas=conf.replicas.min or 0)
+                           min_replicas=conf.replicas.min or 0, last_error=run.error)
         self.registry.upsert_service(info)
         for job_id in list(state.replicas):
             if job_id not in endpoints:
