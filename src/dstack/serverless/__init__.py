@@ -16,7 +16,9 @@ Seam with the server (the server wires these; nothing else is needed):
   `async start_worker(endpoint_id, worker_id, env: dict[str, str]) -> None` — run the endpoint's
   commands as a job with `env` added; `async stop_worker(endpoint_id, worker_id) -> None`.
   When a worker's job ends for any reason, call `service.on_worker_exited(endpoint_id,
-  worker_id, reason)` (its jobs are requeued; after `max_attempts` claims a job is FAILED).
+  worker_id, reason)`: the worker takes no new jobs, and its jobs are requeued once it has been
+  silent for `ServiceOptions.lost_grace` (2 ping intervals; a report can be wrong, and a live
+  worker's jobs must not run twice); after `max_attempts` claims a job is FAILED.
 - `ServerlessService(database, launcher, base_url, options: ServiceOptions | None = None)`
   (`dstack.serverless.service`); `base_url` is how workers reach the server, e.g.
   `http://10.0.0.5:3000`. Lifecycle: `await service.start()` at app start-up (reloads endpoints

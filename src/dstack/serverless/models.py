@@ -56,6 +56,10 @@ class ServerlessJobModel(Base):
     ttl_ms: Mapped[int] = mapped_column(BigInteger)
     low_priority: Mapped[bool] = mapped_column(Boolean, default=False)
     worker_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # "|w1||w2|": workers the job was requeued away from. A late result from one of them still
+    # counts while the job is not finished (first result wins), so a job that a live worker
+    # completed is not run again because its result came after a server restart.
+    past_workers: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims by workers
     retried: Mapped[int] = mapped_column(Integer, default=0)  # /retry calls
     created_at: Mapped[float] = mapped_column(Float)

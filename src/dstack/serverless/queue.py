@@ -77,6 +77,7 @@ class Finished:
     status: str
     worker_id: str | None
     hooked: bool  # a webhook delivery was queued with it
+    displaced: str | None = None  # a worker that was running the job again; its run is now moot
 
 
 @dataclass
@@ -185,7 +186,8 @@ class Store:
             if row.status in ("FAILED", "TIMED_OUT"):
                 conn.execute(update(J).where(J.c.id == job_id, J.c.status == row.status).values(
                     status=IN_QUEUE, output=None, error=None, worker_id=None, started_at=None, finished_at=None,
-                    queued_at=now, attempts=0, retried=J.c.retried + 1, stream_seq=0, stream_cursor=0))
+                    queued_at=now, attempts=0, retried=J.c.retried + 1, stream_seq=0, stream_cursor=0,
+                    past_workers=None))
                 conn.execute(delete(C).where(C.c.job_id == job_id))
             return row.status
 
@@ -236,15 +238,16 @@ class Store:
 
     async def finish(self, job_id: str, worker_id: str, status: str, output_json: str | None,
                      error: str | None) -> Finished | None:
-        """A worker's result; ignored (None) unless that worker holds the job IN_PROGRESS."""
+        """A worker's result; ignored (None) unless that worker holds the job IN_PROGRESS, or held
+        it before a requeue and the job is not finished yet (first result wins)."""
         params = {"b_id": job_id, "b_worker": worker_id, "b_status": status, "b_now": time.time(),
                   "b_output": output_json, "b_error": error}
 
         def op(conn: Connection) -> Finished | None:
             row = conn.execute(_FINISH, params).first()
-            if row is None:
-                return None
-            return _queue_hooks(conn, [row], params["b_now"])[0]
+            if row is not None:
+                return _queue_hooks(conn, [row], params["b_now"])[0]
+            return _finish_from_past_worker(conn, params)
 
         return await self.ex.write(op)
 
@@ -289,6 +292,7 @@ class Store:
             failed = _terminal(conn, and_(cond, J.c.attempts >= max_attempts), FAILED, error=error)
             requeued = [r[0] for r in conn.execute(update(J).where(cond).values(
                 status=IN_QUEUE, worker_id=None, started_at=None, output=None, stream_seq=0, stream_cursor=0,
+                past_workers=func.coalesce(J.c.past_workers, "") + _past_mark(worker_id),
             ).returning(J.c.id)).all()]
             if requeued:
                 conn.execute(delete(C).where(C.c.job_id.in_(requeued)))
@@ -391,6 +395,30 @@ class Store:
 
 
 # ---- shared by the operations above -----------------------------------------------------------
+
+def _past_mark(worker_id: str) -> str:
+    return f"|{worker_id}|"
+
+
+def _finish_from_past_worker(conn: Connection, params: dict[str, Any]) -> Finished | None:
+    """A result from a worker the job was requeued away from (its result was late: the server
+    restarted, or the worker looked lost but was not). While the job is not finished the first
+    result wins: it finishes the job, and whoever runs it again now is named in `displaced`."""
+    row = conn.execute(select(J.c.status, J.c.worker_id).where(
+        J.c.id == params["b_id"], J.c.status.in_([IN_QUEUE, IN_PROGRESS]),
+        J.c.past_workers.contains(_past_mark(params["b_worker"]), autoescape=True))).first()
+    if row is None:
+        return None
+    holder = J.c.worker_id.is_(None) if row.worker_id is None else J.c.worker_id == row.worker_id
+    done = conn.execute(update(J).where(J.c.id == params["b_id"], J.c.status == row.status, holder).values(
+        status=params["b_status"], finished_at=params["b_now"], output=params["b_output"], error=params["b_error"],
+        worker_id=params["b_worker"]).returning(*_STATUS_COLS)).first()
+    if done is None:
+        return None
+    finished = _queue_hooks(conn, [done], params["b_now"])[0]
+    finished.displaced = row.worker_id if row.status == IN_PROGRESS else None
+    return finished
+
 
 def _terminal(conn: Connection, cond: Any, status: str, *, error: str | None = None,
               error_fn: Any = None) -> list[Finished]:

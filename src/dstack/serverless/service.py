@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 
 INITIALIZING, READY, UNHEALTHY, STOPPING = "initializing", "ready", "unhealthy", "stopping"
+# The launcher reported the worker's end, but it was heard from less than `lost_grace` ago: it
+# takes no new jobs, and the ones it holds wait until it has been silent that long (a report
+# from a restarted agent or server can be wrong, and a live worker's jobs must not run twice).
+EXITED = "exited"
 MAX_TOKEN_HASHES = 8
 
 
@@ -203,6 +207,8 @@ class ServerlessService:
             if w.state == READY:
                 by_state["running" if w.worker_id in busy else "idle"] += 1
                 by_state["ready"] += 1
+            elif w.state == EXITED:
+                by_state[STOPPING] += 1
             else:
                 by_state[w.state] = by_state.get(w.state, 0) + 1
         return {"jobs": counts, "workers": by_state}
@@ -371,6 +377,8 @@ class ServerlessService:
         if done is not None:
             w.last_busy = time.time()
             self._finished([done])
+            if done.displaced:  # a late result won: the worker running the job again can stop
+                self._send_stop(done.displaced, [job_id])
         if data.get("stopPod"):
             await self._stop_worker(w, "the worker asked to be refreshed (stopPod)")
 
@@ -419,14 +427,32 @@ class ServerlessService:
             self._send_stop(worker_id, sorted(foreign - mine_now))
 
     async def on_worker_exited(self, endpoint_id: str, worker_id: str, reason: str) -> None:
-        """The launcher saw the worker process end: requeue its jobs and forget it."""
-        w = self._workers.pop(worker_id, None)
+        """The launcher saw the worker process end: requeue its jobs and forget it; or, if the
+        worker was heard from within `lost_grace` and holds jobs, park it as EXITED until it has
+        been silent that long (`_check_workers`)."""
+        w = self._workers.get(worker_id)
         ep = self._endpoints.get(endpoint_id)
         if ep is not None and w is not None and w.state == INITIALIZING:
             ep.launch_failures += 1
             ep.next_launch_at = time.time() + min(60.0, 2.0 ** (ep.launch_failures - 1))
             log.warning("serverless: worker %s ended before calling in (%s); next launch in %.0f s",
                         worker_id, reason, ep.next_launch_at - time.time())
+        if w is not None and w.state == EXITED:
+            return  # already waiting for its silence
+        now = time.time()
+        if w is not None and now - self._heard(w) < self.options.lost_grace and await self.store.jobs_of_worker(worker_id):
+            w.state, w.stop_requested_at = EXITED, now
+            await self.store.set_worker_state(worker_id, EXITED, f"exited: {reason}")
+            log.info("serverless: worker %s reported exited (%s) but was heard from %.1f s ago; its jobs wait "
+                     "until it is silent for %.0f s", worker_id, reason, now - self._heard(w), self.options.lost_grace)
+            self.signals.fire("take:" + endpoint_id)
+            self._kick.set()
+            return
+        await self._forget_worker(endpoint_id, worker_id, reason)
+
+    async def _forget_worker(self, endpoint_id: str, worker_id: str, reason: str) -> None:
+        """The worker is gone: requeue its jobs (FAILED past max_attempts) and drop it."""
+        w = self._workers.pop(worker_id, None)
         requeued, failed = await self.store.requeue(worker_id, self.options.max_attempts,
                                                     f"worker {worker_id} exited ({reason})")
         log.info("serverless: worker %s exited (%s); %d job(s) requeued, %d failed", worker_id, reason,
@@ -442,6 +468,10 @@ class ServerlessService:
         return list(self._workers)
 
     # ---- internals -------------------------------------------------------------------------
+
+    def _heard(self, w: _Worker) -> float:
+        """When the worker was last heard from (its launch, or this process's start, at the earliest)."""
+        return max(w.last_contact, w.created_at, self._started_at)
 
     def _ep(self, endpoint_id: str) -> _Endpoint:
         ep = self._endpoints.get(endpoint_id)
@@ -571,8 +601,13 @@ class ServerlessService:
         now = time.time()
         o = self.options
         for w in [w for w in self._workers.values() if w.endpoint_id == ep.endpoint_id]:
-            contact = max(w.last_contact, w.created_at, self._started_at)
-            if w.state == INITIALIZING and now - contact > o.init_timeout:
+            contact = self._heard(w)
+            if w.state == EXITED:
+                if now - contact >= o.lost_grace:
+                    await self._forget_worker(ep.endpoint_id, w.worker_id, f"exited and silent for {now - contact:.0f} s")
+                elif not await self.store.jobs_of_worker(w.worker_id):
+                    await self._forget_worker(ep.endpoint_id, w.worker_id, "exited, and its jobs are done")
+            elif w.state == INITIALIZING and now - contact > o.init_timeout:
                 await self._lose_worker(w, UNHEALTHY, f"worker did not call in within {o.init_timeout:.0f} s")
             elif w.state == READY and now - contact > o.heartbeat_deadline:
                 await self._lose_worker(w, UNHEALTHY, f"no heartbeat for {now - contact:.0f} s")

@@ -9,10 +9,12 @@ queue and in-progress set, the fetch timeout, the 429 debounce, the same log lin
 drain at shutdown) but wake on the events themselves: a job queued, a job finished.
 
 Applied by `sitecustomize` right after `runpod.serverless.modules.rp_scale` loads, only to
-SDK versions whose JobScaler has the shape these methods were written against.
+SDK versions whose JobScaler has the shape these methods were written against; the same call
+makes result posts outlive a server restart (`dstack_runpod_results`).
 """
 
 import asyncio
+import sys
 
 SUPPORTED = ("1.12.",)
 # How long a loop sleeps with nothing to wake it: only bounds how late it sees a shutdown.
@@ -52,6 +54,11 @@ def patch(rp_scale):
     scaler = getattr(rp_scale, "JobScaler", None)
     if not str(version).startswith(SUPPORTED) or scaler is None or not all(hasattr(scaler, a) for a in _REQUIRED):
         return False
+    rp_http = sys.modules.get("runpod.serverless.modules.rp_http")  # loaded by rp_scale's imports
+    if rp_http is not None:
+        import dstack_runpod_results
+
+        dstack_runpod_results.patch(rp_http)
     log = rp_scale.log
     too_many = rp_scale.TooManyRequests
 
