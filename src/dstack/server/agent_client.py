@@ -24,6 +24,14 @@ class AgentClient:
     async def close(self) -> None:
         await self._http.aclose()
 
+    async def healthy(self, timeout: float = 2.0) -> bool:
+        """The agent answers its healthcheck, and is the process this client was made for."""
+        try:
+            r = await self._http.get("/api/healthcheck", timeout=timeout)
+            return r.status_code == 200 and self.endpoint.pid in (None, r.json().get("pid"))
+        except (httpx.HTTPError, ValueError, RuntimeError):  # RuntimeError: the client was closed
+            return False
+
     async def submit(self, submission: dict) -> None:
         r = await self._http.post("/api/jobs", json=submission)
         if r.status_code not in (200, 409):

@@ -96,6 +96,7 @@ class ServerlessService:
         self.signals = Signals()
         self._endpoints: dict[str, _Endpoint] = {}
         self._workers: dict[str, _Worker] = {}
+        self._refused: set[str] = set()  # uncounted workers that called in (logged once each)
         self._auth_cache: dict[tuple[str, str], float] = {}
         self._tasks: list[asyncio.Task] = []
         self._bg: set[asyncio.Task] = set()
@@ -480,16 +481,22 @@ class ServerlessService:
         return ep
 
     async def _touch(self, endpoint_id: str, worker_id: str) -> _Worker:
-        """Note contact from a worker; adopt one we did not launch (e.g. started by hand)."""
+        """Note contact from a worker. One this server does not count (reported exited and
+        forgotten, or never launched here) is not adopted: it gets a stand-in that takes no jobs
+        (its takes answer empty after the long poll), while a late result of its is still judged
+        by the queue. Adopting it would hand work to a process no host reserved room for."""
         now = time.time()
         w = self._workers.get(worker_id)
         if w is None or w.endpoint_id != endpoint_id:
             if w is not None:
                 raise ServerlessError(403, f"worker '{worker_id}' belongs to another endpoint", "forbidden")
-            w = self._workers[worker_id] = _Worker(worker_id, endpoint_id, READY, now, now, now)
-            stored = await self.store.adopt_worker(worker_id, endpoint_id, READY, now)
-            if stored in (STOPPING, UNHEALTHY):
-                w.state, w.stop_requested_at = stored, now
+            if worker_id not in self._refused:
+                if len(self._refused) > 10_000:
+                    self._refused.clear()
+                self._refused.add(worker_id)
+                log.warning("serverless: worker %s of %s is not counted here (exited or unknown): it gets no jobs",
+                            worker_id, endpoint_id)
+            return _Worker(worker_id, endpoint_id, STOPPING, now, now, now, stop_requested_at=now)
         elif w.state == INITIALIZING:
             w.state, w.last_busy = READY, now
             ep = self._endpoints.get(endpoint_id)

@@ -43,5 +43,11 @@ class Backend(ABC):
         agents that outlived the server are reused (their jobs keep running).
         """
 
+    async def recover_instance(self, name: str, lost: AgentEndpoint) -> ProvisionedInstance | None:
+        """The agent at `lost` stopped answering its healthcheck: re-attach to an agent that
+        still runs there or start a new one, and return the instance; None when the agent is
+        alive after all (only slow) or the backend cannot bring agents back."""
+        return None
+
     async def shutdown(self) -> None:
         """Release what the backend holds in this process (agents keep running)."""

@@ -6,8 +6,9 @@ import secrets
 from pathlib import Path
 
 import httpx
+import psutil
 
-from dstack.agent.launcher import start_agent
+from dstack.agent.launcher import read_agent_json, start_agent
 from dstack.core.models.runs import InstanceResources
 from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInstance
 
@@ -44,11 +45,30 @@ class LocalBackend(Backend):
             )
         ]
 
+    async def recover_instance(self, name: str, lost: AgentEndpoint) -> ProvisionedInstance | None:
+        if name != LOCAL_INSTANCE_NAME or (lost.pid is not None and _is_agent_process(lost.pid)):
+            return None  # still running: a busy host answers late, and two agents must never share a home
+        # Another agent on this home (one a previous server started) is re-attached to; else a new one starts.
+        info = read_agent_json(self.agent_home)
+        known = {}
+        if info is not None and info.pid != lost.pid and _is_agent_process(info.pid):
+            known[LOCAL_INSTANCE_NAME] = AgentEndpoint(url=info.url, token=info.token, pid=info.pid)
+        return (await self.ensure_instances(known))[0]
+
     def _start_agent(self) -> AgentEndpoint:
         self.agent_home.mkdir(parents=True, exist_ok=True)
         info = start_agent(self.agent_home, secrets.token_hex(24))
         logger.info("Started the local agent (pid %s) at %s", info.pid, info.url)
         return AgentEndpoint(url=info.url, token=info.token, pid=info.pid)
+
+
+def _is_agent_process(pid: int) -> bool:
+    """A live (not zombie) `python -m dstack.agent` with this pid; a reused pid is not one."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and "dstack.agent" in proc.cmdline()
+    except psutil.Error:
+        return False
 
 
 async def _is_healthy(endpoint: AgentEndpoint) -> bool:

@@ -57,6 +57,13 @@ AGENT_UNREACHABLE_SECONDS = float(os.environ.get("DSTACK_SERVER_AGENT_UNREACHABL
 # change still answers at once): a chatty job (a serverless worker logging every request) then
 # costs one transaction per interval, not one per line.
 LOG_LINGER_SECONDS = 0.1
+# A job being submitted when its agent died waits this long for the supervisor to bring one back.
+AGENT_RECOVERY_WAIT_SECONDS = 30.0
+# The reason's message of jobs an agent's death ended (termination reason `instance_unreachable`,
+# retried under `retry` on `interruption`).
+AGENT_LOST = "agent lost"
+# What an agent that starts reports for the jobs its dead predecessor was running (it kills them).
+AGENT_RESTARTED_MESSAGE = "agent restarted"
 # Date arithmetic on user-given durations is capped here: `timedelta` and `datetime` overflow
 # (OverflowError) near 10**9 days, far beyond any deadline that matters.
 MAX_DEADLINE_SECONDS = 100 * 365 * 86400
@@ -92,6 +99,7 @@ class Pipeline:
         self._stopping = False
         #: called with a run id whenever a run's jobs change (services re-register replicas)
         self.run_listeners: list = []
+        instances.agent_listeners.append(self._on_agent_replaced)
 
     def wake(self) -> None:
         self._wake.set()
@@ -250,6 +258,12 @@ class Pipeline:
         conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
         retry = conf.effective_retry()
         instances = await list_instances(session)
+        if any(self.instances.is_down(i.id) for i in instances):
+            # An agent is being brought back (seconds): wait for it rather than fail for lack of a host.
+            instances = [i for i in instances if not self.instances.is_down(i.id)]
+            recovering = True
+        else:
+            recovering = False
         fitting = [i for i in instances if offers.fits_total(resources, instance_resources(i))]
         port_conflicts: list[str] = []
         for inst in fitting:
@@ -279,6 +293,8 @@ class Pipeline:
             self._spawn_provisioning(job.id)
             return None
         # Nothing free now.
+        if recovering:
+            return time.time() + 1.0
         # Replicas of services and workers of endpoints wait for a busy host; so do jobs whose
         # retry policy covers no-capacity. A request no host could ever meet fails at once.
         waits = bool(fitting) and not (port_conflicts and len(port_conflicts) == len(fitting)) and (
@@ -360,9 +376,16 @@ class Pipeline:
                 from dstack.server.services.engines import engine_submission  # GPU hosts: TGI image or vLLM
                 submission.update(engine_submission(conf, reservation.gpus, json.loads(inst.agent or "{}"), env))
             client = self.instances.client(inst.id)
-            await client.submit(submission)
-            await client.upload_code(job_id, code)
-            result = await client.start(job_id)
+            try:
+                result = await _submit_to_agent(client, submission, code)
+            except httpx.TransportError as e:
+                # The agent may have just died: once the supervisor has brought it back, submit
+                # again (the new agent does not know the job); else fail as before.
+                logger.warning("provisioning job %s: agent unreachable (%s); waiting for it", job_id, e)
+                client = await self.instances.wait_recovered(inst.id, client, AGENT_RECOVERY_WAIT_SECONDS)
+                if client is None:
+                    raise
+                result = await _submit_to_agent(client, submission, code)
 
             async def note_started() -> None:
                 job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
@@ -381,6 +404,14 @@ class Pipeline:
         finally:
             self._provisioning.discard(job_id)
 
+    async def _on_agent_replaced(self, instance_id: str) -> None:
+        """An instance's agent died and another answers now. Watchers switch to it by themselves
+        (they fetch the instance's client on every retry) and learn what it knows: a job the new
+        agent stopped at its start ends as lost (see `_apply_agent_state`), one it does not know
+        at all likewise (see `_watch`); jobs never submitted are provisioned again. A pass now
+        assigns what waited for the instance."""
+        self.wake()
+
     # --- watching -------------------------------------------------------------------------
 
     def _spawn_watcher(self, job_id: str) -> None:
@@ -394,9 +425,10 @@ class Pipeline:
             async with self.db.session() as session:
                 job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
                 cursor, known, instance_id, run_id = job.log_cursor, job.agent_state, job.instance_id, job.run_id
-            client = self.instances.client(instance_id)
+            client = first_client = self.instances.client(instance_id)
             failing_since: float | None = None
             while not self._stopping:
+                client = self.instances.client(instance_id)  # a replaced agent: its successor
                 try:
                     resp = await client.pull(job_id, cursor, known, wait=20, linger=LOG_LINGER_SECONDS)
                     failing_since = None
@@ -404,7 +436,9 @@ class Pipeline:
                     now = time.time()
                     failing_since = failing_since or now
                     if now - failing_since > AGENT_UNREACHABLE_SECONDS or isinstance(e, AgentError):
-                        await self._finish_job(job_id, JobStatus.FAILED, JobTerminationReason.INSTANCE_UNREACHABLE, f"agent unreachable: {e}")
+                        msg = (f"{AGENT_LOST}: the instance's agent died and its successor does not know the job"
+                               if client is not first_client else f"agent unreachable: {e}")
+                        await self._finish_job(job_id, JobStatus.FAILED, JobTerminationReason.INSTANCE_UNREACHABLE, msg)
                         return
                     await asyncio.sleep(0.5)
                     continue
@@ -704,7 +738,11 @@ def _apply_agent_state(job: JobModel, resp: dict) -> None:
             job.termination_reason = JobTerminationReason.DONE_BY_RUNNER.value
         elif state == "failed":
             job.status = JobStatus.FAILED.value
-            if job.exit_status is not None:
+            if job.exit_status is None and resp.get("message") == AGENT_RESTARTED_MESSAGE:
+                job.termination_reason = JobTerminationReason.INSTANCE_UNREACHABLE.value
+                job.termination_reason_message = (f"{AGENT_LOST}: the agent running the job died; a new agent "
+                                                  "was started and stopped what the job left running")
+            elif job.exit_status is not None:
                 job.termination_reason = JobTerminationReason.CONTAINER_EXITED_WITH_ERROR.value
                 job.termination_reason_message = resp.get("message") or f"exit status {job.exit_status}"
             else:
@@ -714,6 +752,12 @@ def _apply_agent_state(job: JobModel, resp: dict) -> None:
             job.status = JobStatus.TERMINATED.value if state == "terminated" else JobStatus.ABORTED.value
             job.termination_reason = job.termination_reason or JobTerminationReason.TERMINATED_BY_SERVER.value
     job.last_processed_at = now
+
+
+async def _submit_to_agent(client, submission: dict, code: bytes) -> dict:
+    await client.submit(submission)
+    await client.upload_code(submission["job_id"], code)
+    return await client.start(submission["job_id"])
 
 
 async def _code_blob(session, project_id: str, run_spec: RunSpec) -> bytes:

@@ -1,16 +1,28 @@
-"""Instances the backends provide, and one agent client for each."""
+"""Instances the backends provide, one agent client for each, and the supervisor that brings a
+dead agent back.
 
+Every few seconds the supervisor asks each agent's healthcheck. An agent that stops answering is
+handed to its backend, which re-attaches to one that still runs or starts a new one; the
+instance's row and client then point at that agent and listeners (the pipeline) reconcile the
+jobs. While an instance is being recovered it is `down`: nothing new is assigned to it.
+"""
+
+import asyncio
 import json
 import logging
+import os
+from typing import Awaitable, Callable
 
 from sqlalchemy import select
 
 from dstack.server.agent_client import AgentClient
-from dstack.server.backends.base import AgentEndpoint, Backend
+from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInstance
 from dstack.server.db import Database
 from dstack.server.models import InstanceModel
 
 logger = logging.getLogger(__name__)
+
+AGENT_CHECK_SECONDS = float(os.environ.get("DSTACK_SERVER_AGENT_CHECK_SECONDS", "2"))
 
 
 class InstanceManager:
@@ -18,9 +30,17 @@ class InstanceManager:
         self.db = db
         self.backends = backends
         self._clients: dict[str, AgentClient] = {}
+        self._backend_of: dict[str, tuple[Backend, str]] = {}  # instance id -> (backend, instance name)
+        self._retired: list[AgentClient] = []  # clients of replaced agents (closed at shutdown)
+        self._down: set[str] = set()
+        self._recovered: dict[str, asyncio.Event] = {}
+        self._supervisor: asyncio.Task | None = None
+        #: awaited with an instance id once its agent was replaced (the pipeline reconciles jobs)
+        self.agent_listeners: list[Callable[[str], Awaitable[None]]] = []
 
     async def start(self) -> None:
-        """Bring every backend's instances up, reusing agents that outlived a previous server."""
+        """Bring every backend's instances up, reusing agents that outlived a previous server,
+        and start supervising their agents."""
         async with self.db.session() as session:
             rows = {i.name: i for i in (await session.execute(select(InstanceModel))).scalars()}
             known = {}
@@ -34,23 +54,104 @@ class InstanceManager:
                     if row is None:
                         row = InstanceModel(name=inst.name, backend=inst.backend)
                         session.add(row)
-                    row.region = inst.region
-                    row.hostname = inst.hostname
-                    row.resources = inst.resources.model_dump_json()
-                    row.price = inst.price
-                    row.status = "idle"
-                    row.agent = json.dumps({"url": inst.agent.url, "token": inst.agent.token, "pid": inst.agent.pid,
-                                            "network_isolation": inst.agent.network_isolation,
-                                            "containers": inst.agent.containers})
+                    _store(row, inst)
                     await session.flush()
                     self._clients[row.id] = AgentClient(inst.agent)
+                    self._backend_of[row.id] = (backend, inst.name)
             await session.commit()
+        if self._supervisor is None:
+            self._supervisor = asyncio.create_task(self._supervise(), name="agent-supervisor")
 
     def client(self, instance_id: str) -> AgentClient:
         return self._clients[instance_id]
 
+    def is_down(self, instance_id: str) -> bool:
+        """True while the instance's agent is lost and being brought back."""
+        return instance_id in self._down
+
+    async def wait_recovered(self, instance_id: str, old: AgentClient, timeout: float) -> AgentClient | None:
+        """After a connection error through `old`: the instance's client once its agent answers
+        again (a new client if the agent was replaced), or None after `timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            current = self._clients.get(instance_id)
+            if current is None:
+                return None
+            if current is not old:
+                return current
+            if await current.healthy(timeout=min(2.0, max(0.1, deadline - loop.time()))):
+                return current
+            event = self._recovered.setdefault(instance_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), min(AGENT_CHECK_SECONDS, max(0.0, deadline - loop.time())))
+            except TimeoutError:
+                pass
+        return None
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(AGENT_CHECK_SECONDS)
+            for instance_id in list(self._clients):
+                try:
+                    await self.check(instance_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.exception("checking the agent of instance %s failed", instance_id)
+
+    async def check(self, instance_id: str) -> bool:
+        """Ask the instance's agent whether it lives; bring back one that died. True if it was replaced."""
+        client = self._clients[instance_id]
+        if await client.healthy():
+            self._down.discard(instance_id)
+            return False
+        backend, name = self._backend_of[instance_id]
+        self._down.add(instance_id)
+        try:
+            inst = await backend.recover_instance(name, client.endpoint)
+        except Exception:
+            logger.exception("bringing back the agent of instance %s failed; trying again", name)
+            return False
+        if inst is None:  # the agent lives but is slow to answer: not replaced
+            self._down.discard(instance_id)
+            return False
+        async with self.db.session() as session:
+            row = (await session.execute(select(InstanceModel).where(InstanceModel.id == instance_id))).scalar_one()
+            _store(row, inst)
+            await session.commit()
+        self._retired.append(client)  # requests in flight through it fail by themselves
+        self._clients[instance_id] = AgentClient(inst.agent)
+        self._down.discard(instance_id)
+        logger.warning("the agent of instance %s (pid %s) was lost; now using the agent with pid %s at %s",
+                       name, client.endpoint.pid, inst.agent.pid, inst.agent.url)
+        event = self._recovered.pop(instance_id, None)
+        if event is not None:
+            event.set()
+        for listener in self.agent_listeners:
+            try:
+                await listener(instance_id)
+            except Exception:
+                logger.exception("reconciling jobs of instance %s failed", name)
+        return True
+
     async def close(self) -> None:
-        for c in self._clients.values():
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        for c in [*self._clients.values(), *self._retired]:
             await c.close()
         for b in self.backends:
             await b.shutdown()
+
+
+def _store(row: InstanceModel, inst: ProvisionedInstance) -> None:
+    row.region = inst.region
+    row.hostname = inst.hostname
+    row.resources = inst.resources.model_dump_json()
+    row.price = inst.price
+    row.status = "idle"
+    row.agent = json.dumps({"url": inst.agent.url, "token": inst.agent.token, "pid": inst.agent.pid,
+                            "network_isolation": inst.agent.network_isolation,
+                            "containers": inst.agent.containers})
+
