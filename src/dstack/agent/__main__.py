@@ -1,4 +1,8 @@
-"""``python -m dstack.agent --host H --port P --token T --home DIR``: serve the agent API.
+"""``DSTACK_AGENT_TOKEN=T python -m dstack.agent --host H --port P --home DIR``: serve the agent API.
+
+The token comes from the environment (or ``--token-file``, a file only its owner reads; ``--token``
+still works but shows the token to every user in ``ps``), and is removed from the environment
+the agent's jobs inherit.
 
 Binds the socket itself so ``--port 0`` works, and writes ``DIR/agent.json`` only once the
 server is listening, so whoever spawned the agent can read the real port from it.
@@ -17,6 +21,7 @@ from pathlib import Path
 import uvicorn
 
 from dstack.agent.app import create_app
+from dstack.core.private import private_dir
 
 
 def write_agent_json(home: Path, port: int, token: str) -> None:
@@ -52,13 +57,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dstack.agent", description="dstack per-host agent")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--token", default=os.environ.get("DSTACK_AGENT_TOKEN"))
+    parser.add_argument("--token", default=os.environ.pop("DSTACK_AGENT_TOKEN", None),
+                        help="default: $DSTACK_AGENT_TOKEN (a command line is visible to every user)")
+    parser.add_argument("--token-file", type=Path, help="read the token from this file instead")
     parser.add_argument("--home", type=Path, default=Path.home() / ".dstack" / "agent")
     args = parser.parse_args(argv)
+    if args.token_file is not None:
+        args.token = args.token_file.expanduser().read_text().strip()
     if not args.token:
-        parser.error("--token (or DSTACK_AGENT_TOKEN) is required")
+        parser.error("DSTACK_AGENT_TOKEN (or --token-file) is required")
     home: Path = args.home.expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    private_dir(home)  # agent.json holds the token; jobs/ the jobs' files
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(args.host, args.port, args.token, home))
 

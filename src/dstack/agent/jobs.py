@@ -22,12 +22,14 @@ from dstack.agent.netns import NETNS_DIR, NetnsAllocation, NetnsError, NetworkIs
 from dstack.agent.prewarm import with_prewarm_path
 from dstack.agent.venvs import SETUP_LOCK, PythonNotFound, VenvFactory, touch_last_used
 from dstack.agent.workersite import with_worker_site
+from dstack.core.private import private_dir, write_private
 
 logger = logging.getLogger(__name__)
 
 EOF_AFTER_EXIT_SECONDS = 1.0  # how long leftover children may hold the pipes after the shell exits
 EOF_AFTER_KILL_SECONDS = 5.0
 HOST_ADDRESS = "127.0.0.1"
+ENV_FILE = "env.json"  # a submitted job's env until it starts (0600)
 
 
 class JobError(Exception):
@@ -100,12 +102,14 @@ class Job:
         if state in FINAL_STATES:
             self.finished_at = self.finished_at or time.time()
             self.logs.close()
+            self.env_file.unlink(missing_ok=True)  # stopped before it started
         self.save()
         self.notify()
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "spec": self.spec.model_dump(exclude={"registry_auth"}),  # credentials stay in memory
+            # Credentials and env values stay in memory (env also in env.json until the job starts).
+            "spec": self.spec.model_dump(exclude={"registry_auth", "env"}),
             "state": self.state,
             "exit_status": self.exit_status,
             "message": self.message,
@@ -124,8 +128,20 @@ class Job:
         if not self.dir.exists():
             return
         tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps(self.to_dict()))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f)
         os.replace(tmp, self.dir / "state.json")
+
+    @property
+    def env_file(self) -> Path:
+        return self.dir / ENV_FILE
+
+    def save_env(self) -> None:
+        """Keep the env of a job not started yet in a 0600 file, so an agent restarted before the
+        start still has it; `start` removes it (from then on the process holds its env)."""
+        if self.spec.env:
+            write_private(self.env_file, json.dumps(self.spec.env))
 
     # -- long poll -------------------------------------------------------------------------
     async def pull(self, cursor: int, known_state: str | None, wait: float, limit: int, linger: float = 0.0) -> bytes:
@@ -164,6 +180,7 @@ class Job:
     def start(self) -> None:
         if self.state != "submitted":
             return
+        self.env_file.unlink(missing_ok=True)
         self.set_state("preparing")
         self.task = asyncio.create_task(self._run())
 
@@ -446,7 +463,7 @@ class JobManager:
         self.jobs: dict[str, Job] = {}
         self.net = NetworkIsolation(home)
         self.venvs = VenvFactory(self.cache_dir)
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.jobs_dir)
         self.pip_cache.mkdir(parents=True, exist_ok=True)
 
     def load(self) -> None:
@@ -454,7 +471,11 @@ class JobManager:
         for state_file in sorted(self.jobs_dir.glob("*/state.json")):
             try:
                 data = json.loads(state_file.read_text())
-                spec = JobSubmission.model_validate(data["spec"])
+                spec_data = dict(data["spec"])
+                env_file = state_file.parent / ENV_FILE
+                if data.get("state") == "submitted" and env_file.exists():
+                    spec_data["env"] = json.loads(env_file.read_text())
+                spec = JobSubmission.model_validate(spec_data)
             except (OSError, ValueError, KeyError) as e:
                 logger.warning("skipping unreadable %s: %s", state_file, e)
                 continue
@@ -474,6 +495,9 @@ class JobManager:
                 job.netns = alloc
                 self.net.adopt(alloc)
                 job.release_network_sync()
+            if "env" in data["spec"] or state_file.stat().st_mode & 0o077:
+                job.save()  # an older agent's file: readable by others, env included
+            private_dir(job.dir)
             self.jobs[spec.job_id] = job
         self.net.cleanup_stale()
 
@@ -488,9 +512,11 @@ class JobManager:
             raise JobError(409, f"job {spec.job_id!r} already exists")
         job_dir = self.jobs_dir / spec.job_id
         shutil.rmtree(job_dir, ignore_errors=True)  # leftovers of a job deleted mid-way
-        (job_dir / "repo").mkdir(parents=True)
+        private_dir(job_dir)
+        (job_dir / "repo").mkdir()
         job = Job(spec, job_dir, self)
         job.save()
+        job.save_env()
         self.jobs[spec.job_id] = job
         return job
 

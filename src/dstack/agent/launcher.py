@@ -15,6 +15,7 @@ import httpx
 import psutil
 
 import dstack
+from dstack.core.private import private_dir
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,12 @@ def start_agent(home: Path, token: str, *, host: str = "127.0.0.1", port: int = 
 
     The agent outlives the caller; its output goes to ``home/agent.log``.
     """
-    home = Path(home).expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    home = private_dir(Path(home).expanduser().resolve())
     (home / "agent.json").unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONPATH=_pythonpath())
-    cmd = [sys.executable, "-m", "dstack.agent", "--host", host, "--port", str(port),
-           f"--token={token}", "--home", str(home)]
-    with open(home / "agent.log", "ab") as log:
+    # The token goes by environment (the agent drops it from its jobs' env): not on the command line.
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), DSTACK_AGENT_TOKEN=token)
+    cmd = [sys.executable, "-m", "dstack.agent", "--host", host, "--port", str(port), "--home", str(home)]
+    with open(os.open(home / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, env=env, cwd=str(home),

@@ -9,6 +9,7 @@ is a join of byte strings rather than a re-serialisation.
 from __future__ import annotations
 
 import base64
+import os
 from array import array
 from collections import deque
 from pathlib import Path
@@ -68,7 +69,8 @@ class LogStore:
         if (seq - 1) % INDEX_STEP == 0:
             self._offsets.append(self._size)
         if self._file is None:
-            self._file = open(self.path, "ab")
+            # 0600: jobs print secrets too
+            self._file = open(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         self._file.write(encoded + b"\n")
         self._size += len(encoded) + 1
         self._recent.append((encoded, len(data)))

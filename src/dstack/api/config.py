@@ -16,6 +16,7 @@ import yaml
 from dataclasses import asdict, dataclass, field, replace
 
 from dstack.core.errors import DstackError
+from dstack.core.private import private_dir
 
 __all__ = [
     "ConfigError",
@@ -114,7 +115,7 @@ def load_config() -> UserConfig:
 def save_config(cfg: UserConfig) -> None:
     """Write atomically (temp file + rename) with mode 0600: the file holds tokens."""
     path = config_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)  # 0700: the server's files live below it too
     data = asdict(cfg)
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yml.tmp", dir=path.parent)

@@ -40,8 +40,16 @@ class Gateway:
         )
 
 
-def _abs(path: str | os.PathLike | None) -> str | None:
-    return str(Path(path).expanduser().resolve()) if path else None
+def _pem_or_path(path: str | os.PathLike | None) -> str | None:
+    """A local file's PEM contents (what the server takes from every user); otherwise the
+    absolute path, which the server reads on its own host for global admins only."""
+    if not path:
+        return None
+    p = Path(path).expanduser().resolve()
+    try:
+        return p.read_text()
+    except (OSError, UnicodeDecodeError):
+        return str(p)
 
 
 class GatewayCollection:
@@ -56,9 +64,10 @@ class GatewayCollection:
                tls_key: str | os.PathLike | None = None, default: bool = False, host: str | None = None) -> Gateway:
         """Start a gateway on the server's host serving `<run>.<domain>` (port 443 with TLS, else 80,
         unless given). The project's first gateway becomes its default; `default=True` makes this one it.
-        Certificate and key paths are resolved here and must be readable on the server's host."""
+        The certificate and key are read here and sent as PEM (a file missing here is looked up on
+        the server's host, for global admins only). Binding other than loopback is for global admins."""
         body: dict = {"name": name, "domain": domain, "backend": backend, "region": region, "port": port,
-                      "tls_cert": _abs(tls_cert), "tls_key": _abs(tls_key), "default": default}
+                      "tls_cert": _pem_or_path(tls_cert), "tls_key": _pem_or_path(tls_key), "default": default}
         if host:
             body["host"] = host
         return Gateway.from_dict(self._client.api.post(self._path("create"), body, timeout=120))

@@ -13,6 +13,7 @@ from dstack.proxy.openai import ModelEndpoint
 from dstack.proxy.registry import ServiceRegistry, ServiceState
 
 _SAFE = "/:@!$&'()*+,;=-._~"
+_WS_DENIED = b'{"detail": "a valid Bearer token of a project member is required"}'
 
 
 def _quote(path: str) -> bytes:
@@ -51,7 +52,7 @@ class ProxyApp:
             project, run = parts[2], parts[3]
             state = self.registry.services.get((project, run))
             if state is None:
-                await _not_found(scope, send, f"Service '{project}/{run}' is not running")
+                await self.absent(scope, send, project, f"Service '{project}/{run}' is not running")
                 return
             rest = "/" + parts[4] if len(parts) == 5 else "/"
             prefix = f"/services/{project}/{run}"
@@ -66,6 +67,19 @@ class ProxyApp:
             await self.models.handle(scope, receive, send, parts[2], "/" + parts[3])
             return
         await _not_found(scope, send, "Not found: the proxy serves /services/{project}/{run}/... and /models/{project}/v1/...")
+
+    async def absent(self, scope: Scope, send: Send, project: Optional[str], detail: str) -> None:
+        """Answer for a service that is not there. A caller who may not reach `project`'s services
+        gets what a protected service would answer them (401 without a token, 403 with a token of
+        a non-member), so answers do not tell which services exist; members get the 404."""
+        token = bearer_token(scope["headers"])
+        if token is None or (project is not None and not await self.proxy.auth.allowed(project, token)):
+            if scope["type"] == "websocket":
+                await ws.deny(scope, send, 401 if token is None else 403, _WS_DENIED)
+            else:
+                await self.proxy.authorize(scope, send, project or "", True)  # sends the 401/403
+            return
+        await _not_found(scope, send, detail)
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, state: ServiceState, target: bytes, prefix: str) -> None:
         """Authorize, then forward an HTTP request or a WebSocket to one of the service's replicas."""
@@ -82,8 +96,7 @@ class ProxyApp:
         if info.auth:
             token = bearer_token(scope["headers"])
             if token is None or not await self.proxy.auth.allowed(info.project, token):
-                await ws.deny(scope, send, 401 if token is None else 403,
-                              b'{"detail": "a valid Bearer token of a project member is required"}')
+                await ws.deny(scope, send, 401 if token is None else 403, _WS_DENIED)
                 return
         replica = state.pick()
         if replica is None:
@@ -203,7 +216,7 @@ class HostRouter:
                 return
             state = found[0] if found else None
         if state is None:
-            await _not_found(scope, send, f"Service '{sub}' is not running")
+            await self.proxy_app.absent(scope, send, self.project, f"Service '{sub}' is not running")
             return
         raw = scope.get("raw_path") or _quote(scope["path"])
         root = _quote(scope.get("root_path", "") or "")

@@ -1,7 +1,11 @@
 """Standalone gateway: the same proxy, routed by Host, plus a registration API for the server.
 
-    python -m dstack.proxy.gateway --domain D [--host 0.0.0.0] [--port P]
-        [--tls-cert C --tls-key K] --token T [--auth-url URL] [--wake-url URL]
+    DSTACK_GATEWAY_TOKEN=T python -m dstack.proxy.gateway --domain D [--host 0.0.0.0] [--port P]
+        [--tls-cert C --tls-key K] [--project NAME] [--auth-url URL] [--wake-url URL]
+
+(`--token T` works too, but puts the token where `ps` shows it.) With `--project`, `Host:
+<run>.<D>` and the model endpoint serve that project's services only, and a missing service
+answers a caller without a member's token as a protected one would (401/403).
 
 Serves `Host: <run>.<D>` (a service), `Host: gateway.<D>` (the OpenAI-compatible endpoint for
 every registered model), the path-based `/services/...` and `/models/...` routes, and under
@@ -25,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import hmac
+import os
 from typing import Any, AsyncIterator, Optional
 
 import httpx
@@ -77,7 +82,7 @@ def parse_service(data: Any) -> ServiceInfo:
 
 def build_gateway_app(
     domain: str, token: str, auth_url: Optional[str] = None, wake_url: Optional[str] = None,
-    registry: Optional[ServiceRegistry] = None, read_timeout: float = 300.0,
+    registry: Optional[ServiceRegistry] = None, read_timeout: float = 300.0, project: Optional[str] = None,
 ) -> HostRouter:
     registry = registry or ServiceRegistry()
     client = httpx.AsyncClient(timeout=10.0)
@@ -165,7 +170,7 @@ def build_gateway_app(
         ],
         lifespan=lifespan,
     )
-    return HostRouter(api, proxy_app, domain, project=None)
+    return HostRouter(api, proxy_app, domain, project=project)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -175,16 +180,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--port", type=int, default=None, help="default 443 with TLS, else 80")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
-    p.add_argument("--token", required=True, help="token the dstack server uses for the registration API")
+    p.add_argument("--token", default=os.environ.get("DSTACK_GATEWAY_TOKEN"),
+                   help="token the dstack server uses for the registration API (default: $DSTACK_GATEWAY_TOKEN)")
+    p.add_argument("--project", help="serve this project's services only")
+    p.add_argument("--gateway-id", help="the server's id of this gateway (how it finds the process)")
     p.add_argument("--auth-url", help="e.g. http://server:3000/api/proxy/authorize")
     p.add_argument("--wake-url", help="e.g. http://server:3000/api/proxy/wake")
     p.add_argument("--read-timeout", type=float, default=300.0)
     args = p.parse_args(argv)
+    if not args.token:
+        p.error("--token or DSTACK_GATEWAY_TOKEN is required")
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key go together")
     import uvicorn
 
-    app = build_gateway_app(args.domain, args.token, args.auth_url, args.wake_url, read_timeout=args.read_timeout)
+    app = build_gateway_app(args.domain, args.token, args.auth_url, args.wake_url, read_timeout=args.read_timeout,
+                            project=args.project)
     port = args.port or (443 if args.tls_cert else 80)
     uvicorn.run(app, host=args.host, port=port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
                 loop="auto", http="auto", log_level="warning", proxy_headers=False)

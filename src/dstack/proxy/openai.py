@@ -63,6 +63,8 @@ class ModelEndpoint:
             return
         state = self.proxy.registry.find_model(project, name)
         if state is None:
+            if not await self._authorize_project(scope, send, project):  # no oracle of model names
+                return
             await _error(send, 404, f"The model '{name}' does not exist" + (f" in project '{project}'" if project else ""),
                          "invalid_request_error", "model_not_found", "model")
             return
@@ -102,13 +104,18 @@ class ModelEndpoint:
     async def _authorize(self, scope: Scope, send: Send, state: ServiceState) -> bool:
         if not state.info.auth:
             return True
+        return await self._authorize_project(scope, send, state.info.project)
+
+    async def _authorize_project(self, scope: Scope, send: Send, project: Optional[str]) -> bool:
+        """Answers 401/403 and returns False unless the caller's token may reach `project`
+        (with no project, on a gateway serving several: unless there is a token)."""
         token = bearer_token(scope["headers"])
         if token is None:
             await _error(send, 401, "Authentication required: send 'Authorization: Bearer <dstack user token>'",
                          "authentication_error", "missing_token", headers=[(b"www-authenticate", b"Bearer")])
             return False
-        if not await self.proxy.auth.allowed(state.info.project, token):
-            await _error(send, 403, f"The token is not valid, or its user is not a member of project '{state.info.project}'",
+        if project is not None and not await self.proxy.auth.allowed(project, token):
+            await _error(send, 403, f"The token is not valid, or its user is not a member of project '{project}'",
                          "permission_error", "forbidden")
             return False
         return True

@@ -5,22 +5,23 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount
 
 from dstack.core.errors import ConfigurationError
 from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
-from dstack.server import bootstrap, migrate
+from dstack.core.private import private_dir
+from dstack.server import bootstrap, crypto, migrate
 from dstack.server.background.pipeline import Pipeline
 from dstack.server.backends.local import LocalBackend
-from dstack.server.db import Database, get_database, set_database
+from dstack.server.db import Database, get_database, get_session, set_database
 from dstack.server.errors import ServerClientError
 from dstack.server.gateways import router as gateways_router
 from dstack.server.gateways.manager import GatewayManager
-from dstack.server.models import UserModel
 from dstack.server.routers import projects, repos, runs, users
-from dstack.server.security import authenticate, project_for_member, require_user
+from dstack.server.security import authenticate, project_for_member, require_metrics_reader
 from dstack.server.services.instances import InstanceManager
 from dstack.server.services.logs import LogNotifier
 from dstack.server.services.runs import run_to_wire
@@ -49,6 +50,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        private_dir(settings.server_dir)
+        crypto.init(settings.encryption_key_file)
         db = Database(settings.resolved_database_url())
         set_database(db)
         await migrate.upgrade(db)
@@ -101,7 +104,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.mount("/v2", ServerlessApp(lambda: getattr(app.state, "serverless", None)))
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics(_: UserModel = Depends(require_user)) -> PlainTextResponse:
+    async def metrics(request: Request, session: AsyncSession = Depends(get_session)) -> PlainTextResponse:
+        """Every project's services: for admins and the metrics token (DSTACK_SERVER_METRICS_TOKEN) only."""
+        await require_metrics_reader(request, session, settings.metrics_token)
         return PlainTextResponse(render_prometheus(registry), media_type="text/plain; version=0.0.4")
 
     app.state.settings = settings

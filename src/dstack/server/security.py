@@ -1,6 +1,7 @@
 """Tokens and access checks. Tokens are random; only their SHA-256 is stored."""
 
 import hashlib
+import hmac
 import secrets
 
 from fastapi import Depends, HTTPException, Request
@@ -80,6 +81,21 @@ async def require_admin(user: UserModel = Depends(require_user)) -> UserModel:
     if user.global_role != "admin":
         raise HTTPException(403, detail=error_detail("only a global admin may do this", "forbidden")["detail"])
     return user
+
+
+async def require_metrics_reader(request: Request, session: AsyncSession, metrics_token: str | None) -> None:
+    """`/metrics` lists every project's services: a global admin or the configured metrics token."""
+    token = bearer_token(request)
+    if token is None:
+        raise HTTPException(401, detail=error_detail("missing Authorization: Bearer <token> header", "not_authenticated")["detail"])
+    if metrics_token and hmac.compare_digest(token.encode(), metrics_token.encode()):
+        return
+    user = await authenticate(session, token)
+    if user is None:
+        raise HTTPException(401, detail=error_detail("invalid or revoked token", "not_authenticated")["detail"])
+    if user.global_role != "admin":
+        raise HTTPException(403, detail=error_detail(
+            "metrics cover every project: only a global admin or the metrics token may read them", "forbidden")["detail"])
 
 
 async def require_project_member(

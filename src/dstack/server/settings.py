@@ -27,11 +27,31 @@ class ServerSettings:
     def data_dir(self) -> Path:
         return self.server_dir / "data"
 
+    @property
+    def encryption_key_file(self) -> Path:
+        """The Fernet key(s) that encrypt stored credentials (see `dstack.server.crypto`)."""
+        path = os.environ.get("DSTACK_SERVER_ENCRYPTION_KEY_FILE")
+        return Path(path).expanduser() if path else self.server_dir / "encryption.key"
+
+    @property
+    def metrics_token(self) -> str | None:
+        """A token that may read `/metrics` besides admins' (for a Prometheus scraper)."""
+        return os.environ.get("DSTACK_SERVER_METRICS_TOKEN") or None
+
     def resolved_database_url(self) -> str:
         url = self.database_url or os.environ.get("DSTACK_DATABASE_URL")
         if url:
             return _async_driver_url(url)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        from dstack.core.private import private_dir, touch_private
+
+        private_dir(self.server_dir)
+        private_dir(self.data_dir)
+        # SQLite gives the -wal and -shm files the main file's mode: create it 0600 first
+        # (and tighten the files an older server left).
+        db_file = self.data_dir / "sqlite.db"
+        for path in (db_file, db_file.with_name("sqlite.db-wal"), db_file.with_name("sqlite.db-shm")):
+            if path == db_file or path.exists():
+                touch_private(path)
         return f"sqlite+aiosqlite:///{self.data_dir / 'sqlite.db'}"
 
     @property

@@ -24,8 +24,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     c.add_argument("--region", default=None, help="the backend's region")
     c.add_argument("--domain", required=True, help="the wildcard domain services get hostnames under")
     c.add_argument("--port", type=int, default=None, help="the port it listens on (default: 443 with TLS, else 80)")
-    c.add_argument("--host", default=None, help="the address it binds (default: 0.0.0.0)")
-    c.add_argument("--tls-cert", default=None, help="certificate (PEM) for *.DOMAIN, a path on the server's host")
+    c.add_argument("--host", default=None,
+                   help="the address it binds (default: 0.0.0.0 for global admins, else 127.0.0.1; only admins bind non-loopback)")
+    c.add_argument("--tls-cert", default=None, help="certificate (PEM) for *.DOMAIN, a local file sent to the server")
     c.add_argument("--tls-key", default=None, help="its private key (PEM)")
     c.add_argument("--default", action="store_true",
                    help="make it the project's default gateway (the project's first gateway is the default)")

@@ -37,6 +37,7 @@ from dstack.server.services import offers
 from dstack.server.services.instances import InstanceManager
 from dstack.server.services.jobs import dstack_env, nodes_count
 from dstack.server.services.logs import LogNotifier
+from dstack.server.services.secrets import reveal_env, reveal_registry_auth
 from dstack.server.services.runs import (
     held_reservations,
     latest_jobs,
@@ -345,7 +346,7 @@ class Pipeline:
                 reservation = offers.Reservation.from_dict(json.loads(job.reserved or "{}"))
                 inst = (await session.execute(select(InstanceModel).where(InstanceModel.id == job.instance_id))).scalar_one()
                 code = await _code_blob(session, run.project_id, run_spec)
-                env = dict(spec.env)
+                env = reveal_env(spec.env)  # stored encrypted (services.secrets)
                 env.update(dstack_env(run.run_name, run.id, spec, nodes_count(conf), reservation.gpus, inst.hostname))
                 # The built-in engine ships with dstack: engine jobs run it with the agent's Python.
                 env.setdefault("DSTACK_ENGINE_PYTHON", sys.executable)
@@ -359,7 +360,7 @@ class Pipeline:
                     "working_dir": spec.working_dir,
                     "python": spec.python,
                     "image": spec.image,
-                    "registry_auth": run_spec.configuration.get("registry_auth") if spec.image else None,
+                    "registry_auth": reveal_registry_auth(run_spec.configuration) if spec.image else None,
                     "gpus": reservation.gpus,
                     "ports": spec.ports,
                     "stop_grace_seconds": spec.stop_grace_seconds,

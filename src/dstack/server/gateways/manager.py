@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,8 @@ from sqlalchemy import select
 
 from dstack.agent.launcher import _pythonpath
 from dstack.proxy import Replica, ServiceInfo
+from dstack.core.private import private_dir, write_private
+from dstack.server import crypto
 from dstack.server.db import Database
 from dstack.server.gateways.models import GatewayModel
 from dstack.server.models import ProjectModel
@@ -75,7 +78,7 @@ def api_url(gw: GatewayModel) -> str:
 
 
 def _target(gw: GatewayModel) -> Target:
-    return Target(gw.id, gw.project.name, gw.name, api_url(gw), gw.token)
+    return Target(gw.id, gw.project.name, gw.name, api_url(gw), crypto.decrypt(gw.token))
 
 
 def _service_json(info: ServiceInfo) -> dict:
@@ -102,6 +105,9 @@ class GatewayManager:
 
     async def start(self) -> None:
         async with self.db.session() as session:
+            for gw in (await session.execute(select(GatewayModel))).scalars().unique():
+                gw.token = crypto.encrypt(gw.token)  # a row an older server stored in plain text
+            await session.commit()
             ids = (await session.execute(select(GatewayModel.id))).scalars().all()
         for gid in ids:
             try:
@@ -140,7 +146,7 @@ class GatewayManager:
         return self.home / f"{gw.id}.log"
 
     def _is_ours(self, gw: GatewayModel) -> bool:
-        """The recorded pid is a live gateway process started with this gateway's token."""
+        """The recorded pid is a live gateway process started for this gateway."""
         if not gw.pid:
             return False
         try:
@@ -150,7 +156,7 @@ class GatewayManager:
             cmd = proc.cmdline()
         except psutil.Error:
             return False
-        return "dstack.proxy.gateway" in cmd and f"--token={gw.token}" in cmd
+        return "dstack.proxy.gateway" in cmd and f"--gateway-id={gw.id}" in cmd
 
     async def _healthy(self, gw: GatewayModel) -> bool:
         try:
@@ -191,16 +197,17 @@ class GatewayManager:
             return True
 
     async def _spawn(self, gw: GatewayModel) -> int:
-        self.home.mkdir(parents=True, exist_ok=True)
+        private_dir(self.home)
         base = self.settings.url
+        # The token goes by environment: a command line is visible to every user in `ps`.
         cmd = [sys.executable, "-m", "dstack.proxy.gateway", "--domain", gw.domain, "--host", gw.host,
-               "--port", str(gw.port), f"--token={gw.token}",
+               "--port", str(gw.port), f"--gateway-id={gw.id}", "--project", gw.project.name,
                "--auth-url", f"{base}/api/proxy/authorize", "--wake-url", f"{base}/api/proxy/wake"]
         if gw.tls:
             cmd += ["--tls-cert", gw.tls_cert, "--tls-key", gw.tls_key]
-        env = dict(os.environ, PYTHONPATH=_pythonpath())
+        env = dict(os.environ, PYTHONPATH=_pythonpath(), DSTACK_GATEWAY_TOKEN=crypto.decrypt(gw.token))
         log_path = self._log_file(gw)
-        with open(log_path, "ab") as log:
+        with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True, close_fds=True, env=env, cwd=str(self.home))
         threading.Thread(target=proc.wait, name=f"reap-gateway-{proc.pid}", daemon=True).start()
@@ -215,6 +222,16 @@ class GatewayManager:
             await asyncio.sleep(0.1)
         _kill_group(proc.pid, signal.SIGKILL)
         raise GatewayStartError(f"gateway did not answer within {START_TIMEOUT:g} s: {_tail(log_path)}")
+
+    def store_tls(self, gateway_id: str, cert_pem: bytes, key_pem: bytes) -> tuple[str, str]:
+        """Write a gateway's certificate and key as 0600 files of its own; returns their paths."""
+        d = private_dir(self.home / gateway_id)
+        write_private(d / "cert.pem", cert_pem)
+        write_private(d / "key.pem", key_pem)
+        return str(d / "cert.pem"), str(d / "key.pem")
+
+    def remove_tls(self, gateway_id: str) -> None:
+        shutil.rmtree(self.home / gateway_id, ignore_errors=True)
 
     def _terminate(self, gw: GatewayModel) -> None:
         if self._is_ours(gw):
@@ -239,6 +256,7 @@ class GatewayManager:
                 await asyncio.to_thread(self._terminate, gw)
                 await session.delete(gw)
                 await session.commit()
+                self.remove_tls(gateway_id)
         self._start_locks.pop(gateway_id, None)
 
     # --- publishing ------------------------------------------------------------------------

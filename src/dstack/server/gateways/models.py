@@ -26,7 +26,7 @@ class GatewayModel(Base):
     tls_cert: Mapped[str | None] = mapped_column(Text, nullable=True)  # path on the server host
     tls_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     default: Mapped[bool] = mapped_column(Boolean, default=False)
-    token: Mapped[str] = mapped_column(String(100), unique=True)  # registration token, both ways
+    token: Mapped[str] = mapped_column(Text, unique=True)  # registration token, both ways; encrypted (crypto)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     server_url: Mapped[str | None] = mapped_column(Text, nullable=True)  # the auth/wake URLs' base it was started with
     status: Mapped[str] = mapped_column(String(20), default="submitted")  # submitted|running|failed|stopped

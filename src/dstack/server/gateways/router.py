@@ -1,10 +1,11 @@
 """Gateways' HTTP API: users manage them under /api/project/{p}/gateways/; gateways call back
 on /api/proxy/authorize and /api/proxy/wake with their own token."""
 
+import hmac
+import logging
 import re
 import secrets
 import socket
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -12,15 +13,18 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dstack.server import crypto
 from dstack.server.db import get_session
 from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
 from dstack.server.gateways.manager import GatewayStartError
+from dstack.server.gateways.tls import MAX_PEM, check_bind_address, read_tls_pair
 from dstack.server.gateways.models import GatewayModel
 from dstack.server.gateways.urls import public_base
-from dstack.server.models import ProjectModel
+from dstack.server.models import ProjectModel, UserModel, new_id
 from dstack.server.security import authenticate, bearer_token, project_for_member, require_project_member
 
 router = APIRouter(tags=["gateways"])
+logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -32,10 +36,12 @@ class CreateGatewayRequest(BaseModel):
     domain: str
     backend: str = "local"
     region: str | None = None
-    host: str = "0.0.0.0"
+    #: default: 0.0.0.0 for global admins, 127.0.0.1 for other users (who may bind loopback only)
+    host: str | None = Field(default=None, max_length=255)
     port: int | None = Field(default=None, ge=1, le=65535)
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    #: PEM contents, or (global admins only) an absolute path on the server host
+    tls_cert: str | None = Field(default=None, max_length=MAX_PEM)
+    tls_key: str | None = Field(default=None, max_length=MAX_PEM)
     default: bool = False
 
 
@@ -94,7 +100,7 @@ async def _project_gateways(session: AsyncSession, project: ProjectModel) -> lis
     )).scalars().unique())
 
 
-def _validate(body: CreateGatewayRequest) -> CreateGatewayRequest:
+def _validate(body: CreateGatewayRequest, user: UserModel) -> CreateGatewayRequest:
     if not _NAME.match(body.name):
         raise ServerClientError("gateway name must be lowercase letters, digits and '-', starting with a letter "
                                 "(at most 41 characters)", fields=["name"])
@@ -107,46 +113,51 @@ def _validate(body: CreateGatewayRequest) -> CreateGatewayRequest:
         raise ServerClientError(f"gateways run on the 'local' backend only (got '{body.backend}')", fields=["backend"])
     if bool(body.tls_cert) != bool(body.tls_key):
         raise ServerClientError("tls_cert and tls_key go together", fields=["tls_cert", "tls_key"])
-    cert = key = None
+    admin = user.global_role == "admin"
+    host = check_bind_address(body.host, admin)
+    pem = None
     if body.tls_cert:
-        cert, key = Path(body.tls_cert).expanduser(), Path(body.tls_key).expanduser()
-        for p, f in ((cert, "tls_cert"), (key, "tls_key")):
-            if not p.is_absolute():
-                raise ServerClientError(f"{f} must be an absolute path on the server host", fields=[f])
-            if not p.is_file():
-                raise ServerClientError(f"{f}: no such file on the server host: {p}", fields=[f])
-    port = body.port or (443 if cert else 80)
-    return body.model_copy(update={"domain": domain, "port": port, "tls_cert": str(cert) if cert else None,
-                                   "tls_key": str(key) if key else None})
+        pem = read_tls_pair(body.tls_cert, body.tls_key, admin)
+    port = body.port or (443 if pem else 80)
+    return body.model_copy(update={"domain": domain, "port": port, "host": host,
+                                   "tls_cert": pem[0] if pem else None, "tls_key": pem[1] if pem else None})
 
 
 @router.post("/api/project/{project_name}/gateways/create")
 async def create_gateway(body: CreateGatewayRequest, request: Request, member=Depends(require_project_member),
                          session: AsyncSession = Depends(get_session)) -> dict:
-    _, project = member
-    body = _validate(body)
+    user, project = member
+    body = _validate(body, user)
     existing = await _project_gateways(session, project)
     if any(g.name == body.name for g in existing):
         raise ResourceExists(f"gateway '{body.name}' already exists in project '{project.name}'")
     for clash in (await session.execute(select(GatewayModel).where(GatewayModel.port == body.port))).scalars().unique():
         if clash.host == body.host or "0.0.0.0" in (clash.host, body.host):
-            raise ServerClientError(f"port {body.port} is taken by gateway '{clash.name}'", fields=["port"])
+            mine = clash.project_id == project.id  # other projects' gateway names are theirs
+            raise ServerClientError(f"port {body.port} is taken by " + (f"gateway '{clash.name}'" if mine else "another gateway"),
+                                    fields=["port"])
     make_default = body.default or not any(g.default for g in existing)
     if make_default:
         for g in existing:
             g.default = False
-    gw = GatewayModel(project_id=project.id, name=body.name, backend="local", region=body.region or "local",
-                      domain=body.domain, host=body.host, port=body.port, tls_cert=body.tls_cert,
-                      tls_key=body.tls_key, default=make_default, token=secrets.token_urlsafe(32))
+    gw = GatewayModel(id=new_id(), project_id=project.id, name=body.name, backend="local", region=body.region or "local",
+                      domain=body.domain, host=body.host, port=body.port, default=make_default,
+                      token=crypto.encrypt(secrets.token_urlsafe(32)))
+    manager = request.app.state.gateways
+    if body.tls_cert:  # validated PEM: the gateway process reads it from 0600 files of its own
+        gw.tls_cert, gw.tls_key = manager.store_tls(gw.id, body.tls_cert.encode(), body.tls_key.encode())
     session.add(gw)
     await session.commit()
-    manager = request.app.state.gateways
     try:
         await manager.ensure_running(gw.id)
     except GatewayStartError as e:
         await session.delete(gw)
         await session.commit()
-        raise ServerClientError(f"gateway '{body.name}' did not start: {e}")
+        manager.remove_tls(gw.id)
+        logger.warning("gateway %s/%s did not start: %s", project.name, body.name, e)
+        # Its log is the server host's business: other users learn that it failed, not the traceback.
+        why = f": {e}" if user.global_role == "admin" else " (the server's log says why)"
+        raise ServerClientError(f"gateway '{body.name}' did not start{why}")
     await session.refresh(gw)  # pid and status were written by the manager's session
     return gateway_dict(gw)
 
@@ -193,7 +204,9 @@ async def _calling_gateway(request: Request, session: AsyncSession) -> GatewayMo
     token = bearer_token(request)
     if token is None:
         return JSONResponse({"detail": [{"msg": "gateway token required", "code": "not_authenticated"}]}, 401)
-    gw = (await session.execute(select(GatewayModel).where(GatewayModel.token == token))).scalar_one_or_none()
+    # Tokens are stored encrypted (each with its own nonce): compare with every gateway's (a handful).
+    gw = next((g for g in (await session.execute(select(GatewayModel))).scalars().unique()
+               if hmac.compare_digest(crypto.decrypt(g.token).encode(), token.encode())), None)
     if gw is None:
         return JSONResponse({"detail": [{"msg": "unknown gateway token", "code": "forbidden"}]}, 403)
     return gw

@@ -15,6 +15,7 @@ from typing import Awaitable, Callable
 
 from sqlalchemy import select
 
+from dstack.server import crypto
 from dstack.server.agent_client import AgentClient
 from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInstance
 from dstack.server.db import Database
@@ -47,7 +48,12 @@ class InstanceManager:
             for name, row in rows.items():
                 agent = json.loads(row.agent or "{}")
                 if agent.get("url"):
-                    known[name] = AgentEndpoint(url=agent["url"], token=agent["token"], pid=agent.get("pid"))
+                    try:
+                        token = crypto.decrypt(agent["token"])
+                    except crypto.DecryptionError:  # another key file: the backend starts a new agent
+                        logger.warning("instance %s: its agent token cannot be decrypted", name)
+                        continue
+                    known[name] = AgentEndpoint(url=agent["url"], token=token, pid=agent.get("pid"))
             for backend in self.backends:
                 for inst in await backend.ensure_instances(known):
                     row = rows.get(inst.name)
@@ -151,7 +157,7 @@ def _store(row: InstanceModel, inst: ProvisionedInstance) -> None:
     row.resources = inst.resources.model_dump_json()
     row.price = inst.price
     row.status = "idle"
-    row.agent = json.dumps({"url": inst.agent.url, "token": inst.agent.token, "pid": inst.agent.pid,
+    row.agent = json.dumps({"url": inst.agent.url, "token": crypto.encrypt(inst.agent.token), "pid": inst.agent.pid,
                             "network_isolation": inst.agent.network_isolation,
                             "containers": inst.agent.containers})
 

@@ -31,6 +31,7 @@ from dstack.core.models.runs import (
     RunTerminationReason,
     ServiceSpec,
 )
+from dstack.server import crypto
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
 from dstack.server.gateways.models import GatewayModel
@@ -39,6 +40,7 @@ from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel
 from dstack.server.services import offers
 from dstack.server.services.jobs import build_job_spec, nodes_count
 from dstack.server.services.names import random_run_name
+from dstack.server.services.secrets import redact_configuration, redact_env, refuse_redacted, seal_configuration
 
 
 def parse_configuration(run_spec: RunSpec) -> BaseRunConfiguration:
@@ -132,7 +134,10 @@ async def get_plan(session: AsyncSession, project: ProjectModel, user: UserModel
             current = run_to_wire(existing)
     found, reason = await get_offers(session, conf.resources)
     spec = build_job_spec(run_name or "<random>", conf, 0, 0)
-    plan_spec = run_spec.model_copy(update={"run_name": run_name})
+    spec.env = redact_env(spec.env)
+    # Answers carry no credential: the client applies the plan with its own configuration.
+    plan_spec = run_spec.model_copy(update={"run_name": run_name,
+                                            "configuration": redact_configuration(conf.model_dump(mode="json"))})
     return RunPlan(
         project_name=project.name,
         user=user.name,
@@ -155,6 +160,7 @@ async def find_run(session: AsyncSession, project: ProjectModel, run_name: str) 
 async def submit_run(session: AsyncSession, project: ProjectModel, user: UserModel, run_spec: RunSpec,
                      server_url: str = "") -> RunModel:
     conf = parse_configuration(run_spec)
+    refuse_redacted(conf.model_dump(mode="json"))
     check_engine(conf)
     model_meta = await _model_meta(conf)
     gateway = await resolve_gateway(session, project, conf.gateway) if isinstance(conf, ServiceConfiguration) else None
@@ -174,7 +180,9 @@ async def submit_run(session: AsyncSession, project: ProjectModel, user: UserMod
             )).scalars()
         )
         run_name = random_run_name(taken)
-    run_spec = run_spec.model_copy(update={"run_name": run_name, "configuration": conf.model_dump(mode="json")})
+    # Stored with its credentials and env values encrypted (see services.secrets).
+    run_spec = run_spec.model_copy(update={"run_name": run_name,
+                                           "configuration": seal_configuration(conf.model_dump(mode="json"))})
     now = utcnow()
     run = RunModel(
         project_id=project.id,
@@ -234,6 +242,7 @@ def new_jobs(run: RunModel, conf: BaseRunConfiguration, replica_num: int, submis
     out = []
     for job_num in range(nodes_count(conf)):
         spec = build_job_spec(run.run_name, conf, replica_num, job_num)
+        spec.env = crypto.encrypt_env(spec.env)  # decrypted for the agent only, at provisioning
         out.append(
             JobModel(
                 run_id=run.id,
@@ -358,9 +367,11 @@ def run_to_wire(run: RunModel, service_url: str | None = None) -> Run:
     for job in sorted(run.jobs, key=lambda j: (j.replica_num, j.job_num, j.submission_num)):
         by_key.setdefault((job.replica_num, job.job_num), []).append(job)
     jobs = [
-        Job(job_spec=JobSpec.model_validate_json(subs[-1].job_spec), job_submissions=[job_to_submission(j) for j in subs])
+        Job(job_spec=_redacted_job_spec(subs[-1].job_spec), job_submissions=[job_to_submission(j) for j in subs])
         for _, subs in sorted(by_key.items())
     ]
+    run_spec = RunSpec.model_validate_json(run.run_spec)
+    run_spec.configuration = redact_configuration(run_spec.configuration)
     service = ServiceSpec.model_validate_json(run.service_spec) if run.service_spec else None
     extra: dict = {}
     return Run(
@@ -373,8 +384,14 @@ def run_to_wire(run: RunModel, service_url: str | None = None) -> Run:
         status=RunStatus(run.status),
         termination_reason=RunTerminationReason(run.termination_reason) if run.termination_reason else None,
         error=run.error,
-        run_spec=RunSpec.model_validate_json(run.run_spec),
+        run_spec=run_spec,
         jobs=jobs,
         service=service,
         extra=extra,
     )
+
+
+def _redacted_job_spec(stored: str) -> JobSpec:
+    spec = JobSpec.model_validate_json(stored)
+    spec.env = redact_env(spec.env)
+    return spec

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from dstack.core.models.runs import JobSpec, JobStatus, JobTerminationReason, RunSpec, RunStatus
 from dstack.serverless.service import ServerlessService
 from dstack.serverless.settings import EndpointSettings
+from dstack.server import crypto
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.errors import ResourceExists
 from dstack.server.models import JobModel, RunModel
@@ -52,7 +53,7 @@ class JobWorkerLauncher:
             spec = JobSpec.model_validate_json(job.job_spec)
             if LOG_LEVEL_KEYS & spec.env.keys():  # the configuration's log level wins over dstack's default
                 env = {k: v for k, v in env.items() if k not in LOG_LEVEL_KEYS}
-            spec.env.update(env)
+            spec.env.update(crypto.encrypt_env(env))  # RUNPOD_AI_API_KEY is a credential
             job.job_spec = spec.model_dump_json()
             job.job_name = worker_id  # how stop_worker and exit reports find it
             session.add(job)
