@@ -10,9 +10,10 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from dstack.agent.logs import LogStore
+from dstack.core.archives import ExtractBudget
 
 PASS_ENV = {
     "PATH", "HOME", "LANG", "LANGUAGE", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "TMPDIR",
@@ -85,17 +86,25 @@ def write_script(path: Path, setup: list[str], commands: list[str], setup_lock: 
     path.write_text("\n".join(lines) + "\n")
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a (possibly empty) tar archive without letting any path escape ``dest``."""
+def safe_extract(archive: Path, dest: Path, budget: ExtractBudget | None = None) -> None:
+    """Extract a (possibly empty) tar archive without letting any path escape ``dest``.
+
+    Each member is charged to ``budget`` (default: ``DSTACK_AGENT_CODE_EXTRACTED_LIMIT`` bytes
+    and ``DSTACK_AGENT_CODE_MAX_FILES`` members) before it is written, so an archive bomb stops
+    at the first member over the limit (``ArchiveTooLarge``, a ``ValueError``).
+    """
     dest.mkdir(parents=True, exist_ok=True)
     if archive.stat().st_size == 0:
         return
+    budget = budget or ExtractBudget.from_env("DSTACK_AGENT")
     with tarfile.open(archive, "r:*") as tar:
         if hasattr(tarfile, "data_filter"):
-            tar.extractall(dest, filter="data")
+            # a generator: extractall takes the members one by one, interleaved with writing them
+            tar.extractall(dest, members=_admitted(tar, budget), filter="data")
             return
         root = os.path.realpath(dest)
         for member in tar.getmembers():
+            budget.admit(member)
             target = os.path.realpath(os.path.join(root, member.name))
             if os.path.commonpath([root, target]) != root:
                 raise ValueError(f"archive member escapes the repo directory: {member.name}")
@@ -108,6 +117,12 @@ def safe_extract(archive: Path, dest: Path) -> None:
             elif not (member.isfile() or member.isdir()):
                 raise ValueError(f"archive member is not a file or directory: {member.name}")
         tar.extractall(dest)
+
+
+def _admitted(tar: tarfile.TarFile, budget: ExtractBudget) -> Iterator[tarfile.TarInfo]:
+    for member in tar:
+        budget.admit(member)
+        yield member
 
 
 def resolve_working_dir(repo: Path, working_dir: str | None) -> Path:

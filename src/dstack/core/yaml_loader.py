@@ -1,7 +1,10 @@
 """Load `.dstack.yml` files into configuration models, with errors that point at a line.
 
-PyYAML's plain loading forgets where values came from, so the text is also composed into a
-node tree; pydantic's error locations are walked down that tree to find the line to report.
+PyYAML's plain loading forgets where values came from, so the text is composed into a node
+tree first; pydantic's error locations are walked down that tree to find the line to report.
+The tree is bounded before anything else looks at it: nesting deeper than `MAX_YAML_DEPTH`
+and aliases that expand to more than `MAX_YAML_NODES` values ("billion laughs") are refused,
+with the file and line, instead of exhausting the stack or the memory.
 """
 
 from __future__ import annotations
@@ -23,6 +26,68 @@ from dstack.core.models.configurations import (
 
 CONFIGURATION_SUFFIX = ".dstack.yml"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+#: mappings and lists nested deeper than this are refused
+MAX_YAML_DEPTH = 64
+#: values a document may hold once its aliases are expanded
+MAX_YAML_NODES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting deeper than `MAX_YAML_DEPTH` while composing
+    (the composer recurses once per level, so a deep document would end in `RecursionError`)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Optional[yaml.Node], index: Any) -> yaml.Node:  # type: ignore[override]
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(
+                    None, None, f"nesting deeper than {MAX_YAML_DEPTH} levels is not allowed", mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _TooLarge(Exception):
+    def __init__(self, node: yaml.Node, problem: str) -> None:
+        super().__init__(problem)
+        self.node, self.problem = node, problem
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the values `root` holds with every alias expanded, in time linear in the tree
+    (sizes of shared nodes are remembered); refuse recursive aliases and documents above
+    `MAX_YAML_NODES`, pointing at the top-level entry that is too big."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise _TooLarge(node, "an alias refers to the node that contains it (a recursive structure)")
+        busy.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        busy.discard(key)
+        sizes[key] = total
+        return total
+
+    if size(root) <= MAX_YAML_NODES:
+        return
+    culprit = root
+    if isinstance(root, yaml.MappingNode):
+        culprit = next((k for k, v in root.value if size(v) > MAX_YAML_NODES), root)
+    raise _TooLarge(culprit, f"the document expands to more than {MAX_YAML_NODES} values (through aliases?)")
 
 
 def is_configuration_file_name(path: Union[str, os.PathLike[str]]) -> bool:
@@ -79,9 +144,20 @@ def load_configuration_text(
 
 
 def _parse_yaml(text: str, source: str, path: Optional[str]) -> tuple[Optional[yaml.Node], Any]:
+    loader = _BoundedLoader(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)
+        root = loader.get_single_node()
+        if root is not None:
+            _check_expanded_size(root)
+        data = loader.construct_document(root) if root is not None else None
+    except _TooLarge as e:
+        line, column = e.node.start_mark.line + 1, e.node.start_mark.column + 1
+        raise ConfigurationError(
+            f"{source}:{line}: invalid YAML: {e.problem} (line {line}, column {column})",
+            path=path,
+            line=line,
+            column=column,
+        ) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -98,6 +174,10 @@ def _parse_yaml(text: str, source: str, path: Optional[str]) -> tuple[Optional[y
         ) from None
     except yaml.YAMLError as e:
         raise ConfigurationError(f"{source}: invalid YAML: {e}", path=path) from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise ConfigurationError(f"{source}: invalid YAML: {e}", path=path) from None
+    finally:
+        loader.dispose()
     return root, data
 
 

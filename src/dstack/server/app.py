@@ -15,6 +15,10 @@ from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
 from dstack.core.private import private_dir
 from dstack.server import bootstrap, crypto, migrate
 from dstack.server.background.pipeline import Pipeline
+from dstack.server.body_limit import BodySizeLimit, RequestTooLarge
+from sqlalchemy.exc import DBAPIError
+
+from dstack.server.db_errors import is_data_error
 from dstack.server.backends.local import LocalBackend
 from dstack.server.db import Database, get_database, get_session, set_database
 from dstack.server.errors import ServerClientError
@@ -129,6 +133,32 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     @app.exception_handler(ConfigurationError)
     async def _config_error(_: Request, exc: ConfigurationError) -> JSONResponse:
         return JSONResponse({"detail": [{"msg": str(exc), "code": "invalid_configuration"}]}, status_code=400)
+
+    @app.exception_handler(RequestTooLarge)
+    async def _too_large(_: Request, exc: RequestTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": [{"msg": exc.detail, "code": "too_large"}]}, status_code=413)
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(OverflowError)
+    async def _out_of_range(_: Request, exc: Exception) -> JSONResponse:
+        """A safety net behind the request models' bounds: the database refused a value (too long,
+        out of range, a NUL character); any other database error is a bug, answered as one."""
+        if isinstance(exc, DBAPIError) and not is_data_error(exc):
+            raise exc
+        return JSONResponse({"detail": [{"msg": "a value in the request is too large or not valid for the database",
+                                         "code": "invalid_request"}]}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+        """A bug: the client gets JSON without the traceback (Starlette re-raises it, so it is logged)."""
+        return JSONResponse({"detail": [{"msg": "internal server error", "code": "server_error"}]}, status_code=500)
+
+    def _body_limit(path: str) -> tuple[int, str]:
+        if path.endswith("/repos/upload_code") and settings.code_upload_limit_bytes > settings.limits.max_body_bytes:
+            return settings.code_upload_limit_bytes, "DSTACK_SERVER_CODE_UPLOAD_LIMIT"
+        return settings.limits.max_body_bytes, "DSTACK_SERVER_MAX_BODY_SIZE"
+
+    app.add_middleware(BodySizeLimit, limit_for=_body_limit)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -19,29 +19,30 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class RequestTooLarge(HTTPException):
     """Raised from `receive` when the body passes the limit (FastAPI passes HTTPExceptions on)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, _message(limit))
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(413, _message(limit, setting))
         self.limit = limit
 
 
-def _message(limit: int) -> str:
-    return f"the request body is larger than this server's limit of {limit / (1024 * 1024):g} MiB"
+def _message(limit: int, setting: str) -> str:
+    return f"the request body is larger than this server's limit of {limit / (1024 * 1024):g} MiB ({setting})"
 
 
 class BodySizeLimit:
-    """Wraps an ASGI app; `limit_for(path)` is the most bytes a request body to `path` may have."""
+    """Wraps an ASGI app; `limit_for(path)` is the most bytes a request body to `path` may have,
+    and the name of the setting that says so."""
 
-    def __init__(self, app: Any, limit_for: Callable[[str], int]) -> None:
+    def __init__(self, app: Any, limit_for: Callable[[str], tuple[int, str]]) -> None:
         self.app, self.limit_for = app, limit_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope.get("path", ""))
+        limit, setting = self.limit_for(scope.get("path", ""))
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _refuse(send, limit)
+            await _refuse(send, limit, setting)
             return
         seen = 0
 
@@ -51,7 +52,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise RequestTooLarge(limit)
+                    raise RequestTooLarge(limit, setting)
             return message
 
         await self.app(scope, limited_receive, send)
@@ -67,10 +68,10 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _refuse(send: Send, limit: int) -> None:
+async def _refuse(send: Send, limit: int, setting: str) -> None:
     import json
 
-    body = json.dumps({"detail": [{"msg": _message(limit), "code": "too_large"}]}).encode()
+    body = json.dumps({"detail": [{"msg": _message(limit, setting), "code": "too_large"}]}).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})

@@ -4,6 +4,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dstack.server.limits import ServerLimits
+
 
 def _home() -> Path:
     return Path(os.environ.get("DSTACK_HOME", str(Path.home() / ".dstack"))).expanduser()
@@ -16,6 +18,8 @@ class ServerSettings:
     port: int = 3000
     database_url: str | None = None
     code_upload_limit_bytes: int = int(os.environ.get("DSTACK_SERVER_CODE_UPLOAD_LIMIT", str(64 * 1024 * 1024)))
+    #: sizes and counts one request or project may ask for (README "Limits"), from DSTACK_SERVER_MAX_* etc.
+    limits: ServerLimits = field(default_factory=ServerLimits.from_env)
     # Public URL users reach the server at; defaults to http://host:port.
     public_url: str | None = None
 

@@ -82,7 +82,7 @@ class Call:
             return None
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python recurses
             raise ServerlessError(400, "the body is not valid JSON", "invalid_request") from None
 
     async def is_disconnected(self) -> bool:

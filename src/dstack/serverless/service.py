@@ -681,12 +681,19 @@ class ServerlessService:
             self._hooks_inflight.discard(row.id)
 
 
+#: the longest `policy.executionTimeout` and `policy.ttl` a job may ask for: 7 days, in ms
+MAX_POLICY_MS = 7 * 24 * 3600 * 1000
+
+
 def _positive_int(policy: dict, key: str, default: int) -> int:
     value = policy.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or not math.isfinite(value):
-        raise ServerlessError(400, f"'policy.{key}' must be a positive number of milliseconds", "invalid_request")
+    # a range check, not math.isfinite: that raises OverflowError for huge ints; NaN fails it too
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_POLICY_MS:
+        raise ServerlessError(
+            400, f"'policy.{key}' must be a positive number of milliseconds, at most {MAX_POLICY_MS} (7 days)",
+            "invalid_request")
     return int(value)
 
 
@@ -694,7 +701,7 @@ def _parse_object(raw: bytes) -> dict[str, Any]:
     """Workers send raw JSON under a form content-type: parse the body bytes ourselves."""
     try:
         data = json.loads(raw or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ServerlessError(400, "the body is not valid JSON", "invalid_request") from None
     if not isinstance(data, dict):
         raise ServerlessError(400, "the body must be a JSON object", "invalid_request")

@@ -97,6 +97,12 @@ def execute(args: argparse.Namespace, path: str, working_dir: str) -> int:
 
     if not os.path.exists(path):
         fail(f"configuration file {path} does not exist", 2)
+    if args.run_name is not None:
+        from dstack.core.names import name_error
+
+        problem = name_error("run", args.run_name)
+        if problem is not None:
+            fail(f"-n/--name: {problem}", 2)
     configuration = load_configuration(path)
     configuration = apply_overrides(configuration, args)
     client = get_client(args.project)

@@ -6,11 +6,14 @@ them to one canonical value, so the rest of dstack never re-parses strings.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Annotated, Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, model_validator
+
+from dstack.core.limits import MAX_DURATION_SECONDS, MAX_MEMORY_GB, short_repr
 
 # --- durations -------------------------------------------------------------------------------
 
@@ -23,8 +26,19 @@ def parse_duration(value: Any) -> Union[int, None, Literal["off"]]:
     """Parse `"2h"`, `"30m"`, `"90s"`, `"1d"`, `"1w"`, `"1h30m"`, an int (seconds) or `"off"`.
 
     Returns seconds as an int, `None` for `None`, and the string `"off"` for `off`
-    (YAML 1.1 reads a bare `off` as `False`, so `False` means `"off"` too).
+    (YAML 1.1 reads a bare `off` as `False`, so `False` means `"off"` too). Durations longer
+    than a year (`MAX_DURATION_SECONDS`) are refused: nothing dstack times runs that long, and
+    larger values overflow the server's date arithmetic.
     """
+    parsed = _parse_duration_unbounded(value)
+    if isinstance(parsed, int) and parsed > MAX_DURATION_SECONDS:
+        raise ValueError(
+            f"duration {short_repr(value)} is too long: at most {MAX_DURATION_SECONDS // 86400}d ({MAX_DURATION_SECONDS} seconds)"
+        )
+    return parsed
+
+
+def _parse_duration_unbounded(value: Any) -> Union[int, None, Literal["off"]]:
     if value is None:
         return None
     if value is False:
@@ -36,11 +50,13 @@ def parse_duration(value: Any) -> Union[int, None, Literal["off"]]:
             raise ValueError(f"a duration cannot be negative: {value}")
         return value
     if isinstance(value, float):
-        if value < 0 or value != int(value):
-            raise ValueError(f"invalid duration {value!r}: use whole seconds or '30m', '2h'")
+        if not math.isfinite(value) or value < 0 or value != int(value):
+            raise ValueError(f"invalid duration {short_repr(value)}: use whole seconds or '30m', '2h'")
         return int(value)
     if isinstance(value, str):
         text = value.strip().lower()
+        if len(text) > 100:
+            raise ValueError("invalid duration: longer than 100 characters")
         if text in _OFF_WORDS:
             return "off"
         if text.isdigit():
@@ -50,7 +66,7 @@ def parse_duration(value: Any) -> Union[int, None, Literal["off"]]:
         if parts and "".join(n + u for n, u in parts) == compact:
             return sum(int(n) * _DURATION_UNITS[u] for n, u in parts)
     raise ValueError(
-        f"invalid duration {value!r}: use seconds or a number with a unit s, m, h, d, w (e.g. '30m', '2h')"
+        f"invalid duration {short_repr(value)}: use seconds or a number with a unit s, m, h, d, w (e.g. '30m', '2h')"
     )
 
 
@@ -106,20 +122,30 @@ _MEMORY_FACTORS = {"k": 1 / 1024 / 1024, "m": 1 / 1024, "g": 1.0, "t": 1024.0}
 
 
 def parse_memory(value: Any) -> float:
-    """Parse `"24GB"`, `"512MB"`, `"1TB"` or a plain number (meaning GB) into GB as a float."""
+    """Parse `"24GB"`, `"512MB"`, `"1TB"` or a plain number (meaning GB) into GB as a float.
+
+    Infinite, NaN and sizes above `MAX_MEMORY_GB` (1 PiB) are refused.
+    """
+    gb = _parse_memory_unbounded(value)
+    if not math.isfinite(gb) or gb > MAX_MEMORY_GB:
+        raise ValueError(f"invalid memory size {short_repr(value)}: it must be a finite size of at most {int(MAX_MEMORY_GB // 1024)}TB")
+    return gb
+
+
+def _parse_memory_unbounded(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"invalid memory size {value!r}")
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError(f"memory size cannot be negative: {value}")
-        return float(value)
-    if isinstance(value, str):
+        return float(value) if not isinstance(value, int) or value <= MAX_MEMORY_GB else math.inf
+    if isinstance(value, str) and len(value) <= 100:
         m = _MEMORY_RE.match(value)
         if m:
             number = float(m.group(1))
             unit = (m.group(2) or "g")[0].lower()
             return number * _MEMORY_FACTORS[unit]
-    raise ValueError(f"invalid memory size {value!r}: use a number with a unit MB, GB or TB (e.g. '24GB')")
+    raise ValueError(f"invalid memory size {short_repr(value)}: use a number with a unit MB, GB or TB (e.g. '24GB')")
 
 
 def format_memory(gb: float) -> str:

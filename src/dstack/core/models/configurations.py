@@ -9,7 +9,6 @@ classes under the names dstack's Python API uses.
 from __future__ import annotations
 
 import difflib
-import re
 import typing
 from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Union
 
@@ -24,6 +23,8 @@ from pydantic import (
 )
 
 from dstack.core.errors import ConfigurationError
+from dstack.core.limits import MAX_JOBS_PER_RUN, MAX_PLAIN_NUMBER, short_repr
+from dstack.core.names import validate_name
 from dstack.core.models.common import Duration, DurationOrOff, Env, PortMapping
 from dstack.core.models.resources import Range, ResourcesSpec
 
@@ -88,9 +89,6 @@ def _gateway(value: Any) -> Any:
     raise ValueError("gateway must be a gateway name, true or false")
 
 
-_RUN_NAME = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
-
-
 # --- nested models ---------------------------------------------------------------------------
 
 
@@ -137,10 +135,10 @@ def _retry(value: Any) -> Any:
 class ScalingSpec(BaseModel):
     """Autoscaling of service replicas: `desired = ceil(rps / target)` within `replicas`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     metric: Literal["rps"] = "rps"
-    target: float = Field(gt=0)
+    target: float = Field(gt=0, le=MAX_PLAIN_NUMBER)
     scale_up_delay: Duration = 300
     scale_down_delay: Duration = 600
 
@@ -182,7 +180,7 @@ class EngineSpec(BaseModel):
     quantize: Optional[str] = None
     dtype: Optional[str] = None
     port: int = Field(default=8000, ge=1, le=65535)
-    max_concurrent_requests: Optional[int] = Field(default=None, ge=1)
+    max_concurrent_requests: Optional[int] = Field(default=None, ge=1, le=100_000)
 
     def command(self) -> str:
         """The shell line that starts the engine (run with the agent's own Python, which ships it)."""
@@ -207,7 +205,7 @@ class ProbeSpec(BaseModel):
     method: Literal["get", "post", "head"] = "get"
     interval: Duration = 15
     timeout: Duration = 10
-    ready_after: int = Field(default=1, ge=1)
+    ready_after: int = Field(default=1, ge=1, le=100)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -234,12 +232,12 @@ class RateLimitKey(BaseModel):
 class RateLimit(BaseModel):
     """Requests per second allowed under a path prefix, per key."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prefix: str = "/"
     key: RateLimitKey = Field(default_factory=RateLimitKey)
-    rps: float = Field(gt=0)
-    burst: int = Field(default=0, ge=0)
+    rps: float = Field(gt=0, le=MAX_PLAIN_NUMBER)
+    burst: int = Field(default=0, ge=0, le=int(MAX_PLAIN_NUMBER))
 
 
 class ScalerSpec(BaseModel):
@@ -248,12 +246,12 @@ class ScalerSpec(BaseModel):
     `queue_delay`: seconds the oldest queued job may wait; `request_count`: queued jobs per worker.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     DEFAULT_VALUES: ClassVar[dict[str, float]] = {"queue_delay": 4, "request_count": 4}
 
     type: Literal["queue_delay", "request_count"] = "queue_delay"
-    value: Optional[float] = Field(default=None, gt=0)
+    value: Optional[float] = Field(default=None, gt=0, le=MAX_PLAIN_NUMBER)
 
     @model_validator(mode="after")
     def _default_value(self) -> "ScalerSpec":
@@ -268,7 +266,7 @@ class ScalerSpec(BaseModel):
 class BaseRunConfiguration(BaseModel):
     """Fields every run type shares: what to run, where, and with which limits."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     #: keys accepted on input that are not fields (they are folded into fields)
     input_only_fields: ClassVar[tuple[str, ...]] = ("retry_policy",)
@@ -288,7 +286,7 @@ class BaseRunConfiguration(BaseModel):
     max_duration: Optional[DurationOrOff] = None
     retry: Annotated[Optional[Retry], BeforeValidator(_retry)] = None
     spot_policy: Optional[SpotPolicy] = None
-    max_price: Optional[float] = Field(default=None, gt=0)
+    max_price: Optional[float] = Field(default=None, gt=0, le=MAX_PLAIN_NUMBER)
     backends: Optional[StrList] = None
     regions: Optional[StrList] = None
 
@@ -321,12 +319,7 @@ class BaseRunConfiguration(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not _RUN_NAME.match(value):
-            raise ValueError(
-                f"invalid run name {value!r}: use lowercase letters, digits and dashes, starting with a letter"
-                " (at most 41 characters)"
-            )
-        return value
+        return None if value is None else validate_name("run", value)
 
     @model_validator(mode="after")
     def _check_common(self) -> "BaseRunConfiguration":
@@ -360,7 +353,7 @@ class TaskConfiguration(BaseRunConfiguration):
 
     type: Literal["task"] = "task"
     ports: list[PortMapping] = Field(default_factory=list)
-    nodes: int = Field(default=1, ge=1)
+    nodes: int = Field(default=1, ge=1, le=MAX_JOBS_PER_RUN)
     engine: Optional[EngineSpec] = None
 
     @model_validator(mode="after")
@@ -372,7 +365,7 @@ class TaskConfiguration(BaseRunConfiguration):
 class ServiceConfiguration(BaseRunConfiguration):
     """`type: service` — replicas behind the authenticated proxy, optionally autoscaled."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False)
 
     type: Literal["service"] = "service"
     port: Optional[PortMapping] = None
@@ -409,6 +402,8 @@ class ServiceConfiguration(BaseRunConfiguration):
             raise FieldValueError("replicas", "replicas cannot be negative")
         if r.max < 1:
             raise FieldValueError("replicas", "replicas must allow at least one replica")
+        if r.max > MAX_JOBS_PER_RUN:
+            raise FieldValueError("replicas", f"replicas cannot exceed {MAX_JOBS_PER_RUN}")
         if r.min != r.max and self.scaling is None:
             raise FieldValueError(
                 "replicas",
@@ -434,6 +429,8 @@ class ServerlessConfiguration(BaseRunConfiguration):
             raise FieldValueError("workers", "workers needs both bounds, e.g. 0..3")
         if w.min < 0 or w.max < 1:
             raise FieldValueError("workers", "workers must be within 0.. and allow at least one worker")
+        if w.max > MAX_JOBS_PER_RUN:
+            raise FieldValueError("workers", f"workers cannot exceed {MAX_JOBS_PER_RUN}")
         return self
 
 
@@ -587,7 +584,7 @@ def _clean_message(err: Mapping[str, Any]) -> str:
         return "field required"
     value = err.get("input")
     if not kind.startswith("value_error") and isinstance(value, (str, int, float, bool)) and value is not None:
-        msg = f"{msg} (got {value!r})"
+        msg = f"{msg} (got {short_repr(value)})"
     return msg
 
 

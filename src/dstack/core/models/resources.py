@@ -12,6 +12,7 @@ from typing import Any, Generic, Optional, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, field_validator, model_validator
 from pydantic_core import core_schema
 
+from dstack.core.limits import MAX_RESOURCE_COUNT, short_repr
 from dstack.core.models.common import format_memory, parse_memory
 
 T = TypeVar("T")
@@ -81,6 +82,9 @@ class Range(BaseModel, Generic[T]):
 
     @model_validator(mode="after")
     def _check_order(self) -> "Range[T]":
+        for end in (self.min, self.max):
+            if isinstance(end, int) and not isinstance(end, bool) and abs(end) > MAX_RESOURCE_COUNT:
+                raise ValueError(f"invalid range: {short_repr(end)} is out of bounds (at most {MAX_RESOURCE_COUNT})")
         if self.min is not None and self.max is not None and self.min > self.max:  # type: ignore[operator]
             raise ValueError(f"invalid range: min {self.min} is greater than max {self.max}")
         return self
@@ -213,9 +217,13 @@ class GPUSpec(BaseModel):
     @classmethod
     def _cc(cls, value: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not 0 <= value < 100:  # also refuses NaN, infinities and ints too big for a float
+                raise ValueError(f"invalid compute capability {short_repr(value)}: expected e.g. 8.0")
             return f"{float(value):.1f}"
         if isinstance(value, (list, tuple)) and len(value) == 2:
-            return f"{value[0]}.{value[1]}"
+            return f"{value[0]}.{value[1]}"[:20]
+        if isinstance(value, str) and len(value) > 20:
+            raise ValueError("invalid compute capability: longer than 20 characters")
         return value
 
     @field_validator("count")

@@ -1,12 +1,15 @@
 """Projects and their members. A user sees only projects they belong to (admins see all)."""
 
+from typing import Literal
+
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.server.db import get_session
-from dstack.server.errors import Forbidden, ResourceExists, ResourceNotFound
+from dstack.core.names import name_error
+from dstack.server.errors import Forbidden, ResourceExists, ResourceNotFound, ServerClientError
 from dstack.server.models import MemberModel, ProjectModel, UserModel
 from dstack.server.security import require_project_member, require_user
 
@@ -19,7 +22,7 @@ class CreateProjectRequest(BaseModel):
 
 class Member(BaseModel):
     username: str
-    project_role: str = "user"
+    project_role: Literal["admin", "manager", "user"] = "user"
 
 
 class AddMembersRequest(BaseModel):
@@ -54,6 +57,9 @@ async def list_projects(user: UserModel = Depends(require_user), session: AsyncS
 async def create_project(
     body: CreateProjectRequest, user: UserModel = Depends(require_user), session: AsyncSession = Depends(get_session)
 ) -> dict:
+    problem = name_error("project", body.project_name)
+    if problem is not None:
+        raise ServerClientError(problem, fields=["project_name"])
     if (await session.execute(select(ProjectModel).where(ProjectModel.name == body.project_name))).first():
         raise ResourceExists(f"project '{body.project_name}' already exists")
     project = ProjectModel(name=body.project_name, owner_id=user.id)

@@ -1,5 +1,6 @@
 """Repos and their code archives (content-addressed)."""
 
+import asyncio
 import hashlib
 import json
 from typing import Any
@@ -9,8 +10,10 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dstack.core.names import repo_id_error
 from dstack.server.db import get_session
 from dstack.server.errors import ServerClientError
+from dstack.server.limits import BodyTooLarge, check_code_archive
 from dstack.server.models import CodeModel, RepoModel
 from dstack.server.security import require_project_member
 
@@ -20,6 +23,12 @@ router = APIRouter(prefix="/api/project/{project_name}/repos", tags=["repos"])
 class InitRepoRequest(BaseModel):
     repo_id: str
     repo_info: dict[str, Any] = {}
+
+
+def _check_repo_id(repo_id: str) -> None:
+    problem = repo_id_error(repo_id)
+    if problem is not None:
+        raise ServerClientError(problem, fields=["repo_id"])
 
 
 async def _get_or_create_repo(session: AsyncSession, project_id: str, repo_id: str) -> RepoModel:
@@ -35,6 +44,7 @@ async def _get_or_create_repo(session: AsyncSession, project_id: str, repo_id: s
 
 @router.post("/init")
 async def init_repo(body: InitRepoRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
+    _check_repo_id(body.repo_id)
     repo = await _get_or_create_repo(session, member[1].id, body.repo_id)
     repo.info = json.dumps(body.repo_info)
     await session.commit()
@@ -45,17 +55,19 @@ async def init_repo(body: InitRepoRequest, member=Depends(require_project_member
 async def upload_code(
     repo_id: str, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
 ) -> dict:
+    _check_repo_id(repo_id)
     limit = request.app.state.settings.code_upload_limit_bytes
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ServerClientError(
-                f"code archive is larger than the server's limit of {limit // (1024 * 1024)} MiB; "
-                "exclude large files with .gitignore or .dstackignore"
+            raise BodyTooLarge(
+                f"code archive is larger than the server's limit of {limit // (1024 * 1024)} MiB "
+                "(DSTACK_SERVER_CODE_UPLOAD_LIMIT); exclude large files with .gitignore or .dstackignore"
             )
         chunks.append(chunk)
     blob = b"".join(chunks)
+    await asyncio.to_thread(check_code_archive, blob, request.app.state.settings.limits)
     digest = hashlib.sha256(blob).hexdigest()
     repo = await _get_or_create_repo(session, member[1].id, repo_id)
     exists = (

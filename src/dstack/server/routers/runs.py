@@ -1,10 +1,10 @@
 """Runs: plan, submit/apply, list, get, stop, delete; and their logs."""
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dstack.core.models.runs import RunPlan, RunSpec
+from dstack.core.models.runs import RunSpec
 from dstack.server.db import get_database, get_session
 from dstack.server.models import UserModel
 from dstack.server.routers.projects import user_projects
@@ -19,14 +19,26 @@ class RunSpecRequest(BaseModel):
     run_spec: RunSpec
 
 
+class PlanToApply(BaseModel):
+    """A plan from `get_plan`, as the client sends it back: only its `run_spec` is used."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run_spec: RunSpec
+
+
 class ApplyRequest(BaseModel):
-    plan: RunPlan | dict
+    plan: PlanToApply
     force: bool = False
+
+
+#: JSON numbers beyond this do not fit the database's 64-bit integers
+MAX_INT = 2**63 - 1
 
 
 class ListRunsRequest(BaseModel):
     only_active: bool = False
-    limit: int = 1000
+    limit: int = Field(default=1000, ge=1, le=10_000)
 
 
 class RunNameRequest(BaseModel):
@@ -43,12 +55,14 @@ class DeleteRunsRequest(BaseModel):
 
 
 class PollLogsRequest(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     run_name: str
-    job_num: int = 0
-    replica_num: int = 0
-    start_after: int = 0
-    limit: int = 1000
-    wait: float = 0
+    job_num: int = Field(default=0, ge=0, le=MAX_INT)
+    replica_num: int = Field(default=0, ge=0, le=MAX_INT)
+    start_after: int = Field(default=0, ge=0, le=MAX_INT)
+    limit: int = Field(default=1000, ge=0, le=MAX_INT)  # at most 5000 are returned
+    wait: float = Field(default=0, ge=0, le=3600)  # at most 30 s are waited
 
 
 async def _wire(request: Request, run) -> dict:
@@ -65,15 +79,16 @@ async def _wire(request: Request, run) -> dict:
 
 
 @router.post("/api/project/{project_name}/runs/get_plan")
-async def get_plan(body: RunSpecRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
+async def get_plan(body: RunSpecRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
     user, project = member
-    plan = await runs_service.get_plan(session, project, user, body.run_spec)
+    plan = await runs_service.get_plan(session, project, user, body.run_spec, request.app.state.settings.limits)
     return plan.model_dump(mode="json")
 
 
 async def _submit(request: Request, session: AsyncSession, member, run_spec: RunSpec) -> dict:
     user, project = member
-    run = await runs_service.submit_run(session, project, user, run_spec, request.app.state.settings.url)
+    settings = request.app.state.settings
+    run = await runs_service.submit_run(session, project, user, run_spec, settings.url, settings.limits)
     await request.app.state.on_run_submitted(run)
     request.app.state.pipeline.wake()
     return await _wire(request, run)
@@ -86,8 +101,7 @@ async def submit(body: RunSpecRequest, request: Request, member=Depends(require_
 
 @router.post("/api/project/{project_name}/runs/apply")
 async def apply(body: ApplyRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
-    plan = body.plan if isinstance(body.plan, dict) else body.plan.model_dump(mode="json")
-    run_spec = RunSpec.model_validate(plan["run_spec"])
+    run_spec = body.plan.run_spec
     user, project = member
     if run_spec.run_name and body.force:
         existing = await runs_service.find_run(session, project, run_spec.run_name)

@@ -1,12 +1,15 @@
 """Users: who am I, and (admins) create, list, rotate tokens, delete."""
 
+from typing import Literal
+
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.server.db import get_session
-from dstack.server.errors import ResourceExists, ResourceNotFound
+from dstack.core.names import name_error
+from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
 from dstack.server.models import UserModel
 from dstack.server.security import hash_token, new_token, require_admin, require_user
 
@@ -15,7 +18,7 @@ router = APIRouter(prefix="/api/users", tags=["users"])
 
 class CreateUserRequest(BaseModel):
     username: str
-    global_role: str = "user"
+    global_role: Literal["admin", "user"] = "user"
 
 
 class UsernameRequest(BaseModel):
@@ -47,6 +50,9 @@ async def list_users(_: UserModel = Depends(require_admin), session: AsyncSessio
 async def create_user(
     body: CreateUserRequest, _: UserModel = Depends(require_admin), session: AsyncSession = Depends(get_session)
 ) -> dict:
+    problem = name_error("user", body.username)
+    if problem is not None:
+        raise ServerClientError(problem, fields=["username"])
     if (await session.execute(select(UserModel).where(UserModel.name == body.username))).first():
         raise ResourceExists(f"user '{body.username}' already exists")
     token = new_token()

@@ -40,15 +40,34 @@ from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel
 from dstack.server.services import offers
 from dstack.server.services.jobs import build_job_spec, nodes_count
 from dstack.server.services.names import random_run_name
+from dstack.server.limits import ServerLimits, check_project_quota, check_run_limits
+from dstack.core.names import name_error
 from dstack.server.services.secrets import redact_configuration, redact_env, refuse_redacted, seal_configuration
 
 
 def parse_configuration(run_spec: RunSpec) -> BaseRunConfiguration:
+    where = f"{run_spec.configuration_path}: " if run_spec.configuration_path else ""
     try:
         return parse_run_configuration(run_spec.configuration, environ={})
     except ConfigurationError as e:
-        where = f"{run_spec.configuration_path}: " if run_spec.configuration_path else ""
         raise ServerClientError(f"invalid configuration: {where}{e}", fields=[e.field] if e.field else None)
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # a validator tripped on odd input
+        raise ServerClientError(f"invalid configuration: {where}{type(e).__name__}: {str(e)[:200]}")
+
+
+def requested_run_name(run_spec: RunSpec, conf: BaseRunConfiguration) -> str | None:
+    """The name the client asked for (`-n`, else the configuration's `name`), checked against
+    dstack's naming rule; `None` when the server is to pick one."""
+    if run_spec.run_name is not None:
+        problem = name_error("run", run_spec.run_name)
+        if problem is not None:
+            raise ServerClientError(problem, fields=["run_name"])
+    return run_spec.run_name or conf.name
+
+
+def check_limits(conf: BaseRunConfiguration, limits: ServerLimits | None) -> None:
+    if limits is not None:
+        check_run_limits(conf, limits)
 
 
 def check_engine(conf: BaseRunConfiguration) -> None:
@@ -123,10 +142,12 @@ async def get_offers(session: AsyncSession, spec: ResourcesSpec) -> tuple[list[I
     return found, reason
 
 
-async def get_plan(session: AsyncSession, project: ProjectModel, user: UserModel, run_spec: RunSpec) -> RunPlan:
+async def get_plan(session: AsyncSession, project: ProjectModel, user: UserModel, run_spec: RunSpec,
+                   limits: ServerLimits | None = None) -> RunPlan:
     conf = parse_configuration(run_spec)
     check_engine(conf)
-    run_name = run_spec.run_name or conf.name
+    check_limits(conf, limits)
+    run_name = requested_run_name(run_spec, conf)
     current = None
     if run_name:
         existing = await find_run(session, project, run_name)
@@ -158,8 +179,12 @@ async def find_run(session: AsyncSession, project: ProjectModel, run_name: str) 
 
 
 async def submit_run(session: AsyncSession, project: ProjectModel, user: UserModel, run_spec: RunSpec,
-                     server_url: str = "") -> RunModel:
+                     server_url: str = "", limits: ServerLimits | None = None) -> RunModel:
     conf = parse_configuration(run_spec)
+    check_limits(conf, limits)
+    requested_run_name(run_spec, conf)
+    if limits is not None:
+        await check_project_quota(session, project.id, initial_replicas(conf) * nodes_count(conf), limits)
     refuse_redacted(conf.model_dump(mode="json"))
     check_engine(conf)
     model_meta = await _model_meta(conf)
