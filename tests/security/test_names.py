@@ -97,3 +97,20 @@ def test_cli_refuses_a_bad_run_name(server, tmp_path, name):
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "-n/--name: invalid run name" in result.stderr and RULE in result.stderr.replace("\n", " ")
     assert name not in run_names(server, "main")
+
+
+@pytest.mark.parametrize("name", ["gw\n", "../gw", "GW", "g" * 42, "g/w", "gw\x00"], ids=repr)
+def test_bad_gateway_name_is_refused_before_anything_starts(server, name):
+    resp = post(server, "/api/project/main/gateways/create", {"name": name, "domain": "example.com", "port": 1})
+    msg = _refused(resp)
+    assert "invalid gateway name" in msg and RULE in msg
+    listed = post(server, "/api/project/main/gateways/list").json()
+    assert name not in [g["name"] for g in listed]
+
+
+@pytest.mark.parametrize("field,value", [("domain", "d" * 300), ("region", "r" * 51), ("backend", "b" * 31)])
+def test_gateway_strings_are_bounded(server, field, value):
+    body = {"name": "gw-bounded", "domain": "example.com", "port": 1, field: value}
+    resp = post(server, "/api/project/main/gateways/create", body)
+    assert resp.status_code == 422, resp.text
+    assert field in resp.text

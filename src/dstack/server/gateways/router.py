@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.server import crypto
+from dstack.core.names import name_error
 from dstack.server.db import get_session
 from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
 from dstack.server.gateways.manager import GatewayStartError
@@ -26,16 +27,15 @@ from dstack.server.security import authenticate, bearer_token, project_for_membe
 router = APIRouter(tags=["gateways"])
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DOMAIN = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 
 
 class CreateGatewayRequest(BaseModel):
     name: str
-    domain: str
-    backend: str = "local"
-    region: str | None = None
+    domain: str = Field(max_length=255)
+    backend: str = Field(default="local", max_length=30)
+    region: str | None = Field(default=None, max_length=50)
     #: default: 0.0.0.0 for global admins, 127.0.0.1 for other users (who may bind loopback only)
     host: str | None = Field(default=None, max_length=255)
     port: int | None = Field(default=None, ge=1, le=65535)
@@ -101,9 +101,9 @@ async def _project_gateways(session: AsyncSession, project: ProjectModel) -> lis
 
 
 def _validate(body: CreateGatewayRequest, user: UserModel) -> CreateGatewayRequest:
-    if not _NAME.match(body.name):
-        raise ServerClientError("gateway name must be lowercase letters, digits and '-', starting with a letter "
-                                "(at most 41 characters)", fields=["name"])
+    problem = name_error("gateway", body.name)
+    if problem is not None:
+        raise ServerClientError(problem, fields=["name"])
     domain = body.domain.strip().strip(".").lower()
     if domain.startswith("*."):
         domain = domain[2:]
