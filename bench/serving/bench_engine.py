@@ -2,11 +2,18 @@
 
 Each server gets the same GGUF model, the same prompts and the same load: `c` clients that each
 send streamed, greedy `/v1/completions` requests for `--new-tokens` tokens back to back. Reports
-aggregate generated tokens/s and the median TTFT per concurrency level, and the ratios of dstack
-to each peer measured in the same run.
+aggregate generated tokens/s and TTFT p50/p99 per concurrency level, then a multi-turn chat
+workload (concurrent conversations of 8 turns with a shared system prompt: TTFT of the first turn
+against later ones, which the prefix cache should halve), and the ratios of dstack to each peer
+measured in the same run, with the CPU model and flags.
+
+llama-server is built from the same llama.cpp source llama-cpp-python vendors, with the same
+native flags (`pip download --no-deps --no-binary :all: llama-cpp-python`, then in its
+vendor/llama.cpp: `cmake -B /tmp/llama-build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON
+&& cmake --build /tmp/llama-build --target llama-server`).
 
     PYTHONPATH=src .venv/bin/python bench/serving/bench_engine.py \
-        --llama-server /tmp/llama-build/bin/llama-server --out bench/serving/RESULTS-serving.md
+        --llama-server /tmp/llama-build/bin/llama-server --out /tmp/serving-results.md
 """
 
 from __future__ import annotations
@@ -61,6 +68,108 @@ class Level:
     @property
     def ttft_p50_ms(self) -> float:
         return statistics.median(self.ttfts) * 1000
+
+    @property
+    def ttft_p99_ms(self) -> float:
+        return pct(self.ttfts, 0.99) * 1000
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# The multi-turn chat workload: every conversation shares this system prompt, and each turn
+# resends the whole conversation (what chat clients do), so later turns share a long prefix.
+SYSTEM_PROMPT = (
+    "You are a patient assistant for a small bakery. You answer questions about bread, pastry, opening "
+    "hours and orders. Opening hours: Monday to Friday 7am to 6pm, Saturday 8am to 2pm, closed on Sunday. "
+    "We bake sourdough, rye, baguettes, croissants, cinnamon rolls and seasonal fruit tarts. Orders for "
+    "cakes need two days' notice. Keep answers short, friendly and accurate; if you do not know, say so."
+)
+USER_TURNS = [
+    "Hi! Are you open on Saturday?",
+    "Which breads do you bake?",
+    "Can I order a birthday cake for tomorrow?",
+    "What about the day after tomorrow?",
+    "Do you have anything with cinnamon?",
+    "Are the fruit tarts available all year?",
+    "What time do you close on Friday?",
+    "Thanks! One last thing: do you bake rye bread every day?",
+]
+
+
+@dataclass
+class ChatResult:
+    ttft_by_turn: list[list[float]]  # [turn][conversation]
+
+    def turn_p50_ms(self, turn: int) -> float:
+        return statistics.median(self.ttft_by_turn[turn]) * 1000
+
+    @property
+    def later_p50_ms(self) -> float:
+        return statistics.median([t for ts in self.ttft_by_turn[1:] for t in ts]) * 1000
+
+
+async def chat_turn(client: httpx.AsyncClient, url: str, messages: list[dict], n: int) -> tuple[str, float]:
+    body = {"model": "m", "messages": messages, "max_tokens": n, "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    ttft: Optional[float] = None
+    text = []
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            delta = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content")
+            if delta:
+                text.append(delta)
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+    return "".join(text), ttft if ttft is not None else time.perf_counter() - t0
+
+
+async def run_chat(url: str, conversations: int, n: int) -> ChatResult:
+    """`conversations` concurrent chats of len(USER_TURNS) turns each; TTFT per turn."""
+    by_turn: list[list[float]] = [[] for _ in USER_TURNS]
+    async with httpx.AsyncClient(timeout=600) as client:
+
+        async def conversation(k: int) -> None:
+            messages = [{"role": "system", "content": SYSTEM_PROMPT + f" (Shop {k}.)"}]
+            for turn, question in enumerate(USER_TURNS):
+                messages.append({"role": "user", "content": question})
+                answer, ttft = await chat_turn(client, url, messages, n)
+                messages.append({"role": "assistant", "content": answer})
+                by_turn[turn].append(ttft)
+
+        await asyncio.gather(*(conversation(k) for k in range(conversations)))
+    return ChatResult(by_turn)
+
+
+def cpu_description() -> str:
+    """CPU model and the flags that pick llama.cpp's kernels, recorded with every result."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"]
+    return f"{model}, {os.cpu_count()} CPUs; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}"
+
+
+def dstack_repacks() -> bool:
+    """What dstack's engine decides on this host (weight repacking is off where AMX is offered)."""
+    from dstack.serving.llama import cpu_extra_buffer_types, use_weight_repacking
+
+    return use_weight_repacking("auto", cpu_extra_buffer_types())
 
 
 class ServerProc:
@@ -133,16 +242,23 @@ async def run_level(url: str, c: int, n: int, rounds: int, extra: dict) -> Level
         return Level(c, total, time.perf_counter() - t0, ttfts)
 
 
-def start(name: str, gguf: str, threads: int, llama_server: Optional[str], ctx: int) -> ServerProc:
+DSTACK_VARIANTS = {
+    "dstack": [],
+    "dstack-mixed": ["--prefill-priority", "off"],  # prompt chunks share steps with decodes
+    "dstack-noprefix": ["--prefix-cache-slots", "0"],
+}
+
+
+def start(name: str, gguf: str, threads: int, llama_server: Optional[str], ctx: int, repack: bool) -> ServerProc:
     port = free_port()
     py = sys.executable
-    if name in ("dstack", "dstack-passive"):
+    if name in DSTACK_VARIANTS or name == "dstack-passive":
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
         if name == "dstack-passive":  # OpenMP threads sleep at barriers instead of spinning
             env["OMP_WAIT_POLICY"] = "passive"
         cmd = [py, "-m", "dstack.serving", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",
                "--max-batch-size", "16", "--max-concurrent-requests", "64", "--ctx-size", str(ctx),
-               "--threads", str(threads)]
+               "--threads", str(threads), *DSTACK_VARIANTS.get(name, [])]
         return ServerProc(name, cmd, port, env)
     if name == "llama-cpp-python":
         cmd = [py, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",
@@ -151,8 +267,11 @@ def start(name: str, gguf: str, threads: int, llama_server: Optional[str], ctx: 
         return ServerProc(name, cmd, port)
     if name == "llama-server":
         assert llama_server
+        # The same weight layout as dstack's engine on this host: where AMX makes dstack turn
+        # repacking off (it crashes there), llama-server runs with --no-repack too.
         cmd = [llama_server, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "-np", "16",
-               "-c", str(16 * ctx), "-t", str(threads), "-tb", str(threads), "--no-webui"]
+               "-c", str(16 * ctx), "-t", str(threads), "-tb", str(threads), "--no-webui",
+               *([] if repack else ["--no-repack"])]
         return ServerProc(name, cmd, port)
     raise ValueError(name)
 
@@ -167,6 +286,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="measurements per server and level (best kept)")
     ap.add_argument("--ctx", type=int, default=2048, help="context per sequence")
     ap.add_argument("--servers", default="dstack,llama-cpp-python,llama-server")
+    ap.add_argument("--chat", type=int, default=4, help="concurrent conversations of the multi-turn workload (0: skip)")
+    ap.add_argument("--chat-tokens", type=int, default=32, help="new tokens per chat turn")
     ap.add_argument("--llama-server", default=shutil.which("llama-server") or "/tmp/llama-build/bin/llama-server")
     ap.add_argument("--out", default=None, help="write a markdown report here")
     a = ap.parse_args()
@@ -180,10 +301,12 @@ def main() -> int:
     if "llama-server" in names and not (a.llama_server and Path(a.llama_server).exists()):
         print(f"llama-server binary not found ({a.llama_server}); skipping it")
         names.remove("llama-server")
+    repack = dstack_repacks()
     # The machine is shared and noisy: all servers stay up, and every level is measured on each
     # server in turn, --repeat times; the best run of each (server, level) is reported.
-    servers = {name: start(name, gguf, a.threads, a.llama_server, a.ctx) for name in names}
+    servers = {name: start(name, gguf, a.threads, a.llama_server, a.ctx, repack) for name in names}
     runs: dict[str, dict[int, list[Level]]] = {name: {c: [] for c in levels} for name in names}
+    chats: dict[str, list[ChatResult]] = {name: [] for name in names}
     try:
         for srv in servers.values():
             srv.wait_ready()
@@ -193,40 +316,65 @@ def main() -> int:
                     lvl = asyncio.run(run_level(srv.url, c, a.new_tokens, a.rounds, {}))
                     runs[name][c].append(lvl)
                     print(f"rep {rep} {name:17s} c={c:<3d} {lvl.tok_s:7.1f} tok/s  TTFT p50 "
-                          f"{lvl.ttft_p50_ms:7.1f} ms  ({lvl.tokens} tokens in {lvl.seconds:.1f}s)  "
-                          f"load {os.getloadavg()[0]:.2f}", flush=True)
+                          f"{lvl.ttft_p50_ms:7.1f} ms p99 {lvl.ttft_p99_ms:7.1f} ms  ({lvl.tokens} tokens in "
+                          f"{lvl.seconds:.1f}s)  load {os.getloadavg()[0]:.2f}", flush=True)
+            if a.chat:
+                for name, srv in servers.items():
+                    res = asyncio.run(run_chat(srv.url, a.chat, a.chat_tokens))
+                    chats[name].append(res)
+                    print(f"rep {rep} {name:17s} chat: turn 1 TTFT p50 {res.turn_p50_ms(0):.0f} ms, later turns "
+                          f"{res.later_p50_ms:.0f} ms  load {os.getloadavg()[0]:.2f}", flush=True)
     finally:
         for srv in servers.values():
             srv.stop()
     results = {name: [max(runs[name][c], key=lambda x: x.tok_s) for c in levels] for name in names}
+    best_chats = {name: min(rs, key=lambda r: r.later_p50_ms) for name, rs in chats.items() if rs}
 
-    report = render(results, levels, a, gguf)
+    report = render(results, best_chats, levels, a, gguf, repack)
     print(report)
     if a.out:
         Path(a.out).write_text(report)
     return 0
 
 
-def render(results: dict[str, list[Level]], levels: list[int], a: argparse.Namespace, gguf: str) -> str:
+def render(results: dict[str, list[Level]], chats: dict[str, ChatResult], levels: list[int],
+           a: argparse.Namespace, gguf: str, repack: bool) -> str:
     load = os.getloadavg()
     lines = [
+        f"CPU: {cpu_description()}; weight repacking {'on' if repack else 'off (AMX present: llama-server ran with --no-repack too)'}",
+        "",
         f"model `{Path(gguf).name}`, {a.new_tokens} new tokens per request, greedy, streamed "
         f"`/v1/completions`, {a.rounds} requests per client per level, best of {a.repeat} interleaved "
         f"runs, {a.threads} threads; "
-        f"load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on {os.cpu_count()} CPUs",
+        f"load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
         "",
-        "| server | " + " | ".join(f"c={c} tok/s | c={c} TTFT p50 ms" for c in levels) + " |",
+        "| server | " + " | ".join(f"c={c} tok/s | c={c} TTFT p50 / p99 ms" for c in levels) + " |",
         "|---|" + "---:|---:|" * len(levels),
     ]
     for name, lv in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{x.tok_s:.1f} | {x.ttft_p50_ms:.0f}" for x in lv) + " |")
+        lines.append(f"| {name} | " + " | ".join(
+            f"{x.tok_s:.1f} | {x.ttft_p50_ms:.0f} / {x.ttft_p99_ms:.0f}" for x in lv) + " |")
     if "dstack" in results:
         lines.append("")
         for peer in (n for n in results if n != "dstack"):
             ratios = [d.tok_s / p.tok_s for d, p in zip(results["dstack"], results[peer])]
+            ttft = [d.ttft_p50_ms / p.ttft_p50_ms for d, p in zip(results["dstack"], results[peer])]
             lines.append(
-                f"dstack / {peer} throughput: " + ", ".join(f"c={c}: {r:.2f}x" for c, r in zip(levels, ratios))
+                f"dstack / {peer}: throughput " + ", ".join(f"c={c}: {r:.2f}x" for c, r in zip(levels, ratios))
+                + "; TTFT p50 " + ", ".join(f"c={c}: {r:.2f}x" for c, r in zip(levels, ttft))
             )
+    if chats:
+        lines += [
+            "",
+            f"Multi-turn chat: {a.chat} concurrent conversations x {len(USER_TURNS)} turns, shared system prompt, "
+            f"{a.chat_tokens} new tokens per turn, streamed `/v1/chat/completions` (best of {a.repeat}):",
+            "",
+            "| server | turn 1 TTFT p50 ms | turns 2-8 TTFT p50 ms | later / first |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, res in chats.items():
+            first = res.turn_p50_ms(0)
+            lines.append(f"| {name} | {first:.0f} | {res.later_p50_ms:.0f} | {res.later_p50_ms / first:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -259,6 +259,23 @@ def test_greedy_concurrent_equals_sequential(server: Server) -> None:
         assert s["generated_text"] == c["generated_text"]
 
 
+def test_prefix_cache_reuses_a_conversation_and_changes_nothing(server: Server) -> None:
+    system = ("You are a helpful assistant for a bakery. Opening hours are 7am to 6pm on weekdays and "
+              "8am to 2pm on Saturdays. We bake sourdough, rye and croissants every day.\n")
+    turn1 = system + "User: When do you open on Saturday?\nAssistant:"
+    first = _generate(server, turn1, max_new_tokens=12)
+    turn2 = turn1 + first["generated_text"] + "\nUser: And which breads do you bake?\nAssistant:"
+    hits, reused = server.metric("dstack_serving_prefix_cache_hits_total"), server.metric("dstack_serving_prefix_cache_tokens_total")
+    cached = _generate(server, turn2, max_new_tokens=16, details=True)
+    assert server.metric("dstack_serving_prefix_cache_hits_total") == hits + 1
+    assert server.metric("dstack_serving_prefix_cache_tokens_total") - reused >= 40  # the system prompt and turn 1
+    # decoder_input_details needs every prompt token's logits, so it prefills from scratch: the
+    # same greedy tokens prove the reused KV equals a fresh one.
+    fresh = _generate(server, turn2, max_new_tokens=16, details=True, decoder_input_details=True)
+    assert [t["id"] for t in cached["details"]["tokens"]] == [t["id"] for t in fresh["details"]["tokens"]]
+    assert cached["generated_text"] == fresh["generated_text"]
+
+
 # --- OpenAI ---------------------------------------------------------------------------------------
 
 

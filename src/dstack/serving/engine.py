@@ -29,6 +29,9 @@ from dstack.serving.text import OutputText
 
 logger = logging.getLogger(__name__)
 
+#: Prefill-only steps in a row (see Engine._plan) before running sequences get their next token.
+MAX_DECODE_STALLS = 4
+
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos_token"
 FINISH_STOP = "stop_sequence"
@@ -120,13 +123,16 @@ class EngineStats:
 class Engine:
     """The scheduler: submit requests from any thread, events come back through `emit`."""
 
-    def __init__(self, model: LlamaModel, prefill_chunk: int = 256, max_active: Optional[int] = None) -> None:
+    def __init__(self, model: LlamaModel, prefill_chunk: int = 256, max_active: Optional[int] = None,
+                 prefill_priority: bool = True) -> None:
         self.model = model
         self.n_slots = model.n_seq_max
         # Slots beyond `max_active` are never decoded: they only keep finished sequences' KV for
         # the prefix cache, so it still has room when every decoding slot is busy.
         self.max_active = min(max_active or self.n_slots, self.n_slots)
         self.cache = PrefixCache()
+        self.prefill_priority = prefill_priority
+        self._decode_stalls = 0
         self.prefill_chunk = max(1, min(prefill_chunk, model.n_batch))
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -294,22 +300,41 @@ class Engine:
             self.model.clear_seq(slot)
         self.cache.clear()
 
+    def _plan(self, seqs: list[_Sequence]) -> tuple[set[int], set[int]]:
+        """The slots that decode a token and the slots that prefill a prompt chunk this step.
+
+        With prefill priority a waiting prompt gets a step of its own (the shortest first)
+        instead of sharing one with every running sequence's next token: on CPUs a step costs
+        about the same per token whoever it belongs to, so a new request's first token then comes
+        after its own prompt, not after its prompt plus a full batch of decodes. Running
+        sequences lose one step per new request, and never more than MAX_DECODE_STALLS in a row.
+        """
+        decoding = {s.slot for s in seqs if s.next_token is not None}
+        prefilling = [s for s in seqs if s.next_token is None and s.prefilling]
+        if self.prefill_priority and prefilling and (not decoding or self._decode_stalls < MAX_DECODE_STALLS):
+            if decoding:
+                self._decode_stalls += 1
+            shortest = min(prefilling, key=lambda s: len(s.req.prompt) - s.n_prefilled)
+            return set(), {shortest.slot}
+        self._decode_stalls = 0
+        return decoding, {s.slot for s in prefilling}
+
     def _step(self) -> None:
         model = self.model
         batch = model.batch
         batch.clear()
         seqs = [self._active[s] for s in sorted(self._active)]
-        n_decoding = sum(1 for s in seqs if s.next_token is not None)
-        budget = model.n_batch - n_decoding
+        decode, prefill = self._plan(seqs)
+        budget = model.n_batch - len(decode)
         outputs: list[tuple[_Sequence, int]] = []
         prefills: list[tuple[_Sequence, int, int]] = []
         # Tokens go in slot order: llama.cpp packs consecutive sequence ids into one ubatch.
         for seq in seqs:
-            if seq.next_token is not None:
+            if seq.slot in decode:
                 outputs.append((seq, batch.add(seq.slot, [seq.next_token], seq.n_past, True)))
                 seq.fed.append(seq.next_token)
                 seq.n_past += 1
-            elif seq.prefilling and budget > 0:
+            elif seq.slot in prefill and budget > 0:
                 start = seq.n_prefilled
                 k = min(len(seq.req.prompt) - start, budget, self.prefill_chunk)
                 last = start + k == len(seq.req.prompt)
