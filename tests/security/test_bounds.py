@@ -146,3 +146,30 @@ def test_the_server_still_answers(server, carol):
         assert post(server, "/api/users/get_my_user", token=token).status_code == 200
         time.sleep(1)
     assert "Traceback" not in server.logs(tail=200_000)
+
+
+@pytest.mark.parametrize("conf,field", [
+    ({"image": "x" * 3000, "commands": []}, "image"),
+    ({"working_dir": "w" * 5000}, "working_dir"),
+    ({"registry_auth": {"username": "u", "password": "p" * 70_000}, "image": "x"}, "registry_auth.password"),
+    ({"engine": {"model_name": "m" * 3000}, "commands": []}, "engine.model_name"),
+])
+def test_long_strings_in_the_configuration_are_refused(server, carol, conf, field):
+    token, project = carol
+    resp = post(server, f"/api/project/{project}/runs/submit", {"run_spec": task_spec(**conf)}, token=token)
+    assert resp.status_code == 400, resp.text
+    assert field in detail(resp) and "at most" in detail(resp)
+    assert run_names(server, project, token) == []
+
+
+def test_yaml_retry_duration_out_of_bounds_names_file_line_and_field(tmp_path):
+    from dstack.core.errors import ConfigurationError
+    from dstack.core.yaml_loader import load_configuration
+
+    path = tmp_path / ".dstack.yml"
+    for duration in ("99999999999w", str(10**30)):
+        path.write_text(f"type: task\ncommands: [echo]\nretry:\n  on_events: [error]\n  duration: {duration}\n")
+        with pytest.raises(ConfigurationError) as err:
+            load_configuration(path)
+        assert err.value.field == "retry.duration" and err.value.line == 5
+        assert str(err.value).startswith(f"{path}:5: retry.duration: duration") and "too long" in str(err.value)

@@ -21,6 +21,10 @@ MAX_RESOURCE_COUNT = 100_000
 MAX_JOBS_PER_RUN = 1000
 #: prices, rates, targets and other plain numbers
 MAX_PLAIN_NUMBER = 1_000_000.0
+#: string fields: references (an image, a model id, a URL path), paths, free text (a password, an entrypoint)
+MAX_REF = 2048
+MAX_PATH = 4096
+MAX_TEXT = 65536
 
 
 def check_finite(value: Any, what: str) -> None:

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from dstack.core.errors import ConfigurationError
-from dstack.core.limits import MAX_JOBS_PER_RUN, MAX_PLAIN_NUMBER, short_repr
+from dstack.core.limits import MAX_JOBS_PER_RUN, MAX_PATH, MAX_PLAIN_NUMBER, MAX_REF, MAX_TEXT, short_repr
 from dstack.core.names import validate_name
 from dstack.core.models.common import Duration, DurationOrOff, Env, PortMapping
 from dstack.core.models.resources import Range, ResourcesSpec
@@ -97,8 +97,8 @@ class RegistryAuth(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    username: str
-    password: str
+    username: str = Field(max_length=1024)
+    password: str = Field(max_length=MAX_TEXT)
 
 
 class Retry(BaseModel):
@@ -152,9 +152,9 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     type: Literal["chat"] = "chat"
-    name: str
+    name: str = Field(max_length=MAX_REF)
     format: Literal["openai", "tgi"] = "openai"
-    prefix: str = "/v1"
+    prefix: str = Field(default="/v1", max_length=MAX_REF)
     chat_template: Optional[str] = None
     eos_token: Optional[str] = None
 
@@ -176,9 +176,9 @@ class EngineSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model_name: str
-    quantize: Optional[str] = None
-    dtype: Optional[str] = None
+    model_name: str = Field(max_length=MAX_REF)
+    quantize: Optional[str] = Field(default=None, max_length=64)
+    dtype: Optional[str] = Field(default=None, max_length=64)
     port: int = Field(default=8000, ge=1, le=65535)
     max_concurrent_requests: Optional[int] = Field(default=None, ge=1, le=100_000)
 
@@ -201,7 +201,7 @@ class ProbeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["http"] = "http"
-    url: str = "/"
+    url: str = Field(default="/", max_length=MAX_REF)
     method: Literal["get", "post", "head"] = "get"
     interval: Duration = 15
     timeout: Duration = 10
@@ -226,7 +226,7 @@ class RateLimitKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["ip_address", "header"] = "ip_address"
-    header: Optional[str] = None
+    header: Optional[str] = Field(default=None, max_length=256)
 
 
 class RateLimit(BaseModel):
@@ -234,7 +234,7 @@ class RateLimit(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prefix: str = "/"
+    prefix: str = Field(default="/", max_length=MAX_REF)
     key: RateLimitKey = Field(default_factory=RateLimitKey)
     rps: float = Field(gt=0, le=MAX_PLAIN_NUMBER)
     burst: int = Field(default=0, ge=0, le=int(MAX_PLAIN_NUMBER))
@@ -273,14 +273,14 @@ class BaseRunConfiguration(BaseModel):
 
     type: str
     name: Optional[str] = None
-    image: Optional[str] = None
+    image: Optional[str] = Field(default=None, max_length=MAX_REF)
     python: Optional[PythonVersion] = None
     env: Env = Field(default_factory=dict)
     setup: StrList = Field(default_factory=list)
     commands: StrList = Field(default_factory=list)
-    working_dir: Optional[str] = None
-    home_dir: Optional[str] = None
-    entrypoint: Optional[str] = None
+    working_dir: Optional[str] = Field(default=None, max_length=MAX_PATH)
+    home_dir: Optional[str] = Field(default=None, max_length=MAX_PATH)
+    entrypoint: Optional[str] = Field(default=None, max_length=MAX_TEXT)
     registry_auth: Optional[RegistryAuth] = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_duration: Optional[DurationOrOff] = None
@@ -391,6 +391,9 @@ class ServiceConfiguration(BaseRunConfiguration):
             if self.model is None:
                 # The engine speaks TGI; the proxy maps OpenAI onto it with the model's own template.
                 self.model = ModelSpec(name=self.engine.model_name, format="tgi")
+            if not self.probes:
+                # Ready means /health is 200 (after the engine's warm-up decode), not an open port.
+                self.probes = [ProbeSpec(url="/health")]
         if self.port is None:
             raise FieldValueError("port", "port is required: the port the service's replicas listen on")
         r = self.replicas
