@@ -5,11 +5,13 @@ script that dies of SIGSEGV the way llama.cpp's AMX kernels did at the first dec
 """
 
 import os
-import stat
+import shutil
+import tempfile
 import subprocess
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,11 +27,20 @@ exec {python} -c 'import ctypes, faulthandler; faulthandler.enable(); ctypes.str
 """
 
 
-def test_crashing_engine_is_reported_and_the_run_fails_after_bounded_backoff(server, tmp_path):
-    script = tmp_path / "crashing-python"
+def test_crashing_engine_is_reported_and_the_run_fails_after_bounded_backoff(server):
+    # Jobs may run as another user: the script lives where anyone may read and run it.
+    folder = tempfile.mkdtemp(prefix="dstack-crashing-engine-")
+    try:
+        _crash_loop(server, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _crash_loop(server, folder: str) -> None:
+    os.chmod(folder, 0o755)
+    script = Path(folder) / "crashing-python"
     script.write_text(CRASHING_PYTHON.format(python=sys.executable))
-    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    os.chmod(tmp_path, 0o755)  # jobs may run as another user: the script must be reachable
+    script.chmod(0o755)
     client = server.client()
     run = client.runs.submit(
         CompletionService(model_name="SmolLM2-135M-Instruct", env={"DSTACK_ENGINE_PYTHON": str(script)}),
