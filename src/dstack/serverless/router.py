@@ -177,6 +177,12 @@ class ServerlessApp:
             await call.json(error_detail(e.msg, e.code), e.status)
         except ConnectionResetError:
             pass  # the client went away mid-request
+        except Exception:  # a bug: logged with its traceback; the client gets JSON without it
+            log.exception("serverless: %s %s failed", scope["method"], route_path(scope))
+            try:
+                await call.json(error_detail("internal server error", "server_error"), 500)
+            except Exception:
+                pass  # the answer had already begun: nothing more can be said
         finally:
             call.close()
 
