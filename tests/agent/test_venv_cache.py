@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -82,7 +85,10 @@ def test_second_job_reuses_prepared_venv(client: httpx.Client, home: Path, wheel
 
 def test_concurrent_jobs_same_key_serialize_setup(client: httpx.Client, home: Path, tmp_path: Path) -> None:
     key = new_key()  # new: both jobs also race to build the venv
-    log = tmp_path / "intervals.txt"
+    # Jobs run as an unprivileged user (agent.sandbox) and do not see pytest's private tmp_path.
+    shared = Path(tempfile.mkdtemp(prefix="dstack-test-"))
+    os.chmod(shared, 0o777)
+    log = shared / "intervals.txt"
     setup = [
         f'echo "enter $(date +%s.%N)" >> {log}',
         "sleep 1",
@@ -102,6 +108,7 @@ def test_concurrent_jobs_same_key_serialize_setup(client: httpx.Client, home: Pa
     waited = [r for _, records in results for r in records if "waiting for another job" in text([r], "stderr")]
     assert len(waited) == 1  # exactly the second one waited, and said so
     assert (home / "cache" / "venvs" / PY / key / "bin" / "python").exists()
+    shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_lock_is_released_after_setup_even_with_background_children(client: httpx.Client) -> None:

@@ -1,6 +1,10 @@
 """Tasks end to end through the Python API against a real server, agent and database."""
 
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -102,7 +106,10 @@ def test_max_duration(client):
 
 
 def test_retry_after_failure(client, tmp_path):
-    marker = tmp_path / "attempt"
+    # Jobs may run as another user (agent.sandbox): the marker's directory must be theirs to write.
+    shared = Path(tempfile.mkdtemp(prefix="dstack-test-"))
+    os.chmod(shared, 0o777)
+    marker = shared / "attempt"
     # Fails the first time, succeeds on the retry (the server fixture uses short retry delays).
     cmd = f"if [ -e {marker} ]; then echo second; else touch {marker}; echo first; exit 1; fi"
     run = client.runs.submit(Task(commands=[cmd], retry={"on_events": ["error"], "duration": "1m"}, resources=SMALL))
@@ -111,6 +118,7 @@ def test_retry_after_failure(client, tmp_path):
     subs = run.jobs[0].job_submissions
     assert [s.status for s in subs] == [JobStatus.FAILED, JobStatus.DONE]
     assert b"".join(run.logs()).decode().split() == ["first", "second"]
+    shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_two_tasks_at_once_and_one_that_does_not_fit(client):

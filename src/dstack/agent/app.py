@@ -36,6 +36,7 @@ def create_app(home: Path, token: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(manager.net.probe)  # once; cached for /api/host and submissions
+        await asyncio.to_thread(manager.isolation.probe)
         manager.load()
         # Unpack pip for the default Python now, so the first job does not pay for it; drop shared
         # venvs unused for a week (under their build lock, so a job starting meanwhile is safe).
@@ -75,6 +76,7 @@ def create_app(home: Path, token: str) -> FastAPI:
     async def host() -> dict[str, Any]:
         info = await asyncio.to_thread(host_info, home, manager.venvs)
         info["network_isolation"] = manager.net.available
+        info["job_isolation"] = manager.isolation.available
         return info
 
     @app.get("/api/jobs", dependencies=[Depends(auth)])

@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from dstack.agent import containers, runner
+from dstack.agent import containers, runner, sandbox
 from dstack.agent.logs import LogStore
 from dstack.agent.models import FINAL_STATES, JobSubmission
 from dstack.agent.netns import NETNS_DIR, NetnsAllocation, NetnsError, NetworkIsolation
@@ -65,6 +65,9 @@ class Job:
         self.netns: NetnsAllocation | None = None  # while its namespace exists
         self.address: str | None = HOST_ADDRESS if self.network == "host" else None
         self.shared_venv: Path | None = None  # the cached venv it uses (spec.venv_key), once prepared
+        # The unprivileged user its process runs as (agent.sandbox), set on submit; None: the agent's.
+        self.user: sandbox.JobUser | None = None
+        self._python_prefix: Path | None = None  # the interpreter's install, which the job must reach
         # Image jobs: the container's name (found by it on stop and after an agent restart).
         self.container: str | None = containers.container_name(manager.home, spec.job_id) if spec.image else None
         self.runtime: containers.ContainerRuntime | None = None  # the CLI, once prepared
@@ -201,20 +204,32 @@ class Job:
         if spec.image:
             return await self._prepare_image(spec.image)
         interp = self.manager.venvs.resolve(spec.python)
+        self._python_prefix = interp.executable.parent.parent
+        user = self.user
         if spec.venv_key:
             # shared with every job of the same key (same python + setup): prepared by earlier runs
+            key = spec.venv_key
+            if user is not None:
+                key = sandbox.shared_venv_key(self.manager.venvs.shared_root / interp.version, key, user)
             try:
-                venv_dir = await asyncio.to_thread(self.manager.venvs.shared, interp, spec.venv_key)
+                venv_dir = await asyncio.to_thread(self.manager.venvs.shared, interp, key)
+                if user is not None:
+                    await asyncio.to_thread(sandbox.adopt_venv, venv_dir, user)
             except OSError as e:
                 raise JobError(500, f"cannot prepare the shared venv {spec.venv_key!r}: {e}") from e
             self.shared_venv = venv_dir
         else:
             venv_dir = self.dir / "venv"
             await asyncio.to_thread(self.manager.venvs.create, interp, venv_dir)
+            if user is not None:
+                await asyncio.to_thread(sandbox.give_tree, venv_dir, user)
         self.repo_dir.mkdir(parents=True, exist_ok=True)
-        cwd = runner.resolve_working_dir(self.repo_dir, spec.working_dir)
         try:
-            cwd.mkdir(parents=True, exist_ok=True)
+            if user is not None:
+                cwd = sandbox.working_dir(self.repo_dir, spec.working_dir, user)
+            else:
+                cwd = runner.resolve_working_dir(self.repo_dir, spec.working_dir)
+                cwd.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise JobError(400, f"cannot use working_dir {spec.working_dir!r}: {e}") from e
         return venv_dir, cwd
@@ -252,16 +267,24 @@ class Job:
         """The job's command line and its environment: bash on the host, or the container CLI."""
         spec = self.spec
         if self.runtime is None:
-            env = runner.job_env(spec.env, venv_dir, spec.gpus, self.manager.pip_cache)
+            user = self.user
+            pip_cache = self.manager.pip_cache if user is None else user.home / ".cache" / "pip"
+            env = runner.job_env(spec.env, venv_dir, spec.gpus, pip_cache)
+            if user is not None:
+                env = sandbox.user_env(env, spec.env, user)
             if spec.prewarm and self.network == "host" and self.shared_venv is not None:
                 # Zygote children live in the host's network namespace: host-network jobs only.
                 try:
-                    env = with_prewarm_path(env, self.shared_venv)
+                    env = with_prewarm_path(env, self.shared_venv, user.uid if user is not None else None)
                 except OSError as e:
                     logger.warning("job %s: no warm start: %s", spec.job_id, e)
             if spec.worker_site:
                 env = with_worker_site(env)
-            return [*prefix, "bash", "--noprofile", "--norc", str(script)], env
+            argv = ["bash", "--noprofile", "--norc", str(script)]
+            if user is not None:  # GPUs: /dev/nvidia* must be usable by other users (0666, the default)
+                extra = [p for p in (self._python_prefix,) if p is not None]
+                argv = self.manager.isolation.wrap(argv, user, self.manager.isolation.exposures(extra))
+            return [*prefix, *argv], env
         job_env = {"PYTHONUNBUFFERED": "1", **spec.env}
         by_name, by_value = containers.split_env(job_env)
         c = containers.ContainerSpec(
@@ -291,6 +314,8 @@ class Job:
         script = self.dir / "job.sh"
         setup_lock = self.shared_venv / SETUP_LOCK if self.shared_venv is not None else None
         runner.write_script(script, spec.setup, spec.commands, setup_lock)
+        if self.user is not None:
+            os.chown(script, self.user.uid, self.user.gid)
         prefix: list[str] = []
         if self.network == "isolated":
             try:
@@ -463,6 +488,7 @@ class JobManager:
         self.jobs: dict[str, Job] = {}
         self.net = NetworkIsolation(home)
         self.venvs = VenvFactory(self.cache_dir)
+        self.isolation = sandbox.Isolation(home)  # probed at start (app lifespan)
         private_dir(self.jobs_dir)
         self.pip_cache.mkdir(parents=True, exist_ok=True)
 
@@ -517,6 +543,9 @@ class JobManager:
         job = Job(spec, job_dir, self)
         job.save()
         job.save_env()
+        if not spec.image and self.isolation.available:  # an image job is isolated by its container
+            job.user = self.isolation.user_for(spec.project_id)
+            sandbox.prepare_job_dir(job_dir, job.user)  # after the files above (they make it 0700)
         self.jobs[spec.job_id] = job
         return job
 
@@ -526,6 +555,8 @@ class JobManager:
             raise JobError(409, f"job {job_id!r} is {job.state}; code can only be uploaded before start")
         try:
             await asyncio.to_thread(runner.safe_extract, archive, job.repo_dir)
+            if job.user is not None:
+                await asyncio.to_thread(sandbox.give_tree, job.repo_dir, job.user)
         except (ValueError, OSError, EOFError, tarfile.TarError) as e:
             raise JobError(400, f"bad code archive: {e}") from e
 

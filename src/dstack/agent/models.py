@@ -30,6 +30,9 @@ class JobSubmission(BaseModel):
 
     job_id: str
     run_name: str = ""
+    # Jobs of one project run as one unprivileged user of their own where the agent isolates jobs
+    # (agent.sandbox); jobs without it share the user of "default".
+    project_id: str | None = Field(default=None, max_length=128)
     commands: list[str] = Field(default_factory=list)
     setup: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)

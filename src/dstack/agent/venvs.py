@@ -220,6 +220,7 @@ class VenvFactory:
             tmp.mkdir(parents=True)
             with zipfile.ZipFile(wheel) as zf:
                 zf.extractall(tmp)
+            _readable_by_all(tmp)  # jobs may run as other users (agent.sandbox)
             (tmp / ".complete").write_text(wheel.name)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
@@ -360,10 +361,21 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _readable_by_all(root: Path) -> None:
+    """Directories 0755 and files 0644 (executables 0755), whatever the umask was."""
+    for d, _dirs, files in os.walk(root):
+        os.chmod(d, 0o755)
+        for name in files:
+            path = os.path.join(d, name)
+            os.chmod(path, 0o755 if os.stat(path).st_mode & 0o100 else 0o644)
+
+
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on ``path``: between threads (each opens its own file) and processes."""
-    with open(path, "a") as f:
+    """An exclusive flock on ``path``: between threads (each opens its own file) and processes.
+    The file is 0600: a job running as another user cannot take the lock and stall the agent."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as f:
+        os.fchmod(f.fileno(), 0o600)  # one an older agent left
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield

@@ -9,6 +9,7 @@ up from zero then skips ~2 s of imports. See zygote.py for the protocol, starter
 
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -18,20 +19,28 @@ STARTER = HERE / "starter.py"
 DIR_NAME = ".dstack-prewarm"
 
 
-def socket_path(venv_dir: Path) -> Path:
-    """Unix socket paths are limited to ~108 bytes, venv paths are not: a short private path."""
-    sock_dir = Path(tempfile.gettempdir()) / f"dstack-zygotes-{os.getuid()}"
+def socket_path(venv_dir: Path, uid: int | None = None) -> Path:
+    """Unix socket paths are limited to ~108 bytes, venv paths are not: a short private path.
+
+    ``uid``: the user the job (and so its zygote) runs as, when the agent isolates jobs
+    (agent.sandbox); the directory is made (by root) for that user."""
+    uid = os.getuid() if uid is None else uid
+    sock_dir = Path(tempfile.gettempdir()) / f"dstack-zygotes-{uid}"
     sock_dir.mkdir(mode=0o700, exist_ok=True)
-    if sock_dir.stat().st_uid != os.getuid() or sock_dir.stat().st_mode & 0o077:
-        raise PermissionError(f"{sock_dir} must be private to this user")
+    st = sock_dir.lstat()
+    if uid != os.getuid() and st.st_uid == os.getuid() and not st.st_mode & 0o077 and stat.S_ISDIR(st.st_mode):
+        os.chown(sock_dir, uid, uid)  # just made by us (root) for the job's user
+        st = sock_dir.lstat()
+    if st.st_uid != uid or st.st_mode & 0o077 or not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{sock_dir} must be private to uid {uid}")
     return sock_dir / (hashlib.sha256(str(venv_dir.resolve()).encode()).hexdigest()[:24] + ".sock")
 
 
-def prewarm_bin(venv_dir: Path) -> Path:
+def prewarm_bin(venv_dir: Path, uid: int | None = None) -> Path:
     """Write (once per venv and dstack version) the `python`/`python3` starters; returns their dir."""
     bin_dir = venv_dir / DIR_NAME / "bin"
     real = venv_dir / "bin" / "python"
-    sock = socket_path(venv_dir)
+    sock = socket_path(venv_dir, uid)
     header = (f"#!{real} -IS\n"
               f"REAL = {str(real)!r}\nSOCK = {str(sock)!r}\nZYGOTE = {str(ZYGOTE)!r}\n")
     text = header + STARTER.read_text()
@@ -50,10 +59,10 @@ def prewarm_bin(venv_dir: Path) -> Path:
     return bin_dir
 
 
-def with_prewarm_path(env: dict[str, str], venv_dir: Path) -> dict[str, str]:
+def with_prewarm_path(env: dict[str, str], venv_dir: Path, uid: int | None = None) -> dict[str, str]:
     """The job's env with the starters ahead of the venv's own interpreter."""
     env = dict(env)
-    env["PATH"] = os.pathsep.join([str(prewarm_bin(venv_dir)), env.get("PATH", "")])
+    env["PATH"] = os.pathsep.join([str(prewarm_bin(venv_dir, uid)), env.get("PATH", "")])
     return env
 
 

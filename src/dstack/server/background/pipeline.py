@@ -354,6 +354,7 @@ class Pipeline:
                 submission = {
                     "job_id": job.id,
                     "run_name": run.run_name,
+                    "project_id": run.project_id,  # the agent runs each project's jobs as its own user
                     "commands": spec.commands,
                     "setup": spec.setup,
                     "env": env,
