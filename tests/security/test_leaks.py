@@ -61,6 +61,11 @@ def test_proxy_answers_alike_for_existing_and_missing_services(tenants: Tenants,
             (status, existing.text), existing.text
     # A member learns that it is missing.
     assert httpx.get(f"{base}/no-such-svc/x", headers=tenants.admin).status_code == 404
+    # WebSockets too.
+    ws_base = base.replace("http://", "ws://")
+    for headers, status in (({}, 401), (tenants.bob, 403)):
+        got = [_ws_refusal(f"{ws_base}/{svc}/ws", headers) for svc in (service, "no-such-svc")]
+        assert got[0] == got[1] and got[0][0] == status, got
     # A project that does not exist answers as a foreign one.
     ghost = httpx.get(f"{tenants.server.url}/proxy/services/ghost/x/", headers=tenants.bob)
     assert ghost.status_code == 403
@@ -132,3 +137,15 @@ def test_plain_user_gateway_with_pem_on_loopback(tenants: Tenants, tmp_path: Pat
         r = tenants.post("/api/project/bobs/gateways/delete", {"names": ["bob-gw"]}, headers=tenants.bob)
         assert r.status_code == 200, r.text
 
+
+
+def _ws_refusal(url: str, headers: dict) -> tuple[int, bytes]:
+    """The status and body with which the proxy refuses a WebSocket handshake."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    try:
+        with connect(url, additional_headers=headers, open_timeout=10):
+            raise AssertionError(f"{url}: the handshake was accepted")
+    except InvalidStatus as e:
+        return e.response.status_code, e.response.body

@@ -154,6 +154,7 @@ def test_agent_files_hold_no_credential(tenants: Tenants, sleeper) -> None:
         if path.is_file() and "repo" not in path.relative_to(jobs).parts and "venv" not in path.relative_to(jobs).parts:
             text = path.read_bytes().decode(errors="replace")
             assert_clean(text, str(path))
+    assert_clean((jobs.parent / "agent.log").read_text(errors="replace"), "the agent's log")
     assert not list(jobs.glob("*/env.json")), "a started job's env file is left behind"
     assert not list(jobs.rglob(".registry-auth")), "the pull's auth file is left behind"
 
