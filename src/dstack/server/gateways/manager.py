@@ -156,7 +156,10 @@ class GatewayManager:
             cmd = proc.cmdline()
         except psutil.Error:
             return False
-        return "dstack.proxy.gateway" in cmd and f"--gateway-id={gw.id}" in cmd
+        if "dstack.proxy.gateway" not in cmd:
+            return False
+        # (`--token=` on the command line: started by a server of before the token went by environment)
+        return f"--gateway-id={gw.id}" in cmd or f"--token={crypto.decrypt(gw.token)}" in cmd
 
     async def _healthy(self, gw: GatewayModel) -> bool:
         try:
