@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from typing import Awaitable, Callable
 
 from sqlalchemy import select
@@ -24,6 +25,9 @@ from dstack.server.models import InstanceModel
 logger = logging.getLogger(__name__)
 
 AGENT_CHECK_SECONDS = float(os.environ.get("DSTACK_SERVER_AGENT_CHECK_SECONDS", "2"))
+# Jobs wait this long for an instance whose agent is being brought back; past it the instance is
+# offered again (and fails what it cannot run) rather than holding work back forever.
+AGENT_RECOVERY_HOLD_SECONDS = float(os.environ.get("DSTACK_SERVER_AGENT_UNREACHABLE_SECONDS", "60"))
 
 
 class InstanceManager:
@@ -33,7 +37,7 @@ class InstanceManager:
         self._clients: dict[str, AgentClient] = {}
         self._backend_of: dict[str, tuple[Backend, str]] = {}  # instance id -> (backend, instance name)
         self._retired: list[AgentClient] = []  # clients of replaced agents (closed at shutdown)
-        self._down: set[str] = set()
+        self._down: dict[str, float] = {}  # instance id -> when its agent was found lost (monotonic)
         self._recovered: dict[str, asyncio.Event] = {}
         self._supervisor: asyncio.Task | None = None
         #: awaited with an instance id once its agent was replaced (the pipeline reconciles jobs)
@@ -73,7 +77,8 @@ class InstanceManager:
 
     def is_down(self, instance_id: str) -> bool:
         """True while the instance's agent is lost and being brought back."""
-        return instance_id in self._down
+        since = self._down.get(instance_id)
+        return since is not None and time.monotonic() - since < AGENT_RECOVERY_HOLD_SECONDS
 
     async def wait_recovered(self, instance_id: str, old: AgentClient, timeout: float) -> AgentClient | None:
         """After a connection error through `old`: the instance's client once its agent answers
@@ -110,17 +115,21 @@ class InstanceManager:
         """Ask the instance's agent whether it lives; bring back one that died. True if it was replaced."""
         client = self._clients[instance_id]
         if await client.healthy():
-            self._down.discard(instance_id)
+            self._down.pop(instance_id, None)
             return False
         backend, name = self._backend_of[instance_id]
-        self._down.add(instance_id)
+        first = instance_id not in self._down
+        self._down.setdefault(instance_id, time.monotonic())
         try:
             inst = await backend.recover_instance(name, client.endpoint)
-        except Exception:
-            logger.exception("bringing back the agent of instance %s failed; trying again", name)
+        except Exception as e:
+            if first:  # once per outage, not every few seconds
+                logger.exception("bringing back the agent of instance %s failed; trying again", name)
+            else:
+                logger.debug("bringing back the agent of instance %s failed again: %s", name, e)
             return False
         if inst is None:  # the agent lives but is slow to answer: not replaced
-            self._down.discard(instance_id)
+            self._down.pop(instance_id, None)
             return False
         async with self.db.session() as session:
             row = (await session.execute(select(InstanceModel).where(InstanceModel.id == instance_id))).scalar_one()
@@ -128,7 +137,7 @@ class InstanceManager:
             await session.commit()
         self._retired.append(client)  # requests in flight through it fail by themselves
         self._clients[instance_id] = AgentClient(inst.agent)
-        self._down.discard(instance_id)
+        self._down.pop(instance_id, None)
         logger.warning("the agent of instance %s (pid %s) was lost; now using the agent with pid %s at %s",
                        name, client.endpoint.pid, inst.agent.pid, inst.agent.url)
         event = self._recovered.pop(instance_id, None)
