@@ -154,6 +154,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         return JSONResponse({"detail": [{"msg": "internal server error", "code": "server_error"}]}, status_code=500)
 
     def _body_limit(path: str) -> tuple[int, str]:
+        if path.startswith(tuple(m + "/" for m in DATA_PLANE_MOUNTS)):
+            return 2**62, "-"  # the data planes bound their own bodies (services' uploads, /v2's 64 MiB)
         if path.endswith("/repos/upload_code") and settings.code_upload_limit_bytes > settings.limits.max_body_bytes:
             return settings.code_upload_limit_bytes, "DSTACK_SERVER_CODE_UPLOAD_LIMIT"
         return settings.limits.max_body_bytes, "DSTACK_SERVER_MAX_BODY_SIZE"
