@@ -97,6 +97,14 @@ def test_registry_password_and_env_secrets_never_come_back(tenants: Tenants) -> 
     assert_clean(t.server.logs(tail=10**7), "the server log")
 
 
+def test_a_password_too_long_to_store_encrypted_is_refused(tenants: Tenants) -> None:
+    spec = image_run_spec("long-secret")
+    spec["configuration"]["registry_auth"]["password"] = "x" * 60_000  # fits the field, not once encrypted
+    r = tenants.post("/api/project/main/runs/submit", {"run_spec": spec})
+    assert r.status_code == 400 and "registry_auth.password" in r.text, r.text
+    assert tenants.post("/api/project/main/runs/get", {"run_name": "long-secret"}).status_code == 404
+
+
 def test_env_reaches_the_job_in_plain_text(tenants: Tenants) -> None:
     """The pipeline decrypts what it stored; the Python API applies plans with its own values."""
     client = Client.from_config(project_name="main", server_url=tenants.server.url, user_token=tenants.server.token)

@@ -208,6 +208,7 @@ async def submit_run(session: AsyncSession, project: ProjectModel, user: UserMod
     # Stored with its credentials and env values encrypted (see services.secrets).
     run_spec = run_spec.model_copy(update={"run_name": run_name,
                                            "configuration": seal_configuration(conf.model_dump(mode="json"))})
+    parse_configuration(run_spec)  # what the pipeline will read: a credential may be too long once encrypted
     now = utcnow()
     run = RunModel(
         project_id=project.id,
