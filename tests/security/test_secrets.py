@@ -105,6 +105,18 @@ def test_a_password_too_long_to_store_encrypted_is_refused(tenants: Tenants) -> 
     assert tenants.post("/api/project/main/runs/get", {"run_name": "long-secret"}).status_code == 404
 
 
+def test_ciphertext_cannot_be_submitted(tenants: Tenants) -> None:
+    """Else a stored secret copied out of the database would be decrypted into the submitter's job."""
+    data = tenants.server.home / "server" / "data"
+    with sqlite3.connect(f"file:{data / 'sqlite.db'}?mode=ro", uri=True) as db:
+        run_spec, = db.execute("SELECT run_spec FROM runs WHERE run_name = 'secret-run'").fetchone()
+    stolen = json.loads(run_spec)["configuration"]["env"]["API_TOKEN"]
+    spec = {"run_name": "thief", "configuration": {"type": "task", "commands": ["echo $LOOT"],
+                                                   "env": {"LOOT": stolen}, "resources": SMALL}}
+    r = tenants.post("/api/project/bobs/runs/submit", {"run_spec": spec}, headers=tenants.bob)
+    assert r.status_code == 400 and "env.LOOT" in r.text and "reserved" in r.text, r.text
+
+
 def test_env_reaches_the_job_in_plain_text(tenants: Tenants) -> None:
     """The pipeline decrypts what it stored; the Python API applies plans with its own values."""
     client = Client.from_config(project_name="main", server_url=tenants.server.url, user_token=tenants.server.token)

@@ -88,22 +88,36 @@ def reveal_registry_auth(configuration: dict[str, Any]) -> dict[str, str] | None
 
 
 def refuse_redacted(configuration: dict[str, Any]) -> None:
-    """A plan sent back as it was answered carries `***` where its credentials were: refuse it
-    rather than run with `***` as a password."""
-    found: list[str] = []
+    """Refuse what a submitted configuration may not hold where credentials go: `***` (a plan
+    sent back as it was answered: it would run with `***` as the password), and values that look
+    encrypted (`enc:v1:...`), which only the server writes: the pipeline would decrypt one taken
+    from a copy of the database into the submitter's job."""
+    redacted: list[str] = []
+    encrypted: list[str] = []
+
+    def check(path: str, v: str) -> None:
+        if v == REDACTED:
+            redacted.append(path)
+        elif crypto.is_encrypted(v):
+            encrypted.append(path)
 
     def secret(path: str, v: str) -> str:
-        if v == REDACTED:
-            found.append(path)
+        check(path, v)
         return v
 
     def env(path: str, e: dict[str, str]) -> dict[str, str]:
-        found.extend(f"{path}.{k}" for k, v in e.items() if v == REDACTED)
+        for k, v in e.items():
+            check(f"{path}.{k}", v)
         return e
 
     _walk(configuration, secret, env)
-    if found:
+    if redacted:
         raise ServerClientError(
-            f"{', '.join(found)}: '{REDACTED}' is how answers hide credentials, not a credential; "
-            "send the configuration with the real values", fields=found,
+            f"{', '.join(redacted)}: '{REDACTED}' is how answers hide credentials, not a credential; "
+            "send the configuration with the real values", fields=redacted,
+        )
+    if encrypted:
+        raise ServerClientError(
+            f"{', '.join(encrypted)}: values starting with '{crypto.PREFIX}' are reserved for what the server "
+            "encrypts", fields=encrypted,
         )
