@@ -3,6 +3,7 @@ encrypted in the database, kept out of world-readable files and of command lines
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import secrets
@@ -93,7 +94,12 @@ def test_registry_password_and_env_secrets_never_come_back(tenants: Tenants) -> 
     assert "secret-run" in ps.stdout
     assert_clean(ps.stdout + ps.stderr, "dstack ps")
 
-    wait_finished(t, "main", "secret-run")  # fails: no such image; it went through the pipeline
+    run = wait_finished(t, "main", "secret-run")  # the pipeline decrypted the password for the pull:
+    assert "the fake registry refuses every pull" in json.dumps(run["jobs"]), run
+    auth_files = [json.loads(p.read_text()) for p in t.pulls.glob("*.json")]
+    assert len(auth_files) == 1, auth_files
+    token = auth_files[0]["auths"]["registry.invalid"]["auth"]
+    assert base64.b64decode(token).decode() == f"me:{PASSWORD}"
     assert_clean(t.server.logs(tail=10**7), "the server log")
 
 
