@@ -43,3 +43,19 @@ def test_parameters_and_template():
     p = tgi_parameters({"temperature": 0.7, "top_p": 0.9, "seed": 3}, [], stream=True)
     assert p == {"details": True, "temperature": 0.7, "top_p": 0.9, "do_sample": True, "seed": 3}
     assert trim_stop("abc</s>", ["</s>"]) == "abc"
+
+
+def test_proxy_and_engine_render_a_template_alike():
+    """One renderer: a template with the engine's extras (tojson, strftime_now) gives the same
+    prompt through the proxy's OpenAI → TGI mapping and the engine's own chat endpoint."""
+    from dstack.core.chat_template import ChatTemplate
+
+    template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | tojson }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] year {{ strftime_now('%Y') }}{% endif %}")
+    m = ModelInfo(name="m", format="tgi", chat_template=template, bos_token="<s>", eos_token="</s>")
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    via_proxy = render_chat(m, messages)
+    via_engine = ChatTemplate(template, "<s>", "</s>").render(messages, add_generation_prompt=True)
+    assert via_proxy == via_engine
+    assert '[user] "Hi there"' in via_proxy and "year 20" in via_proxy

@@ -439,7 +439,7 @@ def test_model_resolution_rules(tmp_path: Path) -> None:
 
 
 def test_chat_metadata_from_gguf() -> None:
-    from dstack.serving.chat import ChatTemplate
+    from dstack.core.chat_template import ChatTemplate
     from dstack.serving.models import read_chat_metadata, resolve_model
 
     template, bos, eos = read_chat_metadata(resolve_model("SmolLM2-135M-Instruct"))

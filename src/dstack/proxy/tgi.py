@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 import uuid
 from typing import Any, Optional
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
+from dstack.core.chat_template import ChatTemplate, ChatTemplateError
 from dstack.proxy.registry import ModelInfo
 
 
@@ -23,26 +20,8 @@ class ConversionError(ValueError):
         self.param = param
 
 
-def _raise_exception(message: str) -> None:
-    raise TemplateError(message)
-
-
-@functools.lru_cache(maxsize=64)
-def _compile(template: str) -> Any:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise_exception
-    return env.from_string(template)
-
-
-def _content(content: Any) -> Any:
-    """OpenAI content parts → plain text (templates expect strings)."""
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
-    return content
-
-
 def render_chat(model: ModelInfo, messages: list[dict[str, Any]], where: str = "") -> str:
-    """The prompt for `messages` through the model's chat template (sandboxed Jinja2)."""
+    """The prompt for `messages` through the model's chat template (the engine's renderer)."""
     if not model.chat_template:
         raise ConversionError(
             f"Model '{model.name}'{where} uses format 'tgi' but has no chat template; set `model.chat_template` "
@@ -51,13 +30,9 @@ def render_chat(model: ModelInfo, messages: list[dict[str, Any]], where: str = "
         )
     if not isinstance(messages, list) or not messages:
         raise ConversionError("'messages' must be a non-empty list", param="messages")
-    msgs = [{**m, "content": _content(m.get("content"))} if isinstance(m, dict) else m for m in messages]
     try:
-        tmpl = _compile(model.chat_template)
-        return tmpl.render(
-            messages=msgs, add_generation_prompt=True, bos_token=model.bos_token or "", eos_token=model.eos_token or ""
-        )
-    except TemplateError as e:
+        return ChatTemplate(model.chat_template, model.bos_token, model.eos_token).render(messages)
+    except ChatTemplateError as e:
         raise ConversionError(f"The chat template rejected the messages: {e}", code="chat_template_error") from e
 
 

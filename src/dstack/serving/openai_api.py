@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from dstack.serving.chat import ChatTemplateError, message_text
+from dstack.core.chat_template import ChatTemplateError
 from dstack.serving.engine import FINISH_LENGTH, GenerationRequest, TokenInfo
 from dstack.serving.sampling import SamplingParams
 from dstack.serving.schemas import ChatCompletionRequest, CompletionRequest, _OpenAICommon
@@ -88,7 +88,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     service.require_ready()
     assert service.chat_template is not None
     try:
-        messages = [{**m.model_dump(exclude_none=True), "content": message_text(m.content)} for m in body.messages]
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
         prompt = service.chat_template.render(messages, add_generation_prompt=True)
     except ChatTemplateError as e:
         raise validation_error(str(e)) from e

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
 from starlette.requests import Request
 
-from dstack.serving.chat import CHATML_TEMPLATE, ChatTemplate
+from dstack.core.chat_template import CHATML_TEMPLATE, ChatTemplate
 from dstack.serving.engine import Engine, Event, Finish, GenerationRequest, TokenInfo
 from dstack.serving.sampling import SamplingParams
 

@@ -1,11 +1,13 @@
 """Rendering OpenAI chat messages into a prompt with the model's Jinja2 chat template.
 
-The template comes from the model file, i.e. from whoever published the model, so it runs in
-Jinja2's immutable sandbox.
+One renderer for the built-in engine's `/v1/chat/completions` and the proxy's OpenAI → TGI
+mapping, so a template renders the same prompt on both paths. The template comes from the model
+file, i.e. from whoever published the model, so it runs in Jinja2's immutable sandbox.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from typing import Any, Optional
@@ -34,15 +36,28 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def _tojson(value: Any, indent: Optional[int] = None) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(template: str) -> Any:
+    """Compiled once per template text: the proxy renders with the same template on every request."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.filters["tojson"] = _tojson
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise ChatTemplateError(f"chat template error: {e}") from e
+
+
 class ChatTemplate:
     """A compiled chat template with the special tokens it may refer to."""
 
     def __init__(self, template: str, bos_token: Optional[str] = None, eos_token: Optional[str] = None) -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = _strftime_now
-        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
-        self._template = env.from_string(template)
+        self._template = _compile(template)
         self.source = template
         self.bos_token = bos_token or ""
         self.eos_token = eos_token or ""
@@ -53,6 +68,8 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         **kwargs: Any,
     ) -> str:
+        messages = [{**m, "content": message_text(m.get("content"))} if isinstance(m, dict) else m
+                    for m in messages]
         try:
             return self._template.render(
                 messages=messages,
