@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm.exc import StaleDataError
 
+from dstack.core.exit_status import describe_engine_exit, describe_exit, exit_error
 from dstack.core.models.resources import ResourcesSpec
 from dstack.core.models.runs import (
     JobProvisioningData,
@@ -52,7 +53,13 @@ logger = logging.getLogger(__name__)
 
 FINISHED_JOB = [s.value for s in JobStatus.finished_statuses()]
 FINISHED_RUN = [s.value for s in RunStatus.finished_statuses()]
+# A replica that fails within REPLICA_STABLE_SECONDS of starting has crashed rather than served.
+# Crashes in a row back off (the k-th replacement waits min(2**(k-2), 30) s after the failure),
+# and after MAX_REPLICA_FAILURES with no replica running the run fails with the last one's error:
+# an engine whose kernels segfault on this CPU is not restarted forever.
 MAX_REPLICA_FAILURES = 5
+REPLICA_STABLE_SECONDS = 300.0
+REPLICA_BACKOFF_MAX_SECONDS = 30.0
 AGENT_UNREACHABLE_SECONDS = float(os.environ.get("DSTACK_SERVER_AGENT_UNREACHABLE_SECONDS", "60"))
 # While a job keeps printing, the agent holds a pull's answer this long for more lines (a state
 # change still answers at once): a chatty job (a serverless worker logging every request) then
@@ -243,11 +250,11 @@ class Pipeline:
                 self._ensure_running_on_agent(job)
         if changed:
             await session.commit()
-        old_status = run.status
+        old_status, old_error = run.status, run.error
         d = await self._update_run_status(session, run)
         deadline = _min(deadline, d)
         await session.commit()
-        if run.status != old_status:
+        if run.status != old_status or run.error != old_error:
             self._notify_run_changed(run.id)
         return deadline
 
@@ -541,6 +548,7 @@ class Pipeline:
         latest = list(latest_jobs(run).values())
         statuses = [JobStatus(j.status) for j in latest]
         old = run.status
+        replica_deadline = None
         if run.status == RunStatus.TERMINATING.value:
             if all(s.is_finished() for s in statuses):
                 reason = RunTerminationReason(run.termination_reason or RunTerminationReason.STOPPED_BY_USER.value)
@@ -548,7 +556,7 @@ class Pipeline:
         elif run.status == RunStatus.PENDING.value:
             return None
         elif _run_type(run) in ("service", "serverless"):
-            self._update_replicated_run(session, run, latest)
+            replica_deadline = self._update_replicated_run(session, run, latest)
         else:
             failed = [j for j in latest if j.status in (JobStatus.FAILED.value, JobStatus.ABORTED.value)
                       or (j.status == JobStatus.TERMINATED.value and j.termination_reason != JobTerminationReason.SCALED_DOWN.value)]
@@ -593,9 +601,9 @@ class Pipeline:
             run.last_processed_at = utcnow()
         if run.status == RunStatus.PENDING.value and run.next_attempt_at is not None:
             return _aware(run.next_attempt_at).timestamp()
-        return None
+        return replica_deadline
 
-    def _update_replicated_run(self, session, run: RunModel, latest: list[JobModel]) -> None:
+    def _update_replicated_run(self, session, run: RunModel, latest: list[JobModel]) -> float | None:
         """Services (and serverless workers) keep running while replicas come and go.
 
         A replica that fails is replaced; after several failures in a row with none running,
@@ -607,25 +615,40 @@ class Pipeline:
                       and j.termination_reason not in (JobTerminationReason.SCALED_DOWN.value,
                                                        JobTerminationReason.TERMINATED_BY_USER.value))]
         running = [j for j in latest if j.status == JobStatus.RUNNING.value]
-        if running:
-            run.resubmission_attempt = 0
+        deadline = None
         if failed and _run_type(run) == "service":
-            if run.resubmission_attempt >= MAX_REPLICA_FAILURES and not running:
+            streaks = {j.id: _crash_streak(run, j) for j in failed}
+            worst = max(failed, key=lambda j: streaks[j.id])
+            if streaks[worst.id] >= MAX_REPLICA_FAILURES and not running:
                 run.termination_reason = RunTerminationReason.JOB_FAILED.value
-                run.error = _job_error(failed[0])
+                run.error = f"replica {worst.replica_num} failed {streaks[worst.id]} times in a row: {_job_error(worst)}"
                 active = [j for j in latest if not JobStatus(j.status).is_finished()]
                 for j in active:
                     mark_job_terminating(j, JobTerminationReason.TERMINATED_BY_SERVER)
                 run.status = RunStatus.TERMINATING.value if active else RunStatus.FAILED.value
-                return
+                return None
+            now = utcnow()
             for job in failed:
-                if job.replica_num < run.desired_replica_count:
-                    for new in new_jobs(run, conf, job.replica_num, submission_num=job.submission_num + 1):
-                        if new.job_num == job.job_num:
-                            session.add(new)
-                            run.jobs.append(new)
-                    run.resubmission_attempt += 1
-                    logger.info("replacing failed replica %s of %s", job.replica_num, run.run_name)
+                if job.replica_num >= run.desired_replica_count:
+                    continue
+                streak = streaks[job.id]
+                delay = 0.0 if streak <= 1 else min(2.0 ** (streak - 2), REPLICA_BACKOFF_MAX_SECONDS)
+                due = (_aware(job.finished_at) or now) + timedelta(seconds=delay)
+                run.error = (f"replica {job.replica_num} failed ({_job_error(job)}); "
+                             f"replacing it{f' in {delay:g} s' if due > now else ''}"
+                             + (f", failure {streak} of {MAX_REPLICA_FAILURES} in a row" if streak else ""))
+                if due > now:
+                    deadline = _min(deadline, due.timestamp())
+                    continue
+                for new in new_jobs(run, conf, job.replica_num, submission_num=job.submission_num + 1):
+                    if new.job_num == job.job_num:
+                        session.add(new)
+                        run.jobs.append(new)
+                run.resubmission_attempt += 1
+                logger.info("replacing failed replica %s of %s (%s)", job.replica_num, run.run_name, _job_error(job))
+        elif run.error and any(_aware(j.started_at) and (utcnow() - _aware(j.started_at)).total_seconds()
+                               >= REPLICA_STABLE_SECONDS for j in running):
+            run.error = None  # the crash loop is over: a replica has been serving for a while
         statuses = [JobStatus(j.status) for j in latest_jobs(run).values()]
         if any(s == JobStatus.RUNNING for s in statuses):
             run.status = RunStatus.RUNNING.value
@@ -635,6 +658,7 @@ class Pipeline:
             run.status = RunStatus.RUNNING.value  # scaled to zero; a request wakes it
         elif run.status != RunStatus.SUBMITTED.value:
             run.status = RunStatus.PROVISIONING.value  # replicas being replaced or waiting for capacity
+        return deadline
 
     def _should_retry(self, run: RunModel, job: JobModel) -> bool:
         conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
@@ -686,9 +710,28 @@ def _run_type(run: RunModel) -> str:
     return json.loads(run.run_spec)["configuration"].get("type", "task")
 
 
+def _crash_streak(run: RunModel, job: JobModel) -> int:
+    """How many submissions of `job`'s replica in a row, ending with `job`, failed without
+    having run for REPLICA_STABLE_SECONDS (a replica that served a while and then failed is no crash loop)."""
+    history = sorted((j for j in run.jobs if j.replica_num == job.replica_num and j.job_num == job.job_num),
+                     key=lambda j: j.submission_num, reverse=True)
+    streak = 0
+    for j in history:
+        if j.status not in (JobStatus.FAILED.value, JobStatus.ABORTED.value, JobStatus.TERMINATED.value):
+            break
+        started, finished = _aware(j.started_at), _aware(j.finished_at)
+        if started and finished and (finished - started).total_seconds() >= REPLICA_STABLE_SECONDS:
+            break
+        if j.status == JobStatus.TERMINATED.value and j.termination_reason in (
+                JobTerminationReason.SCALED_DOWN.value, JobTerminationReason.TERMINATED_BY_USER.value):
+            break
+        streak += 1
+    return streak
+
+
 def _job_error(job: JobModel) -> str:
     if job.exit_status is not None:
-        return f"exit status {job.exit_status}"
+        return exit_error(job.exit_status, job.termination_reason_message)
     return job.termination_reason_message or job.termination_reason or "failed"
 
 
@@ -746,7 +789,9 @@ def _apply_agent_state(job: JobModel, resp: dict) -> None:
                                                   "was started and stopped what the job left running")
             elif job.exit_status is not None:
                 job.termination_reason = JobTerminationReason.CONTAINER_EXITED_WITH_ERROR.value
-                job.termination_reason_message = resp.get("message") or f"exit status {job.exit_status}"
+                job.termination_reason_message = (
+                    describe_engine_exit(job.exit_status) if JobSpec.model_validate_json(job.job_spec).engine
+                    else resp.get("message") or describe_exit(job.exit_status))
             else:
                 job.termination_reason = JobTerminationReason.EXECUTOR_ERROR.value
                 job.termination_reason_message = resp.get("message")
