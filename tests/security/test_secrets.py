@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from dstack.api import Client, Resources, Task
+from tests.conftest import running_server
 from tests.security.conftest import Tenants
 
 PASSWORD = "registry-pw-" + secrets.token_hex(8)
@@ -250,3 +252,39 @@ def test_which_fields_are_credentials(tmp_path: Path) -> None:
                             "DB_PASSWORD": "***", "MODE": "fast", "TOKENIZERS_PARALLELISM": "false"}
     assert s.reveal_env(sealed["env"]) == conf["env"]
     assert s.reveal_registry_auth(sealed) == {"username": "u", "password": "pw"}
+
+
+def test_rotation_reencrypts_the_database(tmp_path: Path) -> None:
+    """`rotate` re-encrypts what is stored, so the old key can go: the server then reads its runs,
+    agent and gateways with the new key alone."""
+    with running_server(tmp_path) as srv:
+        spec = {"run_name": "before-rotation", "configuration": {
+            "type": "task", "commands": ["true"], "env": {"API_TOKEN": ENV_SECRET, "GREETING": GREETING},
+            "resources": SMALL}}
+        r = httpx.post(f"{srv.url}/api/project/main/runs/submit", json={"run_spec": spec}, headers=srv.headers)
+        assert r.status_code == 200, r.text
+        agent_json = srv.home / "server" / "local-agent" / "agent.json"
+        agent_pid = json.loads(agent_json.read_text())["pid"]
+        srv.stop()
+        key_file = srv.home / "server" / "encryption.key"
+        old_key = key_file.read_text().split()
+        out = subprocess.run([sys.executable, "-m", "dstack.server.crypto", "rotate"], env=srv.env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "re-encrypted" in out.stdout, out.stdout
+        keys = key_file.read_text().split()
+        assert keys[1:] == old_key and len(keys) == 2
+        key_file.write_text(keys[0] + "\n")  # the old key is gone
+        assert mode(key_file) == 0o600
+        srv.start()
+        got = httpx.post(f"{srv.url}/api/project/main/runs/get", json={"run_name": "before-rotation"},
+                         headers=srv.headers).json()
+        assert got["run_spec"]["configuration"]["env"]["GREETING"] == GREETING  # decrypted with the new key
+        # The agent's stored token opened with the new key too: the running agent was reused.
+        assert json.loads(agent_json.read_text())["pid"] == agent_pid
+        assert "cannot be decrypted" not in srv.logs(tail=10**6)
+        client = Client.from_config(project_name="main", server_url=srv.url, user_token=srv.token)
+        run = client.runs.submit(Task(commands=['printf %s "$GREETING" | sha256sum'], env={"GREETING": GREETING},
+                                      resources=Resources(**SMALL)), run_name="after-rotation")
+        out = b"".join(run.logs()).decode()
+        assert out.split()[0] == hashlib.sha256(GREETING.encode()).hexdigest(), out

@@ -4,8 +4,9 @@ Stored values that are secrets (registry passwords, env values, gateway and agen
 through `encrypt` before they reach the database and `decrypt` where the server uses them, so a
 copy of the database alone reveals none of them. The key file (`<server dir>/encryption.key`,
 or `DSTACK_SERVER_ENCRYPTION_KEY_FILE`) is created on first start and must be kept with the
-database. Rotation: put the new key on the file's first line and the old one below it; values
-are decrypted with any listed key and encrypted with the first.
+database. Rotation: `python -m dstack.server.crypto rotate` puts a new key on the file's first
+line (values are decrypted with any listed key and encrypted with the first) and re-encrypts
+the database with it (`rekey.py`), after which the older keys may be removed.
 
 Encrypted values are strings `enc:v1:<fernet token>`: a value without that prefix is taken as
 plain text (rows written before encryption existed keep working).
@@ -98,17 +99,41 @@ def rotate(path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m dstack.server.crypto rotate [KEY_FILE]`: put a fresh key first in the key file."""
+    """`python -m dstack.server.crypto rotate [KEY_FILE]`: put a fresh key first in the key file and
+    re-encrypt the server's database with it (stop the server first)."""
     import argparse
+    import asyncio
 
     from dstack.server.settings import ServerSettings
 
     parser = argparse.ArgumentParser(prog="python -m dstack.server.crypto")
     parser.add_argument("action", choices=["rotate"])
     parser.add_argument("key_file", nargs="?", type=Path, help="default: the server's (see DSTACK_SERVER_ENCRYPTION_KEY_FILE)")
+    parser.add_argument("--no-database", action="store_true", help="only add the key; re-encrypt nothing")
     args = parser.parse_args(argv)
-    path = rotate(args.key_file or ServerSettings().encryption_key_file)
-    print(f"a new key is first in {path}; restart the server to encrypt with it (older keys still decrypt)")
+    settings = ServerSettings()
+    path = rotate(args.key_file or settings.encryption_key_file)
+    init(path)
+    print(f"a new key is first in {path}")
+    if args.no_database:
+        return
+    from sqlalchemy.exc import DBAPIError
+
+    from dstack.server.db import Database
+    from dstack.server.rekey import reencrypt
+
+    async def run() -> int:
+        db = Database(settings.resolved_database_url())
+        try:
+            return await reencrypt(db)
+        finally:
+            await db.dispose()
+
+    try:
+        changed = asyncio.run(run())
+    except DBAPIError as e:
+        raise SystemExit(f"the database was not re-encrypted ({e.orig}); the old keys stay in {path}") from None
+    print(f"{changed} stored values re-encrypted with it: the older keys below it may now be removed")
 
 
 if __name__ == "__main__":
