@@ -22,7 +22,7 @@ from dstack.agent.netns import NETNS_DIR, NetnsAllocation, NetnsError, NetworkIs
 from dstack.agent.prewarm import with_prewarm_path
 from dstack.agent.venvs import SETUP_LOCK, PythonNotFound, VenvFactory, touch_last_used
 from dstack.agent.workersite import with_worker_site
-from dstack.core.exit_status import describe_exit
+from dstack.core.exit_status import describe_exit, signal_name
 from dstack.core.private import private_dir, write_private
 
 logger = logging.getLogger(__name__)
@@ -378,9 +378,11 @@ class Job:
             self.set_state("done", exit_status=0)
         else:
             message = describe_exit(exit_status)
-            # Also in the job's log: `dstack logs` then ends with why it ended, after whatever the
-            # process itself printed (faulthandler's stacks for a crash inside native code).
-            self.logs.append("stderr", f"dstack: the process {message}\n".encode(), time.time())
+            if signal_name(exit_status):
+                # A death by signal also ends the job's log: `dstack logs` then says why it stopped,
+                # after whatever the process printed (faulthandler's stacks for a native crash).
+                # A plain exit status says it all and leaves the job's own output as it was.
+                self.logs.append("stderr", f"dstack: the process {message}\n".encode(), time.time())
             self.set_state("failed", exit_status=exit_status, message=message)
 
     def _stopped_state(self) -> str:
