@@ -177,3 +177,17 @@ def pytest_runtest_makereport(item, call):
             if isinstance(srv, ServerProcess):
                 report.sections.append((f"{name} log (last 12 kB of each start)", srv.logs(tail=12000)))
     return report
+
+
+# Fixtures that start processes (a server, an agent, a model): a test using any of them is in the
+# slow tier, so `pytest -m "not slow"` is the fast tier (configuration, conversions, bookkeeping).
+_SLOW_FIXTURES = {"server", "fresh_server", "client", "small_server", "agent", "agent_client", "bridge",
+                  "endpoint", "sdk_endpoint", "pg_url", "database_url"}
+_SLOW_DIRS = ("tests/e2e/", "tests/security/")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = str(item.path).replace(os.sep, "/")
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or any(d in path for d in _SLOW_DIRS):
+            item.add_marker(pytest.mark.slow)
