@@ -87,8 +87,22 @@ def test_shared_venv_belongs_to_the_project(client: httpx.Client, home: Path) ->
         assert resp["state"] == "done", text(records, None)
         prefix, owner = text(records).split()
         assert Path(prefix).name.startswith("shared-k") and owner != "0"
+        assert Path(prefix).stat().st_mode & 0o777 == 0o700  # other projects cannot read what setup put there
     # the second project got a venv of its own, not write access to the first's
     assert len(list((home / "cache" / "venvs").glob("*/shared-k*"))) == 2
+
+
+def test_two_agents_on_one_host_never_share_a_uid(client: httpx.Client, tmp_path: Path) -> None:
+    resp, records = run(client, ["id -u"], project_id="same-name")
+    first = text(records).strip()
+    info = start_agent(tmp_path / "home2", TOKEN)
+    try:
+        with httpx.Client(base_url=info.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
+            resp, records = run(c, ["id -u"], project_id="same-name")
+            assert resp["state"] == "done", text(records, None)
+            assert text(records).strip() not in (first, "0")
+    finally:
+        _stop_agent(info)
 
 
 def test_no_isolation_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,13 +19,15 @@ and forks workers for later jobs of the same user, which a namespace would kill 
 
 Jobs of one project share one user (``project_id`` in the submission; jobs sent without one share
 the user of "default"): uids from ``UID_BASE`` on, without passwd entries, recorded in
-``<home>/users.json`` so a project keeps its uid (and its files) across agent restarts. The user's
+``<home>/users.json`` so a project keeps its uid (and its files) across agent restarts, and
+allocated from a host-wide table (``HOST_TABLE``) so two agents on one host never share a uid. The user's
 private home is ``<home>/users/<uid>`` (0700). GPUs stay usable: ``/dev/nvidia*`` must be readable
 and writable by other users (the driver's default, 0666).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -40,6 +42,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 UID_BASE = 200000
+# Which uid each (agent home, project) has, for every agent on this host (survives reboots).
+HOST_TABLE = Path(os.environ.get("DSTACK_AGENT_UID_TABLE", "/var/lib/dstack-agent/uids.json"))
 STASH = Path("/run/dstack-agent/sandbox")  # mounted over (as a 0700 tmpfs) inside each job's namespace
 # Never covered, even when one is a user's $HOME: the job needs what is in them.
 SYSTEM_DIRS = frozenset(map(Path, ["/", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/tmp", "/var",
@@ -122,26 +126,41 @@ class Isolation:
         """The project's user (allocated and recorded on first use), its home ready."""
         key = project or "default"
         with self._lock:
-            try:
-                table = json.loads(self._map_file.read_text())
-            except (OSError, ValueError):
-                table = {}
+            table = _read_table(self._map_file)
             uid = table.get(key)
             if not isinstance(uid, int):
-                taken = {v for v in table.values() if isinstance(v, int)}
-                uid = UID_BASE
-                while uid in taken or _has_passwd_entry(uid):
-                    uid += 1
+                uid = self._allocate(key)
                 table[key] = uid
-                tmp = self._map_file.with_suffix(".tmp")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    json.dump(table, f)
-                os.replace(tmp, self._map_file)
+                _write_table(self._map_file, table)
         user = JobUser(uid, uid, self.users_dir / str(uid))
         self.make_private(user.home, user)
         self.make_private(user.home / ".cache", user)
         return user
+
+    def _allocate(self, key: str) -> int:
+        """A uid no other project of any agent on this host has: the host-wide table (under a
+        lock) records each (agent home, project)."""
+        host_key = f"{self.home}\n{key}"
+        HOST_TABLE.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(HOST_TABLE.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            table = _read_table(HOST_TABLE)
+            uid = table.get(host_key)
+            if not isinstance(uid, int):
+                # Entries of agent homes that are gone are dropped; their uids are not given again
+                # ("_next" only grows), so a new project never inherits files an old one left.
+                table = {k: v for k, v in table.items() if k == "_next" or Path(k.split("\n")[0]).exists()}
+                taken = {v for v in table.values() if isinstance(v, int)}
+                taken |= {v for v in _read_table(self._map_file).values() if isinstance(v, int)}
+                uid = max(UID_BASE, int(table.get("_next", UID_BASE)))
+                while uid in taken or _has_passwd_entry(uid):
+                    uid += 1
+                table[host_key], table["_next"] = uid, uid + 1
+                _write_table(HOST_TABLE, table)
+            return uid
+        finally:
+            os.close(fd)  # releases the flock
 
     def make_private(self, path: Path, user: JobUser) -> None:
         """``path`` (created if missing) as a directory only ``user`` may enter."""
@@ -173,6 +192,22 @@ class Isolation:
         assert self._tools["unshare"] is not None
         return [self._tools["unshare"], "--mount", "--propagation", "private", "--",
                 "/bin/sh", "-c", script, "dstack-sandbox", *argv]
+
+
+def _read_table(path: Path) -> dict[str, int]:
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _write_table(path: Path, table: dict[str, int]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(table, f)
+    os.replace(tmp, path)
 
 
 def _has_passwd_entry(uid: int) -> bool:
@@ -281,6 +316,7 @@ def adopt_venv(venv_dir: Path, user: JobUser) -> None:
         os.chmod(d, 0o711)
     if venv_dir.lstat().st_uid != user.uid:
         give_tree(venv_dir, user)
+    os.chmod(venv_dir, 0o700)  # what setup installed (and any config it wrote) stays the project's
 
 
 def give_tree(path: Path, user: JobUser) -> None:

@@ -224,6 +224,8 @@ class VenvFactory:
             (tmp / ".complete").write_text(wheel.name)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
+            threading.Thread(target=_precompile, args=(interp, target), name=f"compile-pip-{interp.version}",
+                             daemon=True).start()
             return target
 
     def create(self, interp: Interpreter, venv_dir: Path) -> Path:
@@ -359,6 +361,18 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _precompile(interp: Interpreter, bundle: Path) -> None:
+    """Byte-compile the unpacked pip (in the background: jobs meanwhile compile it in memory).
+    Jobs that run as another user (agent.sandbox) cannot write its ``__pycache__``, so without
+    this every ``pip`` they run would compile all of pip again (seconds)."""
+    try:
+        subprocess.run([str(interp.executable), "-m", "compileall", "-q", "-d", str(bundle), str(bundle)],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
+        _readable_by_all(bundle)
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.warning("cannot byte-compile %s: %s", bundle, e)
 
 
 def _readable_by_all(root: Path) -> None:
