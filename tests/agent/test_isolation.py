@@ -105,6 +105,25 @@ def test_two_agents_on_one_host_never_share_a_uid(client: httpx.Client, tmp_path
         _stop_agent(info)
 
 
+def test_job_submitted_before_an_agent_restart_still_runs_isolated(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    info = start_agent(home, TOKEN)
+    with httpx.Client(base_url=info.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
+        job_id = submit(c, ["id -u", "cat hello.txt"], code=make_tar({"hello.txt": b"hi\n"}), start=False,
+                        env={"X": "1"}, project_id="p-restart")
+    _stop_agent(info)
+    info = start_agent(home, TOKEN)
+    try:
+        with httpx.Client(base_url=info.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
+            assert c.post(f"/api/jobs/{job_id}/start").status_code == 200
+            resp, records = wait_final(c, job_id)
+            assert resp["state"] == "done", text(records, None)
+            uid, hello = text(records).split()
+            assert uid != "0" and hello == "hi"
+    finally:
+        _stop_agent(info)
+
+
 def test_no_isolation_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DSTACK_AGENT_NO_ISOLATION", "1")
     info = start_agent(tmp_path / "home", TOKEN)

@@ -531,6 +531,10 @@ class JobManager:
             if "env" in data["spec"] or state_file.stat().st_mode & 0o077:
                 job.save()  # an older agent's file: readable by others, env included
             private_dir(job.dir)
+            if job.state == "submitted" and not spec.image and self.isolation.available:
+                # sent before the restart, started after it: it runs as its project's user too
+                job.user = self.isolation.user_for(spec.project_id)
+                sandbox.prepare_job_dir(job.dir, job.user)
             self.jobs[spec.job_id] = job
         self.net.cleanup_stale()
 
