@@ -188,7 +188,8 @@ class Isolation:
 
     def wrap(self, argv: list[str], user: JobUser, exposures: list[Path]) -> list[str]:
         """``argv`` run as ``user`` in its own mount namespace (see the module docstring)."""
-        script = _sandbox_script(self._tools, user, _real_dirs(exposures), _real_dirs(self.hidden_roots()))
+        script = _sandbox_script(self._tools, user, _real_dirs(exposures), _real_dirs(self.hidden_roots()),
+                                 private_proc=_proc_mounts_are_private())
         assert self._tools["unshare"] is not None
         return [self._tools["unshare"], "--mount", "--propagation", "private", "--",
                 "/bin/sh", "-c", script, "dstack-sandbox", *argv]
@@ -247,7 +248,20 @@ def _covers(root: Path, path: Path) -> bool:
     return path == root or root in path.parents
 
 
-def _sandbox_script(tools: dict[str, str | None], user: JobUser, exposures: list[Path], hidden: list[Path]) -> str:
+def _proc_mounts_are_private() -> bool:
+    """Linux 5.8+: each procfs mount has its own options. Before, ``hidepid`` on a new mount
+    would change the host's /proc too, so jobs then keep the plain /proc (other users' env and
+    files stay unreadable to them; their command lines do not)."""
+    release = os.uname().release
+    try:
+        major, minor = (int(x) for x in release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (5, 8)
+
+
+def _sandbox_script(tools: dict[str, str | None], user: JobUser, exposures: list[Path], hidden: list[Path],
+                    private_proc: bool = True) -> str:
     """The root part of the wrapper: private /proc, covered directories, then ``setpriv``."""
     # Exposures nested in another exposure come back with it.
     exposures = [e for e in exposures if not any(o != e and _covers(o, e) for o in exposures)]
@@ -260,12 +274,10 @@ def _sandbox_script(tools: dict[str, str | None], user: JobUser, exposures: list
     ordered = sorted(roots, key=lambda p: len(p.parts))
     q = shlex.quote
     mount, mkdir = q(tools["mount"] or "mount"), q(tools["mkdir"] or "mkdir")
-    lines = [
-        "set -e",
-        "umask 022",
-        f"{mount} -t proc -o nosuid,nodev,noexec,hidepid=2 proc /proc",
-        f"{mount} -t tmpfs -o mode=0700,size=64k dstack-stash {q(str(STASH))}",
-    ]
+    lines = ["set -e", "umask 022"]
+    if private_proc:
+        lines.append(f"{mount} -t proc -o nosuid,nodev,noexec,hidepid=2 proc /proc")
+    lines.append(f"{mount} -t tmpfs -o mode=0700,size=64k dstack-stash {q(str(STASH))}")
     done: list[Path] = []
     for i, root in enumerate(ordered):
         under = [e for e in exposures if _covers(root, e) and e != root]
