@@ -184,10 +184,14 @@ def pytest_runtest_makereport(item, call):
 _SLOW_FIXTURES = {"server", "fresh_server", "client", "small_server", "agent", "agent_client", "bridge",
                   "endpoint", "sdk_endpoint", "pg_url", "database_url"}
 _SLOW_DIRS = ("tests/e2e/", "tests/security/")
+# Modules whose tests start their own processes (servers killed and restarted, agents, workers).
+_SLOW_MODULES = ("tests/serverless/test_durability.py", "tests/serverless/test_no_duplicates.py",
+                 "tests/serverless/test_uncounted_workers.py", "tests/server/test_pipeline_isolation.py",
+                 "tests/agent/", "tests/proxy/test_forwarding.py", "tests/proxy/test_gateway.py")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = str(item.path).replace(os.sep, "/")
-        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or any(d in path for d in _SLOW_DIRS):
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or any(d in path for d in _SLOW_DIRS + _SLOW_MODULES):
             item.add_marker(pytest.mark.slow)
