@@ -113,24 +113,9 @@ class ChatResult:
 
 async def chat_turn(client: httpx.AsyncClient, url: str, messages: list[dict], n: int) -> tuple[str, float]:
     body = {"model": "m", "messages": messages, "max_tokens": n, "temperature": 0, "stream": True}
-    t0 = time.perf_counter()
-    ttft: Optional[float] = None
-    text = []
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            delta = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content")
-            if delta:
-                text.append(delta)
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-    return "".join(text), ttft if ttft is not None else time.perf_counter() - t0
+    texts, ttft = await stream_texts(client, url + "/v1/chat/completions", body,
+                                     lambda choice: choice.get("delta", {}).get("content"))
+    return "".join(texts), ttft
 
 
 async def run_chat(url: str, conversations: int, n: int) -> ChatResult:
@@ -202,12 +187,12 @@ class ServerProc:
         self.log.close()
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, n: int, extra: dict) -> tuple[int, float]:
-    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True, **extra}
+async def stream_texts(client: httpx.AsyncClient, url: str, body: dict, text_of) -> tuple[list[str], float]:
+    """POST a streamed OpenAI request; the text pieces of its chunks and the time to the first one."""
     t0 = time.perf_counter()
     ttft: Optional[float] = None
-    tokens = 0
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+    texts: list[str] = []
+    async with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data:"):
@@ -215,12 +200,19 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, n: int, 
             data = line[5:].strip()
             if data == "[DONE]":
                 break
-            chunk = json.loads(data)
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                tokens += 1
+            choices = json.loads(data).get("choices")
+            text = text_of(choices[0]) if choices else None
+            if text:
+                texts.append(text)
                 if ttft is None:
                     ttft = time.perf_counter() - t0
-    return tokens, ttft if ttft is not None else time.perf_counter() - t0
+    return texts, ttft if ttft is not None else time.perf_counter() - t0
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, n: int, extra: dict) -> tuple[int, float]:
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True, **extra}
+    texts, ttft = await stream_texts(client, url + "/v1/completions", body, lambda choice: choice.get("text"))
+    return len(texts), ttft
 
 
 async def run_level(url: str, c: int, n: int, rounds: int, extra: dict) -> Level:
