@@ -142,3 +142,57 @@ def test_late_result_completes_a_requeued_job_before_it_runs_again(tmp_path):
         assert srv.status("ep-hand", other)["status"] == "IN_QUEUE"
     finally:
         srv.close()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_heartbeat_of_a_killed_worker_stops_vouching_for_its_jobs(tmp_path):
+    """Only the worker's main process is killed (not its group): the SDK's heartbeat child must
+    not keep naming the job, or the server would wait for that job forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from dstack.agent.workersite import with_worker_site
+
+    from .helpers import WORKERS
+
+    srv = _hand_server(tmp_path)
+    proc = None
+    try:
+        env_file = wait_until(lambda: next(iter(sorted(srv.run_dir.glob("ep-hand-*.env.json"))), None), timeout=30,
+                              what="the worker's env")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
+        env.update(json.loads(env_file.read_text()))  # the worker the server launched, run by the test
+        proc = subprocess.Popen([sys.executable, str(WORKERS / "async_worker.py")], env=with_worker_site(env),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        job = srv.run("ep-hand", {"mode": "sleep", "seconds": 60})
+        srv.wait("ep-hand", job, ("IN_PROGRESS",), timeout=60)
+        heartbeat = wait_until(lambda: _children(proc.pid), timeout=30, what="the SDK's heartbeat process")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        wait_until(lambda: not any(_running(p) for p in heartbeat), timeout=30, what="the orphaned heartbeat to end")
+        # silent now: the job goes back to the queue instead of waiting for a dead worker
+        srv.wait("ep-hand", job, ("IN_QUEUE",), timeout=30)
+    finally:
+        if proc is not None:
+            killpg(proc.pid)
+        srv.close()

@@ -10,7 +10,8 @@ drain at shutdown) but wake on the events themselves: a job queued, a job finish
 
 Applied by `sitecustomize` right after `runpod.serverless.modules.rp_scale` loads, only to
 SDK versions whose JobScaler has the shape these methods were written against; the same call
-makes result posts outlive a server restart (`dstack_runpod_results`).
+makes result posts outlive a server restart (`dstack_runpod_results`) and the heartbeat end
+with its worker (`dstack_runpod_heartbeat`).
 """
 
 import asyncio
@@ -59,6 +60,11 @@ def patch(rp_scale):
         import dstack_runpod_results
 
         dstack_runpod_results.patch(rp_http)
+    rp_ping = sys.modules.get("runpod.serverless.modules.rp_ping")  # worker.py imports it first
+    if rp_ping is not None:
+        import dstack_runpod_heartbeat
+
+        dstack_runpod_heartbeat.patch(rp_ping)
     log = rp_scale.log
     too_many = rp_scale.TooManyRequests
 
