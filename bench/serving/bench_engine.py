@@ -236,7 +236,6 @@ async def run_level(url: str, c: int, n: int, rounds: int, extra: dict) -> Level
 
 DSTACK_VARIANTS = {
     "dstack": [],
-    "dstack-mixed": ["--prefill-priority", "off"],  # prompt chunks share steps with decodes
     "dstack-noprefix": ["--prefix-cache-slots", "0"],
 }
 

@@ -27,9 +27,6 @@ def parse_args(argv: Optional[list[str]] = None) -> ServeConfig:
     ap.add_argument("--ctx-size", type=int, default=2048, help="max tokens per request (prompt + generated)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="max prompt tokens per sequence per step")
-    ap.add_argument("--prefill-priority", choices=["on", "off"], default="on",
-                    help="on: a new prompt is prefilled in a step of its own before running sequences' next "
-                    "tokens (lower time to first token); off: prompt chunks share steps with decodes")
     ap.add_argument("--prefix-cache-slots", type=int, default=4,
                     help="extra KV streams that keep finished requests' prompts for prefix reuse (0: only idle decoding slots)")
     ap.add_argument("--kv-cache-type", choices=["q8_0", "f16"], default="q8_0",
@@ -58,7 +55,6 @@ def parse_args(argv: Optional[list[str]] = None) -> ServeConfig:
         threads=a.threads,
         prefill_chunk=a.prefill_chunk,
         prefix_cache_slots=a.prefix_cache_slots,
-        prefill_priority=a.prefill_priority == "on",
         kv_cache_type=a.kv_cache_type,
         weight_repack=a.weight_repack,
         model_id=model_id,

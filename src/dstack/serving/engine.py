@@ -29,9 +29,6 @@ from dstack.serving.text import OutputText
 
 logger = logging.getLogger(__name__)
 
-#: Prefill-only steps in a row (see Engine._plan) before running sequences get their next token.
-MAX_DECODE_STALLS = 4
-
 FINISH_LENGTH = "length"
 FINISH_EOS = "eos_token"
 FINISH_STOP = "stop_sequence"
@@ -123,16 +120,13 @@ class EngineStats:
 class Engine:
     """The scheduler: submit requests from any thread, events come back through `emit`."""
 
-    def __init__(self, model: LlamaModel, prefill_chunk: int = 256, max_active: Optional[int] = None,
-                 prefill_priority: bool = True) -> None:
+    def __init__(self, model: LlamaModel, prefill_chunk: int = 256, max_active: Optional[int] = None) -> None:
         self.model = model
         self.n_slots = model.n_seq_max
         # Slots beyond `max_active` are never decoded: they only keep finished sequences' KV for
         # the prefix cache, so it still has room when every decoding slot is busy.
         self.max_active = min(max_active or self.n_slots, self.n_slots)
         self.cache = PrefixCache()
-        self.prefill_priority = prefill_priority
-        self._decode_stalls = 0
         self.prefill_chunk = max(1, min(prefill_chunk, model.n_batch))
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -300,65 +294,67 @@ class Engine:
             self.model.clear_seq(slot)
         self.cache.clear()
 
-    def _plan(self, seqs: list[_Sequence]) -> tuple[set[int], set[int]]:
-        """The slots that decode a token and the slots that prefill a prompt chunk this step.
-
-        With prefill priority a waiting prompt gets a step of its own (the shortest first)
-        instead of sharing one with every running sequence's next token: on CPUs a step costs
-        about the same per token whoever it belongs to, so a new request's first token then comes
-        after its own prompt, not after its prompt plus a full batch of decodes. Running
-        sequences lose one step per new request, and never more than MAX_DECODE_STALLS in a row.
-        """
-        decoding = {s.slot for s in seqs if s.next_token is not None}
-        prefilling = [s for s in seqs if s.next_token is None and s.prefilling]
-        if self.prefill_priority and prefilling and (not decoding or self._decode_stalls < MAX_DECODE_STALLS):
-            if decoding:
-                self._decode_stalls += 1
-            shortest = min(prefilling, key=lambda s: len(s.req.prompt) - s.n_prefilled)
-            return set(), {shortest.slot}
-        self._decode_stalls = 0
-        return decoding, {s.slot for s in prefilling}
-
     def _step(self) -> None:
-        model = self.model
-        batch = model.batch
-        batch.clear()
+        """One scheduling step: each waiting prompt's next chunk in a llama_decode call of its
+        own, shortest first, then one call with the next token of every running sequence.
+
+        With one KV stream per sequence, llama.cpp splits a batch that mixes sequences into
+        ubatches holding the same number of tokens of each: two prompts of 100 tokens batched
+        together become 100 passes of 2 tokens, where alone each is one pass that multiplies
+        all its tokens at once. So prompts never share a call, and decodes (one token each) do.
+        A prompt's first token is sampled right after its own call: a new request's time to
+        first token is its own prefill, not everyone's, and the running sequences still get a
+        token every step. `prefill_chunk` and `n_batch` bound the prompt tokens of one step.
+        """
         seqs = [self._active[s] for s in sorted(self._active)]
-        decode, prefill = self._plan(seqs)
-        budget = model.n_batch - len(decode)
-        outputs: list[tuple[_Sequence, int]] = []
-        prefills: list[tuple[_Sequence, int, int]] = []
-        # Tokens go in slot order: llama.cpp packs consecutive sequence ids into one ubatch.
-        for seq in seqs:
-            if seq.slot in decode:
+        prefilling = sorted((s for s in seqs if s.next_token is None and s.prefilling),
+                            key=lambda s: len(s.req.prompt) - s.n_prefilled)
+        budget = self.model.n_batch
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(seq, budget)
+        decoding = [s for s in seqs if s.next_token is not None and s.slot in self._active
+                    and self._active[s.slot] is s]
+        if decoding:
+            batch = self.model.batch
+            batch.clear()
+            # Slot order: llama.cpp packs consecutive sequence ids into one ubatch.
+            outputs = []
+            for seq in sorted(decoding, key=lambda s: s.slot):
                 outputs.append((seq, batch.add(seq.slot, [seq.next_token], seq.n_past, True)))
                 seq.fed.append(seq.next_token)
                 seq.n_past += 1
-            elif seq.slot in prefill and budget > 0:
-                start = seq.n_prefilled
-                k = min(len(seq.req.prompt) - start, budget, self.prefill_chunk)
-                last = start + k == len(seq.req.prompt)
-                i = batch.add(seq.slot, seq.req.prompt[start : start + k], start, last)
-                if seq.req.prefill_details:
-                    batch.set_all_logits(i - k + 1, i + 1)
-                    prefills.append((seq, i - k + 1, k))
-                seq.n_prefilled += k
-                seq.n_past = seq.n_prefilled
-                budget -= k
-                if last:
-                    outputs.append((seq, i))
-        if batch.n == 0:
-            return
-        rc = model.decode()
+            self._decode()
+            for seq, i in outputs:
+                if not seq.req.cancelled:
+                    self._emit(seq, self.model.logits(i))
+
+    def _prefill_chunk(self, seq: _Sequence, budget: int) -> int:
+        """Decode the next chunk of `seq`'s prompt alone; sample its first token after the last chunk."""
+        batch = self.model.batch
+        batch.clear()
+        start = seq.n_prefilled
+        k = min(len(seq.req.prompt) - start, budget, self.prefill_chunk)
+        last = start + k == len(seq.req.prompt)
+        i = batch.add(seq.slot, seq.req.prompt[start : start + k], start, last)
+        if seq.req.prefill_details:
+            batch.set_all_logits(i - k + 1, i + 1)
+        seq.n_prefilled += k
+        seq.n_past = seq.n_prefilled
+        self._decode()
+        if seq.req.prefill_details:
+            self._prefill_logprobs(seq, i - k + 1, k)
+        if last and not seq.req.cancelled:
+            self._emit(seq, self.model.logits(i))
+        return k
+
+    def _decode(self) -> None:
+        rc = self.model.decode()
         self.stats.decode_steps += 1
-        self.stats.batch_tokens += batch.n
+        self.stats.batch_tokens += self.model.batch.n
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
-        for seq, start, k in prefills:
-            self._prefill_logprobs(seq, start, k)
-        for seq, i in outputs:
-            if not seq.req.cancelled:
-                self._emit(seq, model.logits(i))
 
     def _prefill_logprobs(self, seq: _Sequence, start: int, k: int) -> None:
         """Log-probability of each prompt token given the ones before it (TGI `prefill`)."""

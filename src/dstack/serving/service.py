@@ -36,7 +36,6 @@ class ServeConfig:
     ctx_size: int = 2048  # per request: prompt + generated tokens (TGI's max_total_tokens)
     threads: Optional[int] = None
     prefill_chunk: int = 256
-    prefill_priority: bool = True  # a new prompt gets a step of its own (engine.Engine._plan)
     prefix_cache_slots: int = 4  # KV streams that only keep finished requests' prefixes for reuse
     kv_cache_type: str = "q8_0"  # q8_0 keeps greedy output batch-invariant (see llama.py)
     weight_repack: str = "auto"  # auto | on | off (see llama.py: off where AMX is present)
@@ -131,8 +130,7 @@ class Service:
             )
             self.chat_template_source = template
             self.chat_template = ChatTemplate(template or CHATML_TEMPLATE, bos, eos)
-            engine = Engine(model, prefill_chunk=self.config.prefill_chunk, max_active=self.config.max_batch_size,
-                            prefill_priority=self.config.prefill_priority)
+            engine = Engine(model, prefill_chunk=self.config.prefill_chunk, max_active=self.config.max_batch_size)
             engine.start()
             engine.warm_up(model.tokenize("Hello", add_special=True))
             self.model, self.engine = model, engine
