@@ -52,6 +52,10 @@ def test_killed_worker_job_completes_on_another(tmp_path):
         wait_until(lambda: srv.health("ep-dead")["workers"]["idle"] == 2, timeout=40, what="two warm workers")
         job = srv.run("ep-dead", {"mode": "sleep", "seconds": 3})
         first = srv.wait("ep-dead", job, ("IN_PROGRESS",))["workerId"]
+        # IN_PROGRESS is set when the worker takes the job, a moment before its handler logs the
+        # start: kill it only once the handler really runs the job.
+        wait_until(lambda: log.exists() and job in log.read_text().split(), timeout=30,
+                   what="the first worker's handler to start the job")
         killpg(srv.worker_pids()[first])
         final = srv.wait("ep-dead", job, timeout=90)
         assert final["status"] == "COMPLETED", final
