@@ -90,7 +90,6 @@ class _Sequence:
         self.out = OutputText(req.stop)
         self.prefill: list[TokenInfo] = []
         self.fed: list[int] = []  # generated tokens already decoded into the KV cache
-        self.reused = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def prefilling(self) -> bool:
@@ -233,7 +232,7 @@ class Engine:
                 self._reuse_prefix(seq)
                 self._active[slot] = seq
                 self.stats.requests += 1
-                self.stats.prompt_tokens += len(req.prompt)
+                self.stats.prompt_tokens += len(req.prompt) - seq.n_prefilled  # what is left to prefill
             self.stats.queue_size = len(self._waiting)
             self.stats.batch_size = len(self._active)
 
@@ -247,7 +246,7 @@ class Engine:
             self.model.clear_seq(slot)
         else:
             self.model.truncate_seq(slot, n)
-            seq.n_prefilled = seq.n_past = seq.reused = n
+            seq.n_prefilled = seq.n_past = n
             self.stats.prefix_cache_hits += 1
             self.stats.prefix_cache_tokens += n
         self.cache.drop(slot)

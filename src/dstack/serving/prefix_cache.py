@@ -32,8 +32,6 @@ class PrefixCache:
         self._held: dict[int, np.ndarray] = {}
         self._used: dict[int, int] = {}
         self._clock = itertools.count()
-        self.hits = 0
-        self.reused_tokens = 0
 
     def hold(self, slot: int, tokens: Sequence[int] | np.ndarray) -> None:
         """`slot` is idle and its KV stream holds exactly `tokens` at positions 0..n-1."""
