@@ -52,6 +52,8 @@ def _crash_loop(server, folder: str) -> None:
     while not run.refresh().status.is_finished():
         assert time.monotonic() < deadline, f"still {run.status.value}: {run.error}"
         r = httpx.get(run.service_url + "health", headers=server.headers, timeout=10)
+        if r.status_code == 404 and run.refresh().status.is_finished():
+            break  # it failed between the two requests: the proxy forgot it
         assert r.status_code in (502, 503), r.text  # never ready
         saw_reason_in_proxy |= "engine crashed: SIGSEGV" in r.text
         time.sleep(0.3)
