@@ -27,10 +27,18 @@ FINAL = {"done", "failed", "terminated", "aborted"}
 TOKEN = "test-token"
 
 
+def wait_gone(pid: int, timeout: float = 10) -> None:
+    """Wait for a killed process to end; one already gone (and reaped) is fine."""
+    try:
+        psutil.Process(pid).wait(timeout)
+    except psutil.NoSuchProcess:
+        pass
+
+
 def _stop_agent(info: AgentInfo) -> None:
     try:
         os.kill(info.pid, signal.SIGTERM)
-        psutil.Process(info.pid).wait(10)
+        wait_gone(info.pid)
     except (ProcessLookupError, psutil.Error):
         pass
 
@@ -335,7 +343,7 @@ def test_restart_remembers_jobs(tmp_path: Path) -> None:
                 pass
             job_pid = json.loads((home / "jobs" / run_id / "state.json").read_text())["pid"]
         os.kill(info.pid, signal.SIGKILL)
-        psutil.Process(info.pid).wait(10)
+        wait_gone(info.pid)
         assert psutil.pid_exists(job_pid)  # the job outlived its agent (own session)
         info = start_agent(home, TOKEN)
         with httpx.Client(base_url=info.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:

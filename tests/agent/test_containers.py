@@ -17,7 +17,7 @@ import pytest
 from dstack.agent import containers
 from dstack.agent.containers import ContainerRuntime, ContainerSpec
 from dstack.agent.launcher import start_agent
-from tests.agent.test_agent import TOKEN, _stop_agent, make_tar, pull, run, submit, text, wait_final
+from tests.agent.test_agent import TOKEN, _stop_agent, make_tar, pull, run, submit, text, wait_final, wait_gone
 from tests.images import DEFAULT_CMD_OUTPUT, ensure_test_image
 
 PODMAN = ContainerRuntime("podman", "/usr/bin/podman", "/usr/sbin/runc", ("nofile=1024:1024", "nproc=1024:1024"))
@@ -282,7 +282,7 @@ def test_restarted_agent_removes_its_container(tmp_path: Path, image: str) -> No
         name = containers.container_name(home, job_id)
         assert _container_exists(name)
         os.kill(info.pid, signal.SIGKILL)  # the agent dies; its container does not
-        psutil.Process(info.pid).wait(10)
+        wait_gone(info.pid)
         assert _container_exists(name)
         info = start_agent(home, TOKEN)
         with httpx.Client(base_url=info.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from dstack.agent.launcher import start_agent
-from tests.agent.test_agent import TOKEN, _stop_agent, make_tar, pull, submit, text, wait_final
+from tests.agent.test_agent import TOKEN, _stop_agent, make_tar, pull, submit, text, wait_final, wait_gone
 
 
 def _cannot_isolate() -> str | None:
@@ -157,7 +157,7 @@ def test_restart_cleans_up_namespaces(tmp_path: Path) -> None:
                 pass
             ns = job_netns(home, job_id)
         os.kill(info.pid, signal.SIGKILL)
-        psutil.Process(info.pid).wait(10)
+        wait_gone(info.pid)
         assert ns["netns"] in netns_list()  # left behind by the killed agent
         info = start_agent(home, TOKEN)
         with httpx.Client(base_url=info.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
