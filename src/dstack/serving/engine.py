@@ -313,8 +313,8 @@ class Engine:
             if budget <= 0:
                 break
             budget -= self._prefill_chunk(seq, budget)
-        decoding = [s for s in seqs if s.next_token is not None and s.slot in self._active
-                    and self._active[s.slot] is s]
+        # A prompt call may have finished (and released) a sequence or moved one to another slot.
+        decoding = [s for s in seqs if s.next_token is not None and self._active.get(s.slot) is s]
         if decoding:
             batch = self.model.batch
             batch.clear()
