@@ -59,8 +59,11 @@ def submit_latencies(client, n: int) -> tuple[list[float], list[float]]:
 
 
 def burst(client, n: int) -> float:
-    task = Task(commands=["echo hi"], resources=Resources(cpu=1, memory="0.1GB"),
-                retry={"on_events": ["no-capacity"], "duration": "10m"})
+    task = Task(
+        commands=["echo hi"],
+        resources=Resources(cpu=1, memory="0.1GB"),
+        retry={"on_events": ["no-capacity"], "duration": "10m"},
+    )
     t0 = time.perf_counter()
     runs = [client.runs.submit(task) for _ in range(n)]
     pending = {r.name: r for r in runs}
@@ -88,12 +91,25 @@ async def store_runs(database_url: str, project_name: str, user_name: str, n: in
         user = (await s.execute(select(UserModel).where(UserModel.name == user_name))).scalar_one()
         spec = RunSpec(run_name="x", configuration={"type": "task", "commands": ["echo hi"]}).model_dump_json()
         for i in range(n):
-            run = RunModel(project_id=project.id, user_id=user.id, run_name=f"stored-{i}", status="done",
-                           termination_reason="all_jobs_done", run_spec=spec)
+            run = RunModel(
+                project_id=project.id,
+                user_id=user.id,
+                run_name=f"stored-{i}",
+                status="done",
+                termination_reason="all_jobs_done",
+                run_spec=spec,
+            )
             s.add(run)
             await s.flush()
-            s.add(JobModel(run_id=run.id, project_id=project.id, job_name=f"stored-{i}-0-0", status="done",
-                           job_spec=JobSpec(job_name=f"stored-{i}-0-0", commands=["echo hi"]).model_dump_json()))
+            s.add(
+                JobModel(
+                    run_id=run.id,
+                    project_id=project.id,
+                    job_name=f"stored-{i}-0-0",
+                    status="done",
+                    job_spec=JobSpec(job_name=f"stored-{i}-0-0", commands=["echo hi"]).model_dump_json(),
+                )
+            )
             if i % 1000 == 999:
                 await s.commit()
         await s.commit()
@@ -123,25 +139,45 @@ def main() -> None:
         direct = direct_echo(args.runs)
         to_running, to_done = submit_latencies(client, args.runs)
         print(f"direct `bash -c 'echo hi'`      {fmt(direct)}")
-        print(f"submit -> RUNNING ({args.runs} runs)    {fmt(to_running)}   (target p50 <= 500 ms; dstack's loops tick every 2-4 s)")
-        print(f"submit -> DONE    ({args.runs} runs)    {fmt(to_done)}   ratio to direct p50: {pct(to_done, 50) / pct(direct, 50):.1f}x")
+        print(
+            f"submit -> RUNNING ({args.runs} runs)    {fmt(to_running)}   (target p50 <= 500 ms; dstack's loops tick every 2-4 s)"
+        )
+        print(
+            f"submit -> DONE    ({args.runs} runs)    {fmt(to_done)}   ratio to direct p50: {pct(to_done, 50) / pct(direct, 50):.1f}x"
+        )
         total = burst(client, args.burst)
         print(f"{args.burst} runs submitted at once: all DONE after {total:.2f} s ({args.burst / total:.1f} runs/s)")
         srv.stop()
-        asyncio.run(store_runs(f"sqlite+aiosqlite:///{srv.home / 'server' / 'data' / 'sqlite.db'}", "main", "admin", args.stored))
+        asyncio.run(
+            store_runs(
+                f"sqlite+aiosqlite:///{srv.home / 'server' / 'data' / 'sqlite.db'}", "main", "admin", args.stored
+            )
+        )
         srv.start()
         client = srv.client()
         env = srv.env
-        ps = time_it(lambda: subprocess.run([sys.executable, "-m", "dstack.cli.main", "ps"], env=env, capture_output=True, check=True))
-        ps_all = time_it(lambda: subprocess.run([sys.executable, "-m", "dstack.cli.main", "ps", "-a"], env=env, capture_output=True, check=True))
+        ps = time_it(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "dstack.cli.main", "ps"], env=env, capture_output=True, check=True
+            )
+        )
+        ps_all = time_it(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "dstack.cli.main", "ps", "-a"], env=env, capture_output=True, check=True
+            )
+        )
         py = time_it(lambda: subprocess.run([sys.executable, "-c", "pass"], capture_output=True, check=True))
         lst = time_it(lambda: client.runs.list())
         lst_all = time_it(lambda: client.runs.list(all=True))
         print(f"with {args.stored} runs stored:")
-        print(f"  `dstack ps`               median {statistics.median(ps) * 1000:6.0f} ms (bare `python -c pass`: {statistics.median(py) * 1000:.0f} ms)  target <= 300 ms")
+        print(
+            f"  `dstack ps`               median {statistics.median(ps) * 1000:6.0f} ms (bare `python -c pass`: {statistics.median(py) * 1000:.0f} ms)  target <= 300 ms"
+        )
         print(f"  `dstack ps -a`            median {statistics.median(ps_all) * 1000:6.0f} ms")
         print(f"  runs.list()               median {statistics.median(lst) * 1000:6.0f} ms  target <= 300 ms")
-        print(f"  runs.list(all=True)       median {statistics.median(lst_all) * 1000:6.0f} ms ({len(client.runs.list(all=True))} runs)")
+        print(
+            f"  runs.list(all=True)       median {statistics.median(lst_all) * 1000:6.0f} ms ({len(client.runs.list(all=True))} runs)"
+        )
     finally:
         srv.stop()
         srv.kill_agents()

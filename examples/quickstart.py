@@ -34,7 +34,9 @@ def ensure_server() -> subprocess.Popen | None:
     log = open("dstack-server.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "dstack.cli.main", "server", "--port", str(PORT)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # keeps serving after this script ends
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # keeps serving after this script ends
     )
     for _ in range(1200):
         if proc.poll() is not None:
@@ -97,10 +99,23 @@ def main() -> None:
     print(f"openai SDK  > {QUESTION}\n            < {chat.choices[0].message.content.strip()}\n")
 
     body = json.dumps({"inputs": QUESTION, "parameters": {"max_new_tokens": 32}})
-    curl = ["curl", "-s", run.service_url + "generate", "-X", "POST", "-d", body,
-            "-H", "Content-Type: application/json", "-H", f"Authorization: Bearer {token}"]
-    print("$ curl " + run.service_url + "generate -X POST -d '" + body + "' -H 'Content-Type: application/json' "
-          "-H 'Authorization: Bearer <token>'")
+    curl = [
+        "curl",
+        "-s",
+        run.service_url + "generate",
+        "-X",
+        "POST",
+        "-d",
+        body,
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        f"Authorization: Bearer {token}",
+    ]
+    print(
+        "$ curl " + run.service_url + "generate -X POST -d '" + body + "' -H 'Content-Type: application/json' "
+        "-H 'Authorization: Bearer <token>'"
+    )
     out = subprocess.run(curl, capture_output=True, text=True, check=True).stdout
     print(f"            < {json.loads(out)['generated_text'].strip()}\n")
 

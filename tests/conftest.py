@@ -55,7 +55,9 @@ class ServerProcess:
         log = open(self.home / f"server-{int(time.time() * 1000)}.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dstack.cli.main", "server", "--port", str(self.port)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -124,8 +126,11 @@ def make_server(tmp_path: Path, database: str = "sqlite", **extra_env) -> Server
     home = tmp_path / "dstack-home"
     home.mkdir(parents=True, exist_ok=True)
     return ServerProcess(
-        home=home, port=free_port(), token="test-admin-token-" + os.urandom(6).hex(),
-        database_url=_database_url(tmp_path, database), extra_env=dict(extra_env),
+        home=home,
+        port=free_port(),
+        token="test-admin-token-" + os.urandom(6).hex(),
+        database_url=_database_url(tmp_path, database),
+        extra_env=dict(extra_env),
     )
 
 
@@ -181,17 +186,36 @@ def pytest_runtest_makereport(item, call):
 
 # Fixtures that start processes (a server, an agent, a model): a test using any of them is in the
 # slow tier, so `pytest -m "not slow"` is the fast tier (configuration, conversions, bookkeeping).
-_SLOW_FIXTURES = {"server", "fresh_server", "client", "small_server", "agent", "agent_client", "bridge",
-                  "endpoint", "sdk_endpoint", "pg_url", "database_url"}
+_SLOW_FIXTURES = {
+    "server",
+    "fresh_server",
+    "client",
+    "small_server",
+    "agent",
+    "agent_client",
+    "bridge",
+    "endpoint",
+    "sdk_endpoint",
+    "pg_url",
+    "database_url",
+}
 _SLOW_DIRS = ("tests/e2e/", "tests/security/")
 # Modules whose tests start their own processes (servers killed and restarted, agents, workers).
-_SLOW_MODULES = ("tests/serverless/test_durability.py", "tests/serverless/test_no_duplicates.py",
-                 "tests/serverless/test_uncounted_workers.py", "tests/server/test_pipeline_isolation.py",
-                 "tests/agent/", "tests/proxy/test_forwarding.py", "tests/proxy/test_gateway.py")
+_SLOW_MODULES = (
+    "tests/serverless/test_durability.py",
+    "tests/serverless/test_no_duplicates.py",
+    "tests/serverless/test_uncounted_workers.py",
+    "tests/server/test_pipeline_isolation.py",
+    "tests/agent/",
+    "tests/proxy/test_forwarding.py",
+    "tests/proxy/test_gateway.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = str(item.path).replace(os.sep, "/")
-        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or any(d in path for d in _SLOW_DIRS + _SLOW_MODULES):
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or any(
+            d in path for d in _SLOW_DIRS + _SLOW_MODULES
+        ):
             item.add_marker(pytest.mark.slow)

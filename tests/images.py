@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 import shutil
-import subprocess
 import struct
+import subprocess
 import tarfile
 
 import pytest
@@ -39,8 +39,15 @@ def _rootfs_tar(busybox: str) -> bytes:
     applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for d, mode in (("bin", 0o755), ("tmp", 0o1777), ("etc", 0o755), ("root", 0o700), ("proc", 0o555),
-                        ("sys", 0o555), ("dev", 0o755)):
+        for d, mode in (
+            ("bin", 0o755),
+            ("tmp", 0o1777),
+            ("etc", 0o755),
+            ("root", 0o700),
+            ("proc", 0o555),
+            ("sys", 0o555),
+            ("dev", 0o755),
+        ):
             info = tarfile.TarInfo(d)
             info.type, info.mode = tarfile.DIRTYPE, mode
             tar.addfile(info)
@@ -71,8 +78,11 @@ def _is_static(path: str) -> bool:
 
 
 def _label(podman: str) -> str:
-    out = subprocess.run([podman, "image", "inspect", "--format", '{{index .Labels "dstack.test-image"}}', TEST_IMAGE],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [podman, "image", "inspect", "--format", '{{index .Labels "dstack.test-image"}}', TEST_IMAGE],
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
@@ -90,14 +100,26 @@ def ensure_test_image() -> str:
             _state["error"] = "building the test image needs a static busybox (apt-get install busybox-static)"
             pytest.skip(_state["error"])
         imported = subprocess.run(
-            [podman, "import", "--change", f"LABEL dstack.test-image={IMAGE_VERSION}",
-             "--change", f'CMD ["/bin/echo", "{DEFAULT_CMD_OUTPUT}"]', "-", TEST_IMAGE],
-            input=_rootfs_tar(busybox), capture_output=True, timeout=120)
+            [
+                podman,
+                "import",
+                "--change",
+                f"LABEL dstack.test-image={IMAGE_VERSION}",
+                "--change",
+                f'CMD ["/bin/echo", "{DEFAULT_CMD_OUTPUT}"]',
+                "-",
+                TEST_IMAGE,
+            ],
+            input=_rootfs_tar(busybox),
+            capture_output=True,
+            timeout=120,
+        )
         if imported.returncode != 0:
             _state["error"] = f"podman cannot import the test image on this machine: {imported.stderr.decode()[-500:]}"
             pytest.skip(_state["error"])
-    trial = subprocess.run([*run, *_RUN_FLAGS, TEST_IMAGE, "/bin/sh", "-c", "echo ok"],
-                           capture_output=True, text=True, timeout=120)
+    trial = subprocess.run(
+        [*run, *_RUN_FLAGS, TEST_IMAGE, "/bin/sh", "-c", "echo ok"], capture_output=True, text=True, timeout=120
+    )
     if trial.returncode != 0 or trial.stdout.strip() != "ok":
         _state["error"] = f"podman cannot run a container on this machine: {(trial.stderr or trial.stdout)[-500:]}"
         pytest.skip(_state["error"])

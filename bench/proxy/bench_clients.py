@@ -29,9 +29,11 @@ async def run_httpx(url: str, conc: int) -> float:
 
 async def run_aiohttp(url: str, conc: int) -> float:
     async with aiohttp.ClientSession() as s:
+
         async def one():
             async with s.get(url) as r:
                 await r.read()
+
         return await _drive(one, conc)
 
 

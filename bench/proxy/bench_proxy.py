@@ -22,14 +22,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 HERE = Path(__file__).resolve()
-CHAT = json.dumps({
-    "id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "bench-model",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-}).encode()
+CHAT = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "bench-model",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+).encode()
 RESP = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(CHAT), CHAT)
 REQ_BODY = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "hi"}]})
 STREAM_CHUNKS, STREAM_GAP = 30, 0.02
@@ -82,14 +86,23 @@ def run_dstack(port: int, upstream: str) -> None:
 
     registry = ServiceRegistry()
 
-    async def authorize(project: str, token: Optional[str]) -> bool:
+    async def authorize(project: str, token: str | None) -> bool:
         return token == "t"
 
     app = build_proxy_app(registry, authorize)
     registry.upsert_service(ServiceInfo("main", "bench", auth=True, model=ModelInfo("bench-model", "openai")))
     registry.set_replicas("main", "bench", [Replica("r1", upstream)])
-    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="error",
-                access_log=False, lifespan="off", proxy_headers=False)
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level="error",
+        access_log=False,
+        lifespan="off",
+        proxy_headers=False,
+    )
 
 
 # ---------------------------------------------------------------- uvicorn floor (own process)
@@ -98,15 +111,26 @@ async def hello_app(scope, receive, send):  # type: ignore[no-untyped-def]
     if scope["type"] != "http":
         return
     await receive()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(CHAT)).encode())]})
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(CHAT)).encode())]}
+    )
     await send({"type": "http.response.body", "body": CHAT})
 
 
 def run_hello(port: int) -> None:
     import uvicorn
 
-    uvicorn.run(hello_app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="error",
-                access_log=False, lifespan="off", proxy_headers=False)
+    uvicorn.run(
+        hello_app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level="error",
+        access_log=False,
+        lifespan="off",
+        proxy_headers=False,
+    )
 
 
 # ---------------------------------------------------------------- helpers
@@ -142,13 +166,19 @@ def wrk(url: str, conc: int, duration: int, post: bool = False, token: str = "")
         lua += ["wrk.method = 'POST'", f"wrk.body = '{REQ_BODY}'", "wrk.headers['Content-Type'] = 'application/json'"]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write("\n".join(lua) + "\n")
-    out = subprocess.run(["wrk", "-t1", f"-c{conc}", f"-d{duration}s", "--latency", "-s", f.name, url],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conc}", f"-d{duration}s", "--latency", "-s", f.name, url], capture_output=True, text=True
+    ).stdout
     os.unlink(f.name)
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"p50": _ms(lat["50"]), "p99": _ms(lat["99"]), "rps": rps, "non2xx": float(errors.group(1)) if errors else 0.0}
+    return {
+        "p50": _ms(lat["50"]),
+        "p99": _ms(lat["99"]),
+        "rps": rps,
+        "non2xx": float(errors.group(1)) if errors else 0.0,
+    }
 
 
 async def _chunk_latency(port: int, path: str, token: bool) -> list[float]:
@@ -165,7 +195,7 @@ async def _chunk_latency(port: int, path: str, token: bool) -> list[float]:
         buf += data
         for m in re.finditer(rb"data: ([\d.]+)\n\n", buf):
             lats.append((now - float(m.group(1))) * 1000)
-        buf = buf[buf.rfind(b"\n\n") + 2:] if b"\n\n" in buf else buf
+        buf = buf[buf.rfind(b"\n\n") + 2 :] if b"\n\n" in buf else buf
     w.close()
     return lats
 
@@ -178,7 +208,7 @@ def chunk_latency(port: int, path: str, token: bool = False) -> float:
     return vals[len(vals) // 2]
 
 
-def start(cmd: list[str], env: Optional[dict] = None) -> subprocess.Popen:
+def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -211,10 +241,15 @@ def main() -> None:
     up, dp, np_, lp, hp = free_port(), free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[2] / "src")}
     procs.append(start([sys.executable, str(HERE), "--upstream", str(up)], env))
-    procs.append(start([sys.executable, str(HERE), "--dstack", str(dp), "--upstream-url", f"http://127.0.0.1:{up}"], env))
+    procs.append(
+        start([sys.executable, str(HERE), "--dstack", str(dp), "--upstream-url", f"http://127.0.0.1:{up}"], env)
+    )
     procs.append(start([sys.executable, str(HERE), "--hello", str(hp)], env))
-    peers = {"direct": f"http://127.0.0.1:{up}/x", "dstack": f"http://127.0.0.1:{dp}/services/main/bench/x",
-             "uvicorn-hello": f"http://127.0.0.1:{hp}/x"}
+    peers = {
+        "direct": f"http://127.0.0.1:{up}/x",
+        "dstack": f"http://127.0.0.1:{dp}/services/main/bench/x",
+        "uvicorn-hello": f"http://127.0.0.1:{hp}/x",
+    }
     if shutil.which("nginx"):
         (tmp / "nginx.conf").write_text(f"""
 worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/nginx.err warn;
@@ -236,8 +271,22 @@ model_list:
 litellm_settings: {{telemetry: false, drop_params: true}}
 general_settings: {{master_key: "{LITELLM_KEY}"}}
 """)
-        procs.append(start([str(litellm_bin), "--config", str(tmp / "litellm.yaml"), "--host", "127.0.0.1", "--port", str(lp),
-                            "--num_workers", "1"], {**os.environ, "LITELLM_LOG": "ERROR"}))
+        procs.append(
+            start(
+                [
+                    str(litellm_bin),
+                    "--config",
+                    str(tmp / "litellm.yaml"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(lp),
+                    "--num_workers",
+                    "1",
+                ],
+                {**os.environ, "LITELLM_LOG": "ERROR"},
+            )
+        )
     try:
         for p in (up, dp, hp):
             wait_port(p)
@@ -257,8 +306,10 @@ general_settings: {{master_key: "{LITELLM_KEY}"}}
                 wrk(url, conc, 1)  # warm up
                 rows[f"{name} c{conc}"] = wrk(url, conc, d, token="t" if name == "dstack" else "")
         # the model endpoint: POST /v1/chat/completions, routed by the `model` field
-        models = {"direct": f"http://127.0.0.1:{up}/v1/chat/completions",
-                  "dstack": f"http://127.0.0.1:{dp}/models/main/v1/chat/completions"}
+        models = {
+            "direct": f"http://127.0.0.1:{up}/v1/chat/completions",
+            "dstack": f"http://127.0.0.1:{dp}/models/main/v1/chat/completions",
+        }
         if have_litellm:
             models["litellm"] = f"http://127.0.0.1:{lp}/v1/chat/completions"
         for conc in (1, 64):
@@ -266,7 +317,10 @@ general_settings: {{master_key: "{LITELLM_KEY}"}}
                 tok = {"dstack": "t", "litellm": LITELLM_KEY}.get(name, "")
                 wrk(url, conc, 1, post=True, token=tok)
                 rows[f"chat {name} c{conc}"] = wrk(url, conc, d, post=True, token=tok)
-        chunks = {"direct": chunk_latency(up, "/stream"), "dstack": chunk_latency(dp, "/services/main/bench/stream", True)}
+        chunks = {
+            "direct": chunk_latency(up, "/stream"),
+            "dstack": chunk_latency(dp, "/services/main/bench/stream", True),
+        }
         if "nginx" in peers:
             chunks["nginx"] = chunk_latency(np_, "/stream")
     finally:
@@ -287,22 +341,30 @@ def report(rows: dict[str, dict[str, float]], chunks: dict[str, float]) -> None:
             for name in ("dstack", "nginx", "litellm", "uvicorn-hello"):
                 r = rows.get(f"{prefix}{name} c{conc}")
                 if base and r:
-                    print(f"{prefix or 'plain '}{name:8} c{conc:<3} added p50 {r['p50'] - base['p50']:7.3f} ms"
-                          f"  added p99 {r['p99'] - base['p99']:7.3f} ms  req/s ratio vs direct {r['rps'] / base['rps']:.2f}")
+                    print(
+                        f"{prefix or 'plain '}{name:8} c{conc:<3} added p50 {r['p50'] - base['p50']:7.3f} ms"
+                        f"  added p99 {r['p99'] - base['p99']:7.3f} ms  req/s ratio vs direct {r['rps'] / base['rps']:.2f}"
+                    )
     for conc in (1, 64):
         d, n, l = (rows.get(f"chat {x} c{conc}") for x in ("direct", "dstack", "litellm"))
         if d and n and l:
-            print(f"chat c{conc}: dstack added p50 / litellm added p50 = "
-                  f"{(n['p50'] - d['p50']) / max(1e-9, l['p50'] - d['p50']):.3f}; req/s dstack/litellm = {n['rps'] / l['rps']:.1f}x")
+            print(
+                f"chat c{conc}: dstack added p50 / litellm added p50 = "
+                f"{(n['p50'] - d['p50']) / max(1e-9, l['p50'] - d['p50']):.3f}; req/s dstack/litellm = {n['rps'] / l['rps']:.1f}x"
+            )
     for conc in (1, 64):
         n, x, h = rows.get(f"dstack c{conc}"), rows.get(f"nginx c{conc}"), rows.get(f"uvicorn-hello c{conc}")
         if n and x:
             print(f"plain c{conc}: dstack req/s / nginx req/s = {n['rps'] / x['rps']:.2f}")
         if n and h:
-            print(f"plain c{conc}: dstack req/s / uvicorn hello-world req/s = {n['rps'] / h['rps']:.2f} (the floor under uvicorn)")
-    print("\nstreamed chunk latency (median, send→receive):",
-          ", ".join(f"{k} {v:.3f} ms" for k, v in chunks.items()),
-          f"→ dstack adds {chunks['dstack'] - chunks['direct']:.3f} ms per chunk")
+            print(
+                f"plain c{conc}: dstack req/s / uvicorn hello-world req/s = {n['rps'] / h['rps']:.2f} (the floor under uvicorn)"
+            )
+    print(
+        "\nstreamed chunk latency (median, send→receive):",
+        ", ".join(f"{k} {v:.3f} ms" for k, v in chunks.items()),
+        f"→ dstack adds {chunks['dstack'] - chunks['direct']:.3f} ms per chunk",
+    )
     print(json.dumps({"rows": rows, "chunks": chunks}))
 
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serverless import direct_baseline, pct, submit_with_sdk  # noqa: E402
 from serverless.helpers import live_workers, wait_until  # noqa: E402
 
-HANDLER = '''
+HANDLER = """
 import time
 import runpod
 
@@ -45,15 +45,21 @@ async def handler(job):
 
 
 runpod.serverless.start({"handler": handler, "concurrency_modifier": lambda current: 50})
-'''
+"""
 
 
 def deploy(srv, tmp: Path, name: str, workers: str, env: dict | None = None):
     repo = tmp / name
     repo.mkdir()
     (repo / "handler.py").write_text(HANDLER)
-    conf = Serverless(setup=["pip install -q runpod==1.12.0"], commands=["python handler.py"], workers=workers,
-                      idle_timeout=1, resources=Resources(cpu=0, memory="0.3GB"), env=env or {})
+    conf = Serverless(
+        setup=["pip install -q runpod==1.12.0"],
+        commands=["python handler.py"],
+        workers=workers,
+        idle_timeout=1,
+        resources=Resources(cpu=0, memory="0.3GB"),
+        env=env or {},
+    )
     return srv.client().runs.submit(conf, run_name=name, repo_dir=repo)
 
 
@@ -106,13 +112,17 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-endpoint-"))
     srv = make_server(tmp)
     srv.start()
-    result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-                    "load_before": os.getloadavg()}
+    result: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "load_before": os.getloadavg(),
+    }
     try:
         warm = deploy(srv, tmp, "bench-warm", "0..1")
         plain = deploy(srv, tmp, "bench-plain", "0..1", {"DSTACK_PREWARM": "0"})
         t0 = time.time()
-        first = httpx.post(f"{warm.endpoint_url}/runsync?wait=300000", headers=srv.headers, json={"input": "first"}, timeout=330)
+        first = httpx.post(
+            f"{warm.endpoint_url}/runsync?wait=300000", headers=srv.headers, json={"input": "first"}, timeout=330
+        )
         result["first_worker_ever_s"] = time.time() - t0  # pays the pip install of runpod
         assert first.json()["status"] == "COMPLETED", first.text
         print(f"first worker ever (pip install runpod, then start): {result['first_worker_ever_s']:.1f} s", flush=True)
@@ -120,29 +130,48 @@ def main() -> None:
         for i in range(args.cold):
             warm_s.append(cold_start(srv, warm))
             plain_s.append(cold_start(srv, plain))
-            print(f"cold start round {i + 1}: warm zygote {warm_s[-1]:.2f} s, plain python {plain_s[-1]:.2f} s", flush=True)
-        result["cold_start_s"] = {"prewarm": warm_s, "plain": plain_s,
-                                  "prewarm_p50": statistics.median(warm_s), "plain_p50": statistics.median(plain_s)}
-        print(f"cold start p50: warm zygote {statistics.median(warm_s):.2f} s vs plain {statistics.median(plain_s):.2f} s "
-              f"(ratio {statistics.median(warm_s) / statistics.median(plain_s):.2f})", flush=True)
+            print(
+                f"cold start round {i + 1}: warm zygote {warm_s[-1]:.2f} s, plain python {plain_s[-1]:.2f} s",
+                flush=True,
+            )
+        result["cold_start_s"] = {
+            "prewarm": warm_s,
+            "plain": plain_s,
+            "prewarm_p50": statistics.median(warm_s),
+            "plain_p50": statistics.median(plain_s),
+        }
+        print(
+            f"cold start p50: warm zygote {statistics.median(warm_s):.2f} s vs plain {statistics.median(plain_s):.2f} s "
+            f"(ratio {statistics.median(warm_s) / statistics.median(plain_s):.2f})",
+            flush=True,
+        )
         warm.stop(abort=True)
         plain.stop(abort=True)
 
         steady = deploy(srv, tmp, "bench-steady", "3..3")
         stock = deploy(srv, tmp, "bench-stock", "1..1", {"DSTACK_RUNPOD_LOOP": "0"})  # the SDK's own loops
-        wait_until(lambda: health(srv, steady)["workers"]["idle"] == 3 and health(srv, stock)["workers"]["idle"] == 1,
-                   300, what="idle workers")
+        wait_until(
+            lambda: health(srv, steady)["workers"]["idle"] == 3 and health(srv, stock)["workers"]["idle"] == 1,
+            300,
+            what="idle workers",
+        )
         direct = [x * 1000 for x in direct_baseline()]
         for key, run in (("dispatch_ms", steady), ("dispatch_ms_stock_loop", stock)):
             d = [x * 1000 for x in dispatch(srv, run, args.dispatch)]
             result[key] = {"p50": pct(d, 50), "p99": pct(d, 99), "direct_call_p50": pct(direct, 50)}
-            print(f"dispatch submit -> handler start, warm idle worker ({run.name}): p50 {pct(d, 50):.1f} ms, "
-                  f"p99 {pct(d, 99):.1f} ms (direct in-process call: {pct(direct, 50) * 1000:.1f} us)", flush=True)
+            print(
+                f"dispatch submit -> handler start, warm idle worker ({run.name}): p50 {pct(d, 50):.1f} ms, "
+                f"p99 {pct(d, 99):.1f} ms (direct in-process call: {pct(direct, 50) * 1000:.1f} us)",
+                flush=True,
+            )
         stock.stop(abort=True)
         elapsed = asyncio.run(_throughput(srv, steady, args.jobs))
         result["throughput_jobs_per_s"] = args.jobs / elapsed
-        print(f"throughput: {args.jobs} jobs in {elapsed:.1f} s = {args.jobs / elapsed:.0f} jobs/s "
-              f"(3 workers x concurrency 50, no-op async handler)", flush=True)
+        print(
+            f"throughput: {args.jobs} jobs in {elapsed:.1f} s = {args.jobs / elapsed:.0f} jobs/s "
+            f"(3 workers x concurrency 50, no-op async handler)",
+            flush=True,
+        )
         steady.stop(abort=True)
     finally:
         result["load_after"] = os.getloadavg()

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src"), str(ROOT)]
 from serverless.helpers import TOKEN, Server, wait_until  # noqa: E402
 
-HANDLER = '''
+HANDLER = """
 import asyncio
 import os
 import random
@@ -66,7 +66,7 @@ async def handler(job):
 
 
 runpod.serverless.start({"handler": handler, "concurrency_modifier": lambda current: int(os.environ["FAULT_CONCURRENCY"])})
-'''
+"""
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
 
@@ -100,9 +100,17 @@ class QueueStack:
         self.log = tmp / "executions.log"
         self.endpoint = "soak"
         env = {"FAULT_LOG": str(self.log), "FAULT_CONCURRENCY": str(concurrency)}
-        self.srv = Server(tmp / "server", {self.endpoint: {"script": str(script), "env": env, "settings": {
-            "workers_min": workers, "workers_max": workers}}},
-            options={"retention": 3600.0})  # results stay readable until the soak reads them all
+        self.srv = Server(
+            tmp / "server",
+            {
+                self.endpoint: {
+                    "script": str(script),
+                    "env": env,
+                    "settings": {"workers_min": workers, "workers_max": workers},
+                }
+            },
+            options={"retention": 3600.0},
+        )  # results stay readable until the soak reads them all
         self.v2 = f"{self.srv.url}/v2/{self.endpoint}"
         self.headers = {"Authorization": f"Bearer {TOKEN}"}
         self.workers = workers
@@ -158,14 +166,24 @@ class ProductStack:
         repo = self.tmp / "repo"
         repo.mkdir()
         (repo / "handler.py").write_text(HANDLER)
-        conf = Serverless(setup=["pip install -q runpod==1.12.0"], commands=["python handler.py"],
-                          workers=f"{self.workers}..{self.workers}", resources=Resources(cpu=0, memory="0.3GB"),
-                          env={"FAULT_LOG": str(self.log), "FAULT_PIDS": str(self.pids),
-                               "FAULT_CONCURRENCY": str(self.concurrency)})
+        conf = Serverless(
+            setup=["pip install -q runpod==1.12.0"],
+            commands=["python handler.py"],
+            workers=f"{self.workers}..{self.workers}",
+            resources=Resources(cpu=0, memory="0.3GB"),
+            env={"FAULT_LOG": str(self.log), "FAULT_PIDS": str(self.pids), "FAULT_CONCURRENCY": str(self.concurrency)},
+        )
         run = self.srv.client().runs.submit(conf, run_name=self.endpoint, repo_dir=repo)
         self.v2 = run.endpoint_url
-        wait_until(lambda: httpx.get(f"{self.v2}/health", headers=self.headers, timeout=30).json()["workers"]["idle"]
-                   >= self.workers, timeout=600, interval=1, what="warm workers (the first pays a pip install)")
+        wait_until(
+            lambda: (
+                httpx.get(f"{self.v2}/health", headers=self.headers, timeout=30).json()["workers"]["idle"]
+                >= self.workers
+            ),
+            timeout=600,
+            interval=1,
+            what="warm workers (the first pays a pip install)",
+        )
 
     def kill_server(self) -> None:
         self.srv.kill()
@@ -193,8 +211,12 @@ class ProductStack:
 
     def close(self) -> None:
         try:
-            httpx.post(f"{self.srv.url}/api/project/main/runs/stop", headers=self.headers,
-                       json={"runs_names": [self.endpoint], "abort": True}, timeout=30)
+            httpx.post(
+                f"{self.srv.url}/api/project/main/runs/stop",
+                headers=self.headers,
+                json={"runs_names": [self.endpoint], "abort": True},
+                timeout=30,
+            )
         except httpx.HTTPError:
             pass
         self.srv.stop()
@@ -212,8 +234,9 @@ class ProductStack:
 
 
 class Soak:
-    def __init__(self, stack, n: int, rate: float, job_seconds: float, kills: int, max_seconds: float,
-                 rng: random.Random) -> None:
+    def __init__(
+        self, stack, n: int, rate: float, job_seconds: float, kills: int, max_seconds: float, rng: random.Random
+    ) -> None:
         self.stack, self.n, self.rate, self.job_seconds = stack, n, rate, job_seconds
         self.kills_left, self.max_seconds, self.rng = kills, max_seconds, rng
         self.ids: list[str | None] = [None] * n
@@ -243,6 +266,7 @@ class Soak:
     async def submitter(self) -> None:
         sem = asyncio.Semaphore(16)
         async with httpx.AsyncClient(headers=self.stack.headers, timeout=30) as c:
+
             async def one(i: int) -> None:
                 async with sem:
                     await self._submit(c, i)
@@ -352,8 +376,11 @@ class Soak:
         by_status = Counter(statuses.get(j, "no answer") for j in known)
         lost = [j for j in known if statuses.get(j) not in TERMINAL]
         failed = [j for j in known if statuses.get(j) in TERMINAL - {"COMPLETED"}]
-        wrong = [j for j, i in known.items() if statuses.get(j) == "COMPLETED"
-                 and json.loads(statuses.get(j + ":output", "null") or "null") != {"i": i}]
+        wrong = [
+            j
+            for j, i in known.items()
+            if statuses.get(j) == "COMPLETED" and json.loads(statuses.get(j + ":output", "null") or "null") != {"i": i}
+        ]
         never_ran = [j for j in known if statuses.get(j) == "COMPLETED" and not runs.get(j)]
         dup_live, dup_dead = [], []
         for j in known:
@@ -363,15 +390,26 @@ class Soak:
                 (dup_dead if dead else dup_live).append(j)
         kills = Counter(e["kill"] for e in self.events if "skipped" not in e)
         return {
-            "jobs": self.n, "submitted": len(known), "not_submitted": self.n - len(known),
-            "completed": by_status.get("COMPLETED", 0), "lost": len(lost), "failed": len(failed),
-            "duplicated_with_live_worker": len(dup_live), "duplicated_after_worker_death": len(dup_dead),
+            "jobs": self.n,
+            "submitted": len(known),
+            "not_submitted": self.n - len(known),
+            "completed": by_status.get("COMPLETED", 0),
+            "lost": len(lost),
+            "failed": len(failed),
+            "duplicated_with_live_worker": len(dup_live),
+            "duplicated_after_worker_death": len(dup_dead),
             "executions": sum(len(runs.get(j, [])) for j in known),
             "orphan_jobs_run": len([j for j in runs if j not in known]),
-            "ambiguous_submits": self.ambiguous_submits, "wrong_output": len(wrong), "completed_never_ran": len(never_ran),
-            "statuses": dict(by_status), "kills": dict(kills), "kill_events": self.events,
-            "submit_s": round(submitted_s, 1), "drain_s": round(drained_s, 1),
-            "workers_ended": len(self.ended), "workers_killed_by_soak": len(self.killed_workers),
+            "ambiguous_submits": self.ambiguous_submits,
+            "wrong_output": len(wrong),
+            "completed_never_ran": len(never_ran),
+            "statuses": dict(by_status),
+            "kills": dict(kills),
+            "kill_events": self.events,
+            "submit_s": round(submitted_s, 1),
+            "drain_s": round(drained_s, 1),
+            "workers_ended": len(self.ended),
+            "workers_killed_by_soak": len(self.killed_workers),
             "examples": {"lost": lost[:5], "failed": failed[:5], "dup_live": dup_live[:5], "dup_dead": dup_dead[:5]},
         }
 
@@ -400,9 +438,16 @@ def main() -> None:
     kills = args.kills if args.kills is not None else min(40, max(3, args.jobs // 400))
     tmp = Path(tempfile.mkdtemp(prefix="bench-faults-"))
     stack = (QueueStack if args.stack == "queue" else ProductStack)(tmp, args.workers, args.concurrency)
-    result: dict = {"stack": args.stack, "cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seed": args.seed,
-                    "args": vars(args) | {"kills": kills}, "load_before": os.getloadavg()}
+    result: dict = {
+        "stack": args.stack,
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "seed": args.seed,
+        "args": vars(args) | {"kills": kills},
+        "load_before": os.getloadavg(),
+    }
     try:
         stack.start()
         wait_until(lambda: len(stack.worker_pids()) >= args.workers, timeout=120, what="workers up")
@@ -412,8 +457,20 @@ def main() -> None:
         result["load_after"] = os.getloadavg()
         stack.close()
         Path(args.out).write_text(json.dumps(result, indent=2))
-    summary = {k: result.get(k) for k in ("jobs", "completed", "lost", "failed", "duplicated_with_live_worker",
-                                          "duplicated_after_worker_death", "orphan_jobs_run", "kills", "drain_s")}
+    summary = {
+        k: result.get(k)
+        for k in (
+            "jobs",
+            "completed",
+            "lost",
+            "failed",
+            "duplicated_with_live_worker",
+            "duplicated_after_worker_death",
+            "orphan_jobs_run",
+            "kills",
+            "drain_s",
+        )
+    }
     print(json.dumps(summary, indent=2))
 
 

@@ -75,7 +75,9 @@ def bench_raw_dispatch(srv: Server, n: int) -> list[float]:
     notes when the job arrives; submit → arrival isolates the queue from the SDK's own loops."""
     import threading
 
-    env_file = wait_until(lambda: next(iter(srv.run_dir.glob("b-raw-*.env.json")), None), timeout=20, what="raw worker env")
+    env_file = wait_until(
+        lambda: next(iter(srv.run_dir.glob("b-raw-*.env.json")), None), timeout=20, what="raw worker env"
+    )
     env = json.loads(env_file.read_text())
     wid = env["RUNPOD_POD_ID"]
     take = env["RUNPOD_WEBHOOK_GET_JOB"].replace("$ID", wid) + "&job_in_progress=0"
@@ -141,15 +143,25 @@ def bench_throughput(srv: Server, n: int, ep: str = "b-tput") -> dict:
     wait_until(lambda: srv.health(ep)["jobs"]["completed"] - base >= n, timeout=600, interval=0.05, what="drain")
     total = time.time() - t0
     cpu_ms = (cpu_seconds(srv.proc.pid) - cpu0) * 1000 / n
-    return {"jobs": n, "submit_s": submit_s, "total_s": total, "jobs_per_s": n / total, "submit_per_s": n / submit_s,
-            "server_cpu_ms_per_job": cpu_ms, "jobs_per_s_per_server_core": 1000 / cpu_ms}
+    return {
+        "jobs": n,
+        "submit_s": submit_s,
+        "total_s": total,
+        "jobs_per_s": n / total,
+        "submit_per_s": n / submit_s,
+        "server_cpu_ms_per_job": cpu_ms,
+        "jobs_per_s_per_server_core": 1000 / cpu_ms,
+    }
 
 
 def bench_cold(srv: Server, rounds: int) -> list[float]:
     out = []
     for i in range(rounds):
-        wait_until(lambda: live_workers(srv.health("b-cold")) == 0 and sum(srv.health("b-cold")["workers"].values()) == 0,
-                   timeout=60, what="zero workers")
+        wait_until(
+            lambda: live_workers(srv.health("b-cold")) == 0 and sum(srv.health("b-cold")["workers"].values()) == 0,
+            timeout=60,
+            what="zero workers",
+        )
         t0 = time.time()
         r = srv.client.post("/b-cold/runsync", json={"input": {"mode": "echo", "i": i}})
         assert r.json()["status"] == "COMPLETED", r.text
@@ -188,14 +200,22 @@ def main() -> None:
         "b-raw": {"script": "-", "settings": {"workers_min": 1, "workers_max": 1}},
         "b-cold": endpoint("async_worker.py", 0, 1, env={"WORKER_CONCURRENCY": "1"}, idle_timeout=0.5),
     }
-    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-                     "database": "postgresql" if database_url else "sqlite", "load_before": load_before}
+    results: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "database": "postgresql" if database_url else "sqlite",
+        "load_before": load_before,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         srv = Server(Path(tmp), eps, options={"take_wait": 20.0}, database_url=database_url).start()
         try:
-            wait_until(lambda: all(srv.health(e)["workers"]["idle"] == k for e, k in
-                                   (("b-tput", 3), ("b-tput-stock", 3), ("b-dispatch", 1), ("b-dispatch-stock", 1))),
-                       timeout=90, what="warm workers")
+            wait_until(
+                lambda: all(
+                    srv.health(e)["workers"]["idle"] == k
+                    for e, k in (("b-tput", 3), ("b-tput-stock", 3), ("b-dispatch", 1), ("b-dispatch-stock", 1))
+                ),
+                timeout=90,
+                what="warm workers",
+            )
             time.sleep(1)
             results["sdk_import_s"] = sdk_import_s()
             cold = bench_cold(srv, args.cold)
@@ -205,18 +225,28 @@ def main() -> None:
             for key, ep in (("", "b-dispatch"), ("_stock_loop", "b-dispatch-stock")):
                 d = bench_dispatch(srv, args.dispatch, ep)
                 results["dispatch_ms" + key] = {"p50": pct(d["dispatch_ms"], 50), "p99": pct(d["dispatch_ms"], 99)}
-                results["runsync_roundtrip_ms" + key] = {"p50": pct(d["runsync_ms"], 50), "p99": pct(d["runsync_ms"], 99)}
+                results["runsync_roundtrip_ms" + key] = {
+                    "p50": pct(d["runsync_ms"], 50),
+                    "p99": pct(d["runsync_ms"], 99),
+                }
             results["throughput"] = bench_throughput(srv, args.jobs, "b-tput")
             results["throughput_stock_loop"] = bench_throughput(srv, args.jobs, "b-tput-stock")
         finally:
             srv.close()
     base = direct_baseline()
     results["direct_call_us"] = {"p50": pct(base, 50) * 1e6, "p99": pct(base, 99) * 1e6}
-    results["dispatch_vs_direct_ratio_p50"] = results["dispatch_ms"]["p50"] * 1000 / max(results["direct_call_us"]["p50"], 1e-3)
-    results["server_dispatch_vs_direct_ratio_p50"] = results["server_dispatch_ms"]["p50"] * 1000 / max(results["direct_call_us"]["p50"], 1e-3)
-    results["dispatch_vs_stock_loop_ratio_p50"] = results["dispatch_ms"]["p50"] / results["dispatch_ms_stock_loop"]["p50"]
-    results["throughput_vs_stock_loop_ratio"] = (results["throughput"]["jobs_per_s"]
-                                                 / results["throughput_stock_loop"]["jobs_per_s"])
+    results["dispatch_vs_direct_ratio_p50"] = (
+        results["dispatch_ms"]["p50"] * 1000 / max(results["direct_call_us"]["p50"], 1e-3)
+    )
+    results["server_dispatch_vs_direct_ratio_p50"] = (
+        results["server_dispatch_ms"]["p50"] * 1000 / max(results["direct_call_us"]["p50"], 1e-3)
+    )
+    results["dispatch_vs_stock_loop_ratio_p50"] = (
+        results["dispatch_ms"]["p50"] / results["dispatch_ms_stock_loop"]["p50"]
+    )
+    results["throughput_vs_stock_loop_ratio"] = (
+        results["throughput"]["jobs_per_s"] / results["throughput_stock_loop"]["jobs_per_s"]
+    )
     results["load_after"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -30,7 +30,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import httpx
 
@@ -113,8 +112,9 @@ class ChatResult:
 
 async def chat_turn(client: httpx.AsyncClient, url: str, messages: list[dict], n: int) -> tuple[str, float]:
     body = {"model": "m", "messages": messages, "max_tokens": n, "temperature": 0, "stream": True}
-    texts, ttft = await stream_texts(client, url + "/v1/chat/completions", body,
-                                     lambda choice: choice.get("delta", {}).get("content"))
+    texts, ttft = await stream_texts(
+        client, url + "/v1/chat/completions", body, lambda choice: choice.get("delta", {}).get("content")
+    )
     return "".join(texts), ttft
 
 
@@ -146,7 +146,18 @@ def cpu_description() -> str:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"]
+    wanted = [
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx_vnni",
+        "amx_tile",
+        "amx_int8",
+        "amx_bf16",
+    ]
     return f"{model}, {os.cpu_count()} CPUs; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}"
 
 
@@ -158,7 +169,7 @@ def dstack_repacks() -> bool:
 
 
 class ServerProc:
-    def __init__(self, name: str, cmd: list[str], port: int, env: Optional[dict] = None) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None) -> None:
         self.name, self.port = name, port
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(f"/tmp/bench-serving-{name}.log", "w")
@@ -190,7 +201,7 @@ class ServerProc:
 async def stream_texts(client: httpx.AsyncClient, url: str, body: dict, text_of) -> tuple[list[str], float]:
     """POST a streamed OpenAI request; the text pieces of its chunks and the time to the first one."""
     t0 = time.perf_counter()
-    ttft: Optional[float] = None
+    ttft: float | None = None
     texts: list[str] = []
     async with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
@@ -240,29 +251,78 @@ DSTACK_VARIANTS = {
 }
 
 
-def start(name: str, gguf: str, threads: int, llama_server: Optional[str], ctx: int, repack: bool) -> ServerProc:
+def start(name: str, gguf: str, threads: int, llama_server: str | None, ctx: int, repack: bool) -> ServerProc:
     port = free_port()
     py = sys.executable
     if name in DSTACK_VARIANTS or name == "dstack-passive":
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
         if name == "dstack-passive":  # OpenMP threads sleep at barriers instead of spinning
             env["OMP_WAIT_POLICY"] = "passive"
-        cmd = [py, "-m", "dstack.serving", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",
-               "--max-batch-size", "16", "--max-concurrent-requests", "64", "--ctx-size", str(ctx),
-               "--threads", str(threads), *DSTACK_VARIANTS.get(name, [])]
+        cmd = [
+            py,
+            "-m",
+            "dstack.serving",
+            "--model",
+            gguf,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--max-batch-size",
+            "16",
+            "--max-concurrent-requests",
+            "64",
+            "--ctx-size",
+            str(ctx),
+            "--threads",
+            str(threads),
+            *DSTACK_VARIANTS.get(name, []),
+        ]
         return ServerProc(name, cmd, port, env)
     if name == "llama-cpp-python":
-        cmd = [py, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",
-               "--n_ctx", str(ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-               "--interrupt_requests", "False"]  # queue concurrent requests instead of aborting them
+        cmd = [
+            py,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            gguf,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--n_ctx",
+            str(ctx),
+            "--n_threads",
+            str(threads),
+            "--n_threads_batch",
+            str(threads),
+            "--interrupt_requests",
+            "False",
+        ]  # queue concurrent requests instead of aborting them
         return ServerProc(name, cmd, port)
     if name == "llama-server":
         assert llama_server
         # The same weight layout as dstack's engine on this host: where AMX makes dstack turn
         # repacking off (it crashes there), llama-server runs with --no-repack too.
-        cmd = [llama_server, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "-np", "16",
-               "-c", str(16 * ctx), "-t", str(threads), "-tb", str(threads), "--no-webui",
-               *([] if repack else ["--no-repack"])]
+        cmd = [
+            llama_server,
+            "-m",
+            gguf,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "-np",
+            "16",
+            "-c",
+            str(16 * ctx),
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "--no-webui",
+            *([] if repack else ["--no-repack"]),
+        ]
         return ServerProc(name, cmd, port)
     raise ValueError(name)
 
@@ -306,15 +366,21 @@ def main() -> int:
                 for name, srv in servers.items():
                     lvl = asyncio.run(run_level(srv.url, c, a.new_tokens, a.rounds, {}))
                     runs[name][c].append(lvl)
-                    print(f"rep {rep} {name:17s} c={c:<3d} {lvl.tok_s:7.1f} tok/s  TTFT p50 "
-                          f"{lvl.ttft_p50_ms:7.1f} ms p99 {lvl.ttft_p99_ms:7.1f} ms  ({lvl.tokens} tokens in "
-                          f"{lvl.seconds:.1f}s)  load {os.getloadavg()[0]:.2f}", flush=True)
+                    print(
+                        f"rep {rep} {name:17s} c={c:<3d} {lvl.tok_s:7.1f} tok/s  TTFT p50 "
+                        f"{lvl.ttft_p50_ms:7.1f} ms p99 {lvl.ttft_p99_ms:7.1f} ms  ({lvl.tokens} tokens in "
+                        f"{lvl.seconds:.1f}s)  load {os.getloadavg()[0]:.2f}",
+                        flush=True,
+                    )
             if a.chat:
                 for name, srv in servers.items():
                     res = asyncio.run(run_chat(srv.url, a.chat, a.chat_tokens))
                     chats[name].append(res)
-                    print(f"rep {rep} {name:17s} chat: turn 1 TTFT p50 {res.turn_p50_ms(0):.0f} ms, later turns "
-                          f"{res.later_p50_ms:.0f} ms  load {os.getloadavg()[0]:.2f}", flush=True)
+                    print(
+                        f"rep {rep} {name:17s} chat: turn 1 TTFT p50 {res.turn_p50_ms(0):.0f} ms, later turns "
+                        f"{res.later_p50_ms:.0f} ms  load {os.getloadavg()[0]:.2f}",
+                        flush=True,
+                    )
     finally:
         for srv in servers.values():
             srv.stop()
@@ -328,8 +394,14 @@ def main() -> int:
     return 0
 
 
-def render(results: dict[str, list[Level]], chats: dict[str, ChatResult], levels: list[int],
-           a: argparse.Namespace, gguf: str, repack: bool) -> str:
+def render(
+    results: dict[str, list[Level]],
+    chats: dict[str, ChatResult],
+    levels: list[int],
+    a: argparse.Namespace,
+    gguf: str,
+    repack: bool,
+) -> str:
     load = os.getloadavg()
     lines = [
         f"CPU: {cpu_description()}; weight repacking {'on' if repack else 'off (AMX present: llama-server ran with --no-repack too)'}",
@@ -343,16 +415,19 @@ def render(results: dict[str, list[Level]], chats: dict[str, ChatResult], levels
         "|---|" + "---:|---:|" * len(levels),
     ]
     for name, lv in results.items():
-        lines.append(f"| {name} | " + " | ".join(
-            f"{x.tok_s:.1f} | {x.ttft_p50_ms:.0f} / {x.ttft_p99_ms:.0f}" for x in lv) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(f"{x.tok_s:.1f} | {x.ttft_p50_ms:.0f} / {x.ttft_p99_ms:.0f}" for x in lv) + " |"
+        )
     if "dstack" in results:
         lines.append("")
         for peer in (n for n in results if n != "dstack"):
             ratios = [d.tok_s / p.tok_s for d, p in zip(results["dstack"], results[peer])]
             ttft = [d.ttft_p50_ms / p.ttft_p50_ms for d, p in zip(results["dstack"], results[peer])]
             lines.append(
-                f"dstack / {peer}: throughput " + ", ".join(f"c={c}: {r:.2f}x" for c, r in zip(levels, ratios))
-                + "; TTFT p50 " + ", ".join(f"c={c}: {r:.2f}x" for c, r in zip(levels, ttft))
+                f"dstack / {peer}: throughput "
+                + ", ".join(f"c={c}: {r:.2f}x" for c, r in zip(levels, ratios))
+                + "; TTFT p50 "
+                + ", ".join(f"c={c}: {r:.2f}x" for c, r in zip(levels, ttft))
             )
     if chats:
         lines += [

@@ -42,8 +42,9 @@ def start_engine() -> str:
     """Start the engine with dstack's own Python (it has llama-cpp-python) and wait for /health."""
     port = _free_port()
     python = os.environ.get("DSTACK_ENGINE_PYTHON") or sys.executable
-    proc = subprocess.Popen([python, "-m", "dstack.serving", "--model", MODEL,
-                             "--host", "127.0.0.1", "--port", str(port)])
+    proc = subprocess.Popen(
+        [python, "-m", "dstack.serving", "--model", MODEL, "--host", "127.0.0.1", "--port", str(port)]
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + float(os.environ.get("ENGINE_START_TIMEOUT", "600"))
     while time.time() < deadline:
@@ -128,8 +129,10 @@ async def handler(job):
         raise ValueError("expected {'openai_route', 'openai_input'} or {'prompt'} in the job input")
 
 
-runpod.serverless.start({
-    "handler": handler,
-    "concurrency_modifier": lambda current: MAX_CONCURRENCY,
-    "return_aggregate_stream": True,
-})
+runpod.serverless.start(
+    {
+        "handler": handler,
+        "concurrency_modifier": lambda current: MAX_CONCURRENCY,
+        "return_aggregate_stream": True,
+    }
+)

@@ -53,7 +53,9 @@ def make_tar(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def submit(client: httpx.Client, commands: list[str], code: bytes | None = None, start: bool = True, **spec: Any) -> str:
+def submit(
+    client: httpx.Client, commands: list[str], code: bytes | None = None, start: bool = True, **spec: Any
+) -> str:
     job_id = spec.pop("job_id", None) or f"job-{uuid.uuid4().hex[:12]}"
     r = client.post("/api/jobs", json={"job_id": job_id, "run_name": "test", "commands": commands, **spec})
     assert r.status_code == 200, r.text
@@ -119,8 +121,13 @@ def test_setup_and_commands_share_one_shell(client: httpx.Client) -> None:
 
 
 def test_env_and_no_leaks(client: httpx.Client) -> None:
-    commands = ['echo "MY=$MY_VAR"', 'echo "CUDA=$CUDA_VISIBLE_DEVICES"', 'echo "PP=${PYTHONPATH-unset}"',
-                'echo "VE=$VIRTUAL_ENV"', 'echo "DS=$DSTACK_RUN_NAME"']
+    commands = [
+        'echo "MY=$MY_VAR"',
+        'echo "CUDA=$CUDA_VISIBLE_DEVICES"',
+        'echo "PP=${PYTHONPATH-unset}"',
+        'echo "VE=$VIRTUAL_ENV"',
+        'echo "DS=$DSTACK_RUN_NAME"',
+    ]
     resp, records = run(client, commands, env={"MY_VAR": "x y", "DSTACK_RUN_NAME": "r1"}, gpus=[0, 2])
     lines = text(records).splitlines()
     assert lines[:3] == ["MY=x y", "CUDA=0,2", "PP=unset"]  # PYTHONPATH is set for the agent, not the job
@@ -285,7 +292,9 @@ def test_pip_install_goes_to_job_venv(client: httpx.Client, tmp_path: Path) -> N
 def test_image_fails_clearly(client: httpx.Client) -> None:
     resp, _ = run(client, ["echo never"], image="registry.invalid/ubuntu:22.04")
     assert resp["state"] == "failed"
-    if client.get("/api/host").json()["containers"]:  # a container CLI works: the pull fails (tests/agent/test_containers.py)
+    if client.get("/api/host").json()[
+        "containers"
+    ]:  # a container CLI works: the pull fails (tests/agent/test_containers.py)
         assert resp["message"].startswith("cannot pull image 'registry.invalid/ubuntu:22.04'"), resp["message"]
     else:
         assert resp["message"].startswith("containers are not available on this host")
@@ -302,8 +311,10 @@ def test_start_latency(client: httpx.Client) -> None:
         samples.append((resp["started_at"] - t0, float(text(records)) - t0))
     spawn = sorted(s[0] for s in samples)[len(samples) // 2]
     python_up = sorted(s[1] for s in samples)[len(samples) // 2]
-    print(f"\njob start latency (median of 5): process spawned {spawn * 1000:.0f} ms, "
-          f"python in venv running user code {python_up * 1000:.0f} ms after /start")
+    print(
+        f"\njob start latency (median of 5): process spawned {spawn * 1000:.0f} ms, "
+        f"python in venv running user code {python_up * 1000:.0f} ms after /start"
+    )
 
 
 def test_api_errors_and_auth(client: httpx.Client, agent: AgentInfo) -> None:
@@ -314,7 +325,9 @@ def test_api_errors_and_auth(client: httpx.Client, agent: AgentInfo) -> None:
     assert client.post("/api/jobs", json={"job_id": job_id, "commands": []}).status_code == 409
     assert client.post("/api/jobs", json={"job_id": "../x", "commands": []}).status_code == 422
     assert client.get("/api/jobs/nope/pull").status_code == 404
-    assert {"job_id": job_id, "state": "submitted", "network": "host", "address": "127.0.0.1"} in client.get("/api/jobs").json()
+    assert {"job_id": job_id, "state": "submitted", "network": "host", "address": "127.0.0.1"} in client.get(
+        "/api/jobs"
+    ).json()
     assert client.delete(f"/api/jobs/{job_id}").status_code == 200
     assert all(j["job_id"] != job_id for j in client.get("/api/jobs").json())
     host = client.get("/api/host").json()

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from dstack.agent import containers
@@ -25,22 +24,37 @@ DOCKER = ContainerRuntime("docker", "/usr/bin/docker")
 
 
 def spec(**kw: Any) -> ContainerSpec:
-    base: dict[str, Any] = dict(name="dstack-abc-j1", job_id="j1", image="img:1", code_dir=Path("/h/jobs/j1/repo"),
-                                workdir="/workflow", network="host")
+    base: dict[str, Any] = dict(
+        name="dstack-abc-j1",
+        job_id="j1",
+        image="img:1",
+        code_dir=Path("/h/jobs/j1/repo"),
+        workdir="/workflow",
+        network="host",
+    )
     return ContainerSpec(**{**base, **kw})
 
 
 # -- command lines -------------------------------------------------------------------------------
 
+
 def test_podman_run_with_script() -> None:
-    argv = PODMAN.run_cmd(spec(script=Path("/h/jobs/j1/job.sh"), env_by_name=["HF_TOKEN"],
-                               env_by_value={"PATH": "/x"}, stop_grace=5))
+    argv = PODMAN.run_cmd(
+        spec(script=Path("/h/jobs/j1/job.sh"), env_by_name=["HF_TOKEN"], env_by_value={"PATH": "/x"}, stop_grace=5)
+    )
     assert argv[:4] == ["/usr/bin/podman", "--runtime", "/usr/sbin/runc", "run"]
     joined = " ".join(argv)
-    for part in ("--rm --name dstack-abc-j1", "--ulimit nofile=1024:1024 --ulimit nproc=1024:1024",
-                 "--network host", "-v /h/jobs/j1/repo:/workflow -w /workflow",
-                 "-v /h/jobs/j1/job.sh:/dstack/job.sh:ro", "--env HF_TOKEN --env PATH=/x", "--stop-timeout 5",
-                 "--replace", "--init"):
+    for part in (
+        "--rm --name dstack-abc-j1",
+        "--ulimit nofile=1024:1024 --ulimit nproc=1024:1024",
+        "--network host",
+        "-v /h/jobs/j1/repo:/workflow -w /workflow",
+        "-v /h/jobs/j1/job.sh:/dstack/job.sh:ro",
+        "--env HF_TOKEN --env PATH=/x",
+        "--stop-timeout 5",
+        "--replace",
+        "--init",
+    ):
         assert part in joined
     # the script runs with the image's /bin/sh, which picks bash when the image has it
     i = argv.index("--entrypoint")
@@ -123,8 +137,13 @@ def test_detection(tmp_path: Path) -> None:
     fake = tmp_path / "podman"
     fake.write_text("#!/bin/sh\nexit 0\n")
     fake.chmod(0o755)
-    rt = containers.detect({"DSTACK_CONTAINER_RUNTIME": str(fake), "DSTACK_CONTAINER_OCI_RUNTIME": "default",
-                            "DSTACK_CONTAINER_ULIMITS": "nofile=10:20, nproc=5:5"})
+    rt = containers.detect(
+        {
+            "DSTACK_CONTAINER_RUNTIME": str(fake),
+            "DSTACK_CONTAINER_OCI_RUNTIME": "default",
+            "DSTACK_CONTAINER_ULIMITS": "nofile=10:20, nproc=5:5",
+        }
+    )
     assert rt == ContainerRuntime("podman", str(fake), None, ("nofile=10:20", "nproc=5:5"))
     assert rt.global_args == [str(fake)]
 
@@ -141,6 +160,7 @@ def test_default_ulimits_are_the_agents_own() -> None:
 
 
 # -- real containers through the agent -------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def image() -> str:
@@ -166,19 +186,40 @@ def test_host_reports_containers(client: httpx.Client, image: str) -> None:
 
 def test_image_job_env_code_and_shell(client: httpx.Client, image: str) -> None:
     code = make_tar({"hello.txt": b"hello from code\n"})
-    commands = ['echo "MY=$MY_VAR"', 'echo "SEC=$SECRET_TOKEN"', 'echo "SETUP=$FROM_SETUP"', "cat hello.txt", "pwd",
-                'echo "bash=${BASH_VERSION:-none}"', "test -x /bin/busybox && echo in-image"]
-    resp, records = run(client, commands, code=code, image=image, setup=["export FROM_SETUP=1"],
-                        env={"MY_VAR": "x y", "SECRET_TOKEN": "s3cr3t"})
+    commands = [
+        'echo "MY=$MY_VAR"',
+        'echo "SEC=$SECRET_TOKEN"',
+        'echo "SETUP=$FROM_SETUP"',
+        "cat hello.txt",
+        "pwd",
+        'echo "bash=${BASH_VERSION:-none}"',
+        "test -x /bin/busybox && echo in-image",
+    ]
+    resp, records = run(
+        client,
+        commands,
+        code=code,
+        image=image,
+        setup=["export FROM_SETUP=1"],
+        env={"MY_VAR": "x y", "SECRET_TOKEN": "s3cr3t"},
+    )
     assert resp["state"] == "done" and resp["exit_status"] == 0, (resp, text(records, None))
-    assert text(records).splitlines() == ["MY=x y", "SEC=s3cr3t", "SETUP=1", "hello from code", "/workflow",
-                                          "bash=none", "in-image"]
+    assert text(records).splitlines() == [
+        "MY=x y",
+        "SEC=s3cr3t",
+        "SETUP=1",
+        "hello from code",
+        "/workflow",
+        "bash=none",
+        "in-image",
+    ]
 
 
 def test_image_job_working_dir(client: httpx.Client, image: str) -> None:
     code = make_tar({"top.txt": b"top\n", "sub/dir/inner.txt": b"inner\n"})
-    resp, records = run(client, ["cat inner.txt", "cat ../../top.txt", "pwd"], code=code, image=image,
-                        working_dir="sub/dir")
+    resp, records = run(
+        client, ["cat inner.txt", "cat ../../top.txt", "pwd"], code=code, image=image, working_dir="sub/dir"
+    )
     assert resp["state"] == "done", text(records, None)
     assert text(records).splitlines() == ["inner", "top", "/workflow/sub/dir"]
 
@@ -209,8 +250,9 @@ def test_image_job_stop_is_terminated(client: httpx.Client, image: str) -> None:
 
 
 def test_image_job_killed_after_grace(client: httpx.Client, image: str) -> None:
-    job_id = submit(client, ["trap '' TERM", "echo started", "while true; do sleep 0.1; done"], image=image,
-                    stop_grace_seconds=1)
+    job_id = submit(
+        client, ["trap '' TERM", "echo started", "while true; do sleep 0.1; done"], image=image, stop_grace_seconds=1
+    )
     wait_for_output(client, job_id, "started")
     t0 = time.monotonic()
     client.post(f"/api/jobs/{job_id}/stop", json={})
@@ -240,8 +282,14 @@ def test_isolated_image_job_serves_on_its_address(client: httpx.Client, image: s
     if not host["network_isolation"]:
         pytest.skip("network isolation is unavailable here (needs root and iproute2)")
     code = make_tar({"hello.txt": b"served from the container\n"})
-    job_id = submit(client, ["echo started", "exec httpd -f -p 8080 -h /workflow"], code=code, image=image,
-                    network="isolated", ports=[8080])
+    job_id = submit(
+        client,
+        ["echo started", "exec httpd -f -p 8080 -h /workflow"],
+        code=code,
+        image=image,
+        network="isolated",
+        ports=[8080],
+    )
     wait_for_output(client, job_id, "started")
     address = pull(client, job_id)["address"]
     assert address and address != "127.0.0.1"
@@ -293,15 +341,18 @@ def test_restarted_agent_removes_its_container(tmp_path: Path, image: str) -> No
         _stop_agent(info)
 
 
-def test_pull_with_credentials_fails_clearly_and_leaves_no_secret(client: httpx.Client, image: str,
-                                                                  home: Path) -> None:
+def test_pull_with_credentials_fails_clearly_and_leaves_no_secret(client: httpx.Client, image: str, home: Path) -> None:
     import socket
 
     with socket.socket() as s:  # a port nobody listens on: the pull is refused at once
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    job_id = submit(client, ["true"], image=f"127.0.0.1:{port}/private:1",
-                    registry_auth={"username": "me", "password": "s3cret-value"})
+    job_id = submit(
+        client,
+        ["true"],
+        image=f"127.0.0.1:{port}/private:1",
+        registry_auth={"username": "me", "password": "s3cret-value"},
+    )
     resp, _ = wait_final(client, job_id, timeout=60)
     assert resp["state"] == "failed" and "cannot pull image" in resp["message"], resp
     for path in home.rglob("*"):

@@ -17,7 +17,9 @@ from dstack.agent.launcher import start_agent
 from tests.agent.test_agent import TOKEN, _stop_agent, make_tar, run, submit, text, wait_final
 
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("setpriv")),
+    not sys.platform.startswith("linux")
+    or os.geteuid() != 0
+    or not (shutil.which("unshare") and shutil.which("setpriv")),
     reason="jobs run as other users only where the agent runs as root on Linux with util-linux (unshare, setpriv)",
 )
 
@@ -43,11 +45,20 @@ def test_projects_get_distinct_unprivileged_users(client: httpx.Client, home: Pa
 def test_agent_files_are_out_of_reach(client: httpx.Client, home: Path) -> None:
     other, _ = run(client, ["echo other-project-output > mine.txt", "echo other-project-output"], project_id="p-other")
     other_dir = next(d for d in (home / "jobs").iterdir() if (d / "repo" / "mine.txt").exists())
-    targets = [home / "agent.json", home / "agent.log", home / "users.json",
-               other_dir / "logs.jsonl", other_dir / "state.json", other_dir / "repo" / "mine.txt"]
-    resp, records = run(client, [f"cat {t} 2>&1 || true" for t in targets]
-                        + [f"ls {home} {home / 'jobs'} 2>&1 || true", "ls /proc/1/environ 2>&1 || true"],
-                        project_id="p-reader")
+    targets = [
+        home / "agent.json",
+        home / "agent.log",
+        home / "users.json",
+        other_dir / "logs.jsonl",
+        other_dir / "state.json",
+        other_dir / "repo" / "mine.txt",
+    ]
+    resp, records = run(
+        client,
+        [f"cat {t} 2>&1 || true" for t in targets]
+        + [f"ls {home} {home / 'jobs'} 2>&1 || true", "ls /proc/1/environ 2>&1 || true"],
+        project_id="p-reader",
+    )
     out = text(records, None)
     assert TOKEN not in out and "other-project-output" not in out
     assert out.count("No such file or directory") + out.count("Permission denied") >= len(targets) + 2, out
@@ -56,8 +67,9 @@ def test_agent_files_are_out_of_reach(client: httpx.Client, home: Path) -> None:
 def test_proc_shows_only_the_users_processes(client: httpx.Client) -> None:
     sleeper = submit(client, ["sleep 120"], env={"OTHER_SECRET": "s3cr3t-value"}, project_id="p-sleeper")
     try:
-        resp, records = run(client, ["cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'; ps -eo args"],
-                            project_id="p-looker")
+        resp, records = run(
+            client, ["cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'; ps -eo args"], project_id="p-looker"
+        )
         out = text(records, None)
         assert "s3cr3t-value" not in out and "sleep 120" not in out
         assert "ps -eo args" in out
@@ -67,8 +79,13 @@ def test_proc_shows_only_the_users_processes(client: httpx.Client) -> None:
 
 
 def test_working_dir_is_the_users_and_symlinks_do_not_lead_out(client: httpx.Client, tmp_path: Path) -> None:
-    resp, records = run(client, ["pwd", "touch made-here", "stat -c %u . made-here", "echo $HOME; stat -c '%u %a' $HOME"],
-                        code=make_tar({"a.txt": b"a"}), working_dir="sub/dir", project_id="p-wd")
+    resp, records = run(
+        client,
+        ["pwd", "touch made-here", "stat -c %u . made-here", "echo $HOME; stat -c '%u %a' $HOME"],
+        code=make_tar({"a.txt": b"a"}),
+        working_dir="sub/dir",
+        project_id="p-wd",
+    )
     assert resp["state"] == "done", text(records, None)
     pwd, uid1, uid2, home_dir, home_stat = text(records).split("\n")[:5]
     assert pwd.endswith("/repo/sub/dir") and uid1 == uid2 != "0"
@@ -82,8 +99,13 @@ def test_working_dir_is_the_users_and_symlinks_do_not_lead_out(client: httpx.Cli
 
 def test_shared_venv_belongs_to_the_project(client: httpx.Client, home: Path) -> None:
     for project in ("p-venv", "p-venv2"):
-        resp, records = run(client, ["python -c 'import sys; print(sys.prefix)'", "touch $VIRTUAL_ENV/written",
-                                     "stat -c %u $VIRTUAL_ENV"], setup=["true"], venv_key="shared-k", project_id=project)
+        resp, records = run(
+            client,
+            ["python -c 'import sys; print(sys.prefix)'", "touch $VIRTUAL_ENV/written", "stat -c %u $VIRTUAL_ENV"],
+            setup=["true"],
+            venv_key="shared-k",
+            project_id=project,
+        )
         assert resp["state"] == "done", text(records, None)
         prefix, owner = text(records).split()
         assert Path(prefix).name.startswith("shared-k") and owner != "0"
@@ -109,8 +131,14 @@ def test_job_submitted_before_an_agent_restart_still_runs_isolated(tmp_path: Pat
     home = tmp_path / "home"
     info = start_agent(home, TOKEN)
     with httpx.Client(base_url=info.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
-        job_id = submit(c, ["id -u", "cat hello.txt"], code=make_tar({"hello.txt": b"hi\n"}), start=False,
-                        env={"X": "1"}, project_id="p-restart")
+        job_id = submit(
+            c,
+            ["id -u", "cat hello.txt"],
+            code=make_tar({"hello.txt": b"hi\n"}),
+            start=False,
+            env={"X": "1"},
+            project_id="p-restart",
+        )
     _stop_agent(info)
     info = start_agent(home, TOKEN)
     try:

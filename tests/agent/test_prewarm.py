@@ -7,7 +7,6 @@ import, like the real SDK."""
 import os
 import signal
 import subprocess
-import sys
 import time
 import venv
 from pathlib import Path
@@ -16,16 +15,16 @@ import pytest
 
 from dstack.agent.prewarm import socket_path, with_prewarm_path
 
-SDK = '''
+SDK = """
 import os
 import heavy_dep  # what the zygote should have imported already
 POD = os.environ.get("RUNPOD_POD_ID")
-'''
-HEAVY = '''
+"""
+HEAVY = """
 import os
 with open(os.environ["MARKS"], "a") as f:
     f.write(f"{os.getpid()}\\n")
-'''
+"""
 
 
 @pytest.fixture
@@ -52,15 +51,17 @@ def wait_for_zygote(root: Path, timeout: float = 60) -> None:
     sock = socket_path(root)
     deadline = time.time() + timeout
     while not sock.exists():
-        assert time.time() < deadline, f"no zygote: {Path(str(sock) + '.log').read_text() if Path(str(sock) + '.log').exists() else ''}"
+        assert time.time() < deadline, (
+            f"no zygote: {Path(str(sock) + '.log').read_text() if Path(str(sock) + '.log').exists() else ''}"
+        )
         time.sleep(0.1)
 
 
-SCRIPT = '''
+SCRIPT = """
 import os, sys, runpod
 print("pod", runpod.POD, "argv", sys.argv, "cwd", os.getcwd(), "file", __file__, "pid", os.getpid(), flush=True)
 sys.exit(int(os.environ.get("CODE", "0")))
-'''
+"""
 
 
 def test_first_start_is_plain_python_then_children_of_the_zygote(warm_venv, tmp_path):
@@ -102,7 +103,8 @@ def test_signals_reach_the_worker_and_it_dies_with_its_starter(warm_venv, tmp_pa
         "import os, signal, sys, time\n"
         # os.write: the signal may land while print() is still flushing the pid line
         "signal.signal(signal.SIGTERM, lambda *a: (os.write(1, b'got term\\n'), sys.exit(7)))\n"
-        "print(os.getpid(), flush=True)\ntime.sleep(60)\n")
+        "print(os.getpid(), flush=True)\ntime.sleep(60)\n"
+    )
     p = subprocess.Popen(["python", "trap.py"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     worker = int(p.stdout.readline())
     assert worker != p.pid
@@ -112,7 +114,8 @@ def test_signals_reach_the_worker_and_it_dies_with_its_starter(warm_venv, tmp_pa
     # a helper process the worker forks (as the runpod SDK does for its heartbeat) ends with it
     (tmp_path / "forks.py").write_text(
         "import os, time\npid = os.fork()\nif pid == 0:\n    time.sleep(60)\n    os._exit(0)\n"
-        "print(os.getpid(), pid, flush=True)\nos.waitpid(pid, 0)\n")
+        "print(os.getpid(), pid, flush=True)\nos.waitpid(pid, 0)\n"
+    )
     for how in (signal.SIGTERM, signal.SIGKILL):  # SIGKILL: nothing can be forwarded
         p = subprocess.Popen(["python", "forks.py"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
         pids = [int(x) for x in p.stdout.readline().split()]

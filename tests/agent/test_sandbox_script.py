@@ -9,7 +9,12 @@ from pathlib import Path
 
 from dstack.agent.sandbox import JobUser, _sandbox_script
 
-TOOLS = {"unshare": "/usr/bin/unshare", "setpriv": "/usr/bin/setpriv", "mount": "/usr/bin/mount", "mkdir": "/usr/bin/mkdir"}
+TOOLS = {
+    "unshare": "/usr/bin/unshare",
+    "setpriv": "/usr/bin/setpriv",
+    "mount": "/usr/bin/mount",
+    "mkdir": "/usr/bin/mkdir",
+}
 USER = JobUser(200123, 200123, Path("/nonexistent"))
 
 

@@ -49,7 +49,9 @@ def new_key() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def timed_run(client: httpx.Client, commands: list[str], **spec: Any) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+def timed_run(
+    client: httpx.Client, commands: list[str], **spec: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """Run a job; the last stdout line of ``commands`` must be ``time.time()``: returns /start → that."""
     job_id = submit(client, commands, start=False, **spec)
     t0 = time.time()
@@ -78,8 +80,10 @@ def test_second_job_reuses_prepared_venv(client: httpx.Client, home: Path, wheel
     assert text(second).splitlines()[0] == "PRESENT" and "already installed" in text(second)
     assert (venv / LAST_USED).exists() and time.time() - last_used(venv) < 60
     assert not (home / "jobs" / "venv").exists()
-    print(f"\nshared venv, setup = pip install of a {N_MODULES}-module wheel: /start -> commands "
-          f"first job {first_s * 1000:.0f} ms, second job {second_s * 1000:.0f} ms")
+    print(
+        f"\nshared venv, setup = pip install of a {N_MODULES}-module wheel: /start -> commands "
+        f"first job {first_s * 1000:.0f} ms, second job {second_s * 1000:.0f} ms"
+    )
     assert second_s < first_s
 
 
@@ -127,8 +131,10 @@ def test_lock_is_released_after_setup_even_with_background_children(client: http
 
 
 def test_export_and_cd_in_setup_reach_commands(client: httpx.Client) -> None:
-    resp, records = wait_final(client, submit(
-        client, ["echo $FOO", "pwd"], setup=["export FOO=bar", "mkdir -p sub", "cd sub"], venv_key=new_key()))
+    resp, records = wait_final(
+        client,
+        submit(client, ["echo $FOO", "pwd"], setup=["export FOO=bar", "mkdir -p sub", "cd sub"], venv_key=new_key()),
+    )
     assert resp["state"] == "done", text(records, None)
     foo, pwd = text(records).splitlines()
     assert foo == "bar" and pwd.endswith("/repo/sub")
@@ -145,9 +151,11 @@ def test_failing_setup_fails_job_and_frees_the_lock(client: httpx.Client) -> Non
 def test_job_without_key_gets_a_fresh_isolated_venv(client: httpx.Client, home: Path, wheel: Path) -> None:
     key = new_key()
     code = make_tar({wheel.name: wheel.read_bytes()})
-    resp, records = wait_final(client, submit(
-        client, [PROBE], setup=[f"pip install -q --no-index --no-deps ./{wheel.name}"], code=code, venv_key=key),
-        timeout=120)
+    resp, records = wait_final(
+        client,
+        submit(client, [PROBE], setup=[f"pip install -q --no-index --no-deps ./{wheel.name}"], code=code, venv_key=key),
+        timeout=120,
+    )
     assert resp["state"] == "done" and text(records) == "PRESENT\n", text(records, None)
     job_id = submit(client, [PROBE, 'echo "$VIRTUAL_ENV"'], setup=["true"])
     resp, records = wait_final(client, job_id)
@@ -203,12 +211,16 @@ def test_shared_venv_rebuilt_when_half_made(tmp_path: Path) -> None:
     interp = factory.resolve(None)
     venv = factory.shared(interp, "k1")
     (venv / "lib" / f"python{interp.version}" / "site-packages" / "marker.txt").write_text("x")
-    assert factory.shared(interp, "k1") == venv and (venv / "lib" / f"python{interp.version}" / "site-packages" / "marker.txt").exists()
+    assert (
+        factory.shared(interp, "k1") == venv
+        and (venv / "lib" / f"python{interp.version}" / "site-packages" / "marker.txt").exists()
+    )
     (venv / ".dstack-venv.json").unlink()  # as if an agent died while building it
     assert factory.shared(interp, "k1") == venv
     assert not (venv / "lib" / f"python{interp.version}" / "site-packages" / "marker.txt").exists()
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", "import sys, pip; print(sys.prefix)"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sys, pip; print(sys.prefix)"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and out.stdout.strip() == str(venv)
     assert factory.evict_unused(now=time.time() + 6 * 86400) == []
     assert factory.evict_unused(now=time.time() + 8 * 86400) == [venv] and not venv.exists()
@@ -222,8 +234,12 @@ def test_python_lock_fallback_without_flock_tool(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(runner.shutil, "which", lambda name, *a, **k: None)
     log = tmp_path / "log.txt"
     script = tmp_path / "job.sh"
-    runner.write_script(script, [f"echo enter >> {log}", "sleep 0.5", f"echo exit >> {log}", "export X=1"],
-                        ['echo "X=$X"'], venv / SETUP_LOCK)
+    runner.write_script(
+        script,
+        [f"echo enter >> {log}", "sleep 0.5", f"echo exit >> {log}", "export X=1"],
+        ['echo "X=$X"'],
+        venv / SETUP_LOCK,
+    )
     assert "flock " not in script.read_text() and "fcntl" in script.read_text()
     outs: list[subprocess.CompletedProcess[str]] = []
 

@@ -15,15 +15,14 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
-
+from typing import Any
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 # Tiny tasks: no dedicated CPU, so earlier tests' detached runs never crowd out later ones on a 2-core host.
 SMALL = "resources:\n  cpu: 0..\n  memory: 0.5GB..\n  disk: 1GB..\n"
 
 
-def _env(server: Any, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+def _env(server: Any, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(server.env) if server is not None else dict(os.environ)
     env["PYTHONPATH"] = SRC + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -31,11 +30,17 @@ def _env(server: Any, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     return env
 
 
-def dstack(server: Any, *args: str, cwd: Optional[Path] = None, timeout: float = 180,
-           env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess[str]:
+def dstack(
+    server: Any, *args: str, cwd: Path | None = None, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dstack.cli.main", *args],
-        env=env or _env(server), cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        env=env or _env(server),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -129,7 +134,11 @@ def test_ctrl_c_while_attached_asks_and_stops(server: Any, tmp_path: Path) -> No
     name = _name("intr")
     proc = subprocess.Popen(
         [sys.executable, "-m", "dstack.cli.main", "run", str(path.parent), "-y", "-n", name],
-        env=_env(server), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=_env(server),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert proc.stdout is not None and proc.stdin is not None
     seen = ""
@@ -165,13 +174,15 @@ def test_ps_default_and_all(server: Any, tmp_path: Path) -> None:
 
 def test_malformed_yaml_shows_the_line(server: Any, tmp_path: Path) -> None:
     path = tmp_path / "bad.dstack.yml"
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         type: task
         commands:
           - echo hi
         resources:
           memory: lots
-    """))
+    """)
+    )
     r = dstack(server, "apply", "-f", str(path), "-y")
     assert r.returncode == 1
     assert r.stderr.startswith("Error: ")

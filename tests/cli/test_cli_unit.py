@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import textwrap
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pytest
 
@@ -35,24 +36,45 @@ from dstack.core.models.runs import (
 RES = InstanceResources(cpus=8, memory_mib=32768, disk_mib=102400)
 
 
-def _job(status: JobStatus, replica: int = 0, job_num: int = 0, reason: Any = None, exit_status: Optional[int] = None) -> Job:
+def _job(
+    status: JobStatus, replica: int = 0, job_num: int = 0, reason: Any = None, exit_status: int | None = None
+) -> Job:
     jpd = JobProvisioningData(
-        backend="local", region="local", instance_id="i", instance_name="my-host", hostname="127.0.0.1", resources=RES, price=0.0
+        backend="local",
+        region="local",
+        instance_id="i",
+        instance_name="my-host",
+        hostname="127.0.0.1",
+        resources=RES,
+        price=0.0,
     )
     return Job(
         job_spec=JobSpec(job_name="j", job_num=job_num, replica_num=replica),
         job_submissions=[
             JobSubmission(
-                id="s", submission_num=0, submitted_at=datetime.now(timezone.utc) - timedelta(minutes=3), status=status,
-                termination_reason=reason, exit_status=exit_status, job_provisioning_data=jpd,
+                id="s",
+                submission_num=0,
+                submitted_at=datetime.now(UTC) - timedelta(minutes=3),
+                status=status,
+                termination_reason=reason,
+                exit_status=exit_status,
+                job_provisioning_data=jpd,
             )
         ],
     )
 
 
 class FakeRun:
-    def __init__(self, name: str, statuses: list[RunStatus], logs: list[bytes] = (), jobs: Optional[list[Job]] = None,
-                 service_url: Optional[str] = None, error: Optional[str] = None, interrupt_logs: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        statuses: list[RunStatus],
+        logs: list[bytes] = (),
+        jobs: list[Job] | None = None,
+        service_url: str | None = None,
+        error: str | None = None,
+        interrupt_logs: bool = False,
+    ) -> None:
         self.name = name
         self._statuses = list(statuses)
         self.status = self._statuses.pop(0)
@@ -61,8 +83,8 @@ class FakeRun:
         self.service_url = service_url
         self.error = error
         self.termination_reason = None
-        self.submitted_at = datetime.now(timezone.utc) - timedelta(minutes=3)
-        self.stopped: Optional[bool] = None
+        self.submitted_at = datetime.now(UTC) - timedelta(minutes=3)
+        self.stopped: bool | None = None
         self.interrupt_logs = interrupt_logs
         self.log_calls: list[dict] = []
 
@@ -91,26 +113,39 @@ class FakeRun:
 
 class FakeRuns:
     def __init__(self) -> None:
-        self.run: Optional[FakeRun] = None
+        self.run: FakeRun | None = None
         self.plan_args: dict = {}
         self.offers = [
             InstanceOffer(backend="local", region="local", instance_name=f"host-{i}", resources=RES, price=0.1 * i)
             for i in range(5)
         ]
-        self.no_offers_reason: Optional[str] = None
+        self.no_offers_reason: str | None = None
         self.listed: list[Any] = []
         self.applied = False
 
-    def get_run_plan(self, configuration: Any, repo_dir: str = ".", configuration_path: Optional[str] = None,
-                     run_name: Optional[str] = None) -> RunPlan:
-        self.plan_args = dict(configuration=configuration, repo_dir=repo_dir, configuration_path=configuration_path,
-                              run_name=run_name)
+    def get_run_plan(
+        self,
+        configuration: Any,
+        repo_dir: str = ".",
+        configuration_path: str | None = None,
+        run_name: str | None = None,
+    ) -> RunPlan:
+        self.plan_args = dict(
+            configuration=configuration, repo_dir=repo_dir, configuration_path=configuration_path, run_name=run_name
+        )
         offers = [] if self.no_offers_reason else self.offers
         return RunPlan(
-            project_name="main", user="admin",
+            project_name="main",
+            user="admin",
             run_spec=RunSpec(run_name=run_name or "lucky-fox-1", configuration=configuration.model_dump(mode="json")),
-            job_plans=[JobPlan(job_spec=JobSpec(job_name="j"), offers=offers, total_offers=len(offers),
-                               no_offers_reason=self.no_offers_reason)],
+            job_plans=[
+                JobPlan(
+                    job_spec=JobSpec(job_name="j"),
+                    offers=offers,
+                    total_offers=len(offers),
+                    no_offers_reason=self.no_offers_reason,
+                )
+            ],
         )
 
     def apply_plan(self, plan: Any) -> FakeRun:
@@ -118,21 +153,26 @@ class FakeRuns:
         assert self.run is not None
         return self.run
 
-    def list(self, all: bool = False, limit: Optional[int] = None) -> list[Any]:
+    def list(self, all: bool = False, limit: int | None = None) -> list[Any]:
         return self.listed
 
     def wire(self) -> list[dict]:
         """`listed` as the server's runs/list JSON, which `dstack ps` reads directly."""
         return [
-            {"run_name": r.name, "status": r.status.value, "submitted_at": r.submitted_at.isoformat(),
-             "error": r.error, "termination_reason": None, "extra": {},
-             "service": {"url": r.service_url} if r.service_url else None,
-             "jobs": [j.model_dump(mode="json") for j in r.jobs]}
+            {
+                "run_name": r.name,
+                "status": r.status.value,
+                "submitted_at": r.submitted_at.isoformat(),
+                "error": r.error,
+                "termination_reason": None,
+                "extra": {},
+                "service": {"url": r.service_url} if r.service_url else None,
+                "jobs": [j.model_dump(mode="json") for j in r.jobs],
+            }
             for r in self.listed
         ]
 
-
-    def get(self, name: str) -> Optional[FakeRun]:
+    def get(self, name: str) -> FakeRun | None:
         if self.run is not None and self.run.name == name:
             return self.run
         return None
@@ -152,7 +192,9 @@ class FakeAPI:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
     runs = FakeRuns()
-    client = SimpleNamespace(project="main", runs=runs, api=FakeAPI(runs), repos=SimpleNamespace(init=lambda repo_dir=".": None))
+    client = SimpleNamespace(
+        project="main", runs=runs, api=FakeAPI(runs), repos=SimpleNamespace(init=lambda repo_dir=".": None)
+    )
     monkeypatch.setattr(common, "get_client", lambda project: client)
     monkeypatch.setattr(common, "_consoles", {})
     monkeypatch.setattr("dstack.cli.attach.POLL_SECONDS", 0)
@@ -171,24 +213,41 @@ def _cli(*argv: str) -> int:
 def task_file(tmp_path: Path) -> Path:
     path = tmp_path / "repo" / ".dstack.yml"
     path.parent.mkdir()
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         type: task
         name: hello
         commands:
           - echo hello
         resources:
           cpu: 2..
-    """))
+    """)
+    )
     return path
 
 
-def test_run_to_done_prints_plan_logs_and_exits_0(fake: SimpleNamespace, task_file: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    fake.runs.run = FakeRun("hello", [RunStatus.SUBMITTED, RunStatus.PROVISIONING, RunStatus.RUNNING, RunStatus.DONE],
-                            logs=[b"hello\n", b"world\n"])
+def test_run_to_done_prints_plan_logs_and_exits_0(
+    fake: SimpleNamespace, task_file: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    fake.runs.run = FakeRun(
+        "hello",
+        [RunStatus.SUBMITTED, RunStatus.PROVISIONING, RunStatus.RUNNING, RunStatus.DONE],
+        logs=[b"hello\n", b"world\n"],
+    )
     code = _cli("run", str(task_file.parent), "-f", str(task_file), "-y", "-e", "A=1", "--gpu", "A100:2")
     out = capfd.readouterr().out
     assert code == 0, out
-    for word in ("Configuration", "Project", "User", "Type", "Resources", "Max price", "Max duration", "Spot policy", "Retry"):
+    for word in (
+        "Configuration",
+        "Project",
+        "User",
+        "Type",
+        "Resources",
+        "Max price",
+        "Max duration",
+        "Spot policy",
+        "Retry",
+    ):
         assert word in out
     for col in ("#", "BACKEND", "REGION", "INSTANCE", "RESOURCES", "SPOT", "PRICE"):
         assert col in out
@@ -203,7 +262,9 @@ def test_run_to_done_prints_plan_logs_and_exits_0(fake: SimpleNamespace, task_fi
     assert "A100:2" in out
 
 
-def test_failed_run_exits_1_with_exit_status(fake: SimpleNamespace, task_file: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_failed_run_exits_1_with_exit_status(
+    fake: SimpleNamespace, task_file: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     failed_job = _job(JobStatus.FAILED, reason=JobTerminationReason.CONTAINER_EXITED_WITH_ERROR, exit_status=3)
     fake.runs.run = FakeRun("hello", [RunStatus.RUNNING, RunStatus.FAILED], logs=[b"oops\n"], jobs=[failed_job])
     code = _cli("apply", "-f", str(task_file), "-y")
@@ -230,7 +291,9 @@ def test_no_offers_prints_reason(fake: SimpleNamespace, task_file: Path, capfd: 
     assert not fake.runs.applied
 
 
-def test_confirmation_needs_a_terminal(fake: SimpleNamespace, task_file: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_confirmation_needs_a_terminal(
+    fake: SimpleNamespace, task_file: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     fake.runs.run = FakeRun("hello", [RunStatus.SUBMITTED])
     code = _cli("run", str(task_file.parent))
     assert code == 1
@@ -238,13 +301,17 @@ def test_confirmation_needs_a_terminal(fake: SimpleNamespace, task_file: Path, c
     assert not fake.runs.applied
 
 
-def test_bad_flag_value_is_usage_error(fake: SimpleNamespace, task_file: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_bad_flag_value_is_usage_error(
+    fake: SimpleNamespace, task_file: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     code = _cli("run", str(task_file.parent), "-y", "--memory", "lots")
     assert code == 2
     assert "--memory" in capfd.readouterr().err
 
 
-def test_malformed_yaml_names_the_line(fake: SimpleNamespace, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_malformed_yaml_names_the_line(
+    fake: SimpleNamespace, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "bad.dstack.yml"
     path.write_text("type: task\ncommands:\n  - echo hi\nenv:\n  A: 1\n   B: 2\n")
     code = _cli("apply", "-f", str(path), "-y")
@@ -254,7 +321,9 @@ def test_malformed_yaml_names_the_line(fake: SimpleNamespace, tmp_path: Path, ca
     assert "bad.dstack.yml:6" in err
 
 
-def test_invalid_field_names_line_and_field(fake: SimpleNamespace, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_invalid_field_names_line_and_field(
+    fake: SimpleNamespace, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "bad.dstack.yml"
     path.write_text("type: task\ncommands:\n  - echo hi\nresources:\n  memory: lots\n")
     code = _cli("apply", "-f", str(path), "-y")
@@ -263,8 +332,9 @@ def test_invalid_field_names_line_and_field(fake: SimpleNamespace, tmp_path: Pat
     assert "memory" in err and ":5" in err
 
 
-def test_ctrl_c_then_yes_stops_the_run(fake: SimpleNamespace, task_file: Path, capfd: pytest.CaptureFixture[str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_then_yes_stops_the_run(
+    fake: SimpleNamespace, task_file: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = FakeRun("hello", [RunStatus.RUNNING, RunStatus.RUNNING], logs=[b"tick\n"], interrupt_logs=True)
     fake.runs.run = run
     monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
@@ -276,8 +346,9 @@ def test_ctrl_c_then_yes_stops_the_run(fake: SimpleNamespace, task_file: Path, c
     assert "terminated" in out.out
 
 
-def test_ctrl_c_then_no_detaches(fake: SimpleNamespace, task_file: Path, capfd: pytest.CaptureFixture[str],
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_then_no_detaches(
+    fake: SimpleNamespace, task_file: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = FakeRun("hello", [RunStatus.RUNNING, RunStatus.RUNNING], logs=[b"tick\n"], interrupt_logs=True)
     fake.runs.run = run
     monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
@@ -290,8 +361,11 @@ def test_ctrl_c_then_no_detaches(fake: SimpleNamespace, task_file: Path, capfd: 
 def test_service_prints_url(fake: SimpleNamespace, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "serve.dstack.yml"
     path.write_text("type: service\nport: 8000\ncommands:\n  - python -m http.server 8000\n")
-    fake.runs.run = FakeRun("svc", [RunStatus.PROVISIONING, RunStatus.RUNNING, RunStatus.TERMINATED],
-                            service_url="http://127.0.0.1:3000/proxy/services/main/svc/")
+    fake.runs.run = FakeRun(
+        "svc",
+        [RunStatus.PROVISIONING, RunStatus.RUNNING, RunStatus.TERMINATED],
+        service_url="http://127.0.0.1:3000/proxy/services/main/svc/",
+    )
     code = _cli("apply", "-f", str(path), "-y")
     out = capfd.readouterr().out
     assert "Service is published at http://127.0.0.1:3000/proxy/services/main/svc/" in out
@@ -299,10 +373,17 @@ def test_service_prints_url(fake: SimpleNamespace, tmp_path: Path, capfd: pytest
 
 
 def test_ps_table_nesting_and_errors(fake: SimpleNamespace, capfd: pytest.CaptureFixture[str]) -> None:
-    failed = FakeRun("bad-run", [RunStatus.FAILED], jobs=[
-        _job(JobStatus.FAILED, reason=JobTerminationReason.CONTAINER_EXITED_WITH_ERROR, exit_status=3)])
-    svc = FakeRun("svc", [RunStatus.RUNNING], jobs=[_job(JobStatus.RUNNING, replica=0), _job(JobStatus.RUNNING, replica=1)],
-                  service_url="http://x/proxy/services/main/svc/")
+    failed = FakeRun(
+        "bad-run",
+        [RunStatus.FAILED],
+        jobs=[_job(JobStatus.FAILED, reason=JobTerminationReason.CONTAINER_EXITED_WITH_ERROR, exit_status=3)],
+    )
+    svc = FakeRun(
+        "svc",
+        [RunStatus.RUNNING],
+        jobs=[_job(JobStatus.RUNNING, replica=0), _job(JobStatus.RUNNING, replica=1)],
+        service_url="http://x/proxy/services/main/svc/",
+    )
     fake.runs.listed = [failed, svc]
     assert _cli("ps") == 0
     out = capfd.readouterr().out
@@ -318,7 +399,9 @@ def test_ps_table_nesting_and_errors(fake: SimpleNamespace, capfd: pytest.Captur
 def test_ps_empty_and_verbose(fake: SimpleNamespace, capfd: pytest.CaptureFixture[str]) -> None:
     assert _cli("ps") == 0
     assert "No runs" in capfd.readouterr().out
-    fake.runs.listed = [FakeRun("ok", [RunStatus.DONE], jobs=[_job(JobStatus.DONE, reason=JobTerminationReason.DONE_BY_RUNNER)])]
+    fake.runs.listed = [
+        FakeRun("ok", [RunStatus.DONE], jobs=[_job(JobStatus.DONE, reason=JobTerminationReason.DONE_BY_RUNNER)])
+    ]
     assert _cli("ps", "-v") == 0
     out = capfd.readouterr().out
     assert "INSTANCE" in out and "ERROR" in out and "my-host" in out

@@ -28,8 +28,19 @@ def service(**fields):
 
 @pytest.mark.parametrize(
     "value,expected",
-    [("2h", 7200), ("30m", 1800), ("90s", 90), ("1d", 86400), ("1w", 604800), ("1h30m", 5400), (45, 45), ("45", 45),
-     ("off", "off"), (False, "off"), (None, None)],
+    [
+        ("2h", 7200),
+        ("30m", 1800),
+        ("90s", 90),
+        ("1d", 86400),
+        ("1w", 604800),
+        ("1h30m", 5400),
+        (45, 45),
+        ("45", 45),
+        ("off", "off"),
+        (False, "off"),
+        (None, None),
+    ],
 )
 def test_parse_duration(value, expected):
     assert parse_duration(value) == expected
@@ -67,7 +78,9 @@ def test_env_forms(monkeypatch):
     with pytest.raises(ConfigurationError) as e:
         task(env=["FROM_ENV"])
     assert e.value.field == "env" and "FROM_ENV" in str(e.value)
-    assert parse_run_configuration({"type": "task", "commands": ["x"], "env": ["K"]}, environ={"K": "v"}).env == {"K": "v"}
+    assert parse_run_configuration({"type": "task", "commands": ["x"], "env": ["K"]}, environ={"K": "v"}).env == {
+        "K": "v"
+    }
     assert parse_env(["K"], {"K": "v"}) == {"K": "v"}
     with pytest.raises(ValueError):
         parse_env(["1BAD=x"])
@@ -75,8 +88,13 @@ def test_env_forms(monkeypatch):
 
 @pytest.mark.parametrize(
     "value,local,container,text",
-    [(8080, 8080, 8080, "8080"), ("8080", 8080, 8080, "8080"), ("80:8080", 80, 8080, "80:8080"),
-     ("*:8080", None, 8080, "*:8080"), ({"container_port": 22}, None, 22, "*:22")],
+    [
+        (8080, 8080, 8080, "8080"),
+        ("8080", 8080, 8080, "8080"),
+        ("80:8080", 80, 8080, "80:8080"),
+        ("*:8080", None, 8080, "*:8080"),
+        ({"container_port": 22}, None, 22, "*:22"),
+    ],
 )
 def test_port_forms(value, local, container, text):
     p = PortMapping.parse(value)
@@ -136,13 +154,27 @@ def test_python_versions_and_image_exclusive():
 
 def test_common_fields():
     t = task(
-        name="my-run", image="nvcr.io/x:1", setup=["pip install x"], working_dir="/w", home_dir="/root",
-        entrypoint="/bin/sh", registry_auth={"username": "u", "password": "p"}, spot_policy="auto",
-        max_price=1.5, backends=["local"], regions="eu", resources={"gpu": "24GB"},
+        name="my-run",
+        image="nvcr.io/x:1",
+        setup=["pip install x"],
+        working_dir="/w",
+        home_dir="/root",
+        entrypoint="/bin/sh",
+        registry_auth={"username": "u", "password": "p"},
+        spot_policy="auto",
+        max_price=1.5,
+        backends=["local"],
+        regions="eu",
+        resources={"gpu": "24GB"},
     )
     assert t.registry_auth.username == "u" and t.regions == ["eu"] and t.resources.gpu.memory.min == 24
     assert task(commands="echo one").commands == ["echo one"]
-    for bad in ({"spot_policy": "cheap"}, {"max_price": -1}, {"name": "Bad_Name"}, {"registry_auth": {"username": "u"}}):
+    for bad in (
+        {"spot_policy": "cheap"},
+        {"max_price": -1},
+        {"name": "Bad_Name"},
+        {"registry_auth": {"username": "u"}},
+    ):
         with pytest.raises(ConfigurationError):
             task(**bad)
 
@@ -191,8 +223,13 @@ def test_service_replicas_and_scaling():
     assert (s.scaling.scale_up_delay, s.scaling.scale_down_delay) == (300, 600)
     s = service(replicas="1..4", scaling={"target": 2.5, "scale_up_delay": "1m", "scale_down_delay": "30s"})
     assert (s.scaling.target, s.scaling.scale_up_delay, s.scaling.scale_down_delay) == (2.5, 60, 30)
-    for bad in ({"replicas": "1..4"}, {"replicas": "1..", "scaling": {"target": 1}}, {"replicas": 0},
-                {"replicas": "0..2", "scaling": {"target": 0}}, {"replicas": "0..2", "scaling": {"metric": "cpu", "target": 1}}):
+    for bad in (
+        {"replicas": "1..4"},
+        {"replicas": "1..", "scaling": {"target": 1}},
+        {"replicas": 0},
+        {"replicas": "0..2", "scaling": {"target": 0}},
+        {"replicas": "0..2", "scaling": {"metric": "cpu", "target": 1}},
+    ):
         with pytest.raises(ConfigurationError) as e:
             service(**bad)
     with pytest.raises(ConfigurationError) as e:
@@ -203,15 +240,22 @@ def test_service_replicas_and_scaling():
 def test_service_model_forms():
     m = service(model="meta-llama/Llama-3-8B").model
     assert (m.name, m.format, m.type, m.prefix) == ("meta-llama/Llama-3-8B", "openai", "chat", "/v1")
-    m = service(model={"type": "chat", "name": "m", "format": "tgi", "chat_template": "{{x}}", "eos_token": "</s>"}).model
+    m = service(
+        model={"type": "chat", "name": "m", "format": "tgi", "chat_template": "{{x}}", "eos_token": "</s>"}
+    ).model
     assert (m.format, m.chat_template, m.eos_token) == ("tgi", "{{x}}", "</s>")
     with pytest.raises(ConfigurationError):
         service(model={"name": "m", "format": "vllm"})
 
 
 def test_service_probes_and_extras():
-    s = service(probes=[{"type": "http", "url": "/health", "interval": "15s", "timeout": "10s", "ready_after": 1}],
-                https=False, gateway="my-gw", strip_prefix=False, rate_limits=[{"prefix": "/v1", "rps": 5, "burst": 10}])
+    s = service(
+        probes=[{"type": "http", "url": "/health", "interval": "15s", "timeout": "10s", "ready_after": 1}],
+        https=False,
+        gateway="my-gw",
+        strip_prefix=False,
+        rate_limits=[{"prefix": "/v1", "rps": 5, "burst": 10}],
+    )
     p = s.probes[0]
     assert (p.url, p.interval, p.timeout, p.ready_after) == ("/health", 15, 10, 1)
     assert s.gateway == "my-gw" and s.https is False and s.rate_limits[0].rps == 5
@@ -226,8 +270,16 @@ def test_serverless():
     assert (s.workers.min, s.workers.max) == (0, 3)
     assert (s.idle_timeout, s.execution_timeout) == (5, 600)
     assert (s.scaler.type, s.scaler.value) == ("queue_delay", 4)
-    s = parse_run_configuration({"type": "serverless", "commands": ["python handler.py"], "workers": 2,
-                                 "scaler": {"type": "request_count"}, "idle_timeout": "1m", "execution_timeout": "1h"})
+    s = parse_run_configuration(
+        {
+            "type": "serverless",
+            "commands": ["python handler.py"],
+            "workers": 2,
+            "scaler": {"type": "request_count"},
+            "idle_timeout": "1m",
+            "execution_timeout": "1h",
+        }
+    )
     assert (s.workers.min, s.workers.max, s.scaler.value, s.idle_timeout, s.execution_timeout) == (2, 2, 4, 60, 3600)
     with pytest.raises(ConfigurationError):
         parse_run_configuration({"type": "serverless", "image": "w", "workers": "1.."})
@@ -250,8 +302,15 @@ def test_python_api_constructors():
     "conf",
     [
         {"type": "task", "commands": ["x"], "ports": ["*:22"], "retry": True, "max_duration": "off", "env": ["A=1"]},
-        {"type": "service", "commands": ["x"], "port": "80:8000", "replicas": "0..2", "scaling": {"target": 1},
-         "model": "m", "resources": {"gpu": "A100:80GB:2"}},
+        {
+            "type": "service",
+            "commands": ["x"],
+            "port": "80:8000",
+            "replicas": "0..2",
+            "scaling": {"target": 1},
+            "model": "m",
+            "resources": {"gpu": "A100:80GB:2"},
+        },
         {"type": "serverless", "image": "w", "scaler": {"type": "request_count", "value": 2}},
     ],
 )

@@ -31,7 +31,15 @@ def test_format_memory():
 
 @pytest.mark.parametrize(
     "value,lo,hi",
-    [("2", 2, 2), ("2..", 2, None), ("..8", None, 8), ("2..8", 2, 8), (4, 4, 4), ({"min": 1, "max": 3}, 1, 3), ("..", None, None)],
+    [
+        ("2", 2, 2),
+        ("2..", 2, None),
+        ("..8", None, 8),
+        ("2..8", 2, 8),
+        (4, 4, 4),
+        ({"min": 1, "max": 3}, 1, 3),
+        ("..", None, None),
+    ],
 )
 def test_int_range(value, lo, hi):
     r = Range[int].model_validate(value)

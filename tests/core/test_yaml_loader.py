@@ -23,7 +23,10 @@ def load_error(text, path="x.dstack.yml", **kw):
 
 def test_loads_task_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_x")
-    path = write(tmp_path, ".dstack.yml", """\
+    path = write(
+        tmp_path,
+        ".dstack.yml",
+        """\
         type: task
         name: train
         python: 3.11
@@ -41,7 +44,8 @@ def test_loads_task_file(tmp_path, monkeypatch):
         retry_policy:
           retry: true
           limit: 1h
-        """)
+        """,
+    )
     conf = load_configuration(path)
     assert isinstance(conf, TaskConfiguration)
     assert conf.python == "3.11" and conf.env == {"HF_TOKEN": "hf_x", "MODE": "fast"}
@@ -51,7 +55,10 @@ def test_loads_task_file(tmp_path, monkeypatch):
 
 
 def test_loads_service(tmp_path):
-    path = write(tmp_path, "serve.dstack.yml", """\
+    path = write(
+        tmp_path,
+        "serve.dstack.yml",
+        """\
         type: service
         image: ghcr.io/huggingface/text-generation-inference:latest
         env: {MODEL_ID: mistralai/Mistral-7B}
@@ -65,7 +72,8 @@ def test_loads_service(tmp_path):
         probes:
           - {type: http, url: /health, interval: 15s, timeout: 10s, ready_after: 1}
         python: 3.10
-        """)
+        """,
+    )
     with pytest.raises(ConfigurationError) as e:
         load_configuration(path)
     assert e.value.line == 13 and "mutually exclusive" in str(e.value)
@@ -76,24 +84,30 @@ def test_loads_service(tmp_path):
 
 
 def test_bad_gpu_spec_names_file_line_and_field():
-    err = load_error("""\
+    err = load_error(
+        """\
         type: service
         commands: [serve]
         port: 8000
         resources:
           cpu: 4
           gpu: A100:xx
-        """, path="serve.dstack.yml")
+        """,
+        path="serve.dstack.yml",
+    )
     assert str(err).startswith("serve.dstack.yml:6: resources.gpu: invalid GPU spec 'A100:xx'")
     assert (err.path, err.line, err.field) == ("serve.dstack.yml", 6, "resources.gpu")
 
 
 def test_unknown_field_suggestion():
-    err = load_error("""\
+    err = load_error(
+        """\
         type: task
         commands: [a]
         comands: [b]
-        """, path="task.dstack.yml")
+        """,
+        path="task.dstack.yml",
+    )
     assert str(err) == "task.dstack.yml:3: unknown field 'comands' — did you mean 'commands'?"
     assert err.line == 3 and err.field == "comands"
     err = load_error("""\

@@ -53,8 +53,13 @@ def _submission(run):
 
 
 def _ps(srv) -> str:
-    out = subprocess.run([sys.executable, "-m", "dstack.cli.main", "ps", "-a"], env={**srv.env, "COLUMNS": "300"},
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "dstack.cli.main", "ps", "-a"],
+        env={**srv.env, "COLUMNS": "300"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
@@ -64,9 +69,13 @@ def test_killed_agent_is_replaced_and_its_jobs_reconciled(tmp_path):
         client = srv.client()
         victim = client.runs.submit(Task(commands=["sleep 600"], resources=SMALL), run_name="victim")
         retried = client.runs.submit(
-            Task(commands=["echo attempt; sleep 600"], resources=SMALL,
-                 retry={"on_events": ["interruption"], "duration": "10m"}),
-            run_name="retried")
+            Task(
+                commands=["echo attempt; sleep 600"],
+                resources=SMALL,
+                retry={"on_events": ["interruption"], "duration": "10m"},
+            ),
+            run_name="retried",
+        )
         victim.wait(statuses=(RunStatus.RUNNING,), timeout=90)
         retried.wait(statuses=(RunStatus.RUNNING,), timeout=90)
 
@@ -111,15 +120,18 @@ def test_serverless_endpoint_serves_after_agent_kill(tmp_path):
         repo = tmp_path / "repo"
         repo.mkdir()
         (repo / "handler.py").write_text(HANDLER)
-        conf = Serverless(setup=SETUP, commands=["python handler.py"], resources=Resources(cpu=0, memory="0.3GB"),
-                          workers="1..2")
+        conf = Serverless(
+            setup=SETUP, commands=["python handler.py"], resources=Resources(cpu=0, memory="0.3GB"), workers="1..2"
+        )
         run = srv.client().runs.submit(conf, run_name="sls-survivor", repo_dir=repo)
         url = run.endpoint_url
 
         def runsync(value: str, timeout: float) -> dict:
             deadline = time.time() + timeout
             while True:
-                r = httpx.post(f"{url}/runsync?wait=30000", headers=srv.headers, json={"input": {"value": value}}, timeout=60)
+                r = httpx.post(
+                    f"{url}/runsync?wait=30000", headers=srv.headers, json={"input": {"value": value}}, timeout=60
+                )
                 assert r.status_code == 200, r.text
                 body = r.json()
                 if body.get("status") == "COMPLETED" or time.time() > deadline:

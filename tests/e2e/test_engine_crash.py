@@ -6,9 +6,9 @@ script that dies of SIGSEGV the way llama.cpp's AMX kernels did at the first dec
 
 import os
 import shutil
-import tempfile
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -44,7 +44,8 @@ def _crash_loop(server, folder: str) -> None:
     client = server.client()
     run = client.runs.submit(
         CompletionService(model_name="SmolLM2-135M-Instruct", env={"DSTACK_ENGINE_PYTHON": str(script)}),
-        run_name="crashy", resources=Resources(cpu="0..1", memory="0.3GB"),
+        run_name="crashy",
+        resources=Resources(cpu="0..1", memory="0.3GB"),
     )
     # While it cycles, the proxy says why there is no replica.
     saw_reason_in_proxy = False
@@ -69,15 +70,20 @@ def _crash_loop(server, folder: str) -> None:
     # Backed off: the k-th replacement started at least 2**(k-2) s after the previous crash.
     for k in range(2, 5):
         prev, nxt = submissions[k - 1], submissions[k]
-        gap = (_ts(nxt.submitted_at) - _ts(prev.finished_at))
+        gap = _ts(nxt.submitted_at) - _ts(prev.finished_at)
         assert gap >= 2 ** (k - 2) - 0.2, (k, gap)
 
     logs = b"".join(run.logs(follow=False)).decode(errors="replace")
     assert "loading the model" in logs and "Fatal Python error: Segmentation fault" in logs
     assert "dstack: the process killed by SIGSEGV (exit status 139)" in logs
 
-    ps = subprocess.run([sys.executable, "-m", "dstack.cli.main", "ps", "-a"], capture_output=True, text=True,
-                        env={**os.environ, **server.env, "PYTHONPATH": SRC, "COLUMNS": "250"}, timeout=60)
+    ps = subprocess.run(
+        [sys.executable, "-m", "dstack.cli.main", "ps", "-a"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **server.env, "PYTHONPATH": SRC, "COLUMNS": "250"},
+        timeout=60,
+    )
     assert "engine crashed: SIGSEGV" in ps.stdout, ps.stdout + ps.stderr
 
 

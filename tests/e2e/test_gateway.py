@@ -31,7 +31,7 @@ FINISHED = (RunStatus.TERMINATED, RunStatus.FAILED, RunStatus.DONE)
 SMALL = Resources(cpu="0..1", memory="0.3GB", disk="1GB..")  # several replicas at once on one host
 
 # An OpenAI-compatible upstream on the standard library only (replicas run in a bare venv).
-OPENAI_APP = '''
+OPENAI_APP = """
 import json, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -85,7 +85,7 @@ class H(BaseHTTPRequestHandler):
         self.wfile.write(b"0\\r\\n\\r\\n")
 
 ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
-'''
+"""
 
 
 class LoopbackTransport(httpx.HTTPTransport):
@@ -113,12 +113,15 @@ def make_cert(tmp: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DOMAIN)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(f"*.{DOMAIN}"), x509.DNSName(DOMAIN)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -127,14 +130,21 @@ def make_cert(tmp: Path) -> tuple[Path, Path]:
     )
     cert_path, key_path = tmp / "gw.crt", tmp / "gw.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
 def cli(server, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "dstack.cli.main", *args], env=server.env, capture_output=True,
-                       text=True, timeout=120, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        [sys.executable, "-m", "dstack.cli.main", *args],
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     if check:
         assert p.returncode == 0, p.stdout + p.stderr
     return p
@@ -162,14 +172,18 @@ def pid_alive(pid: int) -> bool:
 
 def describe(run) -> str:
     run.refresh()
-    subs = [(s.status.value, s.termination_reason, s.termination_reason_message, s.exit_status)
-            for j in run.jobs for s in j.job_submissions]
+    subs = [
+        (s.status.value, s.termination_reason, s.termination_reason_message, s.exit_status)
+        for j in run.jobs
+        for s in j.job_submissions
+    ]
     logs = b"".join(run.logs(follow=False)).decode(errors="replace")[-1500:]
     return f"run {run.name}: {run.status.value} {run.error} {subs}\n{logs}"
 
 
-def wait_status(http: httpx.Client, url: str, want: int, headers: dict | None = None, timeout: float = 60,
-                run=None) -> httpx.Response:
+def wait_status(
+    http: httpx.Client, url: str, want: int, headers: dict | None = None, timeout: float = 60, run=None
+) -> httpx.Response:
     deadline = time.time() + timeout
     last = None
     while time.time() < deadline:
@@ -180,8 +194,10 @@ def wait_status(http: httpx.Client, url: str, want: int, headers: dict | None = 
         except httpx.HTTPError as e:
             last = e
         time.sleep(0.2)
-    raise AssertionError(f"{url}: wanted {want}, last {getattr(last, 'status_code', last)} "
-                         f"{getattr(last, 'text', '')[:300]}\n{describe(run) if run is not None else ''}")
+    raise AssertionError(
+        f"{url}: wanted {want}, last {getattr(last, 'status_code', last)} "
+        f"{getattr(last, 'text', '')[:300]}\n{describe(run) if run is not None else ''}"
+    )
 
 
 @pytest.fixture
@@ -197,8 +213,21 @@ def test_gateway_end_to_end(gw_server, tmp_path):
     http = httpx.Client(transport=LoopbackTransport(verify=ssl.create_default_context(cafile=str(cert))), timeout=30)
     auth = server.headers
 
-    out = cli(server, "gateway", "create", "--name", "gw", "--domain", DOMAIN, "--port", str(port),
-              "--tls-cert", str(cert), "--tls-key", str(key)).stdout
+    out = cli(
+        server,
+        "gateway",
+        "create",
+        "--name",
+        "gw",
+        "--domain",
+        DOMAIN,
+        "--port",
+        str(port),
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+    ).stdout
     assert "gw" in out and f"https://gateway.{DOMAIN}:{port}" in out
     listing = cli(server, "gateway", "list").stdout
     assert "gw" in listing and DOMAIN in listing and "running" in listing and "yes" in listing
@@ -207,8 +236,12 @@ def test_gateway_end_to_end(gw_server, tmp_path):
     assert (gw.domain, gw.port, gw.tls, gw.default, gw.status) == (DOMAIN, port, True, True, "running")
     pid = gw.pid
     assert pid and pid_alive(pid)
-    assert cli(server, "gateway", "create", "--name", "gw", "--domain", DOMAIN, "--port", str(free_port()),
-               check=False).returncode != 0  # the name is taken
+    assert (
+        cli(
+            server, "gateway", "create", "--name", "gw", "--domain", DOMAIN, "--port", str(free_port()), check=False
+        ).returncode
+        != 0
+    )  # the name is taken
 
     # A file server, published on the gateway (the project's default).
     repo = tmp_path / "repo"
@@ -218,13 +251,24 @@ def test_gateway_end_to_end(gw_server, tmp_path):
     files_port = free_port()
     files = client.runs.submit(
         Service(commands=[f"python -m http.server {files_port}"], port=files_port, resources=SMALL),
-        run_name="files", repo_dir=repo)
+        run_name="files",
+        repo_dir=repo,
+    )
     assert files.service_url == f"https://files.{DOMAIN}:{port}/"
     # `gateway: false` keeps a service on the in-server proxy.
     # (At zero replicas, so it takes no CPU: a host with 2 CPUs fits only two replicas at once.)
-    inner = client.runs.submit(Service(commands=["sleep 60"], port=free_port(), gateway=False, resources=SMALL,
-                                       replicas="0..1", scaling={"metric": "rps", "target": 10}),
-                               run_name="inner", repo_dir=repo)
+    inner = client.runs.submit(
+        Service(
+            commands=["sleep 60"],
+            port=free_port(),
+            gateway=False,
+            resources=SMALL,
+            replicas="0..1",
+            scaling={"metric": "rps", "target": 10},
+        ),
+        run_name="inner",
+        repo_dir=repo,
+    )
     assert inner.service_url == f"{server.url}/proxy/services/main/inner/"
     inner.stop(abort=True)
     with pytest.raises(ServerClientError, match="no-such-gw"):
@@ -233,9 +277,15 @@ def test_gateway_end_to_end(gw_server, tmp_path):
     # A model service: OpenAI-compatible on gateway.<domain>/v1.
     model_port = free_port()
     chat = client.runs.submit(
-        Service(commands=[f"python openai_app.py {model_port}"], port=model_port, resources=SMALL,
-                model={"name": "tiny-chat", "format": "openai"}),
-        run_name="chat", repo_dir=repo)
+        Service(
+            commands=[f"python openai_app.py {model_port}"],
+            port=model_port,
+            resources=SMALL,
+            model={"name": "tiny-chat", "format": "openai"},
+        ),
+        run_name="chat",
+        repo_dir=repo,
+    )
     assert chat.service_url == f"https://chat.{DOMAIN}:{port}/"
     assert chat._run.service.model.base_url == f"https://gateway.{DOMAIN}:{port}/v1"
 
@@ -249,9 +299,13 @@ def test_gateway_end_to_end(gw_server, tmp_path):
     ai = openai.OpenAI(base_url=chat._run.service.model.base_url, api_key=server.token, http_client=http)
     done = ai.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi there"}])
     assert done.choices[0].message.content == "echo: hi there"
-    pieces = [c.choices[0].delta.content or "" for c in
-              ai.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "a b c"}], stream=True)
-              if c.choices]
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in ai.chat.completions.create(
+            model="tiny-chat", messages=[{"role": "user", "content": "a b c"}], stream=True
+        )
+        if c.choices
+    ]
     assert "".join(pieces) == "echo: a b c" and len(pieces) > 2
     with pytest.raises(openai.PermissionDeniedError):  # a token that is not allowed: 403
         openai.OpenAI(base_url=chat._run.service.model.base_url, api_key="wrong", http_client=http).models.list()
@@ -277,8 +331,9 @@ def test_gateway_end_to_end(gw_server, tmp_path):
     assert "No gateways" in cli(server, "gateway", "list").stdout
     files.stop(abort=True)
     files.wait(statuses=FINISHED, timeout=30)
-    again = client.runs.submit(Service(commands=["sleep 60"], port=free_port(), resources=SMALL),
-                               run_name="after", repo_dir=repo)
+    again = client.runs.submit(
+        Service(commands=["sleep 60"], port=free_port(), resources=SMALL), run_name="after", repo_dir=repo
+    )
     assert again.service_url == f"{server.url}/proxy/services/main/after/"
     again.stop(abort=True)
 
@@ -303,8 +358,9 @@ def test_gateway_create_validation(server, tmp_path):
     # A gateway's callbacks need the gateway's own token.
     r = httpx.post(f"{server.url}/api/proxy/authorize", json={"project": "main", "token": server.token})
     assert r.status_code == 401
-    r = httpx.post(f"{server.url}/api/proxy/authorize", json={"project": "main", "token": server.token},
-                   headers=server.headers)
+    r = httpx.post(
+        f"{server.url}/api/proxy/authorize", json={"project": "main", "token": server.token}, headers=server.headers
+    )
     assert r.status_code == 403
     r = httpx.post(f"{server.url}/api/proxy/wake", json={"project": "main", "run_name": "x"}, headers=server.headers)
     assert r.status_code == 403

@@ -23,8 +23,9 @@ MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_completion_service_uses_a_gpu_engine(server):
-    run = server.client().runs.submit(CompletionService(model_name=MODEL, resources=Resources(gpu=1)),
-                                      run_name="gpu-smol")
+    run = server.client().runs.submit(
+        CompletionService(model_name=MODEL, resources=Resources(gpu=1)), run_name="gpu-smol"
+    )
     try:
         wait_ready(run.service_url, server.headers, timeout=1800, path="health")
         tgi = TGIClient(run.service_url.rstrip("/"), headers=server.headers, timeout=120)

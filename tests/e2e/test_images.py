@@ -17,7 +17,12 @@ def test_image_task_runs_in_a_container(client, image, tmp_path):
     (tmp_path / "repo" / "data.txt").write_text("from the repo\n")
     task = Task(
         image=image,
-        commands=["cat data.txt", "pwd", 'echo "run=$DSTACK_RUN_NAME my=$MY_VAR"', "test -x /bin/busybox && echo busybox"],
+        commands=[
+            "cat data.txt",
+            "pwd",
+            'echo "run=$DSTACK_RUN_NAME my=$MY_VAR"',
+            "test -x /bin/busybox && echo busybox",
+        ],
         env={"MY_VAR": "set"},
         resources=Resources(cpu=1, memory="0.5GB"),
     )

@@ -19,7 +19,9 @@ from dstack.api import Client, Resources, RunStatus, Task
 from tests.conftest import running_server
 
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("setpriv")),
+    not sys.platform.startswith("linux")
+    or os.geteuid() != 0
+    or not (shutil.which("unshare") and shutil.which("setpriv")),
     reason="jobs run as other users only where the agent runs as root on Linux with util-linux (unshare, setpriv)",
 )
 
@@ -49,8 +51,9 @@ def bob(srv, alice):
     """A plain user with a project of their own (project B)."""
     user = alice.api.post("/api/users/create", {"username": "bob"})
     token = user["creds"]["token"]
-    r = httpx.post(f"{srv.url}/api/projects/create", json={"project_name": "bobs"},
-                   headers={"Authorization": f"Bearer {token}"})
+    r = httpx.post(
+        f"{srv.url}/api/projects/create", json={"project_name": "bobs"}, headers={"Authorization": f"Bearer {token}"}
+    )
     assert r.status_code == 200, r.text
     return Client.from_config(project_name="bobs", server_url=srv.url, user_token=token)
 
@@ -79,8 +82,9 @@ def test_job_runs_as_an_unprivileged_user_in_its_own_files(alice, bob):
 def test_job_cannot_read_the_server_or_agent_files(srv, alice, bob):
     marker = "alice-output-" + os.urandom(6).hex()
     # a running job of alice's: the server deletes a job's files on the agent once it has ended
-    long = alice.runs.submit(Task(commands=[f"echo {marker} > mine.txt", f"echo {marker}", "sleep 300"],
-                                  resources=SMALL))
+    long = alice.runs.submit(
+        Task(commands=[f"echo {marker} > mine.txt", f"echo {marker}", "sleep 300"], resources=SMALL)
+    )
     try:
         logs = long.logs()
         assert marker in next(logs).decode()
@@ -92,9 +96,11 @@ def test_job_cannot_read_the_server_or_agent_files(srv, alice, bob):
         files = [p for p in srv.home.rglob("*") if p.is_file() and not any(d in p.parents for d in shared)]
         files += [p for p in (agent_home / "jobs").rglob("*") if p.is_file()]
         assert any(p.name == "sqlite.db" for p in files) and any(p.name == "mine.txt" for p in files)
-        out = run_task(bob, [f"cat {p} 2>&1 | head -c 300; echo" for p in files]
-                       + [f"ls {agent_home / 'jobs'} 2>&1 || true", "cat ~root/.dstack/config.yml 2>&1 || true",
-                          "echo done"])
+        out = run_task(
+            bob,
+            [f"cat {p} 2>&1 | head -c 300; echo" for p in files]
+            + [f"ls {agent_home / 'jobs'} 2>&1 || true", "cat ~root/.dstack/config.yml 2>&1 || true", "echo done"],
+        )
     finally:
         long.stop(abort=True)
     assert out.strip().endswith("done")
@@ -109,10 +115,14 @@ def test_other_projects_processes_and_env_are_invisible(bob, alice):
     try:
         long.wait(statuses=(RunStatus.RUNNING,), timeout=120)
         time.sleep(1)  # the job's shell is up
-        out = run_task(alice, [
-            "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -c B_SECRET || true",
-            "ps -eo user,args", "cat /proc/*/cmdline 2>/dev/null | tr '\\0' ' '; echo",
-        ])
+        out = run_task(
+            alice,
+            [
+                "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -c B_SECRET || true",
+                "ps -eo user,args",
+                "cat /proc/*/cmdline 2>/dev/null | tr '\\0' ' '; echo",
+            ],
+        )
         assert SECRET not in out
         assert "B_SECRET" not in out.replace("grep -c B_SECRET", "")
         assert "sleep 300" not in out  # the other job's process is not even listed

@@ -4,7 +4,6 @@ is refused with a message that says why (the agent's isolation is switched off h
 import pytest
 
 from dstack.api import Resources, RunStatus, Service
-
 from tests.conftest import running_server
 
 

@@ -38,11 +38,21 @@ def test_readme_main_command(tmp_path):
     env.pop("DSTACK_HOME", None)
     env.pop("DSTACK_SERVER_ADMIN_TOKEN", None)
     try:
-        out = subprocess.run([sys.executable, str(SCRIPT), "--port", str(port)], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            [sys.executable, str(SCRIPT), "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         _kill_server_on(port)
-    log = (tmp_path / "dstack-server.log").read_text(errors="replace") if (tmp_path / "dstack-server.log").exists() else ""
+    log = (
+        (tmp_path / "dstack-server.log").read_text(errors="replace")
+        if (tmp_path / "dstack-server.log").exists()
+        else ""
+    )
     assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}\nserver log tail:\n{log[-4000:]}"
     answers = re.findall(r"^\s+< (.+)$", out.stdout, re.M)
     assert len(answers) == 2 and all(a.strip() for a in answers), out.stdout

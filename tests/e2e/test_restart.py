@@ -27,7 +27,9 @@ def test_server_sigkill_and_restart_mid_run(fresh_server):
 
 def test_queued_run_survives_restart(fresh_server):
     client = fresh_server.client()
-    run = client.runs.submit(Task(commands=["echo after-restart"], resources=Resources(cpu=1, memory="0.5GB")), run_name="queued")
+    run = client.runs.submit(
+        Task(commands=["echo after-restart"], resources=Resources(cpu=1, memory="0.5GB")), run_name="queued"
+    )
     fresh_server.kill()
     fresh_server.start()
     run = fresh_server.client().runs.get("queued")

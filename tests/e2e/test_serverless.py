@@ -21,7 +21,7 @@ SETUP = ["pip install -q runpod==1.12.0"]
 SMALL = Resources(cpu=0, memory="0.3GB")
 COLD = 240  # the first worker also pays the pip install (later ones reuse the prepared venv)
 
-HANDLER = '''
+HANDLER = """
 import asyncio
 import os
 
@@ -41,9 +41,9 @@ async def handler(job):
 
 
 runpod.serverless.start({"handler": handler})
-'''
+"""
 
-GEN_HANDLER = '''
+GEN_HANDLER = """
 import asyncio
 
 import runpod
@@ -57,7 +57,7 @@ async def handler(job):
 
 
 runpod.serverless.start({"handler": handler})
-'''
+"""
 
 
 def submit(server, tmp_path_factory, name: str, source: str, **kw):
@@ -74,8 +74,13 @@ def health(server, run) -> dict:
 
 
 def ps(server) -> str:
-    out = subprocess.run([sys.executable, "-m", "dstack.cli.main", "ps"], env={**server.env, "COLUMNS": "250"},
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "dstack.cli.main", "ps"],
+        env={**server.env, "COLUMNS": "250"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
@@ -96,13 +101,34 @@ def sdk(server):
 def smol(server):
     """The SmolLM2 example endpoint, applied from its YAML at the start of the module with one
     warm-up job, so its worker loads the model while the other tests run."""
-    out = subprocess.run([sys.executable, "-m", "dstack.cli.main", "apply", "-f", str(EXAMPLES / "smollm2.dstack.yml"),
-                          "-y", "-d", "-n", "sls-smol"], env=server.env, cwd=EXAMPLES, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dstack.cli.main",
+            "apply",
+            "-f",
+            str(EXAMPLES / "smollm2.dstack.yml"),
+            "-y",
+            "-d",
+            "-n",
+            "sls-smol",
+        ],
+        env=server.env,
+        cwd=EXAMPLES,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     run = server.client().runs.get("sls-smol")
     assert run.endpoint_url and run.endpoint_url in out.stdout
-    r = httpx.post(f"{run.endpoint_url}/run", headers=server.headers, timeout=10,
-                   json={"input": {"prompt": "Hi", "parameters": {"max_new_tokens": 2}}})
+    r = httpx.post(
+        f"{run.endpoint_url}/run",
+        headers=server.headers,
+        timeout=10,
+        json={"input": {"prompt": "Hi", "parameters": {"max_new_tokens": 2}}},
+    )
     assert r.status_code == 200, r.text
     yield run, r.json()["id"]
     run.stop(abort=True)
@@ -110,8 +136,15 @@ def smol(server):
 
 @pytest.fixture(scope="module")
 def echo(server, tmp_path_factory, smol):
-    run = submit(server, tmp_path_factory, "sls-echo", HANDLER, workers="0..3", idle_timeout="3s",
-                 scaler={"type": "request_count", "value": 1})
+    run = submit(
+        server,
+        tmp_path_factory,
+        "sls-echo",
+        HANDLER,
+        workers="0..3",
+        idle_timeout="3s",
+        scaler={"type": "request_count", "value": 1},
+    )
     yield run
     run.stop(abort=True)
 
@@ -165,8 +198,11 @@ def test_http_run_status_runsync_failure(server, echo):
     r = httpx.post(f"{url}/run", headers=hdr, json={"input": {"value": "curl"}})
     assert r.status_code == 200 and r.json()["status"] == "IN_QUEUE"
     job_id = r.json()["id"]
-    st = wait_until(lambda: (s := httpx.get(f"{url}/status/{job_id}", headers=hdr).json())["status"] == "COMPLETED" and s,
-                    60, what="the job to complete")
+    st = wait_until(
+        lambda: (s := httpx.get(f"{url}/status/{job_id}", headers=hdr).json())["status"] == "COMPLETED" and s,
+        60,
+        what="the job to complete",
+    )
     assert st["id"] == job_id and st["output"]["echo"] == "curl"
     assert st["delayTime"] >= 0 and st["executionTime"] >= 0 and st["workerId"].startswith("sls-echo-")
     r = httpx.post(f"{url}/runsync", headers=hdr, json={"input": {"value": [1, 2]}}, timeout=100)
@@ -181,9 +217,14 @@ def test_http_auth_and_cors(server, echo):
     assert httpx.post(f"{url}/run", json={"input": {}}).status_code == 401
     assert httpx.post(f"{url}/run", json={"input": {}}, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.get(f"{url}/health").status_code == 401
-    r = httpx.options(f"{url}/runsync", headers={"Origin": "https://app.example.com",
-                                                  "Access-Control-Request-Method": "POST",
-                                                  "Access-Control-Request-Headers": "authorization, content-type"})
+    r = httpx.options(
+        f"{url}/runsync",
+        headers={
+            "Origin": "https://app.example.com",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     assert r.status_code in (200, 204)
     assert r.headers["access-control-allow-origin"] in ("https://app.example.com", "*")
     assert "POST" in r.headers["access-control-allow-methods"]
@@ -214,8 +255,10 @@ def test_purge_queue(server, gen, sdk):
 
 def test_scale_out_under_burst_then_back_to_zero(server, echo, sdk):
     url, hdr = echo.endpoint_url, server.headers
-    ids = [httpx.post(f"{url}/run", headers=hdr, json={"input": {"mode": "sleep", "seconds": 8, "value": i}}).json()["id"]
-           for i in range(4)]
+    ids = [
+        httpx.post(f"{url}/run", headers=hdr, json={"input": {"mode": "sleep", "seconds": 8, "value": i}}).json()["id"]
+        for i in range(4)
+    ]
     # request_count 1: one worker per queued or running job, capped at 3
     wait_until(lambda: live_workers(health(server, echo)) >= 2, 30, what="a second worker")
     table = ps(server)
@@ -231,8 +274,10 @@ def test_scale_out_under_burst_then_back_to_zero(server, echo, sdk):
         return all(s["status"] not in ("IN_QUEUE", "IN_PROGRESS") for s in states)
 
     def worker_logs() -> str:
-        return "\n".join(f"--- replica {n}:\n" + b"".join(echo.logs(replica_num=n, follow=False)).decode(errors="replace")[-3000:]
-                         for n in range(8))
+        return "\n".join(
+            f"--- replica {n}:\n" + b"".join(echo.logs(replica_num=n, follow=False)).decode(errors="replace")[-3000:]
+            for n in range(8)
+        )
 
     try:
         wait_until(settled, 120, what="the burst to finish", interval=0.5)
@@ -250,11 +295,21 @@ def test_scale_out_under_burst_then_back_to_zero(server, echo, sdk):
 def test_openai_route_with_smollm2_worker(server, smol, sdk):
     run, warmup = smol
     t0 = time.time()
-    st = wait_until(lambda: (s := httpx.get(f"{run.endpoint_url}/status/{warmup}", headers=server.headers).json())["status"]
-                    in ("COMPLETED", "FAILED") and s, COLD, what="the SmolLM2 worker's first job", interval=0.5)
+    st = wait_until(
+        lambda: (
+            (s := httpx.get(f"{run.endpoint_url}/status/{warmup}", headers=server.headers).json())["status"]
+            in ("COMPLETED", "FAILED")
+            and s
+        ),
+        COLD,
+        what="the SmolLM2 worker's first job",
+        interval=0.5,
+    )
     assert st["status"] == "COMPLETED", st
-    print(f"\nSmolLM2 warm-up job: waited {time.time() - t0:.1f} s more here; delay {st['delayTime'] / 1000:.1f} s, "
-          f"execution {st['executionTime'] / 1000:.1f} s")
+    print(
+        f"\nSmolLM2 warm-up job: waited {time.time() - t0:.1f} s more here; delay {st['delayTime'] / 1000:.1f} s, "
+        f"execution {st['executionTime'] / 1000:.1f} s"
+    )
     t0 = time.time()
     assert st["output"][0]["generated_text"] is not None
     client = openai.OpenAI(base_url=f"{run.endpoint_url}/openai/v1", api_key=server.token, timeout=120)
@@ -263,14 +318,23 @@ def test_openai_route_with_smollm2_worker(server, smol, sdk):
     text = resp.choices[0].message.content
     assert text.strip() and resp.usage.completion_tokens <= 12
     print(f"first chat completion: {time.time() - t0:.1f} s")
-    chunks = list(client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=msgs, max_tokens=12,
-                                                 temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=msgs, max_tokens=12, temperature=0, stream=True
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == text  # greedy: the same answer either way
-    r = httpx.post(f"{run.endpoint_url}/runsync", headers=server.headers, timeout=100,
-                   json={"input": {"prompt": "The capital of France is", "parameters": {"max_new_tokens": 4}}})
+    r = httpx.post(
+        f"{run.endpoint_url}/runsync",
+        headers=server.headers,
+        timeout=100,
+        json={"input": {"prompt": "The capital of France is", "parameters": {"max_new_tokens": 4}}},
+    )
     assert r.json()["status"] == "COMPLETED" and r.json()["output"][0]["generated_text"]
-    job = sdk.Endpoint("sls-smol").run({"prompt": "Once upon a time", "parameters": {"max_new_tokens": 6}, "stream": True})
+    job = sdk.Endpoint("sls-smol").run(
+        {"prompt": "Once upon a time", "parameters": {"max_new_tokens": 6}, "stream": True}
+    )
     pieces = list(job.stream())
     assert pieces and all(isinstance(p, str) for p in pieces) and "".join(pieces).strip()
 
@@ -278,8 +342,11 @@ def test_openai_route_with_smollm2_worker(server, smol, sdk):
 def test_stopped_run_removes_endpoint_and_ends_workers(server, gen, sdk):
     assert live_workers(health(server, gen)) == 1  # idle_timeout 10 m: still warm from the tests above
     gen.stop()
-    wait_until(lambda: httpx.get(f"{gen.endpoint_url}/health", headers=server.headers).status_code == 404, 30,
-               what="the endpoint to go away")
+    wait_until(
+        lambda: httpx.get(f"{gen.endpoint_url}/health", headers=server.headers).status_code == 404,
+        30,
+        what="the endpoint to go away",
+    )
     assert httpx.post(f"{gen.endpoint_url}/run", headers=server.headers, json={"input": {}}).status_code == 404
     run = gen.wait(timeout=60)
     assert run.status.is_finished()
@@ -295,21 +362,35 @@ def test_worker_waits_for_a_busy_host(server, tmp_path_factory, smol):
     client = server.client()
     repo = tmp_path_factory.mktemp("busy")
     (repo / "handler.py").write_text(HANDLER)
-    hog = client.runs.submit(Task(commands=["sleep 300"], resources=Resources(cpu=os.cpu_count(), memory="0.1GB")),
-                             run_name="sls-cpu-hog", repo_dir=repo)
+    hog = client.runs.submit(
+        Task(commands=["sleep 300"], resources=Resources(cpu=os.cpu_count(), memory="0.1GB")),
+        run_name="sls-cpu-hog",
+        repo_dir=repo,
+    )
     run = None
     try:
         hog.wait(statuses=(RunStatus.RUNNING,), timeout=60)
-        conf = Serverless(setup=SETUP, commands=["python handler.py"], workers="0..1",
-                          resources=Resources(cpu=1, memory="0.3GB"))
+        conf = Serverless(
+            setup=SETUP, commands=["python handler.py"], workers="0..1", resources=Resources(cpu=1, memory="0.3GB")
+        )
         run = client.runs.submit(conf, run_name="sls-busy", repo_dir=repo)
-        job_id = httpx.post(f"{run.endpoint_url}/run", headers=server.headers, json={"input": {"value": "waited"}}).json()["id"]
+        job_id = httpx.post(
+            f"{run.endpoint_url}/run", headers=server.headers, json={"input": {"value": "waited"}}
+        ).json()["id"]
         time.sleep(3)
         assert httpx.get(f"{run.endpoint_url}/status/{job_id}", headers=server.headers).json()["status"] == "IN_QUEUE"
         assert [j.job_submissions[-1].status.value for j in run.refresh().jobs] == ["submitted"]
         hog.stop(abort=True)
-        st = wait_until(lambda: (s := httpx.get(f"{run.endpoint_url}/status/{job_id}", headers=server.headers).json())
-                        ["status"] == "COMPLETED" and s, 90, what="the job to run once the host is free", interval=0.5)
+        st = wait_until(
+            lambda: (
+                (s := httpx.get(f"{run.endpoint_url}/status/{job_id}", headers=server.headers).json())["status"]
+                == "COMPLETED"
+                and s
+            ),
+            90,
+            what="the job to run once the host is free",
+            interval=0.5,
+        )
         assert st["output"]["echo"] == "waited"
     finally:
         hog.stop(abort=True)

@@ -41,7 +41,13 @@ def test_passthrough_and_service_url(server, plain):
     r = httpx.put(plain.service_url + "a/b?x=1&y=2", content=b"payload", headers={**server.headers, "X-Custom": "v"})
     assert r.status_code == 200
     body = r.json()
-    assert (body["method"], body["path"], body["query"], body["body"], body["x_custom"]) == ("PUT", "/a/b", "x=1&y=2", "payload", "v")
+    assert (body["method"], body["path"], body["query"], body["body"], body["x_custom"]) == (
+        "PUT",
+        "/a/b",
+        "x=1&y=2",
+        "payload",
+        "v",
+    )
     assert body["auth"] is None  # the user's dstack token never reaches user code
 
 
@@ -145,8 +151,13 @@ def test_replicas_balance_and_killed_replica_is_replaced(server):
 
 
 def test_scale_from_zero_holds_the_first_request(server):
-    run = serve(server.client(), "zero-svc", "plain", replicas="0..1",
-                scaling={"metric": "rps", "target": 1, "scale_up_delay": "0s", "scale_down_delay": "2s"})
+    run = serve(
+        server.client(),
+        "zero-svc",
+        "plain",
+        replicas="0..1",
+        scaling={"metric": "rps", "target": 1, "scale_up_delay": "0s", "scale_down_delay": "2s"},
+    )
     try:
         run.wait(statuses=(RunStatus.RUNNING,), timeout=30)
         assert not [j for j in run.jobs if not j.job_submissions[-1].status.is_finished()]
@@ -168,8 +179,13 @@ def test_scale_from_zero_holds_the_first_request(server):
 
 
 def test_scale_up_under_load_and_down_when_idle(server):
-    run = serve(server.client(), "auto-svc", "plain", replicas="1..2",
-                scaling={"metric": "rps", "target": 2, "scale_up_delay": "0s", "scale_down_delay": "2s"})
+    run = serve(
+        server.client(),
+        "auto-svc",
+        "plain",
+        replicas="1..2",
+        scaling={"metric": "rps", "target": 2, "scale_up_delay": "0s", "scale_down_delay": "2s"},
+    )
     try:
         wait_ready(run.service_url, server.headers)
         stop = threading.Event()
@@ -211,8 +227,12 @@ def test_openai_sdk_against_openai_and_tgi_services(server):
     client = server.client()
     oa = serve(client, "oa-svc", "openai", model={"name": "test/openai-model", "format": "openai"})
     template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    tgi = serve(client, "tgi-svc", "tgi", model={"name": "test/tgi-model", "format": "tgi",
-                                                  "chat_template": template, "eos_token": "</s>"})
+    tgi = serve(
+        client,
+        "tgi-svc",
+        "tgi",
+        model={"name": "test/tgi-model", "format": "tgi", "chat_template": template, "eos_token": "</s>"},
+    )
     try:
         wait_ready(oa.service_url, server.headers, path="v1/models")
         base = f"{server.url}/proxy/models/main/v1"
@@ -224,7 +244,9 @@ def test_openai_sdk_against_openai_and_tgi_services(server):
             deadline = time.time() + 60
             while True:
                 try:
-                    resp = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "one two three"}])
+                    resp = sdk.chat.completions.create(
+                        model=model, messages=[{"role": "user", "content": "one two three"}]
+                    )
                     break
                 except (openai.APIStatusError, openai.APIConnectionError):
                     if time.time() > deadline:
@@ -232,14 +254,22 @@ def test_openai_sdk_against_openai_and_tgi_services(server):
                     time.sleep(0.3)
             assert resp.choices[0].message.content == "three two one"
             assert resp.choices[0].finish_reason == "stop"
-            chunks = list(sdk.chat.completions.create(model=model, stream=True, stream_options={"include_usage": True},
-                                                      messages=[{"role": "user", "content": "alpha beta"}]))
+            chunks = list(
+                sdk.chat.completions.create(
+                    model=model,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    messages=[{"role": "user", "content": "alpha beta"}],
+                )
+            )
             text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             assert text == "beta alpha"
         usage = [c.usage for c in chunks if c.usage]
         assert usage and usage[-1].completion_tokens == 2
         with pytest.raises(openai.PermissionDeniedError):
-            openai.OpenAI(base_url=base, api_key="not-a-token").chat.completions.create(model="test/tgi-model", messages=[{"role": "user", "content": "x"}])
+            openai.OpenAI(base_url=base, api_key="not-a-token").chat.completions.create(
+                model="test/tgi-model", messages=[{"role": "user", "content": "x"}]
+            )
         # An upstream TGI error comes back as an OpenAI error object.
         with pytest.raises(openai.APIStatusError) as e:
             sdk.completions.create(model="test/tgi-model", prompt="FAIL")
@@ -264,5 +294,7 @@ def test_metrics_and_ps_show_the_service(server, plain):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "dstack.cli.main", "ps"], env=server.env, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "dstack.cli.main", "ps"], env=server.env, capture_output=True, text=True
+    ).stdout
     assert "plain-svc" in out and plain.service_url in out

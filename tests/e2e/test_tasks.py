@@ -27,8 +27,13 @@ def test_task_succeeds_with_code_env_and_logs(client, tmp_path):
     (tmp_path / "repo" / "big.bin").write_bytes(b"x" * 1000)
     task = Task(
         setup=["export GREETING=hi"],
-        commands=["echo $GREETING", "python hello.py", "test ! -e big.bin && echo ignored-ok",
-                  "echo nodes=$DSTACK_NODES_NUM job=$DSTACK_JOB_NUM", "echo $MY_VAR"],
+        commands=[
+            "echo $GREETING",
+            "python hello.py",
+            "test ! -e big.bin && echo ignored-ok",
+            "echo nodes=$DSTACK_NODES_NUM job=$DSTACK_JOB_NUM",
+            "echo $MY_VAR",
+        ],
         env={"MY_VAR": "from-env"},
         resources=SMALL,
     )
@@ -64,7 +69,9 @@ def test_failing_task_reports_exit_status(client):
 
 
 def test_stop_and_abort(client):
-    stopped = client.runs.submit(Task(commands=["trap 'echo got-term; exit 0' TERM; echo started; sleep 60 & wait"], resources=SMALL))
+    stopped = client.runs.submit(
+        Task(commands=["trap 'echo got-term; exit 0' TERM; echo started; sleep 60 & wait"], resources=SMALL)
+    )
     aborted = client.runs.submit(Task(commands=["echo started; sleep 60"], resources=SMALL))
     for run in (stopped, aborted):
         wait_for(run, [RunStatus.RUNNING])
@@ -85,7 +92,9 @@ def test_stop_and_abort(client):
 def test_stop_right_after_submit_is_not_lost(client):
     # The stop lands while the pipeline is placing the job or reporting it running: the
     # pipeline's older view of the run must not overwrite it.
-    runs = [client.runs.submit(Task(commands=["sleep 120"], resources=Resources(cpu=0, memory="0.1GB"))) for _ in range(3)]
+    runs = [
+        client.runs.submit(Task(commands=["sleep 120"], resources=Resources(cpu=0, memory="0.1GB"))) for _ in range(3)
+    ]
     for i, run in enumerate(runs):
         if i:
             time.sleep(0.05 * i)  # a little later each time: before, during and after placement
@@ -136,8 +145,13 @@ def test_two_tasks_at_once_and_one_that_does_not_fit(client):
     assert c.status == RunStatus.FAILED
     assert c.jobs[0].job_submissions[-1].termination_reason == JobTerminationReason.FAILED_TO_START_DUE_TO_NO_CAPACITY
     # ...and with retry on no-capacity it waits until the others finish.
-    d = client.runs.submit(Task(commands=["echo waited"], retry={"on_events": ["no-capacity"], "duration": "2m"},
-                                resources=Resources(cpu=half, memory="0.5GB")))
+    d = client.runs.submit(
+        Task(
+            commands=["echo waited"],
+            retry={"on_events": ["no-capacity"], "duration": "2m"},
+            resources=Resources(cpu=half, memory="0.5GB"),
+        )
+    )
     time.sleep(1)
     d.refresh()
     assert d.status == RunStatus.SUBMITTED
@@ -158,13 +172,17 @@ def test_request_no_backend_can_meet_fails_clearly(client):
 
 
 def test_ten_thousand_log_lines_intact(client):
-    run = client.runs.submit(Task(commands=["python -c \"[print(f'line {i:05d}') for i in range(10000)]\""], resources=SMALL))
+    run = client.runs.submit(
+        Task(commands=["python -c \"[print(f'line {i:05d}') for i in range(10000)]\""], resources=SMALL)
+    )
     lines = b"".join(run.logs()).decode().splitlines()
     assert lines == [f"line {i:05d}" for i in range(10000)]
 
 
 def test_job_python_version_and_isolated_pip(client, server):
-    run = client.runs.submit(Task(python="3.12", commands=["python --version", "python -c 'import sys; print(sys.prefix)'"], resources=SMALL))
+    run = client.runs.submit(
+        Task(python="3.12", commands=["python --version", "python -c 'import sys; print(sys.prefix)'"], resources=SMALL)
+    )
     out = b"".join(run.logs()).decode()
     run.refresh()
     if run.status == RunStatus.FAILED and "3.12" in (run.jobs[0].job_submissions[-1].termination_reason_message or ""):
@@ -186,8 +204,11 @@ def test_auth_required_and_projects_isolated(server, client):
     assert r.status_code == 200
     r = httpx.post(f"{server.url}/api/project/main/runs/list", json={}, headers=bob_headers)
     assert r.status_code == 403 and "not a member" in r.json()["detail"][0]["msg"]
-    r = httpx.post(f"{server.url}/api/project/main/runs/submit",
-                   json={"run_spec": {"configuration": {"type": "task", "commands": ["true"]}}}, headers=bob_headers)
+    r = httpx.post(
+        f"{server.url}/api/project/main/runs/submit",
+        json={"run_spec": {"configuration": {"type": "task", "commands": ["true"]}}},
+        headers=bob_headers,
+    )
     assert r.status_code == 403
     r = httpx.post(f"{server.url}/api/projects/list", json={}, headers=bob_headers)
     assert [p["project_name"] for p in r.json()] == ["bobs"]
@@ -196,8 +217,13 @@ def test_auth_required_and_projects_isolated(server, client):
 
 
 def test_invalid_configuration_over_http_names_the_field(server):
-    r = httpx.post(f"{server.url}/api/project/main/runs/submit", headers=server.headers,
-                   json={"run_spec": {"configuration": {"type": "task", "commands": ["true"], "resources": {"gpu": "A100:xx:yy"}}}})
+    r = httpx.post(
+        f"{server.url}/api/project/main/runs/submit",
+        headers=server.headers,
+        json={
+            "run_spec": {"configuration": {"type": "task", "commands": ["true"], "resources": {"gpu": "A100:xx:yy"}}}
+        },
+    )
     assert r.status_code == 400
     assert "resources.gpu" in r.json()["detail"][0]["msg"]
 
@@ -240,4 +266,3 @@ def test_seed_api_example_flow(client):
         assert run.status == RunStatus.TERMINATED
     finally:
         run.detach()
-

@@ -40,12 +40,20 @@ def test_openai_sdk_sync_and_streaming_through_the_proxy(server, smol):
     base = smol._run.service.model.base_url
     sdk = openai.OpenAI(base_url=base, api_key=server.token)
     assert [m.id for m in sdk.models.list()] == [MODEL]
-    resp = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}],
-                                       max_tokens=12, temperature=0)
+    resp = sdk.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}], max_tokens=12, temperature=0
+    )
     assert resp.choices[0].message.content.strip()
     assert resp.usage.completion_tokens <= 12 and resp.usage.prompt_tokens > 5
-    chunks = list(sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+2?"}],
-                                              max_tokens=12, temperature=0, stream=True))
+    chunks = list(
+        sdk.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is 2+2?"}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == resp.choices[0].message.content  # greedy: the same answer either way
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
@@ -55,11 +63,17 @@ def test_text_generation_client_generate_and_stream(server, smol):
     tgi = TGIClient(smol.service_url.rstrip("/"), headers=server.headers, timeout=60)
     out = tgi.generate("What is Deep Learning?", max_new_tokens=16)
     assert out.generated_text and out.details.generated_tokens <= 16
-    tokens = [r.token.text for r in tgi.generate_stream("What is Deep Learning?", max_new_tokens=16) if not r.token.special]
+    tokens = [
+        r.token.text for r in tgi.generate_stream("What is Deep Learning?", max_new_tokens=16) if not r.token.special
+    ]
     assert "".join(tokens) == out.generated_text
     # The seed's curl, as httpx.
-    r = httpx.post(smol.service_url + "generate", headers=server.headers,
-                   json={"inputs": "What is Deep Learning?", "parameters": {"max_new_tokens": 20}}, timeout=60)
+    r = httpx.post(
+        smol.service_url + "generate",
+        headers=server.headers,
+        json={"inputs": "What is Deep Learning?", "parameters": {"max_new_tokens": 20}},
+        timeout=60,
+    )
     assert r.status_code == 200 and r.json()["generated_text"]
 
 
@@ -85,16 +99,25 @@ def test_completion_task_private_endpoint(server, tmp_path):
 
 
 def test_yaml_engine_configuration_via_cli(server):
-    out = subprocess.run([sys.executable, "-m", "dstack.cli.main", "apply", "-f", str(EXAMPLE), "-y", "-d", "-n", "smol-yaml"],
-                         env=server.env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "dstack.cli.main", "apply", "-f", str(EXAMPLE), "-y", "-d", "-n", "smol-yaml"],
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     client = server.client()
     run = client.runs.get("smol-yaml")
     try:
         assert "Service is published at" in out.stdout and run.service_url in out.stdout
         wait_healthy(run.service_url, server.headers)
-        r = httpx.post(run.service_url + "generate", headers=server.headers,
-                       json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}}, timeout=60)
+        r = httpx.post(
+            run.service_url + "generate",
+            headers=server.headers,
+            json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}},
+            timeout=60,
+        )
         assert r.status_code == 200
     finally:
         run.stop(abort=True)

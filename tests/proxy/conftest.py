@@ -9,8 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import uvicorn
@@ -53,7 +54,7 @@ class Upstream:
             [sys.executable, str(HERE / "upstream_app.py"), str(self.port), replica_id, str(delay)], env=env
         )
 
-    def wait(self) -> "Upstream":
+    def wait(self) -> Upstream:
         wait_port(self.port)
         return self
 
@@ -84,18 +85,29 @@ class ProxyHarness:
         self.registry = ServiceRegistry()
         self.tokens = {"good"}
         self.auth_calls = 0
-        self.proxy_app = build_proxy_app(self.registry, self._authorize, read_timeout=2.0, connect_timeout=2.0, auth_ttl=1.0)
+        self.proxy_app = build_proxy_app(
+            self.registry, self._authorize, read_timeout=2.0, connect_timeout=2.0, auth_ttl=1.0
+        )
 
         async def metrics(request):
             return PlainTextResponse(render_prometheus(self.registry))
 
-        inner = Starlette(routes=[Route("/metrics", metrics), Mount("/proxy", app=self.proxy_app), Mount("/", app=self.proxy_app)])
+        inner = Starlette(
+            routes=[Route("/metrics", metrics), Mount("/proxy", app=self.proxy_app), Mount("/", app=self.proxy_app)]
+        )
         self.app = HostRouter(inner, self.proxy_app, DOMAIN, project="main")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.loop = uvloop.new_event_loop()
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, http="httptools", ws="websockets-sansio",
-                                log_level="warning", lifespan="off")
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            http="httptools",
+            ws="websockets-sansio",
+            log_level="warning",
+            lifespan="off",
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.server.serve(),), daemon=True)
         self.thread.start()

@@ -56,8 +56,12 @@ def test_passthrough_method_path_query_headers_body(harness, upstreams):
     register(harness, "pass", [Replica("a", upstreams["a"].url)], auth=False)
     register(harness, "nostrip", [Replica("a", upstreams["a"].url)], auth=False, strip_prefix=False)
     with httpx.Client() as c:
-        r = c.request("PATCH", f"{harness.url}/proxy/services/main/pass/a/b%20c?x=1&y=%2F", content=b"hello",
-                      headers={"X-Custom": "v", "Connection": "keep-alive, X-Drop", "X-Drop": "1"})
+        r = c.request(
+            "PATCH",
+            f"{harness.url}/proxy/services/main/pass/a/b%20c?x=1&y=%2F",
+            content=b"hello",
+            headers={"X-Custom": "v", "Connection": "keep-alive, X-Drop", "X-Drop": "1"},
+        )
         body = r.json()
         assert r.status_code == 200
         assert body["method"] == "PATCH" and body["raw_path"] == "/a/b%20c" and body["query"] == "x=1&y=%2F"
@@ -143,10 +147,12 @@ def test_least_in_flight_balancing(harness, upstreams):
         counts: dict[str, int] = {}
         sem = asyncio.Semaphore(conc)
         async with httpx.AsyncClient(timeout=10) as c:
+
             async def one():
                 async with sem:
                     r = await c.get(f"{harness.url}/proxy/services/main/{run}/w")
                     counts[r.json()["id"]] = counts.get(r.json()["id"], 0) + 1
+
             await asyncio.gather(*[one() for _ in range(n)])
         return counts
 

@@ -42,8 +42,12 @@ def test_models_list(models, harness):
 def test_openai_passthrough(models):
     r = models.chat.completions.create(model="oai-model", messages=[{"role": "user", "content": "hi"}])
     assert r.choices[0].message.content == "openai-echo a" and r.usage.total_tokens == 5
-    stream = models.chat.completions.create(model="oai-model", messages=[{"role": "user", "content": "hi"}], stream=True,
-                                            stream_options={"include_usage": True})
+    stream = models.chat.completions.create(
+        model="oai-model",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "openai-echo a"
     assert chunks[-1].usage.total_tokens == 6
@@ -72,12 +76,20 @@ def test_tgi_chat(models):
     r = models.chat.completions.create(model="tgi-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert r.choices[0].finish_reason == "length" and r.choices[0].message.content == "Hello from the "
     r = models.chat.completions.create(model="tgi-model", messages=[{"role": "user", "content": "hi"}], stop=["42."])
-    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "Hello from the test model. The answer is "
+    assert (
+        r.choices[0].finish_reason == "stop"
+        and r.choices[0].message.content == "Hello from the test model. The answer is "
+    )
 
 
 def test_tgi_chat_stream(models):
-    stream = models.chat.completions.create(model="tgi-model", messages=[{"role": "user", "content": "hi"}], stream=True,
-                                            stop=["END"], stream_options={"include_usage": True})
+    stream = models.chat.completions.create(
+        model="tgi-model",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stop=["END"],
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
@@ -108,11 +120,18 @@ def test_tgi_errors(models):
         models.chat.completions.create(model="tgi-model", messages=[{"role": "user", "content": "FAIL"}])
     assert "refuses FAIL" in str(e.value)
     with pytest.raises(openai.APIError) as e:
-        list(models.chat.completions.create(model="tgi-model", messages=[{"role": "user", "content": "BREAK"}], stream=True))
+        list(
+            models.chat.completions.create(
+                model="tgi-model", messages=[{"role": "user", "content": "BREAK"}], stream=True
+            )
+        )
     assert "broke" in str(e.value)
 
 
 def test_gateway_host_model_endpoint(models, harness):
-    r = httpx.post(f"{harness.url}/v1/chat/completions", headers={"Host": "gateway.example.test", "Authorization": "Bearer good"},
-                   json={"model": "tgi-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    r = httpx.post(
+        f"{harness.url}/v1/chat/completions",
+        headers={"Host": "gateway.example.test", "Authorization": "Bearer good"},
+        json={"model": "tgi-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    )
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello "

@@ -26,16 +26,29 @@ def test_stop_split_across_tokens_is_held_back_and_trimmed():
         out += piece
         assert not done
     assert "".join(_texts(out)) == "Hi "  # "EN" could still become "END"
-    piece, done = conv.event({"token": {"text": "D!", "special": False}, "generated_text": "Hi END!",
-                              "details": {"finish_reason": "stop_sequence", "generated_tokens": 4, "input_length": 7}})
+    piece, done = conv.event(
+        {
+            "token": {"text": "D!", "special": False},
+            "generated_text": "Hi END!",
+            "details": {"finish_reason": "stop_sequence", "generated_tokens": 4, "input_length": 7},
+        }
+    )
     assert done and piece.endswith(b"data: [DONE]\n\n")
     assert "".join(_texts(out + piece)) == "Hi "
 
 
 def test_parameters_and_template():
-    m = ModelInfo("m", "tgi", chat_template="{{ bos_token }}{% for x in messages %}{{ x.content }}{% endfor %}", eos_token="</s>",
-                  bos_token="<s>")
-    assert render_chat(m, [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]) == "<s>ab"
+    m = ModelInfo(
+        "m",
+        "tgi",
+        chat_template="{{ bos_token }}{% for x in messages %}{{ x.content }}{% endfor %}",
+        eos_token="</s>",
+        bos_token="<s>",
+    )
+    assert (
+        render_chat(m, [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+        == "<s>ab"
+    )
     stops = stop_list({"stop": "x"}, m)
     assert stops == ["x", "</s>"]
     p = tgi_parameters({"max_tokens": 5, "temperature": 0, "top_p": 1.0, "seed": 3, "n": 2}, stops, stream=False)
@@ -50,11 +63,15 @@ def test_proxy_and_engine_render_a_template_alike():
     prompt through the proxy's OpenAI → TGI mapping and the engine's own chat endpoint."""
     from dstack.core.chat_template import ChatTemplate
 
-    template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | tojson }}\n{% endfor %}"
-                "{% if add_generation_prompt %}[assistant] year {{ strftime_now('%Y') }}{% endif %}")
+    template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | tojson }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] year {{ strftime_now('%Y') }}{% endif %}"
+    )
     m = ModelInfo(name="m", format="tgi", chat_template=template, bos_token="<s>", eos_token="</s>")
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+    ]
     via_proxy = render_chat(m, messages)
     via_engine = ChatTemplate(template, "<s>", "</s>").render(messages, add_generation_prompt=True)
     assert via_proxy == via_engine

@@ -126,8 +126,15 @@ async def generate(request: Request) -> Response:
     except ValueError as e:
         return JSONResponse({"error": str(e), "error_type": "validation"}, status_code=422)
     details = {"finish_reason": reason, "generated_tokens": len(toks), "seed": None, "prefill": [], "tokens": []}
-    return JSONResponse({"generated_text": text, "details": details, "replica": REPLICA_ID, "inputs": body["inputs"],
-                         "parameters": body.get("parameters")})
+    return JSONResponse(
+        {
+            "generated_text": text,
+            "details": details,
+            "replica": REPLICA_ID,
+            "inputs": body["inputs"],
+            "parameters": body.get("parameters"),
+        }
+    )
 
 
 async def generate_stream(request: Request) -> Response:
@@ -141,10 +148,19 @@ async def generate_stream(request: Request) -> Response:
     async def gen():
         for i, t in enumerate(toks):
             last = i == len(toks) - 1
-            ev = {"index": i, "token": {"id": i, "text": t, "logprob": -0.1, "special": t == "</s>"},
-                  "generated_text": text if last else None,
-                  "details": {"finish_reason": reason, "generated_tokens": len(toks), "seed": None,
-                              "input_length": len(inputs.split())} if last else None}
+            ev = {
+                "index": i,
+                "token": {"id": i, "text": t, "logprob": -0.1, "special": t == "</s>"},
+                "generated_text": text if last else None,
+                "details": {
+                    "finish_reason": reason,
+                    "generated_tokens": len(toks),
+                    "seed": None,
+                    "input_length": len(inputs.split()),
+                }
+                if last
+                else None,
+            }
             if "BREAK" in inputs and i == 2:
                 yield f"data:{json.dumps({'error': 'the test model broke', 'error_type': 'generation'})}\n\n"
                 return
@@ -171,28 +187,86 @@ async def openai_chat(request: Request) -> Response:
     body = await request.json()
     chat = request.url.path.endswith("/chat/completions")
     if body.get("model") == "broken":
-        return JSONResponse({"error": {"message": "upstream exploded", "type": "server_error", "code": 500}}, status_code=500)
+        return JSONResponse(
+            {"error": {"message": "upstream exploded", "type": "server_error", "code": 500}}, status_code=500
+        )
     created = 1700000000
     if not body.get("stream"):
-        choice = ({"index": 0, "message": {"role": "assistant", "content": f"openai-echo {REPLICA_ID}"}, "finish_reason": "stop"}
-                  if chat else {"index": 0, "text": f"openai-echo {REPLICA_ID}", "finish_reason": "stop", "logprobs": None})
-        return JSONResponse({"id": "x1", "object": "chat.completion" if chat else "text_completion", "created": created,
-                             "model": body["model"], "choices": [choice],
-                             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+        choice = (
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": f"openai-echo {REPLICA_ID}"},
+                "finish_reason": "stop",
+            }
+            if chat
+            else {"index": 0, "text": f"openai-echo {REPLICA_ID}", "finish_reason": "stop", "logprobs": None}
+        )
+        return JSONResponse(
+            {
+                "id": "x1",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": created,
+                "model": body["model"],
+                "choices": [choice],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+            }
+        )
 
     async def gen():
         for i, word in enumerate(["openai-", "echo ", REPLICA_ID]):
-            delta = ({"role": "assistant", "content": word} if i == 0 else {"content": word})
-            choice = {"index": 0, "delta": delta, "finish_reason": None} if chat else {"index": 0, "text": word, "finish_reason": None}
-            yield "data: " + json.dumps({"id": "x1", "object": "chat.completion.chunk" if chat else "text_completion",
-                                         "created": created, "model": body["model"], "choices": [choice]}) + "\n\n"
+            delta = {"role": "assistant", "content": word} if i == 0 else {"content": word}
+            choice = (
+                {"index": 0, "delta": delta, "finish_reason": None}
+                if chat
+                else {"index": 0, "text": word, "finish_reason": None}
+            )
+            yield (
+                "data: "
+                + json.dumps(
+                    {
+                        "id": "x1",
+                        "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": created,
+                        "model": body["model"],
+                        "choices": [choice],
+                    }
+                )
+                + "\n\n"
+            )
             await asyncio.sleep(0.02)
-        fin = {"index": 0, "delta": {}, "finish_reason": "stop"} if chat else {"index": 0, "text": "", "finish_reason": "stop"}
-        yield "data: " + json.dumps({"id": "x1", "object": "chat.completion.chunk" if chat else "text_completion",
-                                     "created": created, "model": body["model"], "choices": [fin]}) + "\n\n"
+        fin = (
+            {"index": 0, "delta": {}, "finish_reason": "stop"}
+            if chat
+            else {"index": 0, "text": "", "finish_reason": "stop"}
+        )
+        yield (
+            "data: "
+            + json.dumps(
+                {
+                    "id": "x1",
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": created,
+                    "model": body["model"],
+                    "choices": [fin],
+                }
+            )
+            + "\n\n"
+        )
         if (body.get("stream_options") or {}).get("include_usage"):
-            yield "data: " + json.dumps({"id": "x1", "object": "chat.completion.chunk", "created": created, "model": body["model"],
-                                         "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}}) + "\n\n"
+            yield (
+                "data: "
+                + json.dumps(
+                    {
+                        "id": "x1",
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": body["model"],
+                        "choices": [],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+                    }
+                )
+                + "\n\n"
+            )
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(gen(), media_type="text/event-stream")
@@ -206,20 +280,22 @@ async def authorize(request: Request) -> Response:
     return JSONResponse({"allowed": ok}, status_code=200 if ok else 403)
 
 
-app = Starlette(routes=[
-    Route("/sleep", sleep),
-    Route("/sse", sse),
-    WebSocketRoute("/ws", ws_echo),
-    Route("/generate", generate, methods=["POST"]),
-    Route("/generate_stream", generate_stream, methods=["POST"]),
-    Route("/tokenize", tokenize, methods=["POST"]),
-    Route("/info", info),
-    Route("/health", health),
-    Route("/v1/chat/completions", openai_chat, methods=["POST"]),
-    Route("/v1/completions", openai_chat, methods=["POST"]),
-    Route("/api/proxy/authorize", authorize, methods=["POST"]),
-    Route("/{path:path}", echo, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]),
-])
+app = Starlette(
+    routes=[
+        Route("/sleep", sleep),
+        Route("/sse", sse),
+        WebSocketRoute("/ws", ws_echo),
+        Route("/generate", generate, methods=["POST"]),
+        Route("/generate_stream", generate_stream, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/info", info),
+        Route("/health", health),
+        Route("/v1/chat/completions", openai_chat, methods=["POST"]),
+        Route("/v1/completions", openai_chat, methods=["POST"]),
+        Route("/api/proxy/authorize", authorize, methods=["POST"]),
+        Route("/{path:path}", echo, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]),
+    ]
+)
 
 if __name__ == "__main__":
     import uvicorn

@@ -65,7 +65,8 @@ def tenants(tmp_path_factory) -> Tenants:
         r = httpx.post(f"{srv.url}/api/users/create", json={"username": "bob"}, headers=srv.headers)
         assert r.status_code == 200, r.text
         bob = r.json()["creds"]["token"]
-        r = httpx.post(f"{srv.url}/api/projects/create", json={"project_name": "bobs"},
-                       headers={"Authorization": f"Bearer {bob}"})
+        r = httpx.post(
+            f"{srv.url}/api/projects/create", json={"project_name": "bobs"}, headers={"Authorization": f"Bearer {bob}"}
+        )
         assert r.status_code == 200, r.text
         yield Tenants(srv, bob, pulls)

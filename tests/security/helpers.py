@@ -9,18 +9,35 @@ import httpx
 
 #: names that break dstack's rule (lowercase letters, digits, '-', starting with a letter, <= 41)
 BAD_NAMES = [
-    "../x", "a/b", "..", "a\nb", "a\x00b", "a;rm -rf ~", "a" * 1000, "naïve", "名前", "Upper",
-    "", "-lead", "1abc", "a" * 42, "a b", "a_b", "a.b",
+    "../x",
+    "a/b",
+    "..",
+    "a\nb",
+    "a\x00b",
+    "a;rm -rf ~",
+    "a" * 1000,
+    "naïve",
+    "名前",
+    "Upper",
+    "",
+    "-lead",
+    "1abc",
+    "a" * 42,
+    "a b",
+    "a_b",
+    "a.b",
 ]
 
 
-def post(server: Any, path: str, body: Any = None, token: str | None = None, raw: bytes | None = None,
-         **kw: Any) -> httpx.Response:
+def post(
+    server: Any, path: str, body: Any = None, token: str | None = None, raw: bytes | None = None, **kw: Any
+) -> httpx.Response:
     """POST `body` (or `raw` bytes) to the server as `token`'s user (default: the admin)."""
     headers = {"Authorization": f"Bearer {token or server.token}", **kw.pop("headers", {})}
     if raw is not None:
-        return httpx.post(server.url + path, content=raw, headers={"Content-Type": "application/json", **headers},
-                          timeout=60, **kw)
+        return httpx.post(
+            server.url + path, content=raw, headers={"Content-Type": "application/json", **headers}, timeout=60, **kw
+        )
     return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kw)
 
 
@@ -51,8 +68,12 @@ def run_names(server: Any, project: str, token: str | None = None) -> list[str]:
 
 def task_spec(**conf: Any) -> dict:
     """A `run_spec` for a tiny task; `conf` adds or replaces configuration fields."""
-    configuration = {"type": "task", "commands": ["true"],
-                     "resources": {"cpu": "0..", "memory": "0.1GB..", "disk": "0.1GB.."}, **conf}
+    configuration = {
+        "type": "task",
+        "commands": ["true"],
+        "resources": {"cpu": "0..", "memory": "0.1GB..", "disk": "0.1GB.."},
+        **conf,
+    }
     return {"configuration": configuration}
 
 

@@ -43,24 +43,29 @@ BAD_CONFIGURATIONS = [
 def test_out_of_bounds_configuration_is_a_400_naming_the_field(server, carol, conf, field, words):
     token, project = carol
     for op in ("get_plan", "submit"):
-        resp = post(server, f"/api/project/{project}/runs/{op}", raw=raw_json({"run_spec": task_spec(**conf)}),
-                    token=token)
+        resp = post(
+            server, f"/api/project/{project}/runs/{op}", raw=raw_json({"run_spec": task_spec(**conf)}), token=token
+        )
         assert resp.status_code == 400, (op, resp.status_code, resp.text)
         msg = detail(resp)
         assert field in msg and words in msg, msg
     assert run_names(server, project, token) == []
 
 
-@pytest.mark.parametrize("conf,field", [
-    ({"type": "service", "port": 80, "replicas": "0..2", "scaling": {"target": float("inf")}}, "scaling.target"),
-    ({"type": "service", "port": 80, "request_hold_timeout": 10**30}, "request_hold_timeout"),
-    ({"type": "serverless", "execution_timeout": 1e300}, "execution_timeout"),
-    ({"type": "serverless", "scaler": {"value": float("nan")}}, "scaler.value"),
-])
+@pytest.mark.parametrize(
+    "conf,field",
+    [
+        ({"type": "service", "port": 80, "replicas": "0..2", "scaling": {"target": float("inf")}}, "scaling.target"),
+        ({"type": "service", "port": 80, "request_hold_timeout": 10**30}, "request_hold_timeout"),
+        ({"type": "serverless", "execution_timeout": 1e300}, "execution_timeout"),
+        ({"type": "serverless", "scaler": {"value": float("nan")}}, "scaler.value"),
+    ],
+)
 def test_out_of_bounds_service_and_serverless_fields(server, carol, conf, field):
     token, project = carol
-    resp = post(server, f"/api/project/{project}/runs/submit", raw=raw_json({"run_spec": task_spec(**conf)}),
-                token=token)
+    resp = post(
+        server, f"/api/project/{project}/runs/submit", raw=raw_json({"run_spec": task_spec(**conf)}), token=token
+    )
     assert resp.status_code == 400, resp.text
     assert field in detail(resp)
     assert run_names(server, project, token) == []
@@ -75,14 +80,17 @@ def test_apply_without_a_run_spec_is_a_422(server, carol):
     assert run_names(server, project, token) == []
 
 
-@pytest.mark.parametrize("path,body", [
-    ("runs/list", {"limit": 10**30}),
-    ("runs/list", {"limit": -1}),
-    ("logs/poll", {"run_name": "x", "start_after": 10**30}),
-    ("logs/poll", {"run_name": "x", "job_num": 10**30}),
-    ("logs/poll", {"run_name": "x", "replica_num": -(10**30)}),
-    ("logs/poll", {"run_name": "x", "wait": float("inf")}),
-])
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("runs/list", {"limit": 10**30}),
+        ("runs/list", {"limit": -1}),
+        ("logs/poll", {"run_name": "x", "start_after": 10**30}),
+        ("logs/poll", {"run_name": "x", "job_num": 10**30}),
+        ("logs/poll", {"run_name": "x", "replica_num": -(10**30)}),
+        ("logs/poll", {"run_name": "x", "wait": float("inf")}),
+    ],
+)
 def test_huge_numbers_in_request_bodies_are_a_422(server, carol, path, body):
     token, project = carol
     resp = post(server, f"/api/project/{project}/{path}", raw=raw_json(body), token=token)
@@ -110,17 +118,30 @@ def endpoint(server, carol):
     post(server, f"/api/project/{project}/runs/stop", {"runs_names": [name], "abort": True}, token=token)
 
 
-@pytest.mark.parametrize("policy", [
-    {"executionTimeout": 1e300}, {"ttl": 1e300}, {"ttl": 10**30}, {"executionTimeout": 10**400},
-    {"ttl": float("inf")}, {"executionTimeout": 0}, {"ttl": "1"},
-], ids=str)
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"executionTimeout": 1e300},
+        {"ttl": 1e300},
+        {"ttl": 10**30},
+        {"executionTimeout": 10**400},
+        {"ttl": float("inf")},
+        {"executionTimeout": 0},
+        {"ttl": "1"},
+    ],
+    ids=str,
+)
 def test_serverless_policy_out_of_bounds_is_a_400(server, carol, endpoint, policy):
     import httpx
 
     token, _ = carol
     body = raw_json({"input": {"x": 1}, "policy": policy})
-    resp = httpx.post(f"{server.url}/v2/{endpoint}/run", content=body,
-                      headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}, timeout=30)
+    resp = httpx.post(
+        f"{server.url}/v2/{endpoint}/run",
+        content=body,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        timeout=30,
+    )
     assert resp.status_code == 400, resp.text
     assert "policy." in detail(resp)
     health = httpx.get(f"{server.url}/v2/{endpoint}/health", headers={"Authorization": f"Bearer {token}"}, timeout=30)
@@ -133,8 +154,9 @@ def test_serverless_deeply_nested_body_is_a_400(server, carol, endpoint):
 
     token, _ = carol
     body = b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    resp = httpx.post(f"{server.url}/v2/{endpoint}/run", content=body,
-                      headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    resp = httpx.post(
+        f"{server.url}/v2/{endpoint}/run", content=body, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    )
     assert resp.status_code == 400, resp.text
 
 
@@ -148,12 +170,15 @@ def test_the_server_still_answers(server, carol):
     assert "Traceback" not in server.logs(tail=200_000)
 
 
-@pytest.mark.parametrize("conf,field", [
-    ({"image": "x" * 3000, "commands": []}, "image"),
-    ({"working_dir": "w" * 5000}, "working_dir"),
-    ({"registry_auth": {"username": "u", "password": "p" * 70_000}, "image": "x"}, "registry_auth.password"),
-    ({"engine": {"model_name": "m" * 3000}, "commands": []}, "engine.model_name"),
-])
+@pytest.mark.parametrize(
+    "conf,field",
+    [
+        ({"image": "x" * 3000, "commands": []}, "image"),
+        ({"working_dir": "w" * 5000}, "working_dir"),
+        ({"registry_auth": {"username": "u", "password": "p" * 70_000}, "image": "x"}, "registry_auth.password"),
+        ({"engine": {"model_name": "m" * 3000}, "commands": []}, "engine.model_name"),
+    ],
+)
 def test_long_strings_in_the_configuration_are_refused(server, carol, conf, field):
     token, project = carol
     before = run_names(server, project, token)

@@ -27,10 +27,17 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def service(tenants: Tenants) -> str:
     """A service of project `main` at zero replicas: registered with the proxy, nothing running."""
-    spec = {"run_name": "quiet-svc", "configuration": {
-        "type": "service", "commands": ["sleep 600"], "port": 8000, "replicas": "0..1",
-        "scaling": {"metric": "rps", "target": 10},
-        "resources": {"cpu": "0..1", "memory": "0.3GB"}}}
+    spec = {
+        "run_name": "quiet-svc",
+        "configuration": {
+            "type": "service",
+            "commands": ["sleep 600"],
+            "port": 8000,
+            "replicas": "0..1",
+            "scaling": {"metric": "rps", "target": 10},
+            "resources": {"cpu": "0..1", "memory": "0.3GB"},
+        },
+    }
     r = tenants.post("/api/project/main/runs/submit", {"run_spec": spec})
     assert r.status_code == 200, r.text
     deadline = time.time() + 60
@@ -57,8 +64,9 @@ def test_proxy_answers_alike_for_existing_and_missing_services(tenants: Tenants,
     for headers, status in (({}, 401), ({"Authorization": "Bearer not-a-token"}, 403), (tenants.bob, 403)):
         existing = httpx.get(f"{base}/{service}/x", headers=headers)
         missing = httpx.get(f"{base}/no-such-svc/x", headers=headers)
-        assert (existing.status_code, existing.text) == (missing.status_code, missing.text) == \
-            (status, existing.text), existing.text
+        assert (
+            (existing.status_code, existing.text) == (missing.status_code, missing.text) == (status, existing.text)
+        ), existing.text
     # A member learns that it is missing.
     assert httpx.get(f"{base}/no-such-svc/x", headers=tenants.admin).status_code == 404
     # WebSockets too.
@@ -96,8 +104,10 @@ def test_gateway_tls_files_are_no_oracle(tenants: Tenants, tmp_path: Path) -> No
         assert r.status_code == 403, r.text
         assert "Traceback" not in r.text and "passwd" not in r.text
     # For an admin, a file that is not a certificate and a missing one get the same answer.
-    answers = [create_gateway(tenants, "main", tenants.admin, tls_cert=c, tls_key=c)
-               for c in ("/etc/passwd", "/no/such/file.pem")]
+    answers = [
+        create_gateway(tenants, "main", tenants.admin, tls_cert=c, tls_key=c)
+        for c in ("/etc/passwd", "/no/such/file.pem")
+    ]
     for r in answers:
         assert r.status_code == 400 and INVALID_TLS in r.text, r.text
         assert "Traceback" not in r.text and "root:" not in r.text
@@ -125,18 +135,25 @@ def test_plain_user_gateway_with_pem_on_loopback(tenants: Tenants, tmp_path: Pat
         assert tenants.server.token.encode() not in cmdline
         # It got its token by environment; its callbacks still authenticate with it (the server
         # compares with the decrypted tokens).
-        environ = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{gw['pid']}/environ").read_bytes().split(b"\0") if b"=" in kv)
+        environ = dict(
+            kv.split(b"=", 1) for kv in Path(f"/proc/{gw['pid']}/environ").read_bytes().split(b"\0") if b"=" in kv
+        )
         gw_token = environ[b"DSTACK_GATEWAY_TOKEN"].decode()
-        r = httpx.post(f"{tenants.server.url}/api/proxy/authorize", json={"project": "bobs", "token": tenants.bob_token},
-                       headers={"Authorization": f"Bearer {gw_token}"})
+        r = httpx.post(
+            f"{tenants.server.url}/api/proxy/authorize",
+            json={"project": "bobs", "token": tenants.bob_token},
+            headers={"Authorization": f"Bearer {gw_token}"},
+        )
         assert r.status_code == 200 and r.json() == {"allowed": True}
-        r = httpx.post(f"{tenants.server.url}/api/proxy/authorize", json={"project": "bobs", "token": tenants.bob_token},
-                       headers={"Authorization": "Bearer not-the-gateway-token"})
+        r = httpx.post(
+            f"{tenants.server.url}/api/proxy/authorize",
+            json={"project": "bobs", "token": tenants.bob_token},
+            headers={"Authorization": "Bearer not-the-gateway-token"},
+        )
         assert r.status_code == 403
     finally:
         r = tenants.post("/api/project/bobs/gateways/delete", {"names": ["bob-gw"]}, headers=tenants.bob)
         assert r.status_code == 200, r.text
-
 
 
 def _ws_refusal(url: str, headers: dict) -> tuple[int, bytes]:

@@ -55,12 +55,19 @@ def dave(limited):
 
 # --- per-run sizes ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("conf,field,setting", [
-    ({"nodes": 5}, "nodes", "DSTACK_SERVER_MAX_NODES"),
-    ({"type": "service", "port": 80, "replicas": "0..4", "scaling": {"target": 1}}, "replicas",
-     "DSTACK_SERVER_MAX_REPLICAS"),
-    ({"type": "serverless", "workers": "0..3"}, "workers", "DSTACK_SERVER_MAX_WORKERS"),
-])
+
+@pytest.mark.parametrize(
+    "conf,field,setting",
+    [
+        ({"nodes": 5}, "nodes", "DSTACK_SERVER_MAX_NODES"),
+        (
+            {"type": "service", "port": 80, "replicas": "0..4", "scaling": {"target": 1}},
+            "replicas",
+            "DSTACK_SERVER_MAX_REPLICAS",
+        ),
+        ({"type": "serverless", "workers": "0..3"}, "workers", "DSTACK_SERVER_MAX_WORKERS"),
+    ],
+)
 def test_run_sizes_over_the_server_limits_are_refused(limited, dave, conf, field, setting):
     token, project = dave
     for op in ("get_plan", "submit"):
@@ -71,13 +78,16 @@ def test_run_sizes_over_the_server_limits_are_refused(limited, dave, conf, field
     assert run_names(limited, project, token) == []
 
 
-@pytest.mark.parametrize("conf,field", [
-    ({"nodes": 65}, "DSTACK_SERVER_MAX_NODES"),
-    ({"type": "service", "port": 80, "replicas": 65}, "DSTACK_SERVER_MAX_REPLICAS"),
-    ({"type": "serverless", "workers": "0..65"}, "DSTACK_SERVER_MAX_WORKERS"),
-    ({"nodes": 2000}, "less than or equal to 1000"),
-    ({"type": "service", "port": 80, "replicas": 500}, "DSTACK_SERVER_MAX_REPLICAS"),
-])
+@pytest.mark.parametrize(
+    "conf,field",
+    [
+        ({"nodes": 65}, "DSTACK_SERVER_MAX_NODES"),
+        ({"type": "service", "port": 80, "replicas": 65}, "DSTACK_SERVER_MAX_REPLICAS"),
+        ({"type": "serverless", "workers": "0..65"}, "DSTACK_SERVER_MAX_WORKERS"),
+        ({"nodes": 2000}, "less than or equal to 1000"),
+        ({"type": "service", "port": 80, "replicas": 500}, "DSTACK_SERVER_MAX_REPLICAS"),
+    ],
+)
 def test_default_limits_are_64_per_run(server, conf, field):
     resp = post(server, "/api/project/main/runs/submit", {"run_spec": task_spec(**conf)})
     assert resp.status_code == 400, resp.text
@@ -86,11 +96,16 @@ def test_default_limits_are_64_per_run(server, conf, field):
 
 # --- per-project quota -----------------------------------------------------------------------
 
+
 def test_active_jobs_quota_per_project(limited, dave):
     token, project = dave
     sleeper = task_spec(commands=["sleep 300"])
-    resp = post(limited, f"/api/project/{project}/runs/submit", {"run_spec": {**sleeper, "configuration": {
-        **sleeper["configuration"], "nodes": 4}}}, token=token)
+    resp = post(
+        limited,
+        f"/api/project/{project}/runs/submit",
+        {"run_spec": {**sleeper, "configuration": {**sleeper["configuration"], "nodes": 4}}},
+        token=token,
+    )
     assert resp.status_code == 429, resp.text
     assert "quota of 3" in detail(resp) and "DSTACK_SERVER_MAX_ACTIVE_JOBS_PER_PROJECT" in detail(resp)
     names = []
@@ -124,6 +139,7 @@ def test_active_jobs_quota_per_project(limited, dave):
 
 # --- request bodies --------------------------------------------------------------------------
 
+
 def test_body_over_the_limit_is_a_413(limited, dave):
     token, project = dave
     big = b'{"only_active": false, "pad": "' + b"x" * (70 * 1024) + b'"}'
@@ -135,8 +151,12 @@ def test_body_over_the_limit_is_a_413(limited, dave):
         for _ in range(100):
             yield b" " * 1024
 
-    resp = httpx.post(f"{limited.url}/api/project/{project}/runs/list", content=chunks(),
-                      headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}, timeout=30)
+    resp = httpx.post(
+        f"{limited.url}/api/project/{project}/runs/list",
+        content=chunks(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        timeout=30,
+    )
     assert resp.status_code == 413, resp.text
     assert resp.json()["detail"][0]["code"] == "too_large"
     small = post(limited, f"/api/project/{project}/runs/list", {"only_active": False}, token=token)
@@ -144,6 +164,7 @@ def test_body_over_the_limit_is_a_413(limited, dave):
 
 
 # --- code archives ---------------------------------------------------------------------------
+
 
 def _tar_gz(files: dict[str, int]) -> bytes:
     """A .tar.gz of files of zeros of the given sizes (compresses ~1000:1)."""
@@ -163,22 +184,38 @@ def _codes_stored(srv) -> int | None:
         return db.execute("select count(*) from codes").fetchone()[0]
 
 
-@pytest.mark.parametrize("blob,status,words", [
-    (_tar_gz({"zeros.bin": 10 * 1024 * 1024}), 400, "extracts to more than 1 MiB"),
-    (_tar_gz({f"f{i}": 1 for i in range(101)}), 400, "more than 100 files"),
-    (os.urandom(300 * 1024), 413, "DSTACK_SERVER_CODE_UPLOAD_LIMIT"),
-    (b"not a tar archive at all", 400, "not a readable tar archive"),
-], ids=["bomb", "many-files", "compressed-too-big", "garbage"])
+@pytest.mark.parametrize(
+    "blob,status,words",
+    [
+        (_tar_gz({"zeros.bin": 10 * 1024 * 1024}), 400, "extracts to more than 1 MiB"),
+        (_tar_gz({f"f{i}": 1 for i in range(101)}), 400, "more than 100 files"),
+        (os.urandom(300 * 1024), 413, "DSTACK_SERVER_CODE_UPLOAD_LIMIT"),
+        (b"not a tar archive at all", 400, "not a readable tar archive"),
+    ],
+    ids=["bomb", "many-files", "compressed-too-big", "garbage"],
+)
 def test_code_upload_limits(limited, dave, blob, status, words):
     token, project = dave
     before = _codes_stored(limited)
-    resp = post(limited, f"/api/project/{project}/repos/upload_code", raw=blob, token=token,
-                params={"repo_id": "repo-1"}, headers={"Content-Type": "application/octet-stream"})
+    resp = post(
+        limited,
+        f"/api/project/{project}/repos/upload_code",
+        raw=blob,
+        token=token,
+        params={"repo_id": "repo-1"},
+        headers={"Content-Type": "application/octet-stream"},
+    )
     assert resp.status_code == status, resp.text
     assert words in detail(resp)
     assert _codes_stored(limited) == before
-    ok = post(limited, f"/api/project/{project}/repos/upload_code", raw=_tar_gz({"a.py": 100}), token=token,
-              params={"repo_id": "repo-1"}, headers={"Content-Type": "application/octet-stream"})
+    ok = post(
+        limited,
+        f"/api/project/{project}/repos/upload_code",
+        raw=_tar_gz({"a.py": 100}),
+        token=token,
+        params={"repo_id": "repo-1"},
+        headers={"Content-Type": "application/octet-stream"},
+    )
     assert ok.status_code == 200, ok.text
 
 
@@ -193,14 +230,21 @@ def test_agent_stops_extracting_at_the_first_member_over_budget(tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["small.txt"]  # nothing at or after the bomb
     archive.write_bytes(_tar_gz({f"f{i}": 1 for i in range(20)}))
     with pytest.raises(ArchiveTooLarge, match="more than 5 files"):
-        safe_extract(archive, tmp_path / "repo2", ExtractBudget.from_env("DSTACK_AGENT", {"DSTACK_AGENT_CODE_MAX_FILES": "5"}))
+        safe_extract(
+            archive, tmp_path / "repo2", ExtractBudget.from_env("DSTACK_AGENT", {"DSTACK_AGENT_CODE_MAX_FILES": "5"})
+        )
     assert len(list((tmp_path / "repo2").iterdir())) == 5
 
 
 # --- YAML ------------------------------------------------------------------------------------
 
+
 def _billion_laughs(path: Path) -> Path:
-    lines = ["type: task", "commands: [echo hi]", 'a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines = [
+        "type: task",
+        "commands: [echo hi]",
+        'a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]',
+    ]
     for i in range(1, 10):
         lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
     path.write_text("\n".join(lines) + "\n")

@@ -85,8 +85,7 @@ def test_bad_repo_id_is_refused(server, bob, repo_id):
     token, project = bob
     resp = post(server, f"/api/project/{project}/repos/init", {"repo_id": repo_id, "repo_info": {}}, token=token)
     assert "invalid repo id" in _refused(resp)
-    resp = post(server, f"/api/project/{project}/repos/upload_code", raw=b"", token=token,
-                params={"repo_id": repo_id})
+    resp = post(server, f"/api/project/{project}/repos/upload_code", raw=b"", token=token, params={"repo_id": repo_id})
     assert "invalid repo id" in _refused(resp)
 
 

@@ -42,16 +42,23 @@ def test_no_server_errors(server):
         for mode in GenerationMode:
 
             @hypothesis.seed(SEED)
-            @hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
-                                 phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+            @hypothesis.settings(
+                max_examples=MAX_EXAMPLES,
+                deadline=None,
+                database=None,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             @hypothesis.given(case=op.as_strategy(mode, path_parameters=fixed))
             def check(case) -> None:
                 nonlocal calls
                 calls += 1
                 response = case.call(base_url=server.url, headers=headers, timeout=60)
                 if response.status_code >= 500:
-                    failures.append(f"{case.method} {case.formatted_path} ({mode.value}) answered "
-                                    f"{response.status_code}: {response.text[:300]}; body: {str(case.body)[:300]}")
+                    failures.append(
+                        f"{case.method} {case.formatted_path} ({mode.value}) answered "
+                        f"{response.status_code}: {response.text[:300]}; body: {str(case.body)[:300]}"
+                    )
 
             try:
                 check()

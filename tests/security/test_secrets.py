@@ -29,11 +29,17 @@ SMALL = {"cpu": "0..1", "memory": "0.3GB"}
 
 
 def image_run_spec(name: str) -> dict:
-    return {"run_name": name, "configuration": {
-        "type": "task", "image": "registry.invalid/dstack-test/private:1", "commands": ["true"],
-        "registry_auth": {"username": "me", "password": PASSWORD},
-        "env": {"API_TOKEN": ENV_SECRET, "GREETING": GREETING}, "resources": SMALL,
-    }}
+    return {
+        "run_name": name,
+        "configuration": {
+            "type": "task",
+            "image": "registry.invalid/dstack-test/private:1",
+            "commands": ["true"],
+            "registry_auth": {"username": "me", "password": PASSWORD},
+            "env": {"API_TOKEN": ENV_SECRET, "GREETING": GREETING},
+            "resources": SMALL,
+        },
+    }
 
 
 def assert_clean(text: str, where: str) -> None:
@@ -90,8 +96,13 @@ def test_registry_password_and_env_secrets_never_come_back(tenants: Tenants) -> 
     got = answers["get"].json()
     assert got["jobs"][0]["job_spec"]["env"] == {"API_TOKEN": "***", "GREETING": GREETING}
 
-    ps = subprocess.run([sys.executable, "-m", "dstack.cli.main", "ps", "-a", "-v"], env=t.server.env,
-                        capture_output=True, text=True, timeout=60)
+    ps = subprocess.run(
+        [sys.executable, "-m", "dstack.cli.main", "ps", "-a", "-v"],
+        env=t.server.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ps.returncode == 0, ps.stderr
     assert "secret-run" in ps.stdout
     assert_clean(ps.stdout + ps.stderr, "dstack ps")
@@ -117,10 +128,12 @@ def test_ciphertext_cannot_be_submitted(tenants: Tenants) -> None:
     """Else a stored secret copied out of the database would be decrypted into the submitter's job."""
     data = tenants.server.home / "server" / "data"
     with sqlite3.connect(f"file:{data / 'sqlite.db'}?mode=ro", uri=True) as db:
-        run_spec, = db.execute("SELECT run_spec FROM runs WHERE run_name = 'secret-run'").fetchone()
+        (run_spec,) = db.execute("SELECT run_spec FROM runs WHERE run_name = 'secret-run'").fetchone()
     stolen = json.loads(run_spec)["configuration"]["env"]["API_TOKEN"]
-    spec = {"run_name": "thief", "configuration": {"type": "task", "commands": ["echo $LOOT"],
-                                                   "env": {"LOOT": stolen}, "resources": SMALL}}
+    spec = {
+        "run_name": "thief",
+        "configuration": {"type": "task", "commands": ["echo $LOOT"], "env": {"LOOT": stolen}, "resources": SMALL},
+    }
     r = tenants.post("/api/project/bobs/runs/submit", {"run_spec": spec}, headers=tenants.bob)
     assert r.status_code == 400 and "env.LOOT" in r.text and "reserved" in r.text, r.text
 
@@ -129,9 +142,15 @@ def test_env_reaches_the_job_in_plain_text(tenants: Tenants) -> None:
     """The pipeline decrypts what it stored; the Python API applies plans with its own values."""
     client = Client.from_config(project_name="main", server_url=tenants.server.url, user_token=tenants.server.token)
     # Digests, not the values: the job's output is stored as it is (the database test looks for the values).
-    task = Task(commands=['printf %s "$API_TOKEN" | sha256sum', 'printf %s "$GREETING" | sha256sum',
-                          "env | grep -c DSTACK_AGENT_TOKEN || true"],
-                env={"API_TOKEN": ENV_SECRET, "GREETING": GREETING}, resources=Resources(**SMALL))
+    task = Task(
+        commands=[
+            'printf %s "$API_TOKEN" | sha256sum',
+            'printf %s "$GREETING" | sha256sum',
+            "env | grep -c DSTACK_AGENT_TOKEN || true",
+        ],
+        env={"API_TOKEN": ENV_SECRET, "GREETING": GREETING},
+        resources=Resources(**SMALL),
+    )
     run = client.runs.submit(task, run_name="env-run")
     out = b"".join(run.logs()).decode()
     digests = [hashlib.sha256(v.encode()).hexdigest() + "  -" for v in (ENV_SECRET, GREETING)]
@@ -148,8 +167,8 @@ def test_database_holds_no_plain_credential(tenants: Tenants) -> None:
     agent_token = json.loads((tenants.server.home / "server" / "local-agent" / "agent.json").read_text())["token"]
     assert agent_token.encode() not in blob
     with sqlite3.connect(f"file:{data / 'sqlite.db'}?mode=ro", uri=True) as db:
-        (agent,), = db.execute("SELECT agent FROM instances").fetchall()
-        run_spec, = db.execute("SELECT run_spec FROM runs WHERE run_name = 'secret-run'").fetchone()
+        ((agent,),) = db.execute("SELECT agent FROM instances").fetchall()
+        (run_spec,) = db.execute("SELECT run_spec FROM runs WHERE run_name = 'secret-run'").fetchone()
     assert json.loads(agent)["token"].startswith("enc:v1:")
     conf = json.loads(run_spec)["configuration"]
     assert conf["registry_auth"]["password"].startswith("enc:v1:")
@@ -159,9 +178,15 @@ def test_database_holds_no_plain_credential(tenants: Tenants) -> None:
 @pytest.fixture(scope="module")
 def sleeper(tenants: Tenants):
     """A running job with secrets in its env (the agent deletes a job's files once it ended)."""
-    spec = {"run_name": "sleeper", "configuration": {
-        "type": "task", "commands": ["sleep 300"], "env": {"API_TOKEN": ENV_SECRET, "GREETING": GREETING},
-        "resources": SMALL}}
+    spec = {
+        "run_name": "sleeper",
+        "configuration": {
+            "type": "task",
+            "commands": ["sleep 300"],
+            "env": {"API_TOKEN": ENV_SECRET, "GREETING": GREETING},
+            "resources": SMALL,
+        },
+    }
     r = tenants.post("/api/project/main/runs/submit", {"run_spec": spec})
     assert r.status_code == 200, r.text
     deadline = time.time() + 120
@@ -197,9 +222,15 @@ def test_file_modes(tenants: Tenants, sleeper) -> None:
     for d in (agent_home, agent_home / "jobs", *agent_home.glob("jobs/*/")):
         assert mode(d) & 0o066 == 0, f"{d} is {oct(mode(d))}"
     assert list(agent_home.glob("jobs/*/state.json")), "no job to look at"
-    files = [home / "config.yml", server_dir / "encryption.key", agent_home / "agent.json", agent_home / "agent.log",
-             *server_dir.glob("data/sqlite.db*"), *agent_home.glob("jobs/*/state.json"),
-             *agent_home.glob("jobs/*/logs.jsonl")]
+    files = [
+        home / "config.yml",
+        server_dir / "encryption.key",
+        agent_home / "agent.json",
+        agent_home / "agent.log",
+        *server_dir.glob("data/sqlite.db*"),
+        *agent_home.glob("jobs/*/state.json"),
+        *agent_home.glob("jobs/*/logs.jsonl"),
+    ]
     assert any(f.name == "sqlite.db-wal" for f in files), "expected the WAL file to exist while the server runs"
     for f in files:
         assert mode(f) == 0o600, f"{f} is {oct(mode(f))}"
@@ -236,10 +267,19 @@ def test_which_fields_are_credentials(tmp_path: Path) -> None:
     from dstack.server.services import secrets as s
 
     crypto.init(tmp_path / "k")
-    conf = {"type": "service", "registry_auth": {"username": "u", "password": "pw"},
-            "model": {"name": "m", "eos_token": "</s>", "bos_token": "<s>"},
-            "env": {"HF_TOKEN": "hf", "AWS_SECRET_ACCESS_KEY": "aws", "OPENAI_API_KEY": "oa", "DB_PASSWORD": "db",
-                    "MODE": "fast", "TOKENIZERS_PARALLELISM": "false"}}
+    conf = {
+        "type": "service",
+        "registry_auth": {"username": "u", "password": "pw"},
+        "model": {"name": "m", "eos_token": "</s>", "bos_token": "<s>"},
+        "env": {
+            "HF_TOKEN": "hf",
+            "AWS_SECRET_ACCESS_KEY": "aws",
+            "OPENAI_API_KEY": "oa",
+            "DB_PASSWORD": "db",
+            "MODE": "fast",
+            "TOKENIZERS_PARALLELISM": "false",
+        },
+    }
     sealed = s.seal_configuration(conf)
     assert sealed["registry_auth"]["username"] == "u" and sealed["model"]["eos_token"] == "</s>"
     assert crypto.is_encrypted(sealed["registry_auth"]["password"])
@@ -248,8 +288,14 @@ def test_which_fields_are_credentials(tmp_path: Path) -> None:
     shown = s.redact_configuration(sealed)
     assert shown["registry_auth"] == {"username": "u", "password": "***"}
     assert shown["model"] == conf["model"]  # eos/bos tokens are text, not credentials
-    assert shown["env"] == {"HF_TOKEN": "***", "AWS_SECRET_ACCESS_KEY": "***", "OPENAI_API_KEY": "***",
-                            "DB_PASSWORD": "***", "MODE": "fast", "TOKENIZERS_PARALLELISM": "false"}
+    assert shown["env"] == {
+        "HF_TOKEN": "***",
+        "AWS_SECRET_ACCESS_KEY": "***",
+        "OPENAI_API_KEY": "***",
+        "DB_PASSWORD": "***",
+        "MODE": "fast",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     assert s.reveal_env(sealed["env"]) == conf["env"]
     assert s.reveal_registry_auth(sealed) == {"username": "u", "password": "pw"}
 
@@ -258,9 +304,15 @@ def test_rotation_reencrypts_the_database(tmp_path: Path) -> None:
     """`rotate` re-encrypts what is stored, so the old key can go: the server then reads its runs,
     agent and gateways with the new key alone."""
     with running_server(tmp_path) as srv:
-        spec = {"run_name": "before-rotation", "configuration": {
-            "type": "task", "commands": ["true"], "env": {"API_TOKEN": ENV_SECRET, "GREETING": GREETING},
-            "resources": SMALL}}
+        spec = {
+            "run_name": "before-rotation",
+            "configuration": {
+                "type": "task",
+                "commands": ["true"],
+                "env": {"API_TOKEN": ENV_SECRET, "GREETING": GREETING},
+                "resources": SMALL,
+            },
+        }
         r = httpx.post(f"{srv.url}/api/project/main/runs/submit", json={"run_spec": spec}, headers=srv.headers)
         assert r.status_code == 200, r.text
         agent_json = srv.home / "server" / "local-agent" / "agent.json"
@@ -268,8 +320,13 @@ def test_rotation_reencrypts_the_database(tmp_path: Path) -> None:
         srv.stop()
         key_file = srv.home / "server" / "encryption.key"
         old_key = key_file.read_text().split()
-        out = subprocess.run([sys.executable, "-m", "dstack.server.crypto", "rotate"], env=srv.env,
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "dstack.server.crypto", "rotate"],
+            env=srv.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
         assert "re-encrypted" in out.stdout, out.stdout
         keys = key_file.read_text().split()
@@ -277,14 +334,19 @@ def test_rotation_reencrypts_the_database(tmp_path: Path) -> None:
         key_file.write_text(keys[0] + "\n")  # the old key is gone
         assert mode(key_file) == 0o600
         srv.start()
-        got = httpx.post(f"{srv.url}/api/project/main/runs/get", json={"run_name": "before-rotation"},
-                         headers=srv.headers).json()
+        got = httpx.post(
+            f"{srv.url}/api/project/main/runs/get", json={"run_name": "before-rotation"}, headers=srv.headers
+        ).json()
         assert got["run_spec"]["configuration"]["env"]["GREETING"] == GREETING  # decrypted with the new key
         # The agent's stored token opened with the new key too: the running agent was reused.
         assert json.loads(agent_json.read_text())["pid"] == agent_pid
         assert "cannot be decrypted" not in srv.logs(tail=10**6)
         client = Client.from_config(project_name="main", server_url=srv.url, user_token=srv.token)
-        run = client.runs.submit(Task(commands=['printf %s "$GREETING" | sha256sum'], env={"GREETING": GREETING},
-                                      resources=Resources(**SMALL)), run_name="after-rotation")
+        run = client.runs.submit(
+            Task(
+                commands=['printf %s "$GREETING" | sha256sum'], env={"GREETING": GREETING}, resources=Resources(**SMALL)
+            ),
+            run_name="after-rotation",
+        )
         out = b"".join(run.logs()).decode()
         assert out.split()[0] == hashlib.sha256(GREETING.encode()).hexdigest(), out

@@ -28,8 +28,16 @@ def test_gpu_with_containers_runs_tgi_image() -> None:
     sub = engine_submission(service(dtype="bf16"), [0, 1], {"containers": True, "network_isolation": True}, env)
     assert sub["image"] == engines.TGI_IMAGE and ":" in sub["image"].rsplit("/", 1)[1]  # pinned tag
     assert sub["commands"] == [] and sub["setup"] == [] and sub["python"] is None and sub["venv_key"] is None
-    assert sub["args"] == ["--model-id", "meta-llama/Llama-3.1-8B-Instruct", "--hostname", "0.0.0.0",
-                           "--port", "8000", "--dtype", "bfloat16"]
+    assert sub["args"] == [
+        "--model-id",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "--hostname",
+        "0.0.0.0",
+        "--port",
+        "8000",
+        "--dtype",
+        "bfloat16",
+    ]
     assert sub["env"]["HF_TOKEN"] == sub["env"]["HUGGING_FACE_HUB_TOKEN"] == "hf_x"
     assert sub["env"]["DSTACK_ENGINE"] == "tgi" and sub["env"]["DSTACK_RUN_NAME"] == "r"
     assert "HF_TOKEN" not in engine_submission(service(), [0], {"containers": True}, ENV)["env"]
@@ -51,7 +59,7 @@ def test_gpu_without_containers_runs_vllm_behind_the_tgi_bridge() -> None:
     (command,) = sub["commands"]
     argv = shlex.split(command.replace('"${DSTACK_ENGINE_PYTHON:-python3}"', "PY"))
     split = argv.index("--")
-    bridge, vllm = argv[:split], argv[split + 1:]
+    bridge, vllm = argv[:split], argv[split + 1 :]
     assert bridge[:4] == ["exec", "PY", "-m", "dstack.serving.tgi_bridge"]
     assert bridge[bridge.index("--port") + 1] == "8000"  # the TGI API on the engine's port
     assert vllm[:3] == ["vllm", "serve", "meta-llama/Llama-3.1-8B-Instruct"]
@@ -61,16 +69,21 @@ def test_gpu_without_containers_runs_vllm_behind_the_tgi_bridge() -> None:
 
 
 def test_builtin_model_name_maps_to_its_hf_original() -> None:
-    sub = engine_submission(CompletionTask(model_name="SmolLM2-135M-Instruct", resources=GPU), [0], {"containers": True}, ENV)
+    sub = engine_submission(
+        CompletionTask(model_name="SmolLM2-135M-Instruct", resources=GPU), [0], {"containers": True}, ENV
+    )
     assert sub["args"][:2] == ["--model-id", "HuggingFaceTB/SmolLM2-135M-Instruct"]
 
 
-@pytest.mark.parametrize("model,quantize", [
-    ("/models/llama.Q4_K_M.gguf", None),  # a local GGUF file
-    ("./weights", None),  # a local directory (GGUF, for the built-in engine)
-    ("bartowski/Llama-3.2-1B-Instruct-GGUF", None),  # a GGUF repository
-    ("SmolLM2-135M-Instruct", "Q8_0"),  # a GGUF variant asked for
-])
+@pytest.mark.parametrize(
+    "model,quantize",
+    [
+        ("/models/llama.Q4_K_M.gguf", None),  # a local GGUF file
+        ("./weights", None),  # a local directory (GGUF, for the built-in engine)
+        ("bartowski/Llama-3.2-1B-Instruct-GGUF", None),  # a GGUF repository
+        ("SmolLM2-135M-Instruct", "Q8_0"),  # a GGUF variant asked for
+    ],
+)
 def test_gguf_weights_stay_on_the_builtin_engine(model: str, quantize: str | None) -> None:
     engine = EngineSpec(model_name=model, quantize=quantize)
     assert engines.choose_engine(engine, [0], containers=True) == "builtin"
@@ -92,7 +105,9 @@ def test_settings_an_engine_cannot_serve_are_refused_clearly() -> None:
         engines.vllm_command(EngineSpec(model_name="m", quantize="exl2"))
     with pytest.raises(EngineError, match="not known"):
         engines.tgi_submission(EngineSpec(model_name="m", dtype="int3"), {})
-    assert "--quantization bitsandbytes" in engines.vllm_command(EngineSpec(model_name="m", quantize="bitsandbytes-nf4"))
+    assert "--quantization bitsandbytes" in engines.vllm_command(
+        EngineSpec(model_name="m", quantize="bitsandbytes-nf4")
+    )
 
 
 def test_weights_only_vllm_loads_go_to_vllm_even_with_containers() -> None:
@@ -101,16 +116,19 @@ def test_weights_only_vllm_loads_go_to_vllm_even_with_containers() -> None:
     assert engines.choose_engine(EngineSpec(model_name="m", quantize="awq"), [0], containers=True) == "tgi"
 
 
-@pytest.mark.parametrize("model,quantize,dtype,gpu,refused", [
-    ("TheOrg/model-AWQ", "awq", None, True, None),
-    ("TheOrg/model-AWQ", "awq", None, False, "ask for a GPU"),
-    ("TheOrg/model-GGUF", "gptq", None, True, "is GGUF"),
-    ("./weights/model.gguf", "awq", None, True, "is GGUF"),
-    ("TheOrg/model-GGUF", "Q4_K_M", None, False, None),
-    ("TheOrg/model", None, "bfloat16", False, "needs a GPU engine"),
-    ("TheOrg/model", None, "bfloat16", True, None),
-    ("TheOrg/model", None, "int3", True, "not known"),
-])
+@pytest.mark.parametrize(
+    "model,quantize,dtype,gpu,refused",
+    [
+        ("TheOrg/model-AWQ", "awq", None, True, None),
+        ("TheOrg/model-AWQ", "awq", None, False, "ask for a GPU"),
+        ("TheOrg/model-GGUF", "gptq", None, True, "is GGUF"),
+        ("./weights/model.gguf", "awq", None, True, "is GGUF"),
+        ("TheOrg/model-GGUF", "Q4_K_M", None, False, None),
+        ("TheOrg/model", None, "bfloat16", False, "needs a GPU engine"),
+        ("TheOrg/model", None, "bfloat16", True, None),
+        ("TheOrg/model", None, "int3", True, "not known"),
+    ],
+)
 def test_engine_settings_checked_before_anything_starts(model, quantize, dtype, gpu, refused) -> None:
     engine = EngineSpec(model_name=model, quantize=quantize, dtype=dtype)
     if refused is None:

@@ -28,14 +28,38 @@ def _clone_run(conn: sqlite3.Connection, template_id: str, name: str, run_spec: 
     """Insert a copy of a finished run and its job as a fresh `submitted` run named `name`."""
     run = dict(conn.execute("SELECT * FROM runs WHERE id = ?", (template_id,)).fetchone())
     job = dict(conn.execute("SELECT * FROM jobs WHERE run_id = ?", (template_id,)).fetchone())
-    run.update(id=str(uuid.uuid4()), run_name=name, status="submitted", termination_reason=None, error=None,
-               run_spec=run_spec, version=1, resubmission_attempt=0, next_attempt_at=None)
+    run.update(
+        id=str(uuid.uuid4()),
+        run_name=name,
+        status="submitted",
+        termination_reason=None,
+        error=None,
+        run_spec=run_spec,
+        version=1,
+        resubmission_attempt=0,
+        next_attempt_at=None,
+    )
     spec = json.loads(job["job_spec"])
     spec["commands"] = commands
-    job.update(id=str(uuid.uuid4()), run_id=run["id"], job_name=f"{name}-0-0", status="submitted",
-               termination_reason=None, termination_reason_message=None, exit_status=None, started_at=None,
-               finished_at=None, instance_id=None, reserved=None, job_provisioning_data=None, agent_state=None,
-               log_cursor=0, stop_requested=None, version=1, job_spec=json.dumps(spec))
+    job.update(
+        id=str(uuid.uuid4()),
+        run_id=run["id"],
+        job_name=f"{name}-0-0",
+        status="submitted",
+        termination_reason=None,
+        termination_reason_message=None,
+        exit_status=None,
+        started_at=None,
+        finished_at=None,
+        instance_id=None,
+        reserved=None,
+        job_provisioning_data=None,
+        agent_state=None,
+        log_cursor=0,
+        stop_requested=None,
+        version=1,
+        job_spec=json.dumps(spec),
+    )
     for table, row in (("runs", run), ("jobs", job)):
         cols = ", ".join(row)
         conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({', '.join('?' * len(row))})", list(row.values()))

@@ -18,8 +18,15 @@ MAIN_ENDPOINTS = {
     "ep-agen": endpoint("agen_worker.py", 1, 1),
     "ep-timeout": endpoint("async_worker.py", 0, 1, idle_timeout=2),
     "ep-idle": endpoint("async_worker.py", 0, 1),
-    "ep-scale": endpoint("async_worker.py", 0, 3, env={"WORKER_CONCURRENCY": "1"}, idle_timeout=1,
-                         scaler_type="request_count", scaler_value=2),
+    "ep-scale": endpoint(
+        "async_worker.py",
+        0,
+        3,
+        env={"WORKER_CONCURRENCY": "1"},
+        idle_timeout=1,
+        scaler_type="request_count",
+        scaler_value=2,
+    ),
 }
 
 

@@ -20,8 +20,14 @@ HERE = Path(__file__).resolve().parent
 WORKERS = HERE / "workers"
 TOKEN = "test-user-token"
 FAST_OPTIONS = {
-    "take_wait": 5.0, "tick": 0.2, "ping_interval_ms": 1000, "heartbeat_timeout": 8.0, "lost_job_grace": 3.0,
-    "webhook_retry_delay": 0.5, "retention": 120.0, "init_timeout": 60.0,
+    "take_wait": 5.0,
+    "tick": 0.2,
+    "ping_interval_ms": 1000,
+    "heartbeat_timeout": 8.0,
+    "lost_job_grace": 3.0,
+    "webhook_retry_delay": 0.5,
+    "retention": 120.0,
+    "init_timeout": 60.0,
     "extra_worker_env": {"RUNPOD_LOG_LEVEL": "WARN"},
 }
 
@@ -33,29 +39,48 @@ def free_port() -> int:
 
 
 def endpoint(script: str, min_: int = 0, max_: int = 1, env: dict[str, str] | None = None, **settings: Any) -> dict:
-    return {"script": str(WORKERS / script), "env": env or {},
-            "settings": {"workers_min": min_, "workers_max": max_, **settings}}
+    return {
+        "script": str(WORKERS / script),
+        "env": env or {},
+        "settings": {"workers_min": min_, "workers_max": max_, **settings},
+    }
 
 
 class Server:
-    def __init__(self, run_dir: Path, endpoints: dict[str, dict], port: int | None = None,
-                 options: dict[str, Any] | None = None, database_url: str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        endpoints: dict[str, dict],
+        port: int | None = None,
+        options: dict[str, Any] | None = None,
+        database_url: str | None = None,
+    ) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.spec = {"db": str(run_dir / "server.db"), "port": self.port, "run_dir": str(run_dir), "token": TOKEN,
-                     "options": {**FAST_OPTIONS, **(options or {})}, "endpoints": endpoints,
-                     "database_url": database_url}
+        self.spec = {
+            "db": str(run_dir / "server.db"),
+            "port": self.port,
+            "run_dir": str(run_dir),
+            "token": TOKEN,
+            "options": {**FAST_OPTIONS, **(options or {})},
+            "endpoints": endpoints,
+            "database_url": database_url,
+        }
         self.spec_path = run_dir / "spec.json"
         self.spec_path.write_text(json.dumps(self.spec))
         self.proc: subprocess.Popen | None = None
         self.client = httpx.Client(base_url=self.url + "/v2", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         log = open(self.run_dir / "server.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "server_app.py"), str(self.spec_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "server_app.py"), str(self.spec_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         first = next(iter(self.spec["endpoints"]))
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -98,8 +123,13 @@ class Server:
         assert r.status_code == 200, r.text
         return r.json()
 
-    def wait(self, ep: str, job_id: str, statuses: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"),
-             timeout: float = 30) -> dict:
+    def wait(
+        self,
+        ep: str,
+        job_id: str,
+        statuses: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"),
+        timeout: float = 30,
+    ) -> dict:
         deadline = time.time() + timeout
         while True:
             st = self.status(ep, job_id)

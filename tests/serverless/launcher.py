@@ -38,7 +38,11 @@ class SubprocessLauncher:
             full = with_worker_site(full)
         log = open(self.log_dir / f"{worker_id}.log", "wb")
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, self.scripts[endpoint_id], env=full, stdout=log, stderr=asyncio.subprocess.STDOUT,
+            sys.executable,
+            self.scripts[endpoint_id],
+            env=full,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
         )
         log.close()
@@ -67,7 +71,7 @@ class SubprocessLauncher:
         _killpg(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), 3)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             _killpg(proc.pid, signal.SIGKILL)
 
 

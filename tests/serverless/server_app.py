@@ -62,9 +62,12 @@ def build_app(spec: dict) -> FastAPI:
             await conn.run_sync(Base.metadata.create_all)
         project_id, runs = await seed(db, spec)
         eps = spec["endpoints"]
-        launcher = SubprocessLauncher({k: v["script"] for k, v in eps.items()},
-                                      {k: v.get("env", {}) for k, v in eps.items()}, spec["run_dir"])
-        svc = ServerlessService(db, launcher, f"http://127.0.0.1:{spec['port']}", ServiceOptions(**spec.get("options", {})))
+        launcher = SubprocessLauncher(
+            {k: v["script"] for k, v in eps.items()}, {k: v.get("env", {}) for k, v in eps.items()}, spec["run_dir"]
+        )
+        svc = ServerlessService(
+            db, launcher, f"http://127.0.0.1:{spec['port']}", ServiceOptions(**spec.get("options", {}))
+        )
         launcher.service = svc
         app.state.serverless = svc
         await svc.start()
@@ -83,8 +86,7 @@ def build_app(spec: dict) -> FastAPI:
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    uvicorn.run(build_app(spec), host="127.0.0.1", port=spec["port"], log_level="warning",
-                timeout_graceful_shutdown=1)
+    uvicorn.run(build_app(spec), host="127.0.0.1", port=spec["port"], log_level="warning", timeout_graceful_shutdown=1)
 
 
 if __name__ == "__main__":

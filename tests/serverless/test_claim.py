@@ -9,8 +9,8 @@ import pytest
 import dstack.serverless.models  # noqa: F401  (tables)
 from dstack.server.db import Database
 from dstack.serverless.queue import Store
-from tests.serverless.helpers import seed_endpoint
 from tests.conftest import _database_url
+from tests.serverless.helpers import seed_endpoint
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -18,7 +18,9 @@ def db_url(request, tmp_path):
     if request.param == "postgres" and not os.environ.get("DSTACK_TEST_POSTGRES"):
         pytest.skip("needs PostgreSQL: set DSTACK_TEST_POSTGRES (.ci/run does)")
     url = _database_url(tmp_path, request.param)
-    return url.replace("postgresql://", "postgresql+asyncpg://", 1) if url else f"sqlite+aiosqlite:///{tmp_path / 'q.db'}"
+    return (
+        url.replace("postgresql://", "postgresql+asyncpg://", 1) if url else f"sqlite+aiosqlite:///{tmp_path / 'q.db'}"
+    )
 
 
 async def test_takes_claim_exactly_what_they_return(db_url):

@@ -190,7 +190,10 @@ def test_bad_requests_and_auth(server):
     assert r.status_code == 404 and "no such route" in r.json()["detail"][0]["msg"]
     r = c.get("/ep-sync/run")
     assert r.status_code == 405 and "POST" in r.json()["detail"][0]["msg"]
-    assert c.get("/ep-sync/job-take-batch/w1?batch_size=lots", headers={"Authorization": TOKEN}).status_code in (400, 403)
+    assert c.get("/ep-sync/job-take-batch/w1?batch_size=lots", headers={"Authorization": TOKEN}).status_code in (
+        400,
+        403,
+    )
     anon = httpx.Client(base_url=server.url + "/v2")
     r = anon.post("/ep-sync/run", json={"input": 1})
     assert r.status_code == 401 and r.json()["detail"][0]["code"] == "not_authenticated"
@@ -206,8 +209,14 @@ def test_bad_requests_and_auth(server):
 
 def test_cors(server):
     anon = httpx.Client(base_url=server.url + "/v2")
-    r = anon.options("/ep-sync/run", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                                              "Access-Control-Request-Headers": "authorization, content-type"})
+    r = anon.options(
+        "/ep-sync/run",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     assert r.status_code == 204
     assert r.headers["access-control-allow-origin"] == "https://app.example"
     assert "POST" in r.headers["access-control-allow-methods"]

@@ -14,11 +14,13 @@ async def _submit(url: str, ep: str, inputs: list[dict], concurrency: int = 16) 
     ids: list[str] = [""] * len(inputs)
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url + "/v2", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+
         async def one(i: int) -> None:
             async with sem:
                 r = await c.post(f"/{ep}/run", json={"input": inputs[i]})
                 r.raise_for_status()
                 ids[i] = r.json()["id"]
+
         await asyncio.gather(*(one(i) for i in range(len(inputs))))
     return ids
 
@@ -31,8 +33,10 @@ def _final_rows(db: str) -> list[tuple]:
 @pytest.fixture
 def bulk_server(tmp_path):
     log = tmp_path / "handled.log"
-    srv = Server(tmp_path / "bulk", {"ep-bulk": endpoint("async_worker.py", 3, 3, env={
-        "WORKER_CONCURRENCY": "20", "WORKER_LOG": str(log)})})
+    srv = Server(
+        tmp_path / "bulk",
+        {"ep-bulk": endpoint("async_worker.py", 3, 3, env={"WORKER_CONCURRENCY": "20", "WORKER_LOG": str(log)})},
+    )
     srv.handled_log = log
     srv.start()
     yield srv
@@ -76,8 +80,12 @@ def test_server_sigkill_and_restart_loses_nothing(tmp_path):
         srv.kill()
         time.sleep(1.0)  # running jobs finish while the server is down: their results are lost in flight
         srv.start()
-        wait_until(lambda: srv.health("ep-crash")["jobs"]["completed"] == 60, timeout=90, interval=0.3,
-                   what="all 60 completed after restart")
+        wait_until(
+            lambda: srv.health("ep-crash")["jobs"]["completed"] == 60,
+            timeout=90,
+            interval=0.3,
+            what="all 60 completed after restart",
+        )
         rows = _final_rows(srv.spec["db"])
         assert {r[0] for r in rows} == set(ids) and {r[1] for r in rows} == {"COMPLETED"}
     finally:

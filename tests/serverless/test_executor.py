@@ -24,7 +24,9 @@ async def db(request, tmp_path):
     if request.param == "postgres" and not os.environ.get("DSTACK_TEST_POSTGRES"):
         pytest.skip("needs PostgreSQL: set DSTACK_TEST_POSTGRES (.ci/run does)")
     url = await asyncio.to_thread(_database_url, tmp_path, request.param)
-    url = url.replace("postgresql://", "postgresql+asyncpg://", 1) if url else f"sqlite+aiosqlite:///{tmp_path / 'q.db'}"
+    url = (
+        url.replace("postgresql://", "postgresql+asyncpg://", 1) if url else f"sqlite+aiosqlite:///{tmp_path / 'q.db'}"
+    )
     database = Database(url)
     await seed_endpoint(database)
     yield database
@@ -32,8 +34,9 @@ async def db(request, tmp_path):
 
 
 def _add(worker_id: str):
-    return lambda conn: conn.execute(insert(WK).values(worker_id=worker_id, endpoint_id="ep", state="ready",
-                                                       created_at=0.0, jobs_in_flight=0))
+    return lambda conn: conn.execute(
+        insert(WK).values(worker_id=worker_id, endpoint_id="ep", state="ready", created_at=0.0, jobs_in_flight=0)
+    )
 
 
 async def _count_elsewhere(db: Database) -> int:
@@ -61,8 +64,9 @@ async def test_a_failing_call_fails_alone(db):
         _add("dup")(conn)  # a primary key violation after a first statement that succeeded
 
     try:
-        results = await asyncio.gather(ex.write(_add("a")), ex.write(broken), ex.write(_add("b")),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            ex.write(_add("a")), ex.write(broken), ex.write(_add("b")), return_exceptions=True
+        )
         assert not isinstance(results[0], Exception) and not isinstance(results[2], Exception)
         assert isinstance(results[1], IntegrityError)
         ids = await ex.read(lambda c: sorted(r[0] for r in c.execute(select(WK.c.worker_id))))

@@ -16,22 +16,32 @@ from .test_durability import _final_rows, _submit
 
 def test_server_sigkill_runs_each_job_once(tmp_path):
     log = tmp_path / "handled.log"
-    srv = Server(tmp_path / "once", {"ep-once": endpoint("async_worker.py", 2, 2, env={
-        "WORKER_CONCURRENCY": "4", "WORKER_LOG": str(log)})})
+    srv = Server(
+        tmp_path / "once",
+        {"ep-once": endpoint("async_worker.py", 2, 2, env={"WORKER_CONCURRENCY": "4", "WORKER_LOG": str(log)})},
+    )
     srv.start()
     try:
         wait_until(lambda: srv.health("ep-once")["workers"]["idle"] == 2, timeout=40, what="two warm workers")
         ids = asyncio.run(_submit(srv.url, "ep-once", [{"mode": "sleep", "seconds": 1.5} for _ in range(32)]))
-        wait_until(lambda: srv.health("ep-once")["jobs"]["inProgress"] >= 4, timeout=30, interval=0.05,
-                   what="jobs running on both workers")
+        wait_until(
+            lambda: srv.health("ep-once")["jobs"]["inProgress"] >= 4,
+            timeout=30,
+            interval=0.05,
+            what="jobs running on both workers",
+        )
         workers = srv.worker_pids()
         srv.kill()
         # Longer than the SDK's own three tries of a result post: the results of the jobs that
         # finish now reach the server only because the worker keeps trying.
         time.sleep(4.0)
         srv.start()
-        wait_until(lambda: srv.health("ep-once")["jobs"]["completed"] == 32, timeout=120, interval=0.3,
-                   what="all 32 completed after the restart")
+        wait_until(
+            lambda: srv.health("ep-once")["jobs"]["completed"] == 32,
+            timeout=120,
+            interval=0.3,
+            what="all 32 completed after the restart",
+        )
         rows = _final_rows(srv.spec["db"])
         assert {r[0] for r in rows} == set(ids) and {r[1] for r in rows} == {"COMPLETED"}
         assert all(json.loads(r[2])["slept"] == 1.5 for r in rows)
@@ -45,8 +55,10 @@ def test_server_sigkill_runs_each_job_once(tmp_path):
 
 def test_killed_worker_job_completes_on_another(tmp_path):
     log = tmp_path / "handled.log"
-    srv = Server(tmp_path / "dead", {"ep-dead": endpoint("async_worker.py", 2, 2, env={
-        "WORKER_CONCURRENCY": "1", "WORKER_LOG": str(log)})})
+    srv = Server(
+        tmp_path / "dead",
+        {"ep-dead": endpoint("async_worker.py", 2, 2, env={"WORKER_CONCURRENCY": "1", "WORKER_LOG": str(log)})},
+    )
     srv.start()
     try:
         wait_until(lambda: srv.health("ep-dead")["workers"]["idle"] == 2, timeout=40, what="two warm workers")
@@ -54,8 +66,11 @@ def test_killed_worker_job_completes_on_another(tmp_path):
         first = srv.wait("ep-dead", job, ("IN_PROGRESS",))["workerId"]
         # IN_PROGRESS is set when the worker takes the job, a moment before its handler logs the
         # start: kill it only once the handler really runs the job.
-        wait_until(lambda: log.exists() and job in log.read_text().split(), timeout=30,
-                   what="the first worker's handler to start the job")
+        wait_until(
+            lambda: log.exists() and job in log.read_text().split(),
+            timeout=30,
+            what="the first worker's handler to start the job",
+        )
         killpg(srv.worker_pids()[first])
         final = srv.wait("ep-dead", job, timeout=90)
         assert final["status"] == "COMPLETED", final
@@ -82,7 +97,9 @@ class HandWorker:
         return r.json()
 
     def done(self, job_id: str, output: object) -> None:
-        r = self.client.post(self.done_tpl.replace("$ID", job_id) + "&isStream=false", content=json.dumps({"output": output}))
+        r = self.client.post(
+            self.done_tpl.replace("$ID", job_id) + "&isStream=false", content=json.dumps({"output": output})
+        )
         assert r.status_code == 200, r.text
 
     def stops(self) -> list[str]:
@@ -92,13 +109,21 @@ class HandWorker:
 
 def _hand_server(tmp_path: Path) -> Server:
     # a worker silent for 2 s counts as lost: its job is requeued
-    return Server(tmp_path / "hand", {"ep-hand": {"script": "-", "settings": {"workers_min": 1, "workers_max": 1}}},
-                  options={"heartbeat_timeout": 2.0, "take_wait": 1.0}).start()
+    return Server(
+        tmp_path / "hand",
+        {"ep-hand": {"script": "-", "settings": {"workers_min": 1, "workers_max": 1}}},
+        options={"heartbeat_timeout": 2.0, "take_wait": 1.0},
+    ).start()
 
 
 def _next_worker(srv: Server, seen: set[str]) -> HandWorker:
-    path = wait_until(lambda: next((p for p in sorted(srv.run_dir.glob("ep-hand-*.env.json"))
-                                    if p.name.split(".")[0] not in seen), None), timeout=30, what="a hand worker's env")
+    path = wait_until(
+        lambda: next(
+            (p for p in sorted(srv.run_dir.glob("ep-hand-*.env.json")) if p.name.split(".")[0] not in seen), None
+        ),
+        timeout=30,
+        what="a hand worker's env",
+    )
     seen.add(path.name.split(".")[0])
     return HandWorker(path)
 
@@ -182,12 +207,20 @@ def test_heartbeat_of_a_killed_worker_stops_vouching_for_its_jobs(tmp_path):
     srv = _hand_server(tmp_path)
     proc = None
     try:
-        env_file = wait_until(lambda: next(iter(sorted(srv.run_dir.glob("ep-hand-*.env.json"))), None), timeout=30,
-                              what="the worker's env")
+        env_file = wait_until(
+            lambda: next(iter(sorted(srv.run_dir.glob("ep-hand-*.env.json"))), None),
+            timeout=30,
+            what="the worker's env",
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
         env.update(json.loads(env_file.read_text()))  # the worker the server launched, run by the test
-        proc = subprocess.Popen([sys.executable, str(WORKERS / "async_worker.py")], env=with_worker_site(env),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKERS / "async_worker.py")],
+            env=with_worker_site(env),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         job = srv.run("ep-hand", {"mode": "sleep", "seconds": 60})
         srv.wait("ep-hand", job, ("IN_PROGRESS",), timeout=60)
         heartbeat = wait_until(lambda: _children(proc.pid), timeout=30, what="the SDK's heartbeat process")

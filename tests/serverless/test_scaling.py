@@ -31,5 +31,8 @@ def test_scale_zero_one_three_zero(server):
     assert all(r["status"] == "COMPLETED" for r in results)
     assert len({r["workerId"] for r in results}) >= 2
     # idle_timeout 1 s: back to zero
-    wait_until(lambda: _live(server.health(ep)) == 0 and sum(server.health(ep)["workers"].values()) == 0,
-               timeout=20, what="scale to zero")
+    wait_until(
+        lambda: _live(server.health(ep)) == 0 and sum(server.health(ep)["workers"].values()) == 0,
+        timeout=20,
+        what="scale to zero",
+    )

@@ -24,8 +24,9 @@ def test_unknown_and_forgotten_workers_get_no_jobs(tmp_path):
         assert a.take()["id"] == job
         srv.wait("ep-hand", job, ("IN_QUEUE",), timeout=30)
         wait_until(lambda: srv.health("ep-hand")["workers"]["unhealthy"] == 1, timeout=30, what="a counted as lost")
-        wait_until(lambda: srv.health("ep-hand")["workers"]["unhealthy"] == 0, timeout=90, interval=0.5,
-                   what="a forgotten")
+        wait_until(
+            lambda: srv.health("ep-hand")["workers"]["unhealthy"] == 0, timeout=90, interval=0.5, what="a forgotten"
+        )
         # It comes back and asks for work: none for it, though the job is queued.
         assert a.client.get(a.take_url).status_code == 204
         assert srv.status("ep-hand", job)["status"] == "IN_QUEUE"

@@ -44,11 +44,22 @@ def test_settings_validation_and_roundtrip():
 
 def test_settings_from_configuration():
     conf = pytest.importorskip("dstack.core.models.configurations")
-    c = conf.ServerlessConfiguration(commands=["python handler.py"], workers="1..5", idle_timeout=7,
-                                     scaler={"type": "request_count"}, execution_timeout=30)
+    c = conf.ServerlessConfiguration(
+        commands=["python handler.py"],
+        workers="1..5",
+        idle_timeout=7,
+        scaler={"type": "request_count"},
+        execution_timeout=30,
+    )
     s = EndpointSettings.from_configuration(c)
     assert (s.workers_min, s.workers_max, s.idle_timeout, s.scaler_type, s.scaler_value, s.execution_timeout) == (
-        1, 5, 7, "request_count", 4, 30)
+        1,
+        5,
+        7,
+        "request_count",
+        4,
+        30,
+    )
 
 
 def test_signals_wake_waiters():

@@ -63,7 +63,11 @@ async def completions(request: Request):
         return {"id": "cmpl-1", "object": "text_completion", "choices": [choice], "usage": usage}
 
     def chunk(choices, usage=None):
-        return "data: " + json.dumps({"id": "cmpl-1", "object": "text_completion", "choices": choices, "usage": usage}) + "\n\n"
+        return (
+            "data: "
+            + json.dumps({"id": "cmpl-1", "object": "text_completion", "choices": choices, "usage": usage})
+            + "\n\n"
+        )
 
     def events():
         for t in toks:

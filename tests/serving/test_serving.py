@@ -11,9 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -46,8 +46,18 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dstack.serving", "--model", "SmolLM2-135M-Instruct",
-             "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [
+                sys.executable,
+                "-m",
+                "dstack.serving",
+                "--model",
+                "SmolLM2-135M-Instruct",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *args,
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -223,7 +233,9 @@ def test_validation_errors_are_422(server: Server) -> None:
         assert r.status_code == 422, (params, r.text)
         assert r.json()["error_type"] == "validation"
         assert message in r.json()["error"], r.json()
-    r = httpx.post(server.url + "/generate_stream", json={"inputs": "hi", "parameters": {"decoder_input_details": True}})
+    r = httpx.post(
+        server.url + "/generate_stream", json={"inputs": "hi", "parameters": {"decoder_input_details": True}}
+    )
     assert r.status_code == 422
     with pytest.raises(ValidationError):
         _tgi(server).generate("x " * 3000, max_new_tokens=3)
@@ -260,12 +272,17 @@ def test_greedy_concurrent_equals_sequential(server: Server) -> None:
 
 
 def test_prefix_cache_reuses_a_conversation_and_changes_nothing(server: Server) -> None:
-    system = ("You are a helpful assistant for a bakery. Opening hours are 7am to 6pm on weekdays and "
-              "8am to 2pm on Saturdays. We bake sourdough, rye and croissants every day.\n")
+    system = (
+        "You are a helpful assistant for a bakery. Opening hours are 7am to 6pm on weekdays and "
+        "8am to 2pm on Saturdays. We bake sourdough, rye and croissants every day.\n"
+    )
     turn1 = system + "User: When do you open on Saturday?\nAssistant:"
     first = _generate(server, turn1, max_new_tokens=12)
     turn2 = turn1 + first["generated_text"] + "\nUser: And which breads do you bake?\nAssistant:"
-    hits, reused = server.metric("dstack_serving_prefix_cache_hits_total"), server.metric("dstack_serving_prefix_cache_tokens_total")
+    hits, reused = (
+        server.metric("dstack_serving_prefix_cache_hits_total"),
+        server.metric("dstack_serving_prefix_cache_tokens_total"),
+    )
     cached = _generate(server, turn2, max_new_tokens=16, details=True)
     assert server.metric("dstack_serving_prefix_cache_hits_total") == hits + 1
     assert server.metric("dstack_serving_prefix_cache_tokens_total") - reused >= 40  # the system prompt and turn 1
@@ -427,7 +444,9 @@ def test_model_resolution_rules(tmp_path: Path) -> None:
     assert pick_gguf(files, None) == "m.Q4_K_M.gguf"
     assert pick_gguf(files, "q8_0") == "m.Q8_0.gguf"
     assert pick_gguf(files, "Q2_K") is None
-    assert pick_gguf(["big-Q4_0-00001-of-00002.gguf", "big-Q4_0-00002-of-00002.gguf"], None).endswith("00001-of-00002.gguf")
+    assert pick_gguf(["big-Q4_0-00001-of-00002.gguf", "big-Q4_0-00002-of-00002.gguf"], None).endswith(
+        "00001-of-00002.gguf"
+    )
     with pytest.raises(ModelError, match="GPU weight format"):
         resolve_model("SmolLM2-135M-Instruct", "awq")
     with pytest.raises(ModelError, match="does not exist"):
@@ -453,8 +472,10 @@ def test_refuses_gpu_quantization_before_loading() -> None:
     env = dict(os.environ, PYTHONPATH=SRC)
     p = subprocess.run(
         [sys.executable, "-m", "dstack.serving", "--model", "SmolLM2-135M-Instruct", "--quantize", "gptq"],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert p.returncode == 2
     assert "gptq is a GPU weight format" in p.stderr
-

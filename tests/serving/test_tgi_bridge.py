@@ -22,8 +22,17 @@ FAKE = Path(__file__).with_name("fake_openai_engine.py")
 
 def test_tgi_parameters_become_a_completions_request() -> None:
     greedy = completion_request("m", {"inputs": "hi", "parameters": {"max_new_tokens": 5, "stop": ["\n"]}}, False)
-    assert greedy == {"model": "m", "prompt": "hi", "stream": False, "max_tokens": 5, "temperature": 0.0, "stop": ["\n"]}
-    sampled = completion_request("m", {"inputs": "hi", "parameters": {"top_k": 5, "seed": 1, "repetition_penalty": 1.1}}, True)
+    assert greedy == {
+        "model": "m",
+        "prompt": "hi",
+        "stream": False,
+        "max_tokens": 5,
+        "temperature": 0.0,
+        "stop": ["\n"],
+    }
+    sampled = completion_request(
+        "m", {"inputs": "hi", "parameters": {"top_k": 5, "seed": 1, "repetition_penalty": 1.1}}, True
+    )
     assert sampled["temperature"] == 1.0 and sampled["top_k"] == 5 and sampled["seed"] == 1
     assert sampled["max_tokens"] is None  # up to the context length, like TGI
     assert sampled["stream_options"] == {"include_usage": True} and sampled["repetition_penalty"] == 1.1
@@ -33,14 +42,20 @@ def test_tgi_parameters_become_a_completions_request() -> None:
 
 
 def test_stream_events_carry_the_last_token_with_the_details() -> None:
-    lines = ['data: {"choices": [{"text": "a"}]}', "", 'data: {"choices": [{"text": "b"}]}',
-             'data: {"choices": [{"text": "", "finish_reason": "length"}]}',
-             'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}', "data: [DONE]"]
+    lines = [
+        'data: {"choices": [{"text": "a"}]}',
+        "",
+        'data: {"choices": [{"text": "b"}]}',
+        'data: {"choices": [{"text": "", "finish_reason": "length"}]}',
+        'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}',
+        "data: [DONE]",
+    ]
 
     async def collect() -> list[dict]:
         async def it():
             for line in lines:
                 yield line
+
         return [json.loads(e[5:]) async for e in stream_events(it(), {"inputs": "x", "parameters": {}})]
 
     events = asyncio.run(collect())
@@ -54,8 +69,23 @@ def test_stream_events_carry_the_last_token_with_the_details() -> None:
 def bridge():
     port = free_port()
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + str(Path(__file__).resolve().parents[2]))
-    proc = subprocess.Popen([sys.executable, "-m", "dstack.serving.tgi_bridge", "--host", "127.0.0.1",
-                             "--port", str(port), "--model-id", "fake/model", "--", sys.executable, str(FAKE)], env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dstack.serving.tgi_bridge",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--model-id",
+            "fake/model",
+            "--",
+            sys.executable,
+            str(FAKE),
+        ],
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -41,9 +41,7 @@ async def serve(host: str, port: int, token: str, home: Path) -> None:
     sock.bind((host, port))
     sock.set_inheritable(True)
     real_port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(home, token), log_level="warning", access_log=False, timeout_graceful_shutdown=3
-    )
+    config = uvicorn.Config(create_app(home, token), log_level="warning", access_log=False, timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
@@ -57,8 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dstack.agent", description="dstack per-host agent")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--token", default=os.environ.pop("DSTACK_AGENT_TOKEN", None),
-                        help="default: $DSTACK_AGENT_TOKEN (a command line is visible to every user)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.pop("DSTACK_AGENT_TOKEN", None),
+        help="default: $DSTACK_AGENT_TOKEN (a command line is visible to every user)",
+    )
     parser.add_argument("--token-file", type=Path, help="read the token from this file instead")
     parser.add_argument("--home", type=Path, default=Path.home() / ".dstack" / "agent")
     args = parser.parse_args(argv)

@@ -8,9 +8,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -81,8 +82,10 @@ def create_app(home: Path, token: str) -> FastAPI:
 
     @app.get("/api/jobs", dependencies=[Depends(auth)])
     async def list_jobs() -> list[dict[str, Any]]:
-        return [{"job_id": j.spec.job_id, "state": j.state, "network": j.network, "address": j.address}
-                for j in manager.jobs.values()]
+        return [
+            {"job_id": j.spec.job_id, "state": j.state, "network": j.network, "address": j.address}
+            for j in manager.jobs.values()
+        ]
 
     @app.post("/api/jobs", dependencies=[Depends(auth)])
     async def submit(spec: JobSubmission) -> dict[str, str]:
@@ -118,8 +121,9 @@ def create_app(home: Path, token: str) -> FastAPI:
         linger: float = Query(0.0, ge=0),
     ) -> Response:
         job = manager.get(job_id)
-        body = await job.pull(cursor, known_state, min(wait, MAX_WAIT_SECONDS), min(limit, MAX_LIMIT),
-                              min(linger, MAX_LINGER_SECONDS))
+        body = await job.pull(
+            cursor, known_state, min(wait, MAX_WAIT_SECONDS), min(limit, MAX_LIMIT), min(linger, MAX_LINGER_SECONDS)
+        )
         return Response(body, media_type="application/json")
 
     @app.post("/api/jobs/{job_id}/stop", dependencies=[Depends(auth)])

@@ -28,9 +28,9 @@ import shlex
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 WORKFLOW_DIR = "/workflow"  # where the job's code is mounted, dstack's convention
 SCRIPT_PATH = "/dstack/job.sh"  # where the generated setup+commands script is mounted
@@ -39,13 +39,27 @@ CONTROL_TIMEOUT = 30.0  # stop/kill/rm calls (stop adds the grace period)
 # Variables the CLI (a Go program) itself reads: a job variable like that is passed by value
 # (``--env K=V``) so it cannot reconfigure the CLI; all others are passed through by name.
 CLI_ENV_PREFIXES = ("CONTAINER", "DOCKER_", "BUILDAH_", "STORAGE_", "XDG_", "LD_", "SSL_CERT_")
-CLI_ENV_NAMES = frozenset({
-    "PATH", "HOME", "TMPDIR", "REGISTRY_AUTH_FILE", "GOMAXPROCS", "GODEBUG", "GOGC", "GOMEMLIMIT", "GOTRACEBACK",
-    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
-})
+CLI_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "REGISTRY_AUTH_FILE",
+        "GOMAXPROCS",
+        "GODEBUG",
+        "GOGC",
+        "GOMEMLIMIT",
+        "GOTRACEBACK",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+    }
+)
 # Run the script with bash when the image has it (like host jobs), else with its POSIX sh.
-SHELL_WRAPPER = ('if command -v bash >/dev/null 2>&1; then exec bash --noprofile --norc "$0"; fi; '
-                 'exec /bin/sh "$0"')
+SHELL_WRAPPER = 'if command -v bash >/dev/null 2>&1; then exec bash --noprofile --norc "$0"; fi; exec /bin/sh "$0"'
 
 
 class ContainerError(Exception):
@@ -83,10 +97,20 @@ class ContainerRuntime:
         return [self.exe, "--config", str(auth_dir), *self.global_args[1:], "pull", "-q", image]
 
     # -- containers --------------------------------------------------------------------------
-    def run_cmd(self, c: "ContainerSpec") -> list[str]:
+    def run_cmd(self, c: ContainerSpec) -> list[str]:
         """``run`` attached (so the CLI's pipes are the job's output and its status the job's)."""
-        argv = [*self.global_args, "run", "--rm", "--name", c.name, "--init",
-                "--label", f"dstack.job_id={c.job_id}", "--stop-timeout", str(int(c.stop_grace))]
+        argv = [
+            *self.global_args,
+            "run",
+            "--rm",
+            "--name",
+            c.name,
+            "--init",
+            "--label",
+            f"dstack.job_id={c.job_id}",
+            "--stop-timeout",
+            str(int(c.stop_grace)),
+        ]
         if self.kind == "podman":
             argv.append("--replace")  # replaces a leftover of this name (from an agent that died)
         for limit in self.ulimits:
@@ -152,6 +176,7 @@ class ContainerSpec:
 
 # -- naming and paths --------------------------------------------------------------------------
 
+
 def container_name(home: Path, job_id: str) -> str:
     """Stable for an agent home and job, and distinct between agents sharing the host."""
     digest = hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:8]
@@ -196,8 +221,11 @@ _cache: dict[tuple[str, str, str], ContainerRuntime | None] = {}
 def detect(environ: Mapping[str, str] | None = None) -> ContainerRuntime | None:
     """The working container CLI of this host (probed once per setting), or None."""
     env = os.environ if environ is None else environ
-    key = (env.get("DSTACK_CONTAINER_RUNTIME", ""), env.get("DSTACK_CONTAINER_OCI_RUNTIME", ""),
-           env.get("DSTACK_CONTAINER_ULIMITS", "\0"))
+    key = (
+        env.get("DSTACK_CONTAINER_RUNTIME", ""),
+        env.get("DSTACK_CONTAINER_OCI_RUNTIME", ""),
+        env.get("DSTACK_CONTAINER_ULIMITS", "\0"),
+    )
     with _lock:
         if key not in _cache:
             _cache[key] = _probe(env)
@@ -276,13 +304,15 @@ def _pid_max() -> int | None:
 
 # -- calls -------------------------------------------------------------------------------------
 
+
 async def call(argv: list[str], timeout: float = CONTROL_TIMEOUT) -> tuple[int, str]:
     """Run one CLI command; (exit status, stderr text). A timeout kills it and counts as failure."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
     try:
         _, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except (asyncio.TimeoutError, asyncio.CancelledError):
+    except (TimeoutError, asyncio.CancelledError):
         _kill(proc)
         raise
     return proc.returncode or 0, err.decode(errors="replace").strip()
@@ -322,9 +352,12 @@ def write_auth(directory: Path, image: str, username: str, password: str) -> Pat
     return directory
 
 
-async def ensure_image(rt: ContainerRuntime, image: str,
-                       on_pull: Callable[[asyncio.subprocess.Process | None], None] | None = None,
-                       auth_dir: Path | None = None) -> None:
+async def ensure_image(
+    rt: ContainerRuntime,
+    image: str,
+    on_pull: Callable[[asyncio.subprocess.Process | None], None] | None = None,
+    auth_dir: Path | None = None,
+) -> None:
     """Pull ``image`` unless it is already local; ContainerError with the CLI's reason if that fails.
 
     ``on_pull`` gets the pull process while it runs (and None after), so a stop can end it;
@@ -334,8 +367,11 @@ async def ensure_image(rt: ContainerRuntime, image: str,
     if rc == 0:
         return
     proc = await asyncio.create_subprocess_exec(
-        *rt.pull_cmd(image, auth_dir), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE)
+        *rt.pull_cmd(image, auth_dir),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     if on_pull is not None:
         on_pull(proc)
     try:

@@ -43,7 +43,7 @@ class JobError(Exception):
 class Job:
     """One job: its spec, files under ``jobs/<id>``, state, logs and (while running) its process."""
 
-    def __init__(self, spec: JobSubmission, dir: Path, manager: "JobManager") -> None:
+    def __init__(self, spec: JobSubmission, dir: Path, manager: JobManager) -> None:
         self.spec = spec
         self.dir = dir
         self.manager = manager
@@ -96,7 +96,7 @@ class Job:
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     def set_state(self, state: str, **fields: Any) -> None:
@@ -167,16 +167,18 @@ class Job:
                     break
         state = self.state  # read before the logs: a final state then implies all logs are stored
         records, next_cursor = self.logs.read(cursor, limit)
-        head = json.dumps({
-            "state": state,
-            "exit_status": self.exit_status,
-            "message": self.message,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "network": self.network,
-            "address": self.address,
-            "next_cursor": next_cursor,
-        }).encode()
+        head = json.dumps(
+            {
+                "state": state,
+                "exit_status": self.exit_status,
+                "message": self.message,
+                "started_at": self.started_at,
+                "finished_at": self.finished_at,
+                "network": self.network,
+                "address": self.address,
+                "next_cursor": next_cursor,
+            }
+        ).encode()
         # Records are stored already encoded; splice them in rather than re-serialising.
         return head[:-1] + b', "logs": [' + b",".join(records) + b"]}"
 
@@ -239,13 +241,15 @@ class Job:
         """Find the container CLI and make sure the image is local; the CLI runs in the job dir."""
         rt = await asyncio.to_thread(containers.detect)
         if rt is None:
-            raise JobError(400, f"containers are not available on this host: {containers.why_unavailable()} "
-                                f"(image {image!r})")
+            raise JobError(
+                400, f"containers are not available on this host: {containers.why_unavailable()} (image {image!r})"
+            )
         self.runtime = rt
         if rt.kind == "docker" and self.network == "isolated":
             # docker cannot join a namespace it did not make: the job shares the host network
-            logger.warning("job %s: docker cannot use the job's network namespace; using the host network",
-                           self.spec.job_id)
+            logger.warning(
+                "job %s: docker cannot use the job's network namespace; using the host network", self.spec.job_id
+            )
             self.network, self.address = "host", HOST_ADDRESS
         self.repo_dir.mkdir(parents=True, exist_ok=True)
         auth = self.spec.registry_auth
@@ -289,11 +293,18 @@ class Job:
         job_env = {"PYTHONUNBUFFERED": "1", **spec.env}
         by_name, by_value = containers.split_env(job_env)
         c = containers.ContainerSpec(
-            name=self.container or "", job_id=spec.job_id, image=spec.image or "", code_dir=self.repo_dir,
+            name=self.container or "",
+            job_id=spec.job_id,
+            image=spec.image or "",
+            code_dir=self.repo_dir,
             workdir=containers.container_workdir(spec.working_dir),
             network=containers.network_arg(NETNS_DIR / self.netns.netns if self.netns is not None else None),
-            script=script if (spec.commands or spec.setup) else None, args=list(spec.args),
-            env_by_name=by_name, env_by_value=by_value, gpus=list(spec.gpus), stop_grace=spec.stop_grace_seconds,
+            script=script if (spec.commands or spec.setup) else None,
+            args=list(spec.args),
+            env_by_name=by_name,
+            env_by_value=by_value,
+            gpus=list(spec.gpus),
+            stop_grace=spec.stop_grace_seconds,
         )
         env = runner.base_env()
         env.update({k: job_env[k] for k in by_name})
@@ -322,8 +333,9 @@ class Job:
             try:
                 self.netns = await asyncio.to_thread(self.manager.net.setup, spec.job_id)
             except (NetnsError, OSError) as e:
-                logger.warning("job %s: cannot create its network namespace, using the host network: %s",
-                               spec.job_id, e)
+                logger.warning(
+                    "job %s: cannot create its network namespace, using the host network: %s", spec.job_id, e
+                )
                 self.network, self.address = "host", HOST_ADDRESS
             else:
                 self.address = self.netns.address
@@ -340,7 +352,9 @@ class Job:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                cwd=str(cwd), env=env, start_new_session=True,
+                cwd=str(cwd),
+                env=env,
+                start_new_session=True,
             )
         except OSError as e:
             await self.release_network()
@@ -431,14 +445,15 @@ class Job:
             self.message = "stopped on request (SIGTERM)"
             grace = self.spec.stop_grace_seconds
             self._grace_task = asyncio.create_task(
-                self._container_control(self.runtime.stop_cmd(self.container, grace), grace))
+                self._container_control(self.runtime.stop_cmd(self.container, grace), grace)
+            )
 
     async def _container_control(self, argv: list[str], grace: float = 0) -> None:
         """Run a stop/kill until it takes: right after start the container may not exist yet."""
         while self.proc is not None and self.proc.returncode is None:
             try:
                 rc, err = await containers.call(argv, timeout=grace + containers.CONTROL_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 rc, err = -1, "timed out"
             if rc == 0:
                 return
@@ -513,8 +528,16 @@ class JobManager:
                 logger.warning("skipping unreadable %s: %s", state_file, e)
                 continue
             job = Job(spec, state_file.parent, self)
-            for key in ("state", "exit_status", "message", "submitted_at", "started_at",
-                        "finished_at", "pid", "pid_create_time"):
+            for key in (
+                "state",
+                "exit_status",
+                "message",
+                "submitted_at",
+                "started_at",
+                "finished_at",
+                "pid",
+                "pid_create_time",
+            ):
                 setattr(job, key, data.get(key))
             if data.get("network") in ("host", "isolated"):
                 job.network = data["network"]
@@ -578,7 +601,7 @@ class JobManager:
             if job.task is not None:
                 try:
                     await asyncio.wait_for(asyncio.shield(job.task), EOF_AFTER_KILL_SECONDS + 2)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         await job.release_network()
         self.jobs.pop(job_id, None)

@@ -59,8 +59,14 @@ def start_agent(home: Path, token: str, *, host: str = "127.0.0.1", port: int = 
     cmd = [sys.executable, "-m", "dstack.agent", "--host", host, "--port", str(port), "--home", str(home)]
     with open(os.open(home / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True, env=env, cwd=str(home),
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            env=env,
+            cwd=str(home),
         )
     # Reap the child if it ever exits while we live, so it never lingers as a zombie.
     threading.Thread(target=proc.wait, name=f"reap-agent-{proc.pid}", daemon=True).start()

@@ -25,7 +25,7 @@ def _seq_of(line: bytes) -> int:
     """The seq of an encoded record; records always start with ``{"seq":N,``."""
     if not line.startswith(_PREFIX):
         raise ValueError("not a log record")
-    return int(line[len(_PREFIX):line.index(b",", len(_PREFIX))])
+    return int(line[len(_PREFIX) : line.index(b",", len(_PREFIX))])
 
 
 class LogStore:
@@ -64,7 +64,10 @@ class LogStore:
         self.last_seq += 1
         seq = self.last_seq
         encoded = b'{"seq":%d,"ts":%.6f,"stream":"%s","data":"%s"}' % (
-            seq, ts, stream.encode(), base64.b64encode(data),
+            seq,
+            ts,
+            stream.encode(),
+            base64.b64encode(data),
         )
         if (seq - 1) % INDEX_STEP == 0:
             self._offsets.append(self._size)

@@ -26,10 +26,11 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +63,16 @@ class NetnsAllocation:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "NetnsAllocation | None":
+    def from_dict(cls, data: Any) -> NetnsAllocation | None:
         try:
-            return cls(str(data["netns"]), int(data["slot"]), str(data["host_if"]), str(data["peer_if"]),
-                       str(data["host_ip"]), str(data["address"]))
+            return cls(
+                str(data["netns"]),
+                int(data["slot"]),
+                str(data["host_if"]),
+                str(data["peer_if"]),
+                str(data["host_ip"]),
+                str(data["address"]),
+            )
         except (TypeError, KeyError, ValueError):
             return None
 
@@ -139,8 +146,7 @@ class NetworkIsolation:
                 with self._host_lock():  # so no other agent's cleanup takes it for stale
                     self._run_ip("netns", "add", name)
                     try:
-                        self._run_ip("-n", name, "link", "add", "dsprobe0", "type", "veth",
-                                     "peer", "name", "dsprobe1")
+                        self._run_ip("-n", name, "link", "add", "dsprobe0", "type", "veth", "peer", "name", "dsprobe1")
                         ok = True
                     finally:
                         self._run_ip("netns", "del", name, check=False)
@@ -311,8 +317,10 @@ class NetworkIsolation:
                     self._nat = "nft"
                 else:
                     self._nat = "none"
-                    logger.warning("neither iptables nor nft found: isolated jobs reach only the host "
-                                   "(via their veth), not the outside")
+                    logger.warning(
+                        "neither iptables nor nft found: isolated jobs reach only the host "
+                        "(via their veth), not the outside"
+                    )
             except NetnsError as e:
                 self._nat = "none"
                 logger.warning("could not set up NAT for %s (%s): isolated jobs get no outbound access", POOL, e)
@@ -353,7 +361,12 @@ def _iptables_nat(exe: str) -> None:
         ("nat", "POSTROUTING", ["-s", pool, "!", "-d", pool, "-j", "MASQUERADE"], "-A"),
         # Insert at the top so a FORWARD policy of DROP (e.g. Docker's) does not block the jobs.
         ("filter", "FORWARD", ["-s", pool, "-j", "ACCEPT"], "-I"),
-        ("filter", "FORWARD", ["-d", pool, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"], "-I"),
+        (
+            "filter",
+            "FORWARD",
+            ["-d", pool, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
+            "-I",
+        ),
     ]
     for table, chain, rule, how in rules:
         if _run([exe, "-w", "-t", table, "-C", chain, *rule], check=False).returncode != 0:

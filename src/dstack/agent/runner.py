@@ -9,17 +9,37 @@ import shutil
 import sys
 import tarfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from dstack.agent.logs import LogStore
 from dstack.core.archives import ExtractBudget
 
 PASS_ENV = {
-    "PATH", "HOME", "LANG", "LANGUAGE", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "TMPDIR",
-    "LD_LIBRARY_PATH", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
-    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
-    "PYENV_ROOT", "CUDA_HOME", "HF_HOME",
+    "PATH",
+    "HOME",
+    "LANG",
+    "LANGUAGE",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "TERM",
+    "TZ",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "PYENV_ROOT",
+    "CUDA_HOME",
+    "HF_HOME",
 }
 PASS_PREFIXES = ("LC_", "PIP_", "NVIDIA_")
 CHUNK = 256 * 1024
@@ -160,7 +180,7 @@ async def pump(reader: asyncio.StreamReader, stream: str, logs: LogStore, notify
                     nl = buf.find(b"\n", start, end + 1)
                     stop = nl + 1
                     while stop - start > MAX_RECORD:
-                        logs.append(stream, bytes(buf[start:start + MAX_RECORD]), ts)
+                        logs.append(stream, bytes(buf[start : start + MAX_RECORD]), ts)
                         start += MAX_RECORD
                     logs.append(stream, bytes(buf[start:stop]), ts)
                     start = stop
@@ -180,4 +200,3 @@ async def pump(reader: asyncio.StreamReader, stream: str, logs: LogStore, notify
     if buf:
         logs.append(stream, bytes(buf), time.time())
         notify()
-

@@ -46,8 +46,30 @@ UID_BASE = 200000
 HOST_TABLE = Path(os.environ.get("DSTACK_AGENT_UID_TABLE", "/var/lib/dstack-agent/uids.json"))
 STASH = Path("/run/dstack-agent/sandbox")  # mounted over (as a 0700 tmpfs) inside each job's namespace
 # Never covered, even when one is a user's $HOME: the job needs what is in them.
-SYSTEM_DIRS = frozenset(map(Path, ["/", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/tmp", "/var",
-                                   "/opt", "/run", "/dev", "/proc", "/sys", "/home", "/srv", "/mnt"]))
+SYSTEM_DIRS = frozenset(
+    map(
+        Path,
+        [
+            "/",
+            "/usr",
+            "/bin",
+            "/sbin",
+            "/lib",
+            "/lib64",
+            "/etc",
+            "/tmp",
+            "/var",
+            "/opt",
+            "/run",
+            "/dev",
+            "/proc",
+            "/sys",
+            "/home",
+            "/srv",
+            "/mnt",
+        ],
+    )
+)
 PROBE_TIMEOUT = 15.0
 
 
@@ -106,8 +128,9 @@ class Isolation:
             try:
                 STASH.mkdir(mode=0o700, parents=True, exist_ok=True)
                 user = JobUser(UID_BASE - 1, UID_BASE - 1, Path("/"))
-                out = subprocess.run(self.wrap(["id", "-u"], user, []), capture_output=True, text=True,
-                                     timeout=PROBE_TIMEOUT, cwd="/")
+                out = subprocess.run(
+                    self.wrap(["id", "-u"], user, []), capture_output=True, text=True, timeout=PROBE_TIMEOUT, cwd="/"
+                )
                 ok = out.returncode == 0 and out.stdout.strip() == str(user.uid)
                 reason = "" if ok else f"the sandbox does not work here: {(out.stderr or out.stdout).strip()[-300:]}"
             except (OSError, subprocess.SubprocessError) as e:
@@ -174,8 +197,15 @@ class Isolation:
         ``dstack`` package (engines, the prewarm starter and the worker site run from them)."""
         import dstack
 
-        paths = [self.home / "jobs", self.home / "cache", self.users_dir,
-                 Path(sys.prefix), Path(sys.base_prefix), Path(dstack.__file__).parent, *extra]
+        paths = [
+            self.home / "jobs",
+            self.home / "cache",
+            self.users_dir,
+            Path(sys.prefix),
+            Path(sys.base_prefix),
+            Path(dstack.__file__).parent,
+            *extra,
+        ]
         return paths
 
     def hidden_roots(self) -> list[Path]:
@@ -188,11 +218,26 @@ class Isolation:
 
     def wrap(self, argv: list[str], user: JobUser, exposures: list[Path]) -> list[str]:
         """``argv`` run as ``user`` in its own mount namespace (see the module docstring)."""
-        script = _sandbox_script(self._tools, user, _real_dirs(exposures), _real_dirs(self.hidden_roots()),
-                                 private_proc=_proc_mounts_are_private())
+        script = _sandbox_script(
+            self._tools,
+            user,
+            _real_dirs(exposures),
+            _real_dirs(self.hidden_roots()),
+            private_proc=_proc_mounts_are_private(),
+        )
         assert self._tools["unshare"] is not None
-        return [self._tools["unshare"], "--mount", "--propagation", "private", "--",
-                "/bin/sh", "-c", script, "dstack-sandbox", *argv]
+        return [
+            self._tools["unshare"],
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+            "dstack-sandbox",
+            *argv,
+        ]
 
 
 def _read_table(path: Path) -> dict[str, int]:
@@ -260,8 +305,9 @@ def _proc_mounts_are_private() -> bool:
     return (major, minor) >= (5, 8)
 
 
-def _sandbox_script(tools: dict[str, str | None], user: JobUser, exposures: list[Path], hidden: list[Path],
-                    private_proc: bool = True) -> str:
+def _sandbox_script(
+    tools: dict[str, str | None], user: JobUser, exposures: list[Path], hidden: list[Path], private_proc: bool = True
+) -> str:
     """The root part of the wrapper: private /proc, covered directories, then ``setpriv``."""
     # Exposures nested in another exposure come back with it.
     exposures = [e for e in exposures if not any(o != e and _covers(o, e) for o in exposures)]
@@ -294,8 +340,9 @@ def _sandbox_script(tools: dict[str, str | None], user: JobUser, exposures: list
             src = stash / e.relative_to(root)
             lines += [f"{mkdir} -p {q(str(e))}", f"{mount} --rbind {q(str(src))} {q(str(e))}"]
     setpriv = q(tools["setpriv"] or "setpriv")
-    lines.append(f'exec {setpriv} --reuid={user.uid} --regid={user.gid} --clear-groups --inh-caps=-all '
-                 f'--no-new-privs -- "$@"')
+    lines.append(
+        f'exec {setpriv} --reuid={user.uid} --regid={user.gid} --clear-groups --inh-caps=-all --no-new-privs -- "$@"'
+    )
     return "\n".join(lines)
 
 
@@ -357,8 +404,10 @@ def working_dir(repo: Path, wanted: str | None, user: JobUser) -> Path:
                 os.chown(p, user.uid, user.gid)
             return path
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist (jobs run as an unprivileged user: "
-                                f"a working_dir outside the code must exist on the host)")
+        raise FileNotFoundError(
+            f"{path} does not exist (jobs run as an unprivileged user: "
+            f"a working_dir outside the code must exist on the host)"
+        )
     return path
 
 

@@ -27,10 +27,10 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,9 @@ def _ask_version(exe: str) -> str | None:
     try:
         out = subprocess.run(
             [exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-            capture_output=True, text=True, timeout=10,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -224,8 +226,9 @@ class VenvFactory:
             (tmp / ".complete").write_text(wheel.name)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
-            threading.Thread(target=_precompile, args=(interp, target), name=f"compile-pip-{interp.version}",
-                             daemon=True).start()
+            threading.Thread(
+                target=_precompile, args=(interp, target), name=f"compile-pip-{interp.version}", daemon=True
+            ).start()
             return target
 
     def create(self, interp: Interpreter, venv_dir: Path) -> Path:
@@ -255,12 +258,7 @@ class VenvFactory:
                 header = f"#!{python}\n"
             else:  # too long for a shebang: let sh find the interpreter next to the script
                 header = SH_TRAMPOLINE
-            script = (
-                header
-                + "import sys\n"
-                "from pip._internal.cli.main import main\n"
-                "sys.exit(main())\n"
-            )
+            script = header + "import sys\nfrom pip._internal.cli.main import main\nsys.exit(main())\n"
             for name in ("pip", "pip3", f"pip{interp.version}"):
                 path = bin_dir / name
                 path.write_text(script)
@@ -288,10 +286,16 @@ class VenvFactory:
                     # half-built by an agent that died, or built for another interpreter binary
                     _remove(venv_dir)
                 self.create(interp, venv_dir)
-                (venv_dir / SHARED_MARKER).write_text(json.dumps({
-                    "key": key, "version": interp.version, "executable": str(interp.executable),
-                    "created_at": time.time(),
-                }))
+                (venv_dir / SHARED_MARKER).write_text(
+                    json.dumps(
+                        {
+                            "key": key,
+                            "version": interp.version,
+                            "executable": str(interp.executable),
+                            "created_at": time.time(),
+                        }
+                    )
+                )
             touch_last_used(venv_dir)
         return venv_dir
 
@@ -368,8 +372,12 @@ def _precompile(interp: Interpreter, bundle: Path) -> None:
     Jobs that run as another user (agent.sandbox) cannot write its ``__pycache__``, so without
     this every ``pip`` they run would compile all of pip again (seconds)."""
     try:
-        subprocess.run([str(interp.executable), "-m", "compileall", "-q", "-d", str(bundle), str(bundle)],
-                       stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
+        subprocess.run(
+            [str(interp.executable), "-m", "compileall", "-q", "-d", str(bundle), str(bundle)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=600,
+        )
         _readable_by_all(bundle)
     except (OSError, subprocess.SubprocessError) as e:
         logger.warning("cannot byte-compile %s: %s", bundle, e)

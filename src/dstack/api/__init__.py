@@ -50,7 +50,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from dstack.api.runs import Run, RunCollection
     from dstack.core.errors import ClientError, ServerClientError
     from dstack.core.models.configurations import (
-        Service, ServiceConfiguration, Serverless, ServerlessConfiguration, Task, TaskConfiguration,
+        Serverless,
+        ServerlessConfiguration,
+        Service,
+        ServiceConfiguration,
+        Task,
+        TaskConfiguration,
     )
     from dstack.core.models.resources import GPU, GPUSpec, Resources, ResourcesSpec
     from dstack.core.models.runs import JobStatus, RunStatus

@@ -35,8 +35,15 @@ class APIClient:
             conn.sock.settimeout(timeout)
         return conn
 
-    def _request(self, method: str, path: str, body: bytes | None, content_type: str | None,
-                 params: dict | None, timeout: float | None) -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        content_type: str | None,
+        params: dict | None,
+        timeout: float | None,
+    ) -> Any:
         url = self._prefix + path + (("?" + urlencode(params)) if params else "")
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         if content_type:
@@ -66,8 +73,14 @@ class APIClient:
         conn.close()
         self._local.conn = None
 
-    def post(self, path: str, json: Any = None, timeout: float | None = None, content: bytes | None = None,
-             params: dict | None = None) -> Any:
+    def post(
+        self,
+        path: str,
+        json: Any = None,
+        timeout: float | None = None,
+        content: bytes | None = None,
+        params: dict | None = None,
+    ) -> Any:
         if content is not None:
             return self._request("POST", path, content, "application/octet-stream", params, timeout)
         body = jsonlib.dumps(json if json is not None else {}).encode()

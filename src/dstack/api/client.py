@@ -23,25 +23,25 @@ class Client:
         self.project = project_name
 
     @cached_property
-    def runs(self) -> "RunCollection":
+    def runs(self) -> RunCollection:
         from dstack.api.runs import RunCollection
 
         return RunCollection(self)
 
     @cached_property
-    def repos(self) -> "RepoCollection":
+    def repos(self) -> RepoCollection:
         from dstack.api.repos import RepoCollection
 
         return RepoCollection(self)
 
     @cached_property
-    def backends(self) -> "BackendCollection":
+    def backends(self) -> BackendCollection:
         from dstack.api.repos import BackendCollection
 
         return BackendCollection(self)
 
     @cached_property
-    def gateways(self) -> "GatewayCollection":
+    def gateways(self) -> GatewayCollection:
         from dstack.api.gateways import GatewayCollection
 
         return GatewayCollection(self)
@@ -51,8 +51,12 @@ class Client:
         return self.project
 
     @staticmethod
-    def from_config(project_name: str | None = None, server_url: str | None = None,
-                    user_token: str | None = None, ssh_identity_file=None) -> "Client":
+    def from_config(
+        project_name: str | None = None,
+        server_url: str | None = None,
+        user_token: str | None = None,
+        ssh_identity_file=None,
+    ) -> Client:
         """Connect with ~/.dstack/config.yml (or explicit url/token); `ClientError` if the server is down."""
         if server_url and user_token:
             url, token, project = server_url, user_token, project_name or "main"

@@ -15,13 +15,14 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING
 
 from dstack.core.errors import DstackError
 
 if TYPE_CHECKING:
-    import pathspec
     import tarfile
+
+    import pathspec
 
 __all__ = ["CodeTooLargeError", "DEFAULT_MAX_SIZE", "IGNORE_FILES", "ALWAYS_SKIPPED", "archive_code", "list_files"]
 
@@ -58,7 +59,7 @@ class _Entry:
     abs: str
     size: int
     mode: int
-    link: Optional[str]  # symlink target, else None
+    link: str | None  # symlink target, else None
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,12 @@ class _Spec:
     prefix: str
     spec: pathspec.PathSpec
 
-    def check(self, rel: str) -> Optional[bool]:
+    def check(self, rel: str) -> bool | None:
         """True: ignored; False: re-included by `!`; None: no pattern matched."""
         return self.spec.check_file(self.prefix + rel[len(self.strip) :]).include
 
 
-def _read_spec(directory: str) -> Optional[pathspec.PathSpec]:
+def _read_spec(directory: str) -> pathspec.PathSpec | None:
     lines: list[str] = []
     for name in IGNORE_FILES:  # .dstackignore comes last so it wins over .gitignore
         try:
@@ -117,7 +118,7 @@ def _ignored(specs: list[_Spec], rel: str) -> bool:
     return False
 
 
-def list_files(root: Union[str, Path]) -> list[_Entry]:
+def list_files(root: str | Path) -> list[_Entry]:
     """Files and symlinks under `root` that are not ignored, sorted by path."""
     root_path = Path(root).resolve()
     if not root_path.is_dir():
@@ -174,7 +175,7 @@ def _fmt_size(n: int) -> str:
     return f"{n}B"
 
 
-def _tarinfo(entry: _Entry) -> "tarfile.TarInfo":
+def _tarinfo(entry: _Entry) -> tarfile.TarInfo:
     import tarfile
 
     info = tarfile.TarInfo(entry.rel)
@@ -208,7 +209,7 @@ class _Guard:
         return data
 
 
-def archive_code(root: Union[str, Path] = ".", max_size: int = DEFAULT_MAX_SIZE) -> tuple[bytes, str]:
+def archive_code(root: str | Path = ".", max_size: int = DEFAULT_MAX_SIZE) -> tuple[bytes, str]:
     """Return `(tar.gz bytes, sha256 hex)` of `root`; raise `CodeTooLargeError` past `max_size`."""
     import gzip
     import tarfile

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional
 
 import yaml
-from dataclasses import asdict, dataclass, field, replace
 
 from dstack.core.errors import DstackError
 from dstack.core.private import private_dir
@@ -53,7 +52,7 @@ class UserConfig:
     projects: list[ProjectConfig] = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "UserConfig":
+    def from_dict(cls, data: dict) -> UserConfig:
         projects = data.get("projects") or []
         if not isinstance(projects, list):
             raise ValueError("`projects` must be a list")
@@ -67,13 +66,15 @@ class UserConfig:
             unknown = set(p) - {"name", "url", "token", "default"}
             if unknown:
                 raise ValueError(f"projects[{i}]: unknown field {sorted(unknown)[0]!r}")
-            out.append(ProjectConfig(name=p["name"], url=p["url"], token=p["token"], default=bool(p.get("default", False))))
+            out.append(
+                ProjectConfig(name=p["name"], url=p["url"], token=p["token"], default=bool(p.get("default", False)))
+            )
         return cls(projects=out)
 
-    def get(self, name: str) -> Optional[ProjectConfig]:
+    def get(self, name: str) -> ProjectConfig | None:
         return next((p for p in self.projects if p.name == name), None)
 
-    def default_project(self) -> Optional[ProjectConfig]:
+    def default_project(self) -> ProjectConfig | None:
         """The project marked `default`, else the only one there is."""
         marked = next((p for p in self.projects if p.default), None)
         if marked is not None:
@@ -146,7 +147,7 @@ def add_project(name: str, url: str, token: str, default: bool = True) -> Projec
     return project
 
 
-def get_project(name: Optional[str] = None) -> Optional[ProjectConfig]:
+def get_project(name: str | None = None) -> ProjectConfig | None:
     """The project to use: `name`, else `$DSTACK_PROJECT`, else the default one.
 
     With `$DSTACK_SERVER_URL` and `$DSTACK_TOKEN` both set the file is not consulted; the project

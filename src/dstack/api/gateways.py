@@ -31,12 +31,21 @@ class Gateway:
     pid: int | None = None
 
     @staticmethod
-    def from_dict(d: dict) -> "Gateway":
+    def from_dict(d: dict) -> Gateway:
         return Gateway(
-            name=d["name"], backend=d.get("backend", "local"), region=d.get("region"), hostname=d.get("hostname"),
-            domain=d["domain"], wildcard_domain=d.get("wildcard_domain", d["domain"]), port=int(d["port"]),
-            tls=bool(d.get("tls")), default=bool(d.get("default")), status=d.get("status", "unknown"),
-            status_message=d.get("status_message"), url=d.get("url"), pid=d.get("pid"),
+            name=d["name"],
+            backend=d.get("backend", "local"),
+            region=d.get("region"),
+            hostname=d.get("hostname"),
+            domain=d["domain"],
+            wildcard_domain=d.get("wildcard_domain", d["domain"]),
+            port=int(d["port"]),
+            tls=bool(d.get("tls")),
+            default=bool(d.get("default")),
+            status=d.get("status", "unknown"),
+            status_message=d.get("status_message"),
+            url=d.get("url"),
+            pid=d.get("pid"),
         )
 
 
@@ -53,21 +62,38 @@ def _pem_or_path(path: str | os.PathLike | None) -> str | None:
 
 
 class GatewayCollection:
-    def __init__(self, client: "Client") -> None:
+    def __init__(self, client: Client) -> None:
         self._client = client
 
     def _path(self, action: str) -> str:
         return f"/api/project/{self._client.project}/gateways/{action}"
 
-    def create(self, name: str, domain: str, backend: str = "local", region: str | None = None,
-               port: int | None = None, tls_cert: str | os.PathLike | None = None,
-               tls_key: str | os.PathLike | None = None, default: bool = False, host: str | None = None) -> Gateway:
+    def create(
+        self,
+        name: str,
+        domain: str,
+        backend: str = "local",
+        region: str | None = None,
+        port: int | None = None,
+        tls_cert: str | os.PathLike | None = None,
+        tls_key: str | os.PathLike | None = None,
+        default: bool = False,
+        host: str | None = None,
+    ) -> Gateway:
         """Start a gateway on the server's host serving `<run>.<domain>` (port 443 with TLS, else 80,
         unless given). The project's first gateway becomes its default; `default=True` makes this one it.
         The certificate and key are read here and sent as PEM (a file missing here is looked up on
         the server's host, for global admins only). Binding other than loopback is for global admins."""
-        body: dict = {"name": name, "domain": domain, "backend": backend, "region": region, "port": port,
-                      "tls_cert": _pem_or_path(tls_cert), "tls_key": _pem_or_path(tls_key), "default": default}
+        body: dict = {
+            "name": name,
+            "domain": domain,
+            "backend": backend,
+            "region": region,
+            "port": port,
+            "tls_cert": _pem_or_path(tls_cert),
+            "tls_key": _pem_or_path(tls_key),
+            "default": default,
+        }
         if host:
             body["host"] = host
         return Gateway.from_dict(self._client.api.post(self._path("create"), body, timeout=120))

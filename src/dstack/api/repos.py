@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 class RepoCollection:
-    def __init__(self, client: "Client") -> None:
+    def __init__(self, client: Client) -> None:
         self._client = client
 
     def init(self, repo_dir: str | os.PathLike = ".", git_identity_file=None, oauth_token=None) -> str:
@@ -35,7 +35,10 @@ class RepoCollection:
         repo_id = repo_id_for(path)
         blob, digest = archive_code(path)
         result = self._client.api.post(
-            f"/api/project/{self._client.project}/repos/upload_code", content=blob, params={"repo_id": repo_id}, timeout=600
+            f"/api/project/{self._client.project}/repos/upload_code",
+            content=blob,
+            params={"repo_id": repo_id},
+            timeout=600,
         )
         return repo_id, result["hash"]
 
@@ -43,7 +46,7 @@ class RepoCollection:
 class BackendCollection:
     """`client.backends`."""
 
-    def __init__(self, client: "Client") -> None:
+    def __init__(self, client: Client) -> None:
         self._client = client
 
     def list(self) -> list[dict]:

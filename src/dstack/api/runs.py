@@ -15,15 +15,15 @@ from dstack.core.models.runs import Run as RunWire
 
 if TYPE_CHECKING:
     from dstack.api.client import Client
+    from dstack.api.ports import PortForwarder
     from dstack.core.models.configurations import BaseRunConfiguration
     from dstack.core.models.resources import ResourcesSpec
-    from dstack.api.ports import PortForwarder
 
 
 class Run:
     """A handle on one run. `refresh()` re-reads it; `logs()` follows it; `stop()` ends it."""
 
-    def __init__(self, client: "Client", wire: RunWire) -> None:
+    def __init__(self, client: Client, wire: RunWire) -> None:
         self._client = client
         self._run = wire
         self._forwarder: PortForwarder | None = None
@@ -97,7 +97,7 @@ class Run:
         return f"<Run '{self.name}' {self.status.value}>"
 
     # --- actions --------------------------------------------------------------------------
-    def refresh(self) -> "Run":
+    def refresh(self) -> Run:
         data = self._client.api.post(f"/api/project/{self._client.project}/runs/get", {"run_name": self.name})
         self._run = RunWire.model_validate(data)
         return self
@@ -107,15 +107,22 @@ class Run:
             f"/api/project/{self._client.project}/runs/stop", {"runs_names": [self.name], "abort": abort}
         )
 
-    def logs(self, start_time=None, diagnose: bool = False, replica_num: int = 0, job_num: int = 0,
-             follow: bool = True) -> Iterator[bytes]:
+    def logs(
+        self, start_time=None, diagnose: bool = False, replica_num: int = 0, job_num: int = 0, follow: bool = True
+    ) -> Iterator[bytes]:
         """The job's output as bytes, in order; with `follow`, until the run ends."""
         cursor = 0
         while True:
             resp = self._client.api.post(
                 f"/api/project/{self._client.project}/logs/poll",
-                {"run_name": self.name, "job_num": job_num, "replica_num": replica_num,
-                 "start_after": cursor, "limit": 1000, "wait": 20 if follow else 0},
+                {
+                    "run_name": self.name,
+                    "job_num": job_num,
+                    "replica_num": replica_num,
+                    "start_after": cursor,
+                    "limit": 1000,
+                    "wait": 20 if follow else 0,
+                },
                 timeout=60,
             )
             for record in resp["logs"]:
@@ -126,7 +133,9 @@ class Run:
             if resp["finished"] or not follow:
                 return
 
-    def wait(self, statuses: tuple[RunStatus, ...] | None = None, timeout: float | None = None, poll: float = 0.2) -> "Run":
+    def wait(
+        self, statuses: tuple[RunStatus, ...] | None = None, timeout: float | None = None, poll: float = 0.2
+    ) -> Run:
         """Block until the run reaches one of `statuses` (default: any finished status)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -137,8 +146,13 @@ class Run:
                 raise TimeoutError(f"run {self.name} is still {self.status.value} after {timeout}s")
             time.sleep(poll)
 
-    def attach(self, ssh_identity_file: str | None = None, bind_address: str = "127.0.0.1",
-               ports_overrides: list | None = None, timeout: float | None = None) -> bool:
+    def attach(
+        self,
+        ssh_identity_file: str | None = None,
+        bind_address: str = "127.0.0.1",
+        ports_overrides: list | None = None,
+        timeout: float | None = None,
+    ) -> bool:
         """Wait until the run is running, then forward its ports to this machine.
 
         Returns False when the run ended before it started.
@@ -169,23 +183,36 @@ class Run:
 class RunCollection:
     """`client.runs`."""
 
-    def __init__(self, client: "Client") -> None:
+    def __init__(self, client: Client) -> None:
         self._client = client
 
     def _path(self, op: str) -> str:
         return f"/api/project/{self._client.project}/runs/{op}"
 
     # --- current style --------------------------------------------------------------------
-    def get_run_plan(self, configuration: "BaseRunConfiguration | dict", repo=None, configuration_path: str | None = None,
-                     run_name: str | None = None, resources: "ResourcesSpec | None" = None,
-                     repo_dir: str | os.PathLike | None = None, **_: Any) -> RunPlan:
+    def get_run_plan(
+        self,
+        configuration: BaseRunConfiguration | dict,
+        repo=None,
+        configuration_path: str | None = None,
+        run_name: str | None = None,
+        resources: ResourcesSpec | None = None,
+        repo_dir: str | os.PathLike | None = None,
+        **_: Any,
+    ) -> RunPlan:
         conf = _configuration(configuration, resources, run_name)
-        spec = RunSpec(run_name=run_name or conf.name, configuration_path=configuration_path,
-                       configuration=conf.model_dump(mode="json"), working_dir=conf.working_dir)
+        spec = RunSpec(
+            run_name=run_name or conf.name,
+            configuration_path=configuration_path,
+            configuration=conf.model_dump(mode="json"),
+            working_dir=conf.working_dir,
+        )
         repo_dir = repo_dir if repo_dir is not None else (repo if isinstance(repo, (str, os.PathLike)) else None)
         if repo_dir is not None:
             spec.repo_id, spec.repo_code_hash = self._client.repos.upload(repo_dir)
-        plan = RunPlan.model_validate(self._client.api.post(self._path("get_plan"), {"run_spec": spec.model_dump(mode="json")}))
+        plan = RunPlan.model_validate(
+            self._client.api.post(self._path("get_plan"), {"run_spec": spec.model_dump(mode="json")})
+        )
         # The server's answer hides credentials (`***`); applying the plan sends ours again.
         plan.run_spec.configuration = spec.configuration
         return plan
@@ -194,28 +221,57 @@ class RunCollection:
         data = self._client.api.post(self._path("apply"), {"plan": run_plan.model_dump(mode="json"), "force": force})
         return Run(self._client, RunWire.model_validate(data))
 
-    def apply_configuration(self, configuration: "BaseRunConfiguration | dict", repo=None,
-                            configuration_path: str | None = None, run_name: str | None = None,
-                            resources: "ResourcesSpec | None" = None, repo_dir=None, force: bool = False, **kw: Any) -> Run:
-        plan = self.get_run_plan(configuration, repo=repo, configuration_path=configuration_path,
-                                 run_name=run_name, resources=resources, repo_dir=repo_dir)
+    def apply_configuration(
+        self,
+        configuration: BaseRunConfiguration | dict,
+        repo=None,
+        configuration_path: str | None = None,
+        run_name: str | None = None,
+        resources: ResourcesSpec | None = None,
+        repo_dir=None,
+        force: bool = False,
+        **kw: Any,
+    ) -> Run:
+        plan = self.get_run_plan(
+            configuration,
+            repo=repo,
+            configuration_path=configuration_path,
+            run_name=run_name,
+            resources=resources,
+            repo_dir=repo_dir,
+        )
         return self.apply_plan(plan, force=force)
 
     # --- 0.15 style -----------------------------------------------------------------------
-    def get_plan(self, configuration, repo=None, run_name: str | None = None, resources: "ResourcesSpec | None" = None,
-                 **kw: Any) -> RunPlan:
+    def get_plan(
+        self, configuration, repo=None, run_name: str | None = None, resources: ResourcesSpec | None = None, **kw: Any
+    ) -> RunPlan:
         return self.get_run_plan(configuration, repo=repo, run_name=run_name, resources=resources, **kw)
 
     def exec_plan(self, run_plan: RunPlan, repo=None, reserve_ports: bool = True) -> Run:
         return self.apply_plan(run_plan, repo=repo, reserve_ports=reserve_ports)
 
     # --- simple ---------------------------------------------------------------------------
-    def submit(self, configuration, run_name: str | None = None, resources: "ResourcesSpec | None" = None,
-               repo=None, configuration_path: str | None = None, reserve_ports: bool = True,
-               repo_dir=None, **kw: Any) -> Run:
+    def submit(
+        self,
+        configuration,
+        run_name: str | None = None,
+        resources: ResourcesSpec | None = None,
+        repo=None,
+        configuration_path: str | None = None,
+        reserve_ports: bool = True,
+        repo_dir=None,
+        **kw: Any,
+    ) -> Run:
         """Plan and start a run in one call; `run_name` is random when not given."""
-        plan = self.get_run_plan(configuration, repo=repo, configuration_path=configuration_path,
-                                 run_name=run_name, resources=resources, repo_dir=repo_dir)
+        plan = self.get_run_plan(
+            configuration,
+            repo=repo,
+            configuration_path=configuration_path,
+            run_name=run_name,
+            resources=resources,
+            repo_dir=repo_dir,
+        )
         job_plan = plan.job_plans[0] if plan.job_plans else None
         if job_plan is not None and not job_plan.offers:
             from dstack.core.errors import ServerClientError
@@ -227,21 +283,24 @@ class RunCollection:
         """All runs (newest first) with `all`; else the active ones plus the latest few."""
         from dstack.api.listing import list_runs_json
 
-        return [Run(self._client, RunWire.model_validate(d))
-                for d in list_runs_json(self._client, all=all, limit=limit)]
+        return [
+            Run(self._client, RunWire.model_validate(d)) for d in list_runs_json(self._client, all=all, limit=limit)
+        ]
 
     def get(self, run_name: str) -> Run | None:
         from dstack.core.errors import ServerClientError
 
         try:
-            return Run(self._client, RunWire.model_validate(self._client.api.post(self._path("get"), {"run_name": run_name})))
+            return Run(
+                self._client, RunWire.model_validate(self._client.api.post(self._path("get"), {"run_name": run_name}))
+            )
         except ServerClientError as e:
             if e.status == 404:
                 return None
             raise
 
 
-def _configuration(configuration, resources: "ResourcesSpec | None", run_name: str | None) -> "BaseRunConfiguration":
+def _configuration(configuration, resources: ResourcesSpec | None, run_name: str | None) -> BaseRunConfiguration:
     from dstack.core.models.configurations import parse_run_configuration
 
     conf = parse_run_configuration(configuration) if isinstance(configuration, dict) else configuration

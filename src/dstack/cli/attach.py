@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from dstack.cli.common import (
     EXIT_ERROR,
@@ -36,7 +37,7 @@ def _is_finished(run: Any) -> bool:
     return status_value(status) in ("done", "failed", "terminated")
 
 
-def wait_until(run: Any, done: Callable[[Any], bool], label: str, timeout: Optional[float] = None) -> bool:
+def wait_until(run: Any, done: Callable[[Any], bool], label: str, timeout: float | None = None) -> bool:
     """Poll `run` until `done(run)`, showing `<label> <run> (<status>)`; False on timeout.
 
     On a terminal the line is a spinner; piped, each status change is printed once.
@@ -96,7 +97,9 @@ def print_endpoints(run: Any, configuration_type: str) -> None:
         if url is None:
             extra = getattr(run, "extra", None) or getattr(getattr(run, "_run", None), "extra", None) or {}
             url = extra.get("endpoint_url") or extra.get("url")
-        out.print(f"Endpoint [bold]{escape(endpoint_id)}[/] is published" + (f" at [bold]{escape(url)}[/]" if url else ""))
+        out.print(
+            f"Endpoint [bold]{escape(endpoint_id)}[/] is published" + (f" at [bold]{escape(url)}[/]" if url else "")
+        )
 
 
 def final_status(run: Any) -> int:
@@ -121,7 +124,9 @@ def on_interrupt(run: Any) -> int:
         stop = False
     if not stop:
         _detach(run)
-        console().print(f"Detached from [bold]{escape(run.name)}[/]; it keeps running. Follow it with 'dstack logs -f {escape(run.name)}'")
+        console().print(
+            f"Detached from [bold]{escape(run.name)}[/]; it keeps running. Follow it with 'dstack logs -f {escape(run.name)}'"
+        )
         return EXIT_OK
     run.stop(abort=False)
     try:
@@ -143,7 +148,9 @@ def _detach(run: Any) -> None:
 def follow_run(run: Any, configuration_type: str, detach: bool) -> int:
     """After submission: wait for the run to start, print endpoints, stream logs, report the end."""
     if detach:
-        console().print(f"Run [bold]{escape(run.name)}[/] is submitted. Follow it with 'dstack logs -f {escape(run.name)}'")
+        console().print(
+            f"Run [bold]{escape(run.name)}[/] is submitted. Follow it with 'dstack logs -f {escape(run.name)}'"
+        )
         print_endpoints(run, configuration_type)  # known at submission; printed even when detached
         return EXIT_OK
     try:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, NoReturn, Optional
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -22,7 +22,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-_consoles: dict[str, "Console"] = {}
+_consoles: dict[str, Console] = {}
 
 
 class CLIExit(Exception):
@@ -33,7 +33,7 @@ class CLIExit(Exception):
         self.code = code
 
 
-def _make_console(stderr: bool) -> "Console":
+def _make_console(stderr: bool) -> Console:
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
@@ -42,13 +42,13 @@ def _make_console(stderr: bool) -> "Console":
     return Console(file=stream, width=width, highlight=False, soft_wrap=False)
 
 
-def console() -> "Console":
+def console() -> Console:
     if "out" not in _consoles:
         _consoles["out"] = _make_console(False)
     return _consoles["out"]
 
 
-def err_console() -> "Console":
+def err_console() -> Console:
     if "err" not in _consoles:
         _consoles["err"] = _make_console(True)
     return _consoles["err"]
@@ -66,7 +66,7 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     raise CLIExit(code)
 
 
-def ask_yes_no(question: str, *, default_when_no_tty: Optional[bool] = None) -> bool:
+def ask_yes_no(question: str, *, default_when_no_tty: bool | None = None) -> bool:
     """Ask `question [y/n]` on the terminal; without a terminal answer `default_when_no_tty`.
 
     Reading a pipe works too (tests and `yes |` feed answers); end of input counts as no.
@@ -90,7 +90,7 @@ def ask_yes_no(question: str, *, default_when_no_tty: Optional[bool] = None) -> 
             return False
 
 
-def get_client(project: Optional[str]) -> "Client":
+def get_client(project: str | None) -> Client:
     """The API client for `project` (or the default), failing with a helpful message."""
     from dstack.api import Client
     from dstack.api.config import ConfigError, get_project
@@ -102,12 +102,16 @@ def get_client(project: Optional[str]) -> "Client":
     if cfg is None:
         wanted = project or os.environ.get("DSTACK_PROJECT")
         if wanted:
-            fail(f"project {wanted!r} is not configured; add it with 'dstack config --url URL --project {wanted} --token TOKEN'")
-        fail("no project is configured; start a server with 'dstack server' or run 'dstack config --url URL --project NAME --token TOKEN'")
+            fail(
+                f"project {wanted!r} is not configured; add it with 'dstack config --url URL --project {wanted} --token TOKEN'"
+            )
+        fail(
+            "no project is configured; start a server with 'dstack server' or run 'dstack config --url URL --project NAME --token TOKEN'"
+        )
     return Client.from_config(project_name=project)
 
 
-def server_url(project: Optional[str]) -> str:
+def server_url(project: str | None) -> str:
     """The server URL the client would use, for error messages; `?` when unknown."""
     try:
         from dstack.api.config import get_project
@@ -144,19 +148,19 @@ def styled_status(status: Any) -> str:
     return f"[{style}]{value}[/]" if style else value
 
 
-def format_price(price: Optional[float]) -> str:
+def format_price(price: float | None) -> str:
     if price is None:
         return "-"
     return f"${price:.4f}".rstrip("0").rstrip(".") if price else "$0"
 
 
-def format_ago(when: Optional[datetime], now: Optional[datetime] = None) -> str:
+def format_ago(when: datetime | None, now: datetime | None = None) -> str:
     """`now`, `12 secs ago`, `3 mins ago`, `2 hours ago`, `yesterday`, then a date."""
     if when is None:
         return "-"
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    now = now or datetime.now(timezone.utc)
+        when = when.replace(tzinfo=UTC)
+    now = now or datetime.now(UTC)
     secs = int((now - when).total_seconds())
     if secs < 5:
         return "now"
@@ -195,7 +199,13 @@ def escape(text: Any) -> str:
 Cell = tuple[str, str]  # (text, style); style is a space-separated subset of _SGR's keys
 
 _SGR = {
-    "bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36", "grey62": "90",
+    "bold": "1",
+    "dim": "2",
+    "red": "31",
+    "green": "32",
+    "yellow": "33",
+    "cyan": "36",
+    "grey62": "90",
 }
 
 

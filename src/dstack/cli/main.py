@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from dstack.cli.commands import COMMANDS
 from dstack.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, CLIExit
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
@@ -45,9 +45,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def _dispatch(func, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    from dstack.core.errors import ClientError, ConfigurationError, DstackError, ServerClientError
-
     from dstack.cli.common import error, server_url
+    from dstack.core.errors import ClientError, ConfigurationError, DstackError, ServerClientError
 
     try:
         code = func(args)

@@ -6,7 +6,7 @@ growing), so commands stay about flow and these stay about looks.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from dstack.cli.common import console, escape, format_price, resources_text
 from dstack.core.exit_status import exit_error
@@ -56,7 +56,7 @@ def run_error(run: Any) -> str:
     return ""
 
 
-def _value(x: Any) -> Optional[str]:
+def _value(x: Any) -> str | None:
     if x is None:
         return None
     return str(getattr(x, "value", x))
@@ -79,7 +79,7 @@ def _retry_text(configuration: Any) -> str:
     return f"on {events}" + (f" for {format_duration(duration)}" if duration else "")
 
 
-def print_plan(plan: Any, configuration: Any, configuration_path: Optional[str], max_offers: int) -> None:
+def print_plan(plan: Any, configuration: Any, configuration_path: str | None, max_offers: int) -> None:
     """The properties table and the offers table (best first, `max_offers` rows)."""
     from rich.table import Table
 
@@ -141,7 +141,7 @@ def print_plan(plan: Any, configuration: Any, configuration_path: Optional[str],
     out.print()
 
 
-def no_offers_reason(plan: Any) -> Optional[str]:
+def no_offers_reason(plan: Any) -> str | None:
     """The server's explanation when the plan has no offers, else None (there are offers)."""
     job_plans = list(getattr(plan, "job_plans", None) or [])
     if job_plans and job_plans[0].offers:

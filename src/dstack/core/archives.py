@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import tarfile
-from typing import IO, Mapping, Optional
+from collections.abc import Mapping
+from typing import IO
 
 DEFAULT_MAX_EXTRACTED_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_FILES = 50_000
@@ -48,7 +49,7 @@ class ExtractBudget:
                 )
 
     @classmethod
-    def from_env(cls, prefix: str, environ: Optional[Mapping[str, str]] = None) -> "ExtractBudget":
+    def from_env(cls, prefix: str, environ: Mapping[str, str] | None = None) -> ExtractBudget:
         """Limits from `<prefix>_CODE_EXTRACTED_LIMIT` (bytes) and `<prefix>_CODE_MAX_FILES`."""
         env = os.environ if environ is None else environ
         return cls(

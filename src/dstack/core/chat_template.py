@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -36,7 +36,7 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _tojson(value: Any, indent: Optional[int] = None) -> str:
+def _tojson(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent)
 
 
@@ -56,7 +56,7 @@ def _compile(template: str) -> Any:
 class ChatTemplate:
     """A compiled chat template with the special tokens it may refer to."""
 
-    def __init__(self, template: str, bos_token: Optional[str] = None, eos_token: Optional[str] = None) -> None:
+    def __init__(self, template: str, bos_token: str | None = None, eos_token: str | None = None) -> None:
         self._template = _compile(template)
         self.source = template
         self.bos_token = bos_token or ""
@@ -68,8 +68,7 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         **kwargs: Any,
     ) -> str:
-        messages = [{**m, "content": message_text(m.get("content"))} if isinstance(m, dict) else m
-                    for m in messages]
+        messages = [{**m, "content": message_text(m.get("content"))} if isinstance(m, dict) else m for m in messages]
         try:
             return self._template.render(
                 messages=messages,

@@ -6,7 +6,7 @@ without importing each other.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 
 class DstackError(Exception):
@@ -25,10 +25,10 @@ class ConfigurationError(DstackError):
         self,
         message: str,
         *,
-        path: Optional[str] = None,
-        line: Optional[int] = None,
-        field: Optional[str] = None,
-        column: Optional[int] = None,
+        path: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        column: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -56,8 +56,8 @@ class ServerClientError(DstackError):
         self,
         msg: str = "",
         code: str = "error",
-        fields: Optional[list[Any]] = None,
-        status: Optional[int] = None,
+        fields: list[Any] | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(msg)
         self.msg = msg

@@ -7,10 +7,9 @@ so one number carries both cases; this module is the one place that reads it.
 from __future__ import annotations
 
 import signal
-from typing import Optional
 
 
-def signal_name(exit_status: Optional[int]) -> Optional[str]:
+def signal_name(exit_status: int | None) -> str | None:
     """`SIGSEGV` for 139 (128 + 11), None when the status is not a signal's."""
     if exit_status is None or not 128 < exit_status < 128 + 65:
         return None
@@ -34,7 +33,7 @@ def describe_engine_exit(exit_status: int) -> str:
     return f"engine crashed: {sig}" if sig else f"engine exited with status {exit_status}"
 
 
-def exit_error(exit_status: int, message: Optional[str]) -> str:
+def exit_error(exit_status: int, message: str | None) -> str:
     """A failed job's error in one line: the agent's or engine's words for a crash, else `exit status 3`."""
     if signal_name(exit_status) or (message or "").startswith("engine "):
         return message or describe_exit(exit_status)

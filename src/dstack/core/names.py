@@ -8,12 +8,10 @@ alphabet: lowercase letters, digits and `-`, starting with a letter, at most 41 
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any
 
 MAX_NAME_LENGTH = 41
-NAME_RULE = (
-    f"lowercase letters, digits and '-', starting with a letter, at most {MAX_NAME_LENGTH} characters"
-)
+NAME_RULE = f"lowercase letters, digits and '-', starting with a letter, at most {MAX_NAME_LENGTH} characters"
 _NAME = re.compile(rf"[a-z][a-z0-9-]{{0,{MAX_NAME_LENGTH - 1}}}")
 
 #: repo ids are made by clients from a directory name and a hash; they are only keys
@@ -26,7 +24,7 @@ def is_valid_name(value: Any) -> bool:
     return isinstance(value, str) and _NAME.fullmatch(value) is not None
 
 
-def name_error(kind: str, value: Any) -> Optional[str]:
+def name_error(kind: str, value: Any) -> str | None:
     """Why `value` is not a valid `kind` name (e.g. "run"), or `None` when it is.
 
     The message quotes at most the first 50 characters of the value, so a huge name does not
@@ -50,7 +48,7 @@ def validate_name(kind: str, value: Any) -> str:
     return value
 
 
-def repo_id_error(value: Any) -> Optional[str]:
+def repo_id_error(value: Any) -> str | None:
     """Why `value` cannot be a repo id (empty, too long, control characters, slashes), or `None`."""
     if not isinstance(value, str) or not value:
         return "invalid repo id: expected a non-empty string"

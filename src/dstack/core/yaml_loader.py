@@ -10,8 +10,9 @@ with the file and line, instead of exhausting the stack or the memory.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -40,7 +41,7 @@ class _BoundedLoader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
 
-    def compose_node(self, parent: Optional[yaml.Node], index: Any) -> yaml.Node:  # type: ignore[override]
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:  # type: ignore[override]
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
@@ -90,15 +91,13 @@ def _check_expanded_size(root: yaml.Node) -> None:
     raise _TooLarge(culprit, f"the document expands to more than {MAX_YAML_NODES} values (through aliases?)")
 
 
-def is_configuration_file_name(path: Union[str, os.PathLike[str]]) -> bool:
+def is_configuration_file_name(path: str | os.PathLike[str]) -> bool:
     """Whether `path` is named like a dstack configuration (`.dstack.yml`, `serve.dstack.yml`)."""
     name = os.path.basename(os.fspath(path))
     return name == CONFIGURATION_SUFFIX or name.endswith(CONFIGURATION_SUFFIX)
 
 
-def load_configuration(
-    path: Union[str, os.PathLike[str]], environ: Optional[Mapping[str, str]] = None
-) -> AnyRunConfiguration:
+def load_configuration(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> AnyRunConfiguration:
     """Read and validate a configuration file; any problem is a `ConfigurationError`.
 
     `environ` replaces `os.environ` as the source of bare `env` keys (`env: [HF_TOKEN]`).
@@ -114,7 +113,7 @@ def load_configuration(
 
 
 def load_configuration_text(
-    text: str, path: Optional[str] = None, environ: Optional[Mapping[str, str]] = None
+    text: str, path: str | None = None, environ: Mapping[str, str] | None = None
 ) -> AnyRunConfiguration:
     """Validate configuration YAML `text`; `path` is only used to name the source in errors."""
     source = path or "<configuration>"
@@ -143,7 +142,7 @@ def load_configuration_text(
         raise _to_configuration_error(validation_issues(e, cls), root, source, path) from e
 
 
-def _parse_yaml(text: str, source: str, path: Optional[str]) -> tuple[Optional[yaml.Node], Any]:
+def _parse_yaml(text: str, source: str, path: str | None) -> tuple[yaml.Node | None, Any]:
     loader = _BoundedLoader(text)
     try:
         root = loader.get_single_node()
@@ -181,7 +180,7 @@ def _parse_yaml(text: str, source: str, path: Optional[str]) -> tuple[Optional[y
     return root, data
 
 
-def _check_duplicate_keys(node: yaml.Node, source: str, path: Optional[str]) -> None:
+def _check_duplicate_keys(node: yaml.Node, source: str, path: str | None) -> None:
     """YAML silently keeps the last of two equal keys; in a configuration that is a mistake."""
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
@@ -203,7 +202,7 @@ def _check_duplicate_keys(node: yaml.Node, source: str, path: Optional[str]) -> 
             _check_duplicate_keys(item, source, path)
 
 
-def _position(root: yaml.Node, loc: Sequence[Union[str, int]]) -> tuple[int, int]:
+def _position(root: yaml.Node, loc: Sequence[str | int]) -> tuple[int, int]:
     """1-based (line, column) of the deepest node on `loc` (a key's own line for mapping entries)."""
     mark = root.start_mark
     node: yaml.Node = root
@@ -224,16 +223,14 @@ def _position(root: yaml.Node, loc: Sequence[Union[str, int]]) -> tuple[int, int
     return mark.line + 1, mark.column + 1
 
 
-def _find_key(node: yaml.MappingNode, name: str) -> Optional[tuple[yaml.Node, yaml.Node]]:
+def _find_key(node: yaml.MappingNode, name: str) -> tuple[yaml.Node, yaml.Node] | None:
     for key, value in node.value:
         if isinstance(key, yaml.ScalarNode) and key.value == name:
             return key, value
     return None
 
 
-def _to_configuration_error(
-    issues: list[Issue], root: yaml.Node, source: str, path: Optional[str]
-) -> ConfigurationError:
+def _to_configuration_error(issues: list[Issue], root: yaml.Node, source: str, path: str | None) -> ConfigurationError:
     located = sorted(
         ((_position(root, issue.loc), n, issue) for n, issue in enumerate(issues)), key=lambda t: (t[0], t[1])
     )

@@ -81,6 +81,14 @@ from dstack.proxy.metrics import render_prometheus
 from dstack.proxy.registry import ModelInfo, Replica, ServiceInfo, ServiceRegistry, ServiceStats
 
 __all__ = [
-    "Authorizer", "HostRouter", "ModelInfo", "ProxyApp", "Replica", "ServiceInfo", "ServiceRegistry",
-    "ServiceStats", "build_proxy_app", "render_prometheus",
+    "Authorizer",
+    "HostRouter",
+    "ModelInfo",
+    "ProxyApp",
+    "Replica",
+    "ServiceInfo",
+    "ServiceRegistry",
+    "ServiceStats",
+    "build_proxy_app",
+    "render_prometheus",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
 from urllib.parse import quote
 
 from dstack.proxy import ws
@@ -66,9 +65,11 @@ class ProxyApp:
                 return
             await self.models.handle(scope, receive, send, parts[2], "/" + parts[3])
             return
-        await _not_found(scope, send, "Not found: the proxy serves /services/{project}/{run}/... and /models/{project}/v1/...")
+        await _not_found(
+            scope, send, "Not found: the proxy serves /services/{project}/{run}/... and /models/{project}/v1/..."
+        )
 
-    async def absent(self, scope: Scope, send: Send, project: Optional[str], detail: str) -> None:
+    async def absent(self, scope: Scope, send: Send, project: str | None, detail: str) -> None:
         """Answer for a service that is not there. A caller who may not reach `project`'s services
         gets what a protected service would answer them (401 without a token, 403 with a token of
         a non-member), so answers do not tell which services exist; members get the 404."""
@@ -81,7 +82,9 @@ class ProxyApp:
             return
         await _not_found(scope, send, detail)
 
-    async def serve(self, scope: Scope, receive: Receive, send: Send, state: ServiceState, target: bytes, prefix: str) -> None:
+    async def serve(
+        self, scope: Scope, receive: Receive, send: Send, state: ServiceState, target: bytes, prefix: str
+    ) -> None:
         """Authorize, then forward an HTTP request or a WebSocket to one of the service's replicas."""
         info = state.info
         if scope["type"] == "websocket":
@@ -118,13 +121,13 @@ class ProxyApp:
 def _target(scope: Scope, prefix: str, rest: str, strip: bool) -> bytes:
     """Upstream request target: the path below the service prefix (or the whole path), raw-encoded."""
     root = scope.get("root_path", "") or ""
-    raw: Optional[bytes] = scope.get("raw_path")
+    raw: bytes | None = scope.get("raw_path")
     if strip:
         if raw is not None:
             for p in (root + prefix, prefix):
                 pb = _quote(p)
                 if raw.startswith(pb) and (len(raw) == len(pb) or raw[len(pb)] == 47):
-                    return _with_query(scope, raw[len(pb):] or b"/")
+                    return _with_query(scope, raw[len(pb) :] or b"/")
         return _with_query(scope, _quote(rest))
     if raw is not None:
         rb = _quote(root)
@@ -152,14 +155,16 @@ async def _lifespan(receive: Receive, send: Send, proxy: Proxy) -> None:
 
 def build_proxy_app(
     registry: ServiceRegistry,
-    authorizer: Optional[Authorizer],
+    authorizer: Authorizer | None,
     *,
     connect_timeout: float = 10.0,
     read_timeout: float = 300.0,
     auth_ttl: float = 5.0,
 ) -> ProxyApp:
     """The path-based proxy app; mount it at `/proxy` (or serve it standalone)."""
-    return ProxyApp(Proxy(registry, authorizer, connect_timeout=connect_timeout, read_timeout=read_timeout, auth_ttl=auth_ttl))
+    return ProxyApp(
+        Proxy(registry, authorizer, connect_timeout=connect_timeout, read_timeout=read_timeout, auth_ttl=auth_ttl)
+    )
 
 
 class HostRouter:
@@ -170,13 +175,13 @@ class HostRouter:
     (a gateway shared by several projects; an ambiguous run name answers 409).
     """
 
-    def __init__(self, app: Optional[ASGIApp], proxy_app: ProxyApp, domain: str, project: Optional[str] = None) -> None:
+    def __init__(self, app: ASGIApp | None, proxy_app: ProxyApp, domain: str, project: str | None = None) -> None:
         self.app = app
         self.proxy_app = proxy_app
         self.domain = "." + domain.strip(".").lower()
         self.project = project
 
-    def _sub(self, scope: Scope) -> Optional[str]:
+    def _sub(self, scope: Scope) -> str | None:
         host = header(scope, b"host")
         if not host:
             return None
@@ -212,7 +217,9 @@ class HostRouter:
         else:
             found = registry.find_run(sub)
             if len(found) > 1:
-                await send_detail(send, 409, f"Run name '{sub}' exists in several projects; use /services/{{project}}/{sub}/")
+                await send_detail(
+                    send, 409, f"Run name '{sub}' exists in several projects; use /services/{{project}}/{sub}/"
+                )
                 return
             state = found[0] if found else None
         if state is None:
@@ -221,5 +228,5 @@ class HostRouter:
         raw = scope.get("raw_path") or _quote(scope["path"])
         root = _quote(scope.get("root_path", "") or "")
         if root and raw.startswith(root):
-            raw = raw[len(root):] or b"/"
+            raw = raw[len(root) :] or b"/"
         await self.proxy_app.serve(scope, receive, send, state, _with_query(scope, raw), "")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
 
 #: `(project, bearer token or None) -> allowed`; implemented by the server (or the gateway's
 #: HTTP client for it). Must not raise for an unknown token: return False.
-Authorizer = Callable[[str, Optional[str]], Awaitable[bool]]
+Authorizer = Callable[[str, str | None], Awaitable[bool]]
 
 MAX_TTL = 5.0
 
@@ -19,7 +19,7 @@ class AuthCache:
     Concurrent checks of the same (project, token) share one call to the authorizer.
     """
 
-    def __init__(self, authorizer: Optional[Authorizer], ttl: float = MAX_TTL, negative_ttl: float = 2.0) -> None:
+    def __init__(self, authorizer: Authorizer | None, ttl: float = MAX_TTL, negative_ttl: float = 2.0) -> None:
         self.authorizer = authorizer
         self.ttl = min(ttl, MAX_TTL)
         self.negative_ttl = min(negative_ttl, self.ttl)
@@ -66,7 +66,7 @@ class AuthCache:
         self._cache.clear()
 
 
-def bearer_token(headers: list[tuple[bytes, bytes]]) -> Optional[str]:
+def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
     """The token of an `Authorization: Bearer` header, or None."""
     for name, value in headers:
         if name == b"authorization" or name.lower() == b"authorization":

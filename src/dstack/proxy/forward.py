@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Optional
 
 from dstack.proxy.auth import AuthCache, Authorizer, bearer_token
 from dstack.proxy.http import Receive, Scope, Send, send_detail
@@ -22,13 +21,33 @@ log = logging.getLogger(__name__)
 
 _HOP_REQ = frozenset(
     {
-        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-        b"transfer-encoding", b"upgrade", b"host", b"expect", b"content-length",
-        b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"expect",
+        b"content-length",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-prefix",
     }
 )
 _HOP_RESP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
 )
 _UNAUTHORIZED = [(b"www-authenticate", b"Bearer")]
 
@@ -39,7 +58,7 @@ class Proxy:
     def __init__(
         self,
         registry: ServiceRegistry,
-        authorizer: Optional[Authorizer],
+        authorizer: Authorizer | None,
         *,
         connect_timeout: float = 10.0,
         read_timeout: float = 300.0,
@@ -68,7 +87,7 @@ class Proxy:
         await send_detail(send, 403, f"The token is not valid, or its user is not a member of project '{project}'")
         return False
 
-    async def choose(self, state: ServiceState, send: Send) -> Optional[ReplicaState]:
+    async def choose(self, state: ServiceState, send: Send) -> ReplicaState | None:
         """A ready replica; holds the request while a scaled-to-zero service wakes up."""
         r = state.pick()
         if r is not None:
@@ -77,15 +96,17 @@ class Proxy:
         name = f"{info.project}/{info.run_name}"
         if not self.registry.maybe_wake(state):
             why = f" (last replica failure: {info.last_error})" if info.last_error else ""
-            await send_detail(send, 503, f"Service '{name}' has no ready replica{why}; try again later",
-                              [(b"retry-after", b"5")])
+            await send_detail(
+                send, 503, f"Service '{name}' has no ready replica{why}; try again later", [(b"retry-after", b"5")]
+            )
             return None
         deadline = time.monotonic() + info.hold_timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 await send_detail(
-                    send, 503,
+                    send,
+                    503,
                     f"Service '{name}' is scaled to zero and no replica became ready within {info.hold_timeout:g} s; try again later",
                     [(b"retry-after", b"10")],
                 )
@@ -103,12 +124,14 @@ class Proxy:
                 return r
             await asyncio.sleep(0.05)
 
-    def request_head(self, scope: Scope, state: ServiceState, target: bytes, prefix: str, extra: list[tuple[bytes, bytes]]) -> bytes:
+    def request_head(
+        self, scope: Scope, state: ServiceState, target: bytes, prefix: str, extra: list[tuple[bytes, bytes]]
+    ) -> bytes:
         """Request line and headers except `host` (added per replica) and body framing."""
         drop_auth = state.info.auth
         out = [scope["method"].encode(), b" ", target, b" HTTP/1.1\r\n"]
         hdrs = scope["headers"]
-        conn_tokens: Optional[set[bytes]] = None
+        conn_tokens: set[bytes] | None = None
         xff = b""
         host = b""
         for name, value in hdrs:
@@ -139,7 +162,9 @@ class Proxy:
             out += (name, b": ", value, b"\r\n")
         return b"".join(out)
 
-    async def forward(self, scope: Scope, receive: Receive, send: Send, state: ServiceState, target: bytes, prefix: str = "") -> None:
+    async def forward(
+        self, scope: Scope, receive: Receive, send: Send, state: ServiceState, target: bytes, prefix: str = ""
+    ) -> None:
         """Proxy one HTTP request to a replica of `state` (auth already checked)."""
         metrics = state.metrics
         started = metrics.start()
@@ -149,7 +174,9 @@ class Proxy:
         finally:
             metrics.finish(started, status)
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, state: ServiceState, target: bytes, prefix: str) -> int:
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, state: ServiceState, target: bytes, prefix: str
+    ) -> int:
         msg = await receive()
         if msg["type"] == "http.disconnect":
             return 499
@@ -176,7 +203,7 @@ class Proxy:
         fresh_retry = False
         while True:
             replica.in_flight += 1
-            conn: Optional[Connection] = None
+            conn: Connection | None = None
             try:
                 if more or fresh_retry:
                     conn, reused = await pool.connect(replica.key), False
@@ -194,7 +221,9 @@ class Proxy:
                     if alt is not None:
                         retried, replica = True, alt
                         continue
-                await send_detail(send, 502, f"Replica '{replica.id}' of service '{state.info.run_name}' is unreachable: {e}")
+                await send_detail(
+                    send, 502, f"Replica '{replica.id}' of service '{state.info.run_name}' is unreachable: {e}"
+                )
                 return 502
             except UpstreamClosed as e:
                 replica.in_flight -= 1
@@ -209,7 +238,9 @@ class Proxy:
                 replica.in_flight -= 1
                 if conn is not None:
                     conn.close()
-                await send_detail(send, e.status, f"Replica '{replica.id}' of service '{state.info.run_name}' failed: {e}")
+                await send_detail(
+                    send, e.status, f"Replica '{replica.id}' of service '{state.info.run_name}' failed: {e}"
+                )
                 return e.status
             except BaseException:
                 replica.in_flight -= 1

@@ -30,7 +30,8 @@ import contextlib
 import dataclasses
 import hmac
 import os
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from starlette.applications import Starlette
@@ -47,11 +48,12 @@ from dstack.proxy.registry import ModelInfo, Replica, ServiceInfo, ServiceRegist
 def http_authorizer(auth_url: str, token: str, client: httpx.AsyncClient) -> Authorizer:
     """An Authorizer that asks the dstack server; network trouble raises (treated as deny, briefly)."""
 
-    async def authorize(project: str, user_token: Optional[str]) -> bool:
+    async def authorize(project: str, user_token: str | None) -> bool:
         if user_token is None:
             return False
-        r = await client.post(auth_url, json={"project": project, "token": user_token},
-                              headers={"Authorization": f"Bearer {token}"})
+        r = await client.post(
+            auth_url, json={"project": project, "token": user_token}, headers={"Authorization": f"Bearer {token}"}
+        )
         if r.status_code == 200:
             return True
         if r.status_code in (401, 403, 404):
@@ -81,23 +83,33 @@ def parse_service(data: Any) -> ServiceInfo:
 
 
 def build_gateway_app(
-    domain: str, token: str, auth_url: Optional[str] = None, wake_url: Optional[str] = None,
-    registry: Optional[ServiceRegistry] = None, read_timeout: float = 300.0, project: Optional[str] = None,
+    domain: str,
+    token: str,
+    auth_url: str | None = None,
+    wake_url: str | None = None,
+    registry: ServiceRegistry | None = None,
+    read_timeout: float = 300.0,
+    project: str | None = None,
 ) -> HostRouter:
     registry = registry or ServiceRegistry()
     client = httpx.AsyncClient(timeout=10.0)
     authorizer = http_authorizer(auth_url, token, client) if auth_url else None
     proxy_app: ProxyApp = build_proxy_app(registry, authorizer, read_timeout=read_timeout)
     if wake_url:
+
         async def wake(project: str, run_name: str) -> None:
-            await client.post(wake_url, json={"project": project, "run_name": run_name},
-                              headers={"Authorization": f"Bearer {token}"})
+            await client.post(
+                wake_url, json={"project": project, "run_name": run_name}, headers={"Authorization": f"Bearer {token}"}
+            )
+
         registry.on_wake = wake
 
-    def guard(request: Request) -> Optional[Response]:
+    def guard(request: Request) -> Response | None:
         got = bearer_token(request.scope["headers"])
         if got is None:
-            return JSONResponse({"detail": "Authentication required: send 'Authorization: Bearer <gateway token>'"}, 401)
+            return JSONResponse(
+                {"detail": "Authentication required: send 'Authorization: Bearer <gateway token>'"}, 401
+            )
         if not hmac.compare_digest(got, token):
             return JSONResponse({"detail": "Invalid gateway token"}, 403)
         return None
@@ -173,15 +185,18 @@ def build_gateway_app(
     return HostRouter(api, proxy_app, domain, project=project)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dstack.proxy.gateway", description="dstack gateway (service proxy)")
     p.add_argument("--domain", required=True, help="services are served at <run>.<domain>, models at gateway.<domain>")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=None, help="default 443 with TLS, else 80")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
-    p.add_argument("--token", default=os.environ.get("DSTACK_GATEWAY_TOKEN"),
-                   help="token the dstack server uses for the registration API (default: $DSTACK_GATEWAY_TOKEN)")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("DSTACK_GATEWAY_TOKEN"),
+        help="token the dstack server uses for the registration API (default: $DSTACK_GATEWAY_TOKEN)",
+    )
     p.add_argument("--project", help="serve this project's services only")
     p.add_argument("--gateway-id", help="the server's id of this gateway (how it finds the process)")
     p.add_argument("--auth-url", help="e.g. http://server:3000/api/proxy/authorize")
@@ -194,11 +209,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         p.error("--tls-cert and --tls-key go together")
     import uvicorn
 
-    app = build_gateway_app(args.domain, args.token, args.auth_url, args.wake_url, read_timeout=args.read_timeout,
-                            project=args.project)
+    app = build_gateway_app(
+        args.domain, args.token, args.auth_url, args.wake_url, read_timeout=args.read_timeout, project=args.project
+    )
     port = args.port or (443 if args.tls_cert else 80)
-    uvicorn.run(app, host=args.host, port=port, ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
-                loop="auto", http="auto", log_level="warning", proxy_headers=False)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=port,
+        ssl_certfile=args.tls_cert,
+        ssl_keyfile=args.tls_key,
+        loop="auto",
+        http="auto",
+        log_level="warning",
+        proxy_headers=False,
+    )
 
 
 if __name__ == "__main__":

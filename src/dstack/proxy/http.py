@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Awaitable, Callable, Iterable, Optional
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -13,7 +14,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 async def send_bytes(
-    send: Send, status: int, body: bytes, content_type: bytes = b"application/json", headers: Iterable[tuple[bytes, bytes]] = ()
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes = b"application/json",
+    headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
     hdrs = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
     hdrs.extend(headers)
@@ -30,7 +35,7 @@ async def send_detail(send: Send, status: int, detail: str, headers: Iterable[tu
     await send_json(send, status, {"detail": detail}, headers)
 
 
-async def read_body(receive: Receive, limit: Optional[int] = None) -> bytes:
+async def read_body(receive: Receive, limit: int | None = None) -> bytes:
     parts = []
     size = 0
     while True:
@@ -47,7 +52,7 @@ async def read_body(receive: Receive, limit: Optional[int] = None) -> bytes:
             return b"".join(parts)
 
 
-def header(scope: Scope, name: bytes) -> Optional[bytes]:
+def header(scope: Scope, name: bytes) -> bytes | None:
     for k, v in scope["headers"]:
         if k == name:
             return v
@@ -59,5 +64,5 @@ def route_path(scope: Scope) -> str:
     path: str = scope["path"]
     root: str = scope.get("root_path", "") or ""
     if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root):] or "/"
+        return path[len(root) :] or "/"
     return path

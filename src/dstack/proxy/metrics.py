@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dstack.proxy.registry import ServiceRegistry
@@ -66,7 +66,7 @@ class ServiceMetrics:
     def errors_in(self, window: float) -> int:
         return self._sum(self._errors, window)
 
-    def percentiles(self, window: float) -> tuple[Optional[float], Optional[float], Optional[float]]:
+    def percentiles(self, window: float) -> tuple[float | None, float | None, float | None]:
         """p50/p95/p99 latency in milliseconds over the last `window` seconds."""
         cutoff = time.monotonic() - window
         values = sorted(lat for t, lat in self._lat if t >= cutoff)
@@ -83,7 +83,7 @@ def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_prometheus(registry: "ServiceRegistry", window: float = 60.0) -> str:
+def render_prometheus(registry: ServiceRegistry, window: float = 60.0) -> str:
     """Prometheus text exposition of every registered service."""
     out: list[str] = []
     families = [

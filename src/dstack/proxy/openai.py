@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Optional
+from typing import Any
 
+from dstack.proxy import tgi
 from dstack.proxy.auth import bearer_token
 from dstack.proxy.forward import Proxy
 from dstack.proxy.http import Receive, Scope, Send, read_body, send_json
 from dstack.proxy.registry import ReplicaState, ServiceState
-from dstack.proxy import tgi
 from dstack.proxy.upstream import Connection, UpstreamClosed, UpstreamConnectError, UpstreamError
 
 _MAX_BODY = 32 << 20
@@ -25,8 +25,15 @@ _SSE_HEADERS = [
 ]
 
 
-async def _error(send: Send, status: int, message: str, type_: str, code: Any = None, param: Optional[str] = None,
-                 headers: list[tuple[bytes, bytes]] = []) -> None:
+async def _error(
+    send: Send,
+    status: int,
+    message: str,
+    type_: str,
+    code: Any = None,
+    param: str | None = None,
+    headers: list[tuple[bytes, bytes]] = [],
+) -> None:
     body = tgi.error_object(message, type_, code, param)
     body["detail"] = message  # dstack clients read `detail`; OpenAI SDKs read `error`
     await send_json(send, status, body, headers)
@@ -38,7 +45,7 @@ class ModelEndpoint:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, project: Optional[str], path: str) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send, project: str | None, path: str) -> None:
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1008})
             return
@@ -65,14 +72,20 @@ class ModelEndpoint:
         if state is None:
             if not await self._authorize_project(scope, send, project):  # no oracle of model names
                 return
-            await _error(send, 404, f"The model '{name}' does not exist" + (f" in project '{project}'" if project else ""),
-                         "invalid_request_error", "model_not_found", "model")
+            await _error(
+                send,
+                404,
+                f"The model '{name}' does not exist" + (f" in project '{project}'" if project else ""),
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
             return
         if not await self._authorize(scope, send, state):
             return
         model = state.info.model
         assert model is not None
-        sub = path[len("/v1"):]
+        sub = path[len("/v1") :]
         if model.format == "openai":
             target = (model.prefix.rstrip("/") + sub).encode()
             qs = scope.get("query_string") or b""
@@ -90,8 +103,13 @@ class ModelEndpoint:
             await self.proxy.forward(scope, replay, send, state, target)
             return
         if sub not in ("/chat/completions", "/completions"):
-            await _error(send, 404, f"Model '{name}' (format tgi) supports only /v1/chat/completions and /v1/completions",
-                         "invalid_request_error", "not_found")
+            await _error(
+                send,
+                404,
+                f"Model '{name}' (format tgi) supports only /v1/chat/completions and /v1/completions",
+                "invalid_request_error",
+                "not_found",
+            )
             return
         metrics = state.metrics
         started = metrics.start()
@@ -106,21 +124,32 @@ class ModelEndpoint:
             return True
         return await self._authorize_project(scope, send, state.info.project)
 
-    async def _authorize_project(self, scope: Scope, send: Send, project: Optional[str]) -> bool:
+    async def _authorize_project(self, scope: Scope, send: Send, project: str | None) -> bool:
         """Answers 401/403 and returns False unless the caller's token may reach `project`
         (with no project, on a gateway serving several: unless there is a token)."""
         token = bearer_token(scope["headers"])
         if token is None:
-            await _error(send, 401, "Authentication required: send 'Authorization: Bearer <dstack user token>'",
-                         "authentication_error", "missing_token", headers=[(b"www-authenticate", b"Bearer")])
+            await _error(
+                send,
+                401,
+                "Authentication required: send 'Authorization: Bearer <dstack user token>'",
+                "authentication_error",
+                "missing_token",
+                headers=[(b"www-authenticate", b"Bearer")],
+            )
             return False
         if project is not None and not await self.proxy.auth.allowed(project, token):
-            await _error(send, 403, f"The token is not valid, or its user is not a member of project '{project}'",
-                         "permission_error", "forbidden")
+            await _error(
+                send,
+                403,
+                f"The token is not valid, or its user is not a member of project '{project}'",
+                "permission_error",
+                "forbidden",
+            )
             return False
         return True
 
-    async def _list(self, scope: Scope, send: Send, project: Optional[str]) -> None:
+    async def _list(self, scope: Scope, send: Send, project: str | None) -> None:
         token = bearer_token(scope["headers"])
         states = self.proxy.registry.models(project)
         visible = []
@@ -132,11 +161,22 @@ class ModelEndpoint:
                 denied += 1
         if not visible and denied:
             if token is None:
-                await _error(send, 401, "Authentication required: send 'Authorization: Bearer <dstack user token>'",
-                             "authentication_error", "missing_token", headers=[(b"www-authenticate", b"Bearer")])
+                await _error(
+                    send,
+                    401,
+                    "Authentication required: send 'Authorization: Bearer <dstack user token>'",
+                    "authentication_error",
+                    "missing_token",
+                    headers=[(b"www-authenticate", b"Bearer")],
+                )
             else:
-                await _error(send, 403, "The token is not valid, or its user is not a member of the project",
-                             "permission_error", "forbidden")
+                await _error(
+                    send,
+                    403,
+                    "The token is not valid, or its user is not a member of the project",
+                    "permission_error",
+                    "forbidden",
+                )
             return
         data = [
             {"id": s.info.model.name, "object": "model", "created": s.created, "owned_by": s.info.project}  # type: ignore[union-attr]
@@ -144,7 +184,9 @@ class ModelEndpoint:
         ]
         await send_json(send, 200, {"object": "list", "data": data})
 
-    async def _open(self, state: ServiceState, send: Send, path: str, payload: dict[str, Any]) -> Optional[tuple[Connection, ReplicaState]]:
+    async def _open(
+        self, state: ServiceState, send: Send, path: str, payload: dict[str, Any]
+    ) -> tuple[Connection, ReplicaState] | None:
         """POST JSON to a replica (retrying a refused connection once elsewhere); None after answering an error."""
         replica = await self.proxy.choose(state, send)
         if replica is None:
@@ -155,7 +197,10 @@ class ModelEndpoint:
         while True:
             target = (replica.base_path + path).encode()
             head = b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (
-                target, replica.hostport, len(body))
+                target,
+                replica.hostport,
+                len(body),
+            )
             replica.in_flight += 1
             conn = None
             try:
@@ -187,7 +232,9 @@ class ModelEndpoint:
                 await _error(send, e.status, f"The model server failed: {e}", "upstream_error", e.status)
                 return None
 
-    async def _tgi(self, scope: Scope, receive: Receive, send: Send, state: ServiceState, req: dict[str, Any], chat: bool) -> int:
+    async def _tgi(
+        self, scope: Scope, receive: Receive, send: Send, state: ServiceState, req: dict[str, Any], chat: bool
+    ) -> int:
         model = state.info.model
         assert model is not None
         where = f" (service {state.info.project}/{state.info.run_name})"
@@ -230,7 +277,9 @@ class ModelEndpoint:
                 prompt_tokens = details.get("input_length")
                 if prompt_tokens is None:
                     prompt_tokens = len(details.get("prefill") or []) or await self._count_tokens(state, prompt)
-                resp = tgi.full_response(chat, model.name, text, reason, tgi.usage(prompt_tokens, details.get("generated_tokens", 0)))
+                resp = tgi.full_response(
+                    chat, model.name, text, reason, tgi.usage(prompt_tokens, details.get("generated_tokens", 0))
+                )
                 await send_json(send, 200, resp)
                 return 200
             include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
@@ -246,7 +295,13 @@ class ModelEndpoint:
                     data, eof = await conn.read_body(pool.read_timeout)
                 except UpstreamError as e:
                     err = tgi.error_object(f"The model server failed mid-stream: {e}", "upstream_error", e.status)
-                    await send({"type": "http.response.body", "body": b"data: " + json.dumps(err).encode() + b"\n\n", "more_body": False})
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b"data: " + json.dumps(err).encode() + b"\n\n",
+                            "more_body": False,
+                        }
+                    )
                     return e.status
                 buf += data
                 out = b""
@@ -268,8 +323,16 @@ class ModelEndpoint:
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                 if eof and not done:
-                    err = tgi.error_object("The model server ended the stream without a final event", "upstream_error", 502)
-                    await send({"type": "http.response.body", "body": b"data: " + json.dumps(err).encode() + b"\n\n", "more_body": True})
+                    err = tgi.error_object(
+                        "The model server ended the stream without a final event", "upstream_error", 502
+                    )
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b"data: " + json.dumps(err).encode() + b"\n\n",
+                            "more_body": True,
+                        }
+                    )
                     done = True
             if conn.complete:
                 pool.release(conn)
@@ -290,8 +353,10 @@ class ModelEndpoint:
             body = json.dumps({"inputs": prompt}).encode()
             try:
                 conn, _ = await pool.acquire(replica.key)
-                conn.write(b"POST %s/tokenize HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                           % (replica.base_path.encode(), replica.hostport, len(body), body))
+                conn.write(
+                    b"POST %s/tokenize HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                    % (replica.base_path.encode(), replica.hostport, len(body), body)
+                )
                 await conn.read_head(10.0)
                 data = await conn.read_all(10.0)
                 pool.release(conn)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Literal, Optional
+from typing import Literal
 from urllib.parse import urlsplit
 
 from dstack.proxy.metrics import ServiceMetrics
@@ -25,9 +26,9 @@ class ModelInfo:
     name: str
     format: Literal["openai", "tgi"] = "openai"
     prefix: str = "/v1"
-    chat_template: Optional[str] = None
-    eos_token: Optional[str] = None
-    bos_token: Optional[str] = None
+    chat_template: str | None = None
+    eos_token: str | None = None
+    bos_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,12 @@ class ServiceInfo:
     project: str
     run_name: str
     auth: bool = True
-    model: Optional[ModelInfo] = None
+    model: ModelInfo | None = None
     strip_prefix: bool = True
     hold_timeout: float = 120.0
     min_replicas: int = 1
     #: why the last replica failed ("engine crashed: SIGSEGV"), for the proxy's 503 while none is ready
-    last_error: Optional[str] = None
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,15 +67,28 @@ class ServiceStats:
     in_flight: int
     replica_in_flight: dict[str, int]
     errors: int
-    p50_ms: Optional[float]
-    p95_ms: Optional[float]
-    p99_ms: Optional[float]
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
 
 
 class ReplicaState:
     """Runtime state of one replica: where it is and how busy it is."""
 
-    __slots__ = ("id", "url", "ready", "scheme", "host", "port", "base_path", "key", "hostport", "in_flight", "active", "down_until")
+    __slots__ = (
+        "id",
+        "url",
+        "ready",
+        "scheme",
+        "host",
+        "port",
+        "base_path",
+        "key",
+        "hostport",
+        "in_flight",
+        "active",
+        "down_until",
+    )
 
     def __init__(self, replica: Replica) -> None:
         self.id = replica.id
@@ -110,7 +124,7 @@ class ServiceState:
         self.last_wake = 0.0
         self.created = int(time.time())
 
-    def pick(self, exclude: Optional[ReplicaState] = None) -> Optional[ReplicaState]:
+    def pick(self, exclude: ReplicaState | None = None) -> ReplicaState | None:
         """Least-in-flight among ready replicas; ties go round-robin."""
         ready = self.ready
         n = len(ready)
@@ -154,7 +168,7 @@ class ServiceRegistry:
         self.services: dict[tuple[str, str], ServiceState] = {}
         #: set by the server: `async fn(project, run_name)`; called when a request finds no ready
         #: replica on a service with `min_replicas == 0` (at most once per second per service).
-        self.on_wake: Optional[WakeHook] = None
+        self.on_wake: WakeHook | None = None
 
     def upsert_service(self, info: ServiceInfo) -> None:
         key = (info.project, info.run_name)
@@ -191,22 +205,20 @@ class ServiceRegistry:
         state.replicas = new
         state._refresh_ready()
 
-    def get(self, project: str, run_name: str) -> Optional[ServiceState]:
+    def get(self, project: str, run_name: str) -> ServiceState | None:
         return self.services.get((project, run_name))
 
     def find_run(self, run_name: str) -> list[ServiceState]:
         """Services with this run name in any project (for host routing without a fixed project)."""
         return [s for (p, r), s in self.services.items() if r == run_name]
 
-    def models(self, project: Optional[str]) -> list[ServiceState]:
+    def models(self, project: str | None) -> list[ServiceState]:
         """Services that declare a model, in one project (or all when `project` is None)."""
         return [
-            s
-            for (p, _), s in self.services.items()
-            if s.info.model is not None and (project is None or p == project)
+            s for (p, _), s in self.services.items() if s.info.model is not None and (project is None or p == project)
         ]
 
-    def find_model(self, project: Optional[str], name: str) -> Optional[ServiceState]:
+    def find_model(self, project: str | None, name: str) -> ServiceState | None:
         for s in self.models(project):
             if s.info.model is not None and s.info.model.name == name:
                 return s

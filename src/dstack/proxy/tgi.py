@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 from dstack.core.chat_template import ChatTemplate, ChatTemplateError
 from dstack.proxy.registry import ModelInfo
@@ -14,7 +14,7 @@ from dstack.proxy.registry import ModelInfo
 class ConversionError(ValueError):
     """The request cannot be converted; `code` goes into the OpenAI error object."""
 
-    def __init__(self, message: str, code: str = "invalid_request", param: Optional[str] = None) -> None:
+    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.param = param
@@ -72,7 +72,7 @@ def tgi_parameters(req: dict[str, Any], stops: list[str], stream: bool) -> dict[
     return p
 
 
-def finish_reason(tgi_reason: Optional[str]) -> str:
+def finish_reason(tgi_reason: str | None) -> str:
     return "length" if tgi_reason == "length" else "stop"
 
 
@@ -92,13 +92,22 @@ def completion_id(chat: bool) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def full_response(chat: bool, model: str, text: str, reason: str, use: dict[str, int]) -> dict[str, Any]:
     choice: dict[str, Any]
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": reason,
+        }
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
     return {
@@ -114,7 +123,9 @@ def full_response(chat: bool, model: str, text: str, reason: str, use: dict[str,
 class StreamConverter:
     """TGI stream events → OpenAI chunks, holding back text that may turn out to be a stop string."""
 
-    def __init__(self, chat: bool, model: str, stops: list[str], include_usage: bool, prompt_tokens: Optional[int]) -> None:
+    def __init__(
+        self, chat: bool, model: str, stops: list[str], include_usage: bool, prompt_tokens: int | None
+    ) -> None:
         self.chat = chat
         self.model = model
         self.stops = stops
@@ -127,7 +138,7 @@ class StreamConverter:
         self.emitted = 0
         self.tokens = 0
 
-    def _chunk(self, content: Optional[str], reason: Optional[str], role: bool = False) -> bytes:
+    def _chunk(self, content: str | None, reason: str | None, role: bool = False) -> bytes:
         if self.chat:
             delta: dict[str, Any] = {}
             if role:
@@ -196,7 +207,9 @@ class StreamConverter:
         return out + b"data: [DONE]\n\n", True
 
 
-def error_object(message: str, type_: str = "invalid_request_error", code: Any = None, param: Optional[str] = None) -> dict[str, Any]:
+def error_object(
+    message: str, type_: str = "invalid_request_error", code: Any = None, param: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import ssl as _ssl
 from collections import deque
-from typing import Optional
 
 import httptools
 
@@ -45,10 +44,10 @@ class Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, key: Key) -> None:
         self.loop = loop
         self.key = key
-        self.transport: Optional[asyncio.Transport] = None
+        self.transport: asyncio.Transport | None = None
         self.closed = False
         self._write_paused = False
-        self._drain: Optional[asyncio.Future[None]] = None
+        self._drain: asyncio.Future[None] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -63,8 +62,8 @@ class Connection(asyncio.Protocol):
         self.buffered = 0
         self.read_paused = False
         self.got_bytes = False
-        self.exc: Optional[UpstreamError] = None
-        self.waiter: Optional[asyncio.Future[None]] = None
+        self.exc: UpstreamError | None = None
+        self.waiter: asyncio.Future[None] | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -83,7 +82,7 @@ class Connection(asyncio.Protocol):
                 self.transport.close()
             self._wake()
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if not self.complete and self.exc is None:
             if self.head_done and self.until_eof:
@@ -213,12 +212,14 @@ class Connection(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections per (scheme, host, port)."""
 
-    def __init__(self, connect_timeout: float = 10.0, read_timeout: float = 300.0, max_idle_per_host: int = 256) -> None:
+    def __init__(
+        self, connect_timeout: float = 10.0, read_timeout: float = 300.0, max_idle_per_host: int = 256
+    ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_idle_per_host = max_idle_per_host
         self._idle: dict[Key, list[Connection]] = {}
-        self._ssl: Optional[_ssl.SSLContext] = None
+        self._ssl: _ssl.SSLContext | None = None
 
     async def acquire(self, key: Key) -> tuple[Connection, bool]:
         """A connection to `key` and whether it was reused (a reused one may turn out stale)."""

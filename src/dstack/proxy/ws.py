@@ -13,16 +13,32 @@ from dstack.proxy.http import Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 _SKIP = frozenset(
-    {b"host", b"connection", b"upgrade", b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
-     b"sec-websocket-protocol", b"content-length", b"transfer-encoding", b"keep-alive", b"te"}
+    {
+        b"host",
+        b"connection",
+        b"upgrade",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"sec-websocket-protocol",
+        b"content-length",
+        b"transfer-encoding",
+        b"keep-alive",
+        b"te",
+    }
 )
 
 
 async def deny(scope: Scope, send: Send, status: int, body: bytes) -> None:
     """Refuse a WebSocket handshake with an HTTP status where the server supports it."""
     if "websocket.http.response" in (scope.get("extensions") or {}):
-        await send({"type": "websocket.http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send({"type": "websocket.close", "code": 1008 if status in (401, 403) else 1011})
@@ -44,13 +60,20 @@ async def relay(scope: Scope, receive: Receive, send: Send, url: str, drop_auth:
     subprotocols = scope.get("subprotocols") or None
     try:
         upstream = await connect(
-            url, additional_headers=headers, subprotocols=subprotocols, proxy=None, compression=None,
-            user_agent_header=None, open_timeout=10, max_size=None, ping_interval=None,
+            url,
+            additional_headers=headers,
+            subprotocols=subprotocols,
+            proxy=None,
+            compression=None,
+            user_agent_header=None,
+            open_timeout=10,
+            max_size=None,
+            ping_interval=None,
         )
     except InvalidStatus as e:
         await deny(scope, send, e.response.status_code, b'{"detail": "the replica refused the WebSocket"}')
         return e.response.status_code
-    except (OSError, asyncio.TimeoutError, Exception) as e:
+    except (TimeoutError, OSError, Exception) as e:
         log.info("websocket upstream %s failed: %s", url, e)
         await deny(scope, send, 502, b'{"detail": "could not open a WebSocket to the replica"}')
         return 502

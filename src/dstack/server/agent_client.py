@@ -50,8 +50,9 @@ class AgentClient:
             raise AgentError(f"agent could not start job: {r.status_code} {r.text}")
         return r.json()
 
-    async def pull(self, job_id: str, cursor: int, known_state: str | None, wait: float, limit: int = 2000,
-                   linger: float = 0.0) -> dict:
+    async def pull(
+        self, job_id: str, cursor: int, known_state: str | None, wait: float, limit: int = 2000, linger: float = 0.0
+    ) -> dict:
         params = {"cursor": cursor, "wait": wait, "limit": limit, "linger": linger}
         if known_state:
             params["known_state"] = known_state

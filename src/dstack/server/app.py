@@ -5,22 +5,21 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
-from sqlalchemy.ext.asyncio import AsyncSession
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.routing import Mount
 
 from dstack.core.errors import ConfigurationError
-from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
 from dstack.core.private import private_dir
+from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
 from dstack.server import bootstrap, crypto, migrate
+from dstack.server.backends.local import LocalBackend
 from dstack.server.background.pipeline import Pipeline
 from dstack.server.body_limit import BodySizeLimit, RequestTooLarge
-from sqlalchemy.exc import DBAPIError
-
-from dstack.server.db_errors import is_data_error
-from dstack.server.backends.local import LocalBackend
 from dstack.server.db import Database, get_database, get_session, set_database
+from dstack.server.db_errors import is_data_error
 from dstack.server.errors import ServerClientError
 from dstack.server.gateways import router as gateways_router
 from dstack.server.gateways.manager import GatewayManager
@@ -145,8 +144,17 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         out of range, a NUL character); any other database error is a bug, answered as one."""
         if isinstance(exc, DBAPIError) and not is_data_error(exc):
             raise exc
-        return JSONResponse({"detail": [{"msg": "a value in the request is too large or not valid for the database",
-                                         "code": "invalid_request"}]}, status_code=400)
+        return JSONResponse(
+            {
+                "detail": [
+                    {
+                        "msg": "a value in the request is too large or not valid for the database",
+                        "code": "invalid_request",
+                    }
+                ]
+            },
+            status_code=400,
+        )
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, exc: Exception) -> JSONResponse:
@@ -165,7 +173,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         items = [
-            {"msg": e.get("msg", "invalid"), "code": "invalid_request", "fields": [".".join(str(x) for x in e.get("loc", ()))]}
+            {
+                "msg": e.get("msg", "invalid"),
+                "code": "invalid_request",
+                "fields": [".".join(str(x) for x in e.get("loc", ()))],
+            }
             for e in exc.errors()
         ]
         return JSONResponse({"detail": items}, status_code=422)

@@ -7,7 +7,8 @@ endpoint's read raises `RequestTooLarge`, which the app answers with 413).
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.exceptions import HTTPException
 
@@ -72,7 +73,15 @@ async def _refuse(send: Send, limit: int, setting: str) -> None:
     import json
 
     body = json.dumps({"detail": [{"msg": _message(limit, setting), "code": "too_large"}]}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

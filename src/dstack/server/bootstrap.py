@@ -32,7 +32,9 @@ async def ensure_admin(db: Database) -> tuple[str | None, bool]:
             token = env_token
         elif env_token:
             token = env_token
-        project = (await session.execute(select(ProjectModel).where(ProjectModel.name == DEFAULT_PROJECT))).scalar_one_or_none()
+        project = (
+            await session.execute(select(ProjectModel).where(ProjectModel.name == DEFAULT_PROJECT))
+        ).scalar_one_or_none()
         if project is None:
             project = ProjectModel(name=DEFAULT_PROJECT, owner_id=admin.id)
             session.add(project)

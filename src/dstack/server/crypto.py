@@ -74,10 +74,11 @@ def decrypt(value: str) -> str:
     if not is_encrypted(value):
         return value
     try:
-        return _keys().decrypt(value[len(PREFIX):].encode()).decode()
+        return _keys().decrypt(value[len(PREFIX) :].encode()).decode()
     except InvalidToken:
-        raise DecryptionError("a stored secret cannot be decrypted with the server's encryption key "
-                              "(was the key file replaced?)") from None
+        raise DecryptionError(
+            "a stored secret cannot be decrypted with the server's encryption key (was the key file replaced?)"
+        ) from None
 
 
 def encrypt_env(env: dict[str, str]) -> dict[str, str]:
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m dstack.server.crypto")
     parser.add_argument("action", choices=["rotate"])
-    parser.add_argument("key_file", nargs="?", type=Path, help="default: the server's (see DSTACK_SERVER_ENCRYPTION_KEY_FILE)")
+    parser.add_argument(
+        "key_file", nargs="?", type=Path, help="default: the server's (see DSTACK_SERVER_ENCRYPTION_KEY_FILE)"
+    )
     parser.add_argument("--no-database", action="store_true", help="only add the key; re-encrypt nothing")
     args = parser.parse_args(argv)
     settings = ServerSettings()

@@ -10,13 +10,19 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dstack.core.archives import DEFAULT_MAX_EXTRACTED_BYTES, DEFAULT_MAX_FILES, ArchiveTooLarge, ExtractBudget, scan_tar
+from dstack.core.archives import (
+    DEFAULT_MAX_EXTRACTED_BYTES,
+    DEFAULT_MAX_FILES,
+    ArchiveTooLarge,
+    ExtractBudget,
+    scan_tar,
+)
 from dstack.core.models.configurations import (
     BaseRunConfiguration,
     ServerlessConfiguration,
@@ -61,7 +67,7 @@ class ServerLimits:
     }
 
     @classmethod
-    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "ServerLimits":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerLimits:
         env = os.environ if environ is None else environ
         values = {}
         for name, var in cls.SETTINGS.items():
@@ -79,7 +85,7 @@ class ServerLimits:
 
 def check_run_limits(conf: BaseRunConfiguration, limits: ServerLimits) -> None:
     """Refuse a run bigger than this server allows (400, naming the field and the setting)."""
-    checks: list[tuple[str, Optional[int], int, str]] = []
+    checks: list[tuple[str, int | None, int, str]] = []
     if isinstance(conf, TaskConfiguration):
         checks.append(("nodes", conf.nodes, limits.max_nodes, "max_nodes"))
     if isinstance(conf, ServiceConfiguration):

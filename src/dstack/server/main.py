@@ -18,8 +18,16 @@ def run_server(host: str = "127.0.0.1", port: int = 3000, log_level: str = "info
     # One line per agent call (several per job per second) would drown what the server itself says.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     _announce_on_start(app, settings)
-    config = uvicorn.Config(DataPlaneFirst(app), host=host, port=port, log_level=log_level if log_level != "info" else "warning",
-                            loop="uvloop", http="httptools", timeout_keep_alive=75, access_log=False)
+    config = uvicorn.Config(
+        DataPlaneFirst(app),
+        host=host,
+        port=port,
+        log_level=log_level if log_level != "info" else "warning",
+        loop="uvloop",
+        http="httptools",
+        timeout_keep_alive=75,
+        access_log=False,
+    )
     server = uvicorn.Server(config)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:  # asyncio.run() would ignore `loop`
         runner.run(server.serve())
@@ -45,8 +53,11 @@ def _announce_on_start(app, settings: ServerSettings) -> None:
             print(f"The admin token is {token}", flush=True)
             print("The client config is written to ~/.dstack/config.yml (project 'main')", flush=True)
         else:
-            print("Admin already exists; its token is in ~/.dstack/config.yml "
-                  "(set DSTACK_SERVER_ADMIN_TOKEN to choose it)", flush=True)
+            print(
+                "Admin already exists; its token is in ~/.dstack/config.yml "
+                "(set DSTACK_SERVER_ADMIN_TOKEN to choose it)",
+                flush=True,
+            )
 
     app.state.startup_hooks.append(announce)
 

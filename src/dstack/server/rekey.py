@@ -24,8 +24,9 @@ def _run_spec(raw: str) -> str:
     from dstack.server.services.secrets import _walk
 
     spec = json.loads(raw)
-    spec["configuration"] = _walk(spec.get("configuration") or {}, lambda _, v: _again(v),
-                                  lambda _, env: {k: _again(v) for k, v in env.items()})
+    spec["configuration"] = _walk(
+        spec.get("configuration") or {}, lambda _, v: _again(v), lambda _, env: {k: _again(v) for k, v in env.items()}
+    )
     return json.dumps(spec)
 
 
@@ -65,7 +66,8 @@ async def reencrypt(db: Database) -> int:
                 except (ValueError, TypeError, AttributeError):  # not the JSON it should be: leave it
                     continue
                 if new != value:
-                    await conn.execute(text(f"UPDATE {table} SET {column} = :v WHERE {key} = :k"),
-                                       {"v": new, "k": row_id})
+                    await conn.execute(
+                        text(f"UPDATE {table} SET {column} = :v WHERE {key} = :k"), {"v": new, "k": row_id}
+                    )
                     changed += 1
     return changed

@@ -70,7 +70,9 @@ def error_detail(msg: str, code: str, fields: list[str] | None = None) -> dict:
 async def require_user(request: Request, session: AsyncSession = Depends(get_session)) -> UserModel:
     token = bearer_token(request)
     if token is None:
-        raise HTTPException(401, detail=error_detail("missing Authorization: Bearer <token> header", "not_authenticated")["detail"])
+        raise HTTPException(
+            401, detail=error_detail("missing Authorization: Bearer <token> header", "not_authenticated")["detail"]
+        )
     user = await authenticate(session, token)
     if user is None:
         raise HTTPException(401, detail=error_detail("invalid or revoked token", "not_authenticated")["detail"])
@@ -87,15 +89,21 @@ async def require_metrics_reader(request: Request, session: AsyncSession, metric
     """`/metrics` lists every project's services: a global admin or the configured metrics token."""
     token = bearer_token(request)
     if token is None:
-        raise HTTPException(401, detail=error_detail("missing Authorization: Bearer <token> header", "not_authenticated")["detail"])
+        raise HTTPException(
+            401, detail=error_detail("missing Authorization: Bearer <token> header", "not_authenticated")["detail"]
+        )
     if metrics_token and hmac.compare_digest(token.encode(), metrics_token.encode()):
         return
     user = await authenticate(session, token)
     if user is None:
         raise HTTPException(401, detail=error_detail("invalid or revoked token", "not_authenticated")["detail"])
     if user.global_role != "admin":
-        raise HTTPException(403, detail=error_detail(
-            "metrics cover every project: only a global admin or the metrics token may read them", "forbidden")["detail"])
+        raise HTTPException(
+            403,
+            detail=error_detail(
+                "metrics cover every project: only a global admin or the metrics token may read them", "forbidden"
+            )["detail"],
+        )
 
 
 async def require_project_member(
@@ -108,6 +116,8 @@ async def require_project_member(
         # Same answer whether the project is missing or foreign: don't leak names.
         raise HTTPException(
             403,
-            detail=error_detail(f"project '{project_name}' does not exist or you are not a member of it", "forbidden")["detail"],
+            detail=error_detail(f"project '{project_name}' does not exist or you are not a member of it", "forbidden")[
+                "detail"
+            ],
         )
     return user, project

@@ -59,8 +59,11 @@ class _Executor:
 
 class SqliteExecutor(_Executor):
     def __init__(self, url: str) -> None:
-        self.engine = create_engine(url.replace("+aiosqlite", "", 1), poolclass=NullPool,
-                                    connect_args={"timeout": 30, "check_same_thread": False})
+        self.engine = create_engine(
+            url.replace("+aiosqlite", "", 1),
+            poolclass=NullPool,
+            connect_args={"timeout": 30, "check_same_thread": False},
+        )
         event.listen(self.engine, "connect", _autocommit_driver)
         event.listen(self.engine, "connect", sqlite_pragmas)
         event.listen(self.engine, "begin", _begin)

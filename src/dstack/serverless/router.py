@@ -37,8 +37,9 @@ class Call:
 
     __slots__ = ("scope", "receive", "send", "svc", "endpoint_id", "args", "_query", "_disconnected", "_watcher")
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, svc: ServerlessService, endpoint_id: str,
-                 args: list[str]) -> None:
+    def __init__(
+        self, scope: Scope, receive: Receive, send: Send, svc: ServerlessService, endpoint_id: str, args: list[str]
+    ) -> None:
         self.scope, self.receive, self.send, self.svc = scope, receive, send, svc
         self.endpoint_id, self.args = endpoint_id, args
         self._query: dict[str, str] | None = None
@@ -61,7 +62,9 @@ class Call:
         try:
             return int(raw)
         except ValueError:
-            raise ServerlessError(400, f"query parameter '{name}' must be an integer, not {raw!r}", "invalid_request") from None
+            raise ServerlessError(
+                400, f"query parameter '{name}' must be an integer, not {raw!r}", "invalid_request"
+            ) from None
 
     def authorization(self) -> str | None:
         raw = header(self.scope, b"authorization")
@@ -74,7 +77,9 @@ class Call:
         try:
             return await read_body(self.receive, MAX_BODY)
         except ValueError:
-            raise ServerlessError(413, f"the body is larger than {MAX_BODY // (1024 * 1024)} MiB", "too_large") from None
+            raise ServerlessError(
+                413, f"the body is larger than {MAX_BODY // (1024 * 1024)} MiB", "too_large"
+            ) from None
 
     async def json_body(self) -> Any:
         raw = await self.body()
@@ -105,11 +110,20 @@ class Call:
 
     def _cors(self, extra: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
         origin = header(self.scope, b"origin") or b"*"
-        return [(b"access-control-allow-origin", origin), (b"vary", b"Origin"),
-                (b"access-control-expose-headers", b"Content-Type"), *(extra or ())]
+        return [
+            (b"access-control-allow-origin", origin),
+            (b"vary", b"Origin"),
+            (b"access-control-expose-headers", b"Content-Type"),
+            *(extra or ()),
+        ]
 
-    async def reply(self, status: int, body: bytes = b"", content_type: bytes = _JSON,
-                    extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def reply(
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: bytes = _JSON,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         await send_bytes(self.send, status, body, content_type, self._cors(extra))
 
     async def json(self, obj: Any, status: int = 200) -> None:
@@ -118,8 +132,13 @@ class Call:
     async def stream(self, chunks: AsyncIterator[bytes], content_type: bytes) -> None:
         """Send `chunks` as they come; a client that goes away closes the iterator (its
         `finally` runs), as it would under a streaming response."""
-        await self.send({"type": "http.response.start", "status": 200,
-                         "headers": [(b"content-type", content_type), *self._cors([(b"cache-control", b"no-cache")])]})
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", content_type), *self._cors([(b"cache-control", b"no-cache")])],
+            }
+        )
         gone = asyncio.ensure_future(self._watch())
 
         async def pump() -> None:
@@ -162,7 +181,9 @@ class ServerlessApp:
         call = Call(scope, receive, send, svc, endpoint_id, parts[3:])  # type: ignore[arg-type]
         try:
             if svc is None:
-                raise ServerlessError(503, "serverless endpoints are not available yet (the server is starting)", "unavailable")
+                raise ServerlessError(
+                    503, "serverless endpoints are not available yet (the server is starting)", "unavailable"
+                )
             if scope["method"] == "OPTIONS":
                 await _preflight(call)
                 return
@@ -170,8 +191,11 @@ class ServerlessApp:
             if not endpoint_id or route is None or len(call.args) != route.nargs and not route.rest:
                 raise ServerlessError(404, f"no such route: {scope['method']} /v2{route_path(scope)}", "not_found")
             if scope["method"] not in route.methods:
-                raise ServerlessError(405, f"{action} takes {' or '.join(sorted(route.methods))}, not {scope['method']}",
-                                      "method_not_allowed")
+                raise ServerlessError(
+                    405,
+                    f"{action} takes {' or '.join(sorted(route.methods))}, not {scope['method']}",
+                    "method_not_allowed",
+                )
             await route.handler(call)
         except ServerlessError as e:
             await call.json(error_detail(e.msg, e.code), e.status)
@@ -200,6 +224,7 @@ async def _preflight(call: Call) -> None:
 
 
 # ---- client API ------------------------------------------------------------------------------
+
 
 async def _client(call: Call) -> ServerlessService:
     await call.svc.authorize(call.endpoint_id, call.bearer())
@@ -252,7 +277,9 @@ async def openai(call: Call) -> None:
     result = await _wait_final(svc, call.endpoint_id, job_id, svc.options.runsync_max_ms / 1000)
     if result["status"] != "COMPLETED":
         code = 504 if result["status"] not in TERMINAL else 500
-        await call.json({"error": {"message": result.get("error") or f"job {result['status']}", "type": result["status"]}}, code)
+        await call.json(
+            {"error": {"message": result.get("error") or f"job {result['status']}", "type": result["status"]}}, code
+        )
         return
     output = result.get("output")
     if isinstance(output, list) and len(output) == 1:
@@ -300,6 +327,7 @@ async def _sse(svc: ServerlessService, endpoint_id: str, job_id: str) -> AsyncIt
 
 
 # ---- worker protocol -------------------------------------------------------------------------
+
 
 def _worker(call: Call) -> ServerlessService:
     call.svc.check_worker(call.endpoint_id, call.authorization())
@@ -360,7 +388,9 @@ async def job_stop(call: Call) -> None:
 async def ping(call: Call) -> None:
     svc = _worker(call)
     ids = [j for j in (call.query("job_id") or "").split(",") if j]
-    unhealthy = f"{call.query('check') or '?'}: {call.query('reason') or ''}" if call.query("status") == "unhealthy" else None
+    unhealthy = (
+        f"{call.query('check') or '?'}: {call.query('reason') or ''}" if call.query("status") == "unhealthy" else None
+    )
     await svc.ping(call.endpoint_id, call.args[0], ids, call.query("runpod_version"), unhealthy)
     await call.reply(200, _OK)
 

@@ -11,12 +11,12 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import httpx
 from sqlalchemy import select
@@ -86,8 +86,9 @@ class _Worker:
 
 
 class ServerlessService:
-    def __init__(self, database: Database, launcher: WorkerLauncher, base_url: str,
-                 options: ServiceOptions | None = None) -> None:
+    def __init__(
+        self, database: Database, launcher: WorkerLauncher, base_url: str, options: ServiceOptions | None = None
+    ) -> None:
         self.db = database
         self.launcher = launcher
         self.base_url = base_url.rstrip("/")
@@ -121,9 +122,15 @@ class ServerlessService:
             await session.commit()
         for w in await self.store.load_workers():
             if w.endpoint_id in self._endpoints:
-                self._workers[w.worker_id] = _Worker(w.worker_id, w.endpoint_id, w.state, w.created_at,
-                                                     last_contact=w.last_ping_at or 0.0, last_busy=self._started_at,
-                                                     stop_requested_at=self._started_at if w.state in (STOPPING, UNHEALTHY) else 0.0)
+                self._workers[w.worker_id] = _Worker(
+                    w.worker_id,
+                    w.endpoint_id,
+                    w.state,
+                    w.created_at,
+                    last_contact=w.last_ping_at or 0.0,
+                    last_busy=self._started_at,
+                    stop_requested_at=self._started_at if w.state in (STOPPING, UNHEALTHY) else 0.0,
+                )
         self._tasks = [asyncio.create_task(self._control_loop()), asyncio.create_task(self._webhook_loop())]
 
     async def stop(self) -> None:
@@ -140,14 +147,21 @@ class ServerlessService:
 
     # ---- endpoints -----------------------------------------------------------------------
 
-    async def register_endpoint(self, session: AsyncSession, endpoint_id: str, project_id: str, run_id: str | None,
-                                settings: EndpointSettings) -> None:
+    async def register_endpoint(
+        self, session: AsyncSession, endpoint_id: str, project_id: str, run_id: str | None, settings: EndpointSettings
+    ) -> None:
         """Create or update the endpoint row in the caller's session (the caller commits); workers
         for `settings.workers_min` start right after."""
         row = await session.get(ServerlessEndpointModel, endpoint_id)
         if row is None:
-            row = ServerlessEndpointModel(endpoint_id=endpoint_id, project_id=project_id, run_id=run_id,
-                                          settings=settings.to_json(), worker_token_hashes="[]", created_at=time.time())
+            row = ServerlessEndpointModel(
+                endpoint_id=endpoint_id,
+                project_id=project_id,
+                run_id=run_id,
+                settings=settings.to_json(),
+                worker_token_hashes="[]",
+                created_at=time.time(),
+            )
             session.add(row)
         else:
             row.project_id, row.run_id, row.settings = project_id, run_id, settings.to_json()
@@ -155,18 +169,26 @@ class ServerlessService:
         await session.flush()
         self._kick.set()
 
-    async def _remember_endpoint(self, session: AsyncSession, row: ServerlessEndpointModel,
-                                 settings: EndpointSettings) -> None:
+    async def _remember_endpoint(
+        self, session: AsyncSession, row: ServerlessEndpointModel, settings: EndpointSettings
+    ) -> None:
         known = self._endpoints.get(row.endpoint_id)
         token = known.token if known else secrets.token_urlsafe(32)
         hashes = [h for h in json.loads(row.worker_token_hashes or "[]") if h != hash_token(token)]
         hashes = (hashes + [hash_token(token)])[-MAX_TOKEN_HASHES:]
         row.worker_token_hashes = json.dumps(hashes)
         project = await session.get(ProjectModel, row.project_id)
-        self._endpoints[row.endpoint_id] = _Endpoint(row.endpoint_id, row.project_id, project.name if project else "",
-                                                     row.run_id, settings, token, hashes,
-                                                     known.launch_failures if known else 0,
-                                                     known.next_launch_at if known else 0.0)
+        self._endpoints[row.endpoint_id] = _Endpoint(
+            row.endpoint_id,
+            row.project_id,
+            project.name if project else "",
+            row.run_id,
+            settings,
+            token,
+            hashes,
+            known.launch_failures if known else 0,
+            known.next_launch_at if known else 0.0,
+        )
 
     async def deregister_endpoint(self, endpoint_id: str) -> None:
         """Stop the endpoint's workers and delete it with its jobs (the run is over)."""
@@ -203,7 +225,15 @@ class ServerlessService:
         self._ep(endpoint_id)
         counts = await self.store.counts(endpoint_id)
         workers, busy = await self.store.endpoint_workers(endpoint_id)
-        by_state = {"idle": 0, "running": 0, "initializing": 0, "ready": 0, "throttled": 0, "unhealthy": 0, "stopping": 0}
+        by_state = {
+            "idle": 0,
+            "running": 0,
+            "initializing": 0,
+            "ready": 0,
+            "throttled": 0,
+            "unhealthy": 0,
+            "stopping": 0,
+        }
         for w in workers:
             if w.state == READY:
                 by_state["running" if w.worker_id in busy else "idle"] += 1
@@ -231,7 +261,9 @@ class ServerlessService:
                 raise ServerlessError(401, "invalid or revoked token", "not_authenticated")
             project = await project_for_member(session, user, ep.project_name) if ep else None
         if ep is None or project is None or project.id != ep.project_id:
-            raise ServerlessError(404, f"endpoint '{endpoint_id}' does not exist or you are not a member of its project", "not_found")
+            raise ServerlessError(
+                404, f"endpoint '{endpoint_id}' does not exist or you are not a member of its project", "not_found"
+            )
         if len(self._auth_cache) > 10_000:
             self._auth_cache.clear()
         self._auth_cache[key] = now + self.options.auth_cache_ttl
@@ -254,12 +286,16 @@ class ServerlessService:
         input_json = json.dumps(body["input"], separators=(",", ":"))
         job_id = await self.store.submit(endpoint_id, input_json, webhook, timeout_ms, ttl_ms, low)
         self.signals.fire("take:" + endpoint_id)
-        if not low and not any(w.endpoint_id == endpoint_id and w.state in (INITIALIZING, READY) for w in self._workers.values()):
+        if not low and not any(
+            w.endpoint_id == endpoint_id and w.state in (INITIALIZING, READY) for w in self._workers.values()
+        ):
             self._kick.set()  # cold start: don't wait for the next tick
         return job_id
 
     async def run_sync(self, endpoint_id: str, body: Any, wait_ms: int | None) -> dict[str, Any]:
-        wait = min(wait_ms if wait_ms is not None else self.options.runsync_default_ms, self.options.runsync_max_ms) / 1000
+        wait = (
+            min(wait_ms if wait_ms is not None else self.options.runsync_default_ms, self.options.runsync_max_ms) / 1000
+        )
         deadline = time.monotonic() + max(0.0, wait)
         job_id = await self.submit(endpoint_id, body)
         while True:
@@ -312,7 +348,9 @@ class ServerlessService:
         if old is None:
             raise ServerlessError(404, f"job '{job_id}' not found (it may have expired)", "not_found")
         if old not in (FAILED, "TIMED_OUT"):
-            raise ServerlessError(400, f"only FAILED or TIMED_OUT jobs can be retried; job '{job_id}' is {old}", "invalid_state")
+            raise ServerlessError(
+                400, f"only FAILED or TIMED_OUT jobs can be retried; job '{job_id}' is {old}", "invalid_state"
+            )
         self.signals.fire("take:" + endpoint_id)
         self._kick.set()
         return {"id": job_id, "status": IN_QUEUE}
@@ -324,8 +362,10 @@ class ServerlessService:
     async def health(self, endpoint_id: str) -> dict[str, Any]:
         st = await self.endpoint_status(endpoint_id)
         jobs = st["jobs"]
-        return {"jobs": {k: jobs[k] for k in ("completed", "failed", "inProgress", "inQueue", "retried")},
-                "workers": st["workers"]}
+        return {
+            "jobs": {k: jobs[k] for k in ("completed", "failed", "inProgress", "inQueue", "retried")},
+            "workers": st["workers"],
+        }
 
     # ---- worker protocol -------------------------------------------------------------------
 
@@ -340,8 +380,9 @@ class ServerlessService:
         if not any(hmac.compare_digest(digest, h) for h in ep.token_hashes):
             raise ServerlessError(403, "invalid worker token for this endpoint", "forbidden")
 
-    async def take(self, endpoint_id: str, worker_id: str, n: int,
-                   is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> list[Any]:
+    async def take(
+        self, endpoint_id: str, worker_id: str, n: int, is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> list[Any]:
         """Long poll: up to `n` jobs as soon as any is queued, [] after `take_wait`."""
         self._ep(endpoint_id)
         w = await self._touch(endpoint_id, worker_id)
@@ -400,8 +441,14 @@ class ServerlessService:
         ids, w.stops = sorted(w.stops), set()
         return ids
 
-    async def ping(self, endpoint_id: str, worker_id: str, job_ids: list[str], version: str | None,
-                   unhealthy_reason: str | None = None) -> None:
+    async def ping(
+        self,
+        endpoint_id: str,
+        worker_id: str,
+        job_ids: list[str],
+        version: str | None,
+        unhealthy_reason: str | None = None,
+    ) -> None:
         """Heartbeat: liveness, and the only word on which jobs the worker still holds."""
         self._ep(endpoint_id)
         w = await self._touch(endpoint_id, worker_id)
@@ -416,10 +463,16 @@ class ServerlessService:
         mine = await self.store.jobs_of_worker(worker_id)
         lost = [r.id for r in mine if r.id not in held and (r.started_at or now) < now - self.options.lost_grace]
         if lost:
-            requeued, failed = await self.store.requeue(worker_id, self.options.max_attempts,
-                                                        f"worker {worker_id} no longer holds the job", lost)
-            log.info("serverless: worker %s no longer holds %s; requeued %d, failed %d", worker_id, lost,
-                     len(requeued), len(failed))
+            requeued, failed = await self.store.requeue(
+                worker_id, self.options.max_attempts, f"worker {worker_id} no longer holds the job", lost
+            )
+            log.info(
+                "serverless: worker %s no longer holds %s; requeued %d, failed %d",
+                worker_id,
+                lost,
+                len(requeued),
+                len(failed),
+            )
             self._after_requeue(endpoint_id, requeued, failed)
         foreign = held - {r.id for r in mine}
         if foreign:
@@ -436,16 +489,30 @@ class ServerlessService:
         if ep is not None and w is not None and w.state == INITIALIZING:
             ep.launch_failures += 1
             ep.next_launch_at = time.time() + min(60.0, 2.0 ** (ep.launch_failures - 1))
-            log.warning("serverless: worker %s ended before calling in (%s); next launch in %.0f s",
-                        worker_id, reason, ep.next_launch_at - time.time())
+            log.warning(
+                "serverless: worker %s ended before calling in (%s); next launch in %.0f s",
+                worker_id,
+                reason,
+                ep.next_launch_at - time.time(),
+            )
         if w is not None and w.state == EXITED:
             return  # already waiting for its silence
         now = time.time()
-        if w is not None and now - self._heard(w) < self.options.lost_grace and await self.store.jobs_of_worker(worker_id):
+        if (
+            w is not None
+            and now - self._heard(w) < self.options.lost_grace
+            and await self.store.jobs_of_worker(worker_id)
+        ):
             w.state, w.stop_requested_at = EXITED, now
             await self.store.set_worker_state(worker_id, EXITED, f"exited: {reason}")
-            log.info("serverless: worker %s reported exited (%s) but was heard from %.1f s ago; its jobs wait "
-                     "until it is silent for %.0f s", worker_id, reason, now - self._heard(w), self.options.lost_grace)
+            log.info(
+                "serverless: worker %s reported exited (%s) but was heard from %.1f s ago; its jobs wait "
+                "until it is silent for %.0f s",
+                worker_id,
+                reason,
+                now - self._heard(w),
+                self.options.lost_grace,
+            )
             self.signals.fire("take:" + endpoint_id)
             self._kick.set()
             return
@@ -454,10 +521,16 @@ class ServerlessService:
     async def _forget_worker(self, endpoint_id: str, worker_id: str, reason: str) -> None:
         """The worker is gone: requeue its jobs (FAILED past max_attempts) and drop it."""
         w = self._workers.pop(worker_id, None)
-        requeued, failed = await self.store.requeue(worker_id, self.options.max_attempts,
-                                                    f"worker {worker_id} exited ({reason})")
-        log.info("serverless: worker %s exited (%s); %d job(s) requeued, %d failed", worker_id, reason,
-                 len(requeued), len(failed))
+        requeued, failed = await self.store.requeue(
+            worker_id, self.options.max_attempts, f"worker {worker_id} exited ({reason})"
+        )
+        log.info(
+            "serverless: worker %s exited (%s); %d job(s) requeued, %d failed",
+            worker_id,
+            reason,
+            len(requeued),
+            len(failed),
+        )
         await self.store.delete_worker(worker_id)
         self._after_requeue(endpoint_id, requeued, failed)
         if w is not None:
@@ -494,8 +567,11 @@ class ServerlessService:
                 if len(self._refused) > 10_000:
                     self._refused.clear()
                 self._refused.add(worker_id)
-                log.warning("serverless: worker %s of %s is not counted here (exited or unknown): it gets no jobs",
-                            worker_id, endpoint_id)
+                log.warning(
+                    "serverless: worker %s of %s is not counted here (exited or unknown): it gets no jobs",
+                    worker_id,
+                    endpoint_id,
+                )
             return _Worker(worker_id, endpoint_id, STOPPING, now, now, now, stop_requested_at=now)
         elif w.state == INITIALIZING:
             w.state, w.last_busy = READY, now
@@ -549,8 +625,13 @@ class ServerlessService:
 
     async def _lose_worker(self, w: _Worker, state: str, reason: str) -> None:
         requeued, failed = await self.store.requeue(w.worker_id, self.options.max_attempts, reason)
-        log.info("serverless: lost worker %s: %s; %d job(s) requeued, %d failed", w.worker_id, reason,
-                 len(requeued), len(failed))
+        log.info(
+            "serverless: lost worker %s: %s; %d job(s) requeued, %d failed",
+            w.worker_id,
+            reason,
+            len(requeued),
+            len(failed),
+        )
         self._after_requeue(w.endpoint_id, requeued, failed)
         await self._stop_worker(w, reason, state)
 
@@ -583,7 +664,7 @@ class ServerlessService:
                 log.exception("serverless: control loop step failed")
             try:
                 await asyncio.wait_for(self._kick.wait(), self.options.tick)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _timeouts(self) -> None:
@@ -611,14 +692,18 @@ class ServerlessService:
             contact = self._heard(w)
             if w.state == EXITED:
                 if now - contact >= o.lost_grace:
-                    await self._forget_worker(ep.endpoint_id, w.worker_id, f"exited and silent for {now - contact:.0f} s")
+                    await self._forget_worker(
+                        ep.endpoint_id, w.worker_id, f"exited and silent for {now - contact:.0f} s"
+                    )
                 elif not await self.store.jobs_of_worker(w.worker_id):
                     await self._forget_worker(ep.endpoint_id, w.worker_id, "exited, and its jobs are done")
             elif w.state == INITIALIZING and now - contact > o.init_timeout:
                 await self._lose_worker(w, UNHEALTHY, f"worker did not call in within {o.init_timeout:.0f} s")
             elif w.state == READY and now - contact > o.heartbeat_deadline:
                 await self._lose_worker(w, UNHEALTHY, f"no heartbeat for {now - contact:.0f} s")
-            elif w.state in (STOPPING, UNHEALTHY) and now - max(w.stop_requested_at, contact) > o.heartbeat_deadline + 30:
+            elif (
+                w.state in (STOPPING, UNHEALTHY) and now - max(w.stop_requested_at, contact) > o.heartbeat_deadline + 30
+            ):
                 await self.on_worker_exited(ep.endpoint_id, w.worker_id, "stopped and silent")
 
     async def _scale(self, ep: _Endpoint) -> None:
@@ -631,8 +716,13 @@ class ServerlessService:
             if w.worker_id in busy:
                 w.last_busy = now
         oldest = q.oldest_queued_at
-        snap = QueueSnapshot(q.queued, q.running, now - oldest if oldest else 0.0, len(live),
-                             sum(1 for w in live if w.state == INITIALIZING))
+        snap = QueueSnapshot(
+            q.queued,
+            q.running,
+            now - oldest if oldest else 0.0,
+            len(live),
+            sum(1 for w in live if w.state == INITIALIZING),
+        )
         want = desired_workers(ep.settings, snap)
         for _ in range(want - len(live)):
             if time.time() < ep.next_launch_at:
@@ -662,7 +752,7 @@ class ServerlessService:
                 log.exception("serverless: webhook loop step failed")
             try:
                 await asyncio.wait_for(self._hook_kick.wait(), min(o.tick, o.webhook_retry_delay))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _deliver(self, row: Any) -> None:
@@ -675,8 +765,9 @@ class ServerlessService:
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
         try:
-            await self.store.webhook_result(row.id, row.attempts + 1, ok, error, self.options.webhook_attempts,
-                                            self.options.webhook_retry_delay)
+            await self.store.webhook_result(
+                row.id, row.attempts + 1, ok, error, self.options.webhook_attempts, self.options.webhook_retry_delay
+            )
         finally:
             self._hooks_inflight.discard(row.id)
 
@@ -692,8 +783,10 @@ def _positive_int(policy: dict, key: str, default: int) -> int:
     # a range check, not math.isfinite: that raises OverflowError for huge ints; NaN fails it too
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_POLICY_MS:
         raise ServerlessError(
-            400, f"'policy.{key}' must be a positive number of milliseconds, at most {MAX_POLICY_MS} (7 days)",
-            "invalid_request")
+            400,
+            f"'policy.{key}' must be a positive number of milliseconds, at most {MAX_POLICY_MS} (7 days)",
+            "invalid_request",
+        )
     return int(value)
 
 

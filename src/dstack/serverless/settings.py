@@ -26,14 +26,16 @@ class EndpointSettings:
 
     def __post_init__(self) -> None:
         if self.workers_min < 0 or self.workers_max < 1 or self.workers_min > self.workers_max:
-            raise ValueError(f"workers must satisfy 0 <= min <= max, max >= 1; got {self.workers_min}..{self.workers_max}")
+            raise ValueError(
+                f"workers must satisfy 0 <= min <= max, max >= 1; got {self.workers_min}..{self.workers_max}"
+            )
         if self.scaler_type not in DEFAULT_SCALER_VALUES:
             raise ValueError(f"unknown scaler type {self.scaler_type!r}")
         if not self.scaler_value or self.scaler_value <= 0:
             self.scaler_value = DEFAULT_SCALER_VALUES[self.scaler_type]
 
     @classmethod
-    def from_configuration(cls, conf: Any) -> "EndpointSettings":
+    def from_configuration(cls, conf: Any) -> EndpointSettings:
         """Duck-typed read of a `ServerlessConfiguration` (workers range, idle_timeout, scaler, ...)."""
         workers = getattr(conf, "workers", None)
         scaler = getattr(conf, "scaler", None)
@@ -54,7 +56,7 @@ class EndpointSettings:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "EndpointSettings":
+    def from_json(cls, text: str) -> EndpointSettings:
         data = json.loads(text or "{}")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)

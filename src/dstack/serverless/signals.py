@@ -41,7 +41,7 @@ class Signals:
         try:
             await asyncio.wait_for(asyncio.shield(gen.future), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         finally:
             gen.waiters -= 1

@@ -7,18 +7,19 @@ import faulthandler
 import os
 import signal
 import sys
-from typing import Optional
 
-from dstack.serving.models import ModelError, check_quantize, BUILTIN_MODEL_ID, _BUILTIN_NAMES
+from dstack.serving.models import _BUILTIN_NAMES, BUILTIN_MODEL_ID, ModelError, check_quantize
 from dstack.serving.service import ServeConfig, Service
 
 
-def parse_args(argv: Optional[list[str]] = None) -> ServeConfig:
+def parse_args(argv: list[str] | None = None) -> ServeConfig:
     ap = argparse.ArgumentParser(
         prog="python -m dstack.serving",
         description="Serve a GGUF model with continuous batching behind the TGI and OpenAI APIs.",
     )
-    ap.add_argument("--model", required=True, help="a .gguf file, a directory, a Hugging Face repo id, or SmolLM2-135M-Instruct")
+    ap.add_argument(
+        "--model", required=True, help="a .gguf file, a directory, a Hugging Face repo id, or SmolLM2-135M-Instruct"
+    )
     ap.add_argument("--quantize", default=None, help="GGUF variant to pick from a repo (e.g. Q4_K_M)")
     ap.add_argument("--host", default="0.0.0.0")
     ap.add_argument("--port", type=int, default=8000)
@@ -27,14 +28,25 @@ def parse_args(argv: Optional[list[str]] = None) -> ServeConfig:
     ap.add_argument("--ctx-size", type=int, default=2048, help="max tokens per request (prompt + generated)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="max prompt tokens per sequence per step")
-    ap.add_argument("--prefix-cache-slots", type=int, default=4,
-                    help="extra KV streams that keep finished requests' prompts for prefix reuse (0: only idle decoding slots)")
-    ap.add_argument("--kv-cache-type", choices=["q8_0", "f16"], default="q8_0",
-                    help="KV cache type; q8_0 keeps greedy results identical with and without batching")
-    ap.add_argument("--weight-repack", choices=["auto", "on", "off"],
-                    default=os.environ.get("DSTACK_SERVING_REPACK", "auto"),
-                    help="let llama.cpp repack weights for faster CPU kernels; auto: not where the "
-                    "AMX path is present (it crashes there), see dstack/serving/llama.py")
+    ap.add_argument(
+        "--prefix-cache-slots",
+        type=int,
+        default=4,
+        help="extra KV streams that keep finished requests' prompts for prefix reuse (0: only idle decoding slots)",
+    )
+    ap.add_argument(
+        "--kv-cache-type",
+        choices=["q8_0", "f16"],
+        default="q8_0",
+        help="KV cache type; q8_0 keeps greedy results identical with and without batching",
+    )
+    ap.add_argument(
+        "--weight-repack",
+        choices=["auto", "on", "off"],
+        default=os.environ.get("DSTACK_SERVING_REPACK", "auto"),
+        help="let llama.cpp repack weights for faster CPU kernels; auto: not where the "
+        "AMX path is present (it crashes there), see dstack/serving/llama.py",
+    )
     ap.add_argument("--model-id", default=None, help="name reported by /info and /v1/models")
     ap.add_argument("--verbose", action="store_true", help="show llama.cpp logs")
     a = ap.parse_args(argv)
@@ -62,7 +74,7 @@ def parse_args(argv: Optional[list[str]] = None) -> ServeConfig:
     )
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     # A crash inside llama.cpp (a signal, not an exception) then leaves the Python stack of every
     # thread in the job's log, next to the "engine crashed: SIGSEGV" the server reports.
     faulthandler.enable()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -219,15 +220,11 @@ def create_app(service: Service) -> FastAPI:
             "finish_reason": r.finish.reason,
             "generated_tokens": r.finish.generated_tokens,
             "seed": r.finish.seed,
-            "prefill": [
-                {"id": t.id, "text": t.text, "logprob": t.logprob} for t in r.finish.prefill
-            ]
+            "prefill": [{"id": t.id, "text": t.text, "logprob": t.logprob} for t in r.finish.prefill]
             if p.decoder_input_details
             else [],
             "tokens": [token_json(t) for t in r.tokens],
-            "top_tokens": [[token_json(t) for t in step] for step in r.top_tokens]
-            if p.top_n_tokens
-            else None,
+            "top_tokens": [[token_json(t) for t in step] for step in r.top_tokens] if p.top_n_tokens else None,
         }
 
     def _stream(body: GenerateRequest) -> StreamingResponse:
@@ -235,9 +232,7 @@ def create_app(service: Service) -> FastAPI:
         if p.best_of is not None and p.best_of > 1:
             raise APIError(422, "`best_of` != 1 is not allowed for this endpoint", "validation")
         if p.decoder_input_details:
-            raise APIError(
-                422, "`decoder_input_details` == true is not supported when streaming tokens", "validation"
-            )
+            raise APIError(422, "`decoder_input_details` == true is not supported when streaming tokens", "validation")
         ticket = service.acquire()
         try:
             req = service.build(body.inputs, sampling_from_tgi(p), p.max_new_tokens, p.stop, truncate=p.truncate)
@@ -290,7 +285,7 @@ def render_metrics(service: Service) -> str:
     """Prometheus text exposition of request and engine counters."""
     lines: list[str] = []
 
-    def metric(name: str, kind: str, help_: str, value: float, labels: Optional[dict[str, str]] = None) -> None:
+    def metric(name: str, kind: str, help_: str, value: float, labels: dict[str, str] | None = None) -> None:
         if not any(line.startswith(f"# TYPE {name} ") for line in lines):
             lines.append(f"# HELP {name} {help_}")
             lines.append(f"# TYPE {name} {kind}")
@@ -319,10 +314,18 @@ def render_metrics(service: Service) -> str:
         metric("dstack_serving_queue_size", "gauge", "Sequences waiting for a batch slot", s.queue_size)
         metric("dstack_serving_batch_size", "gauge", "Sequences in the running batch", s.batch_size)
         metric("dstack_serving_batch_max_size", "gauge", "Batch slots", engine.max_active)
-        metric("dstack_serving_prefix_cache_hits_total", "counter", "Requests that reused a cached prompt prefix",
-               s.prefix_cache_hits)
-        metric("dstack_serving_prefix_cache_tokens_total", "counter", "Prompt tokens not prefilled thanks to the cache",
-               s.prefix_cache_tokens)
+        metric(
+            "dstack_serving_prefix_cache_hits_total",
+            "counter",
+            "Requests that reused a cached prompt prefix",
+            s.prefix_cache_hits,
+        )
+        metric(
+            "dstack_serving_prefix_cache_tokens_total",
+            "counter",
+            "Prompt tokens not prefilled thanks to the cache",
+            s.prefix_cache_tokens,
+        )
         # TGI's names, for dashboards built for TGI
         metric("tgi_queue_size", "gauge", "Sequences waiting for a batch slot", s.queue_size)
         metric("tgi_batch_current_size", "gauge", "Sequences in the running batch", s.batch_size)

@@ -17,8 +17,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional
 
 import numpy as np
 
@@ -38,7 +38,7 @@ FINISH_STOP = "stop_sequence"
 class TokenInfo:
     id: int
     text: str
-    logprob: Optional[float]
+    logprob: float | None
     special: bool = False
 
 
@@ -48,7 +48,7 @@ class Finish:
     generated_text: str
     generated_tokens: int
     input_length: int
-    seed: Optional[int]
+    seed: int | None
     prefill: list[TokenInfo] = field(default_factory=list)
 
 
@@ -56,11 +56,11 @@ class Finish:
 class Event:
     """One generated token (`delta` is the output text it releases) or the end of a request."""
 
-    token: Optional[TokenInfo]
+    token: TokenInfo | None
     delta: str = ""
     top: list[TokenInfo] = field(default_factory=list)
-    finish: Optional[Finish] = None
-    error: Optional[str] = None
+    finish: Finish | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -84,7 +84,7 @@ class _Sequence:
         self.slot = slot
         self.n_prefilled = 0
         self.n_past = 0
-        self.next_token: Optional[int] = None
+        self.next_token: int | None = None
         self.generated = 0
         self.sampler = Sampler(req.params, model.n_vocab, req.prompt)
         self.out = OutputText(req.stop)
@@ -119,7 +119,7 @@ class EngineStats:
 class Engine:
     """The scheduler: submit requests from any thread, events come back through `emit`."""
 
-    def __init__(self, model: LlamaModel, prefill_chunk: int = 256, max_active: Optional[int] = None) -> None:
+    def __init__(self, model: LlamaModel, prefill_chunk: int = 256, max_active: int | None = None) -> None:
         self.model = model
         self.n_slots = model.n_seq_max
         # Slots beyond `max_active` are never decoded: they only keep finished sequences' KV for
@@ -133,7 +133,7 @@ class Engine:
         self._active: dict[int, _Sequence] = {}
         self._free: list[int] = list(range(self.n_slots))
         self._stopping = False
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     # --- public, thread-safe --------------------------------------------------------------
     def start(self) -> None:
@@ -306,8 +306,9 @@ class Engine:
         token every step. `prefill_chunk` and `n_batch` bound the prompt tokens of one step.
         """
         seqs = [self._active[s] for s in sorted(self._active)]
-        prefilling = sorted((s for s in seqs if s.next_token is None and s.prefilling),
-                            key=lambda s: len(s.req.prompt) - s.n_prefilled)
+        prefilling = sorted(
+            (s for s in seqs if s.next_token is None and s.prefilling), key=lambda s: len(s.req.prompt) - s.n_prefilled
+        )
         budget = self.model.n_batch
         for seq in prefilling:
             if budget <= 0:
@@ -385,7 +386,7 @@ class Engine:
             text = model.piece(tok, special=True).decode("utf-8", errors="replace")
         else:
             text = seq.out.append(model.piece(tok))
-        reason: Optional[str] = None
+        reason: str | None = None
         if eog:
             reason = FINISH_EOS
         elif seq.out.stopped_at is not None:

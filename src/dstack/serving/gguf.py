@@ -7,8 +7,9 @@ proxy can render chat prompts on a host that has no inference engine installed.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Optional
+from typing import Any, BinaryIO
 
 GGUF_MAGIC = b"GGUF"
 
@@ -80,11 +81,9 @@ class _Reader:
         raise GGUFError(f"unknown GGUF value type {vtype}")
 
 
-def read_metadata(
-    path: str | Path, keys: Optional[Iterable[str]] = None
-) -> dict[str, Any]:
+def read_metadata(path: str | Path, keys: Iterable[str] | None = None) -> dict[str, Any]:
     """Read the metadata of a GGUF file; with `keys`, only those values are decoded (fast)."""
-    wanted: Optional[Callable[[str], bool]] = None
+    wanted: Callable[[str], bool] | None = None
     if keys is not None:
         key_set = set(keys)
         wanted = key_set.__contains__
@@ -108,7 +107,7 @@ def read_metadata(
     return result
 
 
-def read_chat_metadata(path: str | Path) -> tuple[Optional[str], Optional[str], Optional[str]]:
+def read_chat_metadata(path: str | Path) -> tuple[str | None, str | None, str | None]:
     """Return (chat_template, bos_token, eos_token) from GGUF metadata; None where absent."""
     meta = read_metadata(
         path,
@@ -121,7 +120,7 @@ def read_chat_metadata(path: str | Path) -> tuple[Optional[str], Optional[str], 
     )
     tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
 
-    def token_text(key: str) -> Optional[str]:
+    def token_text(key: str) -> str | None:
         tid = meta.get(key)
         if tid is None or not (0 <= int(tid) < len(tokens)):
             return None

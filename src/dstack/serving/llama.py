@@ -10,7 +10,6 @@ import ctypes
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -19,9 +18,7 @@ def _import_llama_cpp():  # type: ignore[no-untyped-def]
     try:
         import llama_cpp
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError(
-            "the built-in engine needs llama-cpp-python: pip install 'dstack[serving]'"
-        ) from e
+        raise RuntimeError("the built-in engine needs llama-cpp-python: pip install 'dstack[serving]'") from e
     return llama_cpp
 
 
@@ -155,7 +152,7 @@ class LlamaModel:
         n_ctx_per_seq: int,
         n_seq_max: int,
         n_batch: int = 512,
-        threads: Optional[int] = None,
+        threads: int | None = None,
         verbose: bool = False,
         kv_unified: bool = False,
         flash_attn: bool = True,
@@ -223,14 +220,12 @@ class LlamaModel:
         for t in range(self.n_vocab):
             if llama_cpp.llama_vocab_is_eog(self.vocab, t):
                 self._eog[t] = True
-        self._control = np.array(
-            [bool(llama_cpp.llama_vocab_is_control(self.vocab, t)) for t in range(self.n_vocab)]
-        )
+        self._control = np.array([bool(llama_cpp.llama_vocab_is_control(self.vocab, t)) for t in range(self.n_vocab)])
         self._logits_fn = llama_cpp.llama_get_logits_ith
         self._decode_fn = llama_cpp.llama_decode
 
     # --- metadata -------------------------------------------------------------------------
-    def meta(self, key: str) -> Optional[str]:
+    def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
         n = self.lib.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", errors="replace") if n >= 0 else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import Optional
 
 from dstack.serving.gguf import read_chat_metadata
 
@@ -40,7 +39,7 @@ class ModelError(Exception):
     """The model can't be found, fetched or served; the message says what to do."""
 
 
-def check_quantize(quantize: Optional[str]) -> None:
+def check_quantize(quantize: str | None) -> None:
     """Refuse GPU-only quantization formats before any download or load."""
     if quantize and quantize.lower() in _GPU_QUANTIZE:
         raise ModelError(
@@ -69,7 +68,7 @@ def _quant_of(filename: str) -> str:
     return m.group(1) if m else ""
 
 
-def pick_gguf(files: list[str], quantize: Optional[str]) -> Optional[str]:
+def pick_gguf(files: list[str], quantize: str | None) -> str | None:
     """Choose one GGUF file of a list: the one matching `quantize`, else a preferred variant."""
     ggufs = [f for f in files if f.lower().endswith(".gguf") and "mmproj" not in f.lower()]
     # a split model is loaded from its first part
@@ -89,7 +88,7 @@ def pick_gguf(files: list[str], quantize: Optional[str]) -> Optional[str]:
     return sorted(ggufs)[0]
 
 
-def _from_directory(directory: Path, quantize: Optional[str]) -> Path:
+def _from_directory(directory: Path, quantize: str | None) -> Path:
     files = [str(p.relative_to(directory)) for p in directory.rglob("*.gguf")]
     chosen = pick_gguf(files, quantize)
     if chosen is None:
@@ -98,7 +97,7 @@ def _from_directory(directory: Path, quantize: Optional[str]) -> Path:
     return directory / chosen
 
 
-def _from_hub(repo_id: str, quantize: Optional[str]) -> Path:
+def _from_hub(repo_id: str, quantize: str | None) -> Path:
     try:
         from huggingface_hub import HfApi, hf_hub_download
         from huggingface_hub.errors import (
@@ -130,8 +129,7 @@ def _from_hub(repo_id: str, quantize: Optional[str]) -> Path:
         ggufs = [f for f in files if f.lower().endswith(".gguf")]
         if ggufs:
             raise ModelError(
-                f"{repo_id} has no GGUF file for quantize={quantize}; available: "
-                + ", ".join(sorted(ggufs))
+                f"{repo_id} has no GGUF file for quantize={quantize}; available: " + ", ".join(sorted(ggufs))
             )
         raise ModelError(
             f"{repo_id} has no GGUF files; the built-in engine serves GGUF models only "
@@ -151,7 +149,7 @@ def _from_hub(repo_id: str, quantize: Optional[str]) -> Path:
     return path
 
 
-def _cached_snapshot(repo_id: str, quantize: Optional[str]) -> Optional[Path]:
+def _cached_snapshot(repo_id: str, quantize: str | None) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
@@ -164,7 +162,7 @@ def _cached_snapshot(repo_id: str, quantize: Optional[str]) -> Optional[Path]:
         return None
 
 
-def resolve_model(name: str, quantize: Optional[str] = None) -> Path:
+def resolve_model(name: str, quantize: str | None = None) -> Path:
     """Return the local path of the GGUF file to serve for `name` (downloading it if needed)."""
     check_quantize(quantize)
     if name.lower() in _BUILTIN_NAMES:

@@ -10,8 +10,9 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -67,9 +68,7 @@ def _logprob_entry(t: TokenInfo, top: list[TokenInfo]) -> dict[str, Any]:
         "token": t.text,
         "logprob": t.logprob,
         "bytes": list(data),
-        "top_logprobs": [
-            {"token": x.text, "logprob": x.logprob, "bytes": list(x.text.encode("utf-8"))} for x in top
-        ],
+        "top_logprobs": [{"token": x.text, "logprob": x.logprob, "bytes": list(x.text.encode("utf-8"))} for x in top],
     }
 
 
@@ -107,8 +106,15 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     expanded = [p for p in prompts for _ in range(n)]
     top_n = min(body.logprobs or 0, 5)
     return await _run(
-        service, request, body, expanded, body.max_tokens, top_n,
-        chat=False, logprobs=False, echo_prompts=expanded if body.echo else None,
+        service,
+        request,
+        body,
+        expanded,
+        body.max_tokens,
+        top_n,
+        chat=False,
+        logprobs=False,
+        echo_prompts=expanded if body.echo else None,
     )
 
 
@@ -117,12 +123,12 @@ async def _run(
     request: Request,
     body: _OpenAICommon,
     prompts: list[str],
-    max_new: Optional[int],
+    max_new: int | None,
     top_n: int,
     *,
     chat: bool,
     logprobs: bool,
-    echo_prompts: Optional[list[str]] = None,
+    echo_prompts: list[str] | None = None,
 ) -> Any:
     ticket = service.acquire()
     try:
@@ -180,7 +186,9 @@ async def _run(
     )
 
 
-def _chunk(rid: str, created: int, model: str, obj: str, choices: list[dict[str, Any]], usage_field: bool) -> dict[str, Any]:
+def _chunk(
+    rid: str, created: int, model: str, obj: str, choices: list[dict[str, Any]], usage_field: bool
+) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": rid,
         "object": obj,
@@ -202,16 +210,30 @@ async def _chat_stream(
     created: int,
     body: _OpenAICommon,
     logprobs: bool,
-    echo_prompts: Optional[list[str]],
+    echo_prompts: list[str] | None,
 ) -> AsyncIterator[str]:
     usage = body.include_usage
     model = service.model_id
     completion_tokens = 0
     try:
         for i in range(len(reqs)):
-            yield _sse(_chunk(rid, created, model, "chat.completion.chunk", [
-                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            ], usage))
+            yield _sse(
+                _chunk(
+                    rid,
+                    created,
+                    model,
+                    "chat.completion.chunk",
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    usage,
+                )
+            )
         async with aclosing(merge([service.events(r) for r in reqs])) as events:
             async for i, ev in events:
                 if ev.error is not None:
@@ -227,9 +249,16 @@ async def _chat_stream(
                 if ev.finish is not None:
                     reason = openai_finish_reason(ev.finish.reason)
                     completion_tokens += ev.finish.generated_tokens
-                yield _sse(_chunk(rid, created, model, "chat.completion.chunk", [
-                    {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
-                ], usage))
+                yield _sse(
+                    _chunk(
+                        rid,
+                        created,
+                        model,
+                        "chat.completion.chunk",
+                        [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}],
+                        usage,
+                    )
+                )
         if usage:
             prompt_tokens = sum(len(r.prompt) for r in reqs)
             final = _chunk(rid, created, model, "chat.completion.chunk", [], False)
@@ -248,7 +277,7 @@ async def _completion_stream(
     created: int,
     body: _OpenAICommon,
     logprobs: bool,
-    echo_prompts: Optional[list[str]],
+    echo_prompts: list[str] | None,
 ) -> AsyncIterator[str]:
     usage = body.include_usage
     model = service.model_id
@@ -256,9 +285,16 @@ async def _completion_stream(
     try:
         if echo_prompts:
             for i, p in enumerate(echo_prompts):
-                yield _sse(_chunk(rid, created, model, "text_completion", [
-                    {"index": i, "text": p, "logprobs": None, "finish_reason": None}
-                ], usage))
+                yield _sse(
+                    _chunk(
+                        rid,
+                        created,
+                        model,
+                        "text_completion",
+                        [{"index": i, "text": p, "logprobs": None, "finish_reason": None}],
+                        usage,
+                    )
+                )
         async with aclosing(merge([service.events(r) for r in reqs])) as events:
             async for i, ev in events:
                 if ev.error is not None:
@@ -270,9 +306,16 @@ async def _completion_stream(
                 if ev.finish is not None:
                     reason = openai_finish_reason(ev.finish.reason)
                     completion_tokens += ev.finish.generated_tokens
-                yield _sse(_chunk(rid, created, model, "text_completion", [
-                    {"index": i, "text": ev.delta, "logprobs": None, "finish_reason": reason}
-                ], usage))
+                yield _sse(
+                    _chunk(
+                        rid,
+                        created,
+                        model,
+                        "text_completion",
+                        [{"index": i, "text": ev.delta, "logprobs": None, "finish_reason": reason}],
+                        usage,
+                    )
+                )
         if usage:
             final = _chunk(rid, created, model, "text_completion", [], False)
             final["usage"] = _usage(sum(len(r.prompt) for r in reqs), completion_tokens)
@@ -280,4 +323,3 @@ async def _completion_stream(
         yield "data: [DONE]\n\n"
     finally:
         ticket.release()
-

@@ -9,7 +9,7 @@ sequence's KV in. The cache is bounded by the number of slots the context was cr
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class PrefixCache:
         held = self._held.get(slot)
         return 0 if held is None else len(held)
 
-    def best(self, prompt: Sequence[int], slots: Iterable[int], own: int) -> tuple[Optional[int], int]:
+    def best(self, prompt: Sequence[int], slots: Iterable[int], own: int) -> tuple[int | None, int]:
         """The idle slot whose KV shares the longest prefix with `prompt`, and that length.
 
         At least one prompt token is always left to compute (its logits start the generation).
@@ -76,7 +76,7 @@ class PrefixCache:
         self._used[best_slot] = next(self._clock)
         return best_slot, best_len
 
-    def parking_slot(self, idle: Iterable[int]) -> Optional[int]:
+    def parking_slot(self, idle: Iterable[int]) -> int | None:
         """An idle slot to keep a finished sequence's KV in: an empty one, else the least recently used."""
         idle = list(idle)
         if not idle:

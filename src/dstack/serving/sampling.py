@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -23,14 +22,14 @@ class SamplingParams:
     """TGI generation parameters that affect which token is picked."""
 
     do_sample: bool = False
-    temperature: Optional[float] = None
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    typical_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    seed: Optional[int] = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
     top_n_tokens: int = 0
 
     @property
@@ -52,7 +51,7 @@ class Choice:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
-def _logsumexp(x: np.ndarray, m: Optional[float] = None) -> float:
+def _logsumexp(x: np.ndarray, m: float | None = None) -> float:
     """log(sum(exp(x))) in float32: one pass over the vocabulary per token, ~30us."""
     if m is None:
         m = float(x.max())
@@ -65,16 +64,16 @@ class Sampler:
     def __init__(self, params: SamplingParams, n_vocab: int, prompt_tokens: list[int]) -> None:
         self.params = params
         self.sampling = params.sampling
-        self.seed: Optional[int] = None
-        self.rng: Optional[np.random.Generator] = None
+        self.seed: int | None = None
+        self.rng: np.random.Generator | None = None
         if self.sampling:
             self.seed = params.seed if params.seed is not None else random.getrandbits(63)
             self.rng = np.random.default_rng(self.seed)
         self._rep = params.repetition_penalty if params.repetition_penalty not in (None, 1.0) else None
         self._freq = params.frequency_penalty if params.frequency_penalty not in (None, 0.0) else None
         self._pres = params.presence_penalty if params.presence_penalty not in (None, 0.0) else None
-        self._seen: Optional[np.ndarray] = None
-        self._counts: Optional[np.ndarray] = None
+        self._seen: np.ndarray | None = None
+        self._counts: np.ndarray | None = None
         if self._rep is not None:
             self._seen = np.zeros(n_vocab, dtype=bool)
             if prompt_tokens:

@@ -6,7 +6,7 @@ Messages follow TGI's wording so clients that match on them keep working.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -20,92 +20,92 @@ class GenerateParameters(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    best_of: Optional[int] = None
+    best_of: int | None = None
     decoder_input_details: bool = False
     details: bool = False
     do_sample: bool = False
-    frequency_penalty: Optional[float] = None
-    max_new_tokens: Optional[int] = None
-    repetition_penalty: Optional[float] = None
-    return_full_text: Optional[bool] = False
-    seed: Optional[int] = None
+    frequency_penalty: float | None = None
+    max_new_tokens: int | None = None
+    repetition_penalty: float | None = None
+    return_full_text: bool | None = False
+    seed: int | None = None
     stop: list[str] = Field(default_factory=list)
-    temperature: Optional[float] = None
-    top_k: Optional[int] = None
-    top_n_tokens: Optional[int] = None
-    top_p: Optional[float] = None
-    truncate: Optional[int] = None
-    typical_p: Optional[float] = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_n_tokens: int | None = None
+    top_p: float | None = None
+    truncate: int | None = None
+    typical_p: float | None = None
     watermark: bool = False
-    grammar: Optional[Any] = None
-    adapter_id: Optional[str] = None
+    grammar: Any | None = None
+    adapter_id: str | None = None
 
     @field_validator("max_new_tokens")
     @classmethod
-    def _max_new_tokens(cls, v: Optional[int]) -> Optional[int]:
+    def _max_new_tokens(cls, v: int | None) -> int | None:
         if v is not None and v <= 0:
             raise ValueError("`max_new_tokens` must be strictly positive")
         return v
 
     @field_validator("temperature")
     @classmethod
-    def _temperature(cls, v: Optional[float]) -> Optional[float]:
+    def _temperature(cls, v: float | None) -> float | None:
         if v is not None and v <= 0:
             raise ValueError("`temperature` must be strictly positive")
         return v
 
     @field_validator("top_p")
     @classmethod
-    def _top_p(cls, v: Optional[float]) -> Optional[float]:
+    def _top_p(cls, v: float | None) -> float | None:
         if v is not None and not 0.0 < v < 1.0:
             raise ValueError("`top_p` must be > 0.0 and < 1.0")
         return v
 
     @field_validator("typical_p")
     @classmethod
-    def _typical_p(cls, v: Optional[float]) -> Optional[float]:
+    def _typical_p(cls, v: float | None) -> float | None:
         if v is not None and not 0.0 < v < 1.0:
             raise ValueError("`typical_p` must be > 0.0 and < 1.0")
         return v
 
     @field_validator("top_k")
     @classmethod
-    def _top_k(cls, v: Optional[int]) -> Optional[int]:
+    def _top_k(cls, v: int | None) -> int | None:
         if v is not None and v <= 0:
             raise ValueError("`top_k` must be strictly positive")
         return v
 
     @field_validator("repetition_penalty")
     @classmethod
-    def _repetition_penalty(cls, v: Optional[float]) -> Optional[float]:
+    def _repetition_penalty(cls, v: float | None) -> float | None:
         if v is not None and v <= 0:
             raise ValueError("`repetition_penalty` must be strictly positive")
         return v
 
     @field_validator("frequency_penalty")
     @classmethod
-    def _frequency_penalty(cls, v: Optional[float]) -> Optional[float]:
+    def _frequency_penalty(cls, v: float | None) -> float | None:
         if v is not None and not -2.0 <= v <= 2.0:
             raise ValueError("`frequency_penalty` must be >= -2.0 and <= 2.0")
         return v
 
     @field_validator("seed")
     @classmethod
-    def _seed(cls, v: Optional[int]) -> Optional[int]:
+    def _seed(cls, v: int | None) -> int | None:
         if v is not None and not 0 <= v < 2**64:
             raise ValueError("`seed` must be a non-negative 64-bit integer")
         return v
 
     @field_validator("truncate")
     @classmethod
-    def _truncate(cls, v: Optional[int]) -> Optional[int]:
+    def _truncate(cls, v: int | None) -> int | None:
         if v is not None and v <= 0:
             raise ValueError("`truncate` must be strictly positive")
         return v
 
     @field_validator("top_n_tokens")
     @classmethod
-    def _top_n_tokens(cls, v: Optional[int]) -> Optional[int]:
+    def _top_n_tokens(cls, v: int | None) -> int | None:
         if v is not None and not 0 <= v <= MAX_TOP_N_TOKENS:
             raise ValueError(f"`top_n_tokens` must be >= 0 and <= {MAX_TOP_N_TOKENS}. Given: {v}")
         return v
@@ -114,9 +114,7 @@ class GenerateParameters(BaseModel):
     @classmethod
     def _stop(cls, v: list[str]) -> list[str]:
         if len(v) > MAX_STOP_SEQUENCES:
-            raise ValueError(
-                f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(v)}"
-            )
+            raise ValueError(f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(v)}")
         return v
 
     @field_validator("watermark")
@@ -144,7 +142,7 @@ class GenerateParameters(BaseModel):
         )
 
     @model_validator(mode="after")
-    def _best_of(self) -> "GenerateParameters":
+    def _best_of(self) -> GenerateParameters:
         if self.best_of is not None:
             if self.best_of <= 0:
                 raise ValueError("`best_of` must be strictly positive")
@@ -172,7 +170,7 @@ class GenerateRequest(BaseModel):
 
 class TokenizeRequest(BaseModel):
     inputs: str
-    parameters: Optional[dict[str, Any]] = None
+    parameters: dict[str, Any] | None = None
 
 
 # --- OpenAI -----------------------------------------------------------------------------------
@@ -185,59 +183,59 @@ class StreamOptions(BaseModel):
 class _OpenAICommon(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: Optional[str] = None
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    n: Optional[int] = None
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    top_k: Optional[int] = None
-    user: Optional[str] = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    top_k: int | None = None
+    user: str | None = None
 
     @field_validator("max_tokens")
     @classmethod
-    def _max_tokens(cls, v: Optional[int]) -> Optional[int]:
+    def _max_tokens(cls, v: int | None) -> int | None:
         if v is not None and v <= 0:
             raise ValueError("`max_tokens` must be strictly positive")
         return v
 
     @field_validator("temperature")
     @classmethod
-    def _temperature(cls, v: Optional[float]) -> Optional[float]:
+    def _temperature(cls, v: float | None) -> float | None:
         if v is not None and not 0.0 <= v <= 2.0:
             raise ValueError("`temperature` must be >= 0.0 and <= 2.0")
         return v
 
     @field_validator("top_p")
     @classmethod
-    def _top_p(cls, v: Optional[float]) -> Optional[float]:
+    def _top_p(cls, v: float | None) -> float | None:
         if v is not None and not 0.0 < v <= 1.0:
             raise ValueError("`top_p` must be > 0.0 and <= 1.0")
         return v
 
     @field_validator("n")
     @classmethod
-    def _n(cls, v: Optional[int]) -> Optional[int]:
+    def _n(cls, v: int | None) -> int | None:
         if v is not None and not 1 <= v <= MAX_BEST_OF:
             raise ValueError(f"`n` must be >= 1 and <= {MAX_BEST_OF}")
         return v
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
-    def _penalty(cls, v: Optional[float]) -> Optional[float]:
+    def _penalty(cls, v: float | None) -> float | None:
         if v is not None and not -2.0 <= v <= 2.0:
             raise ValueError("penalties must be >= -2.0 and <= 2.0")
         return v
 
     @field_validator("stop")
     @classmethod
-    def _stop(cls, v: Optional[Union[str, list[str]]]) -> Optional[Union[str, list[str]]]:
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list) and len(v) > MAX_STOP_SEQUENCES:
             raise ValueError(f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences. Given: {len(v)}")
         return v
@@ -257,14 +255,14 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: str
-    content: Optional[Any] = None
+    content: Any | None = None
 
 
 class ChatCompletionRequest(_OpenAICommon):
     messages: list[ChatMessage]
-    max_completion_tokens: Optional[int] = None
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     @field_validator("messages")
     @classmethod
@@ -275,28 +273,28 @@ class ChatCompletionRequest(_OpenAICommon):
 
     @field_validator("top_logprobs")
     @classmethod
-    def _top_logprobs(cls, v: Optional[int]) -> Optional[int]:
+    def _top_logprobs(cls, v: int | None) -> int | None:
         if v is not None and not 0 <= v <= MAX_TOP_N_TOKENS:
             raise ValueError(f"`top_logprobs` must be >= 0 and <= {MAX_TOP_N_TOKENS}")
         return v
 
 
 class CompletionRequest(_OpenAICommon):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
     echo: bool = False
-    logprobs: Optional[int] = None
-    suffix: Optional[str] = None
+    logprobs: int | None = None
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, v: Union[str, list[str]]) -> Union[str, list[str]]:
+    def _prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and not v:
             raise ValueError("`prompt` cannot be empty")
         return v
 
     @field_validator("suffix")
     @classmethod
-    def _suffix(cls, v: Optional[str]) -> Optional[str]:
+    def _suffix(cls, v: str | None) -> str | None:
         if v:
             raise ValueError("`suffix` is not supported by this server")
         return v

@@ -9,10 +9,11 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
@@ -28,18 +29,18 @@ T = TypeVar("T")
 @dataclass
 class ServeConfig:
     model: str
-    quantize: Optional[str] = None
+    quantize: str | None = None
     host: str = "0.0.0.0"
     port: int = 8000
     max_concurrent_requests: int = 16
     max_batch_size: int = 16
     ctx_size: int = 2048  # per request: prompt + generated tokens (TGI's max_total_tokens)
-    threads: Optional[int] = None
+    threads: int | None = None
     prefill_chunk: int = 256
     prefix_cache_slots: int = 4  # KV streams that only keep finished requests' prefixes for reuse
     kv_cache_type: str = "q8_0"  # q8_0 keeps greedy output batch-invariant (see llama.py)
     weight_repack: str = "auto"  # auto | on | off (see llama.py: off where AMX is present)
-    model_id: Optional[str] = None
+    model_id: str | None = None
     verbose: bool = False
 
 
@@ -77,7 +78,7 @@ class Result:
 class Ticket:
     """One admitted HTTP request; `release` is idempotent so every exit path can call it."""
 
-    def __init__(self, service: "Service") -> None:
+    def __init__(self, service: Service) -> None:
         self._service = service
         self._released = False
 
@@ -94,16 +95,16 @@ class Service:
         self.config = config
         self.model_id = config.model_id or config.model
         self.status = "loading"
-        self.error: Optional[str] = None
-        self.model_path: Optional[Path] = None
+        self.error: str | None = None
+        self.model_path: Path | None = None
         self.model: Any = None
-        self.engine: Optional[Engine] = None
-        self.chat_template: Optional[ChatTemplate] = None
-        self.chat_template_source: Optional[str] = None
+        self.engine: Engine | None = None
+        self.chat_template: ChatTemplate | None = None
+        self.chat_template_source: str | None = None
         self.in_flight = 0
         self.counters: dict[str, int] = {}
         self.started = int(time.time())
-        self._loader: Optional[threading.Thread] = None
+        self._loader: threading.Thread | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
     def start_loading(self) -> None:
@@ -194,10 +195,10 @@ class Service:
         self,
         text: str,
         sampling: SamplingParams,
-        max_new_tokens: Optional[int],
+        max_new_tokens: int | None,
         stop: list[str],
         *,
-        truncate: Optional[int] = None,
+        truncate: int | None = None,
         prefill_details: bool = False,
     ) -> GenerationRequest:
         """Tokenize and check lengths the way TGI does (422 when they can't fit)."""
@@ -210,9 +211,7 @@ class Service:
             raise validation_error("`inputs` cannot be empty")
         max_total = self.max_total_tokens
         if n >= max_total:
-            raise validation_error(
-                f"`inputs` must have less than {max_total} tokens. Given: {n}"
-            )
+            raise validation_error(f"`inputs` must have less than {max_total} tokens. Given: {n}")
         if max_new_tokens is None:
             max_new_tokens = max_total - n
         if n + max_new_tokens > max_total:
@@ -290,7 +289,7 @@ async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int,
         async for ev in streams[0]:
             yield 0, ev
         return
-    queue: asyncio.Queue[tuple[int, Optional[Event], Optional[BaseException]]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, Event | None, BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, it: AsyncIterator[Event]) -> None:
         try:

@@ -8,7 +8,6 @@ released to streaming clients.
 from __future__ import annotations
 
 import codecs
-from typing import Optional
 
 
 class OutputText:
@@ -20,7 +19,7 @@ class OutputText:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""
         self._released = 0
-        self.stopped_at: Optional[int] = None
+        self.stopped_at: int | None = None
 
     def append(self, data: bytes) -> str:
         """Add a token's bytes; return its text (may be empty mid-character)."""

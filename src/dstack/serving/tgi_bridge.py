@@ -20,7 +20,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -35,16 +36,24 @@ MAX_STOP_SEQUENCES = 4
 
 # -- TGI request -> OpenAI completions request --------------------------------------------------------
 
+
 def completion_request(model_id: str, body: dict[str, Any], stream: bool) -> dict[str, Any]:
     """A TGI `{inputs, parameters}` body as a vLLM `/v1/completions` body (vLLM's extra sampling
     fields included). TGI samples when asked or when any sampling knob is set; else it is greedy."""
     p = body.get("parameters") or {}
-    req: dict[str, Any] = {"model": model_id, "prompt": body.get("inputs", ""), "stream": stream,
-                           # None: up to the context length, as TGI does (OpenAI's default is 16)
-                           "max_tokens": p.get("max_new_tokens")}
+    req: dict[str, Any] = {
+        "model": model_id,
+        "prompt": body.get("inputs", ""),
+        "stream": stream,
+        # None: up to the context length, as TGI does (OpenAI's default is 16)
+        "max_tokens": p.get("max_new_tokens"),
+    }
     temperature = p.get("temperature")
-    sampling = bool(p.get("do_sample")) or (temperature not in (None, 1.0)) or any(
-        p.get(k) for k in ("top_k", "top_p", "typical_p"))
+    sampling = (
+        bool(p.get("do_sample"))
+        or (temperature not in (None, 1.0))
+        or any(p.get(k) for k in ("top_k", "top_p", "typical_p"))
+    )
     if sampling:
         req["temperature"] = 1.0 if temperature is None else temperature
         for key in ("top_p", "top_k"):
@@ -69,9 +78,13 @@ def tgi_finish_reason(choice: dict[str, Any]) -> str:
     return "stop_sequence" if isinstance(choice.get("stop_reason"), str) else "eos_token"
 
 
-def _details(choice: dict[str, Any], usage: dict[str, Any], seed: Optional[int]) -> dict[str, Any]:
-    return {"finish_reason": tgi_finish_reason(choice), "generated_tokens": int(usage.get("completion_tokens") or 0),
-            "seed": seed, "input_length": int(usage.get("prompt_tokens") or 0)}
+def _details(choice: dict[str, Any], usage: dict[str, Any], seed: int | None) -> dict[str, Any]:
+    return {
+        "finish_reason": tgi_finish_reason(choice),
+        "generated_tokens": int(usage.get("completion_tokens") or 0),
+        "seed": seed,
+        "input_length": int(usage.get("prompt_tokens") or 0),
+    }
 
 
 def generate_response(body: dict[str, Any], completion: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +127,7 @@ async def stream_events(lines: AsyncIterator[str], body: dict[str, Any]) -> Asyn
     """OpenAI completion chunks -> TGI stream events. One chunk is held back, so the last event
     carries the final token together with `generated_text` and `details`, like TGI's."""
     p = body.get("parameters") or {}
-    held: Optional[str] = None
+    held: str | None = None
     text, index, choice, usage = "", 0, {}, {}
     async for line in lines:
         if not line.startswith("data:"):
@@ -125,8 +138,9 @@ async def stream_events(lines: AsyncIterator[str], body: dict[str, Any]) -> Asyn
         chunk = json.loads(data)
         if "error" in chunk:
             err = chunk["error"]
-            yield _sse({"error": str(err.get("message", err) if isinstance(err, dict) else err),
-                        "error_type": "generation"})
+            yield _sse(
+                {"error": str(err.get("message", err) if isinstance(err, dict) else err), "error_type": "generation"}
+            )
             return
         usage = chunk.get("usage") or usage
         for c in chunk.get("choices") or []:
@@ -146,8 +160,10 @@ async def stream_events(lines: AsyncIterator[str], body: dict[str, Any]) -> Asyn
 
 # -- the app -------------------------------------------------------------------------------------------
 
-def create_app(upstream: str, model_id: str, max_concurrent_requests: int = 128,
-               client: Optional[httpx.AsyncClient] = None) -> FastAPI:
+
+def create_app(
+    upstream: str, model_id: str, max_concurrent_requests: int = 128, client: httpx.AsyncClient | None = None
+) -> FastAPI:
     app = FastAPI(title="dstack TGI bridge", docs_url=None, redoc_url=None, openapi_url=None)
     http = client or httpx.AsyncClient(base_url=upstream, timeout=httpx.Timeout(None, connect=10))
 
@@ -167,12 +183,23 @@ def create_app(upstream: str, model_id: str, max_concurrent_requests: int = 128,
             max_total = next((m.get("max_model_len") for m in models if m.get("max_model_len")), None)
         except (httpx.HTTPError, ValueError, AttributeError):
             pass
-        return {"model_id": model_id, "model_sha": None, "model_dtype": None, "model_device_type": "cuda",
-                "model_pipeline_tag": "text-generation", "max_concurrent_requests": max_concurrent_requests,
-                "max_best_of": 1, "max_stop_sequences": MAX_STOP_SEQUENCES,
-                "max_input_tokens": max_total - 1 if max_total else None, "max_total_tokens": max_total,
-                "router": "dstack-tgi-bridge", "backend": "vllm", "version": __version__, "sha": None,
-                "docker_label": None}
+        return {
+            "model_id": model_id,
+            "model_sha": None,
+            "model_dtype": None,
+            "model_device_type": "cuda",
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": max_concurrent_requests,
+            "max_best_of": 1,
+            "max_stop_sequences": MAX_STOP_SEQUENCES,
+            "max_input_tokens": max_total - 1 if max_total else None,
+            "max_total_tokens": max_total,
+            "router": "dstack-tgi-bridge",
+            "backend": "vllm",
+            "version": __version__,
+            "sha": None,
+            "docker_label": None,
+        }
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
@@ -218,12 +245,12 @@ def create_app(upstream: str, model_id: str, max_concurrent_requests: int = 128,
     async def passthrough(path: str, request: Request) -> Response:
         """The engine's own API (OpenAI routes, metrics, ...) as it is, streamed both ways."""
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-        req = http.build_request(request.method, "/" + path, params=request.query_params, headers=headers,
-                                 content=await request.body())
+        req = http.build_request(
+            request.method, "/" + path, params=request.query_params, headers=headers, content=await request.body()
+        )
         r = await http.send(req, stream=True)
         out_headers = {k: v for k, v in r.headers.items() if k.lower() not in HOP_HEADERS}
-        return StreamingResponse(r.aiter_raw(), status_code=r.status_code, headers=out_headers,
-                                 background=_Close(r))
+        return StreamingResponse(r.aiter_raw(), status_code=r.status_code, headers=out_headers, background=_Close(r))
 
     return app
 
@@ -240,13 +267,14 @@ class _Close:
 
 # -- supervising the engine process ---------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: Optional[float]) -> bool:
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float | None) -> bool:
     """Poll ``url/health`` until 200; False when the engine exits or ``timeout`` passes first."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while proc.poll() is None and (deadline is None or time.monotonic() < deadline):
@@ -259,7 +287,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: Optional[float]) -> 
     return False
 
 
-def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
         raise SystemExit("usage: python -m dstack.serving.tgi_bridge [options] -- ENGINE COMMAND ...")
@@ -269,15 +297,17 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--model-id", required=True)
     ap.add_argument("--max-concurrent-requests", type=int, default=128)
-    ap.add_argument("--startup-timeout", type=float, default=None, help="seconds to wait for the engine (default: no limit)")
+    ap.add_argument(
+        "--startup-timeout", type=float, default=None, help="seconds to wait for the engine (default: no limit)"
+    )
     args = ap.parse_args(argv[:split])
-    engine = argv[split + 1:]
+    engine = argv[split + 1 :]
     if not engine:
         ap.error("an engine command is required after --")
     return args, engine
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args, engine = parse_args(argv)
     port = free_port()
     proc = subprocess.Popen([*engine, "--host", "127.0.0.1", "--port", str(port)])

@@ -74,11 +74,18 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(404, {"not": REPLICA})
             if url.path == "/slow":
                 time.sleep(float(query.get("s", ["1"])[0]))
-            return self._json(200, {
-                "replica": REPLICA, "method": method, "path": url.path, "query": url.query,
-                "body": body.decode(errors="replace"), "auth": self.headers.get("authorization"),
-                "x_custom": self.headers.get("x-custom"),
-            })
+            return self._json(
+                200,
+                {
+                    "replica": REPLICA,
+                    "method": method,
+                    "path": url.path,
+                    "query": url.query,
+                    "body": body.decode(errors="replace"),
+                    "auth": self.headers.get("authorization"),
+                    "x_custom": self.headers.get("x-custom"),
+                },
+            )
         if MODE == "sse":
             n = int(query.get("n", ["5"])[0])
             delay = float(query.get("delay", ["0.5"])[0])
@@ -103,18 +110,31 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(424, {"error": "generation failed on purpose", "error_type": "generation"})
         out = words(req.get("inputs", ""))[: params.get("max_new_tokens", 8)]
         finish = "length" if len(out) == params.get("max_new_tokens") else "eos_token"
-        details = {"finish_reason": finish, "generated_tokens": len(out), "seed": None,
-                   "input_length": len(req.get("inputs", "").split())}
+        details = {
+            "finish_reason": finish,
+            "generated_tokens": len(out),
+            "seed": None,
+            "input_length": len(req.get("inputs", "").split()),
+        }
         if path == "/generate":
-            return self._json(200, {"generated_text": " ".join(out), "details": details if params.get("details") else None})
+            return self._json(
+                200, {"generated_text": " ".join(out), "details": details if params.get("details") else None}
+            )
         if path == "/generate_stream":
             self._sse_start()
             for i, w in enumerate(out):
                 last = i == len(out) - 1
                 text = w if i == 0 else " " + w
-                self._event(json.dumps({"index": i, "token": {"id": i, "text": text, "logprob": 0.0, "special": False},
-                                        "generated_text": " ".join(out) if last else None,
-                                        "details": details if last else None}))
+                self._event(
+                    json.dumps(
+                        {
+                            "index": i,
+                            "token": {"id": i, "text": text, "logprob": 0.0, "special": False},
+                            "generated_text": " ".join(out) if last else None,
+                            "details": details if last else None,
+                        }
+                    )
+                )
                 time.sleep(0.05)
             self.close_connection = True
             return
@@ -126,20 +146,57 @@ class Handler(BaseHTTPRequestHandler):
         out = words(prompt)
         created, cid = int(time.time()), "cmpl-test"
         if not req.get("stream"):
-            choice = ({"index": 0, "message": {"role": "assistant", "content": " ".join(out)}, "finish_reason": "stop"}
-                      if chat else {"index": 0, "text": " ".join(out), "logprobs": None, "finish_reason": "stop"})
-            return self._json(200, {"id": cid, "object": "chat.completion" if chat else "text_completion",
-                                    "created": created, "model": req["model"], "choices": [choice],
-                                    "usage": {"prompt_tokens": 3, "completion_tokens": len(out), "total_tokens": 3 + len(out)}})
+            choice = (
+                {"index": 0, "message": {"role": "assistant", "content": " ".join(out)}, "finish_reason": "stop"}
+                if chat
+                else {"index": 0, "text": " ".join(out), "logprobs": None, "finish_reason": "stop"}
+            )
+            return self._json(
+                200,
+                {
+                    "id": cid,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": created,
+                    "model": req["model"],
+                    "choices": [choice],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": len(out), "total_tokens": 3 + len(out)},
+                },
+            )
         self._sse_start()
         for i, w in enumerate(out):
             text = w if i == 0 else " " + w
-            delta = {"index": 0, "delta": {"content": text}, "finish_reason": None} if chat else \
-                {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
-            self._event(json.dumps({"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
-                                    "created": created, "model": req["model"], "choices": [delta]}))
-        end = {"index": 0, "delta": {}, "finish_reason": "stop"} if chat else {"index": 0, "text": "", "finish_reason": "stop"}
-        self._event(json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req["model"], "choices": [end]}))
+            delta = (
+                {"index": 0, "delta": {"content": text}, "finish_reason": None}
+                if chat
+                else {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+            )
+            self._event(
+                json.dumps(
+                    {
+                        "id": cid,
+                        "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": created,
+                        "model": req["model"],
+                        "choices": [delta],
+                    }
+                )
+            )
+        end = (
+            {"index": 0, "delta": {}, "finish_reason": "stop"}
+            if chat
+            else {"index": 0, "text": "", "finish_reason": "stop"}
+        )
+        self._event(
+            json.dumps(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": req["model"],
+                    "choices": [end],
+                }
+            )
+        )
         self._event("[DONE]")
         self.close_connection = True
 

@@ -27,8 +27,12 @@ async def handler(job):
         try:
             peak = active
             await asyncio.sleep(inp["seconds"])
-            return {"slept": inp["seconds"], "active_at_start": peak, "started": started,
-                    "worker": os.environ["RUNPOD_POD_ID"]}
+            return {
+                "slept": inp["seconds"],
+                "active_at_start": peak,
+                "started": started,
+                "worker": os.environ["RUNPOD_POD_ID"],
+            }
         finally:
             active -= 1
     if mode == "loops":  # which job loops this worker runs: dstack's event-driven ones or the SDK's

@@ -11,14 +11,25 @@ def openai(route, body):
     text = " ".join(m["content"] for m in body.get("messages", []))
     if body.get("stream"):
         for word in text.split():
-            chunk = {"id": "c1", "object": "chat.completion.chunk", "created": int(time.time()), "model": body["model"],
-                     "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}
+            chunk = {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}],
+            }
             yield "data: " + json.dumps(chunk) + "\n\n"
         yield "data: [DONE]\n\n"
         return
-    yield {"id": "c1", "object": "chat.completion", "created": int(time.time()), "model": body["model"], "route": route,
-           "choices": [{"index": 0, "message": {"role": "assistant", "content": text.upper()}, "finish_reason": "stop"}],
-           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    yield {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body["model"],
+        "route": route,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text.upper()}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
 
 
 def handler(job):

@@ -41,8 +41,7 @@ def prewarm_bin(venv_dir: Path, uid: int | None = None) -> Path:
     bin_dir = venv_dir / DIR_NAME / "bin"
     real = venv_dir / "bin" / "python"
     sock = socket_path(venv_dir, uid)
-    header = (f"#!{real} -IS\n"
-              f"REAL = {str(real)!r}\nSOCK = {str(sock)!r}\nZYGOTE = {str(ZYGOTE)!r}\n")
+    header = f"#!{real} -IS\nREAL = {str(real)!r}\nSOCK = {str(sock)!r}\nZYGOTE = {str(ZYGOTE)!r}\n"
     text = header + STARTER.read_text()
     bin_dir.mkdir(parents=True, exist_ok=True)
     for name in ("python", "python3"):

@@ -35,8 +35,15 @@ def start_zygote() -> None:
         return
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
     with open(SOCK + ".log", "ab") as log:  # noqa: F821
-        subprocess.Popen([REAL, ZYGOTE, SOCK], stdin=subprocess.DEVNULL, stdout=log, stderr=log,  # noqa: F821
-                         env=env, start_new_session=True, close_fds=True)
+        subprocess.Popen(
+            [REAL, ZYGOTE, SOCK],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,  # noqa: F821
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
 
 
 def connect() -> socket.socket | None:

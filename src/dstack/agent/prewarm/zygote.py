@@ -37,14 +37,18 @@ def site_stamp(prefix: str) -> float:
     starter computes the same from outside to spot a zygote that has gone stale)."""
     import glob
 
-    return max([0.0] + [os.stat(p).st_mtime for p in glob.glob(os.path.join(prefix, "lib", "python*", "site-packages"))])
+    return max(
+        [0.0] + [os.stat(p).st_mtime for p in glob.glob(os.path.join(prefix, "lib", "python*", "site-packages"))]
+    )
 
 
 def sdk_import_closure() -> list[str]:
     """Modules that `import runpod` loads, minus runpod's own (learned in a clean child)."""
-    code = ("import json, sys\nbefore = set(sys.modules)\n"
-            f"import {SDK_PACKAGE}\n"
-            "print(json.dumps([m for m in sys.modules if m not in before]))")
+    code = (
+        "import json, sys\nbefore = set(sys.modules)\n"
+        f"import {SDK_PACKAGE}\n"
+        "print(json.dumps([m for m in sys.modules if m not in before]))"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -130,8 +134,9 @@ def run_child(conn: socket.socket, listener: socket.socket, req: dict, fds: list
         import traceback
 
         tb = e.__traceback__  # as a plain `python script.py` shows it: from the script's frame on
-        while tb is not None and (tb.tb_frame.f_code.co_filename == __file__
-                                  or tb.tb_frame.f_code.co_filename.startswith("<frozen runpy")):
+        while tb is not None and (
+            tb.tb_frame.f_code.co_filename == __file__ or tb.tb_frame.f_code.co_filename.startswith("<frozen runpy")
+        ):
             tb = tb.tb_next
         traceback.print_exception(type(e), e, tb)
         code = 1
@@ -153,8 +158,12 @@ def run_as_main(path: str) -> None:
 
     sys.path[0] = os.path.dirname(path)
     main = types.ModuleType("__main__")
-    main.__dict__.update(__file__=path, __builtins__=builtins, __cached__=None,
-                         __loader__=importlib.machinery.SourceFileLoader("__main__", path))
+    main.__dict__.update(
+        __file__=path,
+        __builtins__=builtins,
+        __cached__=None,
+        __loader__=importlib.machinery.SourceFileLoader("__main__", path),
+    )
     sys.modules["__main__"] = main
     with open(path, "rb") as f:
         code = compile(f.read(), path, "exec")
@@ -169,8 +178,13 @@ def _reopen_stdio(unbuffered: bool) -> None:
         if "r" in mode:
             return io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8", errors="replace")
         buffered = io.BufferedWriter(raw)
-        return io.TextIOWrapper(buffered, encoding="utf-8", errors="backslashreplace",
-                                write_through=unbuffered, line_buffering=not unbuffered and raw.isatty())
+        return io.TextIOWrapper(
+            buffered,
+            encoding="utf-8",
+            errors="backslashreplace",
+            write_through=unbuffered,
+            line_buffering=not unbuffered and raw.isatty(),
+        )
 
     sys.stdin, sys.stdout, sys.stderr = text(0, "r"), text(1, "w"), text(2, "w")
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr

@@ -42,7 +42,7 @@ def _wakers(scaler):
 async def _wait(event, timeout):
     try:
         await asyncio.wait_for(event.wait(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
 
 
@@ -80,15 +80,16 @@ def patch(rp_scale):
                 continue
             try:
                 log.debug("JobScaler.get_jobs | Starting job acquisition.")
-                acquired = await asyncio.wait_for(self.jobs_fetcher(session, jobs_needed),
-                                                  timeout=self.jobs_fetcher_timeout)
+                acquired = await asyncio.wait_for(
+                    self.jobs_fetcher(session, jobs_needed), timeout=self.jobs_fetcher_timeout
+                )
                 if not acquired:
                     log.debug("JobScaler.get_jobs | No jobs acquired.")
                     continue
                 for job in acquired:
                     await self.jobs_queue.put(job)
                     self.job_progress.add(job)
-                    log.debug("Job Queued", job["id"])
+                    log.debug("Job Queued", job["id"])  # noqa: PLE1205 (runpod logger: message, request_id)
                 w.queued.set()
                 log.info(f"Jobs in queue: {self.jobs_queue.qsize()}")
             except too_many:
@@ -96,7 +97,7 @@ def patch(rp_scale):
                 await asyncio.sleep(5)
             except asyncio.CancelledError:
                 raise
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.debug("JobScaler.get_jobs | Job acquisition timed out. Retrying.")
             except TypeError as error:
                 log.debug(f"JobScaler.get_jobs | Unexpected error: {error}.")

@@ -53,8 +53,9 @@ def patch(rp_http):
             except Exception as error:
                 if not _worth_retrying(error, aiohttp) or time.monotonic() + delay > deadline:
                     raise
-                log.warn(f"dstack: posting a result failed ({type(error).__name__}: {error}); "
-                         f"trying again in {delay:.1f} s")
+                log.warn(
+                    f"dstack: posting a result failed ({type(error).__name__}: {error}); trying again in {delay:.1f} s"
+                )
             await asyncio.sleep(delay)
             delay = min(MAX_DELAY, delay * 2)
 

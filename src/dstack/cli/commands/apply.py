@@ -12,7 +12,7 @@ import os
 from dstack.cli.commands.run import add_run_arguments
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "apply",
         help="apply a configuration",

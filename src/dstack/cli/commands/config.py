@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "config",
         help="configure the server and project the CLI talks to",
@@ -39,7 +39,9 @@ def cmd_config(args: argparse.Namespace) -> int:
         fail(str(e))
     if not cfg.projects:
         console().print(f"No projects configured in {escape(config_path())}.")
-        console().print("Start a server with 'dstack server' or run 'dstack config --url URL --project NAME --token TOKEN'.")
+        console().print(
+            "Start a server with 'dstack server' or run 'dstack config --url URL --project NAME --token TOKEN'."
+        )
         return 0
     from rich.table import Table
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-
 PROJECT_HELP = "the project (default: the default project in ~/.dstack/config.yml)"
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("gateway", help="manage gateways", description="Manage gateways.")
     gsub = p.add_subparsers(dest="gateway_command", metavar="SUBCOMMAND")
     p.set_defaults(func=lambda args: _usage(p))
@@ -24,12 +23,18 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     c.add_argument("--region", default=None, help="the backend's region")
     c.add_argument("--domain", required=True, help="the wildcard domain services get hostnames under")
     c.add_argument("--port", type=int, default=None, help="the port it listens on (default: 443 with TLS, else 80)")
-    c.add_argument("--host", default=None,
-                   help="the address it binds (default: 0.0.0.0 for global admins, else 127.0.0.1; only admins bind non-loopback)")
+    c.add_argument(
+        "--host",
+        default=None,
+        help="the address it binds (default: 0.0.0.0 for global admins, else 127.0.0.1; only admins bind non-loopback)",
+    )
     c.add_argument("--tls-cert", default=None, help="certificate (PEM) for *.DOMAIN, a local file sent to the server")
     c.add_argument("--tls-key", default=None, help="its private key (PEM)")
-    c.add_argument("--default", action="store_true",
-                   help="make it the project's default gateway (the project's first gateway is the default)")
+    c.add_argument(
+        "--default",
+        action="store_true",
+        help="make it the project's default gateway (the project's first gateway is the default)",
+    )
     c.add_argument("--project", help=PROJECT_HELP)
     c.set_defaults(func=cmd_create)
 
@@ -60,21 +65,28 @@ def _gateways(args: argparse.Namespace) -> Any:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    from dstack.cli.common import console, escape
-
-    from dstack.cli.common import fail
+    from dstack.cli.common import console, escape, fail
 
     if bool(args.tls_cert) != bool(args.tls_key):
         fail("--tls-cert and --tls-key go together")
     gw = _gateways(args).create(
-        name=args.name, backend=args.backend, region=args.region, domain=args.domain, default=args.default,
-        port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, host=args.host,
+        name=args.name,
+        backend=args.backend,
+        region=args.region,
+        domain=args.domain,
+        default=args.default,
+        port=args.port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        host=args.host,
     )
     console().print(f"[green]OK[/] gateway [bold]{escape(getattr(gw, 'name', args.name))}[/] created")
     url = getattr(gw, "url", None)
     if url:
-        console().print(f"Services are published at [bold]{escape(url.replace('://gateway.', '://<run>.', 1))}/[/], "
-                        f"models at [bold]{escape(url)}/v1[/]")
+        console().print(
+            f"Services are published at [bold]{escape(url.replace('://gateway.', '://<run>.', 1))}/[/], "
+            f"models at [bold]{escape(url)}/v1[/]"
+        )
     return 0
 
 

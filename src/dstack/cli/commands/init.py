@@ -6,8 +6,10 @@ import argparse
 import os
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("init", help="register the current directory as a repo", description="Register the current directory as a repo.")
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "init", help="register the current directory as a repo", description="Register the current directory as a repo."
+    )
     p.add_argument("--project", help="the project (default: the default project in ~/.dstack/config.yml)")
     p.set_defaults(func=cmd_init)
 

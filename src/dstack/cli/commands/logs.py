@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("logs", help="show a run's logs", description="Print the logs of a run's job.")
     p.add_argument("run", metavar="RUN", help="the run name")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new logs until the job ends")

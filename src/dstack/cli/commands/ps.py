@@ -7,12 +7,13 @@ rows the server returns.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from dstack.cli.common import Cell
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "ps",
         help="list runs",
@@ -87,7 +88,9 @@ def rows(runs: list[Any]) -> Iterator[Row]:
                 backend, resources, price, instance = _provisioning(job)
                 yield [
                     (_job_label(job, multi_replica, multi_node), ""),
-                    backend, resources, price,
+                    backend,
+                    resources,
+                    price,
                     _status_cell(getattr(sub, "status", None)),
                     (format_ago(getattr(sub, "submitted_at", None)), ""),
                     instance,

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Optional
+from typing import Any
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Flags `run` and `apply` share."""
-    p.add_argument("-n", "--name", dest="run_name", help="the run name (default: the configuration's `name`, else random)")
+    p.add_argument(
+        "-n", "--name", dest="run_name", help="the run name (default: the configuration's `name`, else random)"
+    )
     p.add_argument("-d", "--detach", action="store_true", help="submit and exit without waiting or showing logs")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument(
-        "-e", "--env", action="append", default=[], metavar="KEY=VALUE",
+        "-e",
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="set an environment variable (repeatable); a bare KEY takes the value from your environment",
     )
     p.add_argument("--gpu", metavar="SPEC", help="GPU requirement, e.g. 24GB, A100:2, H100:80GB:8")
@@ -24,7 +30,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--project", help="the project (default: the default project in ~/.dstack/config.yml)")
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
         help="run a configuration from a working directory",
@@ -106,7 +112,7 @@ def execute(args: argparse.Namespace, path: str, working_dir: str) -> int:
     configuration = load_configuration(path)
     configuration = apply_overrides(configuration, args)
     client = get_client(args.project)
-    run_name: Optional[str] = args.run_name
+    run_name: str | None = args.run_name
     rel_path = os.path.relpath(path, working_dir) if _inside(path, working_dir) else path
     out = console()
     with out.status("Getting the run plan...") if out.is_terminal else _nullcontext():

@@ -7,7 +7,7 @@ import argparse
 STOP_WAIT_SECONDS = 60.0
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("stop", help="stop runs", description="Stop runs: graceful by default, at once with -x.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="the run name(s)")
     p.add_argument("-x", "--abort", action="store_true", help="kill at once instead of a graceful stop")
@@ -46,6 +46,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
         if wait_until(run, _is_finished, "Aborting" if args.abort else "Stopping", timeout=STOP_WAIT_SECONDS):
             out.print(f"Run [bold]{escape(run.name)}[/] is {styled_status(run.status)}")
         else:
-            error(f"run {run.name} is still {run.status.value} after {STOP_WAIT_SECONDS:.0f}s; try 'dstack stop -x {run.name}'")
+            error(
+                f"run {run.name} is still {run.status.value} after {STOP_WAIT_SECONDS:.0f}s; try 'dstack stop -x {run.name}'"
+            )
             code = EXIT_ERROR
     return code

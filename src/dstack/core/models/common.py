@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Annotated, Any, Literal, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, model_validator
 
@@ -22,7 +23,7 @@ _DURATION_PART = re.compile(r"(\d+)\s*([smhdw])")
 _OFF_WORDS = {"off", "false", "no", "none"}
 
 
-def parse_duration(value: Any) -> Union[int, None, Literal["off"]]:
+def parse_duration(value: Any) -> int | None | Literal["off"]:
     """Parse `"2h"`, `"30m"`, `"90s"`, `"1d"`, `"1w"`, `"1h30m"`, an int (seconds) or `"off"`.
 
     Returns seconds as an int, `None` for `None`, and the string `"off"` for `off`
@@ -38,7 +39,7 @@ def parse_duration(value: Any) -> Union[int, None, Literal["off"]]:
     return parsed
 
 
-def _parse_duration_unbounded(value: Any) -> Union[int, None, Literal["off"]]:
+def _parse_duration_unbounded(value: Any) -> int | None | Literal["off"]:
     if value is None:
         return None
     if value is False:
@@ -94,11 +95,11 @@ def _duration_or_off(value: Any) -> Any:
 Duration = Annotated[int, BeforeValidator(_duration_seconds)]
 """Seconds; accepts `"30m"`, `"2h"`, `90`, ..."""
 
-DurationOrOff = Annotated[Union[int, Literal["off"]], BeforeValidator(_duration_or_off)]
+DurationOrOff = Annotated[int | Literal["off"], BeforeValidator(_duration_or_off)]
 """Seconds or the literal `"off"` (YAML `off`/`false` included)."""
 
 
-def format_duration(seconds: Union[int, str, None]) -> str:
+def format_duration(seconds: int | str | None) -> str:
     """Short human form for tables: `1h30m`, `45s`, `off`, `-`."""
     if seconds is None:
         return "-"
@@ -128,7 +129,9 @@ def parse_memory(value: Any) -> float:
     """
     gb = _parse_memory_unbounded(value)
     if not math.isfinite(gb) or gb > MAX_MEMORY_GB:
-        raise ValueError(f"invalid memory size {short_repr(value)}: it must be a finite size of at most {int(MAX_MEMORY_GB // 1024)}TB")
+        raise ValueError(
+            f"invalid memory size {short_repr(value)}: it must be a finite size of at most {int(MAX_MEMORY_GB // 1024)}TB"
+        )
     return gb
 
 
@@ -171,7 +174,7 @@ def _env_value(value: Any) -> str:
     raise ValueError(f"an environment variable value must be a string, got {type(value).__name__}")
 
 
-def parse_env(value: Any, environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+def parse_env(value: Any, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Normalise `env` to `dict[str, str]`.
 
     Accepts a list of `KEY=VALUE` / bare `KEY` strings or a mapping. A bare `KEY` (or a mapping
@@ -201,9 +204,7 @@ def parse_env(value: Any, environ: Optional[Mapping[str, str]] = None) -> dict[s
             raise ValueError(f"invalid environment variable name {key!r}")
         if val is None:
             if key not in env_source:
-                raise ValueError(
-                    f"environment variable {key!r} has no value and is not set in the current environment"
-                )
+                raise ValueError(f"environment variable {key!r} has no value and is not set in the current environment")
             result[key] = env_source[key]
         else:
             result[key] = _env_value(val)
@@ -251,7 +252,7 @@ class PortMapping(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    local_port: Optional[int] = None
+    local_port: int | None = None
     container_port: int
 
     @model_validator(mode="before")
@@ -291,7 +292,7 @@ class PortMapping(BaseModel):
         }
 
     @classmethod
-    def parse(cls, value: Any) -> "PortMapping":
+    def parse(cls, value: Any) -> PortMapping:
         return cls.model_validate(value)
 
     def __str__(self) -> str:

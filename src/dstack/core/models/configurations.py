@@ -9,8 +9,10 @@ classes under the names dstack's Python API uses.
 from __future__ import annotations
 
 import difflib
+import types
 import typing
-from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -24,9 +26,9 @@ from pydantic import (
 
 from dstack.core.errors import ConfigurationError
 from dstack.core.limits import MAX_JOBS_PER_RUN, MAX_PATH, MAX_PLAIN_NUMBER, MAX_REF, MAX_TEXT, short_repr
-from dstack.core.names import validate_name
 from dstack.core.models.common import Duration, DurationOrOff, Env, PortMapping
 from dstack.core.models.resources import Range, ResourcesSpec
+from dstack.core.names import validate_name
 
 SUPPORTED_PYTHONS = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
 RetryEvent = Literal["no-capacity", "interruption", "error"]
@@ -41,9 +43,9 @@ class FieldValueError(ValueError):
     (and the YAML loader's line numbers) point at the field instead.
     """
 
-    def __init__(self, field_loc: Union[str, tuple[Union[str, int], ...]], message: str) -> None:
+    def __init__(self, field_loc: str | tuple[str | int, ...], message: str) -> None:
         super().__init__(message)
-        self.field_loc: tuple[Union[str, int], ...] = (field_loc,) if isinstance(field_loc, str) else field_loc
+        self.field_loc: tuple[str | int, ...] = (field_loc,) if isinstance(field_loc, str) else field_loc
 
 
 # --- small field helpers ---------------------------------------------------------------------
@@ -112,7 +114,7 @@ class Retry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     on_events: list[RetryEvent] = Field(default_factory=lambda: list(ALL_RETRY_EVENTS))
-    duration: Optional[Duration] = None
+    duration: Duration | None = None
 
     @field_validator("on_events", mode="before")
     @classmethod
@@ -155,8 +157,8 @@ class ModelSpec(BaseModel):
     name: str = Field(max_length=MAX_REF)
     format: Literal["openai", "tgi"] = "openai"
     prefix: str = Field(default="/v1", max_length=MAX_REF)
-    chat_template: Optional[str] = None
-    eos_token: Optional[str] = None
+    chat_template: str | None = None
+    eos_token: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -177,17 +179,26 @@ class EngineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model_name: str = Field(max_length=MAX_REF)
-    quantize: Optional[str] = Field(default=None, max_length=64)
-    dtype: Optional[str] = Field(default=None, max_length=64)
+    quantize: str | None = Field(default=None, max_length=64)
+    dtype: str | None = Field(default=None, max_length=64)
     port: int = Field(default=8000, ge=1, le=65535)
-    max_concurrent_requests: Optional[int] = Field(default=None, ge=1, le=100_000)
+    max_concurrent_requests: int | None = Field(default=None, ge=1, le=100_000)
 
     def command(self) -> str:
         """The shell line that starts the engine (run with the agent's own Python, which ships it)."""
         import shlex
 
-        parts = ['"${DSTACK_ENGINE_PYTHON:-python3}"', "-m", "dstack.serving", "--model", shlex.quote(self.model_name),
-                 "--host", "0.0.0.0", "--port", str(self.port)]
+        parts = [
+            '"${DSTACK_ENGINE_PYTHON:-python3}"',
+            "-m",
+            "dstack.serving",
+            "--model",
+            shlex.quote(self.model_name),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(self.port),
+        ]
         if self.quantize:
             parts += ["--quantize", shlex.quote(self.quantize)]
         if self.max_concurrent_requests:
@@ -226,7 +237,7 @@ class RateLimitKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["ip_address", "header"] = "ip_address"
-    header: Optional[str] = Field(default=None, max_length=256)
+    header: str | None = Field(default=None, max_length=256)
 
 
 class RateLimit(BaseModel):
@@ -251,10 +262,10 @@ class ScalerSpec(BaseModel):
     DEFAULT_VALUES: ClassVar[dict[str, float]] = {"queue_delay": 4, "request_count": 4}
 
     type: Literal["queue_delay", "request_count"] = "queue_delay"
-    value: Optional[float] = Field(default=None, gt=0, le=MAX_PLAIN_NUMBER)
+    value: float | None = Field(default=None, gt=0, le=MAX_PLAIN_NUMBER)
 
     @model_validator(mode="after")
-    def _default_value(self) -> "ScalerSpec":
+    def _default_value(self) -> ScalerSpec:
         if self.value is None:
             self.value = float(self.DEFAULT_VALUES[self.type])
         return self
@@ -272,23 +283,23 @@ class BaseRunConfiguration(BaseModel):
     input_only_fields: ClassVar[tuple[str, ...]] = ("retry_policy",)
 
     type: str
-    name: Optional[str] = None
-    image: Optional[str] = Field(default=None, max_length=MAX_REF)
-    python: Optional[PythonVersion] = None
+    name: str | None = None
+    image: str | None = Field(default=None, max_length=MAX_REF)
+    python: PythonVersion | None = None
     env: Env = Field(default_factory=dict)
     setup: StrList = Field(default_factory=list)
     commands: StrList = Field(default_factory=list)
-    working_dir: Optional[str] = Field(default=None, max_length=MAX_PATH)
-    home_dir: Optional[str] = Field(default=None, max_length=MAX_PATH)
-    entrypoint: Optional[str] = Field(default=None, max_length=MAX_TEXT)
-    registry_auth: Optional[RegistryAuth] = None
+    working_dir: str | None = Field(default=None, max_length=MAX_PATH)
+    home_dir: str | None = Field(default=None, max_length=MAX_PATH)
+    entrypoint: str | None = Field(default=None, max_length=MAX_TEXT)
+    registry_auth: RegistryAuth | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    max_duration: Optional[DurationOrOff] = None
-    retry: Annotated[Optional[Retry], BeforeValidator(_retry)] = None
-    spot_policy: Optional[SpotPolicy] = None
-    max_price: Optional[float] = Field(default=None, gt=0, le=MAX_PLAIN_NUMBER)
-    backends: Optional[StrList] = None
-    regions: Optional[StrList] = None
+    max_duration: DurationOrOff | None = None
+    retry: Annotated[Retry | None, BeforeValidator(_retry)] = None
+    spot_policy: SpotPolicy | None = None
+    max_price: float | None = Field(default=None, gt=0, le=MAX_PLAIN_NUMBER)
+    backends: StrList | None = None
+    regions: StrList | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -318,16 +329,16 @@ class BaseRunConfiguration(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _name(cls, value: Optional[str]) -> Optional[str]:
+    def _name(cls, value: str | None) -> str | None:
         return None if value is None else validate_name("run", value)
 
     @model_validator(mode="after")
-    def _check_common(self) -> "BaseRunConfiguration":
+    def _check_common(self) -> BaseRunConfiguration:
         if self.image is not None and self.python is not None:
             raise FieldValueError("python", "python and image are mutually exclusive; set only one")
         return self
 
-    def effective_retry(self) -> Optional[Retry]:
+    def effective_retry(self) -> Retry | None:
         """The retry policy to apply, or `None` when failures are final."""
         if self.retry is None or not self.retry.on_events:
             return None
@@ -337,10 +348,14 @@ class BaseRunConfiguration(BaseModel):
         engine = getattr(self, "engine", None)
         if engine is not None:
             if self.commands:
-                raise FieldValueError("commands", "commands and engine are mutually exclusive: the engine brings its own command")
+                raise FieldValueError(
+                    "commands", "commands and engine are mutually exclusive: the engine brings its own command"
+                )
             return
         if not self.commands and self.image is None:
-            raise FieldValueError("commands", "commands is required unless an image (with its own entrypoint) or an engine is set")
+            raise FieldValueError(
+                "commands", "commands is required unless an image (with its own entrypoint) or an engine is set"
+            )
 
     def job_commands(self) -> list[str]:
         """What the job runs: the configured commands, or the engine's."""
@@ -354,10 +369,10 @@ class TaskConfiguration(BaseRunConfiguration):
     type: Literal["task"] = "task"
     ports: list[PortMapping] = Field(default_factory=list)
     nodes: int = Field(default=1, ge=1, le=MAX_JOBS_PER_RUN)
-    engine: Optional[EngineSpec] = None
+    engine: EngineSpec | None = None
 
     @model_validator(mode="after")
-    def _check_task(self) -> "TaskConfiguration":
+    def _check_task(self) -> TaskConfiguration:
         self._require_commands()
         return self
 
@@ -368,22 +383,22 @@ class ServiceConfiguration(BaseRunConfiguration):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False)
 
     type: Literal["service"] = "service"
-    port: Optional[PortMapping] = None
-    engine: Optional[EngineSpec] = None
+    port: PortMapping | None = None
+    engine: EngineSpec | None = None
     replicas: Range[int] = Field(default_factory=lambda: Range[int](min=1, max=1))
-    scaling: Optional[ScalingSpec] = None
+    scaling: ScalingSpec | None = None
     auth: bool = True
-    model: Optional[ModelSpec] = None
+    model: ModelSpec | None = None
     probes: list[ProbeSpec] = Field(default_factory=list)
-    https: Optional[bool] = None
-    gateway: Annotated[Union[bool, str, None], BeforeValidator(_gateway)] = None
+    https: bool | None = None
+    gateway: Annotated[bool | str | None, BeforeValidator(_gateway)] = None
     strip_prefix: bool = True
     rate_limits: list[RateLimit] = Field(default_factory=list)
     #: how long the proxy holds a request that arrives while no replica is ready (e.g. at zero)
     request_hold_timeout: Duration = 120
 
     @model_validator(mode="after")
-    def _check_service(self) -> "ServiceConfiguration":
+    def _check_service(self) -> ServiceConfiguration:
         self._require_commands()
         if self.engine is not None:
             if self.port is None:
@@ -425,7 +440,7 @@ class ServerlessConfiguration(BaseRunConfiguration):
     execution_timeout: Duration = 600
 
     @model_validator(mode="after")
-    def _check_serverless(self) -> "ServerlessConfiguration":
+    def _check_serverless(self) -> ServerlessConfiguration:
         self._require_commands()
         w = self.workers
         if w.max is None or w.min is None:
@@ -442,14 +457,14 @@ class DevEnvironmentConfiguration(BaseRunConfiguration):
 
     type: Literal["dev-environment"] = "dev-environment"
     ide: Literal["vscode", "cursor"] = "vscode"
-    version: Optional[str] = None
+    version: str | None = None
     init: StrList = Field(default_factory=list)
-    inactivity_duration: Optional[DurationOrOff] = None
+    inactivity_duration: DurationOrOff | None = None
     ports: list[PortMapping] = Field(default_factory=list)
 
 
 AnyRunConfiguration = Annotated[
-    Union[TaskConfiguration, ServiceConfiguration, ServerlessConfiguration, DevEnvironmentConfiguration],
+    TaskConfiguration | ServiceConfiguration | ServerlessConfiguration | DevEnvironmentConfiguration,
     Field(discriminator="type"),
 ]
 
@@ -487,7 +502,7 @@ def configuration_class(data: Any) -> type[BaseRunConfiguration]:
 
 
 def validate_run_configuration(
-    data: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None
+    data: Mapping[str, Any], environ: Mapping[str, str] | None = None
 ) -> BaseRunConfiguration:
     """Validate `data`; raises `ConfigurationError` for a bad `type`, pydantic's `ValidationError` otherwise.
 
@@ -498,9 +513,7 @@ def validate_run_configuration(
     return cls.model_validate(dict(data), context=context)
 
 
-def parse_run_configuration(
-    data: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None
-) -> AnyRunConfiguration:
+def parse_run_configuration(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> AnyRunConfiguration:
     """Validate a configuration dict into its model; every problem is a `ConfigurationError`."""
     cls = configuration_class(data)
     try:
@@ -515,8 +528,8 @@ def parse_run_configuration(
 class Issue(typing.NamedTuple):
     """One validation problem: where (`loc`, `field` as text) and what (`message`)."""
 
-    loc: tuple[Union[str, int], ...]
-    field: Optional[str]
+    loc: tuple[str | int, ...]
+    field: str | None
     message: str
 
     def text(self) -> str:
@@ -526,7 +539,7 @@ class Issue(typing.NamedTuple):
         return f"{self.field}: {self.message}"
 
 
-def format_loc(loc: typing.Sequence[Union[str, int]]) -> Optional[str]:
+def format_loc(loc: typing.Sequence[str | int]) -> str | None:
     """`("resources", "gpu")` → `resources.gpu`; `("env", 0)` → `env[0]`."""
     out = ""
     for seg in loc:
@@ -542,7 +555,7 @@ def _unwrap_models(tp: Any) -> list[Any]:
     origin = typing.get_origin(tp)
     if origin is Annotated:
         return _unwrap_models(typing.get_args(tp)[0])
-    if origin is Union or (origin is not None and str(origin) == "types.UnionType"):
+    if origin is Union or origin is types.UnionType:
         found: list[Any] = []
         for arg in typing.get_args(tp):
             found.extend(_unwrap_models(arg))
@@ -550,7 +563,7 @@ def _unwrap_models(tp: Any) -> list[Any]:
     return [tp]
 
 
-def _model_at(cls: Any, loc: typing.Sequence[Union[str, int]]) -> Optional[type[BaseModel]]:
+def _model_at(cls: Any, loc: typing.Sequence[str | int]) -> type[BaseModel] | None:
     """The model class that owns the last key of `loc` (used for 'did you mean' suggestions)."""
     current: list[Any] = [cls]
     for seg in loc:
@@ -581,7 +594,7 @@ def _clean_message(err: Mapping[str, Any]) -> str:
     msg = str(err.get("msg", ""))
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            return msg[len(prefix):]
+            return msg[len(prefix) :]
     kind = err.get("type", "")
     if kind == "missing":
         return "field required"

@@ -7,7 +7,7 @@ so every loose form users write is normalised here into explicit min/max values.
 from __future__ import annotations
 
 import re
-from typing import Any, Generic, Optional, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, field_validator, model_validator
 from pydantic_core import core_schema
@@ -22,7 +22,7 @@ class Memory(float):
     """A memory size in GB. Parses `"24GB"`, `"512MB"`, `"1TB"`, or a number (GB)."""
 
     @classmethod
-    def parse(cls, value: Any) -> "Memory":
+    def parse(cls, value: Any) -> Memory:
         if isinstance(value, Memory):
             return value
         return cls(parse_memory(value))
@@ -56,8 +56,8 @@ class Range(BaseModel, Generic[T]):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min: Optional[T] = None
-    max: Optional[T] = None
+    min: T | None = None
+    max: T | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -81,7 +81,7 @@ class Range(BaseModel, Generic[T]):
         return value
 
     @model_validator(mode="after")
-    def _check_order(self) -> "Range[T]":
+    def _check_order(self) -> Range[T]:
         for end in (self.min, self.max):
             if isinstance(end, int) and not isinstance(end, bool) and abs(end) > MAX_RESOURCE_COUNT:
                 raise ValueError(f"invalid range: {short_repr(end)} is out of bounds (at most {MAX_RESOURCE_COUNT})")
@@ -97,7 +97,7 @@ class Range(BaseModel, Generic[T]):
             return False
         return True
 
-    def intersect(self, other: "Range[T]") -> Optional["Range[T]"]:
+    def intersect(self, other: Range[T]) -> Range[T] | None:
         """The overlap of two ranges, or `None` when they do not overlap."""
         lows = [v for v in (self.min, other.min) if v is not None]
         highs = [v for v in (self.max, other.max) if v is not None]
@@ -151,9 +151,7 @@ def _parse_gpu_shorthand(spec: str) -> dict[str, Any]:
             low, _, high = token.partition("..")
             for part in (low, high):
                 if part.strip() and not _is_memory_token(part):
-                    raise ValueError(
-                        f"invalid GPU spec {original!r}: {token!r} is neither a count nor a memory size"
-                    )
+                    raise ValueError(f"invalid GPU spec {original!r}: {token!r} is neither a count nor a memory size")
             put("memory", token, token)
         elif token.lower() in _GPU_VENDORS and "vendor" not in out and len(tokens) > 1:
             put("vendor", token.lower(), token)
@@ -174,12 +172,12 @@ class GPUSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    vendor: Optional[str] = None
-    name: Optional[list[str]] = None
+    vendor: str | None = None
+    name: list[str] | None = None
     count: Range[int] = Field(default_factory=lambda: Range[int](min=1, max=1))
-    memory: Optional[Range[Memory]] = None
-    total_memory: Optional[Range[Memory]] = None
-    compute_capability: Optional[str] = None
+    memory: Range[Memory] | None = None
+    total_memory: Range[Memory] | None = None
+    compute_capability: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -269,9 +267,9 @@ class ResourcesSpec(BaseModel):
 
     cpu: Range[int] = Field(default_factory=_default_cpu)
     memory: Range[Memory] = Field(default_factory=_default_memory)
-    gpu: Optional[GPUSpec] = None
+    gpu: GPUSpec | None = None
     disk: Range[Memory] = Field(default_factory=_default_disk)
-    shm_size: Optional[Memory] = None
+    shm_size: Memory | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -95,8 +95,11 @@ class RunTerminationReason(str, Enum):
     def to_status(self) -> RunStatus:
         if self == RunTerminationReason.ALL_JOBS_DONE:
             return RunStatus.DONE
-        if self in (RunTerminationReason.STOPPED_BY_USER, RunTerminationReason.ABORTED_BY_USER,
-                    RunTerminationReason.MAX_DURATION_EXCEEDED):
+        if self in (
+            RunTerminationReason.STOPPED_BY_USER,
+            RunTerminationReason.ABORTED_BY_USER,
+            RunTerminationReason.MAX_DURATION_EXCEEDED,
+        ):
             return RunStatus.TERMINATED
         return RunStatus.FAILED
 

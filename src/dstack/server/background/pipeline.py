@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 from sqlalchemy import select
@@ -38,16 +38,16 @@ from dstack.server.services import offers
 from dstack.server.services.instances import InstanceManager
 from dstack.server.services.jobs import dstack_env, nodes_count
 from dstack.server.services.logs import LogNotifier
-from dstack.server.services.secrets import reveal_env, reveal_registry_auth
 from dstack.server.services.runs import (
     held_reservations,
-    latest_jobs,
     instance_resources,
+    latest_jobs,
     list_instances,
     mark_job_terminating,
     new_jobs,
     parse_configuration,
 )
+from dstack.server.services.secrets import reveal_env, reveal_registry_auth
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def capped_timedelta(seconds: float) -> timedelta:
 
 def _aware(dt: datetime | None) -> datetime | None:
     if dt is not None and dt.tzinfo is None:
-        return dt.replace(tzinfo=timezone.utc)
+        return dt.replace(tzinfo=UTC)
     return dt
 
 
@@ -146,8 +146,14 @@ class Pipeline:
         deadlines: list[float] = []
         async with self.db.session() as session:
             runs = (
-                await session.execute(select(RunModel).where(RunModel.status.notin_(FINISHED_RUN)).order_by(RunModel.submitted_at))
-            ).scalars().all()
+                (
+                    await session.execute(
+                        select(RunModel).where(RunModel.status.notin_(FINISHED_RUN)).order_by(RunModel.submitted_at)
+                    )
+                )
+                .scalars()
+                .all()
+            )
             run_ids = [r.id for r in runs]
         for run_id in run_ids:
             d = await self._process_run_isolated(run_id)
@@ -305,8 +311,13 @@ class Pipeline:
             return time.time() + 1.0
         # Replicas of services and workers of endpoints wait for a busy host; so do jobs whose
         # retry policy covers no-capacity. A request no host could ever meet fails at once.
-        waits = bool(fitting) and not (port_conflicts and len(port_conflicts) == len(fitting)) and (
-            (retry is not None and "no-capacity" in retry.on_events) or _run_type(run) in ("service", "serverless"))
+        waits = (
+            bool(fitting)
+            and not (port_conflicts and len(port_conflicts) == len(fitting))
+            and (
+                (retry is not None and "no-capacity" in retry.on_events) or _run_type(run) in ("service", "serverless")
+            )
+        )
         if waits:
             if retry is not None and retry.duration is not None:
                 give_up = _aware(run.submitted_at) + capped_timedelta(retry.duration)
@@ -351,7 +362,9 @@ class Pipeline:
                 run_spec = RunSpec.model_validate_json(run.run_spec)
                 conf = parse_configuration(run_spec)
                 reservation = offers.Reservation.from_dict(json.loads(job.reserved or "{}"))
-                inst = (await session.execute(select(InstanceModel).where(InstanceModel.id == job.instance_id))).scalar_one()
+                inst = (
+                    await session.execute(select(InstanceModel).where(InstanceModel.id == job.instance_id))
+                ).scalar_one()
                 code = await _code_blob(session, run.project_id, run_spec)
                 env = reveal_env(spec.env)  # stored encrypted (services.secrets)
                 env.update(dstack_env(run.run_name, run.id, spec, nodes_count(conf), reservation.gpus, inst.hostname))
@@ -383,6 +396,7 @@ class Pipeline:
                     "worker_site": serverless and env.get("DSTACK_RUNPOD_LOOP") != "0",
                 }
                 from dstack.server.services.engines import engine_submission  # GPU hosts: TGI image or vLLM
+
                 submission.update(engine_submission(conf, reservation.gpus, json.loads(inst.agent or "{}"), env))
             client = self.instances.client(inst.id)
             try:
@@ -445,8 +459,11 @@ class Pipeline:
                     now = time.time()
                     failing_since = failing_since or now
                     if now - failing_since > AGENT_UNREACHABLE_SECONDS or isinstance(e, AgentError):
-                        msg = (f"{AGENT_LOST}: the instance's agent died and its successor does not know the job"
-                               if client is not first_client else f"agent unreachable: {e}")
+                        msg = (
+                            f"{AGENT_LOST}: the instance's agent died and its successor does not know the job"
+                            if client is not first_client
+                            else f"agent unreachable: {e}"
+                        )
                         await self._finish_job(job_id, JobStatus.FAILED, JobTerminationReason.INSTANCE_UNREACHABLE, msg)
                         return
                     await asyncio.sleep(0.5)
@@ -456,7 +473,12 @@ class Pipeline:
                 records = resp.get("logs", [])
                 state_changed = state != known
                 async with self.db.session() as session:
-                    await retry_on_conflict(session, lambda: _store_report(session, job_id, resp, records, state_changed and not (final and records)))
+                    await retry_on_conflict(
+                        session,
+                        lambda: _store_report(
+                            session, job_id, resp, records, state_changed and not (final and records)
+                        ),
+                    )
                 cursor = resp["next_cursor"] if records else cursor
                 if records:
                     self.notifier.notify(run_id)
@@ -558,8 +580,15 @@ class Pipeline:
         elif _run_type(run) in ("service", "serverless"):
             replica_deadline = self._update_replicated_run(session, run, latest)
         else:
-            failed = [j for j in latest if j.status in (JobStatus.FAILED.value, JobStatus.ABORTED.value)
-                      or (j.status == JobStatus.TERMINATED.value and j.termination_reason != JobTerminationReason.SCALED_DOWN.value)]
+            failed = [
+                j
+                for j in latest
+                if j.status in (JobStatus.FAILED.value, JobStatus.ABORTED.value)
+                or (
+                    j.status == JobStatus.TERMINATED.value
+                    and j.termination_reason != JobTerminationReason.SCALED_DOWN.value
+                )
+            ]
             if failed:
                 job = failed[0]
                 if self._should_retry(run, job):
@@ -583,7 +612,8 @@ class Pipeline:
                     for j in active:
                         mark_job_terminating(j, JobTerminationReason.TERMINATED_BY_SERVER)
                     run.status = (
-                        RunStatus.TERMINATING.value if active
+                        RunStatus.TERMINATING.value
+                        if active
                         else RunTerminationReason(run.termination_reason).to_status().value
                     )
             elif latest and all(s == JobStatus.DONE for s in statuses):
@@ -610,10 +640,16 @@ class Pipeline:
         the run fails with the last replica's error.
         """
         conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
-        failed = [j for j in latest if j.status in (JobStatus.FAILED.value, JobStatus.ABORTED.value)
-                  or (j.status == JobStatus.TERMINATED.value
-                      and j.termination_reason not in (JobTerminationReason.SCALED_DOWN.value,
-                                                       JobTerminationReason.TERMINATED_BY_USER.value))]
+        failed = [
+            j
+            for j in latest
+            if j.status in (JobStatus.FAILED.value, JobStatus.ABORTED.value)
+            or (
+                j.status == JobStatus.TERMINATED.value
+                and j.termination_reason
+                not in (JobTerminationReason.SCALED_DOWN.value, JobTerminationReason.TERMINATED_BY_USER.value)
+            )
+        ]
         running = [j for j in latest if j.status == JobStatus.RUNNING.value]
         deadline = None
         if failed and _run_type(run) == "service":
@@ -621,7 +657,9 @@ class Pipeline:
             worst = max(failed, key=lambda j: streaks[j.id])
             if streaks[worst.id] >= MAX_REPLICA_FAILURES and not running:
                 run.termination_reason = RunTerminationReason.JOB_FAILED.value
-                run.error = f"replica {worst.replica_num} failed {streaks[worst.id]} times in a row: {_job_error(worst)}"
+                run.error = (
+                    f"replica {worst.replica_num} failed {streaks[worst.id]} times in a row: {_job_error(worst)}"
+                )
                 active = [j for j in latest if not JobStatus(j.status).is_finished()]
                 for j in active:
                     mark_job_terminating(j, JobTerminationReason.TERMINATED_BY_SERVER)
@@ -634,9 +672,11 @@ class Pipeline:
                 streak = streaks[job.id]
                 delay = 0.0 if streak <= 1 else min(2.0 ** (streak - 2), REPLICA_BACKOFF_MAX_SECONDS)
                 due = (_aware(job.finished_at) or now) + timedelta(seconds=delay)
-                run.error = (f"replica {job.replica_num} failed ({_job_error(job)}); "
-                             f"replacing it{f' in {delay:g} s' if due > now else ''}"
-                             + (f", failure {streak} of {MAX_REPLICA_FAILURES} in a row" if streak else ""))
+                run.error = (
+                    f"replica {job.replica_num} failed ({_job_error(job)}); "
+                    f"replacing it{f' in {delay:g} s' if due > now else ''}"
+                    + (f", failure {streak} of {MAX_REPLICA_FAILURES} in a row" if streak else "")
+                )
                 if due > now:
                     deadline = _min(deadline, due.timestamp())
                     continue
@@ -646,8 +686,10 @@ class Pipeline:
                         run.jobs.append(new)
                 run.resubmission_attempt += 1
                 logger.info("replacing failed replica %s of %s (%s)", job.replica_num, run.run_name, _job_error(job))
-        elif run.error and any(_aware(j.started_at) and (utcnow() - _aware(j.started_at)).total_seconds()
-                               >= REPLICA_STABLE_SECONDS for j in running):
+        elif run.error and any(
+            _aware(j.started_at) and (utcnow() - _aware(j.started_at)).total_seconds() >= REPLICA_STABLE_SECONDS
+            for j in running
+        ):
             run.error = None  # the crash loop is over: a replica has been serving for a while
         statuses = [JobStatus(j.status) for j in latest_jobs(run).values()]
         if any(s == JobStatus.RUNNING for s in statuses):
@@ -697,12 +739,16 @@ async def _port_conflict(session, inst: InstanceModel, spec: JobSpec) -> str | N
         return None
     rows = await session.execute(
         select(JobModel.job_spec, JobModel.job_name).where(
-            JobModel.instance_id == inst.id, JobModel.status.notin_(FINISHED_JOB)))
+            JobModel.instance_id == inst.id, JobModel.status.notin_(FINISHED_JOB)
+        )
+    )
     for other_spec, other_name in rows:
         taken = set(JobSpec.model_validate_json(other_spec).ports) & set(spec.ports)
         if taken:
-            return (f"port {sorted(taken)[0]} on {inst.name} is already used by job {other_name}, and this host's "
-                    "agent cannot give jobs their own network namespaces (that needs root on Linux with iproute2)")
+            return (
+                f"port {sorted(taken)[0]} on {inst.name} is already used by job {other_name}, and this host's "
+                "agent cannot give jobs their own network namespaces (that needs root on Linux with iproute2)"
+            )
     return None
 
 
@@ -713,8 +759,11 @@ def _run_type(run: RunModel) -> str:
 def _crash_streak(run: RunModel, job: JobModel) -> int:
     """How many submissions of `job`'s replica in a row, ending with `job`, failed without
     having run for REPLICA_STABLE_SECONDS (a replica that served a while and then failed is no crash loop)."""
-    history = sorted((j for j in run.jobs if j.replica_num == job.replica_num and j.job_num == job.job_num),
-                     key=lambda j: j.submission_num, reverse=True)
+    history = sorted(
+        (j for j in run.jobs if j.replica_num == job.replica_num and j.job_num == job.job_num),
+        key=lambda j: j.submission_num,
+        reverse=True,
+    )
     streak = 0
     for j in history:
         if j.status not in (JobStatus.FAILED.value, JobStatus.ABORTED.value, JobStatus.TERMINATED.value):
@@ -723,7 +772,9 @@ def _crash_streak(run: RunModel, job: JobModel) -> int:
         if started and finished and (finished - started).total_seconds() >= REPLICA_STABLE_SECONDS:
             break
         if j.status == JobStatus.TERMINATED.value and j.termination_reason in (
-                JobTerminationReason.SCALED_DOWN.value, JobTerminationReason.TERMINATED_BY_USER.value):
+            JobTerminationReason.SCALED_DOWN.value,
+            JobTerminationReason.TERMINATED_BY_USER.value,
+        ):
             break
         streak += 1
     return streak
@@ -766,14 +817,14 @@ def _apply_agent_state(job: JobModel, resp: dict) -> None:
         if job.status in (JobStatus.PROVISIONING.value, JobStatus.PULLING.value):
             job.status = JobStatus.RUNNING.value
         if resp.get("started_at"):
-            job.started_at = datetime.fromtimestamp(resp["started_at"], tz=timezone.utc)
+            job.started_at = datetime.fromtimestamp(resp["started_at"], tz=UTC)
         else:
             job.started_at = job.started_at or now
     elif state in ("done", "failed", "terminated", "aborted"):
         job.exit_status = resp.get("exit_status")
         job.finished_at = now
         if job.started_at is None and resp.get("started_at"):
-            job.started_at = datetime.fromtimestamp(resp["started_at"], tz=timezone.utc)
+            job.started_at = datetime.fromtimestamp(resp["started_at"], tz=UTC)
         if job.status == JobStatus.TERMINATING.value and job.termination_reason:
             job.status = JobTerminationReason(job.termination_reason).to_status().value
             if job.stop_requested == "abort":
@@ -785,13 +836,17 @@ def _apply_agent_state(job: JobModel, resp: dict) -> None:
             job.status = JobStatus.FAILED.value
             if job.exit_status is None and resp.get("message") == AGENT_RESTARTED_MESSAGE:
                 job.termination_reason = JobTerminationReason.INSTANCE_UNREACHABLE.value
-                job.termination_reason_message = (f"{AGENT_LOST}: the agent running the job died; a new agent "
-                                                  "was started and stopped what the job left running")
+                job.termination_reason_message = (
+                    f"{AGENT_LOST}: the agent running the job died; a new agent "
+                    "was started and stopped what the job left running"
+                )
             elif job.exit_status is not None:
                 job.termination_reason = JobTerminationReason.CONTAINER_EXITED_WITH_ERROR.value
                 job.termination_reason_message = (
-                    describe_engine_exit(job.exit_status) if JobSpec.model_validate_json(job.job_spec).engine
-                    else resp.get("message") or describe_exit(job.exit_status))
+                    describe_engine_exit(job.exit_status)
+                    if JobSpec.model_validate_json(job.job_spec).engine
+                    else resp.get("message") or describe_exit(job.exit_status)
+                )
             else:
                 job.termination_reason = JobTerminationReason.EXECUTOR_ERROR.value
                 job.termination_reason_message = resp.get("message")
@@ -813,8 +868,11 @@ async def _code_blob(session, project_id: str, run_spec: RunSpec) -> bytes:
     result = await session.execute(
         select(CodeModel.blob)
         .join(RepoModel, RepoModel.id == CodeModel.repo_id)
-        .where(RepoModel.project_id == project_id, RepoModel.name == run_spec.repo_id,
-               CodeModel.blob_hash == run_spec.repo_code_hash)
+        .where(
+            RepoModel.project_id == project_id,
+            RepoModel.name == run_spec.repo_id,
+            CodeModel.blob_hash == run_spec.repo_code_hash,
+        )
     )
     blob = result.scalar_one_or_none()
     if blob is None:

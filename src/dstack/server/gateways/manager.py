@@ -29,8 +29,8 @@ import psutil
 from sqlalchemy import select
 
 from dstack.agent.launcher import _pythonpath
-from dstack.proxy import Replica, ServiceInfo
 from dstack.core.private import private_dir, write_private
+from dstack.proxy import Replica, ServiceInfo
 from dstack.server import crypto
 from dstack.server.db import Database
 from dstack.server.gateways.models import GatewayModel
@@ -176,7 +176,9 @@ class GatewayManager:
         lock = self._start_locks.setdefault(gateway_id, asyncio.Lock())
         async with lock:
             async with self.db.session() as session:
-                gw = (await session.execute(select(GatewayModel).where(GatewayModel.id == gateway_id))).scalar_one_or_none()
+                gw = (
+                    await session.execute(select(GatewayModel).where(GatewayModel.id == gateway_id))
+                ).scalar_one_or_none()
                 if gw is None:
                     return False
                 url_ok = gw.server_url == self.settings.url or not check_url
@@ -203,16 +205,39 @@ class GatewayManager:
         private_dir(self.home)
         base = self.settings.url
         # The token goes by environment: a command line is visible to every user in `ps`.
-        cmd = [sys.executable, "-m", "dstack.proxy.gateway", "--domain", gw.domain, "--host", gw.host,
-               "--port", str(gw.port), f"--gateway-id={gw.id}", "--project", gw.project.name,
-               "--auth-url", f"{base}/api/proxy/authorize", "--wake-url", f"{base}/api/proxy/wake"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dstack.proxy.gateway",
+            "--domain",
+            gw.domain,
+            "--host",
+            gw.host,
+            "--port",
+            str(gw.port),
+            f"--gateway-id={gw.id}",
+            "--project",
+            gw.project.name,
+            "--auth-url",
+            f"{base}/api/proxy/authorize",
+            "--wake-url",
+            f"{base}/api/proxy/wake",
+        ]
         if gw.tls:
             cmd += ["--tls-cert", gw.tls_cert, "--tls-key", gw.tls_key]
         env = dict(os.environ, PYTHONPATH=_pythonpath(), DSTACK_GATEWAY_TOKEN=crypto.decrypt(gw.token))
         log_path = self._log_file(gw)
         with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, close_fds=True, env=env, cwd=str(self.home))
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                env=env,
+                cwd=str(self.home),
+            )
         threading.Thread(target=proc.wait, name=f"reap-gateway-{proc.pid}", daemon=True).start()
         gw.pid = proc.pid
         deadline = time.monotonic() + START_TIMEOUT
@@ -253,7 +278,9 @@ class GatewayManager:
         gateway being deleted is never restarted."""
         async with self._start_locks.setdefault(gateway_id, asyncio.Lock()):
             async with self.db.session() as session:
-                gw = (await session.execute(select(GatewayModel).where(GatewayModel.id == gateway_id))).scalar_one_or_none()
+                gw = (
+                    await session.execute(select(GatewayModel).where(GatewayModel.id == gateway_id))
+                ).scalar_one_or_none()
                 if gw is None:
                     return
                 await asyncio.to_thread(self._terminate, gw)
@@ -290,8 +317,11 @@ class GatewayManager:
         """The gateways a service of `project` goes to: `gateway: false` none, a name that one, else all."""
         if choice is False:
             return []
-        query = select(GatewayModel).join(ProjectModel, GatewayModel.project_id == ProjectModel.id).where(
-            ProjectModel.name == project, GatewayModel.status == "running")
+        query = (
+            select(GatewayModel)
+            .join(ProjectModel, GatewayModel.project_id == ProjectModel.id)
+            .where(ProjectModel.name == project, GatewayModel.status == "running")
+        )
         if isinstance(choice, str):
             query = query.where(GatewayModel.name == choice)
         async with self.db.session() as session:
@@ -304,12 +334,17 @@ class GatewayManager:
         path = f"{target.api_url}/api/registry/services/{info.project}/{info.run_name}/replicas"
         try:
             if upsert:
-                r = await self._http.post(f"{target.api_url}/api/registry/services", json=_service_json(info), headers=headers)
+                r = await self._http.post(
+                    f"{target.api_url}/api/registry/services", json=_service_json(info), headers=headers
+                )
                 r.raise_for_status()
             r = await self._http.put(path, json=reps, headers=headers)
             if r.status_code == 404:  # the gateway restarted and lost the service: register it again
-                (await self._http.post(f"{target.api_url}/api/registry/services", json=_service_json(info),
-                                       headers=headers)).raise_for_status()
+                (
+                    await self._http.post(
+                        f"{target.api_url}/api/registry/services", json=_service_json(info), headers=headers
+                    )
+                ).raise_for_status()
                 r = await self._http.put(path, json=reps, headers=headers)
             r.raise_for_status()
         except httpx.HTTPError as e:
@@ -317,8 +352,10 @@ class GatewayManager:
 
     async def _remove(self, target: Target, project: str, run_name: str) -> None:
         try:
-            r = await self._http.delete(f"{target.api_url}/api/registry/services/{project}/{run_name}",
-                                        headers={"Authorization": f"Bearer {target.token}"})
+            r = await self._http.delete(
+                f"{target.api_url}/api/registry/services/{project}/{run_name}",
+                headers={"Authorization": f"Bearer {target.token}"},
+            )
             if r.status_code not in (200, 404):
                 r.raise_for_status()
         except httpx.HTTPError as e:
@@ -339,12 +376,18 @@ class GatewayManager:
         """After the services were synced at start: drop what gateways still serve but that ended
         while the server was down (their replicas are gone)."""
         async with self.db.session() as session:
-            gws = (await session.execute(select(GatewayModel).where(GatewayModel.status == "running"))).scalars().unique().all()
+            gws = (
+                (await session.execute(select(GatewayModel).where(GatewayModel.status == "running")))
+                .scalars()
+                .unique()
+                .all()
+            )
             targets = [_target(gw) for gw in gws]
         for target in targets:
             try:
-                r = await self._http.get(f"{target.api_url}/api/registry/metrics",
-                                         headers={"Authorization": f"Bearer {target.token}"})
+                r = await self._http.get(
+                    f"{target.api_url}/api/registry/metrics", headers={"Authorization": f"Bearer {target.token}"}
+                )
                 r.raise_for_status()
             except httpx.HTTPError as e:
                 logger.warning("gateway %s: cannot list its services: %s", target.name, e)

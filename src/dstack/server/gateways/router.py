@@ -13,13 +13,13 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dstack.server import crypto
 from dstack.core.names import name_error
+from dstack.server import crypto
 from dstack.server.db import get_session
 from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
 from dstack.server.gateways.manager import GatewayStartError
-from dstack.server.gateways.tls import MAX_PEM, check_bind_address, read_tls_pair
 from dstack.server.gateways.models import GatewayModel
+from dstack.server.gateways.tls import MAX_PEM, check_bind_address, read_tls_pair
 from dstack.server.gateways.urls import public_base
 from dstack.server.models import ProjectModel, UserModel, new_id
 from dstack.server.security import authenticate, bearer_token, project_for_member, require_project_member
@@ -86,18 +86,26 @@ def gateway_dict(gw: GatewayModel) -> dict:
 
 
 async def _get(session: AsyncSession, project: ProjectModel, name: str) -> GatewayModel:
-    gw = (await session.execute(
-        select(GatewayModel).where(GatewayModel.project_id == project.id, GatewayModel.name == name)
-    )).scalar_one_or_none()
+    gw = (
+        await session.execute(
+            select(GatewayModel).where(GatewayModel.project_id == project.id, GatewayModel.name == name)
+        )
+    ).scalar_one_or_none()
     if gw is None:
         raise ResourceNotFound(f"gateway '{name}' not found in project '{project.name}'")
     return gw
 
 
 async def _project_gateways(session: AsyncSession, project: ProjectModel) -> list[GatewayModel]:
-    return list((await session.execute(
-        select(GatewayModel).where(GatewayModel.project_id == project.id).order_by(GatewayModel.created_at)
-    )).scalars().unique())
+    return list(
+        (
+            await session.execute(
+                select(GatewayModel).where(GatewayModel.project_id == project.id).order_by(GatewayModel.created_at)
+            )
+        )
+        .scalars()
+        .unique()
+    )
 
 
 def _validate(body: CreateGatewayRequest, user: UserModel) -> CreateGatewayRequest:
@@ -119,13 +127,24 @@ def _validate(body: CreateGatewayRequest, user: UserModel) -> CreateGatewayReque
     if body.tls_cert:
         pem = read_tls_pair(body.tls_cert, body.tls_key, admin)
     port = body.port or (443 if pem else 80)
-    return body.model_copy(update={"domain": domain, "port": port, "host": host,
-                                   "tls_cert": pem[0] if pem else None, "tls_key": pem[1] if pem else None})
+    return body.model_copy(
+        update={
+            "domain": domain,
+            "port": port,
+            "host": host,
+            "tls_cert": pem[0] if pem else None,
+            "tls_key": pem[1] if pem else None,
+        }
+    )
 
 
 @router.post("/api/project/{project_name}/gateways/create")
-async def create_gateway(body: CreateGatewayRequest, request: Request, member=Depends(require_project_member),
-                         session: AsyncSession = Depends(get_session)) -> dict:
+async def create_gateway(
+    body: CreateGatewayRequest,
+    request: Request,
+    member=Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> dict:
     user, project = member
     body = _validate(body, user)
     existing = await _project_gateways(session, project)
@@ -134,15 +153,26 @@ async def create_gateway(body: CreateGatewayRequest, request: Request, member=De
     for clash in (await session.execute(select(GatewayModel).where(GatewayModel.port == body.port))).scalars().unique():
         if clash.host == body.host or "0.0.0.0" in (clash.host, body.host):
             mine = clash.project_id == project.id  # other projects' gateway names are theirs
-            raise ServerClientError(f"port {body.port} is taken by " + (f"gateway '{clash.name}'" if mine else "another gateway"),
-                                    fields=["port"])
+            raise ServerClientError(
+                f"port {body.port} is taken by " + (f"gateway '{clash.name}'" if mine else "another gateway"),
+                fields=["port"],
+            )
     make_default = body.default or not any(g.default for g in existing)
     if make_default:
         for g in existing:
             g.default = False
-    gw = GatewayModel(id=new_id(), project_id=project.id, name=body.name, backend="local", region=body.region or "local",
-                      domain=body.domain, host=body.host, port=body.port, default=make_default,
-                      token=crypto.encrypt(secrets.token_urlsafe(32)))
+    gw = GatewayModel(
+        id=new_id(),
+        project_id=project.id,
+        name=body.name,
+        backend="local",
+        region=body.region or "local",
+        domain=body.domain,
+        host=body.host,
+        port=body.port,
+        default=make_default,
+        token=crypto.encrypt(secrets.token_urlsafe(32)),
+    )
     manager = request.app.state.gateways
     if body.tls_cert:  # validated PEM: the gateway process reads it from 0600 files of its own
         gw.tls_cert, gw.tls_key = manager.store_tls(gw.id, body.tls_cert.encode(), body.tls_key.encode())
@@ -163,19 +193,23 @@ async def create_gateway(body: CreateGatewayRequest, request: Request, member=De
 
 
 @router.post("/api/project/{project_name}/gateways/list")
-async def list_gateways(member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> list[dict]:
+async def list_gateways(
+    member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
+) -> list[dict]:
     return [gateway_dict(g) for g in await _project_gateways(session, member[1])]
 
 
 @router.post("/api/project/{project_name}/gateways/get")
-async def get_gateway(body: GatewayNameRequest, member=Depends(require_project_member),
-                      session: AsyncSession = Depends(get_session)) -> dict:
+async def get_gateway(
+    body: GatewayNameRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
+) -> dict:
     return gateway_dict(await _get(session, member[1], body.name))
 
 
 @router.post("/api/project/{project_name}/gateways/set_default")
-async def set_default_gateway(body: GatewayNameRequest, member=Depends(require_project_member),
-                              session: AsyncSession = Depends(get_session)) -> dict:
+async def set_default_gateway(
+    body: GatewayNameRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
+) -> dict:
     gw = await _get(session, member[1], body.name)
     for g in await _project_gateways(session, member[1]):
         g.default = g.id == gw.id
@@ -184,8 +218,12 @@ async def set_default_gateway(body: GatewayNameRequest, member=Depends(require_p
 
 
 @router.post("/api/project/{project_name}/gateways/delete")
-async def delete_gateways(body: DeleteGatewaysRequest, request: Request, member=Depends(require_project_member),
-                          session: AsyncSession = Depends(get_session)) -> None:
+async def delete_gateways(
+    body: DeleteGatewaysRequest,
+    request: Request,
+    member=Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> None:
     _, project = member
     gws = [await _get(session, project, name) for name in body.names]  # all exist, or nothing is deleted
     await session.commit()
@@ -200,13 +238,20 @@ async def delete_gateways(body: DeleteGatewaysRequest, request: Request, member=
 
 # --- called by gateways -------------------------------------------------------------------
 
+
 async def _calling_gateway(request: Request, session: AsyncSession) -> GatewayModel | JSONResponse:
     token = bearer_token(request)
     if token is None:
         return JSONResponse({"detail": [{"msg": "gateway token required", "code": "not_authenticated"}]}, 401)
     # Tokens are stored encrypted (each with its own nonce): compare with every gateway's (a handful).
-    gw = next((g for g in (await session.execute(select(GatewayModel))).scalars().unique()
-               if hmac.compare_digest(crypto.decrypt(g.token).encode(), token.encode())), None)
+    gw = next(
+        (
+            g
+            for g in (await session.execute(select(GatewayModel))).scalars().unique()
+            if hmac.compare_digest(crypto.decrypt(g.token).encode(), token.encode())
+        ),
+        None,
+    )
     if gw is None:
         return JSONResponse({"detail": [{"msg": "unknown gateway token", "code": "forbidden"}]}, 403)
     return gw

@@ -44,8 +44,11 @@ def _hostname_ok(host: str) -> bool:
 
 
 def _forbidden(host: str) -> Forbidden:
-    return Forbidden(f"binding {host} publishes on the host's network: only a global admin may; "
-                     "bind a loopback address (127.0.0.1 or ::1) instead", fields=["host"])
+    return Forbidden(
+        f"binding {host} publishes on the host's network: only a global admin may; "
+        "bind a loopback address (127.0.0.1 or ::1) instead",
+        fields=["host"],
+    )
 
 
 def read_tls_pair(cert: str, key: str, admin: bool) -> tuple[str, str]:
@@ -55,8 +58,10 @@ def read_tls_pair(cert: str, key: str, admin: bool) -> tuple[str, str]:
     elif admin and not _is_pem(cert) and not _is_pem(key):
         cert_pem, key_pem = _read(cert), _read(key)
     elif not admin:
-        raise Forbidden("tls_cert and tls_key must be PEM contents: only a global admin may name files on the "
-                        "server host", fields=["tls_cert", "tls_key"])
+        raise Forbidden(
+            "tls_cert and tls_key must be PEM contents: only a global admin may name files on the server host",
+            fields=["tls_cert", "tls_key"],
+        )
     else:
         raise _invalid()
     _check_pair(cert_pem, key_pem)

@@ -21,7 +21,9 @@ def service_urls(gw: GatewayModel, run_name: str) -> tuple[str, str]:
     return public_base(gw, run_name) + "/", public_base(gw, "gateway") + "/v1"
 
 
-async def resolve_gateway(session: AsyncSession, project: ProjectModel, choice: bool | str | None) -> GatewayModel | None:
+async def resolve_gateway(
+    session: AsyncSession, project: ProjectModel, choice: bool | str | None
+) -> GatewayModel | None:
     """The gateway a service uses: `gateway: <name>` that one, `false` none (the in-server proxy),
     unset the project's default if there is one, `true` the default (an error when there is none)."""
     if choice is False:
@@ -30,11 +32,14 @@ async def resolve_gateway(session: AsyncSession, project: ProjectModel, choice: 
     if isinstance(choice, str):
         gw = (await session.execute(query.where(GatewayModel.name == choice))).scalar_one_or_none()
         if gw is None:
-            raise ServerClientError(f"gateway '{choice}' does not exist in project '{project.name}'", fields=["gateway"])
+            raise ServerClientError(
+                f"gateway '{choice}' does not exist in project '{project.name}'", fields=["gateway"]
+            )
         return gw
     gw = (await session.execute(query.where(GatewayModel.default.is_(True)))).scalars().first()
     if gw is None and choice is True:
         raise ServerClientError(
-            f"project '{project.name}' has no default gateway; create one with `dstack gateway create`", fields=["gateway"]
+            f"project '{project.name}' has no default gateway; create one with `dstack gateway create`",
+            fields=["gateway"],
         )
     return gw

@@ -2,8 +2,8 @@
 
 from alembic import context
 
-from dstack.server.db import Base
 from dstack.server import models  # noqa: F401  (registers tables)
+from dstack.server.db import Base
 from dstack.server.gateways import models as _gateway_models  # noqa: F401
 
 try:  # optional parts register their tables too

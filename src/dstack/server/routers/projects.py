@@ -7,8 +7,8 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dstack.server.db import get_session
 from dstack.core.names import name_error
+from dstack.server.db import get_session
 from dstack.server.errors import Forbidden, ResourceExists, ResourceNotFound, ServerClientError
 from dstack.server.models import MemberModel, ProjectModel, UserModel
 from dstack.server.security import require_project_member, require_user
@@ -49,7 +49,9 @@ async def user_projects(session: AsyncSession, user: UserModel) -> list[ProjectM
 
 
 @router.post("/api/projects/list")
-async def list_projects(user: UserModel = Depends(require_user), session: AsyncSession = Depends(get_session)) -> list[dict]:
+async def list_projects(
+    user: UserModel = Depends(require_user), session: AsyncSession = Depends(get_session)
+) -> list[dict]:
     return [project_dict(p) for p in await user_projects(session, user)]
 
 

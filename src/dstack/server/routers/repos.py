@@ -43,7 +43,9 @@ async def _get_or_create_repo(session: AsyncSession, project_id: str, repo_id: s
 
 
 @router.post("/init")
-async def init_repo(body: InitRepoRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
+async def init_repo(
+    body: InitRepoRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
+) -> dict:
     _check_repo_id(body.repo_id)
     repo = await _get_or_create_repo(session, member[1].id, body.repo_id)
     repo.info = json.dumps(body.repo_info)

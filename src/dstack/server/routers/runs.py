@@ -79,7 +79,12 @@ async def _wire(request: Request, run) -> dict:
 
 
 @router.post("/api/project/{project_name}/runs/get_plan")
-async def get_plan(body: RunSpecRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
+async def get_plan(
+    body: RunSpecRequest,
+    request: Request,
+    member=Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> dict:
     user, project = member
     plan = await runs_service.get_plan(session, project, user, body.run_spec, request.app.state.settings.limits)
     return plan.model_dump(mode="json")
@@ -95,12 +100,22 @@ async def _submit(request: Request, session: AsyncSession, member, run_spec: Run
 
 
 @router.post("/api/project/{project_name}/runs/submit")
-async def submit(body: RunSpecRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
+async def submit(
+    body: RunSpecRequest,
+    request: Request,
+    member=Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> dict:
     return await _submit(request, session, member, body.run_spec)
 
 
 @router.post("/api/project/{project_name}/runs/apply")
-async def apply(body: ApplyRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
+async def apply(
+    body: ApplyRequest,
+    request: Request,
+    member=Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> dict:
     run_spec = body.plan.run_spec
     user, project = member
     if run_spec.run_name and body.force:
@@ -112,45 +127,82 @@ async def apply(body: ApplyRequest, request: Request, member=Depends(require_pro
 
 
 @router.post("/api/project/{project_name}/runs/list")
-async def list_project_runs(body: ListRunsRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> list[dict]:
+async def list_project_runs(
+    body: ListRunsRequest,
+    request: Request,
+    member=Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> list[dict]:
     runs = await runs_service.list_runs(session, [member[1].id], body.only_active, body.limit)
     return [await _wire(request, r) for r in runs]
 
 
 @router.post("/api/runs/list")
-async def list_all_runs(body: ListRunsRequest, request: Request, user: UserModel = Depends(require_user), session: AsyncSession = Depends(get_session)) -> list[dict]:
+async def list_all_runs(
+    body: ListRunsRequest,
+    request: Request,
+    user: UserModel = Depends(require_user),
+    session: AsyncSession = Depends(get_session),
+) -> list[dict]:
     projects = await user_projects(session, user)
     runs = await runs_service.list_runs(session, [p.id for p in projects], body.only_active, body.limit)
     return [await _wire(request, r) for r in runs]
 
 
 @router.post("/api/project/{project_name}/runs/get")
-async def get_run(body: RunNameRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
+async def get_run(
+    body: RunNameRequest,
+    request: Request,
+    member=Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> dict:
     return await _wire(request, await runs_service.get_run(session, member[1], body.run_name))
 
 
 @router.post("/api/project/{project_name}/runs/stop")
-async def stop_runs(body: StopRunsRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> None:
+async def stop_runs(
+    body: StopRunsRequest,
+    request: Request,
+    member=Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> None:
     await runs_service.stop_runs(get_database(), member[1], body.runs_names, body.abort)
     request.app.state.pipeline.wake()
 
 
 @router.post("/api/project/{project_name}/runs/delete")
-async def delete_runs(body: DeleteRunsRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> None:
+async def delete_runs(
+    body: DeleteRunsRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
+) -> None:
     await runs_service.delete_runs(get_database(), member[1], body.runs_names)
 
 
 @router.post("/api/project/{project_name}/logs/poll")
-async def poll_logs(body: PollLogsRequest, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> dict:
+async def poll_logs(
+    body: PollLogsRequest,
+    request: Request,
+    member=Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> dict:
     run = await runs_service.get_run(session, member[1], body.run_name)
     return await logs_service.poll_logs(
-        session, request.app.state.log_notifier, run, body.job_num, body.replica_num,
-        body.start_after, min(max(body.limit, 1), 5000), min(max(body.wait, 0), 30),
+        session,
+        request.app.state.log_notifier,
+        run,
+        body.job_num,
+        body.replica_num,
+        body.start_after,
+        min(max(body.limit, 1), 5000),
+        min(max(body.wait, 0), 30),
     )
 
 
 @router.post("/api/project/{project_name}/backends/list")
-async def list_backends(member=Depends(require_project_member), session: AsyncSession = Depends(get_session)) -> list[dict]:
+async def list_backends(
+    member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
+) -> list[dict]:
     instances = await runs_service.list_instances(session)
     names = sorted({i.backend for i in instances})
-    return [{"name": n, "config": {"type": n}, "instances": [i.name for i in instances if i.backend == n]} for n in names]
+    return [
+        {"name": n, "config": {"type": n}, "instances": [i.name for i in instances if i.backend == n]} for n in names
+    ]

@@ -7,8 +7,8 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dstack.server.db import get_session
 from dstack.core.names import name_error
+from dstack.server.db import get_session
 from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
 from dstack.server.models import UserModel
 from dstack.server.security import hash_token, new_token, require_admin, require_user

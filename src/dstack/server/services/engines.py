@@ -15,7 +15,8 @@ Everything here is pure: it maps a configuration and facts about the host to sub
 from __future__ import annotations
 
 import shlex
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from dstack.core.models.configurations import BaseRunConfiguration, EngineSpec
 
@@ -26,15 +27,46 @@ _BUILTIN_NAMES = {"smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"
 HF_TOKEN_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 # EngineSpec.dtype spellings -> each engine's own name (None: the engine's default).
-_DTYPES = {"auto": None, "gguf": None, "float16": "float16", "fp16": "float16", "half": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
+_DTYPES = {
+    "auto": None,
+    "gguf": None,
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
 _TGI_DTYPES = {"float16", "bfloat16"}
 # GPU weight formats (EngineSpec.quantize) each engine loads, under its own name.
-_TGI_QUANTIZE = {q: q for q in ("awq", "gptq", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "eetq",
-                                "exl2", "marlin", "fp8", "compressed-tensors")}
-_VLLM_QUANTIZE = {"awq": "awq", "gptq": "gptq", "marlin": "marlin", "fp8": "fp8", "hqq": "hqq",
-                  "compressed-tensors": "compressed-tensors", "bitsandbytes": "bitsandbytes",
-                  "bitsandbytes-nf4": "bitsandbytes", "bitsandbytes-fp4": "bitsandbytes"}
+_TGI_QUANTIZE = {
+    q: q
+    for q in (
+        "awq",
+        "gptq",
+        "bitsandbytes",
+        "bitsandbytes-nf4",
+        "bitsandbytes-fp4",
+        "eetq",
+        "exl2",
+        "marlin",
+        "fp8",
+        "compressed-tensors",
+    )
+}
+_VLLM_QUANTIZE = {
+    "awq": "awq",
+    "gptq": "gptq",
+    "marlin": "marlin",
+    "fp8": "fp8",
+    "hqq": "hqq",
+    "compressed-tensors": "compressed-tensors",
+    "bitsandbytes": "bitsandbytes",
+    "bitsandbytes-nf4": "bitsandbytes",
+    "bitsandbytes-fp4": "bitsandbytes",
+}
 GPU_QUANTIZE = set(_TGI_QUANTIZE) | set(_VLLM_QUANTIZE)
 
 
@@ -48,7 +80,7 @@ class EngineError(ValueError):
 
 
 def choose_engine(engine: EngineSpec, gpus: list[int], containers: bool) -> str:
-    """"tgi", "vllm" or "builtin" for this engine on a host with these GPUs reserved.
+    """ "tgi", "vllm" or "builtin" for this engine on a host with these GPUs reserved.
 
     TGI's image where containers run, unless the weight format is one only vLLM loads (hqq)."""
     if not gpus or is_gguf(engine):
@@ -67,19 +99,26 @@ def check_engine_settings(engine: EngineSpec, gpu_requested: bool) -> None:
     quant = (engine.quantize or "").lower()
     if quant in GPU_QUANTIZE:
         if _names_gguf(engine.model_name):
-            raise EngineError(f"quantize {engine.quantize} is a GPU weight format, but {engine.model_name} is GGUF, "
-                              "which only the built-in engine loads: use a GGUF quantization type (e.g. Q4_K_M)",
-                              "engine.quantize")
+            raise EngineError(
+                f"quantize {engine.quantize} is a GPU weight format, but {engine.model_name} is GGUF, "
+                "which only the built-in engine loads: use a GGUF quantization type (e.g. Q4_K_M)",
+                "engine.quantize",
+            )
         if not gpu_requested:
             raise EngineError(
                 f"quantize {engine.quantize} is a GPU weight format; without a GPU the built-in engine runs GGUF "
                 "models on llama.cpp. Use a GGUF quantization type (e.g. Q4_K_M, Q8_0), or ask for a GPU "
-                f"(resources: gpu: 1) to serve {engine.quantize} weights on TGI or vLLM", "engine.quantize")
+                f"(resources: gpu: 1) to serve {engine.quantize} weights on TGI or vLLM",
+                "engine.quantize",
+            )
     if engine.dtype:
         _dtype(engine, None, "any engine")  # unknown spellings
         if engine.dtype.lower() not in ("auto", "gguf") and not gpu_requested:
-            raise EngineError(f"dtype {engine.dtype} needs a GPU engine; the built-in CPU engine serves GGUF "
-                              "weights as stored (drop dtype, or ask for a GPU in resources)", "engine.dtype")
+            raise EngineError(
+                f"dtype {engine.dtype} needs a GPU engine; the built-in CPU engine serves GGUF "
+                "weights as stored (drop dtype, or ask for a GPU in resources)",
+                "engine.dtype",
+            )
 
 
 def is_gguf(engine: EngineSpec) -> bool:
@@ -103,14 +142,15 @@ def hf_model_id(engine: EngineSpec) -> str:
     return BUILTIN_HF_ID if name.lower() in _BUILTIN_NAMES else name
 
 
-def engine_submission(conf: BaseRunConfiguration, gpus: list[int], agent: Mapping[str, Any],
-                      env: Mapping[str, str]) -> dict[str, Any]:
+def engine_submission(
+    conf: BaseRunConfiguration, gpus: list[int], agent: Mapping[str, Any], env: Mapping[str, str]
+) -> dict[str, Any]:
     """The agent-submission fields that replace the built-in engine's on this host ({}: keep it).
 
     `agent` is the instance's stored agent info (`containers`: whether it runs images); `env` the
     job's environment as built so far.
     """
-    engine: Optional[EngineSpec] = getattr(conf, "engine", None)
+    engine: EngineSpec | None = getattr(conf, "engine", None)
     if engine is None:
         return {}
     kind = choose_engine(engine, gpus, bool(agent.get("containers")))
@@ -132,27 +172,33 @@ def _env_with_token(env: Mapping[str, str], kind: str) -> dict[str, str]:
     return out
 
 
-def _dtype(engine: EngineSpec, allowed: Optional[set[str]], engine_name: str) -> Optional[str]:
+def _dtype(engine: EngineSpec, allowed: set[str] | None, engine_name: str) -> str | None:
     if not engine.dtype:
         return None
     key = engine.dtype.lower()
     if key not in _DTYPES:
-        raise EngineError(f"engine.dtype {engine.dtype!r} is not known; use float16, bfloat16, float32 or auto",
-                          "engine.dtype")
+        raise EngineError(
+            f"engine.dtype {engine.dtype!r} is not known; use float16, bfloat16, float32 or auto", "engine.dtype"
+        )
     value = _DTYPES[key]
     if value is not None and allowed is not None and value not in allowed:
-        raise EngineError(f"engine.dtype {engine.dtype} is not supported by {engine_name} "
-                          f"(use one of {', '.join(sorted(allowed))})", "engine.dtype")
+        raise EngineError(
+            f"engine.dtype {engine.dtype} is not supported by {engine_name} (use one of {', '.join(sorted(allowed))})",
+            "engine.dtype",
+        )
     return value
 
 
-def _quantize(engine: EngineSpec, table: dict[str, str], engine_name: str) -> Optional[str]:
+def _quantize(engine: EngineSpec, table: dict[str, str], engine_name: str) -> str | None:
     if not engine.quantize:
         return None
     value = table.get(engine.quantize.lower())
     if value is None:
-        raise EngineError(f"engine.quantize {engine.quantize} is not supported by {engine_name} "
-                          f"(it loads {', '.join(sorted(table))})", "engine.quantize")
+        raise EngineError(
+            f"engine.quantize {engine.quantize} is not supported by {engine_name} "
+            f"(it loads {', '.join(sorted(table))})",
+            "engine.quantize",
+        )
     return value
 
 
@@ -167,8 +213,15 @@ def tgi_submission(engine: EngineSpec, env: Mapping[str, str]) -> dict[str, Any]
         args += ["--dtype", dtype]
     if engine.max_concurrent_requests:
         args += ["--max-concurrent-requests", str(engine.max_concurrent_requests)]
-    return {"image": TGI_IMAGE, "args": args, "commands": [], "setup": [], "python": None, "venv_key": None,
-            "env": _env_with_token(env, "tgi")}
+    return {
+        "image": TGI_IMAGE,
+        "args": args,
+        "commands": [],
+        "setup": [],
+        "python": None,
+        "venv_key": None,
+        "env": _env_with_token(env, "tgi"),
+    }
 
 
 def vllm_command(engine: EngineSpec) -> str:
@@ -183,8 +236,17 @@ def vllm_command(engine: EngineSpec) -> str:
         vllm += ["--dtype", dtype]
     if engine.max_concurrent_requests:
         vllm += ["--max-num-seqs", str(engine.max_concurrent_requests)]
-    bridge = ['exec "${DSTACK_ENGINE_PYTHON:-python3}"', "-m", "dstack.serving.tgi_bridge",
-              "--host", "0.0.0.0", "--port", str(engine.port), "--model-id", shlex.quote(model)]
+    bridge = [
+        'exec "${DSTACK_ENGINE_PYTHON:-python3}"',
+        "-m",
+        "dstack.serving.tgi_bridge",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(engine.port),
+        "--model-id",
+        shlex.quote(model),
+    ]
     if engine.max_concurrent_requests:
         bridge += ["--max-concurrent-requests", str(engine.max_concurrent_requests)]
     return " ".join(bridge + ["--"] + [shlex.quote(a) for a in vllm])
@@ -192,6 +254,11 @@ def vllm_command(engine: EngineSpec) -> str:
 
 def vllm_submission(engine: EngineSpec, env: Mapping[str, str]) -> dict[str, Any]:
     """vLLM on the host: installed once into a venv shared by every vLLM engine job of the agent."""
-    return {"image": None, "args": [], "setup": [f"pip install vllm=={VLLM_VERSION}"],
-            "commands": [vllm_command(engine)], "venv_key": f"engine-vllm-{VLLM_VERSION}",
-            "env": _env_with_token(env, "vllm")}
+    return {
+        "image": None,
+        "args": [],
+        "setup": [f"pip install vllm=={VLLM_VERSION}"],
+        "commands": [vllm_command(engine)],
+        "venv_key": f"engine-vllm-{VLLM_VERSION}",
+        "env": _env_with_token(env, "vllm"),
+    }

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy import select
 
@@ -138,8 +138,13 @@ class InstanceManager:
         self._retired.append(client)  # requests in flight through it fail by themselves
         self._clients[instance_id] = AgentClient(inst.agent)
         self._down.pop(instance_id, None)
-        logger.warning("the agent of instance %s (pid %s) was lost; now using the agent with pid %s at %s",
-                       name, client.endpoint.pid, inst.agent.pid, inst.agent.url)
+        logger.warning(
+            "the agent of instance %s (pid %s) was lost; now using the agent with pid %s at %s",
+            name,
+            client.endpoint.pid,
+            inst.agent.pid,
+            inst.agent.url,
+        )
         event = self._recovered.pop(instance_id, None)
         if event is not None:
             event.set()
@@ -166,7 +171,12 @@ def _store(row: InstanceModel, inst: ProvisionedInstance) -> None:
     row.resources = inst.resources.model_dump_json()
     row.price = inst.price
     row.status = "idle"
-    row.agent = json.dumps({"url": inst.agent.url, "token": crypto.encrypt(inst.agent.token), "pid": inst.agent.pid,
-                            "network_isolation": inst.agent.network_isolation,
-                            "containers": inst.agent.containers})
-
+    row.agent = json.dumps(
+        {
+            "url": inst.agent.url,
+            "token": crypto.encrypt(inst.agent.token),
+            "pid": inst.agent.pid,
+            "network_isolation": inst.agent.network_isolation,
+            "containers": inst.agent.containers,
+        }
+    )

@@ -55,8 +55,7 @@ async def poll_logs(
         finished = RunStatus(status).is_finished()
         rows = await _fetch(session, await _job_ids(session, run_id, job_num, replica_num), start_after, limit)
     logs = [
-        {"timestamp": r.timestamp, "log_source": r.stream, "message": base64.b64encode(r.data).decode()}
-        for r in rows
+        {"timestamp": r.timestamp, "log_source": r.stream, "message": base64.b64encode(r.data).decode()} for r in rows
     ]
     next_token = rows[-1].id if rows else start_after
     return {"logs": logs, "next_token": next_token, "finished": finished and len(rows) < limit}
@@ -64,7 +63,9 @@ async def poll_logs(
 
 async def _job_ids(session: AsyncSession, run_id: str, job_num: int, replica_num: int) -> list[str]:
     result = await session.execute(
-        select(JobModel.id).where(JobModel.run_id == run_id, JobModel.job_num == job_num, JobModel.replica_num == replica_num)
+        select(JobModel.id).where(
+            JobModel.run_id == run_id, JobModel.job_num == job_num, JobModel.replica_num == replica_num
+        )
     )
     return list(result.scalars())
 

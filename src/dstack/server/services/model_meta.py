@@ -36,7 +36,7 @@ def from_tokenizer_config(data: dict) -> ChatMetadata:
 
 
 def _from_local(name: str) -> ChatMetadata | None:
-    from dstack.serving.models import builtin_model_path, _BUILTIN_NAMES  # noqa: PLC2701
+    from dstack.serving.models import _BUILTIN_NAMES, builtin_model_path  # noqa: PLC2701
 
     path = Path(name).expanduser()
     if name.lower() in _BUILTIN_NAMES:
@@ -63,7 +63,9 @@ def _from_hub(repo_id: str) -> ChatMetadata:
 
         path = hf_hub_download(repo_id, "tokenizer_config.json", etag_timeout=5)
     except Exception as e:  # offline, no such repo, gated, ...
-        raise ModelMetadataError(f"could not read tokenizer_config.json of '{repo_id}' from Hugging Face ({type(e).__name__})") from e
+        raise ModelMetadataError(
+            f"could not read tokenizer_config.json of '{repo_id}' from Hugging Face ({type(e).__name__})"
+        ) from e
     return from_tokenizer_config(json.loads(Path(path).read_text()))
 
 

@@ -1,7 +1,7 @@
 """Runs: plans, submission, listing, stopping, and their wire form."""
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -9,8 +9,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from dstack.core.errors import ConfigurationError
 from dstack.core.models.configurations import (
     BaseRunConfiguration,
-    ServiceConfiguration,
     ServerlessConfiguration,
+    ServiceConfiguration,
     parse_run_configuration,
 )
 from dstack.core.models.resources import ResourcesSpec
@@ -31,17 +31,17 @@ from dstack.core.models.runs import (
     RunTerminationReason,
     ServiceSpec,
 )
+from dstack.core.names import name_error
 from dstack.server import crypto
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
 from dstack.server.gateways.models import GatewayModel
 from dstack.server.gateways.urls import resolve_gateway, service_urls
+from dstack.server.limits import ServerLimits, check_project_quota, check_run_limits
 from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel, UserModel, utcnow
 from dstack.server.services import offers
 from dstack.server.services.jobs import build_job_spec, nodes_count
 from dstack.server.services.names import random_run_name
-from dstack.server.limits import ServerLimits, check_project_quota, check_run_limits
-from dstack.core.names import name_error
 from dstack.server.services.secrets import redact_configuration, redact_env, refuse_redacted, seal_configuration
 
 
@@ -142,8 +142,9 @@ async def get_offers(session: AsyncSession, spec: ResourcesSpec) -> tuple[list[I
     return found, reason
 
 
-async def get_plan(session: AsyncSession, project: ProjectModel, user: UserModel, run_spec: RunSpec,
-                   limits: ServerLimits | None = None) -> RunPlan:
+async def get_plan(
+    session: AsyncSession, project: ProjectModel, user: UserModel, run_spec: RunSpec, limits: ServerLimits | None = None
+) -> RunPlan:
     conf = parse_configuration(run_spec)
     check_engine(conf)
     check_limits(conf, limits)
@@ -157,8 +158,9 @@ async def get_plan(session: AsyncSession, project: ProjectModel, user: UserModel
     spec = build_job_spec(run_name or "<random>", conf, 0, 0)
     spec.env = redact_env(spec.env)
     # Answers carry no credential: the client applies the plan with its own configuration.
-    plan_spec = run_spec.model_copy(update={"run_name": run_name,
-                                            "configuration": redact_configuration(conf.model_dump(mode="json"))})
+    plan_spec = run_spec.model_copy(
+        update={"run_name": run_name, "configuration": redact_configuration(conf.model_dump(mode="json"))}
+    )
     return RunPlan(
         project_name=project.name,
         user=user.name,
@@ -178,8 +180,14 @@ async def find_run(session: AsyncSession, project: ProjectModel, run_name: str) 
     return result.scalars().first()
 
 
-async def submit_run(session: AsyncSession, project: ProjectModel, user: UserModel, run_spec: RunSpec,
-                     server_url: str = "", limits: ServerLimits | None = None) -> RunModel:
+async def submit_run(
+    session: AsyncSession,
+    project: ProjectModel,
+    user: UserModel,
+    run_spec: RunSpec,
+    server_url: str = "",
+    limits: ServerLimits | None = None,
+) -> RunModel:
     conf = parse_configuration(run_spec)
     check_limits(conf, limits)
     requested_run_name(run_spec, conf)
@@ -200,14 +208,17 @@ async def submit_run(session: AsyncSession, project: ProjectModel, user: UserMod
             existing.deleted = True  # a finished run's name is reused, as dstack does
     else:
         taken = set(
-            (await session.execute(
-                select(RunModel.run_name).where(RunModel.project_id == project.id, RunModel.deleted.is_(False))
-            )).scalars()
+            (
+                await session.execute(
+                    select(RunModel.run_name).where(RunModel.project_id == project.id, RunModel.deleted.is_(False))
+                )
+            ).scalars()
         )
         run_name = random_run_name(taken)
     # Stored with its credentials and env values encrypted (see services.secrets).
-    run_spec = run_spec.model_copy(update={"run_name": run_name,
-                                           "configuration": seal_configuration(conf.model_dump(mode="json"))})
+    run_spec = run_spec.model_copy(
+        update={"run_name": run_name, "configuration": seal_configuration(conf.model_dump(mode="json"))}
+    )
     parse_configuration(run_spec)  # what the pipeline will read: a credential may be too long once encrypted
     now = utcnow()
     run = RunModel(
@@ -241,20 +252,31 @@ async def _model_meta(conf: BaseRunConfiguration) -> dict | None:
     if conf.model.format != "tgi":
         return {}
     try:
-        meta = await asyncio.to_thread(resolve_chat_metadata, conf.model.name, conf.model.chat_template, conf.model.eos_token)
+        meta = await asyncio.to_thread(
+            resolve_chat_metadata, conf.model.name, conf.model.chat_template, conf.model.eos_token
+        )
     except ModelMetadataError as e:
         raise ServerClientError(str(e), fields=["model.chat_template"])
     return {"chat_template": meta.chat_template, "eos_token": meta.eos_token, "bos_token": meta.bos_token}
 
 
-def service_spec_json(conf: BaseRunConfiguration, project: str, run_name: str, server_url: str,
-                      model_meta: dict | None, gateway: GatewayModel | None = None) -> str | None:
+def service_spec_json(
+    conf: BaseRunConfiguration,
+    project: str,
+    run_name: str,
+    server_url: str,
+    model_meta: dict | None,
+    gateway: GatewayModel | None = None,
+) -> str | None:
     if not isinstance(conf, ServiceConfiguration):
         return None
     if gateway is not None:  # published at <run>.<domain>, models at gateway.<domain>/v1
         url, model_base = service_urls(gateway, run_name)
     else:  # the in-server proxy
-        url, model_base = f"{server_url}/proxy/services/{project}/{run_name}/", f"{server_url}/proxy/models/{project}/v1"
+        url, model_base = (
+            f"{server_url}/proxy/services/{project}/{run_name}/",
+            f"{server_url}/proxy/models/{project}/v1",
+        )
     spec: dict = {"url": url}
     if conf.model is not None:
         spec["model"] = {"name": conf.model.name, "type": conf.model.type, "base_url": model_base}
@@ -310,9 +332,7 @@ async def get_run(session: AsyncSession, project: ProjectModel, run_name: str) -
     return run
 
 
-async def list_runs(
-    session: AsyncSession, project_ids: list[str], only_active: bool, limit: int
-) -> list[RunModel]:
+async def list_runs(session: AsyncSession, project_ids: list[str], only_active: bool, limit: int) -> list[RunModel]:
     query = select(RunModel).where(RunModel.project_id.in_(project_ids), RunModel.deleted.is_(False))
     if only_active:
         query = query.where(RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]))
@@ -322,6 +342,7 @@ async def list_runs(
 
 async def stop_runs(db: Database, project: ProjectModel, names: list[str], abort: bool) -> None:
     """In a session of its own: a retry after a conflict expires every row the session holds."""
+
     async def stop() -> None:
         for name in names:
             run = await get_run(session, project, name)
@@ -337,14 +358,18 @@ def request_stop(run: RunModel, abort: bool) -> None:
     """Mark a run and its active jobs for stopping; the pipeline does the rest."""
     reason = JobTerminationReason.ABORTED_BY_USER if abort else JobTerminationReason.TERMINATED_BY_USER
     run.status = RunStatus.TERMINATING.value
-    run.termination_reason = (RunTerminationReason.ABORTED_BY_USER if abort else RunTerminationReason.STOPPED_BY_USER).value
+    run.termination_reason = (
+        RunTerminationReason.ABORTED_BY_USER if abort else RunTerminationReason.STOPPED_BY_USER
+    ).value
     for job in run.jobs:
         if JobStatus(job.status).is_finished():
             continue
         mark_job_terminating(job, reason, abort=abort)
 
 
-def mark_job_terminating(job: JobModel, reason: JobTerminationReason, abort: bool = False, message: str | None = None) -> None:
+def mark_job_terminating(
+    job: JobModel, reason: JobTerminationReason, abort: bool = False, message: str | None = None
+) -> None:
     job.termination_reason = reason.value
     job.termination_reason_message = message
     job.stop_requested = "abort" if abort else "stop"
@@ -367,7 +392,7 @@ async def delete_runs(db: Database, project: ProjectModel, names: list[str]) -> 
 
 def _aware(dt: datetime | None) -> datetime | None:
     if dt is not None and dt.tzinfo is None:
-        return dt.replace(tzinfo=timezone.utc)
+        return dt.replace(tzinfo=UTC)
     return dt
 
 

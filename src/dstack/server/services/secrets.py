@@ -11,18 +11,23 @@ credentials (`HF_TOKEN`, `AWS_SECRET_ACCESS_KEY`, ...) read `***` and other env 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from dstack.server import crypto
 from dstack.server.errors import ServerClientError
 
 REDACTED = "***"
 
-_CREDENTIAL_FIELD = re.compile(r"^(?:.*_)?(?:password|passwd|secret|api_key|apikey|private_key)$|^(?:token|auth_token|access_token|hf_token)$")
+_CREDENTIAL_FIELD = re.compile(
+    r"^(?:.*_)?(?:password|passwd|secret|api_key|apikey|private_key)$|^(?:token|auth_token|access_token|hf_token)$"
+)
 # PASSWORD/SECRET/CREDENTIAL anywhere in the name; TOKEN and *_KEY as words of it (HF_TOKEN, API_KEY),
 # so TOKENIZERS_PARALLELISM or MONKEY_MODE stay visible.
-_CREDENTIAL_ENV = re.compile(r"PASSW(?:OR)?D|SECRET|CREDENTIAL|(?:^|[_.-])(?:TOKEN|(?:API|ACCESS|PRIVATE|SECRET)[_.-]?KEY|APIKEY)(?:$|[_.-])",
-                             re.I)
+_CREDENTIAL_ENV = re.compile(
+    r"PASSW(?:OR)?D|SECRET|CREDENTIAL|(?:^|[_.-])(?:TOKEN|(?:API|ACCESS|PRIVATE|SECRET)[_.-]?KEY|APIKEY)(?:$|[_.-])",
+    re.I,
+)
 
 
 def is_credential_field(name: str) -> bool:
@@ -33,8 +38,12 @@ def is_credential_env(name: str) -> bool:
     return bool(_CREDENTIAL_ENV.search(name))
 
 
-def _walk(value: Any, on_secret: Callable[[str, str], str],
-          on_env: Callable[[str, dict[str, str]], dict[str, str]], path: str = "") -> Any:
+def _walk(
+    value: Any,
+    on_secret: Callable[[str, str], str],
+    on_env: Callable[[str, dict[str, str]], dict[str, str]],
+    path: str = "",
+) -> Any:
     """A copy of `value` with credential fields passed through `on_secret(path, value)` and
     `env` mappings through `on_env(path, env)`."""
     if isinstance(value, dict):
@@ -114,10 +123,11 @@ def refuse_redacted(configuration: dict[str, Any]) -> None:
     if redacted:
         raise ServerClientError(
             f"{', '.join(redacted)}: '{REDACTED}' is how answers hide credentials, not a credential; "
-            "send the configuration with the real values", fields=redacted,
+            "send the configuration with the real values",
+            fields=redacted,
         )
     if encrypted:
         raise ServerClientError(
-            f"{', '.join(encrypted)}: values starting with '{crypto.PREFIX}' are reserved for what the server "
-            "encrypts", fields=encrypted,
+            f"{', '.join(encrypted)}: values starting with '{crypto.PREFIX}' are reserved for what the server encrypts",
+            fields=encrypted,
         )

@@ -13,13 +13,13 @@ import logging
 from sqlalchemy import select
 
 from dstack.core.models.runs import JobSpec, JobStatus, JobTerminationReason, RunSpec, RunStatus
-from dstack.serverless.service import ServerlessService
-from dstack.serverless.settings import EndpointSettings
 from dstack.server import crypto
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.errors import ResourceExists
 from dstack.server.models import JobModel, RunModel
 from dstack.server.services.runs import mark_job_terminating, new_jobs, parse_configuration
+from dstack.serverless.service import ServerlessService
+from dstack.serverless.settings import EndpointSettings
 
 logger = logging.getLogger(__name__)
 LOG_LEVEL_KEYS = {"RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"}  # the SDK reads the first it finds
@@ -30,10 +30,19 @@ def is_serverless(run: RunModel) -> bool:
 
 
 async def _active_endpoint_run(session, endpoint_id: str) -> RunModel | None:
-    runs = (await session.execute(
-        select(RunModel).where(RunModel.run_name == endpoint_id, RunModel.deleted.is_(False),
-                               RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]))
-    )).scalars().all()
+    runs = (
+        (
+            await session.execute(
+                select(RunModel).where(
+                    RunModel.run_name == endpoint_id,
+                    RunModel.deleted.is_(False),
+                    RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]),
+                )
+            )
+        )
+        .scalars()
+        .all()
+    )
     return next((r for r in runs if is_serverless(r)), None)
 
 
@@ -63,7 +72,11 @@ class JobWorkerLauncher:
     async def stop_worker(self, endpoint_id: str, worker_id: str) -> None:
         async def stop() -> None:
             job = (await session.execute(select(JobModel).where(JobModel.job_name == worker_id))).scalar_one_or_none()
-            if job is not None and not JobStatus(job.status).is_finished() and job.status != JobStatus.TERMINATING.value:
+            if (
+                job is not None
+                and not JobStatus(job.status).is_finished()
+                and job.status != JobStatus.TERMINATING.value
+            ):
                 mark_job_terminating(job, JobTerminationReason.SCALED_DOWN)
                 await session.commit()
 
@@ -112,9 +125,11 @@ class ServerlessBridge:
         if not ids:
             return
         async with self.db.session() as session:
-            rows = (await session.execute(
-                select(JobModel.run_id, JobModel.job_name, JobModel.status).where(JobModel.job_name.in_(ids))
-            )).all()
+            rows = (
+                await session.execute(
+                    select(JobModel.run_id, JobModel.job_name, JobModel.status).where(JobModel.job_name.in_(ids))
+                )
+            ).all()
         for run_id in {r.run_id for r in rows if JobStatus(r.status).is_finished()}:
             await self.on_run_changed(run_id)
 
@@ -124,11 +139,22 @@ class ServerlessBridge:
             return
         conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
         async with self.db.session() as session:
-            others = (await session.execute(
-                select(RunModel).where(RunModel.run_name == run.run_name, RunModel.id != run.id, RunModel.deleted.is_(False),
-                                       RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]))
-            )).scalars().all()
+            others = (
+                (
+                    await session.execute(
+                        select(RunModel).where(
+                            RunModel.run_name == run.run_name,
+                            RunModel.id != run.id,
+                            RunModel.deleted.is_(False),
+                            RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]),
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
             if any(is_serverless(o) for o in others):
+
                 async def refuse() -> None:
                     db_run = await session.get(RunModel, run.id)
                     db_run.status = RunStatus.FAILED.value
@@ -136,9 +162,12 @@ class ServerlessBridge:
                     await session.commit()
 
                 await retry_on_conflict(session, refuse)
-                raise ResourceExists(f"serverless endpoint '{run.run_name}' already exists (endpoint ids are global); pick another name")
-            await self.service.register_endpoint(session, run.run_name, run.project_id, run.id,
-                                                 EndpointSettings.from_configuration(conf))
+                raise ResourceExists(
+                    f"serverless endpoint '{run.run_name}' already exists (endpoint ids are global); pick another name"
+                )
+            await self.service.register_endpoint(
+                session, run.run_name, run.project_id, run.id, EndpointSettings.from_configuration(conf)
+            )
             await session.commit()
 
     async def on_run_changed(self, run_id: str) -> None:
@@ -148,8 +177,11 @@ class ServerlessBridge:
             if run is None or not is_serverless(run):
                 return
             jobs = (await session.execute(select(JobModel).where(JobModel.run_id == run_id))).scalars().all()
-            finished = [(j.job_name, j.termination_reason or j.status) for j in jobs
-                        if JobStatus(j.status).is_finished() and j.job_name not in self._reported]
+            finished = [
+                (j.job_name, j.termination_reason or j.status)
+                for j in jobs
+                if JobStatus(j.status).is_finished() and j.job_name not in self._reported
+            ]
             stopping = run.status in (RunStatus.TERMINATING.value,) or RunStatus(run.status).is_finished()
             name = run.run_name
         for worker_id, reason in finished:

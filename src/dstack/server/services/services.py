@@ -76,9 +76,17 @@ class ServiceManager:
 
     async def start(self) -> None:
         async with self.db.session() as session:
-            ids = (await session.execute(
-                select(RunModel.id).where(RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]))
-            )).scalars().all()
+            ids = (
+                (
+                    await session.execute(
+                        select(RunModel.id).where(
+                            RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()])
+                        )
+                    )
+                )
+                .scalars()
+                .all()
+            )
         for run_id in ids:
             await self.sync(run_id)
         self._task = asyncio.create_task(self._autoscale_loop(), name="autoscaler")
@@ -132,9 +140,16 @@ class ServiceManager:
         if state is None:
             state = self.services[run_id] = ServiceState(run_id, project, run_name, conf)
         state.conf = conf
-        info = ServiceInfo(project, run_name, auth=conf.auth, model=model_info(conf, meta),
-                           strip_prefix=conf.strip_prefix, hold_timeout=float(conf.request_hold_timeout),
-                           min_replicas=conf.replicas.min or 0, last_error=run.error)
+        info = ServiceInfo(
+            project,
+            run_name,
+            auth=conf.auth,
+            model=model_info(conf, meta),
+            strip_prefix=conf.strip_prefix,
+            hold_timeout=float(conf.request_hold_timeout),
+            min_replicas=conf.replicas.min or 0,
+            last_error=run.error,
+        )
         self.registry.upsert_service(info)
         for job_id in list(state.replicas):
             if job_id not in endpoints:
@@ -214,6 +229,7 @@ class ServiceManager:
         """A request arrived at a service with no ready replica: make sure one is coming."""
         for state in self.services.values():
             if state.project == project and state.run_name == run_name:
+
                 async def wake_from_zero() -> None:
                     run = (await session.execute(select(RunModel).where(RunModel.id == state.run_id))).scalar_one()
                     if run.desired_replica_count == 0:
@@ -265,8 +281,13 @@ class ServiceManager:
         run.desired_replica_count = desired
         state.last_scaled_at = time.monotonic()
         latest = latest_replicas(run)
-        active = {n: j for n, j in latest.items() if not JobStatus(j.status).is_finished()
-                  and j.status != JobStatus.TERMINATING.value and j.id not in state.draining}
+        active = {
+            n: j
+            for n, j in latest.items()
+            if not JobStatus(j.status).is_finished()
+            and j.status != JobStatus.TERMINATING.value
+            and j.id not in state.draining
+        }
         if len(active) < desired:
             conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
             n = 0
@@ -278,6 +299,7 @@ class ServiceManager:
                         active[n] = job
                 n += 1
         elif len(active) > desired:
+
             def order(item):
                 n, j = item
                 replica = state.replicas.get(j.id)
@@ -298,8 +320,11 @@ class ServiceManager:
         if not state.draining:
             return
         stats = self.registry.stats(state.project, state.run_name, window=AUTOSCALER_WINDOW)
-        done = [jid for jid, since in state.draining.items()
-                if stats.replica_in_flight.get(jid, 0) == 0 or time.monotonic() - since > DRAIN_TIMEOUT]
+        done = [
+            jid
+            for jid, since in state.draining.items()
+            if stats.replica_in_flight.get(jid, 0) == 0 or time.monotonic() - since > DRAIN_TIMEOUT
+        ]
         if not done:
             return
 
