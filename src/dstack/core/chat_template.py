@@ -70,13 +70,14 @@ class ChatTemplate:
     ) -> str:
         messages = [{**m, "content": message_text(m.get("content"))} if isinstance(m, dict) else m for m in messages]
         try:
-            return self._template.render(
+            rendered: str = self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
                 **kwargs,
             )
+            return rendered
         except ChatTemplateError:
             raise
         except TemplateError as e:

@@ -45,7 +45,7 @@ def validate_name(kind: str, value: Any) -> str:
     problem = name_error(kind, value)
     if problem is not None:
         raise ValueError(problem)
-    return value
+    return str(value)
 
 
 def repo_id_error(value: Any) -> str | None:

@@ -4,6 +4,8 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 
@@ -33,7 +35,7 @@ def run_server(host: str = "127.0.0.1", port: int = 3000, log_level: str = "info
         runner.run(server.serve())
 
 
-def _loop_factory():
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     try:
         import uvloop
     except ImportError:
@@ -41,8 +43,8 @@ def _loop_factory():
     return uvloop.new_event_loop
 
 
-def _announce_on_start(app, settings: ServerSettings) -> None:
-    async def announce(app) -> None:
+def _announce_on_start(app: Any, settings: ServerSettings) -> None:
+    async def announce(app: Any) -> None:
         token = app.state.admin_token
         url = settings.url
         print(f"The dstack server {url} is running (data in {settings.server_dir})", flush=True)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.engine import Connection
 
 from dstack.server.db import Database
 
@@ -17,7 +18,7 @@ def alembic_config() -> Config:
 
 
 async def upgrade(db: Database) -> None:
-    def _run(sync_conn) -> None:
+    def _run(sync_conn: Connection) -> None:
         cfg = alembic_config()
         cfg.attributes["connection"] = sync_conn
         command.upgrade(cfg, "head")
@@ -32,7 +33,7 @@ async def upgrade(db: Database) -> None:
 async def autogenerate(db: Database, message: str, rev_id: str) -> None:
     """Developer helper: write a new revision from the models' difference to the database."""
 
-    def _run(sync_conn) -> None:
+    def _run(sync_conn: Connection) -> None:
         cfg = alembic_config()
         cfg.attributes["connection"] = sync_conn
         command.revision(cfg, message=message, autogenerate=True, rev_id=rev_id)

@@ -103,7 +103,7 @@ class Range(BaseModel, Generic[T]):
         highs = [v for v in (self.max, other.max) if v is not None]
         low = max(lows) if lows else None  # type: ignore[type-var]
         high = min(highs) if highs else None  # type: ignore[type-var]
-        if low is not None and high is not None and low > high:
+        if low is not None and high is not None and low > high:  # type: ignore[operator]  # T: int or a size
             return None
         return type(self)(min=low, max=high)
 

@@ -11,7 +11,7 @@ from typing import Any
 FINISHED_RUN_STATUSES = frozenset({"terminated", "failed", "done"})
 
 
-def pretty_resources(cpus: int, memory_mib: int, disk_mib: int, gpus: list[dict]) -> str:
+def pretty_resources(cpus: int, memory_mib: int, disk_mib: int, gpus: list[dict[str, Any]]) -> str:
     """`2xCPU, 24GB, 1xA100 (80GB), 252GB (disk)` — one formatting for models and views."""
     parts = [f"{cpus}xCPU", f"{memory_mib / 1024:.0f}GB"]
     if gpus:
@@ -44,7 +44,7 @@ class RunView(SimpleNamespace):
     """One run as listed: the wire JSON's fields plus the conveniences `Run` has."""
 
     @classmethod
-    def from_json(cls, data: dict) -> "RunView":
+    def from_json(cls, data: dict[str, Any]) -> "RunView":
         view = cls(**{k: _view(v, k) for k, v in data.items()})
         view.name = data["run_name"]
         view.service_url = (data.get("service") or {}).get("url")

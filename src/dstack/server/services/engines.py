@@ -124,7 +124,7 @@ def check_engine_settings(engine: EngineSpec, gpu_requested: bool) -> None:
 def is_gguf(engine: EngineSpec) -> bool:
     """GGUF weights, which only the built-in (llama.cpp) engine loads."""
     name = engine.model_name.strip()
-    gguf_quant = bool(engine.quantize) and engine.quantize.lower() not in GPU_QUANTIZE
+    gguf_quant = engine.quantize is not None and engine.quantize.lower() not in GPU_QUANTIZE
     if name.lower() in _BUILTIN_NAMES:  # also published as safetensors: GGUF only when asked
         return gguf_quant
     return _names_gguf(name) or gguf_quant

@@ -9,7 +9,7 @@ def nodes_count(conf: BaseRunConfiguration) -> int:
 
 
 def job_ports(conf: BaseRunConfiguration) -> list[int]:
-    if isinstance(conf, ServiceConfiguration):
+    if isinstance(conf, ServiceConfiguration) and conf.port is not None:
         return [conf.port.container_port]
     engine = getattr(conf, "engine", None)
     if engine is not None and not getattr(conf, "ports", None):

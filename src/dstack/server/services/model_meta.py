@@ -8,6 +8,7 @@ a local GGUF file (or the built-in SmolLM2) through its metadata; a Hugging Face
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -21,13 +22,13 @@ class ModelMetadataError(Exception):
     pass
 
 
-def _token_text(value) -> str | None:
+def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
-        return value.get("content")
-    return value
+        value = value.get("content")
+    return value if isinstance(value, str) else None
 
 
-def from_tokenizer_config(data: dict) -> ChatMetadata:
+def from_tokenizer_config(data: dict[str, Any]) -> ChatMetadata:
     template = data.get("chat_template")
     if isinstance(template, list):  # named templates: take "default"
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -41,13 +41,13 @@ def is_credential_env(name: str) -> bool:
 def _walk(
     value: Any,
     on_secret: Callable[[str, str], str],
-    on_env: Callable[[str, dict[str, str]], dict[str, str]],
+    on_env: Callable[[str, dict[str, str]], Any],
     path: str = "",
 ) -> Any:
     """A copy of `value` with credential fields passed through `on_secret(path, value)` and
     `env` mappings through `on_env(path, env)`."""
     if isinstance(value, dict):
-        out = {}
+        out: dict[str, Any] = {}
         for k, v in value.items():
             where = f"{path}.{k}" if path else str(k)
             if k == "env" and isinstance(v, dict):
@@ -64,7 +64,10 @@ def _walk(
 
 def seal_configuration(configuration: dict[str, Any]) -> dict[str, Any]:
     """The configuration as stored: credential fields and every env value encrypted."""
-    return _walk(configuration, lambda _, v: crypto.encrypt(v), lambda _, env: crypto.encrypt_env(env))
+    sealed: dict[str, Any] = _walk(
+        configuration, lambda _, v: crypto.encrypt(v), lambda _, env: crypto.encrypt_env(env)
+    )
+    return sealed
 
 
 def redact_env(env: dict[str, str]) -> dict[str, str]:
@@ -81,7 +84,8 @@ def _plain_or_redacted(value: str) -> str:
 
 def redact_configuration(configuration: dict[str, Any]) -> dict[str, Any]:
     """The configuration as answered: no credential in any form, encrypted or not."""
-    return _walk(configuration, lambda _, v: REDACTED, lambda _, env: redact_env(env))
+    redacted: dict[str, Any] = _walk(configuration, lambda _, v: REDACTED, lambda _, env: redact_env(env))
+    return redacted
 
 
 def reveal_env(env: dict[str, str]) -> dict[str, str]:
