@@ -72,7 +72,7 @@ def main() -> None:
     try:
         client = Client.from_config()
     except ClientError as e:
-        raise SystemExit(f"Can't connect to the server: {e}")
+        raise SystemExit(f"Can't connect to the server: {e}") from e
     token = client.api.token
 
     previous = client.runs.get("smollm2")

@@ -346,11 +346,11 @@ def report(rows: dict[str, dict[str, float]], chunks: dict[str, float]) -> None:
                         f"  added p99 {r['p99'] - base['p99']:7.3f} ms  req/s ratio vs direct {r['rps'] / base['rps']:.2f}"
                     )
     for conc in (1, 64):
-        d, n, l = (rows.get(f"chat {x} c{conc}") for x in ("direct", "dstack", "litellm"))
-        if d and n and l:
+        d, n, lite = (rows.get(f"chat {x} c{conc}") for x in ("direct", "dstack", "litellm"))
+        if d and n and lite:
             print(
                 f"chat c{conc}: dstack added p50 / litellm added p50 = "
-                f"{(n['p50'] - d['p50']) / max(1e-9, l['p50'] - d['p50']):.3f}; req/s dstack/litellm = {n['rps'] / l['rps']:.1f}x"
+                f"{(n['p50'] - d['p50']) / max(1e-9, lite['p50'] - d['p50']):.3f}; req/s dstack/litellm = {n['rps'] / lite['rps']:.1f}x"
             )
     for conc in (1, 64):
         n, x, h = rows.get(f"dstack c{conc}"), rows.get(f"nginx c{conc}"), rows.get(f"uvicorn-hello c{conc}")

@@ -101,7 +101,7 @@ def bench_raw_dispatch(srv: Server, n: int) -> list[float]:
     for i in range(n):
         t0 = time.time()
         srv.client.post("/b-raw/run", json={"input": {"i": i}})
-        wait_until(lambda: i in arrivals, timeout=10, interval=0.0005, what="raw arrival")
+        wait_until(lambda i=i: i in arrivals, timeout=10, interval=0.0005, what="raw arrival")
         lat.append((arrivals[i] - t0) * 1000)
         time.sleep(0.02)
     stop.set()

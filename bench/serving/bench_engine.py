@@ -421,13 +421,13 @@ def render(
     if "dstack" in results:
         lines.append("")
         for peer in (n for n in results if n != "dstack"):
-            ratios = [d.tok_s / p.tok_s for d, p in zip(results["dstack"], results[peer])]
-            ttft = [d.ttft_p50_ms / p.ttft_p50_ms for d, p in zip(results["dstack"], results[peer])]
+            ratios = [d.tok_s / p.tok_s for d, p in zip(results["dstack"], results[peer], strict=True)]
+            ttft = [d.ttft_p50_ms / p.ttft_p50_ms for d, p in zip(results["dstack"], results[peer], strict=True)]
             lines.append(
                 f"dstack / {peer}: throughput "
-                + ", ".join(f"c={c}: {r:.2f}x" for c, r in zip(levels, ratios))
+                + ", ".join(f"c={c}: {r:.2f}x" for c, r in zip(levels, ratios, strict=True))
                 + "; TTFT p50 "
-                + ", ".join(f"c={c}: {r:.2f}x" for c, r in zip(levels, ttft))
+                + ", ".join(f"c={c}: {r:.2f}x" for c, r in zip(levels, ttft, strict=True))
             )
     if chats:
         lines += [

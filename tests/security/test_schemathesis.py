@@ -29,6 +29,34 @@ def _operations(server):
     return [result.ok() for result in schema.get_all_operations()]
 
 
+def _fuzz(server, headers: dict, op, mode: GenerationMode, failures: list[str]) -> int:
+    """Send `op` the requests Hypothesis generates in `mode`; note each 5xx; return how many were sent."""
+    fixed = {"project_name": "main"} if "{project_name}" in op.path else None
+    calls = 0
+
+    @hypothesis.seed(SEED)
+    @hypothesis.settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @hypothesis.given(case=op.as_strategy(mode, path_parameters=fixed))
+    def check(case) -> None:
+        nonlocal calls
+        calls += 1
+        response = case.call(base_url=server.url, headers=headers, timeout=60)
+        if response.status_code >= 500:
+            failures.append(
+                f"{case.method} {case.formatted_path} ({mode.value}) answered "
+                f"{response.status_code}: {response.text[:300]}; body: {str(case.body)[:300]}"
+            )
+
+    check()
+    return calls
+
+
 def test_no_server_errors(server):
     operations = _operations(server)
     assert len(operations) >= 20, [op.label for op in operations]
@@ -36,32 +64,10 @@ def test_no_server_errors(server):
     failures: list[str] = []
     skipped: list[str] = []
     calls = 0
-
     for op in operations:
-        fixed = {"project_name": "main"} if "{project_name}" in op.path else None
         for mode in GenerationMode:
-
-            @hypothesis.seed(SEED)
-            @hypothesis.settings(
-                max_examples=MAX_EXAMPLES,
-                deadline=None,
-                database=None,
-                phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=list(HealthCheck),
-            )
-            @hypothesis.given(case=op.as_strategy(mode, path_parameters=fixed))
-            def check(case) -> None:
-                nonlocal calls
-                calls += 1
-                response = case.call(base_url=server.url, headers=headers, timeout=60)
-                if response.status_code >= 500:
-                    failures.append(
-                        f"{case.method} {case.formatted_path} ({mode.value}) answered "
-                        f"{response.status_code}: {response.text[:300]}; body: {str(case.body)[:300]}"
-                    )
-
             try:
-                check()
+                calls += _fuzz(server, headers, op, mode, failures)
             except hypothesis.errors.Unsatisfiable:
                 assert mode is GenerationMode.NEGATIVE, op.label  # nothing in it can be made invalid
                 skipped.append(op.label)

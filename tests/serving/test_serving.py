@@ -266,7 +266,7 @@ def test_greedy_concurrent_equals_sequential(server: Server) -> None:
             futures.append(pool.submit(_generate, server, p, **params))
             time.sleep(0.03)
         concurrent = [f.result() for f in futures]
-    for s, c in zip(sequential, concurrent):
+    for s, c in zip(sequential, concurrent, strict=True):
         assert [t["id"] for t in s["details"]["tokens"]] == [t["id"] for t in c["details"]["tokens"]]
         assert s["generated_text"] == c["generated_text"]
 

@@ -32,6 +32,19 @@ def write_agent_json(home: Path, port: int, token: str) -> None:
     os.replace(tmp, home / "agent.json")
 
 
+class _Server(uvicorn.Server):
+    """A uvicorn server that says when it listens (uvicorn only sets a flag)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.listening.set()
+
+
 async def serve(host: str, port: int, token: str, home: Path) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must be IPPROTO_TCP: asyncio only sets TCP_NODELAY on such sockets, and without it
@@ -42,10 +55,11 @@ async def serve(host: str, port: int, token: str, home: Path) -> None:
     sock.set_inheritable(True)
     real_port = sock.getsockname()[1]
     config = uvicorn.Config(create_app(home, token), log_level="warning", access_log=False, timeout_graceful_shutdown=3)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.01)
+    listening = asyncio.create_task(server.listening.wait())
+    await asyncio.wait({task, listening}, return_when=asyncio.FIRST_COMPLETED)
+    listening.cancel()
     if server.started:
         write_agent_json(home, real_port, token)
     await task

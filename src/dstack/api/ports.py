@@ -20,7 +20,7 @@ def ports_to_forward(run: Run, overrides: list | None = None, address: str = "12
     for o in overrides or []:
         pairs.append((int(o[0]), int(o[1])))
     if address in ("127.0.0.1", "localhost"):
-        return [(l, r) for l, r in pairs if l != r]
+        return [(loc, rem) for loc, rem in pairs if loc != rem]
     return pairs
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from urllib.parse import quote
 
 from dstack.proxy import ws
@@ -137,7 +138,7 @@ def _target(scope: Scope, prefix: str, rest: str, strip: bool) -> bytes:
 
 async def _not_found(scope: Scope, send: Send, detail: str) -> None:
     if scope["type"] == "websocket":
-        await ws.deny(scope, send, 404, ('{"detail": "%s"}' % detail.replace('"', "'")).encode())
+        await ws.deny(scope, send, 404, json.dumps({"detail": detail}).encode())
     else:
         await send_detail(send, 404, detail)
 

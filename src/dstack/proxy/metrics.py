@@ -103,7 +103,7 @@ def render_prometheus(registry: ServiceRegistry, window: float = 60.0) -> str:
         rows["dstack_proxy_errors_total"].append(f"dstack_proxy_errors_total{{{lbl}}} {m.errors_total}")
         rows["dstack_proxy_requests_in_flight"].append(f"dstack_proxy_requests_in_flight{{{lbl}}} {m.in_flight}")
         rows["dstack_proxy_rps"].append(f"dstack_proxy_rps{{{lbl}}} {m.requests_in(window) / window:.6g}")
-        for q, v in zip(("0.5", "0.95", "0.99"), m.percentiles(window)):
+        for q, v in zip(("0.5", "0.95", "0.99"), m.percentiles(window), strict=True):
             val = "NaN" if v is None else f"{v / 1000.0:.6g}"
             rows["dstack_proxy_latency_seconds"].append(f'dstack_proxy_latency_seconds{{{lbl},quantile="{q}"}} {val}')
         rows["dstack_proxy_ready_replicas"].append(f"dstack_proxy_ready_replicas{{{lbl}}} {len(state.ready)}")

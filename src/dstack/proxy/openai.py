@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from dstack.proxy import tgi
@@ -32,7 +33,7 @@ async def _error(
     type_: str,
     code: Any = None,
     param: str | None = None,
-    headers: list[tuple[bytes, bytes]] = [],
+    headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
     body = tgi.error_object(message, type_, code, param)
     body["detail"] = message  # dstack clients read `detail`; OpenAI SDKs read `error`

@@ -160,8 +160,11 @@ async def _run(
         if chat:
             lp = None
             if logprobs:
-                tops = r.top_tokens or [[] for _ in r.tokens]
-                lp = {"content": [_logprob_entry(t, top) for t, top in zip(r.tokens, tops) if not t.special]}
+                # one list of alternatives per token, or none at all (top_logprobs not asked for)
+                tops = r.top_tokens if len(r.top_tokens) == len(r.tokens) else [[] for _ in r.tokens]
+                lp = {
+                    "content": [_logprob_entry(t, top) for t, top in zip(r.tokens, tops, strict=True) if not t.special]
+                }
             choices.append(
                 {
                     "index": i,

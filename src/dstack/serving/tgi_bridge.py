@@ -335,8 +335,8 @@ async def _serve(args: argparse.Namespace, upstream: str, proc: subprocess.Popen
     app = create_app(upstream, args.model_id, args.max_concurrent_requests)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     serving = asyncio.create_task(server.serve())
-    while not serving.done() and proc.poll() is None:
-        await asyncio.sleep(0.5)
+    engine_exit = asyncio.create_task(asyncio.to_thread(proc.wait))
+    await asyncio.wait({serving, engine_exit}, return_when=asyncio.FIRST_COMPLETED)
     if not serving.done():  # the engine is gone: so is the API
         server.should_exit = True
         await serving
@@ -346,9 +346,10 @@ async def _serve(args: argparse.Namespace, upstream: str, proc: subprocess.Popen
     if proc.poll() is None:
         proc.terminate()
     try:
-        await asyncio.to_thread(proc.wait, 30)
-    except subprocess.TimeoutExpired:
+        await asyncio.wait_for(asyncio.shield(engine_exit), 30)
+    except TimeoutError:
         proc.kill()
+        await engine_exit
     return 1 if failed else 0
 
 

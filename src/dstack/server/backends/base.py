@@ -50,4 +50,8 @@ class Backend(ABC):
         return None
 
     async def shutdown(self) -> None:
-        """Release what the backend holds in this process (agents keep running)."""
+        """Release what the backend holds in this process (agents keep running).
+
+        A hook, not abstract: a backend that holds nothing (the local one) has nothing to release.
+        """
+        return None

@@ -187,7 +187,7 @@ async def create_gateway(
         logger.warning("gateway %s/%s did not start: %s", project.name, body.name, e)
         # Its log is the server host's business: other users learn that it failed, not the traceback.
         why = f": {e}" if user.global_role == "admin" else " (the server's log says why)"
-        raise ServerClientError(f"gateway '{body.name}' did not start{why}")
+        raise ServerClientError(f"gateway '{body.name}' did not start{why}") from e
     await session.refresh(gw)  # pid and status were written by the manager's session
     return gateway_dict(gw)
 

@@ -17,7 +17,7 @@ import httpx
 from sqlalchemy import select
 
 from dstack.core.models.configurations import ServiceConfiguration
-from dstack.core.models.runs import JobProvisioningData, JobStatus, JobTerminationReason, RunSpec, RunStatus
+from dstack.core.models.runs import JobProvisioningData, JobStatus, JobTerminationReason, RunSpec, RunStatus, RunType
 from dstack.proxy import ModelInfo, Replica, ServiceInfo, ServiceRegistry
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import JobModel, RunModel, utcnow
@@ -122,9 +122,9 @@ class ServiceManager:
             run = (await session.execute(select(RunModel).where(RunModel.id == run_id))).scalar_one_or_none()
             if run is None:
                 return
-            run_spec = RunSpec.model_validate_json(run.run_spec)
-            if run_spec.configuration.get("type") != "service":
+            if run.run_type != RunType.SERVICE:
                 return
+            run_spec = RunSpec.model_validate_json(run.run_spec)
             project, run_name = run.project.name, run.run_name
             if RunStatus(run.status).is_finished() or run.deleted:
                 self._forget(run_id)
@@ -227,18 +227,18 @@ class ServiceManager:
 
     async def wake(self, project: str, run_name: str) -> None:
         """A request arrived at a service with no ready replica: make sure one is coming."""
-        for state in self.services.values():
-            if state.project == project and state.run_name == run_name:
+        state = next((s for s in self.services.values() if s.project == project and s.run_name == run_name), None)
+        if state is None:
+            return
 
-                async def wake_from_zero() -> None:
-                    run = (await session.execute(select(RunModel).where(RunModel.id == state.run_id))).scalar_one()
-                    if run.desired_replica_count == 0:
-                        logger.info("waking %s from zero", run_name)
-                        await self._set_desired(session, run, state, 1)
+        async def wake_from_zero() -> None:
+            run = (await session.execute(select(RunModel).where(RunModel.id == state.run_id))).scalar_one()
+            if run.desired_replica_count == 0:
+                logger.info("waking %s from zero", run_name)
+                await self._set_desired(session, run, state, 1)
 
-                async with self.db.session() as session:
-                    await retry_on_conflict(session, wake_from_zero)
-                return
+        async with self.db.session() as session:
+            await retry_on_conflict(session, wake_from_zero)
 
     async def _autoscale_loop(self) -> None:
         while True:
@@ -305,7 +305,7 @@ class ServiceManager:
                 replica = state.replicas.get(j.id)
                 return (replica is not None and replica.ready, -n)
 
-            for n, job in sorted(active.items(), key=order)[: len(active) - desired]:
+            for _, job in sorted(active.items(), key=order)[: len(active) - desired]:
                 replica = state.replicas.get(job.id)
                 if replica is not None and replica.ready:
                     state.draining[job.id] = time.monotonic()  # stop new traffic, let in-flight finish
