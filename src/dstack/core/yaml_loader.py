@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from dstack.core.errors import ConfigurationError
 from dstack.core.models.configurations import (
@@ -24,6 +24,7 @@ from dstack.core.models.configurations import (
     configuration_class,
     validation_issues,
 )
+from dstack.core.models.fleets import FleetConfiguration  # `type: fleet` (not a run)
 
 CONFIGURATION_SUFFIX = ".dstack.yml"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -129,7 +130,7 @@ def load_configuration_text(
         )
     _check_duplicate_keys(root, source, path)
     try:
-        cls = configuration_class(data)
+        cls: type[BaseModel] = FleetConfiguration if data.get("type") == "fleet" else configuration_class(data)
     except ConfigurationError as e:
         line, column = _position(root, ("type",))
         raise ConfigurationError(
