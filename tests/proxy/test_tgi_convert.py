@@ -61,18 +61,27 @@ def test_parameters_and_template():
 def test_proxy_and_engine_render_a_template_alike():
     """One renderer: a template with the engine's extras (tojson, strftime_now) gives the same
     prompt through the proxy's OpenAI → TGI mapping and the engine's own chat endpoint."""
+    import datetime
+
     from dstack.core.chat_template import ChatTemplate
+    from dstack.serving.openai_api import chat_prompt
+    from dstack.serving.schemas import ChatCompletionRequest
 
     template = (
         "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | tojson }}\n{% endfor %}"
         "{% if add_generation_prompt %}[assistant] year {{ strftime_now('%Y') }}{% endif %}"
     )
     m = ModelInfo(name="m", format="tgi", chat_template=template, bos_token="<s>", eos_token="</s>")
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
-    ]
-    via_proxy = render_chat(m, messages)
-    via_engine = ChatTemplate(template, "<s>", "</s>").render(messages, add_generation_prompt=True)
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+        ],
+    }
+    # the proxy maps the request's JSON as it came; the engine renders what its request schema validated
+    via_proxy = render_chat(m, json.loads(json.dumps(body))["messages"])
+    via_engine = chat_prompt(ChatTemplate(template, "<s>", "</s>"), ChatCompletionRequest.model_validate(body))
     assert via_proxy == via_engine
-    assert '[user] "Hi there"' in via_proxy and "year 20" in via_proxy
+    year = datetime.datetime.now().year
+    assert via_proxy == f'<s>[system] "Be brief."\n[user] "Hi there"\n[assistant] year {year}'

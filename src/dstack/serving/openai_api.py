@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from dstack.core.chat_template import ChatTemplateError
+from dstack.core.chat_template import ChatTemplate, ChatTemplateError
 from dstack.serving.engine import FINISH_LENGTH, GenerationRequest, TokenInfo
 from dstack.serving.sampling import SamplingParams
 from dstack.serving.schemas import ChatCompletionRequest, CompletionRequest, _OpenAICommon
@@ -81,16 +81,21 @@ async def models(request: Request) -> dict[str, Any]:
     }
 
 
+def chat_prompt(template: ChatTemplate, body: ChatCompletionRequest) -> str:
+    """The prompt a chat request becomes: its messages as validated, through the model's template."""
+    try:
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        return template.render(messages, add_generation_prompt=True)
+    except ChatTemplateError as e:
+        raise validation_error(str(e)) from e
+
+
 @router.post("/chat/completions", summary="Chat completion (OpenAI)")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     service = _service(request)
     service.require_ready()
     assert service.chat_template is not None
-    try:
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        prompt = service.chat_template.render(messages, add_generation_prompt=True)
-    except ChatTemplateError as e:
-        raise validation_error(str(e)) from e
+    prompt = chat_prompt(service.chat_template, body)
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
     max_new = body.max_completion_tokens or body.max_tokens
     return await _run(
