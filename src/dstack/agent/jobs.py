@@ -144,8 +144,9 @@ class Job:
     def save_env(self) -> None:
         """Keep the env of a job not started yet in a 0600 file, so an agent restarted before the
         start still has it; `start` removes it (from then on the process holds its env)."""
-        if self.spec.env:
-            write_private(self.env_file, json.dumps(self.spec.env))
+        kept = {k: v for k, v in self.spec.env.items() if k not in self.spec.secret_env}
+        if kept:
+            write_private(self.env_file, json.dumps(kept))
 
     # -- long poll -------------------------------------------------------------------------
     async def pull(self, cursor: int, known_state: str | None, wait: float, limit: int, linger: float = 0.0) -> bytes:
@@ -542,6 +543,8 @@ class JobManager:
             if data.get("network") in ("host", "isolated"):
                 job.network = data["network"]
                 job.address = data.get("address")
+            if job.state == "submitted" and spec.secret_env:  # its secrets were in memory only
+                job.set_state("failed", message="agent restarted")
             if job.state not in FINAL_STATES and job.state != "submitted":
                 _kill_orphan(job.pid, job.pid_create_time)
                 job.remove_container_sync()  # outlives its CLI: found by name

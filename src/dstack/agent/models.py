@@ -43,6 +43,9 @@ class JobSubmission(BaseModel):
     args: list[str] = Field(default_factory=list)
     # Credentials for pulling a private `image` ({"username", "password"}); never logged.
     registry_auth: RegistryCredentials | None = None
+    # Names of `env` variables whose values hold project secrets: kept in memory only, never in
+    # env.json (a job whose agent restarts before its start fails then as "agent restarted").
+    secret_env: list[str] = Field(default_factory=list, max_length=1000)
     gpus: list[int] = Field(default_factory=list)
     ports: list[int] = Field(default_factory=list)
     stop_grace_seconds: float = Field(default=10, ge=0)
