@@ -34,6 +34,7 @@ from dstack.server.settings import ServerSettings
 from dstack.serverless.router import ServerlessApp
 from dstack.serverless.service import ServerlessService
 from dstack.version import __version__
+from dstack.web import mount_dashboard
 
 logger = logging.getLogger(__name__)
 DATA_PLANE_MOUNTS = ("/proxy", "/v2")
@@ -193,6 +194,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     for r in (users.router, projects.router, repos.router, runs.router, gateways_router.router):
         app.include_router(r)
+    mount_dashboard(app)  # `/` and `/static`: the web dashboard (dstack.web)
     return app
 
 

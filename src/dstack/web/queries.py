@@ -1,0 +1,104 @@
+"""Reads the dashboard needs beyond the JSON API's: filtered run pages, endpoint statistics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dstack.core.models.runs import RunStatus
+from dstack.server.models import RunModel
+from dstack.serverless.models import ServerlessEndpointModel, ServerlessJobModel
+
+PAGE = 100  # runs per page: the list stays fast with any number stored
+
+
+def _type_marker(run_type: str) -> str:
+    # RunSpec stores `configuration` as JSON whose first key is its `type` (pydantic keeps field order)
+    return f'%"configuration":{{"type":"{run_type}"%'
+
+
+async def runs_page(
+    session: AsyncSession,
+    project_ids: list[str],
+    status: str,
+    run_type: str | None,
+    name: str | None,
+    offset: int,
+) -> tuple[list[RunModel], bool]:
+    """One page of runs, newest first, and whether more follow."""
+    query = select(RunModel).where(RunModel.project_id.in_(project_ids), RunModel.deleted.is_(False))
+    finished = [s.value for s in RunStatus.finished_statuses()]
+    if status == "active":
+        query = query.where(RunModel.status.notin_(finished))
+    elif status == "finished":
+        query = query.where(RunModel.status.in_(finished))
+    if run_type:
+        query = query.where(RunModel.run_spec.like(_type_marker(run_type)))
+    if name:
+        escaped = name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(RunModel.run_name.like(f"%{escaped}%", escape="\\"))
+    query = query.order_by(RunModel.submitted_at.desc()).offset(offset).limit(PAGE + 1)
+    rows = list((await session.execute(query)).scalars())
+    return rows[:PAGE], len(rows) > PAGE
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    values = sorted(values)
+    if not values:
+        return {"p50": None, "p95": None}
+    return {
+        "p50": values[int(0.5 * (len(values) - 1))],
+        "p95": values[int(0.95 * (len(values) - 1))],
+    }
+
+
+async def endpoint_stats(session: AsyncSession, run_id: str, window: float = 300.0) -> dict[str, Any] | None:
+    """Recent jobs and throughput of the serverless endpoint of run `run_id` (None if it has none)."""
+    endpoint_id = (
+        await session.execute(
+            select(ServerlessEndpointModel.endpoint_id).where(ServerlessEndpointModel.run_id == run_id)
+        )
+    ).scalar_one_or_none()
+    if endpoint_id is None:
+        return None
+    J = ServerlessJobModel
+    now = time.time()
+    done = (
+        await session.execute(
+            select(J.queued_at, J.started_at, J.finished_at)
+            .where(J.endpoint_id == endpoint_id, J.finished_at >= now - window)
+            .order_by(J.finished_at.desc())
+            .limit(5000)
+        )
+    ).all()
+    last_minute = sum(1 for r in done if r.finished_at >= now - 60)
+    delays = [(r.started_at - r.queued_at) * 1000 for r in done if r.started_at is not None]
+    runs = [(r.finished_at - r.started_at) * 1000 for r in done if r.started_at is not None]
+    recent = (
+        await session.execute(
+            select(J.id, J.status, J.created_at, J.output, J.error)
+            .where(J.endpoint_id == endpoint_id)
+            .order_by(J.created_at.desc())
+            .limit(20)
+        )
+    ).all()
+    total = (await session.execute(select(func.count()).where(J.endpoint_id == endpoint_id))).scalar_one()
+    return {
+        "endpoint_id": endpoint_id,
+        "jobs_per_s": round(last_minute / 60, 2),
+        "delay_ms": _percentiles(delays),
+        "execution_ms": _percentiles(runs),
+        "stored_jobs": total,
+        "recent": [
+            {
+                "id": r.id,
+                "status": r.status,
+                "age_s": int(now - r.created_at),
+                "output": (r.output or r.error or "")[:300],
+            }
+            for r in recent
+        ],
+    }
