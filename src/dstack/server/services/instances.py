@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy import select
 
+from dstack.core.notifier import KeyedNotifier
 from dstack.server import crypto
 from dstack.server.agent_client import AgentClient
 from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInstance
@@ -38,7 +39,7 @@ class InstanceManager:
         self._backend_of: dict[str, tuple[Backend, str]] = {}  # instance id -> (backend, instance name)
         self._retired: list[AgentClient] = []  # clients of replaced agents (closed at shutdown)
         self._down: dict[str, float] = {}  # instance id -> when its agent was found lost (monotonic)
-        self._recovered: dict[str, asyncio.Event] = {}
+        self._recovered: KeyedNotifier[str] = KeyedNotifier()  # instance ids whose agent was replaced
         self._supervisor: asyncio.Task | None = None
         #: awaited with an instance id once its agent was replaced (the pipeline reconciles jobs)
         self.agent_listeners: list[Callable[[str], Awaitable[None]]] = []
@@ -93,11 +94,7 @@ class InstanceManager:
                 return current
             if await current.healthy(timeout=min(2.0, max(0.1, deadline - loop.time()))):
                 return current
-            event = self._recovered.setdefault(instance_id, asyncio.Event())
-            try:
-                await asyncio.wait_for(event.wait(), min(AGENT_CHECK_SECONDS, max(0.0, deadline - loop.time())))
-            except TimeoutError:
-                pass
+            await self._recovered.wait(instance_id, min(AGENT_CHECK_SECONDS, max(0.0, deadline - loop.time())))
         return None
 
     async def _supervise(self) -> None:
@@ -145,9 +142,7 @@ class InstanceManager:
             inst.agent.pid,
             inst.agent.url,
         )
-        event = self._recovered.pop(instance_id, None)
-        if event is not None:
-            event.set()
+        self._recovered.notify(instance_id)
         for listener in self.agent_listeners:
             try:
                 await listener(instance_id)

@@ -1,35 +1,17 @@
 """Job logs: stored rows, and a notifier so followers wake the moment lines arrive."""
 
-import asyncio
 import base64
-from collections import defaultdict
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.models.runs import RunStatus
+from dstack.core.notifier import KeyedNotifier
 from dstack.server.models import JobLogModel, JobModel, RunModel
 
-
-class LogNotifier:
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
-
-    def notify(self, run_id: str) -> None:
-        event = self._events.pop(run_id, None)
-        if event is not None:
-            event.set()
-
-    def subscribe(self, run_id: str) -> asyncio.Event:
-        """Take the event *before* reading, so a notify between the read and the wait is not lost."""
-        return self._events[run_id]
-
-
-async def _wait(event: asyncio.Event, timeout: float) -> None:
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except TimeoutError:
-        pass
+#: wakes log followers of a run (keyed by run id) when its lines or its status change
+LogNotifier = KeyedNotifier[str]
 
 
 async def poll_logs(
@@ -41,19 +23,20 @@ async def poll_logs(
     start_after: int,
     limit: int,
     wait: float,
-) -> dict:
+) -> dict[str, Any]:
     """Log records of one job (all its submissions, in order) after the cursor `start_after`."""
     run_id = run.id
-    event = notifier.subscribe(run_id)
-    # `run` was read before subscribing: read the status again, or a finish in between is missed
-    status = (await session.execute(select(RunModel.status).where(RunModel.id == run_id))).scalar_one()
-    finished = RunStatus(status).is_finished()
-    rows = await _fetch(session, await _job_ids(session, run_id, job_num, replica_num), start_after, limit)
-    if not rows and wait > 0 and not finished:
-        await _wait(event, wait)
+    # subscribed before reading, so lines or a finish that arrive between the read and the wait wake it
+    with notifier.subscribe(run_id) as change:
+        # `run` was read before subscribing: read the status again, or a finish in between is missed
         status = (await session.execute(select(RunModel.status).where(RunModel.id == run_id))).scalar_one()
         finished = RunStatus(status).is_finished()
         rows = await _fetch(session, await _job_ids(session, run_id, job_num, replica_num), start_after, limit)
+        if not rows and wait > 0 and not finished:
+            await change.wait(wait)
+            status = (await session.execute(select(RunModel.status).where(RunModel.id == run_id))).scalar_one()
+            finished = RunStatus(status).is_finished()
+            rows = await _fetch(session, await _job_ids(session, run_id, job_num, replica_num), start_after, limit)
     logs = [
         {"timestamp": r.timestamp, "log_source": r.stream, "message": base64.b64encode(r.data).decode()} for r in rows
     ]
