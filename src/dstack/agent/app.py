@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from dstack.agent.host_info import host_info
 from dstack.agent.jobs import JobError, JobManager
+from dstack.agent.metrics import MAX_SAMPLES_PER_ANSWER, MetricsSampler
 from dstack.agent.models import JobSubmission, StopRequest
 from dstack.version import __version__
 
@@ -32,6 +33,7 @@ MAX_LIMIT = 10000
 def create_app(home: Path, token: str) -> FastAPI:
     home = Path(home)
     manager = JobManager(home)
+    sampler = MetricsSampler(manager)  # each running job's CPU, memory, GPU (agent.metrics)
     started_at = time.time()
 
     @asynccontextmanager
@@ -42,10 +44,12 @@ def create_app(home: Path, token: str) -> FastAPI:
         # Unpack pip for the default Python now, so the first job does not pay for it; drop shared
         # venvs unused for a week (under their build lock, so a job starting meanwhile is safe).
         warm = asyncio.create_task(asyncio.to_thread(_warm_pip, manager))
+        sampling = asyncio.create_task(sampler.run())
         try:
             yield
         finally:
             warm.cancel()
+            sampling.cancel()
             manager.shutdown()
 
     app = FastAPI(title="dstack-agent", lifespan=lifespan)
@@ -125,6 +129,13 @@ def create_app(home: Path, token: str) -> FastAPI:
             cursor, known_state, min(wait, MAX_WAIT_SECONDS), min(limit, MAX_LIMIT), min(linger, MAX_LINGER_SECONDS)
         )
         return Response(body, media_type="application/json")
+
+    @app.get("/api/jobs/{job_id}/metrics", dependencies=[Depends(auth)])
+    async def metrics(
+        job_id: str, after: float = 0.0, limit: int = Query(MAX_SAMPLES_PER_ANSWER, ge=1)
+    ) -> dict[str, Any]:
+        manager.get(job_id)  # 404 for an unknown job
+        return {"samples": sampler.samples(job_id, after, min(limit, MAX_SAMPLES_PER_ANSWER))}
 
     @app.post("/api/jobs/{job_id}/stop", dependencies=[Depends(auth)])
     async def stop(job_id: str, body: StopRequest | None = None) -> dict[str, str]:

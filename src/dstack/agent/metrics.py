@@ -1,0 +1,251 @@
+"""Per-job usage samples: CPU, memory and (where `nvidia-smi` answers) GPU, every second or so.
+
+The agent keeps a bounded window of samples per job (in memory: the server pulls them through
+`GET /api/jobs/{id}/metrics?after=TS` and stores its own retention window). A job's usage is that
+of its process tree: the job's process and every descendant still attached to it. CPU time counts
+each live process's own time plus the time of children it has already reaped, so work done by
+short-lived children is not lost between samples; `cpu_percent` is of one core (a busy loop reads
+about 100, two busy processes about 200). Memory is the tree's summed RSS. GPU readings are those
+of the GPUs the job was given (`nvidia-smi` reports per device, not per process).
+
+Image jobs are measured through their process tree as well, which is the container CLI's: what
+runs inside the container is not under it, so their CPU and memory read near zero for now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+if TYPE_CHECKING:
+    from dstack.agent.jobs import JobManager
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_SECONDS = 1.0
+DEFAULT_WINDOW = 300  # samples per job: 5 minutes at the default interval
+NVIDIA_SMI_TIMEOUT_SECONDS = 5.0
+MAX_SAMPLES_PER_ANSWER = 1000
+
+
+def _env_number(name: str, default: float, low: float, high: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r}: not a number") from None
+    if not low <= value <= high:
+        raise SystemExit(f"{name}={raw!r}: must be between {low:g} and {high:g}")
+    return value
+
+
+@dataclass
+class Target:
+    """What a sample needs of a running job, copied on the event loop (the job table changes there)."""
+
+    job_id: str
+    pid: int
+    create_time: float | None
+    gpus: list[int]
+
+
+@dataclass
+class _Series:
+    samples: deque[dict[str, Any]]
+    last_cpu: tuple[float, float] | None = None  # (wall time, cpu seconds) of the previous sample
+
+
+@dataclass
+class GpuReading:
+    index: int
+    util_percent: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+
+
+def tree_usage(pid: int, create_time: float | None) -> tuple[float, int] | None:
+    """(CPU seconds so far, RSS bytes) of `pid` and its descendants; None when it is gone (or its
+    pid now names another process)."""
+    try:
+        root = psutil.Process(pid)
+        if create_time is not None and abs(root.create_time() - create_time) > 0.01:
+            return None
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    cpu, rss = 0.0, 0
+    for proc in procs:
+        try:
+            with proc.oneshot():
+                t = proc.cpu_times()
+                mem = proc.memory_info()
+        except psutil.Error:  # ended meanwhile: its time is in its parent's children_* once reaped
+            continue
+        cpu += t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
+        rss += mem.rss
+    return cpu, rss
+
+
+class NvidiaSmi:
+    """Per-GPU utilisation and memory from `nvidia-smi`; silent (and not asked again) where it is missing."""
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or shutil.which("nvidia-smi")
+        self._warned = False
+
+    @property
+    def available(self) -> bool:
+        return self.binary is not None
+
+    def read(self) -> dict[int, GpuReading]:
+        if self.binary is None:
+            return {}
+        argv = [
+            self.binary,
+            "--query-gpu=index,utilization.gpu,memory.used,memory.total",
+            "--format=csv,noheader,nounits",
+        ]
+        try:
+            out = subprocess.run(
+                argv, capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_SECONDS, check=True
+            ).stdout
+        except FileNotFoundError:
+            self.binary = None
+            return {}
+        except (subprocess.SubprocessError, OSError) as e:
+            if not self._warned:
+                logger.warning("nvidia-smi did not answer; GPU metrics are missing: %s", e)
+                self._warned = True
+            return {}
+        return parse_nvidia_smi(out)
+
+
+def parse_nvidia_smi(out: str) -> dict[int, GpuReading]:
+    """`0, 87, 1024, 81920` lines (index, util %, MiB used, MiB total); `[N/A]` fields read 0."""
+    readings: dict[int, GpuReading] = {}
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 4:
+            continue
+        try:
+            index = int(parts[0])
+        except ValueError:
+            continue
+        util, used, total = (_number(p) for p in parts[1:])
+        readings[index] = GpuReading(index, util, int(used * 2**20), int(total * 2**20))
+    return readings
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
+
+
+@dataclass
+class MetricsSampler:
+    """Samples every running job of `manager` each `interval` seconds, keeping `window` samples a job."""
+
+    manager: JobManager
+    interval: float = field(
+        default_factory=lambda: _env_number("DSTACK_AGENT_METRICS_INTERVAL", DEFAULT_INTERVAL_SECONDS, 0.2, 60)
+    )
+    window: int = field(
+        default_factory=lambda: int(_env_number("DSTACK_AGENT_METRICS_WINDOW", DEFAULT_WINDOW, 2, 100_000))
+    )
+    gpus: NvidiaSmi = field(default_factory=NvidiaSmi)
+    _series: dict[str, _Series] = field(default_factory=dict)
+
+    def targets(self) -> list[Target]:
+        out = []
+        for job in list(self.manager.jobs.values()):
+            if job.state == "running" and job.pid:
+                out.append(Target(job.spec.job_id, job.pid, job.pid_create_time, list(job.spec.gpus)))
+        return out
+
+    async def run(self) -> None:
+        """The sampling loop (a task of the agent's lifespan); never raises out."""
+        while True:
+            started = time.monotonic()
+            try:
+                targets = self.targets()
+                if targets:
+                    measured = await asyncio.to_thread(self.measure, targets)
+                    self.record(measured)
+                self.forget(self.manager.jobs.keys())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("sampling job metrics failed")
+            await asyncio.sleep(max(0.05, self.interval - (time.monotonic() - started)))
+
+    def measure(self, targets: list[Target]) -> list[tuple[str, float, float, int, list[dict[str, Any]]]]:
+        """(job id, time, cpu seconds, rss, gpus) per target still alive; runs in a thread."""
+        readings = self.gpus.read() if any(t.gpus for t in targets) else {}
+        out = []
+        for t in targets:
+            usage = tree_usage(t.pid, t.create_time)
+            if usage is None:
+                continue
+            gpus = [
+                {
+                    "index": i,
+                    "util_percent": readings[i].util_percent,
+                    "memory_used_bytes": readings[i].memory_used_bytes,
+                    "memory_total_bytes": readings[i].memory_total_bytes,
+                }
+                for i in t.gpus
+                if i in readings
+            ]
+            out.append((t.job_id, time.time(), usage[0], usage[1], gpus))
+        return out
+
+    def record(self, measured: Iterable[tuple[str, float, float, int, list[dict[str, Any]]]]) -> None:
+        for job_id, now, cpu_seconds, rss, gpus in measured:
+            series = self._series.get(job_id)
+            if series is None:
+                series = self._series[job_id] = _Series(deque(maxlen=self.window))
+            if series.last_cpu is None:
+                series.last_cpu = (now, cpu_seconds)  # a rate needs two readings
+                continue
+            wall = now - series.last_cpu[0]
+            if wall <= 0:
+                continue
+            percent = max(0.0, (cpu_seconds - series.last_cpu[1]) / wall * 100)
+            series.last_cpu = (now, cpu_seconds)
+            series.samples.append(
+                {
+                    "ts": round(now, 3),
+                    "cpu_percent": round(percent, 1),
+                    "cpu_seconds": round(cpu_seconds, 3),
+                    "memory_bytes": rss,
+                    "gpus": gpus,
+                }
+            )
+
+    def forget(self, known_job_ids: Iterable[str]) -> None:
+        """Drop the windows of deleted jobs."""
+        known = set(known_job_ids)
+        for job_id in [j for j in self._series if j not in known]:
+            del self._series[job_id]
+
+    def samples(self, job_id: str, after: float = 0.0, limit: int = MAX_SAMPLES_PER_ANSWER) -> list[dict[str, Any]]:
+        """The job's kept samples newer than `after`, oldest first (at most `limit`, the newest)."""
+        series = self._series.get(job_id)
+        if series is None:
+            return []
+        newer = [s for s in series.samples if s["ts"] > after]
+        return newer[-limit:]
