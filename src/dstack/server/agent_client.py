@@ -1,5 +1,7 @@
 """The server's side of the agent HTTP API (docs/contracts.md)."""
 
+from typing import Any
+
 import httpx
 
 from dstack.server.backends.base import AgentEndpoint
@@ -12,10 +14,13 @@ class AgentError(Exception):
 class AgentClient:
     """One pooled HTTP client per agent; long polls share it."""
 
-    def __init__(self, endpoint: AgentEndpoint) -> None:
+    def __init__(self, endpoint: AgentEndpoint, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """`transport`: how requests reach the agent (default: HTTP to `endpoint.url`); tests give
+        an `httpx.MockTransport` to drive the pipeline without an agent process."""
         self.endpoint = endpoint
         self._http = httpx.AsyncClient(
             base_url=endpoint.url,
+            transport=transport,
             headers={"Authorization": f"Bearer {endpoint.token}"},
             timeout=httpx.Timeout(30.0, connect=5.0),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
@@ -32,7 +37,7 @@ class AgentClient:
         except (httpx.HTTPError, ValueError, RuntimeError):  # RuntimeError: the client was closed
             return False
 
-    async def submit(self, submission: dict) -> None:
+    async def submit(self, submission: dict[str, Any]) -> None:
         r = await self._http.post("/api/jobs", json=submission)
         if r.status_code not in (200, 409):
             raise AgentError(f"agent refused job: {r.status_code} {r.text}")
@@ -44,23 +49,32 @@ class AgentClient:
         if r.status_code != 200:
             raise AgentError(f"agent refused code: {r.status_code} {r.text}")
 
-    async def start(self, job_id: str) -> dict:
+    async def start(self, job_id: str) -> dict[str, Any]:
         r = await self._http.post(f"/api/jobs/{job_id}/start")
         if r.status_code != 200:
             raise AgentError(f"agent could not start job: {r.status_code} {r.text}")
-        return r.json()
+        return _json_object(r)
 
     async def pull(
         self, job_id: str, cursor: int, known_state: str | None, wait: float, limit: int = 2000, linger: float = 0.0
-    ) -> dict:
-        params = {"cursor": cursor, "wait": wait, "limit": limit, "linger": linger}
+    ) -> dict[str, Any]:
+        params: dict[str, str | int | float] = {"cursor": cursor, "wait": wait, "limit": limit, "linger": linger}
         if known_state:
             params["known_state"] = known_state
         r = await self._http.get(f"/api/jobs/{job_id}/pull", params=params, timeout=wait + linger + 15)
         if r.status_code == 404:
             raise AgentError("the agent does not know this job")
         r.raise_for_status()
-        return r.json()
+        return _json_object(r)
+
+    async def metrics(self, job_id: str, after: float) -> list[dict]:
+        """The job's usage samples newer than `after` (agent.metrics), oldest first."""
+        r = await self._http.get(f"/api/jobs/{job_id}/metrics", params={"after": after}, timeout=10)
+        if r.status_code == 404:
+            raise AgentError("the agent does not know this job")
+        r.raise_for_status()
+        samples: list[dict] = r.json()["samples"]
+        return samples
 
     async def stop(self, job_id: str, abort: bool) -> None:
         r = await self._http.post(f"/api/jobs/{job_id}/stop", json={"abort": abort})
@@ -69,3 +83,10 @@ class AgentClient:
 
     async def delete(self, job_id: str) -> None:
         await self._http.delete(f"/api/jobs/{job_id}")
+
+
+def _json_object(r: httpx.Response) -> dict[str, Any]:
+    body = r.json()
+    if not isinstance(body, dict):
+        raise AgentError(f"agent answered {r.request.url.path} with {type(body).__name__}, not an object")
+    return body
