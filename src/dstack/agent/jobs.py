@@ -23,6 +23,7 @@ from dstack.agent.prewarm import with_prewarm_path
 from dstack.agent.venvs import SETUP_LOCK, PythonNotFound, VenvFactory, touch_last_used
 from dstack.agent.workersite import with_worker_site
 from dstack.core.exit_status import describe_exit, signal_name
+from dstack.core.notifier import KeyedNotifier
 from dstack.core.private import private_dir, write_private
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ class Job:
         self.proc: asyncio.subprocess.Process | None = None
         self.task: asyncio.Task[None] | None = None
         self._grace_task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
         # Effective network: "isolated" only when asked for and this host can do it.
         self.network: str = "isolated" if spec.network == "isolated" and manager.net.available else "host"
         self.netns: NetnsAllocation | None = None  # while its namespace exists
@@ -86,18 +86,11 @@ class Job:
 
     def notify(self) -> None:
         """Wake every long-poll waiting on this job."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self.manager.changes.notify(self.spec.job_id)
 
     async def _wait_change(self, timeout: float) -> bool:
         """Until the next notify() (True) or `timeout` (False)."""
-        if timeout <= 0:
-            return False
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+        return await self.manager.changes.wait(self.spec.job_id, timeout)
 
     def set_state(self, state: str, **fields: Any) -> None:
         for key, value in fields.items():
@@ -509,6 +502,8 @@ class JobManager:
         self.cache_dir = home / "cache"
         self.pip_cache = self.cache_dir / "pip-cache"
         self.jobs: dict[str, Job] = {}
+        #: a job's state or logs changed (keyed by job id): wakes its long-polls
+        self.changes: KeyedNotifier[str] = KeyedNotifier()
         self.net = NetworkIsolation(home)
         self.venvs = VenvFactory(self.cache_dir)
         self.isolation = sandbox.Isolation(home)  # probed at start (app lifespan)
