@@ -67,13 +67,13 @@ class AgentClient:
         r.raise_for_status()
         return _json_object(r)
 
-    async def metrics(self, job_id: str, after: float) -> list[dict]:
+    async def metrics(self, job_id: str, after: float) -> list[dict[str, Any]]:
         """The job's usage samples newer than `after` (agent.metrics), oldest first."""
         r = await self._http.get(f"/api/jobs/{job_id}/metrics", params={"after": after}, timeout=10)
         if r.status_code == 404:
             raise AgentError("the agent does not know this job")
         r.raise_for_status()
-        samples: list[dict] = r.json()["samples"]
+        samples: list[dict[str, Any]] = r.json()["samples"]
         return samples
 
     async def stop(self, job_id: str, abort: bool) -> None:
