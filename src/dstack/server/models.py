@@ -2,11 +2,13 @@
 
 import uuid
 from datetime import UTC, datetime
+from enum import Enum as PyEnum
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
@@ -18,6 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from dstack.core.models.runs import RunType
 from dstack.server.db import Base
 
 
@@ -35,6 +38,21 @@ class UTCDateTime(DateTime):
 
 def _dt() -> DateTime:
     return DateTime(timezone=True)
+
+
+def _enum(enum_class: type[PyEnum], length: int) -> Enum:
+    """A column the ORM reads and writes as `enum_class`, stored as its values in a VARCHAR(`length`).
+
+    Not a native enum and no CHECK constraint: the table stays as the migrations made it (a new
+    state needs no migration), and a row holds the same string it always did.
+    """
+    return Enum(
+        enum_class,
+        native_enum=False,
+        create_constraint=False,
+        length=length,
+        values_callable=lambda members: [m.value for m in members],
+    )
 
 
 class UserModel(Base):
@@ -113,6 +131,8 @@ class RunModel(Base):
     submitted_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
     last_processed_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
     status: Mapped[str] = mapped_column(String(20))
+    #: set at submission from the configuration's `type` (migration 0007 filled older rows from run_spec)
+    run_type: Mapped[RunType] = mapped_column(_enum(RunType, 20), server_default=RunType.TASK.value)
     termination_reason: Mapped[str | None] = mapped_column(String(50), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     run_spec: Mapped[str] = mapped_column(Text)  # JSON RunSpec

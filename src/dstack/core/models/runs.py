@@ -1,13 +1,13 @@
 """Run and job states, termination reasons and the wire models the server and clients share."""
 
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 
-class RunStatus(str, Enum):
+class RunStatus(StrEnum):
     PENDING = "pending"
     SUBMITTED = "submitted"
     PROVISIONING = "provisioning"
@@ -25,7 +25,7 @@ class RunStatus(str, Enum):
         return [s for s in cls if s.is_finished()]
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     SUBMITTED = "submitted"
     PROVISIONING = "provisioning"
     PULLING = "pulling"
@@ -48,7 +48,7 @@ class JobStatus(str, Enum):
         return [s for s in cls if not s.is_finished()]
 
 
-class JobTerminationReason(str, Enum):
+class JobTerminationReason(StrEnum):
     FAILED_TO_START_DUE_TO_NO_CAPACITY = "failed_to_start_due_to_no_capacity"
     INTERRUPTED_BY_NO_CAPACITY = "interrupted_by_no_capacity"
     WAITING_INSTANCE_LIMIT_EXCEEDED = "waiting_instance_limit_exceeded"
@@ -83,7 +83,7 @@ class JobTerminationReason(str, Enum):
         )
 
 
-class RunTerminationReason(str, Enum):
+class RunTerminationReason(StrEnum):
     ALL_JOBS_DONE = "all_jobs_done"
     JOB_FAILED = "job_failed"
     RETRY_LIMIT_EXCEEDED = "retry_limit_exceeded"
@@ -102,6 +102,26 @@ class RunTerminationReason(str, Enum):
         ):
             return RunStatus.TERMINATED
         return RunStatus.FAILED
+
+
+class RunType(StrEnum):
+    """A run's configuration type: stored as a column at submission, never re-derived from the spec."""
+
+    TASK = "task"
+    SERVICE = "service"
+    SERVERLESS = "serverless"
+    DEV_ENVIRONMENT = "dev-environment"
+
+
+class InstanceStatus(StrEnum):
+    """An instance's lifecycle (dstack's names); the local backend's instance is always `idle`."""
+
+    PENDING = "pending"
+    PROVISIONING = "provisioning"
+    IDLE = "idle"
+    BUSY = "busy"
+    TERMINATING = "terminating"
+    TERMINATED = "terminated"
 
 
 class RunSpec(BaseModel):

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dstack.core.models.runs import RunSpec
+from dstack.core.models.runs import RunSpec, RunType
 from dstack.server.db import get_database, get_session
 from dstack.server.models import UserModel
 from dstack.server.routers.projects import user_projects
@@ -67,8 +67,7 @@ class PollLogsRequest(BaseModel):
 
 async def _wire(request: Request, run) -> dict:
     wire = request.app.state.run_to_wire(run)
-    conf_type = wire.run_spec.configuration.get("type")
-    if conf_type == "serverless":
+    if run.run_type == RunType.SERVERLESS:
         wire.extra["endpoint_id"] = run.run_name
         wire.extra["endpoint_url"] = f"{request.app.state.settings.url}/v2/{run.run_name}"
         if not wire.status.is_finished():

@@ -29,6 +29,7 @@ from dstack.core.models.runs import (
     RunSpec,
     RunStatus,
     RunTerminationReason,
+    RunType,
     ServiceSpec,
 )
 from dstack.core.names import name_error
@@ -228,6 +229,7 @@ async def submit_run(
         submitted_at=now,
         last_processed_at=now,
         status=RunStatus.SUBMITTED.value,
+        run_type=RunType(conf.type),
         run_spec=run_spec.model_dump_json(),
         desired_replica_count=initial_replicas(conf),
         service_spec=service_spec_json(conf, project.name, run_name, server_url, model_meta, gateway),

@@ -7,12 +7,11 @@ the run stops.
 """
 
 import asyncio
-import json
 import logging
 
 from sqlalchemy import select
 
-from dstack.core.models.runs import JobSpec, JobStatus, JobTerminationReason, RunSpec, RunStatus
+from dstack.core.models.runs import JobSpec, JobStatus, JobTerminationReason, RunSpec, RunStatus, RunType
 from dstack.server import crypto
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.errors import ResourceExists
@@ -26,7 +25,7 @@ LOG_LEVEL_KEYS = {"RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"}  # the SDK reads the
 
 
 def is_serverless(run: RunModel) -> bool:
-    return json.loads(run.run_spec)["configuration"].get("type") == "serverless"
+    return run.run_type == RunType.SERVERLESS
 
 
 async def _active_endpoint_run(session, endpoint_id: str) -> RunModel | None:
@@ -35,6 +34,7 @@ async def _active_endpoint_run(session, endpoint_id: str) -> RunModel | None:
             await session.execute(
                 select(RunModel).where(
                     RunModel.run_name == endpoint_id,
+                    RunModel.run_type == RunType.SERVERLESS,
                     RunModel.deleted.is_(False),
                     RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]),
                 )
@@ -43,7 +43,7 @@ async def _active_endpoint_run(session, endpoint_id: str) -> RunModel | None:
         .scalars()
         .all()
     )
-    return next((r for r in runs if is_serverless(r)), None)
+    return next(iter(runs), None)
 
 
 class JobWorkerLauncher:
