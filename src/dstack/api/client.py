@@ -10,9 +10,12 @@ from dstack.api.config import get_project
 from dstack.core.errors import ClientError
 
 if TYPE_CHECKING:
+    from dstack.api.fleets import FleetCollection
     from dstack.api.gateways import GatewayCollection
+    from dstack.api.metrics import MetricsCollection
     from dstack.api.repos import BackendCollection, RepoCollection
     from dstack.api.runs import RunCollection
+    from dstack.api.secrets import SecretCollection
 
 
 class Client:
@@ -45,6 +48,24 @@ class Client:
         from dstack.api.gateways import GatewayCollection
 
         return GatewayCollection(self)
+
+    @cached_property
+    def fleets(self) -> FleetCollection:
+        from dstack.api.fleets import FleetCollection
+
+        return FleetCollection(self)
+
+    @cached_property
+    def secrets(self) -> SecretCollection:
+        from dstack.api.secrets import SecretCollection
+
+        return SecretCollection(self)
+
+    @cached_property
+    def metrics(self) -> MetricsCollection:
+        from dstack.api.metrics import MetricsCollection
+
+        return MetricsCollection(self)
 
     @property
     def project_name(self) -> str:

@@ -9,12 +9,14 @@ from dstack.cli.commands import (
     gateway,
     init,
     logs,
+    metrics,
     ps,
     run,
+    secret,
     server,
     stop,
 )
 
-COMMANDS = (server, init, config, run, apply, ps, stop, logs, gateway)
+COMMANDS = (server, init, config, run, apply, ps, stop, logs, metrics, secret, gateway)
 
 __all__ = ["COMMANDS"]
