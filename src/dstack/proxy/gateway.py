@@ -39,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
+from dstack.core.http_client import bearer, internal_client
 from dstack.proxy.app import HostRouter, ProxyApp, build_proxy_app
 from dstack.proxy.auth import Authorizer, bearer_token
 from dstack.proxy.metrics import render_prometheus
@@ -51,9 +52,7 @@ def http_authorizer(auth_url: str, token: str, client: httpx.AsyncClient) -> Aut
     async def authorize(project: str, user_token: str | None) -> bool:
         if user_token is None:
             return False
-        r = await client.post(
-            auth_url, json={"project": project, "token": user_token}, headers={"Authorization": f"Bearer {token}"}
-        )
+        r = await client.post(auth_url, json={"project": project, "token": user_token}, headers=bearer(token))
         if r.status_code == 200:
             return True
         if r.status_code in (401, 403, 404):
@@ -92,15 +91,13 @@ def build_gateway_app(
     project: str | None = None,
 ) -> HostRouter:
     registry = registry or ServiceRegistry()
-    client = httpx.AsyncClient(timeout=10.0)
+    client = internal_client()
     authorizer = http_authorizer(auth_url, token, client) if auth_url else None
     proxy_app: ProxyApp = build_proxy_app(registry, authorizer, read_timeout=read_timeout)
     if wake_url:
 
         async def wake(project: str, run_name: str) -> None:
-            await client.post(
-                wake_url, json={"project": project, "run_name": run_name}, headers={"Authorization": f"Bearer {token}"}
-            )
+            await client.post(wake_url, json={"project": project, "run_name": run_name}, headers=bearer(token))
 
         registry.on_wake = wake
 

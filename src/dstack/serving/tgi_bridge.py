@@ -27,6 +27,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from dstack.core.http_client import internal_client
 from dstack.version import __version__
 
 SSE_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
@@ -165,7 +166,7 @@ def create_app(
     upstream: str, model_id: str, max_concurrent_requests: int = 128, client: httpx.AsyncClient | None = None
 ) -> FastAPI:
     app = FastAPI(title="dstack TGI bridge", docs_url=None, redoc_url=None, openapi_url=None)
-    http = client or httpx.AsyncClient(base_url=upstream, timeout=httpx.Timeout(None, connect=10))
+    http = client or internal_client(base_url=upstream, timeout=None, connect_timeout=10)
 
     @app.get("/health")
     async def health() -> Response:

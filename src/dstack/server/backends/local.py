@@ -9,6 +9,7 @@ import httpx
 import psutil
 
 from dstack.agent.launcher import read_agent_json, start_agent
+from dstack.core.http_client import internal_client
 from dstack.core.models.runs import InstanceResources
 from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInstance
 
@@ -73,15 +74,15 @@ def _is_agent_process(pid: int) -> bool:
 
 async def _is_healthy(endpoint: AgentEndpoint) -> bool:
     try:
-        async with httpx.AsyncClient(timeout=3) as client:
-            r = await client.get(f"{endpoint.url}/api/host", headers={"Authorization": f"Bearer {endpoint.token}"})
+        async with internal_client(token=endpoint.token, timeout=3) as client:
+            r = await client.get(f"{endpoint.url}/api/host")
             return r.status_code == 200
     except httpx.HTTPError:
         return False
 
 
 async def _get_host(endpoint: AgentEndpoint) -> dict:
-    async with httpx.AsyncClient(timeout=10) as client:
-        r = await client.get(f"{endpoint.url}/api/host", headers={"Authorization": f"Bearer {endpoint.token}"})
+    async with internal_client(token=endpoint.token) as client:
+        r = await client.get(f"{endpoint.url}/api/host")
         r.raise_for_status()
         return r.json()

@@ -29,6 +29,7 @@ import psutil
 from sqlalchemy import select
 
 from dstack.agent.launcher import _pythonpath
+from dstack.core.http_client import bearer, internal_client
 from dstack.core.private import private_dir, write_private
 from dstack.proxy import Replica, ServiceInfo
 from dstack.server import crypto
@@ -95,7 +96,7 @@ class GatewayManager:
         self.home = settings.server_dir / "gateways"
         # The gateway's certificate is for its domain, not for 127.0.0.1: the registration API
         # is reached over loopback and authenticated by the gateway token.
-        self._http = httpx.AsyncClient(timeout=10, verify=False)
+        self._http = internal_client(verify=False)
         self._published: dict[tuple[str, str], Published] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._start_locks: dict[str, asyncio.Lock] = {}
@@ -328,7 +329,7 @@ class GatewayManager:
             return [_target(gw) for gw in (await session.execute(query)).scalars().unique()]
 
     async def _push(self, target: Target, entry: Published, upsert: bool) -> None:
-        headers = {"Authorization": f"Bearer {target.token}"}
+        headers = bearer(target.token)
         info = entry.info
         reps = {"replicas": [{"id": r.id, "url": r.url, "ready": r.ready} for r in entry.replicas]}
         path = f"{target.api_url}/api/registry/services/{info.project}/{info.run_name}/replicas"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 from sqlalchemy import select
 
+from dstack.core.http_client import internal_client
 from dstack.core.models.configurations import ServiceConfiguration
 from dstack.core.models.runs import JobProvisioningData, JobStatus, JobTerminationReason, RunSpec, RunStatus, RunType
 from dstack.proxy import ModelInfo, Replica, ServiceInfo, ServiceRegistry
@@ -69,7 +70,7 @@ class ServiceManager:
         self.services: dict[str, ServiceState] = {}
         self._sync_pending: set[str] = set()
         self._task: asyncio.Task | None = None
-        self._http = httpx.AsyncClient(timeout=10)
+        self._http = internal_client()
         #: extra publishers (gateways) told about every change: async fn(state, info, replicas | None)
         self.publishers: list = []
         registry.on_wake = self.wake
@@ -79,9 +80,7 @@ class ServiceManager:
             ids = (
                 (
                     await session.execute(
-                        select(RunModel.id).where(
-                            RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()])
-                        )
+                        select(RunModel.id).where(RunModel.status.notin_(RunStatus.finished_statuses()))
                     )
                 )
                 .scalars()
@@ -126,12 +125,12 @@ class ServiceManager:
                 return
             run_spec = RunSpec.model_validate_json(run.run_spec)
             project, run_name = run.project.name, run.run_name
-            if RunStatus(run.status).is_finished() or run.deleted:
+            if run.status.is_finished() or run.deleted:
                 self._forget(run_id)
                 return
             conf = parse_configuration(run_spec)
             meta = json.loads(run.service_spec).get("model_meta") if run.service_spec else None
-            jobs = [j for j in latest_replicas(run).values() if j.status == JobStatus.RUNNING.value]
+            jobs = [j for j in latest_replicas(run).values() if j.status == JobStatus.RUNNING]
             endpoints = {}
             for job in jobs:
                 jpd = JobProvisioningData.model_validate_json(job.job_provisioning_data)
@@ -263,7 +262,7 @@ class ServiceManager:
 
         async def rescale() -> None:
             run = (await session.execute(select(RunModel).where(RunModel.id == state.run_id))).scalar_one()
-            if run.status != RunStatus.RUNNING.value and run.desired_replica_count > 0:
+            if run.status != RunStatus.RUNNING and run.desired_replica_count > 0:
                 return
             current = run.desired_replica_count
             since = time.monotonic() - state.last_scaled_at
@@ -284,9 +283,7 @@ class ServiceManager:
         active = {
             n: j
             for n, j in latest.items()
-            if not JobStatus(j.status).is_finished()
-            and j.status != JobStatus.TERMINATING.value
-            and j.id not in state.draining
+            if not j.status.is_finished() and j.status != JobStatus.TERMINATING and j.id not in state.draining
         }
         if len(active) < desired:
             conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
@@ -331,7 +328,7 @@ class ServiceManager:
         async def stop_drained() -> None:
             for jid in done:
                 job = (await session.execute(select(JobModel).where(JobModel.id == jid))).scalar_one_or_none()
-                if job is not None and not JobStatus(job.status).is_finished():
+                if job is not None and not job.status.is_finished():
                     mark_job_terminating(job, JobTerminationReason.SCALED_DOWN)
             await session.commit()
 
