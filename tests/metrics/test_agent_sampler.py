@@ -129,3 +129,47 @@ def test_nvidia_smi_output_is_parsed(tmp_path: Path) -> None:
     assert readings[1].util_percent == 0 and readings[1].memory_total_bytes == 81920 * 2**20
     assert parse_nvidia_smi("garbage\n") == {}
     assert NvidiaSmi(str(tmp_path / "missing")).read() == {}
+
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+case "$*" in
+  *utilization.gpu*) printf '0, 87, 1024, 81920\\n1, 5, 0, 81920\\n' ;;
+esac
+"""
+
+
+def test_gpu_readings_of_the_jobs_own_gpus(tmp_path: Path) -> None:
+    """An agent whose PATH has an `nvidia-smi` reporting two GPUs: a job given GPU 0 reads GPU 0 only."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    saved = {k: os.environ.get(k) for k in ("PATH", "DSTACK_AGENT_METRICS_INTERVAL")}
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    os.environ["DSTACK_AGENT_METRICS_INTERVAL"] = "0.5"
+    try:
+        info = start_agent(tmp_path / "home", TOKEN)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        with httpx.Client(base_url=info.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as http:
+            job_id = f"g-{uuid.uuid4().hex[:10]}"
+            body = {"job_id": job_id, "run_name": "gpu", "commands": ["sleep 30"], "gpus": [0]}
+            assert http.post("/api/jobs", json=body).status_code == 200
+            assert http.post(f"/api/jobs/{job_id}/start").status_code == 200
+            samples = _samples(http, job_id, 2)
+            assert samples[-1]["gpus"] == [
+                {
+                    "index": 0,
+                    "util_percent": 87.0,
+                    "memory_used_bytes": 1024 * 2**20,
+                    "memory_total_bytes": 81920 * 2**20,
+                }
+            ]
+            http.post(f"/api/jobs/{job_id}/stop", json={"abort": True})
+    finally:
+        _stop_agent(info)
