@@ -169,3 +169,26 @@ def test_phone_width_controls_have_names(server, browser, width):
         expect(page).to_have_url(re.compile(r"/signin$"))
     finally:
         context.close()
+
+
+def test_runs_list_filters(server, tmp_path):
+    (tmp_path / "repo").mkdir()
+    run = server.client().runs.submit(
+        Task(commands=["true"], resources=SMALL), run_name="web-filter-task", repo_dir=tmp_path / "repo"
+    )
+    c = _session(server, server.token)
+
+    def names(**params) -> str:
+        r = c.get("/runs/table", params={"status": "all", **params}, headers={"HX-Request": "true"})
+        assert r.status_code == 200, r.text
+        return r.text
+
+    assert "web-filter-task" in names(type="task")
+    assert "web-filter-task" not in names(type="service")
+    assert "web-filter-task" in names(name="filter-ta")
+    assert "web-filter-task" not in names(name="filter_ta")  # _ is a literal, not a wildcard
+    assert "web-filter-task" in names(project="main")
+    assert "web-filter-task" not in names(project="no-such-project")
+    run.wait(timeout=60)
+    assert "web-filter-task" in names(status="finished")
+    assert "web-filter-task" not in names(status="active")

@@ -15,11 +15,6 @@ from dstack.serverless.models import ServerlessEndpointModel, ServerlessJobModel
 PAGE = 100  # runs per page: the list stays fast with any number stored
 
 
-def _type_marker(run_type: str) -> str:
-    # RunSpec stores `configuration` as JSON whose first key is its `type` (pydantic keeps field order)
-    return f'%"configuration":{{"type":"{run_type}"%'
-
-
 async def runs_page(
     session: AsyncSession,
     project_ids: list[str],
@@ -36,7 +31,7 @@ async def runs_page(
     elif status == "finished":
         query = query.where(RunModel.status.in_(finished))
     if run_type:
-        query = query.where(RunModel.run_spec.like(_type_marker(run_type)))
+        query = query.where(RunModel.run_type == run_type)
     if name:
         escaped = name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(RunModel.run_name.like(f"%{escaped}%", escape="\\"))
