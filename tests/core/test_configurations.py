@@ -158,8 +158,7 @@ def test_common_fields():
         image="nvcr.io/x:1",
         setup=["pip install x"],
         working_dir="/w",
-        home_dir="/root",
-        entrypoint="/bin/sh",
+        home_dir="/root",  # dstack's default: accepted, anything else is refused (tests/compat)
         registry_auth={"username": "u", "password": "p"},
         spot_policy="auto",
         max_price=1.5,
@@ -251,14 +250,14 @@ def test_service_model_forms():
 def test_service_probes_and_extras():
     s = service(
         probes=[{"type": "http", "url": "/health", "interval": "15s", "timeout": "10s", "ready_after": 1}],
-        https=False,
+        https="auto",  # dstack's default; true/false are refused (the gateway's tls decides)
         gateway="my-gw",
         strip_prefix=False,
         rate_limits=[{"prefix": "/v1", "rps": 5, "burst": 10}],
     )
     p = s.probes[0]
     assert (p.url, p.interval, p.timeout, p.ready_after) == ("/health", 15, 10, 1)
-    assert s.gateway == "my-gw" and s.https is False and s.rate_limits[0].rps == 5
+    assert s.gateway == "my-gw" and s.rate_limits[0].rps == 5
     assert service(gateway=False).gateway is False
     with pytest.raises(ConfigurationError):
         service(probes=[{"url": "health"}])

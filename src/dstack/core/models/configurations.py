@@ -28,6 +28,7 @@ from dstack.core.errors import ConfigurationError
 from dstack.core.limits import MAX_JOBS_PER_RUN, MAX_PATH, MAX_PLAIN_NUMBER, MAX_REF, MAX_TEXT, short_repr
 from dstack.core.models.common import Duration, DurationOrOff, Env, PortMapping
 from dstack.core.models.resources import Range, ResourcesSpec
+from dstack.core.models.unsupported import strip_unset, unsupported_message
 from dstack.core.names import validate_name
 
 SUPPORTED_PYTHONS = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
@@ -206,22 +207,55 @@ class EngineSpec(BaseModel):
         return " ".join(parts)
 
 
+class ProbeHeader(BaseModel):
+    """One header a probe sends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+    value: str = Field(max_length=MAX_TEXT)
+
+
+#: probe fields whose `null` (as dstack's client sends them) means "the default"
+_PROBE_DEFAULTS = {"method": "get", "interval": 15, "timeout": 10, "ready_after": 1, "headers": []}
+
+
 class ProbeSpec(BaseModel):
-    """An HTTP readiness probe: a replica gets traffic after `ready_after` successes in a row."""
+    """An HTTP readiness probe: a replica gets traffic once every probe has `ready_after`
+    successes (2xx) in a row. Each probe sends its own method, headers and body."""
 
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["http"] = "http"
     url: str = Field(default="/", max_length=MAX_REF)
-    method: Literal["get", "post", "head"] = "get"
+    method: Literal["get", "post", "put", "patch", "delete", "head"] = "get"
+    headers: list[ProbeHeader] = Field(default_factory=list, max_length=64)
+    body: str | None = Field(default=None, max_length=MAX_TEXT)
     interval: Duration = 15
     timeout: Duration = 10
     ready_after: int = Field(default=1, ge=1, le=100)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if not (v is None and k in _PROBE_DEFAULTS)}
+            if "until_ready" in value:
+                if value["until_ready"] not in (None, False):
+                    raise FieldValueError("until_ready", unsupported_message("until_ready"))
+                del value["until_ready"]
+        return value
 
     @field_validator("method", mode="before")
     @classmethod
     def _method(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _body_method(self) -> ProbeSpec:
+        if self.body is not None and self.method in ("get", "head"):
+            raise FieldValueError("body", f"a probe with a body needs a method that takes one, not {self.method}")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -273,6 +307,11 @@ class ScalerSpec(BaseModel):
 
 # --- run configurations ----------------------------------------------------------------------
 
+#: fields where `null` means "the default" (dstack's client sends them so)
+_NULL_MEANS_DEFAULT = frozenset(
+    {"replicas", "probes", "ide", "nodes", "ports", "env", "setup", "commands", "init", "rate_limits", "strip_prefix"}
+)
+
 
 class BaseRunConfiguration(BaseModel):
     """Fields every run type shares: what to run, where, and with which limits."""
@@ -290,8 +329,6 @@ class BaseRunConfiguration(BaseModel):
     setup: StrList = Field(default_factory=list)
     commands: StrList = Field(default_factory=list)
     working_dir: str | None = Field(default=None, max_length=MAX_PATH)
-    home_dir: str | None = Field(default=None, max_length=MAX_PATH)
-    entrypoint: str | None = Field(default=None, max_length=MAX_TEXT)
     registry_auth: RegistryAuth | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_duration: DurationOrOff | None = None
@@ -300,6 +337,20 @@ class BaseRunConfiguration(BaseModel):
     max_price: float | None = Field(default=None, gt=0, le=MAX_PLAIN_NUMBER)
     backends: StrList | None = None
     regions: StrList | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        """dstack 0.22's fields this server does not implement: dropped when unset, else refused."""
+        if not isinstance(data, dict):
+            return data
+        kind = data.get("type")
+        # dstack's client sends `null` for fields it leaves to the server's default
+        data = {k: v for k, v in data.items() if not (v is None and k in _NULL_MEANS_DEFAULT)}
+        data, field = strip_unset(data, kind if isinstance(kind, str) else "")
+        if field is not None:
+            raise FieldValueError(tuple(field.split(".")), unsupported_message(field))
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -390,7 +441,6 @@ class ServiceConfiguration(BaseRunConfiguration):
     auth: bool = True
     model: ModelSpec | None = None
     probes: list[ProbeSpec] = Field(default_factory=list)
-    https: bool | None = None
     gateway: Annotated[bool | str | None, BeforeValidator(_gateway)] = None
     strip_prefix: bool = True
     rate_limits: list[RateLimit] = Field(default_factory=list)
