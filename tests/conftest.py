@@ -4,7 +4,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,9 @@ import httpx
 import pytest
 
 from tests.pg import fresh_database
+from tests.util import free_port, wait_until
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -59,18 +53,19 @@ class ServerProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.logs()}")
-            try:
-                r = httpx.post(f"{self.url}/api/users/get_my_user", headers=self.headers, timeout=2)
-                if r.status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server did not start: {self.logs()}")
+        try:
+            wait_until(self._answers, timeout=120, interval=0.1, what="the server to answer")
+        except AssertionError:
+            raise RuntimeError(f"server did not start: {self.logs()}") from None
+
+    def _answers(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited: {self.logs()}")
+        try:
+            return httpx.post(f"{self.url}/api/users/get_my_user", headers=self.headers, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

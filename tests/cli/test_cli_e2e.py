@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from tests.util import free_port
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 # Tiny tasks: no dedicated CPU, so earlier tests' detached runs never crowd out later ones on a 2-core host.
@@ -197,14 +198,8 @@ def test_init_and_config_show(server: Any, tmp_path: Path) -> None:
     assert c.returncode == 0 and server.url.rstrip("/") in c.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     env = _env(None, {"DSTACK_HOME": str(tmp_path / "home"), "DSTACK_SERVER_URL": url, "DSTACK_TOKEN": "x"})
     env.pop("DSTACK_PROJECT", None)
     r = dstack(None, "ps", env=env)

@@ -12,7 +12,6 @@ import datetime
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 
 from dstack.api import Resources, RunStatus, Service
 from dstack.core.errors import ServerClientError
+from tests.util import free_port
 
 DOMAIN = "example.test"
 FINISHED = (RunStatus.TERMINATED, RunStatus.FAILED, RunStatus.DONE)
@@ -97,12 +97,6 @@ class LoopbackTransport(httpx.HTTPTransport):
             request.url = request.url.copy_with(host="127.0.0.1")
             request.extensions = {**request.extensions, "sni_hostname": host}
         return super().handle_request(request)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_cert(tmp: Path) -> tuple[Path, Path]:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import SRC, free_port
+from tests.conftest import SRC
+from tests.util import free_port
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
 

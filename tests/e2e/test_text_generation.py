@@ -13,6 +13,7 @@ from text_generation import Client as TGIClient
 from dstack.api import CompletionService, CompletionTask, Resources
 from dstack.core.errors import ServerClientError
 from tests.e2e.util import wait_ready
+from tests.util import free_port
 
 # The data plane barely touches the database: these run on SQLite only (the core suite, the CLI
 # and serverless queues also run on PostgreSQL).
@@ -80,7 +81,7 @@ def test_text_generation_client_generate_and_stream(server, smol):
 def test_completion_task_private_endpoint(server, tmp_path):
     from text_generation import Client
 
-    port = _free_port()
+    port = free_port()
     run = server.client().runs.submit(CompletionTask(model_name=MODEL, local_port=port), resources=SMALL)
     try:
         assert run.attach(timeout=120)
@@ -128,11 +129,3 @@ def test_gpu_only_quantization_is_refused_before_anything_starts(server):
     with pytest.raises(ServerClientError) as e:
         client.runs.submit(CompletionService(model_name=MODEL, quantize="gptq"), resources=SMALL)
     assert "gptq" in str(e.value) and "GGUF" in str(e.value)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

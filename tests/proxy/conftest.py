@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,27 +19,11 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from dstack.proxy import HostRouter, ServiceRegistry, build_proxy_app, render_prometheus
+from tests.util import free_port, wait_port
 
 HERE = Path(__file__).parent
 SRC = str(HERE.parent.parent / "src")
 DOMAIN = "example.test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} did not open")
 
 
 class Upstream:

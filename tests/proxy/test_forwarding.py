@@ -11,8 +11,9 @@ import pytest
 import websockets
 
 from dstack.proxy import Replica, ServiceInfo
+from tests.util import free_port
 
-from .conftest import DOMAIN, Upstream, free_port
+from .conftest import DOMAIN, Upstream
 
 AUTH = {"Authorization": "Bearer good"}
 

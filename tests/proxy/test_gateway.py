@@ -14,7 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .conftest import SRC, free_port, wait_port
+from tests.util import free_port, wait_port
+
+from .conftest import SRC
 
 TOKEN = "gw-secret"
 

@@ -4,7 +4,6 @@ publish on the host's network or point at server files."""
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -14,14 +13,9 @@ import pytest
 
 from tests.e2e.test_gateway import DOMAIN, make_cert
 from tests.security.conftest import METRICS_TOKEN, Tenants
+from tests.util import free_port
 
 INVALID_TLS = "invalid TLS certificate or key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

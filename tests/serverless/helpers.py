@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.util import free_port as free_port  # re-exported: serverless tests import both from here
+from tests.util import wait_until as wait_until
 
 from .launcher import kill_all
 
@@ -30,12 +32,6 @@ FAST_OPTIONS = {
     "init_timeout": 60.0,
     "extra_worker_env": {"RUNPOD_LOG_LEVEL": "WARN"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def endpoint(script: str, min_: int = 0, max_: int = 1, env: dict[str, str] | None = None, **settings: Any) -> dict:
@@ -146,17 +142,6 @@ class Server:
 
     def worker_pids(self) -> dict[str, int]:
         return {p.stem: int(p.read_text()) for p in (self.run_dir / "pids").glob("*.pid")}
-
-
-def wait_until(pred: Any, timeout: float = 30, interval: float = 0.1, what: str = "condition") -> Any:
-    deadline = time.time() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def live_workers(health: dict) -> int:

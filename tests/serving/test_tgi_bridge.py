@@ -15,7 +15,8 @@ import pytest
 from text_generation import Client as TGIClient
 
 from dstack.serving.tgi_bridge import completion_request, stream_events, tgi_finish_reason
-from tests.conftest import SRC, free_port
+from tests.conftest import SRC
+from tests.util import free_port
 
 FAKE = Path(__file__).with_name("fake_openai_engine.py")
 
