@@ -300,21 +300,19 @@ def test_image_fails_clearly(client: httpx.Client) -> None:
         assert resp["message"].startswith("containers are not available on this host")
 
 
-def test_start_latency(client: httpx.Client) -> None:
+def test_started_at_is_when_the_process_starts(client: httpx.Client) -> None:
+    """`started_at` falls between `/start` and the job's first line of user code.
+
+    (The latency itself is measured by bench/agent/bench_start_latency.py.)"""
     run(client, ["true"])  # venv and pip bundle for the default python are cached now
-    samples = []
-    for _ in range(5):
+    for _ in range(2):
         job_id = submit(client, ["python -c 'import time; print(time.time())'"], start=False)
         t0 = time.time()
-        client.post(f"/api/jobs/{job_id}/start")
+        assert client.post(f"/api/jobs/{job_id}/start").status_code == 200
         resp, records = wait_final(client, job_id)
-        samples.append((resp["started_at"] - t0, float(text(records)) - t0))
-    spawn = sorted(s[0] for s in samples)[len(samples) // 2]
-    python_up = sorted(s[1] for s in samples)[len(samples) // 2]
-    print(
-        f"\njob start latency (median of 5): process spawned {spawn * 1000:.0f} ms, "
-        f"python in venv running user code {python_up * 1000:.0f} ms after /start"
-    )
+        assert resp["state"] == "done", resp
+        user_code = float(text(records))
+        assert t0 <= resp["started_at"] <= user_code <= resp["finished_at"], (t0, resp, user_code)
 
 
 def test_api_errors_and_auth(client: httpx.Client, agent: AgentInfo) -> None:
