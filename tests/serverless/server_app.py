@@ -8,6 +8,7 @@ options (ServiceOptions fields), endpoints {id: {script, env, settings}} and dat
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 from pathlib import Path
@@ -20,9 +21,12 @@ from fastapi import FastAPI  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
 import dstack.serverless.models  # noqa: E402,F401  (tables for create_all)
+from dstack.proxy.auth import AuthCache  # noqa: E402
 from dstack.server.db import Base, Database  # noqa: E402
 from dstack.server.models import MemberModel, ProjectModel, RunModel, UserModel  # noqa: E402
-from dstack.server.security import hash_token  # noqa: E402
+from dstack.server.security import hash_token, project_access  # noqa: E402
+from dstack.server.services.serverless_workers import project_names  # noqa: E402
+from dstack.serverless.ports import ServerPorts  # noqa: E402
 from dstack.serverless.router import ServerlessApp  # noqa: E402
 from dstack.serverless.service import ServerlessService  # noqa: E402
 from dstack.serverless.settings import EndpointSettings, ServiceOptions  # noqa: E402
@@ -65,9 +69,9 @@ def build_app(spec: dict) -> FastAPI:
         launcher = SubprocessLauncher(
             {k: v["script"] for k, v in eps.items()}, {k: v.get("env", {}) for k, v in eps.items()}, spec["run_dir"]
         )
-        svc = ServerlessService(
-            db, launcher, f"http://127.0.0.1:{spec['port']}", ServiceOptions(**spec.get("options", {}))
-        )
+        # wired as the server wires it: the server's token check (cached) and project names
+        ports = ServerPorts(db, launcher, AuthCache(functools.partial(project_access, db)), project_names(db))
+        svc = ServerlessService(ports, f"http://127.0.0.1:{spec['port']}", ServiceOptions(**spec.get("options", {})))
         launcher.service = svc
         app.state.serverless = svc
         await svc.start()

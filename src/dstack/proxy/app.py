@@ -6,7 +6,7 @@ import json
 from urllib.parse import quote
 
 from dstack.proxy import ws
-from dstack.proxy.auth import Authorizer, bearer_token
+from dstack.proxy.auth import AuthCache, Authorizer, bearer_token
 from dstack.proxy.forward import Proxy
 from dstack.proxy.http import ASGIApp, Receive, Scope, Send, header, route_path, send_detail
 from dstack.proxy.openai import ModelEndpoint
@@ -156,7 +156,7 @@ async def _lifespan(receive: Receive, send: Send, proxy: Proxy) -> None:
 
 def build_proxy_app(
     registry: ServiceRegistry,
-    authorizer: Authorizer | None,
+    authorizer: Authorizer | AuthCache | None,
     *,
     connect_timeout: float = 10.0,
     read_timeout: float = 300.0,

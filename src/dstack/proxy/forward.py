@@ -58,14 +58,15 @@ class Proxy:
     def __init__(
         self,
         registry: ServiceRegistry,
-        authorizer: Authorizer | None,
+        authorizer: Authorizer | AuthCache | None,
         *,
         connect_timeout: float = 10.0,
         read_timeout: float = 300.0,
         auth_ttl: float = 5.0,
     ) -> None:
         self.registry = registry
-        self.auth = AuthCache(authorizer, ttl=auth_ttl)
+        # the server passes the cache it shares with `/v2`; a standalone proxy (a gateway) builds its own
+        self.auth = authorizer if isinstance(authorizer, AuthCache) else AuthCache(authorizer, ttl=auth_ttl)
         self.pool = UpstreamPool(connect_timeout=connect_timeout, read_timeout=read_timeout)
 
     @property

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -10,25 +11,28 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.routing import Mount
+from starlette.types import Receive, Scope, Send
 
+from dstack.core.domain_errors import DomainError
 from dstack.core.errors import ConfigurationError
+from dstack.core.http_errors import error_body, server_error, to_http
 from dstack.core.private import private_dir
 from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
+from dstack.proxy.auth import Access, AuthCache
 from dstack.server import bootstrap, crypto, migrate
 from dstack.server.backends.local import LocalBackend
 from dstack.server.background.pipeline import Pipeline
 from dstack.server.body_limit import BodySizeLimit, RequestTooLarge
 from dstack.server.db import Database, get_database, get_session, set_database
 from dstack.server.db_errors import is_data_error
-from dstack.server.errors import ServerClientError
 from dstack.server.gateways import router as gateways_router
 from dstack.server.gateways.manager import GatewayManager
 from dstack.server.routers import projects, repos, runs, users
-from dstack.server.security import authenticate, project_for_member, require_metrics_reader
+from dstack.server.security import project_access, require_metrics_reader
 from dstack.server.services.instances import InstanceManager
 from dstack.server.services.logs import LogNotifier
 from dstack.server.services.runs import run_to_wire
-from dstack.server.services.serverless_workers import JobWorkerLauncher, ServerlessBridge
+from dstack.server.services.serverless_workers import ServerlessBridge, server_ports
 from dstack.server.services.services import ServiceManager
 from dstack.server.settings import ServerSettings
 from dstack.serverless.router import ServerlessApp
@@ -40,20 +44,17 @@ logger = logging.getLogger(__name__)
 DATA_PLANE_MOUNTS = ("/proxy", "/v2")
 
 
-async def _authorize(project: str, token: str | None) -> bool:
-    """The proxy's auth hook: may this token's user reach the project's services?"""
-    if not token:
-        return False
-    async with get_database().session() as session:
-        user = await authenticate(session, token)
-        return user is not None and await project_for_member(session, user, project) is not None
+async def _authorize(project: str, token: str | None) -> Access:
+    """The auth hook behind the cache the proxy and `/v2` share: may this token's user reach the
+    project's services and endpoints?"""
+    return await project_access(get_database(), project, token)
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         private_dir(settings.server_dir)
         crypto.init(settings.encryption_key_file)
         db = Database(settings.resolved_database_url())
@@ -72,7 +73,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         gateways = GatewayManager(db, settings)
         services.publishers.append(gateways.publish)
         app.state.gateways = gateways
-        serverless = ServerlessService(db, JobWorkerLauncher(db, pipeline.wake), base_url=settings.url)
+        serverless = ServerlessService(server_ports(db, pipeline.wake, auth), base_url=settings.url)
         bridge = ServerlessBridge(db, serverless)
         pipeline.run_listeners.append(lambda run_id: asyncio.ensure_future(bridge.on_run_changed(run_id)))
         app.state.serverless = serverless
@@ -104,8 +105,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app = FastAPI(title="dstack", version=__version__, lifespan=lifespan)
     registry = ServiceRegistry()
     app.state.registry = registry
-    app.mount("/proxy", build_proxy_app(registry, _authorize))
-    app.mount("/v2", ServerlessApp(lambda: getattr(app.state, "serverless", None)))
+    auth = AuthCache(_authorize)  # one cache of token answers for the proxy and /v2
+    app.state.auth_cache = auth
+    # raw ASGI apps: their (dict-typed) scope is the MutableMapping Starlette passes
+    app.mount("/proxy", build_proxy_app(registry, auth))  # type: ignore[arg-type]
+    app.mount("/v2", ServerlessApp(lambda: getattr(app.state, "serverless", None)))  # type: ignore[arg-type]
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request, session: AsyncSession = Depends(get_session)) -> PlainTextResponse:
@@ -118,25 +122,23 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.state.startup_hooks = []
     app.state.shutdown_hooks = []
 
-    async def _no_op(run) -> None:
+    async def _no_op(run: object) -> None:
         return None
 
     app.state.on_run_submitted = _no_op
 
-    @app.exception_handler(ServerClientError)
-    async def _client_error(_: Request, exc: ServerClientError) -> JSONResponse:
-        item = {"msg": exc.msg, "code": exc.code}
-        if exc.fields:
-            item["fields"] = exc.fields
-        return JSONResponse({"detail": [item]}, status_code=exc.status_code)
+    @app.exception_handler(DomainError)
+    async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        status, body = to_http(exc)
+        return JSONResponse(body, status_code=status)
 
     @app.exception_handler(ConfigurationError)
     async def _config_error(_: Request, exc: ConfigurationError) -> JSONResponse:
-        return JSONResponse({"detail": [{"msg": str(exc), "code": "invalid_configuration"}]}, status_code=400)
+        return JSONResponse(error_body(str(exc), "invalid_configuration"), status_code=400)
 
     @app.exception_handler(RequestTooLarge)
     async def _too_large(_: Request, exc: RequestTooLarge) -> JSONResponse:
-        return JSONResponse({"detail": [{"msg": exc.detail, "code": "too_large"}]}, status_code=413)
+        return JSONResponse(error_body(exc.detail, "too_large"), status_code=413)
 
     @app.exception_handler(DBAPIError)
     @app.exception_handler(OverflowError)
@@ -160,7 +162,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def _server_error(request: Request, exc: Exception) -> JSONResponse:
         """A bug: the client gets JSON without the traceback (Starlette re-raises it, so it is logged)."""
-        return JSONResponse({"detail": [{"msg": "internal server error", "code": "server_error"}]}, status_code=500)
+        status, body = server_error()
+        return JSONResponse(body, status_code=status)
 
     def _body_limit(path: str) -> tuple[int, str]:
         if path.startswith(tuple(m + "/" for m in DATA_PLANE_MOUNTS)):
@@ -185,11 +188,11 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/api/server/info")
     @app.post("/api/server/get_info")
-    async def server_info() -> dict:
+    async def server_info() -> dict[str, str]:
         return {"server_version": __version__}
 
     @app.get("/healthcheck")
-    async def healthcheck() -> dict:
+    async def healthcheck() -> dict[str, str]:
         return {"status": "ok"}
 
     for r in (users.router, projects.router, repos.router, runs.router, gateways_router.router):
@@ -208,7 +211,7 @@ class DataPlaneFirst:
         self.app = app
         self.mounts = [(r.path, r.app) for r in app.routes if isinstance(r, Mount) and r.path in DATA_PLANE_MOUNTS]
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
             path: str = scope["path"]
             for prefix, sub in self.mounts:

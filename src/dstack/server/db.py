@@ -7,15 +7,14 @@ from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.orm.exc import StaleDataError
+
+from dstack.core.tables import Base, sqlite_pragmas
+
+__all__ = ["Base", "Database", "get_database", "get_session", "retry_on_conflict", "set_database", "sqlite_pragmas"]
 
 T = TypeVar("T")
 CONFLICT_ATTEMPTS = 20
-
-
-class Base(DeclarativeBase):
-    pass
 
 
 class Database:
@@ -58,16 +57,6 @@ async def retry_on_conflict(session: AsyncSession, work: Callable[[], Awaitable[
                 raise
             await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
     raise AssertionError("unreachable")
-
-
-def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets readers (ps, logs) proceed while the pipeline writes.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
 
 
 _db: Database | None = None

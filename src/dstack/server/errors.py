@@ -1,26 +1,32 @@
-"""Errors services raise; the app turns them into 4xx bodies that say what was wrong."""
+"""Refusals the server's services raise. They carry a kind and a code, not an HTTP status: the app
+turns them into 4xx answers through `dstack.core.http_errors`.
+
+(`dstack.core.errors.ServerClientError` is the other side: what the Python API raises when the
+server refuses a request.)"""
+
+from dstack.core.domain_errors import DomainError, ErrorKind
 
 
-class ServerClientError(Exception):
-    status_code = 400
+class InvalidRequest(DomainError):
+    kind = ErrorKind.INVALID
     code = "error"
 
-    def __init__(self, msg: str, fields: list[str] | None = None) -> None:
-        super().__init__(msg)
-        self.msg = msg
-        self.fields = fields or []
+
+class NotAuthenticated(DomainError):
+    kind = ErrorKind.NOT_AUTHENTICATED
+    code = "not_authenticated"
 
 
-class ResourceNotFound(ServerClientError):
-    status_code = 404
+class ResourceNotFound(DomainError):
+    kind = ErrorKind.NOT_FOUND
     code = "not_found"
 
 
-class ResourceExists(ServerClientError):
-    status_code = 409
+class ResourceExists(DomainError):
+    kind = ErrorKind.EXISTS
     code = "exists"
 
 
-class Forbidden(ServerClientError):
-    status_code = 403
+class Forbidden(DomainError):
+    kind = ErrorKind.FORBIDDEN
     code = "forbidden"

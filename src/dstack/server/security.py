@@ -1,38 +1,27 @@
-"""Tokens and access checks. Tokens are random; only their SHA-256 is stored."""
+"""Access checks of the control plane. Tokens are random; only their SHA-256 is stored
+(`dstack.core.tokens`). Refusals are domain errors, answered through `dstack.core.http_errors`."""
 
-import hashlib
 import hmac
-import secrets
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dstack.server.db import get_session
+from dstack.core.tokens import bearer_token as parse_bearer
+from dstack.core.tokens import hash_token, new_token
+from dstack.proxy.auth import Access
+from dstack.server.db import Database, get_session
+from dstack.server.errors import Forbidden, NotAuthenticated
 from dstack.server.models import MemberModel, ProjectModel, UserModel
 
-
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+__all__ = ["hash_token", "new_token"]  # re-exported: the server's modules take them from here
+MISSING_TOKEN = "missing Authorization: Bearer <token> header"
+INVALID_TOKEN = "invalid or revoked token"
 
 
 def bearer_token(request: Request) -> str | None:
-    """The token from `Authorization: Bearer <t>` (or a bare token, as RunPod workers send it)."""
-    return token_from_authorization(request.headers.get("authorization"))
-
-
-def token_from_authorization(header: str | None) -> str | None:
-    """The token of an Authorization header value: `Bearer <t>`, or a bare `<t>`."""
-    if not header:
-        return None
-    parts = header.split(None, 1)
-    if len(parts) == 2 and parts[0].lower() == "bearer":
-        return parts[1].strip() or None
-    return header.strip() or None
+    """The request's token: `Authorization: Bearer <t>`, or a bare `<t>` (the API has always taken it)."""
+    return parse_bearer(request.headers.get("authorization"), bare=True)
 
 
 async def authenticate(session: AsyncSession, token: str | None) -> UserModel | None:
@@ -60,28 +49,31 @@ async def project_for_member(session: AsyncSession, user: UserModel, project_nam
     return project if member.first() is not None else None
 
 
-def error_detail(msg: str, code: str, fields: list[str] | None = None) -> dict:
-    item: dict = {"msg": msg, "code": code}
-    if fields:
-        item["fields"] = fields
-    return {"detail": [item]}
+async def project_access(db: Database, project: str, token: str | None) -> Access:
+    """May this token's user reach `project` (its services, its serverless endpoints)? The hook
+    behind the one `AuthCache` that the proxy and `/v2` share."""
+    if not token:
+        return Access.UNKNOWN_TOKEN
+    async with db.session() as session:
+        user = await authenticate(session, token)
+        if user is None:
+            return Access.UNKNOWN_TOKEN
+        return Access.ALLOWED if await project_for_member(session, user, project) is not None else Access.DENIED
 
 
 async def require_user(request: Request, session: AsyncSession = Depends(get_session)) -> UserModel:
     token = bearer_token(request)
     if token is None:
-        raise HTTPException(
-            401, detail=error_detail("missing Authorization: Bearer <token> header", "not_authenticated")["detail"]
-        )
+        raise NotAuthenticated(MISSING_TOKEN)
     user = await authenticate(session, token)
     if user is None:
-        raise HTTPException(401, detail=error_detail("invalid or revoked token", "not_authenticated")["detail"])
+        raise NotAuthenticated(INVALID_TOKEN)
     return user
 
 
 async def require_admin(user: UserModel = Depends(require_user)) -> UserModel:
     if user.global_role != "admin":
-        raise HTTPException(403, detail=error_detail("only a global admin may do this", "forbidden")["detail"])
+        raise Forbidden("only a global admin may do this")
     return user
 
 
@@ -89,21 +81,14 @@ async def require_metrics_reader(request: Request, session: AsyncSession, metric
     """`/metrics` lists every project's services: a global admin or the configured metrics token."""
     token = bearer_token(request)
     if token is None:
-        raise HTTPException(
-            401, detail=error_detail("missing Authorization: Bearer <token> header", "not_authenticated")["detail"]
-        )
+        raise NotAuthenticated(MISSING_TOKEN)
     if metrics_token and hmac.compare_digest(token.encode(), metrics_token.encode()):
         return
     user = await authenticate(session, token)
     if user is None:
-        raise HTTPException(401, detail=error_detail("invalid or revoked token", "not_authenticated")["detail"])
+        raise NotAuthenticated(INVALID_TOKEN)
     if user.global_role != "admin":
-        raise HTTPException(
-            403,
-            detail=error_detail(
-                "metrics cover every project: only a global admin or the metrics token may read them", "forbidden"
-            )["detail"],
-        )
+        raise Forbidden("metrics cover every project: only a global admin or the metrics token may read them")
 
 
 async def require_project_member(
@@ -114,10 +99,5 @@ async def require_project_member(
     project = await project_for_member(session, user, project_name)
     if project is None:
         # Same answer whether the project is missing or foreign: don't leak names.
-        raise HTTPException(
-            403,
-            detail=error_detail(f"project '{project_name}' does not exist or you are not a member of it", "forbidden")[
-                "detail"
-            ],
-        )
+        raise Forbidden(f"project '{project_name}' does not exist or you are not a member of it")
     return user, project

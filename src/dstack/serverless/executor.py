@@ -28,7 +28,8 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
-from dstack.server.db import Database, sqlite_pragmas
+from dstack.core.tables import sqlite_pragmas
+from dstack.serverless.ports import Database
 
 T = TypeVar("T")
 Op = Callable[[Connection], Any]

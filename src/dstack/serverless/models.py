@@ -13,8 +13,7 @@ import uuid
 from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-import dstack.server.models  # noqa: F401  (projects and runs: foreign-key targets)
-from dstack.server.db import Base
+from dstack.core.tables import Base  # shared with the server: foreign keys to `projects` and `runs` resolve by name
 
 IN_QUEUE = "IN_QUEUE"
 IN_PROGRESS = "IN_PROGRESS"

@@ -19,7 +19,6 @@ from typing import Any
 from sqlalchemy import Integer, Row, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
-from dstack.server.db import Database
 from dstack.serverless.executor import executor_for
 from dstack.serverless.models import (
     CANCELLED,
@@ -33,6 +32,7 @@ from dstack.serverless.models import (
     ServerlessWorkerModel,
     new_job_id,
 )
+from dstack.serverless.ports import Database
 
 E = ServerlessEndpointModel.__table__
 J = ServerlessJobModel.__table__

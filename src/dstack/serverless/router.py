@@ -19,10 +19,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
+from dstack.core.http_errors import server_error, to_http
+from dstack.core.tokens import bearer_token
 from dstack.proxy.http import Receive, Scope, Send, header, read_body, route_path, send_bytes
-from dstack.server.security import error_detail, token_from_authorization
+from dstack.serverless.client_api import ClientApi
+from dstack.serverless.errors import ErrorKind, ServerlessError
 from dstack.serverless.models import TERMINAL
-from dstack.serverless.service import ServerlessError, ServerlessService
+from dstack.serverless.service import ServerlessService
+from dstack.serverless.worker_protocol import WorkerProtocol
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024 * 1024
@@ -63,7 +67,7 @@ class Call:
             return int(raw)
         except ValueError:
             raise ServerlessError(
-                400, f"query parameter '{name}' must be an integer, not {raw!r}", "invalid_request"
+                ErrorKind.INVALID, f"query parameter '{name}' must be an integer, not {raw!r}", "invalid_request"
             ) from None
 
     def authorization(self) -> str | None:
@@ -71,14 +75,15 @@ class Call:
         return raw.decode("latin-1") if raw is not None else None
 
     def bearer(self) -> str | None:
-        return token_from_authorization(self.authorization())
+        """`Bearer <t>`, or a bare `<t>` (the client API has always taken both)."""
+        return bearer_token(self.authorization(), bare=True)
 
     async def body(self) -> bytes:
         try:
             return await read_body(self.receive, MAX_BODY)
         except ValueError:
             raise ServerlessError(
-                413, f"the body is larger than {MAX_BODY // (1024 * 1024)} MiB", "too_large"
+                ErrorKind.TOO_LARGE, f"the body is larger than {MAX_BODY // (1024 * 1024)} MiB", "too_large"
             ) from None
 
     async def json_body(self) -> Any:
@@ -88,7 +93,7 @@ class Call:
         try:
             return json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than Python recurses
-            raise ServerlessError(400, "the body is not valid JSON", "invalid_request") from None
+            raise ServerlessError(ErrorKind.INVALID, "the body is not valid JSON", "invalid_request") from None
 
     async def is_disconnected(self) -> bool:
         """For long polls: has the client gone? (The body must have been read already.)"""
@@ -182,29 +187,35 @@ class ServerlessApp:
         try:
             if svc is None:
                 raise ServerlessError(
-                    503, "serverless endpoints are not available yet (the server is starting)", "unavailable"
+                    ErrorKind.UNAVAILABLE,
+                    "serverless endpoints are not available yet (the server is starting)",
+                    "unavailable",
                 )
             if scope["method"] == "OPTIONS":
                 await _preflight(call)
                 return
             route = ROUTES.get(action)
             if not endpoint_id or route is None or len(call.args) != route.nargs and not route.rest:
-                raise ServerlessError(404, f"no such route: {scope['method']} /v2{route_path(scope)}", "not_found")
+                raise ServerlessError(
+                    ErrorKind.NOT_FOUND, f"no such route: {scope['method']} /v2{route_path(scope)}", "not_found"
+                )
             if scope["method"] not in route.methods:
                 raise ServerlessError(
-                    405,
+                    ErrorKind.METHOD_NOT_ALLOWED,
                     f"{action} takes {' or '.join(sorted(route.methods))}, not {scope['method']}",
                     "method_not_allowed",
                 )
             await route.handler(call)
         except ServerlessError as e:
-            await call.json(error_detail(e.msg, e.code), e.status)
+            status, body = to_http(e)
+            await call.json(body, status)
         except ConnectionResetError:
             pass  # the client went away mid-request
         except Exception:  # a bug: logged with its traceback; the client gets JSON without it
             log.exception("serverless: %s %s failed", scope["method"], route_path(scope))
             try:
-                await call.json(error_detail("internal server error", "server_error"), 500)
+                status, body = server_error()
+                await call.json(body, status)
             except Exception:
                 pass  # the answer had already begun: nothing more can be said
         finally:
@@ -226,9 +237,9 @@ async def _preflight(call: Call) -> None:
 # ---- client API ------------------------------------------------------------------------------
 
 
-async def _client(call: Call) -> ServerlessService:
-    await call.svc.authorize(call.endpoint_id, call.bearer())
-    return call.svc
+async def _client(call: Call) -> ClientApi:
+    await call.svc.client.authorize(call.endpoint_id, call.bearer())
+    return call.svc.client
 
 
 async def run(call: Call) -> None:
@@ -244,7 +255,7 @@ async def runsync(call: Call) -> None:
 
 
 def _job_action(name: str) -> Handler:
-    """`/{action}/{job_id}`: the service's method of that name on the job, its answer as JSON."""
+    """`/{action}/{job_id}`: the client API's method of that name on the job, its answer as JSON."""
 
     async def handler(call: Call) -> None:
         svc = await _client(call)
@@ -254,7 +265,7 @@ def _job_action(name: str) -> Handler:
 
 
 def _endpoint_action(name: str) -> Handler:
-    """`/{action}`: the service's method of that name on the endpoint, its answer as JSON."""
+    """`/{action}`: the client API's method of that name on the endpoint, its answer as JSON."""
 
     async def handler(call: Call) -> None:
         svc = await _client(call)
@@ -274,7 +285,7 @@ async def openai(call: Call) -> None:
     if isinstance(body, dict) and body.get("stream"):
         await call.stream(_sse(svc, call.endpoint_id, job_id), b"text/event-stream")
         return
-    result = await _wait_final(svc, call.endpoint_id, job_id, svc.options.runsync_max_ms / 1000)
+    result = await _wait_final(svc, call.endpoint_id, job_id, call.svc.options.runsync_max_ms / 1000)
     if result["status"] != "COMPLETED":
         code = 504 if result["status"] not in TERMINAL else 500
         await call.json(
@@ -287,7 +298,7 @@ async def openai(call: Call) -> None:
     await call.json(output)
 
 
-async def _wait_final(svc: ServerlessService, endpoint_id: str, job_id: str, timeout: float) -> dict[str, Any]:
+async def _wait_final(svc: ClientApi, endpoint_id: str, job_id: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         body = await svc.status(endpoint_id, job_id)
@@ -296,7 +307,7 @@ async def _wait_final(svc: ServerlessService, endpoint_id: str, job_id: str, tim
         await svc.wait_job(job_id, min(1.0, deadline - time.monotonic()))
 
 
-async def _sse(svc: ServerlessService, endpoint_id: str, job_id: str) -> AsyncIterator[bytes]:
+async def _sse(svc: ClientApi, endpoint_id: str, job_id: str) -> AsyncIterator[bytes]:
     done_sent = False
     finished = False
     try:
@@ -329,9 +340,9 @@ async def _sse(svc: ServerlessService, endpoint_id: str, job_id: str) -> AsyncIt
 # ---- worker protocol -------------------------------------------------------------------------
 
 
-def _worker(call: Call) -> ServerlessService:
-    call.svc.check_worker(call.endpoint_id, call.authorization())
-    return call.svc
+def _worker(call: Call) -> WorkerProtocol:
+    call.svc.worker.check_worker(call.endpoint_id, call.authorization())
+    return call.svc.worker
 
 
 def _job_json(row: Any) -> str:

@@ -24,7 +24,7 @@ from dstack.server.routers.projects import user_projects
 from dstack.server.security import authenticate
 from dstack.server.services import logs as logs_service
 from dstack.server.services import runs as runs_service
-from dstack.serverless.service import ServerlessError
+from dstack.serverless.errors import ServerlessError
 from dstack.web import queries, views
 from dstack.web.auth import (
     check_post,
@@ -306,7 +306,7 @@ async def test_job(request: Request, project: str, name: str, session: AsyncSess
         if len(raw) > _MAX_TEST_INPUT:
             raise ValueError(f"the input is over {_MAX_TEST_INPUT // 1024} KiB")
         value = json.loads(raw or "{}")
-        job_id = await request.app.state.serverless.submit(name, {"input": value})
+        job_id = await request.app.state.serverless.client.submit(name, {"input": value})
         message = f"Sent job {job_id}."
     except ValueError as e:
         message = f"Not sent: the input is not valid JSON ({e})."

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from dstack.core.names import name_error
 from dstack.server import crypto
 from dstack.server.db import get_session
-from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
+from dstack.server.errors import InvalidRequest, ResourceExists, ResourceNotFound
 from dstack.server.gateways.manager import GatewayStartError
 from dstack.server.gateways.models import GatewayModel
 from dstack.server.gateways.tls import MAX_PEM, check_bind_address, read_tls_pair
@@ -111,16 +111,16 @@ async def _project_gateways(session: AsyncSession, project: ProjectModel) -> lis
 def _validate(body: CreateGatewayRequest, user: UserModel) -> CreateGatewayRequest:
     problem = name_error("gateway", body.name)
     if problem is not None:
-        raise ServerClientError(problem, fields=["name"])
+        raise InvalidRequest(problem, fields=["name"])
     domain = body.domain.strip().strip(".").lower()
     if domain.startswith("*."):
         domain = domain[2:]
     if not _DOMAIN.match(domain) or len(domain) > 253:
-        raise ServerClientError(f"invalid domain '{body.domain}'", fields=["domain"])
+        raise InvalidRequest(f"invalid domain '{body.domain}'", fields=["domain"])
     if body.backend != "local":
-        raise ServerClientError(f"gateways run on the 'local' backend only (got '{body.backend}')", fields=["backend"])
+        raise InvalidRequest(f"gateways run on the 'local' backend only (got '{body.backend}')", fields=["backend"])
     if bool(body.tls_cert) != bool(body.tls_key):
-        raise ServerClientError("tls_cert and tls_key go together", fields=["tls_cert", "tls_key"])
+        raise InvalidRequest("tls_cert and tls_key go together", fields=["tls_cert", "tls_key"])
     admin = user.global_role == "admin"
     host = check_bind_address(body.host, admin)
     pem = None
@@ -153,7 +153,7 @@ async def create_gateway(
     for clash in (await session.execute(select(GatewayModel).where(GatewayModel.port == body.port))).scalars().unique():
         if clash.host == body.host or "0.0.0.0" in (clash.host, body.host):
             mine = clash.project_id == project.id  # other projects' gateway names are theirs
-            raise ServerClientError(
+            raise InvalidRequest(
                 f"port {body.port} is taken by " + (f"gateway '{clash.name}'" if mine else "another gateway"),
                 fields=["port"],
             )
@@ -187,7 +187,7 @@ async def create_gateway(
         logger.warning("gateway %s/%s did not start: %s", project.name, body.name, e)
         # Its log is the server host's business: other users learn that it failed, not the traceback.
         why = f": {e}" if user.global_role == "admin" else " (the server's log says why)"
-        raise ServerClientError(f"gateway '{body.name}' did not start{why}") from e
+        raise InvalidRequest(f"gateway '{body.name}' did not start{why}") from e
     await session.refresh(gw)  # pid and status were written by the manager's session
     return gateway_dict(gw)
 

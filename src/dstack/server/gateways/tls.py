@@ -15,7 +15,7 @@ import ssl
 import tempfile
 from pathlib import Path
 
-from dstack.server.errors import Forbidden, ServerClientError
+from dstack.server.errors import Forbidden, InvalidRequest
 
 MAX_PEM = 64 * 1024
 INVALID_TLS = "invalid TLS certificate or key: send the PEM contents of a certificate and its private key"
@@ -32,7 +32,7 @@ def check_bind_address(host: str | None, admin: bool) -> str:
         if host.lower() != "localhost" and not admin:
             raise _forbidden(host) from None
         if host.lower() != "localhost" and not _hostname_ok(host):
-            raise ServerClientError(
+            raise InvalidRequest(
                 f"host must be an IP address or a host name, got {host!r}", fields=["host"]
             ) from None
         return host
@@ -98,5 +98,5 @@ def _check_pair(cert_pem: str, key_pem: str) -> None:
             raise _invalid() from None
 
 
-def _invalid() -> ServerClientError:
-    return ServerClientError(INVALID_TLS, fields=["tls_cert", "tls_key"])
+def _invalid() -> InvalidRequest:
+    return InvalidRequest(INVALID_TLS, fields=["tls_cert", "tls_key"])

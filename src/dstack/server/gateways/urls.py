@@ -3,7 +3,7 @@
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dstack.server.errors import ServerClientError
+from dstack.server.errors import InvalidRequest
 from dstack.server.gateways.models import GatewayModel
 from dstack.server.models import ProjectModel
 
@@ -32,13 +32,13 @@ async def resolve_gateway(
     if isinstance(choice, str):
         gw = (await session.execute(query.where(GatewayModel.name == choice))).scalar_one_or_none()
         if gw is None:
-            raise ServerClientError(
+            raise InvalidRequest(
                 f"gateway '{choice}' does not exist in project '{project.name}'", fields=["gateway"]
             )
         return gw
     gw = (await session.execute(query.where(GatewayModel.default.is_(True)))).scalars().first()
     if gw is None and choice is True:
-        raise ServerClientError(
+        raise InvalidRequest(
             f"project '{project.name}' has no default gateway; create one with `dstack gateway create`",
             fields=["gateway"],
         )

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.names import name_error
 from dstack.server.db import get_session
-from dstack.server.errors import Forbidden, ResourceExists, ResourceNotFound, ServerClientError
+from dstack.server.errors import Forbidden, InvalidRequest, ResourceExists, ResourceNotFound
 from dstack.server.models import MemberModel, ProjectModel, UserModel
 from dstack.server.security import require_project_member, require_user
 
@@ -61,7 +61,7 @@ async def create_project(
 ) -> dict:
     problem = name_error("project", body.project_name)
     if problem is not None:
-        raise ServerClientError(problem, fields=["project_name"])
+        raise InvalidRequest(problem, fields=["project_name"])
     if (await session.execute(select(ProjectModel).where(ProjectModel.name == body.project_name))).first():
         raise ResourceExists(f"project '{body.project_name}' already exists")
     project = ProjectModel(name=body.project_name, owner_id=user.id)

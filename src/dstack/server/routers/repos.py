@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.names import repo_id_error
 from dstack.server.db import get_session
-from dstack.server.errors import ServerClientError
+from dstack.server.errors import InvalidRequest
 from dstack.server.limits import BodyTooLarge, check_code_archive
 from dstack.server.models import CodeModel, RepoModel
 from dstack.server.security import require_project_member
@@ -28,7 +28,7 @@ class InitRepoRequest(BaseModel):
 def _check_repo_id(repo_id: str) -> None:
     problem = repo_id_error(repo_id)
     if problem is not None:
-        raise ServerClientError(problem, fields=["repo_id"])
+        raise InvalidRequest(problem, fields=["repo_id"])
 
 
 async def _get_or_create_repo(session: AsyncSession, project_id: str, repo_id: str) -> RepoModel:

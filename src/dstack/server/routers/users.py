@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.names import name_error
 from dstack.server.db import get_session
-from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
+from dstack.server.errors import InvalidRequest, ResourceExists, ResourceNotFound
 from dstack.server.models import UserModel
 from dstack.server.security import hash_token, new_token, require_admin, require_user
 
@@ -52,7 +52,7 @@ async def create_user(
 ) -> dict:
     problem = name_error("user", body.username)
     if problem is not None:
-        raise ServerClientError(problem, fields=["username"])
+        raise InvalidRequest(problem, fields=["username"])
     if (await session.execute(select(UserModel).where(UserModel.name == body.username))).first():
         raise ResourceExists(f"user '{body.username}' already exists")
     token = new_token()

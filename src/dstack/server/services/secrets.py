@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dstack.server import crypto
-from dstack.server.errors import ServerClientError
+from dstack.server.errors import InvalidRequest
 
 REDACTED = "***"
 
@@ -125,13 +125,13 @@ def refuse_redacted(configuration: dict[str, Any]) -> None:
 
     _walk(configuration, secret, env)
     if redacted:
-        raise ServerClientError(
+        raise InvalidRequest(
             f"{', '.join(redacted)}: '{REDACTED}' is how answers hide credentials, not a credential; "
             "send the configuration with the real values",
             fields=redacted,
         )
     if encrypted:
-        raise ServerClientError(
+        raise InvalidRequest(
             f"{', '.join(encrypted)}: values starting with '{crypto.PREFIX}' are reserved for what the server encrypts",
             fields=encrypted,
         )

@@ -1,22 +1,27 @@
 """The server's side of serverless endpoints: workers are jobs of the endpoint's run.
 
-`JobWorkerLauncher` turns the serverless scaler's start/stop requests into replica jobs that run
-the configuration's commands with the RUNPOD_* environment; `ServerlessBridge` registers an
-endpoint when its run is submitted, reports worker jobs that end, and removes the endpoint when
-the run stops.
+`server_ports` is everything the queue needs from the server (`dstack.serverless.ports`): the
+database, the auth cache the proxy shares, project names, and `JobWorkerLauncher`, which turns the
+serverless scaler's start/stop requests into replica jobs that run the configuration's commands
+with the RUNPOD_* environment. `ServerlessBridge` registers an endpoint when its run is submitted,
+reports worker jobs that end, and removes the endpoint when the run stops.
 """
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.models.runs import JobSpec, JobStatus, JobTerminationReason, RunSpec, RunStatus, RunType
 from dstack.server import crypto
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.errors import ResourceExists
-from dstack.server.models import JobModel, RunModel
+from dstack.server.models import JobModel, ProjectModel, RunModel
 from dstack.server.services.runs import mark_job_terminating, new_jobs, parse_configuration
+from dstack.serverless.ports import AccessCheck, ServerPorts
 from dstack.serverless.service import ServerlessService
 from dstack.serverless.settings import EndpointSettings
 
@@ -28,7 +33,7 @@ def is_serverless(run: RunModel) -> bool:
     return run.run_type == RunType.SERVERLESS
 
 
-async def _active_endpoint_run(session, endpoint_id: str) -> RunModel | None:
+async def _active_endpoint_run(session: AsyncSession, endpoint_id: str) -> RunModel | None:
     runs = (
         (
             await session.execute(
@@ -47,7 +52,7 @@ async def _active_endpoint_run(session, endpoint_id: str) -> RunModel | None:
 
 
 class JobWorkerLauncher:
-    def __init__(self, db: Database, wake_pipeline) -> None:
+    def __init__(self, db: Database, wake_pipeline: Callable[[], None]) -> None:
         self.db = db
         self.wake_pipeline = wake_pipeline
 
@@ -85,6 +90,22 @@ class JobWorkerLauncher:
         self.wake_pipeline()
 
 
+def project_names(db: Database) -> Callable[[str], Awaitable[str | None]]:
+    """`project_id -> name` (None when the project is gone), for `ServerPorts.project_name`."""
+
+    async def project_name(project_id: str) -> str | None:
+        async with db.session() as session:
+            project = await session.get(ProjectModel, project_id)
+            return project.name if project is not None else None
+
+    return project_name
+
+
+def server_ports(db: Database, wake_pipeline: Callable[[], None], access: AccessCheck) -> ServerPorts:
+    """The server's side of the queue's seam; `access` is the auth cache the proxy uses too."""
+    return ServerPorts(db, JobWorkerLauncher(db, wake_pipeline), access, project_names(db))
+
+
 SWEEP_INTERVAL = 2.0
 
 
@@ -94,7 +115,7 @@ class ServerlessBridge:
         self.service = service
         self._reported: set[str] = set()
         self._deregistered: set[str] = set()
-        self._sweeper: asyncio.Task | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._ensure_sweeper()
 
     def _ensure_sweeper(self) -> None:
@@ -110,7 +131,7 @@ class ServerlessBridge:
             self._sweeper = None
 
     async def _sweep_loop(self) -> None:
-        while not self.service._closing:
+        while not self.service.closing:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
                 await self.sweep()
@@ -157,7 +178,8 @@ class ServerlessBridge:
 
                 async def refuse() -> None:
                     db_run = await session.get(RunModel, run.id)
-                    db_run.status = RunStatus.FAILED.value
+                    assert db_run is not None  # the run being submitted
+                    db_run.status = RunStatus.FAILED
                     db_run.error = f"endpoint id '{run.run_name}' is taken by another project's endpoint"
                     await session.commit()
 
@@ -191,7 +213,7 @@ class ServerlessBridge:
             self._deregistered.add(run_id)
             await self.service.deregister_endpoint(name)
 
-    async def status(self, run_name: str) -> dict | None:
+    async def status(self, run_name: str) -> dict[str, Any] | None:
         try:
             return await self.service.endpoint_status(run_name)
         except Exception:
