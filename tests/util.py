@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import psutil
+
 T = TypeVar("T")
 
 
@@ -43,3 +45,11 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 def wait_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
     """Until something accepts connections on `port`."""
     wait_until(lambda: port_open(port, host), timeout, what=f"port {port} to open")
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (killed but not yet reaped by its parent)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

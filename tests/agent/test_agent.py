@@ -22,6 +22,7 @@ import pytest
 
 from dstack.agent.host_info import parse_nvidia_smi
 from dstack.agent.launcher import AgentInfo, is_agent_alive, start_agent
+from tests.util import alive, wait_until
 
 FINAL = {"done", "failed", "terminated", "aborted"}
 TOKEN = "test-token"
@@ -362,10 +363,7 @@ def test_restart_remembers_jobs(tmp_path: Path) -> None:
             assert states == {done_id: "done", run_id: "failed"}
             assert pull(c, run_id)["message"] == "agent restarted"
             assert text(pull(c, done_id)["logs"]) == "kept\n"
-        deadline = time.monotonic() + 5
-        while psutil.pid_exists(job_pid) and psutil.Process(job_pid).status() != psutil.STATUS_ZOMBIE:
-            assert time.monotonic() < deadline, "orphaned job process was not killed"
-            time.sleep(0.05)
+        wait_until(lambda: not alive(job_pid), timeout=5, what="the orphaned job process to be killed")
     finally:
         _stop_agent(info)
 

@@ -18,6 +18,7 @@ from dstack.agent.containers import ContainerRuntime, ContainerSpec
 from dstack.agent.launcher import start_agent
 from tests.agent.test_agent import TOKEN, _stop_agent, make_tar, pull, run, submit, text, wait_final, wait_gone
 from tests.images import DEFAULT_CMD_OUTPUT, ensure_test_image
+from tests.util import wait_until
 
 PODMAN = ContainerRuntime("podman", "/usr/bin/podman", "/usr/sbin/runc", ("nofile=1024:1024", "nproc=1024:1024"))
 DOCKER = ContainerRuntime("docker", "/usr/bin/docker")
@@ -293,16 +294,21 @@ def test_isolated_image_job_serves_on_its_address(client: httpx.Client, image: s
     wait_for_output(client, job_id, "started")
     address = pull(client, job_id)["address"]
     assert address and address != "127.0.0.1"
-    deadline, last = time.monotonic() + 15, None
-    while time.monotonic() < deadline:
+    last: list[httpx.Response | Exception] = [AssertionError("not asked yet")]
+
+    def served() -> bool:
         try:
-            last = httpx.get(f"http://{address}:8080/hello.txt", timeout=2)
-            if last.status_code == 200:
-                break
+            last[0] = httpx.get(f"http://{address}:8080/hello.txt", timeout=2)
+            return last[0].status_code == 200
         except httpx.HTTPError as e:
-            last = e
-        time.sleep(0.1)
-    assert isinstance(last, httpx.Response) and last.text == "served from the container\n", last
+            last[0] = e
+            return False
+
+    try:
+        wait_until(served, timeout=15, interval=0.1, what=f"the container's server at {address}:8080")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last answer: {last[0]!r}") from None
+    assert isinstance(last[0], httpx.Response) and last[0].text == "served from the container\n", last[0]
     client.post(f"/api/jobs/{job_id}/stop", json={"abort": True})
     assert wait_final(client, job_id)[0]["state"] == "aborted"
 
@@ -368,13 +374,12 @@ def test_stop_during_a_pull_ends_it(client: httpx.Client, image: str) -> None:
         registry.listen(8)
         port = registry.getsockname()[1]
         job_id = submit(client, ["true"], image=f"127.0.0.1:{port}/hangs:1")
-        deadline = time.monotonic() + 10
-        while pull(client, job_id)["state"] == "submitted" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # the pull is under way
-        assert pull(client, job_id)["state"] == "preparing"
-        t0 = time.monotonic()
-        client.post(f"/api/jobs/{job_id}/stop", json={})
-        resp, _ = wait_final(client, job_id, timeout=10)
+        registry.settimeout(10)
+        puller, _ = registry.accept()  # the pull is under way: it connected to the registry
+        with puller:
+            assert pull(client, job_id)["state"] == "preparing"
+            t0 = time.monotonic()
+            client.post(f"/api/jobs/{job_id}/stop", json={})
+            resp, _ = wait_final(client, job_id, timeout=10)
     assert resp["state"] == "terminated" and resp["message"] == "stopped before the process started", resp
     assert time.monotonic() - t0 < 5

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dstack.agent.prewarm import socket_path, with_prewarm_path
+from tests.util import alive, wait_until
 
 SDK = """
 import os
@@ -49,12 +50,11 @@ def run(env, cwd, *args, **kw):
 
 def wait_for_zygote(root: Path, timeout: float = 60) -> None:
     sock = socket_path(root)
-    deadline = time.time() + timeout
-    while not sock.exists():
-        assert time.time() < deadline, (
-            f"no zygote: {Path(str(sock) + '.log').read_text() if Path(str(sock) + '.log').exists() else ''}"
-        )
-        time.sleep(0.1)
+    log = Path(str(sock) + ".log")
+    try:
+        wait_until(sock.exists, timeout, interval=0.1, what="the zygote's socket")
+    except AssertionError as e:
+        raise AssertionError(f"no zygote: {log.read_text() if log.exists() else ''}") from e
 
 
 SCRIPT = """
@@ -121,10 +121,11 @@ def test_signals_reach_the_worker_and_it_dies_with_its_starter(warm_venv, tmp_pa
         pids = [int(x) for x in p.stdout.readline().split()]
         p.send_signal(how)
         p.wait(10)
-        deadline = time.time() + 10
-        while any(_alive(pid) for pid in pids):
-            assert time.time() < deadline, f"the worker or its helper outlived its starter ({how!r})"
-            time.sleep(0.05)
+        wait_until(
+            lambda pids=pids: not any(alive(pid) for pid in pids),
+            timeout=10,
+            what=f"the worker and its helper to end with their starter ({how!r})",
+        )
 
 
 def test_changed_packages_retire_the_zygote(warm_venv, tmp_path):
@@ -139,15 +140,3 @@ def test_changed_packages_retire_the_zygote(warm_venv, tmp_path):
     assert r.returncode == 0 and "pod w9" in r.stdout
     pid = int(r.stdout.split("pid ")[1].split()[0])
     assert str(pid) in marks.read_text().split()  # a plain interpreter: imported everything itself
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False

@@ -21,6 +21,7 @@ from dstack.agent import runner
 from dstack.agent.launcher import start_agent
 from dstack.agent.venvs import LAST_USED, SETUP_LOCK, VenvFactory, last_used
 from tests.agent.test_agent import TOKEN, _stop_agent, make_tar, make_wheel, pull, submit, text, wait_final
+from tests.util import wait_until
 
 PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
 PKG = "dstackheavypkg"
@@ -191,10 +192,11 @@ def test_kept_across_restart_and_evicted_after_a_week(tmp_path: Path) -> None:
     (root / kept / LAST_USED).write_text(f"{time.time() - 6 * 86400}\n")
     info = start_agent(home, TOKEN)
     try:
-        deadline = time.monotonic() + 15
-        while (root / stale).exists() or any(p.name.startswith(".trash-") for p in root.iterdir()):
-            assert time.monotonic() < deadline, "the stale shared venv was not evicted"
-            time.sleep(0.05)
+        wait_until(
+            lambda: not (root / stale).exists() and not any(p.name.startswith(".trash-") for p in root.iterdir()),
+            timeout=15,
+            what="the stale shared venv to be evicted",
+        )
         assert (root / kept / "bin" / "python").exists()
         with httpx.Client(base_url=info.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
             resp, records = wait_final(c, submit(c, ["true"], setup=setup, code=code, venv_key=kept), timeout=120)
