@@ -1,0 +1,518 @@
+"""Fleets: plan, apply (create or update in place), list, get, delete; and the manager that
+brings fleet hosts up in the background and keeps trying the unreachable ones.
+
+Applying probes every new host over SSH first (its key trusted on first use and stored), so a
+host that cannot be reached or does not meet the fleet's `resources` refuses the whole apply
+with the reason; nothing is created half-way. Then each host gets an `instances` row
+(`provisioning`) and the manager deploys or re-attaches its agent (`idle`); a host that fails
+is `unreachable` (with the reason) and retried. A server restart re-attaches the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dstack.core.models.fleets import FleetConfiguration, SSHHostParams, SSHKey, SSHProxyParams
+from dstack.core.models.runs import InstanceResources, JobStatus
+from dstack.server import crypto
+from dstack.server import errors as _errors
+from dstack.server.backends.ssh.backend import HostUnreachable, SSHBackend, connect_and_probe
+from dstack.server.backends.ssh.connection import Endpoint, Target
+from dstack.server.backends.ssh.probe import HostProbe
+from dstack.server.db import Database
+from dstack.server.errors import ResourceExists, ResourceNotFound
+from dstack.server.fleet_models import FleetInstanceModel, FleetModel
+from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel
+from dstack.server.services import offers
+from dstack.server.services.instances import InstanceManager
+
+logger = logging.getLogger(__name__)
+
+# The 400 refusal: `InvalidRequest` once the errors refactoring lands, `ServerClientError` before.
+BadRequest: Any = getattr(_errors, "InvalidRequest", None) or getattr(_errors, "ServerClientError")  # noqa: B009
+
+RETRY_SECONDS = 10.0
+PROBE_CONCURRENCY = 16
+ACTIVE_JOB_STATUSES = [s.value for s in JobStatus.active_statuses()]
+
+
+def _key_text(key: SSHKey | None) -> str | None:
+    return key.private if key is not None else None
+
+
+def _ssh_json(host: SSHHostParams, host_key: str | None, jump_host_key: str | None) -> str:
+    """What reaching the host needs, private keys encrypted."""
+    ssh: dict[str, Any] = {"private_key": crypto.encrypt(_key_text(host.ssh_key) or "")}
+    if host.proxy_jump is not None:
+        pj = host.proxy_jump
+        ssh["proxy_jump"] = {
+            "hostname": pj.hostname,
+            "port": pj.port or 22,
+            "user": pj.user or host.user,
+            "private_key": crypto.encrypt(_key_text(pj.ssh_key) or _key_text(host.ssh_key) or ""),
+        }
+    if host_key:
+        ssh["host_key"] = host_key
+    if jump_host_key:
+        ssh["jump_host_key"] = jump_host_key
+    return json.dumps(ssh)
+
+
+def _target(host: SSHHostParams, known: dict[str, Any] | None) -> Target:
+    known = known or {}
+    key = _key_text(host.ssh_key) or ""
+    jump = None
+    if host.proxy_jump is not None:
+        pj: SSHProxyParams = host.proxy_jump
+        jump = Endpoint(
+            pj.hostname, pj.port or 22, pj.user or host.user or "root", _key_text(pj.ssh_key) or key,
+            known.get("jump_host_key"),
+        )  # fmt: skip
+    return Target(Endpoint(host.hostname, host.port or 22, host.user or "root", key, known.get("host_key")), jump)
+
+
+def _host_id(hostname: str, port: int | None) -> str:
+    return f"{hostname}:{port or 22}"
+
+
+def _stored_spec(conf: FleetConfiguration) -> str:
+    """The configuration as stored: every private key encrypted."""
+    data = conf.model_dump(mode="json")
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            key = node.get("ssh_key")
+            if isinstance(key, dict) and key.get("private"):
+                key["private"] = crypto.encrypt(key["private"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(data)
+    return json.dumps(data)
+
+
+def public_spec(spec: str) -> dict[str, Any]:
+    """The configuration as answered: private keys left out."""
+    data = json.loads(spec)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("ssh_key"), dict):
+                node["ssh_key"] = {"private": "<hidden>", "public": node["ssh_key"].get("public")}
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(data)
+    return dict(data)
+
+
+class FleetManager:
+    def __init__(self, db: Database, instances: InstanceManager, backend: SSHBackend) -> None:
+        self.db = db
+        self.instances = instances
+        self.backend = backend
+        self._attaching: dict[str, asyncio.Task[None]] = {}  # instance id -> attach in progress
+        self._loop: asyncio.Task[None] | None = None
+
+    # --- bringing hosts up ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._attach_pending()
+        self._loop = asyncio.create_task(self._retry_loop(), name="fleet-hosts")
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._loop, *self._attaching.values()] if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _retry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_SECONDS)
+            try:
+                await self._attach_pending()
+            except Exception:
+                logger.exception("retrying fleet hosts failed")
+
+    async def _attach_pending(self) -> None:
+        """Attach every live fleet host the instance manager does not supervise yet."""
+        async with self.db.session() as session:
+            rows = (
+                await session.execute(
+                    select(InstanceModel.id, InstanceModel.name, InstanceModel.agent).where(
+                        InstanceModel.backend == self.backend.name, InstanceModel.status != "terminated"
+                    )
+                )
+            ).all()
+        for instance_id, name, agent in rows:
+            if not self.instances.has_client(instance_id):
+                self._spawn_attach(instance_id, name, agent)
+
+    def _spawn_attach(self, instance_id: str, name: str, agent_json: str | None) -> None:
+        task = self._attaching.get(instance_id)
+        if task is not None and not task.done():
+            return
+        self._attaching[instance_id] = asyncio.create_task(self._attach(instance_id, name, agent_json))
+
+    async def _attach(self, instance_id: str, name: str, agent_json: str | None) -> None:
+        token = None
+        with contextlib.suppress(ValueError, crypto.DecryptionError):
+            stored = json.loads(agent_json or "{}").get("token")
+            token = crypto.decrypt(stored) if stored else None
+        try:
+            inst = await self.backend.attach(name, token)
+        except HostUnreachable as e:
+            logger.warning("fleet host %s: %s", name, e)
+            await self.backend.mark(name, "unreachable", str(e))
+            return
+        async with self.db.session() as session:
+            row = await session.get(InstanceModel, instance_id)
+            if row is None or row.status == "terminated":  # deleted meanwhile
+                await self.backend.terminate(name, inst.agent.token)
+                return
+            fi = await session.get(FleetInstanceModel, instance_id)
+            if fi is not None:
+                fi.status_message = None
+                await session.commit()
+        await self.instances.add(instance_id, self.backend, inst)
+
+    # --- plan and apply -------------------------------------------------------------------
+
+    async def plan(self, session: AsyncSession, project: ProjectModel, conf: FleetConfiguration) -> dict[str, Any]:
+        """What applying would do, with what each new host offers (probed now over SSH)."""
+        _check_conf(conf)
+        name = conf.name or ""
+        fleet = await _active_fleet(session, project, name) if name else None
+        existing = await _fleet_instances(session, fleet) if fleet is not None else []
+        by_host = {_host_id(fi.hostname, fi.port): (fi, inst) for fi, inst in existing}
+        assert conf.ssh_config is not None
+        hosts = conf.ssh_config.resolved_hosts()
+        wanted = {_host_id(h.hostname, h.port) for h in hosts}
+        sem = asyncio.Semaphore(PROBE_CONCURRENCY)
+
+        async def probe_one(h: SSHHostParams) -> dict[str, Any]:
+            hid = _host_id(h.hostname, h.port)
+            row: dict[str, Any] = {"hostname": h.hostname, "port": h.port, "user": h.user}
+            if hid in by_host:
+                fi, inst = by_host[hid]
+                row.update(action="keep", instance_name=inst.name, status=inst.status)
+                row["resources"] = json.loads(inst.resources or "{}")
+                return row
+            row["action"] = "add"
+            async with sem:
+                try:
+                    conn, found = await connect_and_probe(_target(h, None))
+                except HostUnreachable as e:
+                    row["error"] = str(e)
+                    return row
+            conn.close()
+            row["probe"] = found.to_dict()
+            row["host_key"] = conn.host_key
+            row["jump_host_key"] = conn.jump_host_key
+            row["resources"] = _resources(found).model_dump()
+            problem = _resources_problem(conf, found)
+            if problem:
+                row["error"] = problem
+            return row
+
+        rows = list(await asyncio.gather(*(probe_one(h) for h in hosts)))
+        for fi, inst in existing:
+            if _host_id(fi.hostname, fi.port) not in wanted:
+                rows.append(
+                    {
+                        "hostname": fi.hostname,
+                        "port": fi.port,
+                        "user": fi.user,
+                        "action": "remove",
+                        "instance_name": inst.name,
+                        "status": inst.status,
+                        "resources": json.loads(inst.resources or "{}"),
+                    }
+                )
+        return {
+            "name": name or None,
+            "action": "update" if fleet is not None else "create",
+            "placement": conf.placement,
+            "hosts": rows,
+        }
+
+    async def apply(self, session: AsyncSession, project: ProjectModel, conf: FleetConfiguration) -> dict[str, Any]:
+        _check_conf(conf)
+        if conf.name is None:
+            conf = conf.model_copy(update={"name": f"fleet-{secrets.token_hex(3)}"})
+        assert conf.name is not None and conf.ssh_config is not None
+        plan = await self.plan(session, project, conf)
+        failed = [h for h in plan["hosts"] if h.get("error")]
+        if failed:
+            raise BadRequest("; ".join(f"{h['hostname']}: {h['error']}" for h in failed), fields=["ssh_config.hosts"])
+        hosts = {_host_id(h.hostname, h.port): h for h in conf.ssh_config.resolved_hosts()}
+        await _check_hosts_free(session, project, conf.name, list(hosts))
+        fleet = await _active_fleet(session, project, conf.name)
+        if fleet is None:
+            fleet = FleetModel(project_id=project.id, name=conf.name, spec=_stored_spec(conf))
+            session.add(fleet)
+            await session.flush()
+        else:
+            fleet.spec = _stored_spec(conf)
+        existing = await _fleet_instances(session, fleet)
+        removed = [(fi, inst) for fi, inst in existing if _host_id(fi.hostname, fi.port) not in hosts]
+        await _refuse_busy(session, [inst for _, inst in removed])
+        removed_ids = {inst.id for _, inst in removed}
+        kept = {_host_id(fi.hostname, fi.port): fi for fi, inst in existing if inst.id not in removed_ids}
+        for hid, fi in kept.items():  # a new key or user for a kept host; its trusted host key stays
+            h = hosts[hid]
+            old = json.loads(fi.ssh or "{}")
+            fi.user = h.user or "root"
+            fi.internal_ip = h.internal_ip or fi.internal_ip
+            fi.ssh = _ssh_json(h, old.get("host_key"), old.get("jump_host_key"))
+        next_num = max((fi.instance_num for fi, _ in existing), default=-1) + 1
+        new_ids: list[tuple[str, str]] = []
+        for row in plan["hosts"]:
+            if row["action"] != "add":
+                continue
+            h = hosts[_host_id(row["hostname"], row["port"])]
+            inst_name = f"{conf.name}-{next_num}"
+            clash = (
+                await session.execute(select(InstanceModel.id).where(InstanceModel.name == inst_name))
+            ).scalar_one_or_none()
+            if clash is not None:
+                raise ResourceExists(f"instance name {inst_name!r} is in use (a fleet of that name in another project)")
+            inst = InstanceModel(
+                name=inst_name,
+                backend=self.backend.name,
+                region=conf.name,
+                hostname=h.hostname,
+                status="provisioning",
+                resources=json.dumps(row["resources"]),
+                price=0.0,
+                agent="{}",
+            )
+            session.add(inst)
+            await session.flush()
+            session.add(
+                FleetInstanceModel(
+                    instance_id=inst.id,
+                    fleet_id=fleet.id,
+                    project_id=project.id,
+                    instance_num=next_num,
+                    hostname=h.hostname,
+                    port=h.port or 22,
+                    user=h.user or "root",
+                    internal_ip=h.internal_ip,
+                    ssh=_ssh_json(h, row.get("host_key"), row.get("jump_host_key")),
+                )
+            )
+            new_ids.append((inst.id, inst_name))
+            next_num += 1
+        await session.commit()
+        for _fi, inst in removed:
+            await self._terminate(session, inst)
+        await session.commit()
+        for instance_id, inst_name in new_ids:
+            self._spawn_attach(instance_id, inst_name, None)
+        return await self.get(session, project, conf.name)
+
+    # --- reading and deleting -------------------------------------------------------------
+
+    async def list_fleets(self, session: AsyncSession, project: ProjectModel) -> list[dict[str, Any]]:
+        fleets = (
+            await session.execute(
+                select(FleetModel)
+                .where(FleetModel.project_id == project.id, FleetModel.deleted.is_(False))
+                .order_by(FleetModel.created_at)
+            )
+        ).scalars()
+        return [await self._fleet_dict(session, f) for f in fleets]
+
+    async def get(self, session: AsyncSession, project: ProjectModel, name: str) -> dict[str, Any]:
+        fleet = await _active_fleet(session, project, name)
+        if fleet is None:
+            raise ResourceNotFound(f"fleet {name!r} not found in project {project.name!r}")
+        return await self._fleet_dict(session, fleet)
+
+    async def delete(self, session: AsyncSession, project: ProjectModel, names: list[str]) -> None:
+        fleets = []
+        for name in names:
+            fleet = await _active_fleet(session, project, name)
+            if fleet is None:
+                raise ResourceNotFound(f"fleet {name!r} not found in project {project.name!r}")
+            fleets.append(fleet)
+        for fleet in fleets:
+            live = [inst for _, inst in await _fleet_instances(session, fleet)]
+            await _refuse_busy(session, live)
+            for inst in live:
+                await self._terminate(session, inst)
+            fleet.status = "terminated"
+            fleet.deleted = True
+            await session.commit()
+
+    async def delete_instances(
+        self, session: AsyncSession, project: ProjectModel, name: str, instance_nums: list[int]
+    ) -> dict[str, Any]:
+        fleet = await _active_fleet(session, project, name)
+        if fleet is None:
+            raise ResourceNotFound(f"fleet {name!r} not found in project {project.name!r}")
+        by_num = {fi.instance_num: inst for fi, inst in await _fleet_instances(session, fleet)}
+        missing = [n for n in instance_nums if n not in by_num]
+        if missing:
+            raise ResourceNotFound(f"fleet {name!r} has no instance {missing[0]}")
+        chosen = [by_num[n] for n in instance_nums]
+        await _refuse_busy(session, chosen)
+        for inst in chosen:
+            await self._terminate(session, inst)
+        await session.commit()
+        return await self._fleet_dict(session, fleet)
+
+    async def _terminate(self, session: AsyncSession, inst: InstanceModel) -> None:
+        """Stop the host's agent and retire the row (renamed, so the name can be used again)."""
+        task = self._attaching.pop(inst.id, None)
+        if task is not None:
+            task.cancel()
+        token = None
+        with contextlib.suppress(ValueError, crypto.DecryptionError):
+            stored = json.loads(inst.agent or "{}").get("token")
+            token = crypto.decrypt(stored) if stored else None
+        await self.instances.remove(inst.id)
+        await self.backend.terminate(inst.name, token)
+        inst.status = "terminated"
+        inst.name = f"{inst.name}~{inst.id[:8]}"[:100]
+
+    async def _fleet_dict(self, session: AsyncSession, fleet: FleetModel) -> dict[str, Any]:
+        pairs = await _fleet_instances(session, fleet, include_terminated=False)
+        ids = [inst.id for _, inst in pairs]
+        jobs: dict[str, list[str]] = {}
+        if ids:
+            for instance_id, run_name, job_name in (
+                await session.execute(
+                    select(JobModel.instance_id, RunModel.run_name, JobModel.job_name)
+                    .join(RunModel, RunModel.id == JobModel.run_id)
+                    .where(JobModel.instance_id.in_(ids), JobModel.status.in_(ACTIVE_JOB_STATUSES))
+                )
+            ).all():
+                jobs.setdefault(str(instance_id), []).append(job_name or run_name)
+        instances = []
+        for fi, inst in pairs:
+            status = inst.status
+            if status == "idle" and jobs.get(inst.id):
+                status = "busy"
+            res = InstanceResources.model_validate(json.loads(inst.resources or "{}"))
+            instances.append(
+                {
+                    "name": inst.name,
+                    "instance_num": fi.instance_num,
+                    "hostname": fi.hostname,
+                    "port": fi.port,
+                    "user": fi.user,
+                    "internal_ip": fi.internal_ip,
+                    "backend": inst.backend,
+                    "region": inst.region,
+                    "status": status,
+                    "status_message": fi.status_message,
+                    "resources": res.model_dump(),
+                    "resources_pretty": res.pretty(),
+                    "price": inst.price,
+                    "jobs": jobs.get(inst.id, []),
+                    "created_at": inst.created_at.isoformat() if inst.created_at else None,
+                }
+            )
+        return {
+            "id": fleet.id,
+            "name": fleet.name,
+            "project_name": fleet.project.name,
+            "status": fleet.status,
+            "created_at": fleet.created_at.isoformat() if fleet.created_at else None,
+            "spec": public_spec(fleet.spec),
+            "instances": instances,
+        }
+
+
+def _check_conf(conf: FleetConfiguration) -> None:
+    if conf.ssh_config is None:
+        raise BadRequest("ssh_config is required: only SSH fleets exist here", fields=["ssh_config"])
+    for i, h in enumerate(conf.ssh_config.resolved_hosts()):
+        if h.ssh_key is None:
+            raise BadRequest(
+                f"no SSH key for host {h.hostname!r}: set identity_file (the client reads it) or ssh_key",
+                fields=[f"ssh_config.hosts[{i}]"],
+            )
+
+
+def _resources(found: HostProbe) -> InstanceResources:
+    return InstanceResources(cpus=found.cpus, memory_mib=found.memory_mib, disk_mib=found.disk_mib, gpus=found.gpus)
+
+
+def _resources_problem(conf: FleetConfiguration, found: HostProbe) -> str | None:
+    if conf.resources is None or offers.fits_total(conf.resources, _resources(found)):
+        return None
+    return f"offers {_resources(found).pretty()}, short of the fleet's resources {conf.resources.pretty_format()}"
+
+
+async def _active_fleet(session: AsyncSession, project: ProjectModel, name: str) -> FleetModel | None:
+    return (
+        await session.execute(
+            select(FleetModel).where(
+                FleetModel.project_id == project.id, FleetModel.name == name, FleetModel.deleted.is_(False)
+            )
+        )
+    ).scalar_one_or_none()
+
+
+async def _fleet_instances(
+    session: AsyncSession, fleet: FleetModel, include_terminated: bool = False
+) -> list[tuple[FleetInstanceModel, InstanceModel]]:
+    q = (
+        select(FleetInstanceModel, InstanceModel)
+        .join(InstanceModel, InstanceModel.id == FleetInstanceModel.instance_id)
+        .where(FleetInstanceModel.fleet_id == fleet.id)
+        .order_by(FleetInstanceModel.instance_num)
+    )
+    if not include_terminated:
+        q = q.where(InstanceModel.status != "terminated")
+    return [(fi, inst) for fi, inst in (await session.execute(q)).all()]
+
+
+async def _check_hosts_free(session: AsyncSession, project: ProjectModel, fleet_name: str, host_ids: list[str]) -> None:
+    """A host belongs to one live fleet: two agents on one host would both hand out its resources."""
+    rows = (
+        await session.execute(
+            select(FleetInstanceModel.hostname, FleetInstanceModel.port, FleetModel.name, FleetModel.project_id)
+            .join(FleetModel, FleetModel.id == FleetInstanceModel.fleet_id)
+            .join(InstanceModel, InstanceModel.id == FleetInstanceModel.instance_id)
+            .where(InstanceModel.status != "terminated")
+        )
+    ).all()
+    wanted = set(host_ids)
+    for hostname, port, other, project_id in rows:
+        if _host_id(hostname, port) in wanted and (other != fleet_name or project_id != project.id):
+            raise ResourceExists(f"host {hostname}:{port} is already in fleet {other!r}", fields=["ssh_config.hosts"])
+
+
+async def _refuse_busy(session: AsyncSession, instances: list[InstanceModel]) -> None:
+    ids = [i.id for i in instances]
+    if not ids:
+        return
+    busy = (
+        await session.execute(
+            select(JobModel.instance_id, RunModel.run_name)
+            .join(RunModel, RunModel.id == JobModel.run_id)
+            .where(JobModel.instance_id.in_(ids), JobModel.status.in_(ACTIVE_JOB_STATUSES))
+        )
+    ).all()
+    if busy:
+        names = {i.id: i.name for i in instances}
+        what = ", ".join(sorted({f"{names.get(str(i), i)} runs {r}" for i, r in busy}))
+        raise BadRequest(f"cannot remove instances with active jobs ({what}); stop those runs first")
