@@ -122,6 +122,8 @@ class InstanceStatus(StrEnum):
     BUSY = "busy"
     TERMINATING = "terminating"
     TERMINATED = "terminated"
+    #: a fleet host whose SSH connection or agent stopped answering (retried; services/fleets.py)
+    UNREACHABLE = "unreachable"
 
 
 class RunSpec(BaseModel):
