@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.models.fleets import FleetConfiguration, SSHHostParams, SSHKey, SSHProxyParams
-from dstack.core.models.runs import InstanceResources, JobStatus
+from dstack.core.models.runs import InstanceResources, InstanceStatus, JobStatus
 from dstack.server import crypto
 from dstack.server import errors as _errors
 from dstack.server.backends.ssh.backend import HostUnreachable, SSHBackend, connect_and_probe
@@ -154,7 +154,7 @@ class FleetManager:
             rows = (
                 await session.execute(
                     select(InstanceModel.id, InstanceModel.name, InstanceModel.agent).where(
-                        InstanceModel.backend == self.backend.name, InstanceModel.status != "terminated"
+                        InstanceModel.backend == self.backend.name, InstanceModel.status != InstanceStatus.TERMINATED
                     )
                 )
             ).all()
@@ -177,11 +177,11 @@ class FleetManager:
             inst = await self.backend.attach(name, token)
         except HostUnreachable as e:
             logger.warning("fleet host %s: %s", name, e)
-            await self.backend.mark(name, "unreachable", str(e))
+            await self.backend.mark(name, InstanceStatus.UNREACHABLE, str(e))
             return
         async with self.db.session() as session:
             row = await session.get(InstanceModel, instance_id)
-            if row is None or row.status == "terminated":  # deleted meanwhile
+            if row is None or row.status == InstanceStatus.TERMINATED:  # deleted meanwhile
                 await self.backend.terminate(name, inst.agent.token)
                 return
             fi = await session.get(FleetInstanceModel, instance_id)
@@ -296,7 +296,7 @@ class FleetManager:
                 backend=self.backend.name,
                 region=conf.name,
                 hostname=h.hostname,
-                status="provisioning",
+                status=InstanceStatus.PROVISIONING,
                 resources=json.dumps(row["resources"]),
                 price=0.0,
                 agent="{}",
@@ -388,7 +388,7 @@ class FleetManager:
             token = crypto.decrypt(stored) if stored else None
         await self.instances.remove(inst.id)
         await self.backend.terminate(inst.name, token)
-        inst.status = "terminated"
+        inst.status = InstanceStatus.TERMINATED
         inst.name = f"{inst.name}~{inst.id[:8]}"[:100]
 
     async def _fleet_dict(self, session: AsyncSession, fleet: FleetModel) -> dict[str, Any]:
@@ -406,9 +406,9 @@ class FleetManager:
                 jobs.setdefault(str(instance_id), []).append(job_name or run_name)
         instances = []
         for fi, inst in pairs:
-            status = inst.status
-            if status == "idle" and jobs.get(inst.id):
-                status = "busy"
+            status = str(inst.status)
+            if status == InstanceStatus.IDLE and jobs.get(inst.id):
+                status = InstanceStatus.BUSY.value
             res = InstanceResources.model_validate(json.loads(inst.resources or "{}"))
             instances.append(
                 {
@@ -481,7 +481,7 @@ async def _fleet_instances(
         .order_by(FleetInstanceModel.instance_num)
     )
     if not include_terminated:
-        q = q.where(InstanceModel.status != "terminated")
+        q = q.where(InstanceModel.status != InstanceStatus.TERMINATED)
     return [(fi, inst) for fi, inst in (await session.execute(q)).all()]
 
 
@@ -492,7 +492,7 @@ async def _check_hosts_free(session: AsyncSession, project: ProjectModel, fleet_
             select(FleetInstanceModel.hostname, FleetInstanceModel.port, FleetModel.name, FleetModel.project_id)
             .join(FleetModel, FleetModel.id == FleetInstanceModel.fleet_id)
             .join(InstanceModel, InstanceModel.id == FleetInstanceModel.instance_id)
-            .where(InstanceModel.status != "terminated")
+            .where(InstanceModel.status != InstanceStatus.TERMINATED)
         )
     ).all()
     wanted = set(host_ids)

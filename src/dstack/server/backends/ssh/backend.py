@@ -18,7 +18,7 @@ import asyncssh
 import httpx
 from sqlalchemy import select
 
-from dstack.core.models.runs import InstanceResources
+from dstack.core.models.runs import InstanceResources, InstanceStatus
 from dstack.server import crypto
 from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInstance
 from dstack.server.backends.ssh import agent as remote
@@ -91,7 +91,7 @@ class SSHBackend(Backend):
         try:
             return await self.attach(name, lost.token)
         except HostUnreachable as e:
-            await self.mark(name, "unreachable", str(e))
+            await self.mark(name, InstanceStatus.UNREACHABLE, str(e))
             raise
 
     async def shutdown(self) -> None:
@@ -100,10 +100,10 @@ class SSHBackend(Backend):
 
     # --- fleets ---------------------------------------------------------------------------
 
-    async def mark(self, name: str, status: str, message: str | None) -> None:
+    async def mark(self, name: str, status: InstanceStatus, message: str | None) -> None:
         async with self.db.session() as session:
             row = (await session.execute(select(InstanceModel).where(InstanceModel.name == name))).scalar_one_or_none()
-            if row is None or row.status == "terminated":
+            if row is None or row.status == InstanceStatus.TERMINATED:
                 return
             fi = await session.get(FleetInstanceModel, row.id)
             row.status = status
