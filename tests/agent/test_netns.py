@@ -18,6 +18,15 @@ import pytest
 
 from dstack.agent.launcher import start_agent
 from tests.agent.test_agent import TOKEN, _stop_agent, make_tar, pull, submit, text, wait_final, wait_gone
+from tests.util import wait_until
+
+
+def _get_or_none(url: str) -> httpx.Response | None:
+    """The answer, or None while nothing listens there."""
+    try:
+        return httpx.get(url, timeout=2)
+    except httpx.TransportError:
+        return None
 
 
 def _cannot_isolate() -> str | None:
@@ -97,14 +106,12 @@ def test_two_isolated_servers_on_the_same_port(client: httpx.Client, home: Path)
             assert job_netns(home, job_id)["netns"] in netns_list()
         assert addresses["alpha"] != addresses["beta"]
         for name, address in addresses.items():
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    r = httpx.get(f"http://{address}:8000/index.html", timeout=2)
-                    break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline, f"{name}: nothing listening on {address}:8000"
-                    time.sleep(0.1)
+            r = wait_until(
+                lambda address=address: _get_or_none(f"http://{address}:8000/index.html"),
+                20,
+                0.1,
+                f"{name}: something listening on {address}:8000",
+            )
             assert r.status_code == 200 and r.text == f"hello from {name}\n"
         # Both still running: neither failed with "address already in use".
         assert all(pull(client, j)["state"] == "running" for j in jobs.values())

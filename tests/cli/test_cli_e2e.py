@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.util import free_port
+from tests.util import free_port, wait_until
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 # Tiny tasks: no dedicated CPU, so earlier tests' detached runs never crowd out later ones on a 2-core host.
@@ -65,14 +65,16 @@ def _ps_line(server: Any, name: str) -> str:
 
 
 def _wait_status(server: Any, name: str, statuses: tuple[str, ...], timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    line = ""
-    while time.monotonic() < deadline:
-        line = _ps_line(server, name)
-        if any(f" {s} " in f" {line} " for s in statuses):
-            return line
-        time.sleep(0.5)
-    raise AssertionError(f"{name} did not reach {statuses}: {line!r}")
+    last = [""]
+
+    def reached() -> str:
+        last[0] = line = _ps_line(server, name)
+        return line if any(f" {s} " in f" {line} " for s in statuses) else ""
+
+    try:
+        return wait_until(reached, timeout, 0.5, f"{name} to reach {statuses}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {last[0]!r}") from None
 
 
 def test_task_runs_to_done_with_logs(server: Any, tmp_path: Path) -> None:

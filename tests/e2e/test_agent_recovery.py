@@ -14,6 +14,7 @@ import httpx
 from dstack.api import Resources, RunStatus, Serverless, Task
 from tests.conftest import running_server
 from tests.e2e.test_serverless import HANDLER, SETUP
+from tests.util import wait_until
 
 SMALL = Resources(cpu=1, memory="0.3GB")
 
@@ -33,18 +34,18 @@ def _kill_agent(srv) -> int:
 
 def _wait_new_agent(srv, old_pid: int, timeout: float) -> dict:
     """The agent that replaced `old_pid`, once it answers its healthcheck."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+
+    def new_agent() -> dict | None:
         info = _agent(srv)
-        if info and info["pid"] != old_pid:
-            try:
-                r = httpx.get(f"http://127.0.0.1:{info['port']}/api/healthcheck", timeout=2)
-                if r.status_code == 200 and r.json()["pid"] == info["pid"]:
-                    return info
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.2)
-    raise AssertionError(f"no new agent within {timeout:g} s of killing pid {old_pid}")
+        if not info or info["pid"] == old_pid:
+            return None
+        try:
+            r = httpx.get(f"http://127.0.0.1:{info['port']}/api/healthcheck", timeout=2)
+        except httpx.HTTPError:
+            return None
+        return info if r.status_code == 200 and r.json()["pid"] == info["pid"] else None
+
+    return wait_until(new_agent, timeout, 0.2, f"a new agent after killing pid {old_pid}")
 
 
 def _submission(run):
@@ -92,13 +93,13 @@ def test_killed_agent_is_replaced_and_its_jobs_reconciled(tmp_path):
         assert "agent lost" in _ps(srv)
 
         # The one with `retry` on interruption is submitted again and runs on the new agent.
-        deadline = time.time() + 120
-        while True:
-            retried.refresh()
-            subs = retried.jobs[0].job_submissions
-            if len(subs) >= 2 and subs[-1].status.value == "running" or time.time() > deadline:
-                break
-            time.sleep(0.5)
+        wait_until(
+            lambda: len(s := retried.refresh().jobs[0].job_submissions) >= 2 and s[-1].status.value == "running",
+            120,
+            0.5,
+            "the retried job to run on the new agent",
+        )
+        subs = retried.jobs[0].job_submissions
         assert len(subs) >= 2 and subs[-1].status.value == "running", [(s.status, s.termination_reason) for s in subs]
         assert subs[0].termination_reason.value == "instance_unreachable"
         assert "agent lost" in subs[0].termination_reason_message

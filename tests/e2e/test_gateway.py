@@ -15,7 +15,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,7 @@ import pytest
 
 from dstack.api import Resources, RunStatus, Service
 from dstack.core.errors import ServerClientError
-from tests.util import free_port
+from tests.util import free_port, wait_until
 
 DOMAIN = "example.test"
 FINISHED = (RunStatus.TERMINATED, RunStatus.FAILED, RunStatus.DONE)
@@ -178,20 +177,24 @@ def describe(run) -> str:
 def wait_status(
     http: httpx.Client, url: str, want: int, headers: dict | None = None, timeout: float = 60, run=None
 ) -> httpx.Response:
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
+    last: list[httpx.Response | Exception | None] = [None]
+
+    def answered() -> httpx.Response | None:
         try:
-            last = http.get(url, headers=headers)
-            if last.status_code == want:
-                return last
+            last[0] = r = http.get(url, headers=headers)
         except httpx.HTTPError as e:
-            last = e
-        time.sleep(0.2)
-    raise AssertionError(
-        f"{url}: wanted {want}, last {getattr(last, 'status_code', last)} "
-        f"{getattr(last, 'text', '')[:300]}\n{describe(run) if run is not None else ''}"
-    )
+            last[0] = e
+            return None
+        return r if r.status_code == want else None
+
+    try:
+        return wait_until(answered, timeout, 0.2, f"{url} to answer {want}")
+    except AssertionError:
+        got = last[0]
+        raise AssertionError(
+            f"{url}: wanted {want}, last {getattr(got, 'status_code', got)} "
+            f"{getattr(got, 'text', '')[:300]}\n{describe(run) if run is not None else ''}"
+        ) from None
 
 
 @pytest.fixture
@@ -318,10 +321,7 @@ def test_gateway_end_to_end(gw_server, tmp_path):
 
     # Deleting the gateway stops its process; the next service uses the in-server proxy.
     cli(server, "gateway", "delete", "gw", "-y")
-    deadline = time.time() + 10
-    while pid_alive(pid):
-        assert time.time() < deadline, "gateway process still alive after delete"
-        time.sleep(0.1)
+    wait_until(lambda: not pid_alive(pid), 10, 0.1, "the gateway process to end after delete")
     assert "No gateways" in cli(server, "gateway", "list").stdout
     files.stop(abort=True)
     files.wait(statuses=FINISHED, timeout=30)

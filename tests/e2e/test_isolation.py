@@ -9,7 +9,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ import pytest
 
 from dstack.api import Client, Resources, RunStatus, Task
 from tests.conftest import running_server
+from tests.util import wait_until
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux")
@@ -111,10 +111,11 @@ def test_job_cannot_read_the_server_or_agent_files(srv, alice, bob):
 
 
 def test_other_projects_processes_and_env_are_invisible(bob, alice):
-    long = bob.runs.submit(Task(commands=["sleep 300"], env={"B_SECRET": SECRET}, resources=SMALL))
+    long = bob.runs.submit(Task(commands=["echo up", "sleep 300"], env={"B_SECRET": SECRET}, resources=SMALL))
     try:
         long.wait(statuses=(RunStatus.RUNNING,), timeout=120)
-        time.sleep(1)  # the job's shell is up
+        # the job's shell is up: it printed, and runs `sleep 300` next
+        wait_until(lambda: b"up" in b"".join(long.logs(follow=False)), 30, 0.2, "bob's job to start")
         out = run_task(
             alice,
             [

@@ -3,6 +3,7 @@
 import time
 
 from dstack.api import Resources, RunStatus, Task
+from tests.util import wait_until
 
 
 def test_server_sigkill_and_restart_mid_run(fresh_server):
@@ -11,9 +12,9 @@ def test_server_sigkill_and_restart_mid_run(fresh_server):
     cmd = "python -c \"import time\nfor i in range(800):\n    print(f'n {i}', flush=True); time.sleep(0.015)\""
     run = client.runs.submit(Task(commands=[cmd], resources=Resources(cpu=1, memory="0.5GB")), run_name="survivor")
     run.wait(statuses=(RunStatus.RUNNING,), timeout=60)
-    time.sleep(1.0)
+    wait_until(lambda: b"n 20\n" in b"".join(run.logs(follow=False)), 30, 0.1, "the first lines to be stored")
     fresh_server.kill()
-    time.sleep(1.0)
+    time.sleep(1.0)  # the server stays down a while (the job goes on printing): the outage under test
     fresh_server.start()
     client = fresh_server.client()
     run = client.runs.get("survivor")

@@ -377,7 +377,7 @@ def test_worker_waits_for_a_busy_host(server, tmp_path_factory, smol):
         job_id = httpx.post(
             f"{run.endpoint_url}/run", headers=server.headers, json={"input": {"value": "waited"}}
         ).json()["id"]
-        time.sleep(3)
+        time.sleep(3)  # still queued 3 s later: that it waits is what is checked
         assert httpx.get(f"{run.endpoint_url}/status/{job_id}", headers=server.headers).json()["status"] == "IN_QUEUE"
         assert [j.job_submissions[-1].status.value for j in run.refresh().jobs] == ["submitted"]
         hog.stop(abort=True)

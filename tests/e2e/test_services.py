@@ -10,6 +10,7 @@ import pytest
 
 from dstack.api import Resources, RunStatus, Service
 from tests.e2e.util import wait_ready
+from tests.util import wait_until
 
 # The data plane barely touches the database: these run on SQLite only (the core suite, the CLI
 # and serverless queues also run on PostgreSQL).
@@ -25,6 +26,12 @@ def serve(client, name: str, mode: str, **kw) -> "object":
     conf = Service(commands=[f"python upstream.py {mode} 8000"], port=8000, resources=kw.pop("resources", SMALL), **kw)
     run = client.runs.submit(conf, run_name=name, repo_dir=APPS)
     return run
+
+
+def _running(run, n: int) -> list:
+    """The run's jobs whose latest submission runs, when there are exactly `n` of them (else [])."""
+    running = [j for j in run.refresh().jobs if j.job_submissions[-1].status.value == "running"]
+    return running if len(running) == n else []
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +69,11 @@ def test_auth_matrix(server, plain):
     carol_headers = {"Authorization": f"Bearer {carol['creds']['token']}"}
     assert httpx.get(url, headers=carol_headers).status_code == 403  # not a member of `main`
     client.api.post("/api/projects/main/add_members", {"members": [{"username": "carol"}]})
-    deadline = time.time() + 5  # refusals are cached for a moment
-    while httpx.get(url, headers=carol_headers).status_code != 200:
-        assert time.time() < deadline, "new member still refused after 5 s"
-        time.sleep(0.3)
+    # refusals are cached for a moment
+    wait_until(lambda: httpx.get(url, headers=carol_headers).status_code == 200, 5, 0.3, "the new member to get in")
     # Revoking the token takes effect within seconds (auth answers are cached briefly).
     client.api.post("/api/users/delete", {"users": ["carol"]})
-    deadline = time.time() + 10
-    while httpx.get(url, headers=carol_headers).status_code == 200:
-        assert time.time() < deadline, "revoked token still works after 10 s"
-        time.sleep(0.5)
+    wait_until(lambda: httpx.get(url, headers=carol_headers).status_code != 200, 10, 0.5, "the revoked token to fail")
 
 
 def test_public_service_with_auth_false(server):
@@ -106,10 +108,12 @@ def test_replicas_balance_and_killed_replica_is_replaced(server):
     try:
         wait_ready(run.service_url, server.headers)
         seen = set()
-        deadline = time.time() + 60
-        while seen != {"0", "1"} and time.time() < deadline:
+
+        def both_replicas_answered() -> bool:
             seen.add(httpx.get(run.service_url, headers=server.headers).json()["replica"])
-            time.sleep(0.05)
+            return seen == {"0", "1"}
+
+        wait_until(both_replicas_answered, 60, what="both replicas to answer")
         assert seen == {"0", "1"}, "both replicas of a fixed port 8000 serve (each in its own network namespace)"
         # Kill replica 0 under traffic.
         results = []
@@ -127,19 +131,18 @@ def test_replicas_balance_and_killed_replica_is_replaced(server):
         for _ in range(50):
             if httpx.get(run.service_url + "die/0", headers=server.headers).status_code == 200:
                 break
-        time.sleep(3)
+        time.sleep(3)  # the traffic that goes on after the kill is what the test measures
         stop.set()
         t.join()
         ok = results.count(200)
         assert ok / len(results) > 0.9, (ok, len(results))
         # The killed replica is replaced by a new submission that serves again.
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            run.refresh()
-            subs = run.jobs[0].job_submissions
-            if len(subs) >= 2 and subs[-1].status.value == "running":
-                break
-            time.sleep(0.5)
+        wait_until(
+            lambda: len(subs := run.refresh().jobs[0].job_submissions) >= 2 and subs[-1].status.value == "running",
+            60,
+            0.5,
+            "the killed replica's new submission to run",
+        )
         assert len(run.jobs[0].job_submissions) >= 2
         seen = set()
         deadline = time.time() + 60
@@ -166,12 +169,12 @@ def test_scale_from_zero_holds_the_first_request(server):
         assert r.status_code == 200 and r.json()["replica"] == "0"
         print(f"cold request answered after {time.time() - t0:.2f} s")
         # Idle: back to zero (window 4 s + scale-down delay 2 s).
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            run.refresh()
-            if run.jobs and all(j.job_submissions[-1].status.is_finished() for j in run.jobs):
-                break
-            time.sleep(0.5)
+        wait_until(
+            lambda: run.refresh().jobs and all(j.job_submissions[-1].status.is_finished() for j in run.jobs),
+            60,
+            0.5,
+            "the idle service to scale to zero",
+        )
         assert all(j.job_submissions[-1].status.is_finished() for j in run.jobs)
         assert run.jobs[0].job_submissions[-1].termination_reason.value == "scaled_down"
     finally:
@@ -199,25 +202,13 @@ def test_scale_up_under_load_and_down_when_idle(server):
         for t in threads:
             t.start()
         try:
-            deadline = time.time() + 60
-            while time.time() < deadline:
-                run.refresh()
-                running = [j for j in run.jobs if j.job_submissions[-1].status.value == "running"]
-                if len(running) == 2:
-                    break
-                time.sleep(0.5)
+            running = wait_until(lambda: _running(run, 2), 60, 0.5, "2 running replicas under load")
             assert len(running) == 2, "scaled up to 2 replicas under load"
         finally:
             stop.set()
             for t in threads:
                 t.join()
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            run.refresh()
-            running = [j for j in run.jobs if j.job_submissions[-1].status.value == "running"]
-            if len(running) == 1:
-                break
-            time.sleep(0.5)
+        running = wait_until(lambda: _running(run, 1), 60, 0.5, "1 running replica when idle")
         assert len(running) == 1, "scaled back down to 1 when idle"
     finally:
         run.stop(abort=True)

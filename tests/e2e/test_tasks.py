@@ -12,8 +12,16 @@ import pytest
 from dstack.api import GPU, Resources, RunStatus, Task
 from dstack.core.errors import ServerClientError
 from dstack.core.models.runs import JobStatus, JobTerminationReason
+from tests.util import wait_until
 
 SMALL = Resources(cpu=1, memory="0.5GB")
+
+
+def _answers_200(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def wait_for(run, statuses, timeout=60):
@@ -75,8 +83,9 @@ def test_stop_and_abort(client):
     aborted = client.runs.submit(Task(commands=["echo started; sleep 60"], resources=SMALL))
     for run in (stopped, aborted):
         wait_for(run, [RunStatus.RUNNING])
-    # Give the shells a moment to install traps and print.
-    time.sleep(0.5)
+    # The shells have installed their traps once they print.
+    for run in (stopped, aborted):
+        wait_until(lambda run=run: b"started" in b"".join(run.logs(follow=False)), 30, 0.1, f"{run.name} to start")
     stopped.stop()
     aborted.stop(abort=True)
     wait_for(stopped, [])
@@ -152,7 +161,7 @@ def test_two_tasks_at_once_and_one_that_does_not_fit(client):
             resources=Resources(cpu=half, memory="0.5GB"),
         )
     )
-    time.sleep(1)
+    time.sleep(1)  # it is still waiting a second later: the wait is what is checked
     d.refresh()
     assert d.status == RunStatus.SUBMITTED
     wait_for(d, [], timeout=60)
@@ -251,14 +260,7 @@ def test_seed_api_example_flow(client):
     run = client.runs.submit(run_name="my-awesome-run", configuration=task, resources=SMALL)
     assert run.attach(timeout=60)
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                if httpx.get("http://localhost:8123/", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert time.time() < deadline
-                time.sleep(0.2)
+        wait_until(lambda: _answers_200("http://localhost:8123/"), 30, 0.2, "the forwarded port to answer")
         run.stop(abort=True)
         for log in run.logs():
             sys.stdout.buffer.write(log)

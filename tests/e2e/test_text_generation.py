@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -13,7 +12,7 @@ from text_generation import Client as TGIClient
 from dstack.api import CompletionService, CompletionTask, Resources
 from dstack.core.errors import ServerClientError
 from tests.e2e.util import wait_ready
-from tests.util import free_port
+from tests.util import free_port, wait_until
 
 # The data plane barely touches the database: these run on SQLite only (the core suite, the CLI
 # and serverless queues also run on PostgreSQL).
@@ -85,14 +84,14 @@ def test_completion_task_private_endpoint(server, tmp_path):
     run = server.client().runs.submit(CompletionTask(model_name=MODEL, local_port=port), resources=SMALL)
     try:
         assert run.attach(timeout=120)
-        deadline = time.time() + 120
-        while True:
+
+        def generated() -> str | None:
             try:
-                text = Client(f"http://localhost:{port}", timeout=30).generate("Hello", max_new_tokens=5).generated_text
-                break
+                return Client(f"http://localhost:{port}", timeout=30).generate("Hello", max_new_tokens=5).generated_text
             except Exception:
-                assert time.time() < deadline
-                time.sleep(0.3)
+                return None
+
+        text = wait_until(generated, 120, 0.3, "a generation through the forwarded port")
         assert text
     finally:
         run.detach()

@@ -11,7 +11,7 @@ import pytest
 import websockets
 
 from dstack.proxy import Replica, ServiceInfo
-from tests.util import free_port
+from tests.util import free_port, wait_until
 
 from .conftest import DOMAIN, Upstream
 
@@ -42,10 +42,12 @@ def test_auth_matrix(harness, upstreams):
         harness.tokens.add("temp")
         assert c.get(f"{base}/authsvc/x", headers={"Authorization": "Bearer temp"}).status_code == 200
         harness.tokens.discard("temp")
-        deadline = time.monotonic() + 3
-        while c.get(f"{base}/authsvc/x", headers={"Authorization": "Bearer temp"}).status_code == 200:
-            assert time.monotonic() < deadline, "revoked token still works"
-            time.sleep(0.1)
+        wait_until(
+            lambda: c.get(f"{base}/authsvc/x", headers={"Authorization": "Bearer temp"}).status_code != 200,
+            3,
+            0.1,
+            "the revoked token to be refused",
+        )
         # cached: many requests, few authorizer calls
         before = harness.auth_calls
         for _ in range(20):
@@ -92,7 +94,7 @@ def test_large_upload_is_streamed(harness, upstreams):
     def gen():
         for i in range(n):
             if i == n - 1:
-                time.sleep(0.5)
+                time.sleep(0.5)  # a slow sender's last chunk: what the test is about
                 sent_last.append(time.time())
             yield chunk
 

@@ -5,7 +5,6 @@ publish on the host's network or point at server files."""
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 
 from tests.e2e.test_gateway import DOMAIN, make_cert
 from tests.security.conftest import METRICS_TOKEN, Tenants
-from tests.util import free_port
+from tests.util import free_port, wait_until
 
 INVALID_TLS = "invalid TLS certificate or key"
 
@@ -34,10 +33,12 @@ def service(tenants: Tenants) -> str:
     }
     r = tenants.post("/api/project/main/runs/submit", {"run_spec": spec})
     assert r.status_code == 200, r.text
-    deadline = time.time() + 60
-    while 'run="quiet-svc"' not in httpx.get(f"{tenants.server.url}/metrics", headers=tenants.admin).text:
-        assert time.time() < deadline, "the service never reached the proxy"
-        time.sleep(0.3)
+    wait_until(
+        lambda: 'run="quiet-svc"' in httpx.get(f"{tenants.server.url}/metrics", headers=tenants.admin).text,
+        60,
+        0.3,
+        "the service to reach the proxy",
+    )
     yield "quiet-svc"
     tenants.post("/api/project/main/runs/stop", {"runs_names": ["quiet-svc"], "abort": True})
 

@@ -25,6 +25,7 @@ from dstack.core.yaml_loader import MAX_YAML_DEPTH, MAX_YAML_NODES, load_configu
 from tests.cli.test_cli_e2e import dstack
 from tests.conftest import running_server
 from tests.security.helpers import create_project, create_user, detail, post, run_names, task_spec
+from tests.util import wait_until
 
 LIMITS_ENV = {
     "DSTACK_SERVER_MAX_NODES": "4",
@@ -126,14 +127,14 @@ def test_active_jobs_quota_per_project(limited, dave):
         assert resp.status_code == 200, resp.text
     finally:
         post(limited, f"/api/project/{project}/runs/stop", {"runs_names": names, "abort": True}, token=token)
+
     # once they have stopped, the quota is free again
-    deadline = time.time() + 60
-    while time.time() < deadline:
+    def submitted() -> httpx.Response | None:
         resp = post(limited, f"/api/project/{project}/runs/submit", {"run_spec": task_spec()}, token=token)
-        if resp.status_code == 200:
-            break
-        assert resp.status_code == 429, resp.text
-        time.sleep(0.5)
+        assert resp.status_code in (200, 429), resp.text
+        return resp if resp.status_code == 200 else None
+
+    resp = wait_until(submitted, 60, 0.5, "the quota to be free again")
     assert resp.status_code == 200, resp.text
 
 

@@ -11,7 +11,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +19,7 @@ import pytest
 from dstack.api import Client, Resources, Task
 from tests.conftest import running_server
 from tests.security.conftest import Tenants
+from tests.util import wait_until
 
 PASSWORD = "registry-pw-" + secrets.token_hex(8)
 ENV_SECRET = "env-secret-" + secrets.token_hex(8)
@@ -48,13 +48,11 @@ def assert_clean(text: str, where: str) -> None:
 
 
 def wait_finished(t: Tenants, project: str, name: str, timeout: float = 120) -> dict:
-    deadline = time.time() + timeout
-    while True:
+    def finished() -> dict | None:
         run = t.post(f"/api/project/{project}/runs/get", {"run_name": name}).json()
-        if run["status"] in ("done", "failed", "terminated"):
-            return run
-        assert time.time() < deadline, f"run {name} still {run['status']}"
-        time.sleep(0.5)
+        return run if run["status"] in ("done", "failed", "terminated") else None
+
+    return wait_until(finished, timeout, 0.5, f"run {name} to finish")
 
 
 def mode(path: Path) -> int:
@@ -189,10 +187,12 @@ def sleeper(tenants: Tenants):
     }
     r = tenants.post("/api/project/main/runs/submit", {"run_spec": spec})
     assert r.status_code == 200, r.text
-    deadline = time.time() + 120
-    while tenants.post("/api/project/main/runs/get", {"run_name": "sleeper"}).json()["status"] != "running":
-        assert time.time() < deadline, "the sleeper never ran"
-        time.sleep(0.3)
+    wait_until(
+        lambda: tenants.post("/api/project/main/runs/get", {"run_name": "sleeper"}).json()["status"] == "running",
+        120,
+        0.3,
+        "the sleeper to run",
+    )
     yield
     tenants.post("/api/project/main/runs/stop", {"runs_names": ["sleeper"], "abort": True})
 

@@ -6,7 +6,6 @@ edge, as a row from an older server or a bug would be: the pipeline must cope re
 
 import json
 import sqlite3
-import time
 import uuid
 from contextlib import closing
 
@@ -14,6 +13,7 @@ import httpx
 
 from dstack.api import Resources, RunStatus, Task
 from tests.conftest import running_server
+from tests.util import wait_until
 
 SMALL = Resources(cpu=1, memory="0.5GB")
 
@@ -68,13 +68,20 @@ def _clone_run(conn: sqlite3.Connection, template_id: str, name: str, run_spec: 
 
 
 def _wait_row(srv, run_id: str, statuses: set[str], timeout: float = 90) -> sqlite3.Row:
-    deadline = time.time() + timeout
-    while True:
+    """The run's row once its status is one of `statuses`, or as it is after `timeout` (callers assert)."""
+    last: list[sqlite3.Row] = []
+
+    def reached() -> bool:
         with closing(_db(srv)) as conn:
             row = conn.execute("SELECT status, termination_reason, error FROM runs WHERE id = ?", (run_id,)).fetchone()
-        if row["status"] in statuses or time.time() > deadline:
-            return row
-        time.sleep(0.3)
+        last[:] = [row]
+        return row["status"] in statuses
+
+    try:
+        wait_until(reached, timeout, 0.3, f"run {run_id} to reach {statuses}")
+    except AssertionError:
+        pass
+    return last[0]
 
 
 def test_poisoned_runs_fail_alone_and_other_projects_go_on(tmp_path):

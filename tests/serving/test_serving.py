@@ -59,22 +59,22 @@ class Server:
             stderr=subprocess.STDOUT,
         )
         self.health_statuses: list[int] = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
-                raise RuntimeError(f"server exited: {out}")
-            try:
-                code = httpx.get(self.url + "/health", timeout=2).status_code
-            except httpx.HTTPError:
-                time.sleep(0.01)
-                continue
-            self.health_statuses.append(code)
-            if code == 200:
-                return
-            time.sleep(0.01)
-        self.stop()
-        raise RuntimeError("server did not become healthy")
+        try:
+            wait_until(self._healthy, 90, 0.01, "the server to become healthy")
+        except AssertionError:
+            self.stop()
+            raise RuntimeError("server did not become healthy") from None
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+            raise RuntimeError(f"server exited: {out}")
+        try:
+            code = httpx.get(self.url + "/health", timeout=2).status_code
+        except httpx.HTTPError:
+            return False
+        self.health_statuses.append(code)
+        return code == 200
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics").text

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ from text_generation import Client as TGIClient
 
 from dstack.serving.tgi_bridge import completion_request, stream_events, tgi_finish_reason
 from tests.conftest import SRC
-from tests.util import free_port
+from tests.util import free_port, wait_until
 
 FAKE = Path(__file__).with_name("fake_openai_engine.py")
 
@@ -88,14 +87,15 @@ def bridge():
         env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def healthy() -> bool:
         assert proc.poll() is None, "the bridge exited"
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
+            return httpx.get(url + "/health", timeout=2).status_code == 200
         except httpx.HTTPError:
-            time.sleep(0.1)
+            return False
+
+    wait_until(healthy, 30, 0.1, "the bridge to be healthy")
     engine = psutil.Process(proc.pid).children()  # the fake engine, ended with its bridge
     yield url, proc
     if proc.poll() is None:
