@@ -27,8 +27,11 @@ from dstack.server.db import Database, get_database, get_session, set_database
 from dstack.server.db_errors import is_data_error
 from dstack.server.gateways import router as gateways_router
 from dstack.server.gateways.manager import GatewayManager
+from dstack.server.routers import metrics as metrics_router
 from dstack.server.routers import projects, repos, runs, users
+from dstack.server.routers import secrets as secrets_router
 from dstack.server.security import project_access, require_metrics_reader
+from dstack.server.services import job_metrics
 from dstack.server.services.instances import InstanceManager
 from dstack.server.services.logs import LogNotifier
 from dstack.server.services.runs import run_to_wire
@@ -115,7 +118,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     async def metrics(request: Request, session: AsyncSession = Depends(get_session)) -> PlainTextResponse:
         """Every project's services: for admins and the metrics token (DSTACK_SERVER_METRICS_TOKEN) only."""
         await require_metrics_reader(request, session, settings.metrics_token)
-        return PlainTextResponse(render_prometheus(registry), media_type="text/plain; version=0.0.4")
+        text = render_prometheus(registry) + await job_metrics.render_prometheus(session)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     app.state.settings = settings
     app.state.run_to_wire = run_to_wire
@@ -197,6 +201,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     for r in (users.router, projects.router, repos.router, runs.router, gateways_router.router):
         app.include_router(r)
+    app.include_router(secrets_router.router)
+    app.include_router(metrics_router.router)
+    job_metrics.install(app)  # pulls the agents' job metrics while the server runs
     mount_dashboard(app)  # `/` and `/static`: the web dashboard (dstack.web)
     return app
 

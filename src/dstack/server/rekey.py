@@ -1,5 +1,7 @@
 """Re-encrypt every stored credential with the newest key, so older keys can leave the key file.
 
+Covers run and job specs, agent and gateway tokens, and project secrets.
+
 `python -m dstack.server.crypto rotate` runs it after putting a fresh key first; run it with the
 server stopped. Values stored in plain text by a server older than encryption are encrypted too.
 """
@@ -49,6 +51,7 @@ _COLUMNS = (
     ("jobs", "id", "job_spec", _job_spec),
     ("instances", "id", "agent", _agent),
     ("gateways", "id", "token", _again),
+    ("secrets", "id", "value", _again),  # project secrets (services.secret_store)
 )
 
 

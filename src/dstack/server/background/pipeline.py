@@ -34,7 +34,7 @@ from dstack.core.models.runs import (
 from dstack.server.agent_client import AgentError
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import CodeModel, InstanceModel, JobLogModel, JobModel, RepoModel, RunModel, utcnow
-from dstack.server.services import offers
+from dstack.server.services import offers, secret_store
 from dstack.server.services.instances import InstanceManager
 from dstack.server.services.jobs import dstack_env, nodes_count
 from dstack.server.services.logs import LogNotifier
@@ -398,6 +398,7 @@ class Pipeline:
                 from dstack.server.services.engines import engine_submission  # GPU hosts: TGI image or vLLM
 
                 submission.update(engine_submission(conf, reservation.gpus, json.loads(inst.agent or "{}"), env))
+                submission = await secret_store.resolve_submission(session, run.project_id, submission)
             client = self.instances.client(inst.id)
             try:
                 result = await _submit_to_agent(client, submission, code)
