@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from dstack.core.models.configurations import RetryEvent
+
 
 class RunStatus(StrEnum):
     PENDING = "pending"
@@ -81,6 +83,17 @@ class JobTerminationReason(StrEnum):
             JobTerminationReason.CREATING_CONTAINER_ERROR,
             JobTerminationReason.PORTS_BINDING_FAILED,
         )
+
+    def retry_event(self) -> RetryEvent | None:
+        """The `retry.on_events` value that covers a job ending for this reason (None: no retry
+        resubmits it; a stop or a success is never retried)."""
+        if self == JobTerminationReason.FAILED_TO_START_DUE_TO_NO_CAPACITY:
+            return "no-capacity"
+        if self == JobTerminationReason.INSTANCE_UNREACHABLE:
+            return "interruption"
+        if self.is_retryable_error():
+            return "error"
+        return None
 
 
 class RunTerminationReason(StrEnum):

@@ -1,0 +1,249 @@
+"""The pipeline's conversations with agents, each outside any database transaction: submitting a
+job (provisioning), long-polling it (watching) and telling it to stop.
+
+Every result is stored in a short transaction of its own, and the pipeline is woken to decide
+what follows from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, Protocol
+
+import httpx
+from sqlalchemy import select
+
+from dstack.agent.models import FINAL_STATES
+from dstack.core.models.runs import JobStatus, JobTerminationReason, RunSpec
+from dstack.server.agent_client import AgentClient, AgentError
+from dstack.server.background.pipeline.common import (
+    AGENT_LOST,
+    AGENT_RECOVERY_WAIT_SECONDS,
+    AGENT_UNREACHABLE_SECONDS,
+    LOG_LINGER_SECONDS,
+)
+from dstack.server.background.pipeline.jobs_provisioning import build_submission, code_blob, submit_to_agent
+from dstack.server.background.pipeline.jobs_running import store_report
+from dstack.server.db import Database, retry_on_conflict
+from dstack.server.models import InstanceModel, JobModel, RunModel, utcnow
+from dstack.server.services import secret_store
+from dstack.server.services.runs import parse_configuration
+
+logger = logging.getLogger(__name__)
+
+
+class AgentDirectory(Protocol):
+    """Which agent client serves an instance (services.instances.InstanceManager; tests give
+    clients on `httpx.MockTransport`)."""
+
+    agent_listeners: list[Callable[[str], Awaitable[None]]]
+
+    def client(self, instance_id: str) -> AgentClient: ...
+
+    def is_down(self, instance_id: str) -> bool: ...
+
+    async def wait_recovered(self, instance_id: str, old: AgentClient, timeout: float) -> AgentClient | None: ...
+
+
+class AgentTasks:
+    """One provisioning task per job being submitted, one watcher per job on an agent."""
+
+    def __init__(
+        self,
+        db: Database,
+        agents: AgentDirectory,
+        on_logs: Callable[[str], None],
+        on_job_changed: Callable[[str], None],
+    ) -> None:
+        self.db = db
+        self.agents = agents
+        self._on_logs = on_logs  # run id: new log lines are stored
+        self._on_job_changed = on_job_changed  # run id: a job's state changed (wake the pipeline)
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._provisioning: dict[str, asyncio.Task[None]] = {}
+        self._stops_sent: set[str] = set()
+        self._stopping = False
+
+    def is_provisioning(self, job_id: str) -> bool:
+        return job_id in self._provisioning
+
+    async def close(self) -> None:
+        self._stopping = True
+        tasks = [*self._watchers.values(), *self._provisioning.values()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def wait_idle(self) -> None:
+        """Until no provisioning task is in flight (tests)."""
+        while self._provisioning:
+            await asyncio.gather(*self._provisioning.values(), return_exceptions=True)
+
+    def ensure_on_agent(self, job_id: str, agent_state: str | None) -> None:
+        """After a restart: provision a job that never reached its agent, watch the rest."""
+        if agent_state is None:
+            self.provision(job_id)
+        else:
+            self.watch(job_id)
+
+    # --- provisioning ---------------------------------------------------------------------
+
+    def provision(self, job_id: str) -> None:
+        if job_id in self._provisioning or job_id in self._watchers or self._stopping:
+            return
+        self._provisioning[job_id] = asyncio.create_task(self._provision(job_id), name=f"provision-{job_id}")
+
+    async def _provision(self, job_id: str) -> None:
+        try:
+            async with self.db.session() as session:
+                job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+                run = (await session.execute(select(RunModel).where(RunModel.id == job.run_id))).scalar_one()
+                inst = (
+                    await session.execute(select(InstanceModel).where(InstanceModel.id == job.instance_id))
+                ).scalar_one()
+                run_spec = RunSpec.model_validate_json(run.run_spec)
+                submission = build_submission(run, job, run_spec, parse_configuration(run_spec), inst)
+                submission = await secret_store.resolve_submission(session, run.project_id, submission)
+                code = await code_blob(session, run.project_id, run_spec)
+            client = self.agents.client(inst.id)
+            try:
+                result = await submit_to_agent(client, submission, code)
+            except httpx.TransportError as e:
+                # The agent may have just died: once the supervisor has brought it back, submit
+                # again (the new agent does not know the job); else fail as before.
+                logger.warning("provisioning job %s: agent unreachable (%s); waiting for it", job_id, e)
+                recovered = await self.agents.wait_recovered(inst.id, client, AGENT_RECOVERY_WAIT_SECONDS)
+                if recovered is None:
+                    raise
+                result = await submit_to_agent(recovered, submission, code)
+            state = str(result.get("state", "submitted"))
+
+            async def note_started() -> None:
+                row = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+                row.agent_state = state
+                await session.commit()
+
+            async with self.db.session() as session:
+                await retry_on_conflict(session, note_started)
+            self._provisioning.pop(job_id, None)
+            self.watch(job_id)
+        except asyncio.CancelledError:
+            raise
+        except (AgentError, httpx.HTTPError) as e:
+            logger.warning("provisioning job %s failed: %s", job_id, e)
+            await self.finish_job(job_id, JobStatus.FAILED, JobTerminationReason.EXECUTOR_ERROR, str(e))
+        except Exception as e:
+            logger.exception("provisioning job %s failed", job_id)
+            await self.finish_job(job_id, JobStatus.FAILED, JobTerminationReason.EXECUTOR_ERROR, str(e))
+        finally:
+            if self._provisioning.get(job_id) is asyncio.current_task():
+                self._provisioning.pop(job_id, None)
+
+    # --- stopping -------------------------------------------------------------------------
+
+    async def send_stop(self, job_id: str, instance_id: str, abort: bool) -> None:
+        """Tell the job's agent to stop it (once; again after a failed attempt), and watch it end."""
+        if job_id in self._stops_sent:
+            return
+        self._stops_sent.add(job_id)
+        try:
+            await self.agents.client(instance_id).stop(job_id, abort=abort)
+        except (AgentError, httpx.HTTPError) as e:
+            logger.warning("stopping job %s failed: %s", job_id, e)
+            self._stops_sent.discard(job_id)
+        self.watch(job_id)
+
+    # --- watching -------------------------------------------------------------------------
+
+    def watch(self, job_id: str) -> None:
+        task = self._watchers.get(job_id)
+        if (task is not None and not task.done()) or self._stopping:
+            return
+        self._watchers[job_id] = asyncio.create_task(self._watch(job_id), name=f"watch-{job_id}")
+
+    async def _watch(self, job_id: str) -> None:
+        try:
+            async with self.db.session() as session:
+                job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+                cursor, known, run_id = job.log_cursor, job.agent_state, job.run_id
+                instance_id = job.instance_id
+            if instance_id is None:
+                return
+            first_client = self.agents.client(instance_id)
+            failing_since: float | None = None
+            while not self._stopping:
+                client = self.agents.client(instance_id)  # a replaced agent: its successor
+                try:
+                    report = await client.pull(job_id, cursor, known, wait=20, linger=LOG_LINGER_SECONDS)
+                    failing_since = None
+                except (httpx.HTTPError, AgentError) as e:
+                    now = time.time()
+                    failing_since = failing_since or now
+                    if now - failing_since > AGENT_UNREACHABLE_SECONDS or isinstance(e, AgentError):
+                        msg = (
+                            f"{AGENT_LOST}: the instance's agent died and its successor does not know the job"
+                            if client is not first_client
+                            else f"agent unreachable: {e}"
+                        )
+                        await self.finish_job(job_id, JobStatus.FAILED, JobTerminationReason.INSTANCE_UNREACHABLE, msg)
+                        return
+                    await asyncio.sleep(0.5)
+                    continue
+                state = report["state"]
+                final = state in FINAL_STATES
+                records: list[dict[str, Any]] = report.get("logs", [])
+                # A final state is stored with its last lines only: a job seen ended has all its output.
+                apply_state = state != known and not (final and records)
+                async with self.db.session() as session:
+                    await retry_on_conflict(
+                        session, partial(store_report, session, job_id, report, records, apply_state)
+                    )
+                cursor = report["next_cursor"] if records else cursor
+                if records:
+                    self._on_logs(run_id)
+                if apply_state:
+                    known = state
+                    self._on_job_changed(run_id)
+                    if final:
+                        await _forget_on_agent(client, job_id)
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("watching job %s failed", job_id)
+        finally:
+            if self._watchers.get(job_id) is asyncio.current_task():
+                self._watchers.pop(job_id, None)
+
+    async def finish_job(self, job_id: str, status: JobStatus, reason: JobTerminationReason, message: str) -> None:
+        """End a job whose agent cannot say how it ended (unreachable, refused it)."""
+
+        async def finish() -> str | None:
+            job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+            if JobStatus(job.status).is_finished():
+                return None
+            if job.termination_reason and job.status == JobStatus.TERMINATING:
+                job.status = JobTerminationReason(job.termination_reason).to_status()
+            else:
+                job.termination_reason = reason
+                job.termination_reason_message = message
+                job.status = status
+            job.finished_at = utcnow()
+            await session.commit()
+            return job.run_id
+
+        async with self.db.session() as session:
+            run_id = await retry_on_conflict(session, finish)
+        if run_id is not None:
+            self._on_job_changed(run_id)
+
+
+async def _forget_on_agent(client: AgentClient, job_id: str) -> None:
+    try:
+        await client.delete(job_id)
+    except httpx.HTTPError:
+        pass

@@ -1,0 +1,98 @@
+"""A `provisioning` job that has an instance but not yet an agent that knows it: build what the
+agent is sent (`build_submission`, pure), then submit it, upload the code and start it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dstack.core.models.configurations import BaseRunConfiguration
+from dstack.core.models.runs import JobSpec, RunSpec, RunType
+from dstack.server.agent_client import AgentClient, AgentError
+from dstack.server.models import CodeModel, InstanceModel, JobModel, RepoModel, RunModel
+from dstack.server.services import offers
+from dstack.server.services.engines import engine_submission
+from dstack.server.services.jobs import dstack_env, nodes_count
+from dstack.server.services.secrets import reveal_env, reveal_registry_auth
+
+
+def venv_key(project_id: str, spec: JobSpec) -> str | None:
+    """Jobs of one project with the same python + setup share one prepared venv on the agent
+    (kept across runs), so their `pip install`s are paid once. Scoped per project, so one
+    project's setup never changes what another's jobs import. No setup: a fresh venv per job."""
+    if not spec.setup:
+        return None
+    return hashlib.sha256(json.dumps([project_id, spec.python, spec.setup]).encode()).hexdigest()[:16]
+
+
+def build_submission(
+    run: RunModel, job: JobModel, run_spec: RunSpec, conf: BaseRunConfiguration, inst: InstanceModel
+) -> dict[str, Any]:
+    """The agent's job submission (agent.models): the job's spec with its secrets revealed, the
+    resources reserved for it, and how the host runs it."""
+    spec = JobSpec.model_validate_json(job.job_spec)
+    reservation = offers.Reservation.from_dict(json.loads(job.reserved or "{}"))
+    env = reveal_env(spec.env)  # stored encrypted (services.secrets)
+    env.update(dstack_env(run.run_name, run.id, spec, nodes_count(conf), reservation.gpus, inst.hostname))
+    # The built-in engine ships with dstack: engine jobs run it with the agent's Python.
+    env.setdefault("DSTACK_ENGINE_PYTHON", sys.executable)
+    serverless = run.run_type == RunType.SERVERLESS
+    submission: dict[str, Any] = {
+        "job_id": job.id,
+        "run_name": run.run_name,
+        "project_id": run.project_id,  # the agent runs each project's jobs as its own user
+        "commands": spec.commands,
+        "setup": spec.setup,
+        "env": env,
+        "working_dir": spec.working_dir,
+        "python": spec.python,
+        "image": spec.image,
+        "registry_auth": reveal_registry_auth(run_spec.configuration) if spec.image else None,
+        "gpus": reservation.gpus,
+        "ports": spec.ports,
+        "stop_grace_seconds": spec.stop_grace_seconds,
+        # Replicas of a service share one fixed port: each gets its own network namespace.
+        "network": "isolated" if run.run_type == RunType.SERVICE or spec.ports else "host",
+        "venv_key": venv_key(run.project_id, spec),
+        # Serverless workers start from the venv's warm zygote (agent.prewarm),
+        # unless the configuration's env says DSTACK_PREWARM=0 ...
+        "prewarm": serverless and env.get("DSTACK_PREWARM") != "0",
+        # ... and run the runpod SDK's job loops event-driven (agent.workersite),
+        # unless it says DSTACK_RUNPOD_LOOP=0.
+        "worker_site": serverless and env.get("DSTACK_RUNPOD_LOOP") != "0",
+    }
+    # GPU hosts: TGI's image or vLLM instead of the built-in engine.
+    submission.update(engine_submission(conf, reservation.gpus, json.loads(inst.agent or "{}"), env))
+    return submission
+
+
+async def submit_to_agent(client: AgentClient, submission: dict[str, Any], code: bytes) -> dict[str, Any]:
+    """Submit, upload the code, start: the agent's answer to the start."""
+    job_id = str(submission["job_id"])
+    await client.submit(submission)
+    await client.upload_code(job_id, code)
+    return await client.start(job_id)
+
+
+async def code_blob(session: AsyncSession, project_id: str, run_spec: RunSpec) -> bytes:
+    """The run's uploaded code archive (empty when it has none)."""
+    if not run_spec.repo_code_hash or not run_spec.repo_id:
+        return b""
+    result = await session.execute(
+        select(CodeModel.blob)
+        .join(RepoModel, RepoModel.id == CodeModel.repo_id)
+        .where(
+            RepoModel.project_id == project_id,
+            RepoModel.name == run_spec.repo_id,
+            CodeModel.blob_hash == run_spec.repo_code_hash,
+        )
+    )
+    blob = result.scalar_one_or_none()
+    if blob is None:
+        raise AgentError(f"code {run_spec.repo_code_hash} of repo {run_spec.repo_id} was not uploaded")
+    return blob
