@@ -6,6 +6,7 @@ Command modules import only `argparse` at module level so building the parser st
 from dstack.cli.commands import (
     apply,
     config,
+    fleet,
     gateway,
     init,
     logs,
@@ -17,6 +18,6 @@ from dstack.cli.commands import (
     stop,
 )
 
-COMMANDS = (server, init, config, run, apply, ps, stop, logs, metrics, secret, gateway)
+COMMANDS = (server, init, config, run, apply, ps, stop, logs, metrics, secret, gateway, fleet)
 
 __all__ = ["COMMANDS"]

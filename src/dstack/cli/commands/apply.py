@@ -29,6 +29,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from dstack.cli.commands.run import _default_file, _inside, execute
 
     path = os.path.abspath(args.file) if args.file else _default_file(os.getcwd())
+    from dstack.cli.commands.fleet import apply_fleet, is_fleet_file
+
+    if is_fleet_file(path):  # `type: fleet` is not a run
+        return apply_fleet(args, path)
     cwd = os.getcwd()
     working_dir = cwd if _inside(path, cwd) else os.path.dirname(path)
     return execute(args, path, working_dir)
