@@ -24,13 +24,14 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from dstack.agent.capability import HostCapability, find_tool
 
 logger = logging.getLogger(__name__)
 
@@ -93,70 +94,36 @@ def slot_of(address: str) -> int | None:
     return (int(ip) - int(POOL.network_address)) // SLOT_SIZE
 
 
-def _find_ip() -> str | None:
-    found = shutil.which("ip")
-    if found:
-        return found
-    for candidate in ("/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def _find_tool(name: str) -> str | None:
-    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-    return shutil.which(name, path=path)
-
-
-class NetworkIsolation:
+class NetworkIsolation(HostCapability):
     """Creates and removes job namespaces for one agent (identified by its home directory)."""
 
+    disable_env = "DSTACK_AGENT_NO_NETNS"
+    what = "network isolation"
+
     def __init__(self, home: Path) -> None:
+        super().__init__()
         self.home = str(Path(home).resolve())
-        self.ip = _find_ip()
-        self._available: bool | None = None
-        self.reason: str = "not probed yet"
+        self.ip = find_tool("ip")
         self._lock = threading.Lock()
         self._active: dict[str, NetnsAllocation] = {}  # by namespace name
         self._nat: str | None = None  # "iptables" | "nft" | "none" once set up
 
     # -- capability ------------------------------------------------------------------------
-    @property
-    def available(self) -> bool:
-        if self._available is None:
-            self.probe()
-        return bool(self._available)
-
-    def probe(self) -> bool:
-        """Root + Linux + a working ``ip``: create (and delete) a throwaway namespace with a veth."""
-        if self._available is not None:
-            return self._available
-        ok, reason = False, ""
-        if os.environ.get("DSTACK_AGENT_NO_NETNS"):
-            reason = "disabled by DSTACK_AGENT_NO_NETNS"
-        elif not sys.platform.startswith("linux"):
-            reason = f"not Linux ({sys.platform})"
-        elif os.geteuid() != 0:
-            reason = "the agent does not run as root"
-        elif self.ip is None:
-            reason = "`ip` (iproute2) not found"
-        else:
-            name = f"{NS_PREFIX}probe-{os.getpid()}"
-            try:
-                with self._host_lock():  # so no other agent's cleanup takes it for stale
-                    self._run_ip("netns", "add", name)
-                    try:
-                        self._run_ip("-n", name, "link", "add", "dsprobe0", "type", "veth", "peer", "name", "dsprobe1")
-                        ok = True
-                    finally:
-                        self._run_ip("netns", "del", name, check=False)
-            except (NetnsError, OSError) as e:
-                reason = str(e)
-        self._available = ok
-        self.reason = "" if ok else reason
-        if not ok:
-            logger.info("network isolation unavailable: %s", reason)
-        return ok
+    def _try(self) -> str:
+        """A working ``ip``: create (and delete) a throwaway namespace with a veth."""
+        if self.ip is None:
+            return "`ip` (iproute2) not found"
+        name = f"{NS_PREFIX}probe-{os.getpid()}"
+        try:
+            with self._host_lock():  # so no other agent's cleanup takes it for stale
+                self._run_ip("netns", "add", name)
+                try:
+                    self._run_ip("-n", name, "link", "add", "dsprobe0", "type", "veth", "peer", "name", "dsprobe1")
+                finally:
+                    self._run_ip("netns", "del", name, check=False)
+        except (NetnsError, OSError) as e:
+            return str(e) or type(e).__name__
+        return ""
 
     # -- helpers ---------------------------------------------------------------------------
     def _run_ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -307,7 +274,7 @@ class NetworkIsolation:
                 Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
             except OSError as e:
                 logger.warning("cannot enable net.ipv4.ip_forward (%s): isolated jobs get no outbound access", e)
-            iptables, nft = _find_tool("iptables"), _find_tool("nft")
+            iptables, nft = find_tool("iptables"), find_tool("nft")
             try:
                 if iptables:
                     _iptables_nat(iptables)

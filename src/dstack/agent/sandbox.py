@@ -32,12 +32,13 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from dstack.agent.capability import HostCapability, find_tool
 
 logger = logging.getLogger(__name__)
 
@@ -86,63 +87,43 @@ class JobUser:
         return f"dstack-{self.uid}"
 
 
-def _tool(name: str) -> str | None:
-    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-    return shutil.which(name, path=path)
-
-
-class Isolation:
+class Isolation(HostCapability):
     """Decides whether jobs can be isolated here, gives each project its user, builds the wrapper."""
 
+    disable_env = "DSTACK_AGENT_NO_ISOLATION"
+    what = "job isolation"
+    not_root_reason = "the agent does not run as root (jobs run as the agent's user)"
+
     def __init__(self, home: Path) -> None:
+        super().__init__()
         self.home = Path(home).resolve()
         self.users_dir = self.home / "users"
         self._map_file = self.home / "users.json"
         self._lock = threading.Lock()
-        self._available: bool | None = None
-        self.reason = "not probed yet"
-        self._tools = {name: _tool(name) for name in ("unshare", "setpriv", "mount", "mkdir")}
+        self._tools = {name: find_tool(name) for name in ("unshare", "setpriv", "mount", "mkdir")}
 
     # -- capability ------------------------------------------------------------------------
-    @property
-    def available(self) -> bool:
-        if self._available is None:
-            self.probe()
-        return bool(self._available)
-
-    def probe(self) -> bool:
-        """Root on Linux with util-linux: run ``id -u`` through the wrapper once."""
-        if self._available is not None:
-            return self._available
-        ok, reason = False, ""
+    def _try(self) -> str:
+        """util-linux: run ``id -u`` through the wrapper once."""
         missing = [n for n, p in self._tools.items() if p is None]
-        if os.environ.get("DSTACK_AGENT_NO_ISOLATION"):
-            reason = "disabled by DSTACK_AGENT_NO_ISOLATION"
-        elif not sys.platform.startswith("linux"):
-            reason = f"not Linux ({sys.platform})"
-        elif os.geteuid() != 0:
-            reason = "the agent does not run as root (jobs run as the agent's user)"
-        elif missing:
-            reason = f"{', '.join(missing)} not found (util-linux)"
-        else:
-            try:
-                STASH.mkdir(mode=0o700, parents=True, exist_ok=True)
-                user = JobUser(UID_BASE - 1, UID_BASE - 1, Path("/"))
-                out = subprocess.run(
-                    self.wrap(["id", "-u"], user, []), capture_output=True, text=True, timeout=PROBE_TIMEOUT, cwd="/"
-                )
-                ok = out.returncode == 0 and out.stdout.strip() == str(user.uid)
-                reason = "" if ok else f"the sandbox does not work here: {(out.stderr or out.stdout).strip()[-300:]}"
-            except (OSError, subprocess.SubprocessError) as e:
-                reason = f"the sandbox does not work here: {e}"
-        self._available, self.reason = ok, reason
-        if ok:
-            for d in (self.home / "jobs", self.home / "cache", self.users_dir):
-                d.mkdir(parents=True, exist_ok=True)
-                os.chmod(d, 0o711)  # users enter their own entries; nobody lists them
-        else:
-            logger.info("job isolation unavailable: %s", reason)
-        return ok
+        if missing:
+            return f"{', '.join(missing)} not found (util-linux)"
+        try:
+            STASH.mkdir(mode=0o700, parents=True, exist_ok=True)
+            user = JobUser(UID_BASE - 1, UID_BASE - 1, Path("/"))
+            out = subprocess.run(
+                self.wrap(["id", "-u"], user, []), capture_output=True, text=True, timeout=PROBE_TIMEOUT, cwd="/"
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"the sandbox does not work here: {e}"
+        if out.returncode == 0 and out.stdout.strip() == str(user.uid):
+            return ""
+        return f"the sandbox does not work here: {(out.stderr or out.stdout).strip()[-300:]}"
+
+    def _on_available(self) -> None:
+        for d in (self.home / "jobs", self.home / "cache", self.users_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o711)  # users enter their own entries; nobody lists them
 
     # -- users -----------------------------------------------------------------------------
     def user_for(self, project: str | None) -> JobUser:
