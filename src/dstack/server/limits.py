@@ -23,7 +23,6 @@ from dstack.core.archives import (
     ExtractBudget,
     scan_tar,
 )
-from dstack.core.domain_errors import ErrorKind
 from dstack.core.models.configurations import (
     BaseRunConfiguration,
     ServerlessConfiguration,
@@ -31,18 +30,18 @@ from dstack.core.models.configurations import (
     TaskConfiguration,
 )
 from dstack.core.models.runs import JobStatus
-from dstack.server.errors import InvalidRequest
+from dstack.server.errors import ServerClientError
 
 MIB = 1024 * 1024
 
 
-class QuotaExceeded(InvalidRequest):
-    kind = ErrorKind.QUOTA_EXCEEDED
+class QuotaExceeded(ServerClientError):
+    status_code = 429
     code = "quota_exceeded"
 
 
-class BodyTooLarge(InvalidRequest):
-    kind = ErrorKind.TOO_LARGE
+class BodyTooLarge(ServerClientError):
+    status_code = 413
     code = "too_large"
 
 
@@ -95,7 +94,7 @@ def check_run_limits(conf: BaseRunConfiguration, limits: ServerLimits) -> None:
         checks.append(("workers", conf.workers.max, limits.max_workers, "max_workers"))
     for field, value, limit, setting in checks:
         if value is not None and value > limit:
-            raise InvalidRequest(
+            raise ServerClientError(
                 f"{field}: {value} is more than this server allows per run ({limit}; "
                 f"the server's {ServerLimits.SETTINGS[setting]} sets it)",
                 fields=[field],
@@ -112,7 +111,7 @@ async def check_project_quota(session: AsyncSession, project_id: str, new_jobs: 
         await session.execute(
             select(func.count(JobModel.id)).where(
                 JobModel.project_id == project_id,
-                JobModel.status.in_([s.value for s in JobStatus.active_statuses()]),
+                JobModel.status.in_(JobStatus.active_statuses()),
             )
         )
     ).scalar_one()
@@ -133,10 +132,10 @@ def check_code_archive(blob: bytes, limits: ServerLimits) -> None:
     try:
         scan_tar(io.BytesIO(blob), budget)
     except ArchiveTooLarge as e:
-        raise InvalidRequest(
+        raise ServerClientError(
             f"{e} (the server allows {limits.code_extracted_limit_bytes // MIB} MiB and "
             f"{limits.code_max_files} files: {ServerLimits.SETTINGS['code_extracted_limit_bytes']}, "
             f"{ServerLimits.SETTINGS['code_max_files']})"
         ) from None
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        raise InvalidRequest(f"the code archive is not a readable tar archive: {e}") from None
+        raise ServerClientError(f"the code archive is not a readable tar archive: {e}") from None

@@ -3,6 +3,7 @@
 import uuid
 from datetime import UTC, datetime
 from enum import Enum as PyEnum
+from typing import TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -18,9 +19,16 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column, relationship, validates
 
-from dstack.core.models.runs import RunType
+from dstack.core.models.runs import (
+    InstanceStatus,
+    JobStatus,
+    JobTerminationReason,
+    RunStatus,
+    RunTerminationReason,
+    RunType,
+)
 from dstack.server.db import Base
 
 
@@ -53,6 +61,15 @@ def _enum(enum_class: type[PyEnum], length: int) -> Enum:
         length=length,
         values_callable=lambda members: [m.value for m in members],
     )
+
+
+E = TypeVar("E", bound=PyEnum)
+
+
+def _as(enum_class: type[E], value: E | str | None) -> E | None:
+    """Assigning the value's string works too (`job.status = "running"`): the attribute still holds
+    the enum, so code reading it never meets a plain string, even before the row is reloaded."""
+    return None if value is None else enum_class(value)
 
 
 class UserModel(Base):
@@ -115,11 +132,15 @@ class InstanceModel(Base):
     backend: Mapped[str] = mapped_column(String(30))
     region: Mapped[str] = mapped_column(String(50), default="local")
     hostname: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(20), default="idle")
+    status: Mapped[InstanceStatus] = mapped_column(_enum(InstanceStatus, 20), default=InstanceStatus.IDLE)
     resources: Mapped[str] = mapped_column(Text)  # JSON: cpus, memory_mib, disk_mib, gpus
     price: Mapped[float] = mapped_column(Float, default=0.0)
     agent: Mapped[str] = mapped_column(Text, default="{}")  # JSON: url, pid, port, token
     created_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
+
+    @validates("status")
+    def _status(self, _key: str, value: InstanceStatus | str) -> InstanceStatus | None:
+        return _as(InstanceStatus, value)
 
 
 class RunModel(Base):
@@ -130,10 +151,12 @@ class RunModel(Base):
     run_name: Mapped[str] = mapped_column(String(100))
     submitted_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
     last_processed_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
-    status: Mapped[str] = mapped_column(String(20))
+    status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, 20))
     #: set at submission from the configuration's `type` (migration 0007 filled older rows from run_spec)
     run_type: Mapped[RunType] = mapped_column(_enum(RunType, 20), server_default=RunType.TASK.value)
-    termination_reason: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    termination_reason: Mapped[RunTerminationReason | None] = mapped_column(
+        _enum(RunTerminationReason, 50), nullable=True
+    )
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     run_spec: Mapped[str] = mapped_column(Text)  # JSON RunSpec
     service_spec: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: url, model
@@ -156,6 +179,18 @@ class RunModel(Base):
     )
     __mapper_args__ = {"version_id_col": version}
 
+    @validates("status")
+    def _status(self, _key: str, value: RunStatus | str) -> RunStatus | None:
+        return _as(RunStatus, value)
+
+    @validates("run_type")
+    def _run_type(self, _key: str, value: RunType | str) -> RunType | None:
+        return _as(RunType, value)
+
+    @validates("termination_reason")
+    def _termination_reason(self, _key: str, value: RunTerminationReason | str | None) -> RunTerminationReason | None:
+        return _as(RunTerminationReason, value)
+
 
 class JobModel(Base):
     __tablename__ = "jobs"
@@ -170,8 +205,10 @@ class JobModel(Base):
     last_processed_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(_dt(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(_dt(), nullable=True)
-    status: Mapped[str] = mapped_column(String(20))
-    termination_reason: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, 20))
+    termination_reason: Mapped[JobTerminationReason | None] = mapped_column(
+        _enum(JobTerminationReason, 50), nullable=True
+    )
     termination_reason_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     exit_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     job_spec: Mapped[str] = mapped_column(Text)  # JSON JobSpec
@@ -191,6 +228,14 @@ class JobModel(Base):
     )
     __mapper_args__ = {"version_id_col": version}
 
+    @validates("status")
+    def _status(self, _key: str, value: JobStatus | str) -> JobStatus | None:
+        return _as(JobStatus, value)
+
+    @validates("termination_reason")
+    def _termination_reason(self, _key: str, value: JobTerminationReason | str | None) -> JobTerminationReason | None:
+        return _as(JobTerminationReason, value)
+
 
 class JobLogModel(Base):
     __tablename__ = "job_logs"
@@ -201,34 +246,3 @@ class JobLogModel(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
     __table_args__ = (Index("ix_job_logs_job_id", "job_id", "id"),)
-
-
-class SecretModel(Base):
-    """A project's secret (`dstack secret set`); `value` is always `crypto.encrypt`ed."""
-
-    __tablename__ = "secrets"
-    __table_args__ = (UniqueConstraint("project_id", "name"),)
-    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(String(200))
-    value: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
-
-
-class JobMetricsPointModel(Base):
-    """One sample of a job's usage, as its agent measured it; older ones are deleted (retention)."""
-
-    __tablename__ = "job_metrics_points"
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    timestamp: Mapped[float] = mapped_column(Float)  # unix seconds, the agent's clock
-    cpu_percent: Mapped[float] = mapped_column(Float)  # of one core: 200 = two cores busy
-    cpu_seconds: Mapped[float] = mapped_column(Float)  # CPU time of the job's processes so far
-    memory_bytes: Mapped[int] = mapped_column(BigInteger)  # RSS of the job's process tree
-    gpus: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON [{index, util_percent, memory_*}]
-
-    __table_args__ = (
-        Index("ix_job_metrics_points_job_ts", "job_id", "timestamp"),
-        Index("ix_job_metrics_points_ts", "timestamp"),
-    )

@@ -11,7 +11,6 @@ from dstack.server.routers.projects import user_projects
 from dstack.server.security import require_project_member, require_user
 from dstack.server.services import logs as logs_service
 from dstack.server.services import runs as runs_service
-from dstack.server.services import secret_store
 
 router = APIRouter(tags=["runs"])
 
@@ -93,7 +92,6 @@ async def get_plan(
 async def _submit(request: Request, session: AsyncSession, member, run_spec: RunSpec) -> dict:
     user, project = member
     settings = request.app.state.settings
-    await secret_store.check_references(session, project.id, run_spec.configuration)  # 400 naming unknown ones
     run = await runs_service.submit_run(session, project, user, run_spec, settings.url, settings.limits)
     await request.app.state.on_run_submitted(run)
     request.app.state.pipeline.wake()
@@ -121,7 +119,7 @@ async def apply(
     user, project = member
     if run_spec.run_name and body.force:
         existing = await runs_service.find_run(session, project, run_spec.run_name)
-        if existing is not None and not runs_service.RunStatus(existing.status).is_finished():
+        if existing is not None and not existing.status.is_finished():
             await runs_service.stop_runs(get_database(), project, [run_spec.run_name], abort=True)
             await session.commit()  # ends this session's read, so the submission sees the stop
     return await _submit(request, session, member, run_spec)

@@ -6,7 +6,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dstack.core.models.runs import RunStatus
 from dstack.core.notifier import KeyedNotifier
 from dstack.server.models import JobLogModel, JobModel, RunModel
 
@@ -30,12 +29,12 @@ async def poll_logs(
     with notifier.subscribe(run_id) as change:
         # `run` was read before subscribing: read the status again, or a finish in between is missed
         status = (await session.execute(select(RunModel.status).where(RunModel.id == run_id))).scalar_one()
-        finished = RunStatus(status).is_finished()
+        finished = status.is_finished()
         rows = await _fetch(session, await _job_ids(session, run_id, job_num, replica_num), start_after, limit)
         if not rows and wait > 0 and not finished:
             await change.wait(wait)
             status = (await session.execute(select(RunModel.status).where(RunModel.id == run_id))).scalar_one()
-            finished = RunStatus(status).is_finished()
+            finished = status.is_finished()
             rows = await _fetch(session, await _job_ids(session, run_id, job_num, replica_num), start_after, limit)
     logs = [
         {"timestamp": r.timestamp, "log_source": r.stream, "message": base64.b64encode(r.data).decode()} for r in rows

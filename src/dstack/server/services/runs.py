@@ -35,7 +35,7 @@ from dstack.core.models.runs import (
 from dstack.core.names import name_error
 from dstack.server import crypto
 from dstack.server.db import Database, retry_on_conflict
-from dstack.server.errors import InvalidRequest, ResourceExists, ResourceNotFound
+from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
 from dstack.server.gateways.models import GatewayModel
 from dstack.server.gateways.urls import resolve_gateway, service_urls
 from dstack.server.limits import ServerLimits, check_project_quota, check_run_limits
@@ -51,9 +51,9 @@ def parse_configuration(run_spec: RunSpec) -> BaseRunConfiguration:
     try:
         return parse_run_configuration(run_spec.configuration, environ={})
     except ConfigurationError as e:
-        raise InvalidRequest(f"invalid configuration: {where}{e}", fields=[e.field] if e.field else None)
+        raise ServerClientError(f"invalid configuration: {where}{e}", fields=[e.field] if e.field else None)
     except (ValueError, TypeError, OverflowError, RecursionError) as e:  # a validator tripped on odd input
-        raise InvalidRequest(f"invalid configuration: {where}{type(e).__name__}: {str(e)[:200]}")
+        raise ServerClientError(f"invalid configuration: {where}{type(e).__name__}: {str(e)[:200]}")
 
 
 def requested_run_name(run_spec: RunSpec, conf: BaseRunConfiguration) -> str | None:
@@ -62,7 +62,7 @@ def requested_run_name(run_spec: RunSpec, conf: BaseRunConfiguration) -> str | N
     if run_spec.run_name is not None:
         problem = name_error("run", run_spec.run_name)
         if problem is not None:
-            raise InvalidRequest(problem, fields=["run_name"])
+            raise ServerClientError(problem, fields=["run_name"])
     return run_spec.run_name or conf.name
 
 
@@ -81,7 +81,7 @@ def check_engine(conf: BaseRunConfiguration) -> None:
     try:
         check_engine_settings(engine, gpu_requested=_gpu_requested(conf))
     except EngineError as e:
-        raise InvalidRequest(str(e), fields=[e.field])
+        raise ServerClientError(str(e), fields=[e.field])
 
 
 def _gpu_requested(conf: BaseRunConfiguration) -> bool:
@@ -111,7 +111,7 @@ async def held_reservations(session: AsyncSession, instance_id: str) -> list[off
     result = await session.execute(
         select(JobModel.reserved).where(
             JobModel.instance_id == instance_id,
-            JobModel.status.in_([s.value for s in JobStatus.active_statuses()]),
+            JobModel.status.in_(JobStatus.active_statuses()),
         )
     )
     return [offers.Reservation.from_dict(json.loads(r)) for (r,) in result if r]
@@ -202,7 +202,7 @@ async def submit_run(
     if run_name:
         existing = await find_run(session, project, run_name)
         if existing is not None:
-            if not RunStatus(existing.status).is_finished():
+            if not existing.status.is_finished():
                 raise ResourceExists(
                     f"run '{run_name}' is still {existing.status}; stop it first (dstack stop {run_name})"
                 )
@@ -228,7 +228,7 @@ async def submit_run(
         run_name=run_name,
         submitted_at=now,
         last_processed_at=now,
-        status=RunStatus.SUBMITTED.value,
+        status=RunStatus.SUBMITTED,
         run_type=RunType(conf.type),
         run_spec=run_spec.model_dump_json(),
         desired_replica_count=initial_replicas(conf),
@@ -258,7 +258,7 @@ async def _model_meta(conf: BaseRunConfiguration) -> dict | None:
             resolve_chat_metadata, conf.model.name, conf.model.chat_template, conf.model.eos_token
         )
     except ModelMetadataError as e:
-        raise InvalidRequest(str(e), fields=["model.chat_template"])
+        raise ServerClientError(str(e), fields=["model.chat_template"])
     return {"chat_template": meta.chat_template, "eos_token": meta.eos_token, "bos_token": meta.bos_token}
 
 
@@ -303,7 +303,7 @@ def new_jobs(run: RunModel, conf: BaseRunConfiguration, replica_num: int, submis
                 job_name=spec.job_name,
                 submitted_at=now,
                 last_processed_at=now,
-                status=JobStatus.SUBMITTED.value,
+                status=JobStatus.SUBMITTED,
                 job_spec=spec.model_dump_json(),
             )
         )
@@ -337,7 +337,7 @@ async def get_run(session: AsyncSession, project: ProjectModel, run_name: str) -
 async def list_runs(session: AsyncSession, project_ids: list[str], only_active: bool, limit: int) -> list[RunModel]:
     query = select(RunModel).where(RunModel.project_id.in_(project_ids), RunModel.deleted.is_(False))
     if only_active:
-        query = query.where(RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]))
+        query = query.where(RunModel.status.notin_(RunStatus.finished_statuses()))
     query = query.order_by(RunModel.submitted_at.desc()).limit(limit)
     return list((await session.execute(query)).scalars())
 
@@ -348,7 +348,7 @@ async def stop_runs(db: Database, project: ProjectModel, names: list[str], abort
     async def stop() -> None:
         for name in names:
             run = await get_run(session, project, name)
-            if not RunStatus(run.status).is_finished():
+            if not run.status.is_finished():
                 request_stop(run, abort)
         await session.commit()
 
@@ -359,12 +359,10 @@ async def stop_runs(db: Database, project: ProjectModel, names: list[str], abort
 def request_stop(run: RunModel, abort: bool) -> None:
     """Mark a run and its active jobs for stopping; the pipeline does the rest."""
     reason = JobTerminationReason.ABORTED_BY_USER if abort else JobTerminationReason.TERMINATED_BY_USER
-    run.status = RunStatus.TERMINATING.value
-    run.termination_reason = (
-        RunTerminationReason.ABORTED_BY_USER if abort else RunTerminationReason.STOPPED_BY_USER
-    ).value
+    run.status = RunStatus.TERMINATING
+    run.termination_reason = RunTerminationReason.ABORTED_BY_USER if abort else RunTerminationReason.STOPPED_BY_USER
     for job in run.jobs:
-        if JobStatus(job.status).is_finished():
+        if job.status.is_finished():
             continue
         mark_job_terminating(job, reason, abort=abort)
 
@@ -372,10 +370,10 @@ def request_stop(run: RunModel, abort: bool) -> None:
 def mark_job_terminating(
     job: JobModel, reason: JobTerminationReason, abort: bool = False, message: str | None = None
 ) -> None:
-    job.termination_reason = reason.value
+    job.termination_reason = reason
     job.termination_reason_message = message
     job.stop_requested = "abort" if abort else "stop"
-    job.status = JobStatus.TERMINATING.value
+    job.status = JobStatus.TERMINATING
     job.last_processed_at = utcnow()
 
 
@@ -383,8 +381,8 @@ async def delete_runs(db: Database, project: ProjectModel, names: list[str]) -> 
     async def delete() -> None:
         for name in names:
             run = await get_run(session, project, name)
-            if not RunStatus(run.status).is_finished():
-                raise InvalidRequest(f"run '{name}' is {run.status}; stop it before deleting")
+            if not run.status.is_finished():
+                raise ServerClientError(f"run '{name}' is {run.status}; stop it before deleting")
             run.deleted = True
         await session.commit()
 
@@ -405,8 +403,8 @@ def job_to_submission(job: JobModel) -> JobSubmission:
         submitted_at=_aware(job.submitted_at),
         started_at=_aware(job.started_at),
         finished_at=_aware(job.finished_at),
-        status=JobStatus(job.status),
-        termination_reason=JobTerminationReason(job.termination_reason) if job.termination_reason else None,
+        status=job.status,
+        termination_reason=job.termination_reason,
         termination_reason_message=job.termination_reason_message,
         exit_status=job.exit_status,
         job_provisioning_data=JobProvisioningData.model_validate_json(job.job_provisioning_data)
@@ -434,8 +432,8 @@ def run_to_wire(run: RunModel, service_url: str | None = None) -> Run:
         run_name=run.run_name,
         submitted_at=_aware(run.submitted_at),
         last_processed_at=_aware(run.last_processed_at),
-        status=RunStatus(run.status),
-        termination_reason=RunTerminationReason(run.termination_reason) if run.termination_reason else None,
+        status=run.status,
+        termination_reason=run.termination_reason,
         error=run.error,
         run_spec=run_spec,
         jobs=jobs,
