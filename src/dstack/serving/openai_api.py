@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from dstack.core.chat_template import ChatTemplate, ChatTemplateError
-from dstack.serving.engine import FINISH_LENGTH, GenerationRequest, TokenInfo
+from dstack.serving.engine import FINISH_LENGTH, Event, GenerationRequest, TokenInfo
 from dstack.serving.sampling import SamplingParams
 from dstack.serving.schemas import ChatCompletionRequest, CompletionRequest, _OpenAICommon
 from dstack.serving.service import Result, Service, Ticket, merge, validation_error
@@ -145,9 +145,8 @@ async def _run(
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     if body.stream:
-        gen = _chat_stream if chat else _completion_stream
         return StreamingResponse(
-            gen(service, reqs, ticket, rid, created, body, logprobs, echo_prompts),
+            _stream(service, reqs, ticket, rid, created, body, logprobs, echo_prompts, chat),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
             background=BackgroundTask(ticket.release),
@@ -210,7 +209,33 @@ def _chunk(
     return chunk
 
 
-async def _chat_stream(
+def _opening_choices(n: int, echo_prompts: list[str] | None, chat: bool) -> list[dict[str, Any]]:
+    """What a stream sends before any token: each chat choice's role, or the echoed prompts."""
+    if chat:
+        return [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            for i in range(n)
+        ]
+    return [{"index": i, "text": p, "logprobs": None, "finish_reason": None} for i, p in enumerate(echo_prompts or [])]
+
+
+def _event_choice(i: int, ev: Event, logprobs: bool, chat: bool) -> dict[str, Any] | None:
+    """The streamed choice for one engine event; None when it releases nothing to send."""
+    reason = openai_finish_reason(ev.finish.reason) if ev.finish is not None else None
+    if not chat:
+        if ev.finish is None and not ev.delta:
+            return None
+        return {"index": i, "text": ev.delta, "logprobs": None, "finish_reason": reason}
+    lp = None
+    if logprobs and ev.token is not None and not ev.token.special:
+        lp = {"content": [_logprob_entry(ev.token, ev.top)]}
+    if ev.finish is None and not ev.delta and lp is None:
+        return None
+    delta = {"role": "assistant", "content": ev.delta} if ev.delta or ev.finish is None else {}
+    return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
+
+
+async def _stream(
     service: Service,
     reqs: list[GenerationRequest],
     ticket: Ticket,
@@ -219,113 +244,29 @@ async def _chat_stream(
     body: _OpenAICommon,
     logprobs: bool,
     echo_prompts: list[str] | None,
+    chat: bool,
 ) -> AsyncIterator[str]:
+    """A streamed chat or text completion: its chunks as server-sent events, then `[DONE]`."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
     usage = body.include_usage
     model = service.model_id
     completion_tokens = 0
     try:
-        for i in range(len(reqs)):
-            yield _sse(
-                _chunk(
-                    rid,
-                    created,
-                    model,
-                    "chat.completion.chunk",
-                    [
-                        {
-                            "index": i,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                    usage,
-                )
-            )
+        for choice in _opening_choices(len(reqs), echo_prompts, chat):
+            yield _sse(_chunk(rid, created, model, obj, [choice], usage))
         async with aclosing(merge([service.events(r) for r in reqs])) as events:
             async for i, ev in events:
                 if ev.error is not None:
                     yield _sse({"error": {"message": ev.error, "type": "generation"}})
                     return
-                lp = None
-                if logprobs and ev.token is not None and not ev.token.special:
-                    lp = {"content": [_logprob_entry(ev.token, ev.top)]}
-                if ev.finish is None and not ev.delta and lp is None:
+                choice = _event_choice(i, ev, logprobs, chat)
+                if choice is None:
                     continue
-                delta = {"role": "assistant", "content": ev.delta} if ev.delta or ev.finish is None else {}
-                reason = None
                 if ev.finish is not None:
-                    reason = openai_finish_reason(ev.finish.reason)
                     completion_tokens += ev.finish.generated_tokens
-                yield _sse(
-                    _chunk(
-                        rid,
-                        created,
-                        model,
-                        "chat.completion.chunk",
-                        [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}],
-                        usage,
-                    )
-                )
+                yield _sse(_chunk(rid, created, model, obj, [choice], usage))
         if usage:
-            prompt_tokens = sum(len(r.prompt) for r in reqs)
-            final = _chunk(rid, created, model, "chat.completion.chunk", [], False)
-            final["usage"] = _usage(prompt_tokens, completion_tokens)
-            yield _sse(final)
-        yield "data: [DONE]\n\n"
-    finally:
-        ticket.release()
-
-
-async def _completion_stream(
-    service: Service,
-    reqs: list[GenerationRequest],
-    ticket: Ticket,
-    rid: str,
-    created: int,
-    body: _OpenAICommon,
-    logprobs: bool,
-    echo_prompts: list[str] | None,
-) -> AsyncIterator[str]:
-    usage = body.include_usage
-    model = service.model_id
-    completion_tokens = 0
-    try:
-        if echo_prompts:
-            for i, p in enumerate(echo_prompts):
-                yield _sse(
-                    _chunk(
-                        rid,
-                        created,
-                        model,
-                        "text_completion",
-                        [{"index": i, "text": p, "logprobs": None, "finish_reason": None}],
-                        usage,
-                    )
-                )
-        async with aclosing(merge([service.events(r) for r in reqs])) as events:
-            async for i, ev in events:
-                if ev.error is not None:
-                    yield _sse({"error": {"message": ev.error, "type": "generation"}})
-                    return
-                if ev.finish is None and not ev.delta:
-                    continue
-                reason = None
-                if ev.finish is not None:
-                    reason = openai_finish_reason(ev.finish.reason)
-                    completion_tokens += ev.finish.generated_tokens
-                yield _sse(
-                    _chunk(
-                        rid,
-                        created,
-                        model,
-                        "text_completion",
-                        [{"index": i, "text": ev.delta, "logprobs": None, "finish_reason": reason}],
-                        usage,
-                    )
-                )
-        if usage:
-            final = _chunk(rid, created, model, "text_completion", [], False)
+            final = _chunk(rid, created, model, obj, [], False)
             final["usage"] = _usage(sum(len(r.prompt) for r in reqs), completion_tokens)
             yield _sse(final)
         yield "data: [DONE]\n\n"
