@@ -29,13 +29,7 @@ class ServiceMetrics:
     def start(self) -> float:
         """Count a request as it arrives (the autoscaler wants arrivals, even held ones)."""
         now = time.monotonic()
-        sec = int(now)
-        i = sec % _HORIZON
-        if self._stamps[i] != sec:
-            self._stamps[i] = sec
-            self._counts[i] = 0
-            self._errors[i] = 0
-        self._counts[i] += 1
+        self._counts[self._bucket(now)] += 1
         self.requests_total += 1
         self.in_flight += 1
         return now
@@ -45,14 +39,18 @@ class ServiceMetrics:
         self.in_flight -= 1
         if status >= 500:
             self.errors_total += 1
-            sec = int(now)
-            i = sec % _HORIZON
-            if self._stamps[i] != sec:
-                self._stamps[i] = sec
-                self._counts[i] = 0
-                self._errors[i] = 0
-            self._errors[i] += 1
+            self._errors[self._bucket(now)] += 1
         self._lat.append((now, now - started))
+
+    def _bucket(self, now: float) -> int:
+        """The ring slot of second `now`, emptied first if it still holds an older second."""
+        sec = int(now)
+        i = sec % _HORIZON
+        if self._stamps[i] != sec:
+            self._stamps[i] = sec
+            self._counts[i] = 0
+            self._errors[i] = 0
+        return i
 
     def _sum(self, arr: list[int], window: float) -> int:
         now = int(time.monotonic())

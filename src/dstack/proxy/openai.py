@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dstack.proxy import tgi
-from dstack.proxy.auth import bearer_token
+from dstack.proxy.auth import FORBIDDEN, UNAUTHENTICATED, bearer_token
 from dstack.proxy.forward import Proxy
 from dstack.proxy.http import Receive, Scope, Send, read_body, send_json
 from dstack.proxy.registry import ReplicaState, ServiceState
@@ -38,6 +38,17 @@ async def _error(
     body = tgi.error_object(message, type_, code, param)
     body["detail"] = message  # dstack clients read `detail`; OpenAI SDKs read `error`
     await send_json(send, status, body, headers)
+
+
+async def _missing_token(send: Send) -> None:
+    await _error(
+        send,
+        UNAUTHENTICATED,
+        "Authentication required: send 'Authorization: Bearer <dstack user token>'",
+        "authentication_error",
+        "missing_token",
+        headers=[(b"www-authenticate", b"Bearer")],
+    )
 
 
 class ModelEndpoint:
@@ -130,19 +141,12 @@ class ModelEndpoint:
         (with no project, on a gateway serving several: unless there is a token)."""
         token = bearer_token(scope["headers"])
         if token is None:
-            await _error(
-                send,
-                401,
-                "Authentication required: send 'Authorization: Bearer <dstack user token>'",
-                "authentication_error",
-                "missing_token",
-                headers=[(b"www-authenticate", b"Bearer")],
-            )
+            await _missing_token(send)
             return False
         if project is not None and not await self.proxy.auth.allowed(project, token):
             await _error(
                 send,
-                403,
+                FORBIDDEN,
                 f"The token is not valid, or its user is not a member of project '{project}'",
                 "permission_error",
                 "forbidden",
@@ -162,18 +166,11 @@ class ModelEndpoint:
                 denied += 1
         if not visible and denied:
             if token is None:
-                await _error(
-                    send,
-                    401,
-                    "Authentication required: send 'Authorization: Bearer <dstack user token>'",
-                    "authentication_error",
-                    "missing_token",
-                    headers=[(b"www-authenticate", b"Bearer")],
-                )
+                await _missing_token(send)
             else:
                 await _error(
                     send,
-                    403,
+                    FORBIDDEN,
                     "The token is not valid, or its user is not a member of the project",
                     "permission_error",
                     "forbidden",
