@@ -24,24 +24,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ssub = p.add_subparsers(dest="secret_command", metavar="SUBCOMMAND")
 
     ls = ssub.add_parser("list", help="list secrets (names only)")
-    ls.add_argument("--project", help=PROJECT_HELP)
+    ls.add_argument("--project", help=PROJECT_HELP, default=argparse.SUPPRESS)
     ls.set_defaults(func=cmd_list)
 
     s = ssub.add_parser("set", help="create or update a secret")
     s.add_argument("name", metavar="NAME")
     s.add_argument("value", metavar="VALUE", nargs="?", help="default: read from the terminal (no echo) or stdin")
-    s.add_argument("--project", help=PROJECT_HELP)
+    s.add_argument("--project", help=PROJECT_HELP, default=argparse.SUPPRESS)
     s.set_defaults(func=cmd_set)
 
     g = ssub.add_parser("get", help="show a secret's value")
     g.add_argument("name", metavar="NAME")
-    g.add_argument("--project", help=PROJECT_HELP)
+    g.add_argument("--project", help=PROJECT_HELP, default=argparse.SUPPRESS)
     g.set_defaults(func=cmd_get)
 
     d = ssub.add_parser("delete", help="delete secrets")
     d.add_argument("names", nargs="+", metavar="NAME")
     d.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    d.add_argument("--project", help=PROJECT_HELP)
+    d.add_argument("--project", help=PROJECT_HELP, default=argparse.SUPPRESS)
     d.set_defaults(func=cmd_delete)
 
 
