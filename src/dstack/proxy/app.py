@@ -6,7 +6,7 @@ import json
 from urllib.parse import quote
 
 from dstack.proxy import ws
-from dstack.proxy.auth import AuthCache, Authorizer, bearer_token
+from dstack.proxy.auth import AuthCache, Authorizer, bearer_token, refusal_status
 from dstack.proxy.forward import Proxy
 from dstack.proxy.http import ASGIApp, Receive, Scope, Send, header, route_path, send_detail
 from dstack.proxy.openai import ModelEndpoint
@@ -77,7 +77,7 @@ class ProxyApp:
         token = bearer_token(scope["headers"])
         if token is None or (project is not None and not await self.proxy.auth.allowed(project, token)):
             if scope["type"] == "websocket":
-                await ws.deny(scope, send, 401 if token is None else 403, _WS_DENIED)
+                await ws.deny(scope, send, refusal_status(token), _WS_DENIED)
             else:
                 await self.proxy.authorize(scope, send, project or "", True)  # sends the 401/403
             return
@@ -100,7 +100,7 @@ class ProxyApp:
         if info.auth:
             token = bearer_token(scope["headers"])
             if token is None or not await self.proxy.auth.allowed(info.project, token):
-                await ws.deny(scope, send, 401 if token is None else 403, _WS_DENIED)
+                await ws.deny(scope, send, refusal_status(token), _WS_DENIED)
                 return
         replica = state.pick()
         if replica is None:

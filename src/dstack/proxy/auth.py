@@ -8,7 +8,18 @@ import enum
 import time
 from collections.abc import Awaitable, Callable
 
+from dstack.core.domain_errors import ErrorKind
+from dstack.core.http_errors import status_for
 from dstack.core.tokens import bearer_token as parse_bearer
+
+#: what the proxy answers a caller who may not pass, from the one error map: no token, or a token
+#: that is unknown or not a member's (the proxy does not tell those apart: it would leak members)
+UNAUTHENTICATED = status_for(ErrorKind.NOT_AUTHENTICATED)
+FORBIDDEN = status_for(ErrorKind.FORBIDDEN)
+
+
+def refusal_status(token: str | None) -> int:
+    return UNAUTHENTICATED if token is None else FORBIDDEN
 
 
 class Access(enum.Enum):

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from dstack.proxy.auth import AuthCache, Authorizer, bearer_token
+from dstack.proxy.auth import FORBIDDEN, UNAUTHENTICATED, AuthCache, Authorizer, bearer_token
 from dstack.proxy.http import Receive, Scope, Send, send_detail
 from dstack.proxy.registry import ReplicaState, ServiceRegistry, ServiceState
 from dstack.proxy.upstream import (
@@ -80,12 +80,17 @@ class Proxy:
         token = bearer_token(scope["headers"])
         if token is None:
             await send_detail(
-                send, 401, "Authentication required: send 'Authorization: Bearer <dstack user token>'", _UNAUTHORIZED
+                send,
+                UNAUTHENTICATED,
+                "Authentication required: send 'Authorization: Bearer <dstack user token>'",
+                _UNAUTHORIZED,
             )
             return False
         if await self.auth.allowed(project, token):
             return True
-        await send_detail(send, 403, f"The token is not valid, or its user is not a member of project '{project}'")
+        await send_detail(
+            send, FORBIDDEN, f"The token is not valid, or its user is not a member of project '{project}'"
+        )
         return False
 
     async def choose(self, state: ServiceState, send: Send) -> ReplicaState | None:

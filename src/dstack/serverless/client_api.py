@@ -150,7 +150,7 @@ class ClientApi:
 MAX_POLICY_MS = 7 * 24 * 3600 * 1000
 
 
-def _positive_int(policy: dict, key: str, default: int) -> int:
+def _positive_int(policy: dict[str, Any], key: str, default: int) -> int:
     value = policy.get(key)
     if value is None:
         return default

@@ -84,7 +84,6 @@ class ServiceOptions:
     init_timeout: float = 600.0  # a worker that never calls in for this long is replaced
     lost_job_grace: float | None = None  # default: max(3 s, 2 ping intervals)
     tick: float = 0.5  # background loop period
-    auth_cache_ttl: float = 5.0
     # added to every worker's env; DEBUG (the SDK default) logs every poll
     extra_worker_env: dict[str, str] = field(default_factory=lambda: {"RUNPOD_LOG_LEVEL": "INFO"})
 
