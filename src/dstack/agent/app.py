@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from dstack.agent.host_info import host_info
 from dstack.agent.jobs import JobError, JobManager
 from dstack.agent.metrics import MAX_SAMPLES_PER_ANSWER, MetricsSampler
-from dstack.agent.models import JobSubmission, StopRequest
+from dstack.agent.models import AgentJobSubmission, StopRequest
 from dstack.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def create_app(home: Path, token: str) -> FastAPI:
         ]
 
     @app.post("/api/jobs", dependencies=[Depends(auth)])
-    async def submit(spec: JobSubmission) -> dict[str, str]:
+    async def submit(spec: AgentJobSubmission) -> dict[str, str]:
         manager.submit(spec)
         return {"job_id": spec.job_id}
 

@@ -17,7 +17,7 @@ import psutil
 
 from dstack.agent import containers, runner, sandbox
 from dstack.agent.logs import LogStore
-from dstack.agent.models import FINAL_STATES, JobSubmission
+from dstack.agent.models import FINAL_STATES, AgentJobSubmission
 from dstack.agent.netns import NETNS_DIR, NetnsAllocation, NetnsError, NetworkIsolation
 from dstack.agent.prewarm import with_prewarm_path
 from dstack.agent.venvs import SETUP_LOCK, PythonNotFound, VenvFactory, touch_last_used
@@ -44,7 +44,7 @@ class JobError(Exception):
 class Job:
     """One job: its spec, files under ``jobs/<id>``, state, logs and (while running) its process."""
 
-    def __init__(self, spec: JobSubmission, dir: Path, manager: JobManager) -> None:
+    def __init__(self, spec: AgentJobSubmission, dir: Path, manager: JobManager) -> None:
         self.spec = spec
         self.dir = dir
         self.manager = manager
@@ -519,7 +519,7 @@ class JobManager:
                 env_file = state_file.parent / ENV_FILE
                 if data.get("state") == "submitted" and env_file.exists():
                     spec_data["env"] = json.loads(env_file.read_text())
-                spec = JobSubmission.model_validate(spec_data)
+                spec = AgentJobSubmission.model_validate(spec_data)
             except (OSError, ValueError, KeyError) as e:
                 logger.warning("skipping unreadable %s: %s", state_file, e)
                 continue
@@ -565,7 +565,7 @@ class JobManager:
             raise JobError(404, f"job {job_id!r} not found")
         return job
 
-    def submit(self, spec: JobSubmission) -> Job:
+    def submit(self, spec: AgentJobSubmission) -> Job:
         if spec.job_id in self.jobs:
             raise JobError(409, f"job {spec.job_id!r} already exists")
         job_dir = self.jobs_dir / spec.job_id

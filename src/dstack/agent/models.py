@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 JobState = Literal["submitted", "preparing", "running", "done", "failed", "terminated", "aborted"]
+#: the states a job never leaves; the one list, read by the agent and the server's pipeline alike
 FINAL_STATES: frozenset[str] = frozenset({"done", "failed", "terminated", "aborted"})
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -23,8 +24,9 @@ class RegistryCredentials(BaseModel):
     __str__ = __repr__
 
 
-class JobSubmission(BaseModel):
-    """What the server sends to run one job; unknown fields are ignored for forward compatibility."""
+class AgentJobSubmission(BaseModel):
+    """What the server sends to run one job (built by server.background.pipeline.jobs_provisioning);
+    unknown fields are ignored for forward compatibility."""
 
     model_config = ConfigDict(extra="ignore")
 

@@ -4,6 +4,7 @@ from typing import Any
 
 import httpx
 
+from dstack.agent.models import AgentJobSubmission
 from dstack.server.backends.base import AgentEndpoint
 
 
@@ -37,8 +38,8 @@ class AgentClient:
         except (httpx.HTTPError, ValueError, RuntimeError):  # RuntimeError: the client was closed
             return False
 
-    async def submit(self, submission: dict[str, Any]) -> None:
-        r = await self._http.post("/api/jobs", json=submission)
+    async def submit(self, submission: AgentJobSubmission) -> None:
+        r = await self._http.post("/api/jobs", json=submission.model_dump(mode="json"))
         if r.status_code not in (200, 409):
             raise AgentError(f"agent refused job: {r.status_code} {r.text}")
 

@@ -12,14 +12,14 @@ from typing import Any
 
 import httpx
 
-from dstack.agent.models import FINAL_STATES, JobSubmission
+from dstack.agent.models import FINAL_STATES, AgentJobSubmission
 from dstack.server.agent_client import AgentClient
 from dstack.server.backends.base import AgentEndpoint
 
 
 @dataclass
 class FakeJob:
-    submission: JobSubmission
+    submission: AgentJobSubmission
     state: str = "submitted"
     code: bytes | None = None
     exit_status: int | None = None
@@ -68,7 +68,7 @@ class FakeAgent:
         if request.method == "POST" and path == "/api/jobs":
             if self.refuse_submissions:
                 return httpx.Response(400, json={"detail": "no"})
-            submission = JobSubmission.model_validate(json.loads(request.content))
+            submission = AgentJobSubmission.model_validate(json.loads(request.content))
             self.jobs.setdefault(submission.job_id, FakeJob(submission))
             return httpx.Response(200, json={})
         job = self.jobs.get(parts[2]) if len(parts) >= 3 else None

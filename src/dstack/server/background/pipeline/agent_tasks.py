@@ -26,11 +26,15 @@ from dstack.server.background.pipeline.common import (
     AGENT_UNREACHABLE_SECONDS,
     LOG_LINGER_SECONDS,
 )
-from dstack.server.background.pipeline.jobs_provisioning import build_submission, code_blob, submit_to_agent
+from dstack.server.background.pipeline.jobs_provisioning import (
+    build_submission,
+    code_blob,
+    resolve_secrets,
+    submit_to_agent,
+)
 from dstack.server.background.pipeline.jobs_running import store_report
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import InstanceModel, JobModel, RunModel, utcnow
-from dstack.server.services import secret_store
 from dstack.server.services.runs import parse_configuration
 
 logger = logging.getLogger(__name__)
@@ -107,7 +111,7 @@ class AgentTasks:
                 ).scalar_one()
                 run_spec = RunSpec.model_validate_json(run.run_spec)
                 submission = build_submission(run, job, run_spec, parse_configuration(run_spec), inst)
-                submission = await secret_store.resolve_submission(session, run.project_id, submission)
+                submission = await resolve_secrets(session, run.project_id, submission)
                 code = await code_blob(session, run.project_id, run_spec)
             client = self.agents.client(inst.id)
             try:

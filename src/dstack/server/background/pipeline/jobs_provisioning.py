@@ -11,11 +11,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dstack.agent.models import AgentJobSubmission
 from dstack.core.models.configurations import BaseRunConfiguration
 from dstack.core.models.runs import JobSpec, RunSpec, RunType
 from dstack.server.agent_client import AgentClient, AgentError
 from dstack.server.models import CodeModel, InstanceModel, JobModel, RepoModel, RunModel
-from dstack.server.services import offers
+from dstack.server.services import offers, secret_store
 from dstack.server.services.engines import engine_submission
 from dstack.server.services.jobs import dstack_env, nodes_count
 from dstack.server.services.secrets import reveal_env, reveal_registry_auth
@@ -32,9 +33,10 @@ def venv_key(project_id: str, spec: JobSpec) -> str | None:
 
 def build_submission(
     run: RunModel, job: JobModel, run_spec: RunSpec, conf: BaseRunConfiguration, inst: InstanceModel
-) -> dict[str, Any]:
-    """The agent's job submission (agent.models): the job's spec with its secrets revealed, the
-    resources reserved for it, and how the host runs it."""
+) -> AgentJobSubmission:
+    """The agent's job submission: the job's spec with its stored credentials decrypted, the
+    resources reserved for it, and how the host runs it. Built as the agent's own wire model,
+    so a field the agent would refuse fails here, naming it."""
     spec = JobSpec.model_validate_json(job.job_spec)
     reservation = offers.Reservation.from_dict(json.loads(job.reserved or "{}"))
     env = reveal_env(spec.env)  # stored encrypted (services.secrets)
@@ -42,7 +44,7 @@ def build_submission(
     # The built-in engine ships with dstack: engine jobs run it with the agent's Python.
     env.setdefault("DSTACK_ENGINE_PYTHON", sys.executable)
     serverless = run.run_type == RunType.SERVERLESS
-    submission: dict[str, Any] = {
+    fields: dict[str, Any] = {
         "job_id": job.id,
         "run_name": run.run_name,
         "project_id": run.project_id,  # the agent runs each project's jobs as its own user
@@ -67,16 +69,25 @@ def build_submission(
         "worker_site": serverless and env.get("DSTACK_RUNPOD_LOOP") != "0",
     }
     # GPU hosts: TGI's image or vLLM instead of the built-in engine.
-    submission.update(engine_submission(conf, reservation.gpus, json.loads(inst.agent or "{}"), env))
-    return submission
+    fields.update(engine_submission(conf, reservation.gpus, json.loads(inst.agent or "{}"), env))
+    return AgentJobSubmission.model_validate(fields)
 
 
-async def submit_to_agent(client: AgentClient, submission: dict[str, Any], code: bytes) -> dict[str, Any]:
+async def resolve_secrets(session: AsyncSession, project_id: str, submission: AgentJobSubmission) -> AgentJobSubmission:
+    """`${{ secrets.NAME }}` references resolved, now and for the agent alone
+    (services.secret_store); `secret_env` names the variables that hold one."""
+    auth = submission.registry_auth.model_dump() if submission.registry_auth else None
+    env, auth, secret_env = await secret_store.resolve(session, project_id, submission.env, auth)
+    return AgentJobSubmission.model_validate(
+        {**submission.model_dump(), "env": env, "registry_auth": auth, "secret_env": secret_env}
+    )
+
+
+async def submit_to_agent(client: AgentClient, submission: AgentJobSubmission, code: bytes) -> dict[str, Any]:
     """Submit, upload the code, start: the agent's answer to the start."""
-    job_id = str(submission["job_id"])
     await client.submit(submission)
-    await client.upload_code(job_id, code)
-    return await client.start(job_id)
+    await client.upload_code(submission.job_id, code)
+    return await client.start(submission.job_id)
 
 
 async def code_blob(session: AsyncSession, project_id: str, run_spec: RunSpec) -> bytes:
