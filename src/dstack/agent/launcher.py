@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +12,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-import dstack
+from dstack.core.daemon import child_pythonpath, spawn_daemon
 from dstack.core.private import private_dir
 
 
@@ -28,15 +26,6 @@ class AgentInfo:
 
 class AgentStartError(Exception):
     pass
-
-
-def _pythonpath() -> str:
-    """PYTHONPATH for the child: ours plus the directory this ``dstack`` was imported from."""
-    src = str(Path(dstack.__file__).resolve().parent.parent)
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if src not in parts:
-        parts.append(src)
-    return os.pathsep.join(parts)
 
 
 def read_agent_json(home: Path, host: str = "127.0.0.1") -> AgentInfo | None:
@@ -55,21 +44,9 @@ def start_agent(home: Path, token: str, *, host: str = "127.0.0.1", port: int = 
     home = private_dir(Path(home).expanduser().resolve())
     (home / "agent.json").unlink(missing_ok=True)
     # The token goes by environment (the agent drops it from its jobs' env): not on the command line.
-    env = dict(os.environ, PYTHONPATH=_pythonpath(), DSTACK_AGENT_TOKEN=token)
+    env = dict(os.environ, PYTHONPATH=child_pythonpath(), DSTACK_AGENT_TOKEN=token)
     cmd = [sys.executable, "-m", "dstack.agent", "--host", host, "--port", str(port), "--home", str(home)]
-    with open(os.open(home / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-            env=env,
-            cwd=str(home),
-        )
-    # Reap the child if it ever exits while we live, so it never lingers as a zombie.
-    threading.Thread(target=proc.wait, name=f"reap-agent-{proc.pid}", daemon=True).start()
+    proc = spawn_daemon(cmd, env, home / "agent.log", home, "agent")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -17,9 +17,7 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ import httpx
 import psutil
 from sqlalchemy import select
 
-from dstack.agent.launcher import _pythonpath
+from dstack.core.daemon import child_pythonpath, spawn_daemon
 from dstack.core.http_client import bearer, internal_client
 from dstack.core.private import private_dir, write_private
 from dstack.proxy import Replica, ServiceInfo
@@ -226,20 +224,9 @@ class GatewayManager:
         ]
         if gw.tls:
             cmd += ["--tls-cert", gw.tls_cert, "--tls-key", gw.tls_key]
-        env = dict(os.environ, PYTHONPATH=_pythonpath(), DSTACK_GATEWAY_TOKEN=crypto.decrypt(gw.token))
+        env = dict(os.environ, PYTHONPATH=child_pythonpath(), DSTACK_GATEWAY_TOKEN=crypto.decrypt(gw.token))
         log_path = self._log_file(gw)
-        with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                env=env,
-                cwd=str(self.home),
-            )
-        threading.Thread(target=proc.wait, name=f"reap-gateway-{proc.pid}", daemon=True).start()
+        proc = spawn_daemon(cmd, env, log_path, self.home, "gateway")
         gw.pid = proc.pid
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
