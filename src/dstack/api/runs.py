@@ -127,7 +127,7 @@ class Run:
             )
             for record in resp["logs"]:
                 yield base64.b64decode(record["message"])
-            cursor = resp["next_token"]
+            cursor = resp.get("cursor", resp["next_token"])  # next_token is null on a last page
             if resp["logs"]:
                 continue
             if resp["finished"] or not follow:

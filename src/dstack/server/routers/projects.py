@@ -1,6 +1,6 @@
 """Projects and their members. A user sees only projects they belong to (admins see all)."""
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
@@ -9,8 +9,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.names import name_error
 from dstack.server.db import get_session
-from dstack.server.errors import Forbidden, InvalidRequest, ResourceExists, ResourceNotFound
+from dstack.server.errors import (
+    Forbidden,
+    InvalidRequest,
+    ResourceExists,
+    ResourceNotFound,
+)
 from dstack.server.models import MemberModel, ProjectModel, UserModel
+from dstack.server.routers.users import user_dict
 from dstack.server.security import require_project_member, require_user
 
 router = APIRouter(tags=["projects"])
@@ -33,12 +39,41 @@ class RemoveMembersRequest(BaseModel):
     usernames: list[str]
 
 
-def project_dict(project: ProjectModel) -> dict:
+def project_dict(project: ProjectModel, owner: UserModel | None = None) -> dict[str, Any]:
+    """A project as dstack's clients read it: the official 0.22 client requires `owner`, `backends`
+    and each member's full user and `permissions`. `backends` is empty: the local backend has no
+    configuration that client's backend types describe (`backends/list` names it)."""
+    if owner is None:
+        owner = next((m.user for m in project.members if m.user_id == project.owner_id), None)
     return {
         "project_id": project.id,
         "project_name": project.name,
-        "members": [{"user": {"username": m.user.name}, "project_role": m.project_role} for m in project.members],
+        "owner": user_dict(owner) if owner is not None else None,
+        "created_at": project.created_at.isoformat() if project.created_at else None,
+        "backends": [],
+        "members": [
+            {
+                "user": user_dict(m.user),
+                "project_role": m.project_role,
+                "permissions": {
+                    "can_manage_ssh_fleets": m.project_role in ("admin", "manager"),
+                    "can_manage_secrets": m.project_role in ("admin", "manager"),
+                },
+            }
+            for m in project.members
+        ],
+        "is_public": False,
     }
+
+
+async def projects_wire(session: AsyncSession, projects: list[ProjectModel]) -> list[dict[str, Any]]:
+    """`project_dict` of each, with owners no longer members read in one query."""
+    missing = {p.owner_id for p in projects} - {m.user_id for p in projects for m in p.members}
+    owners: dict[str, UserModel] = {}
+    if missing:
+        rows = await session.execute(select(UserModel).where(UserModel.id.in_(missing)))
+        owners = {u.id: u for u in rows.scalars()}
+    return [project_dict(p, owners.get(p.owner_id)) for p in projects]
 
 
 async def user_projects(session: AsyncSession, user: UserModel) -> list[ProjectModel]:
@@ -50,15 +85,18 @@ async def user_projects(session: AsyncSession, user: UserModel) -> list[ProjectM
 
 @router.post("/api/projects/list")
 async def list_projects(
-    user: UserModel = Depends(require_user), session: AsyncSession = Depends(get_session)
-) -> list[dict]:
-    return [project_dict(p) for p in await user_projects(session, user)]
+    user: UserModel = Depends(require_user),
+    session: AsyncSession = Depends(get_session),
+) -> list[dict[str, Any]]:
+    return await projects_wire(session, await user_projects(session, user))
 
 
 @router.post("/api/projects/create")
 async def create_project(
-    body: CreateProjectRequest, user: UserModel = Depends(require_user), session: AsyncSession = Depends(get_session)
-) -> dict:
+    body: CreateProjectRequest,
+    user: UserModel = Depends(require_user),
+    session: AsyncSession = Depends(get_session),
+) -> dict[str, Any]:
     problem = name_error("project", body.project_name)
     if problem is not None:
         raise InvalidRequest(problem, fields=["project_name"])
@@ -70,12 +108,15 @@ async def create_project(
     session.add(MemberModel(project_id=project.id, user_id=user.id, project_role="admin"))
     await session.commit()
     await session.refresh(project, ["members"])
-    return project_dict(project)
+    return (await projects_wire(session, [project]))[0]
 
 
 @router.post("/api/projects/{project_name}/get")
-async def get_project(member=Depends(require_project_member)) -> dict:
-    return project_dict(member[1])
+async def get_project(
+    member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> dict[str, Any]:
+    return (await projects_wire(session, [member[1]]))[0]
 
 
 async def _require_project_admin(session: AsyncSession, user: UserModel, project: ProjectModel) -> None:
@@ -92,8 +133,10 @@ async def _require_project_admin(session: AsyncSession, user: UserModel, project
 
 @router.post("/api/projects/{project_name}/add_members")
 async def add_members(
-    body: AddMembersRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
-) -> dict:
+    body: AddMembersRequest,
+    member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> dict[str, Any]:
     user, project = member
     await _require_project_admin(session, user, project)
     for m in body.members:
@@ -102,22 +145,33 @@ async def add_members(
             raise ResourceNotFound(f"user '{m.username}' not found")
         existing = (
             await session.execute(
-                select(MemberModel).where(MemberModel.project_id == project.id, MemberModel.user_id == target.id)
+                select(MemberModel).where(
+                    MemberModel.project_id == project.id,
+                    MemberModel.user_id == target.id,
+                )
             )
         ).scalar_one_or_none()
         if existing:
             existing.project_role = m.project_role
         else:
-            session.add(MemberModel(project_id=project.id, user_id=target.id, project_role=m.project_role))
+            session.add(
+                MemberModel(
+                    project_id=project.id,
+                    user_id=target.id,
+                    project_role=m.project_role,
+                )
+            )
     await session.commit()
     await session.refresh(project, ["members"])
-    return project_dict(project)
+    return (await projects_wire(session, [project]))[0]
 
 
 @router.post("/api/projects/{project_name}/remove_members")
 async def remove_members(
-    body: RemoveMembersRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
-) -> dict:
+    body: RemoveMembersRequest,
+    member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> dict[str, Any]:
     user, project = member
     await _require_project_admin(session, user, project)
     for name in body.usernames:
@@ -126,11 +180,14 @@ async def remove_members(
             continue
         row = (
             await session.execute(
-                select(MemberModel).where(MemberModel.project_id == project.id, MemberModel.user_id == target.id)
+                select(MemberModel).where(
+                    MemberModel.project_id == project.id,
+                    MemberModel.user_id == target.id,
+                )
             )
         ).scalar_one_or_none()
         if row is not None:
             await session.delete(row)
     await session.commit()
     await session.refresh(project, ["members"])
-    return project_dict(project)
+    return (await projects_wire(session, [project]))[0]

@@ -1,12 +1,16 @@
 """Runs: plan, submit/apply, list, get, stop, delete; and their logs."""
 
+from datetime import datetime
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.models.runs import RunSpec, RunType
 from dstack.server.db import get_database, get_session
-from dstack.server.models import UserModel
+from dstack.server.models import ProjectModel, RunModel, UserModel
+from dstack.server.routers import dstack_wire
 from dstack.server.routers.projects import user_projects
 from dstack.server.security import require_project_member, require_user
 from dstack.server.services import logs as logs_service
@@ -17,6 +21,8 @@ router = APIRouter(tags=["runs"])
 
 class RunSpecRequest(BaseModel):
     run_spec: RunSpec
+    #: dstack's `dstack offer`: only the offers matter, the configuration is a placeholder
+    for_offers_only: bool = False
 
 
 class PlanToApply(BaseModel):
@@ -37,6 +43,7 @@ MAX_INT = 2**63 - 1
 
 
 class ListRunsRequest(BaseModel):
+    project_name: str | None = Field(default=None, max_length=100)  # /api/runs/list: one project only
     only_active: bool = False
     limit: int = Field(default=1000, ge=1, le=10_000)
 
@@ -63,9 +70,23 @@ class PollLogsRequest(BaseModel):
     start_after: int = Field(default=0, ge=0, le=MAX_INT)
     limit: int = Field(default=1000, ge=0, le=MAX_INT)  # at most 5000 are returned
     wait: float = Field(default=0, ge=0, le=3600)  # at most 30 s are waited
+    # dstack's client: one submission, its own cursor (`next_token`), a start time
+    job_submission_id: str | None = Field(default=None, max_length=64)
+    next_token: str | None = Field(default=None, max_length=20, pattern=r"^[0-9]+$")
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    descending: bool = False
+    diagnose: bool = False
+
+    @field_validator("end_time", "descending", "diagnose")
+    @classmethod
+    def _not_yet(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:
+            raise ValueError(f"{info.field_name} is not supported yet")
+        return value
 
 
-async def _wire(request: Request, run) -> dict:
+async def _wire(request: Request, run: RunModel) -> dict[str, Any]:
     wire = request.app.state.run_to_wire(run)
     if run.run_type == RunType.SERVERLESS:
         wire.extra["endpoint_id"] = run.run_name
@@ -74,22 +95,30 @@ async def _wire(request: Request, run) -> dict:
             status = await request.app.state.serverless_bridge.status(run.run_name)
             if status:
                 wire.extra.update(status)
-    return wire.model_dump(mode="json")
+    data = wire.model_dump(mode="json")
+    return dstack_wire.run(data) if dstack_wire.wants_dstack_shapes(request) else data
 
 
 @router.post("/api/project/{project_name}/runs/get_plan")
 async def get_plan(
     body: RunSpecRequest,
     request: Request,
-    member=Depends(require_project_member),
+    member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
-) -> dict:
+) -> dict[str, Any]:
     user, project = member
-    plan = await runs_service.get_plan(session, project, user, body.run_spec, request.app.state.settings.limits)
-    return plan.model_dump(mode="json")
+    run_spec = dstack_wire.offers_only_spec(body.run_spec) if body.for_offers_only else body.run_spec
+    plan = await runs_service.get_plan(session, project, user, run_spec, request.app.state.settings.limits)
+    data = plan.model_dump(mode="json")
+    return dstack_wire.plan(data) if dstack_wire.wants_dstack_shapes(request) else data
 
 
-async def _submit(request: Request, session: AsyncSession, member, run_spec: RunSpec) -> dict:
+async def _submit(
+    request: Request,
+    session: AsyncSession,
+    member: tuple[UserModel, ProjectModel],
+    run_spec: RunSpec,
+) -> dict[str, Any]:
     user, project = member
     settings = request.app.state.settings
     run = await runs_service.submit_run(session, project, user, run_spec, settings.url, settings.limits)
@@ -102,9 +131,9 @@ async def _submit(request: Request, session: AsyncSession, member, run_spec: Run
 async def submit(
     body: RunSpecRequest,
     request: Request,
-    member=Depends(require_project_member),
+    member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
-) -> dict:
+) -> dict[str, Any]:
     return await _submit(request, session, member, body.run_spec)
 
 
@@ -112,9 +141,9 @@ async def submit(
 async def apply(
     body: ApplyRequest,
     request: Request,
-    member=Depends(require_project_member),
+    member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
-) -> dict:
+) -> dict[str, Any]:
     run_spec = body.plan.run_spec
     user, project = member
     if run_spec.run_name and body.force:
@@ -129,9 +158,9 @@ async def apply(
 async def list_project_runs(
     body: ListRunsRequest,
     request: Request,
-    member=Depends(require_project_member),
+    member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     runs = await runs_service.list_runs(session, [member[1].id], body.only_active, body.limit)
     return [await _wire(request, r) for r in runs]
 
@@ -142,8 +171,8 @@ async def list_all_runs(
     request: Request,
     user: UserModel = Depends(require_user),
     session: AsyncSession = Depends(get_session),
-) -> list[dict]:
-    projects = await user_projects(session, user)
+) -> list[dict[str, Any]]:
+    projects = [p for p in await user_projects(session, user) if body.project_name in (None, p.name)]
     runs = await runs_service.list_runs(session, [p.id for p in projects], body.only_active, body.limit)
     return [await _wire(request, r) for r in runs]
 
@@ -152,9 +181,9 @@ async def list_all_runs(
 async def get_run(
     body: RunNameRequest,
     request: Request,
-    member=Depends(require_project_member),
+    member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
-) -> dict:
+) -> dict[str, Any]:
     return await _wire(request, await runs_service.get_run(session, member[1], body.run_name))
 
 
@@ -162,7 +191,7 @@ async def get_run(
 async def stop_runs(
     body: StopRunsRequest,
     request: Request,
-    member=Depends(require_project_member),
+    member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> None:
     await runs_service.stop_runs(get_database(), member[1], body.runs_names, body.abort)
@@ -171,7 +200,9 @@ async def stop_runs(
 
 @router.post("/api/project/{project_name}/runs/delete")
 async def delete_runs(
-    body: DeleteRunsRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
+    body: DeleteRunsRequest,
+    member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
 ) -> None:
     await runs_service.delete_runs(get_database(), member[1], body.runs_names)
 
@@ -180,28 +211,43 @@ async def delete_runs(
 async def poll_logs(
     body: PollLogsRequest,
     request: Request,
-    member=Depends(require_project_member),
+    member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
-) -> dict:
+) -> dict[str, Any]:
     run = await runs_service.get_run(session, member[1], body.run_name)
-    return await logs_service.poll_logs(
+    limit = min(max(body.limit, 1), 5000)
+    page = await logs_service.poll_logs(
         session,
         request.app.state.log_notifier,
         run,
         body.job_num,
         body.replica_num,
-        body.start_after,
-        min(max(body.limit, 1), 5000),
+        int(body.next_token) if body.next_token else body.start_after,
+        limit,
         min(max(body.wait, 0), 30),
+        submission_id=body.job_submission_id,
+        after_time=body.start_time.timestamp() if body.start_time else None,
     )
+    # `next_token`: where the next page starts, null when this page holds everything there is now
+    # (clients that follow it, as dstack's does, stop there); `cursor` is that position always.
+    cursor = page["next_token"]
+    page["cursor"] = cursor
+    page["next_token"] = str(cursor) if len(page["logs"]) >= limit else None
+    return page
 
 
 @router.post("/api/project/{project_name}/backends/list")
 async def list_backends(
-    member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
-) -> list[dict]:
+    member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> list[dict[str, Any]]:
     instances = await runs_service.list_instances(session)
     names = sorted({i.backend for i in instances})
     return [
-        {"name": n, "config": {"type": n}, "instances": [i.name for i in instances if i.backend == n]} for n in names
+        {
+            "name": n,
+            "config": {"type": n},
+            "instances": [i.name for i in instances if i.backend == n],
+        }
+        for n in names
     ]

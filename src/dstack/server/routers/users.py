@@ -1,6 +1,6 @@
 """Users: who am I, and (admins) create, list, rotate tokens, delete."""
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
@@ -29,27 +29,42 @@ class DeleteUsersRequest(BaseModel):
     users: list[str]
 
 
-def user_dict(user: UserModel, token: str | None = None) -> dict:
-    d = {"id": user.id, "username": user.name, "global_role": user.global_role, "active": user.active}
+def user_dict(user: UserModel, token: str | None = None) -> dict[str, Any]:
+    """A user as dstack's clients read it (the official 0.22 client requires every field here)."""
+    d: dict[str, Any] = {
+        "id": user.id,
+        "username": user.name,
+        "created_at": user.created_at.isoformat() if user.created_at else None,
+        "global_role": user.global_role,
+        "email": None,
+        "active": user.active,
+        # any user may create projects here (projects/create checks nothing more)
+        "permissions": {"can_create_projects": True},
+        "ssh_public_key": None,
+    }
     if token is not None:
         d["creds"] = {"token": token}
     return d
 
 
 @router.post("/get_my_user")
-async def get_my_user(user: UserModel = Depends(require_user)) -> dict:
+async def get_my_user(user: UserModel = Depends(require_user)) -> dict[str, Any]:
     return user_dict(user)
 
 
 @router.post("/list")
-async def list_users(_: UserModel = Depends(require_admin), session: AsyncSession = Depends(get_session)) -> list[dict]:
+async def list_users(
+    _: UserModel = Depends(require_admin), session: AsyncSession = Depends(get_session)
+) -> list[dict[str, Any]]:
     return [user_dict(u) for u in (await session.execute(select(UserModel).order_by(UserModel.name))).scalars()]
 
 
 @router.post("/create")
 async def create_user(
-    body: CreateUserRequest, _: UserModel = Depends(require_admin), session: AsyncSession = Depends(get_session)
-) -> dict:
+    body: CreateUserRequest,
+    _: UserModel = Depends(require_admin),
+    session: AsyncSession = Depends(get_session),
+) -> dict[str, Any]:
     problem = name_error("user", body.username)
     if problem is not None:
         raise InvalidRequest(problem, fields=["username"])
@@ -64,8 +79,10 @@ async def create_user(
 
 @router.post("/refresh_token")
 async def refresh_token(
-    body: UsernameRequest, me: UserModel = Depends(require_user), session: AsyncSession = Depends(get_session)
-) -> dict:
+    body: UsernameRequest,
+    me: UserModel = Depends(require_user),
+    session: AsyncSession = Depends(get_session),
+) -> dict[str, Any]:
     if body.username != me.name and me.global_role != "admin":
         raise ResourceNotFound(f"user '{body.username}' not found")
     user = (await session.execute(select(UserModel).where(UserModel.name == body.username))).scalar_one_or_none()
@@ -79,7 +96,9 @@ async def refresh_token(
 
 @router.post("/delete")
 async def delete_users(
-    body: DeleteUsersRequest, _: UserModel = Depends(require_admin), session: AsyncSession = Depends(get_session)
+    body: DeleteUsersRequest,
+    _: UserModel = Depends(require_admin),
+    session: AsyncSession = Depends(get_session),
 ) -> None:
     for name in body.users:
         user = (await session.execute(select(UserModel).where(UserModel.name == name))).scalar_one_or_none()
