@@ -32,6 +32,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dstack.agent.runner import PROXY_ENV
+
 WORKFLOW_DIR = "/workflow"  # where the job's code is mounted, dstack's convention
 SCRIPT_PATH = "/dstack/job.sh"  # where the generated setup+commands script is mounted
 PROBE_TIMEOUT = 15.0
@@ -50,12 +52,7 @@ CLI_ENV_NAMES = frozenset(
         "GOGC",
         "GOMEMLIMIT",
         "GOTRACEBACK",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "NO_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "no_proxy",
+        *PROXY_ENV,
     }
 )
 # Run the script with bash when the image has it (like host jobs), else with its POSIX sh.

@@ -15,6 +15,8 @@ from pathlib import Path
 from dstack.agent.logs import LogStore
 from dstack.core.archives import ExtractBudget
 
+#: the outbound proxy settings, in both spellings tools read
+PROXY_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
 PASS_ENV = {
     "PATH",
     "HOME",
@@ -31,12 +33,7 @@ PASS_ENV = {
     "SSL_CERT_DIR",
     "REQUESTS_CA_BUNDLE",
     "CURL_CA_BUNDLE",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
+    *PROXY_ENV,
     "PYENV_ROOT",
     "CUDA_HOME",
     "HF_HOME",
