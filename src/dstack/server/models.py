@@ -246,3 +246,34 @@ class JobLogModel(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
     __table_args__ = (Index("ix_job_logs_job_id", "job_id", "id"),)
+
+
+class SecretModel(Base):
+    """A project's secret (`dstack secret set`); `value` is always `crypto.encrypt`ed."""
+
+    __tablename__ = "secrets"
+    __table_args__ = (UniqueConstraint("project_id", "name"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
+
+
+class JobMetricsPointModel(Base):
+    """One sample of a job's usage, as its agent measured it; older ones are deleted (retention)."""
+
+    __tablename__ = "job_metrics_points"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    timestamp: Mapped[float] = mapped_column(Float)  # unix seconds, the agent's clock
+    cpu_percent: Mapped[float] = mapped_column(Float)  # of one core: 200 = two cores busy
+    cpu_seconds: Mapped[float] = mapped_column(Float)  # CPU time of the job's processes so far
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)  # RSS of the job's process tree
+    gpus: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON [{index, util_percent, memory_*}]
+
+    __table_args__ = (
+        Index("ix_job_metrics_points_job_ts", "job_id", "timestamp"),
+        Index("ix_job_metrics_points_ts", "timestamp"),
+    )
