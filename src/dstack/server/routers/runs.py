@@ -15,6 +15,7 @@ from dstack.server.routers.projects import user_projects
 from dstack.server.security import require_project_member, require_user
 from dstack.server.services import logs as logs_service
 from dstack.server.services import runs as runs_service
+from dstack.server.services import secret_store
 
 router = APIRouter(tags=["runs"])
 
@@ -121,6 +122,7 @@ async def _submit(
 ) -> dict[str, Any]:
     user, project = member
     settings = request.app.state.settings
+    await secret_store.check_references(session, project.id, run_spec.configuration)  # 400 naming unknown ones
     run = await runs_service.submit_run(session, project, user, run_spec, settings.url, settings.limits)
     await request.app.state.on_run_submitted(run)
     request.app.state.pipeline.wake()
