@@ -224,11 +224,3 @@ async def resolve(
     new_auth = {k: _substitute(v, values) for k, v in registry_auth.items()} if registry_auth else None
     return new_env, new_auth, secret_env
 
-
-async def resolve_submission(session: AsyncSession, project_id: str, submission: dict[str, Any]) -> dict[str, Any]:
-    """An agent submission (env and registry_auth decrypted) with its secret references resolved,
-    and `secret_env` naming the variables that hold secrets (kept off the agent's disk)."""
-    env, auth, secret_env = await resolve(
-        session, project_id, submission.get("env") or {}, submission.get("registry_auth")
-    )
-    return {**submission, "env": env, "registry_auth": auth, "secret_env": secret_env}
