@@ -21,17 +21,20 @@ from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
 from dstack.proxy.auth import Access, AuthCache
 from dstack.server import bootstrap, crypto, migrate
 from dstack.server.backends.local import LocalBackend
+from dstack.server.backends.ssh.backend import SSHBackend
 from dstack.server.background.pipeline import Pipeline
 from dstack.server.body_limit import BodySizeLimit, RequestTooLarge
 from dstack.server.db import Database, get_database, get_session, set_database
 from dstack.server.db_errors import is_data_error
 from dstack.server.gateways import router as gateways_router
 from dstack.server.gateways.manager import GatewayManager
+from dstack.server.routers import fleets as fleets_router
 from dstack.server.routers import metrics as metrics_router
 from dstack.server.routers import projects, repos, runs, users
 from dstack.server.routers import secrets as secrets_router
 from dstack.server.security import project_access, require_metrics_reader
 from dstack.server.services import job_metrics
+from dstack.server.services.fleets import FleetManager
 from dstack.server.services.instances import InstanceManager
 from dstack.server.services.logs import LogNotifier
 from dstack.server.services.runs import run_to_wire
@@ -66,8 +69,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         token, created = await bootstrap.ensure_admin(db)
         app.state.admin_token = token
         app.state.admin_created = created
-        instances = InstanceManager(db, [LocalBackend(settings.server_dir / "local-agent")])
+        ssh_backend = SSHBackend(db)
+        instances = InstanceManager(db, [LocalBackend(settings.server_dir / "local-agent"), ssh_backend])
         await instances.start()
+        fleets = FleetManager(db, instances, ssh_backend)
+        app.state.fleets = fleets
+        await fleets.start()
         notifier = LogNotifier()
         pipeline = Pipeline(db, instances, notifier)
         services = ServiceManager(db, registry, pipeline.wake)
@@ -102,6 +109,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             await pipeline.stop()
             for hook in app.state.shutdown_hooks:
                 await hook(app)
+            await fleets.stop()
             await instances.close()
             await db.dispose()
 
@@ -201,6 +209,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
 
     for r in (users.router, projects.router, repos.router, runs.router, gateways_router.router):
         app.include_router(r)
+    app.include_router(fleets_router.router)
     app.include_router(secrets_router.router)
     app.include_router(metrics_router.router)
     job_metrics.install(app)  # pulls the agents' job metrics while the server runs

@@ -41,7 +41,8 @@ class InstanceManager:
         self._retired: list[AgentClient] = []  # clients of replaced agents (closed at shutdown)
         self._down: dict[str, float] = {}  # instance id -> when its agent was found lost (monotonic)
         self._recovered: KeyedNotifier[str] = KeyedNotifier()  # instance ids whose agent was replaced
-        self._supervisor: asyncio.Task | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._checking: dict[str, asyncio.Task[None]] = {}  # instance id -> its check in progress
         #: awaited with an instance id once its agent was replaced (the pipeline reconciles jobs)
         self.agent_listeners: list[Callable[[str], Awaitable[None]]] = []
 
@@ -62,10 +63,12 @@ class InstanceManager:
                     known[name] = AgentEndpoint(url=agent["url"], token=token, pid=agent.get("pid"))
             for backend in self.backends:
                 for inst in await backend.ensure_instances(known):
-                    row = rows.get(inst.name)
-                    if row is None:
+                    found = rows.get(inst.name)
+                    if found is None:
                         row = InstanceModel(name=inst.name, backend=inst.backend)
                         session.add(row)
+                    else:
+                        row = found
                     _store(row, inst)
                     await session.flush()
                     self._clients[row.id] = AgentClient(inst.agent)
@@ -76,6 +79,31 @@ class InstanceManager:
 
     def client(self, instance_id: str) -> AgentClient:
         return self._clients[instance_id]
+
+    def has_client(self, instance_id: str) -> bool:
+        return instance_id in self._clients
+
+    async def add(self, instance_id: str, backend: Backend, inst: ProvisionedInstance) -> None:
+        """An instance that came up after start (a fleet host): store its agent and supervise it."""
+        async with self.db.session() as session:
+            row = (await session.execute(select(InstanceModel).where(InstanceModel.id == instance_id))).scalar_one()
+            _store(row, inst)
+            await session.commit()
+        old = self._clients.get(instance_id)
+        if old is not None:
+            self._retired.append(old)
+        self._clients[instance_id] = AgentClient(inst.agent)
+        self._backend_of[instance_id] = (backend, inst.name)
+        self._down.pop(instance_id, None)
+        self._recovered.notify(instance_id)
+
+    async def remove(self, instance_id: str) -> None:
+        """Stop supervising an instance (its fleet or the host was deleted)."""
+        client = self._clients.pop(instance_id, None)
+        self._backend_of.pop(instance_id, None)
+        self._down.pop(instance_id, None)
+        if client is not None:
+            await client.close()
 
     def is_down(self, instance_id: str) -> bool:
         """True while the instance's agent is lost and being brought back."""
@@ -101,13 +129,21 @@ class InstanceManager:
     async def _supervise(self) -> None:
         while True:
             await asyncio.sleep(AGENT_CHECK_SECONDS)
+            # Each in its own task: a host that does not answer (an SSH connect timing out) must
+            # not delay the checks of the others; one check per instance at a time.
             for instance_id in list(self._clients):
-                try:
-                    await self.check(instance_id)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    logger.exception("checking the agent of instance %s failed", instance_id)
+                task = self._checking.get(instance_id)
+                if task is None or task.done():
+                    self._checking[instance_id] = asyncio.create_task(self._check_logged(instance_id))
+
+    async def _check_logged(self, instance_id: str) -> None:
+        try:
+            if instance_id in self._clients:
+                await self.check(instance_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("checking the agent of instance %s failed", instance_id)
 
     async def check(self, instance_id: str) -> bool:
         """Ask the instance's agent whether it lives; bring back one that died. True if it was replaced."""
@@ -128,6 +164,8 @@ class InstanceManager:
             return False
         if inst is None:  # the agent lives but is slow to answer: not replaced
             self._down.pop(instance_id, None)
+            return False
+        if self._backend_of.get(instance_id) != (backend, name):  # removed meanwhile (its fleet was deleted)
             return False
         async with self.db.session() as session:
             row = (await session.execute(select(InstanceModel).where(InstanceModel.id == instance_id))).scalar_one()
@@ -155,6 +193,9 @@ class InstanceManager:
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
+        for task in self._checking.values():
+            task.cancel()
+        await asyncio.gather(*self._checking.values(), return_exceptions=True)
         for c in [*self._clients.values(), *self._retired]:
             await c.close()
         for b in self.backends:

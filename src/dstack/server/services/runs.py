@@ -36,6 +36,7 @@ from dstack.core.names import name_error
 from dstack.server import crypto
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
+from dstack.server.fleet_models import FleetInstanceModel
 from dstack.server.gateways.models import GatewayModel
 from dstack.server.gateways.urls import resolve_gateway, service_urls
 from dstack.server.limits import ServerLimits, check_project_quota, check_run_limits
@@ -98,8 +99,15 @@ def initial_replicas(conf: BaseRunConfiguration) -> int:
     return 1
 
 
-async def list_instances(session: AsyncSession) -> list[InstanceModel]:
-    result = await session.execute(select(InstanceModel).order_by(InstanceModel.created_at))
+async def list_instances(session: AsyncSession, project_id: str | None = None) -> list[InstanceModel]:
+    """Instances a job may be placed on: the server's own, and for a project's jobs that project's
+    fleet hosts whose agents are up (`idle`; see services/fleets.py)."""
+    fleet_hosts = select(FleetInstanceModel.instance_id)
+    where = InstanceModel.id.not_in(fleet_hosts)
+    if project_id is not None:
+        own = InstanceModel.id.in_(fleet_hosts.where(FleetInstanceModel.project_id == project_id))
+        where = where | (own & (InstanceModel.status == "idle"))
+    result = await session.execute(select(InstanceModel).where(where).order_by(InstanceModel.created_at))
     return list(result.scalars())
 
 
