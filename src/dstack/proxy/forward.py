@@ -19,24 +19,7 @@ from dstack.proxy.upstream import (
 
 log = logging.getLogger(__name__)
 
-_HOP_REQ = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        b"expect",
-        b"content-length",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"x-forwarded-prefix",
-    }
-)
+#: hop-by-hop headers (RFC 9110 7.6.1): they describe one connection, never forwarded either way
 _HOP_RESP = frozenset(
     {
         b"connection",
@@ -49,6 +32,15 @@ _HOP_RESP = frozenset(
         b"upgrade",
     }
 )
+#: ...and on requests also what the proxy sets itself towards the replica
+_HOP_REQ = _HOP_RESP | {
+    b"host",
+    b"expect",
+    b"content-length",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-forwarded-prefix",
+}
 _UNAUTHORIZED = [(b"www-authenticate", b"Bearer")]
 
 
