@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -175,6 +176,10 @@ def _service_info(request: Request, project: str, name: str, run: Any) -> dict[s
         "url": run.service.url if run.service else "-",
         "model": run.service.model.name if run.service and run.service.model else None,
         "model_url": run.service.model.base_url if run.service and run.service.model else None,
+        "model_path": urlsplit(run.service.model.base_url).path.rstrip("/")
+        if run.service and run.service.model
+        else None,
+        "auth_required": state is None or state.info.auth,
         "auth": "bearer token (project members)" if state is None or state.info.auth else "none (public)",
         "replicas": 0,
         "ready": 0,

@@ -55,3 +55,91 @@
     if (section) followLogs(section);
   });
 })();
+
+// The chat playground: the browser calls the model's OpenAI route through the proxy, streaming.
+(function () {
+  "use strict";
+
+  function bubble(log, who, text) {
+    var p = document.createElement("p");
+    var b = document.createElement("strong");
+    b.textContent = who + ": ";
+    var span = document.createElement("span");
+    span.textContent = text;
+    p.appendChild(b);
+    p.appendChild(span);
+    log.appendChild(p);
+    return span;
+  }
+
+  function setUp(section) {
+    var form = document.getElementById("chat-form");
+    var log = document.getElementById("chat-log");
+    var input = document.getElementById("chat-input");
+    var token = document.getElementById("chat-token");
+    var max = document.getElementById("chat-max");
+    var messages = [];
+    form.addEventListener("submit", function (e) {
+      e.preventDefault();
+      var text = input.value.trim();
+      if (!text) return;
+      input.value = "";
+      messages.push({ role: "user", content: text });
+      bubble(log, "You", text);
+      var out = bubble(log, "Model", "");
+      out.parentNode.setAttribute("data-role", "assistant");
+      var headers = { "Content-Type": "application/json" };
+      if (token && token.value) headers.Authorization = "Bearer " + token.value;
+      var button = form.querySelector("button[type=submit]");
+      button.disabled = true;
+      fetch(section.dataset.base + "/chat/completions", {
+        method: "POST",
+        headers: headers,
+        body: JSON.stringify({
+          model: section.dataset.model, messages: messages, stream: true,
+          max_tokens: Math.max(1, Math.min(2048, parseInt(max.value, 10) || 64))
+        })
+      }).then(function (resp) {
+        if (!resp.ok) {
+          return resp.text().then(function (t) { throw new Error(resp.status + " " + t.slice(0, 300)); });
+        }
+        var reader = resp.body.getReader();
+        var decoder = new TextDecoder();
+        var buffer = "";
+        function pump() {
+          return reader.read().then(function (chunk) {
+            if (chunk.done) return;
+            buffer += decoder.decode(chunk.value, { stream: true });
+            var events = buffer.split("\n");
+            buffer = events.pop();
+            var finished = false;
+            events.forEach(function (line) {
+              if (line.indexOf("data:") !== 0) return;
+              var data = line.slice(5).trim();
+              if (data === "[DONE]") { finished = true; return; }
+              if (!data) return;
+              var delta = ((JSON.parse(data).choices || [])[0] || {}).delta || {};
+              if (delta.content) out.textContent += delta.content;
+            });
+            // [DONE] ends the answer, whenever the connection itself closes
+            if (finished) { reader.cancel(); return; }
+            return pump();
+          });
+        }
+        return pump();
+      }).then(function () {
+        messages.push({ role: "assistant", content: out.textContent });
+        out.parentNode.setAttribute("data-done", "1");
+      }).catch(function (err) {
+        messages.pop();
+        out.textContent = "(error: " + err.message + ")";
+        out.parentNode.setAttribute("data-done", "1");
+      }).finally(function () { button.disabled = false; });
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var section = document.querySelector("section.chat[data-base]");
+    if (section) setUp(section);
+  });
+})();
