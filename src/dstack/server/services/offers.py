@@ -1,9 +1,13 @@
 """Matching a job's resource requirements against instances, and reserving what it gets."""
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dstack.core.models.resources import ResourcesSpec
 from dstack.core.models.runs import InstanceResources
+
+if TYPE_CHECKING:
+    from dstack.core.models.configurations import BaseRunConfiguration
 
 MIB_PER_GB = 1024
 
@@ -89,3 +93,33 @@ def describe_shortfall(spec: ResourcesSpec, instances: list[tuple[str, InstanceR
     """The message for a request no instance can meet: what was asked, what exists."""
     have = "; ".join(f"{name}: {res.pretty()}" for name, res in instances) or "no instances"
     return f"no offers match the requirements: asked for {spec.pretty_format()}; available: {have}"
+
+
+#: dstack's names for our backends (`backends: [remote]` in a dstack configuration means these)
+BACKEND_ALIASES: dict[str, tuple[str, ...]] = {"local": ("local", "remote"), "ssh": ("ssh", "remote")}
+
+
+def placement_mismatch(
+    conf: "BaseRunConfiguration", backend: str, region: str, price: float, spot: bool = False
+) -> str | None:
+    """Why the configuration's placement settings (`backends`, `regions`, `spot_policy`,
+    `max_price`) rule out an instance, or None when they allow it. Today's instances are all
+    on-demand, so `spot_policy: spot` rules every one out."""
+    if conf.backends is not None:
+        names = BACKEND_ALIASES.get(backend, (backend,))
+        if not any(b.lower() in names for b in conf.backends):
+            return f"backend {backend!r} is not in backends {conf.backends}"
+    if conf.regions is not None and region.lower() not in {r.lower() for r in conf.regions}:
+        return f"region {region!r} is not in regions {conf.regions}"
+    if conf.spot_policy == "spot" and not spot:
+        return "spot_policy is spot and the instance is on-demand"
+    if conf.spot_policy == "on-demand" and spot:
+        return "spot_policy is on-demand and the instance is spot"
+    if conf.max_price is not None and price > conf.max_price:
+        return f"price ${price:g}/h is above max_price ${conf.max_price:g}/h"
+    return None
+
+
+def describe_placement(conf: "BaseRunConfiguration", excluded: list[tuple[str, str]]) -> str:
+    """The message for instances that fit but were ruled out by placement settings."""
+    return "no offers match the placement settings: " + "; ".join(f"{name}: {why}" for name, why in excluded)

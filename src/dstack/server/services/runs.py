@@ -125,13 +125,21 @@ async def held_reservations(session: AsyncSession, instance_id: str) -> list[off
     return [offers.Reservation.from_dict(json.loads(r)) for (r,) in result if r]
 
 
-async def get_offers(session: AsyncSession, spec: ResourcesSpec) -> tuple[list[InstanceOffer], str | None]:
-    """Offers that could run the job, free ones first; and, when none, why."""
+async def get_offers(
+    session: AsyncSession, spec: ResourcesSpec, conf: BaseRunConfiguration | None = None
+) -> tuple[list[InstanceOffer], str | None]:
+    """Offers that could run the job, free ones first; and, when none, why. With `conf`, its
+    placement settings (backends, regions, spot_policy, max_price) filter them too."""
     instances = await list_instances(session)
     found: list[InstanceOffer] = []
+    excluded: list[tuple[str, str]] = []
     for inst in instances:
         res = instance_resources(inst)
         if not offers.fits_total(spec, res):
+            continue
+        why = offers.placement_mismatch(conf, inst.backend, inst.region, inst.price) if conf is not None else None
+        if why is not None:
+            excluded.append((inst.name, why))
             continue
         free = offers.reserve(spec, res, await held_reservations(session, inst.id)) is not None
         found.append(
@@ -146,7 +154,9 @@ async def get_offers(session: AsyncSession, spec: ResourcesSpec) -> tuple[list[I
         )
     found.sort(key=lambda o: (o.availability != "available", o.price))
     reason = None
-    if not found:
+    if not found and excluded and conf is not None:
+        reason = offers.describe_placement(conf, excluded)
+    elif not found:
         reason = offers.describe_shortfall(spec, [(i.name, instance_resources(i)) for i in instances])
     return found, reason
 
@@ -163,7 +173,7 @@ async def get_plan(
         existing = await find_run(session, project, run_name)
         if existing is not None:
             current = run_to_wire(existing)
-    found, reason = await get_offers(session, conf.resources)
+    found, reason = await get_offers(session, conf.resources, conf)
     spec = build_job_spec(run_name or "<random>", conf, 0, 0)
     spec.env = redact_env(spec.env)
     # Answers carry no credential: the client applies the plan with its own configuration.

@@ -52,6 +52,8 @@ class AssignContext:
     candidates: list[Candidate]
     #: an instance's agent is being brought back (seconds)
     recovering: bool
+    #: instances that fit but the placement settings rule out, and why (backends, regions, ...)
+    placement_excluded: tuple[tuple[str, str], ...] = ()
 
 
 def process_submitted_job(ctx: AssignContext, now: datetime) -> JobDecision:
@@ -83,6 +85,8 @@ def process_submitted_job(ctx: AssignContext, now: datetime) -> JobDecision:
         msg = "; ".join(port_conflicts)
     elif ctx.candidates:
         msg = f"all instances that fit {ctx.requirements.pretty_format()} are busy with other jobs"
+    elif ctx.placement_excluded:
+        msg = "no offers match the placement settings: " + "; ".join(f"{n}: {w}" for n, w in ctx.placement_excluded)
     else:
         msg = offers.describe_shortfall(ctx.requirements, ctx.instances)
     return JobDecision(end=JobEnd(JobStatus.FAILED, JobTerminationReason.FAILED_TO_START_DUE_TO_NO_CAPACITY, msg))
@@ -99,9 +103,14 @@ async def load_assign_context(
     every = await list_instances(session)
     instances = [i for i in every if not is_down(i.id)]
     candidates = []
+    excluded: list[tuple[str, str]] = []
     for inst in instances:
         res = instance_resources(inst)
         if not offers.fits_total(requirements, res):
+            continue
+        why = offers.placement_mismatch(conf, inst.backend, inst.region, inst.price)
+        if why is not None:
+            excluded.append((inst.name, why))
             continue
         conflict = await port_conflict(session, inst, spec)
         held = [] if conflict else await held_reservations(session, inst.id)
@@ -114,6 +123,7 @@ async def load_assign_context(
         instances=[(i.name, instance_resources(i)) for i in instances],
         candidates=candidates,
         recovering=len(instances) < len(every),
+        placement_excluded=tuple(excluded),
     )
 
 
