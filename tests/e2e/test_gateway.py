@@ -8,7 +8,6 @@ the Host header and in TLS SNI (`LoopbackTransport`), and the certificate is ver
 the self-signed certificate itself: the same checks a real client makes, without DNS.
 """
 
-import datetime
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ import pytest
 
 from dstack.api import Resources, RunStatus, Service
 from dstack.core.errors import ServerClientError
+from tests.certs import self_signed_cert
 from tests.util import free_port, wait_until
 
 DOMAIN = "example.test"
@@ -96,37 +96,6 @@ class LoopbackTransport(httpx.HTTPTransport):
             request.url = request.url.copy_with(host="127.0.0.1")
             request.extensions = {**request.extensions, "sni_hostname": host}
         return super().handle_request(request)
-
-
-def make_cert(tmp: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DOMAIN)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(f"*.{DOMAIN}"), x509.DNSName(DOMAIN)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "gw.crt", tmp / "gw.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
 
 
 def cli(server, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -205,7 +174,7 @@ def gw_server(fresh_server):
 
 def test_gateway_end_to_end(gw_server, tmp_path):
     server = gw_server
-    cert, key = make_cert(tmp_path)
+    cert, key = self_signed_cert(tmp_path, DOMAIN)
     port = free_port()
     http = httpx.Client(transport=LoopbackTransport(verify=ssl.create_default_context(cafile=str(cert))), timeout=30)
     auth = server.headers

@@ -28,6 +28,18 @@ def serve(client, name: str, mode: str, **kw) -> "object":
     return run
 
 
+def _answering_replicas(run, server) -> set[str]:
+    """Which replicas answer the service's requests, once both of replicas 0 and 1 have."""
+    seen: set[str] = set()
+
+    def both() -> bool:
+        seen.add(httpx.get(run.service_url, headers=server.headers).json()["replica"])
+        return seen == {"0", "1"}
+
+    wait_until(both, 60, 0.05, "both replicas to answer")
+    return seen
+
+
 def _running(run, n: int) -> list:
     """The run's jobs whose latest submission runs, when there are exactly `n` of them (else [])."""
     running = [j for j in run.refresh().jobs if j.job_submissions[-1].status.value == "running"]
@@ -107,13 +119,7 @@ def test_replicas_balance_and_killed_replica_is_replaced(server):
     run = serve(server.client(), "two-svc", "plain", replicas=2)
     try:
         wait_ready(run.service_url, server.headers)
-        seen = set()
-
-        def both_replicas_answered() -> bool:
-            seen.add(httpx.get(run.service_url, headers=server.headers).json()["replica"])
-            return seen == {"0", "1"}
-
-        wait_until(both_replicas_answered, 60, what="both replicas to answer")
+        seen = _answering_replicas(run, server)
         assert seen == {"0", "1"}, "both replicas of a fixed port 8000 serve (each in its own network namespace)"
         # Kill replica 0 under traffic.
         results = []
@@ -144,10 +150,7 @@ def test_replicas_balance_and_killed_replica_is_replaced(server):
             "the killed replica's new submission to run",
         )
         assert len(run.jobs[0].job_submissions) >= 2
-        seen = set()
-        deadline = time.time() + 60
-        while seen != {"0", "1"} and time.time() < deadline:
-            seen.add(httpx.get(run.service_url, headers=server.headers).json()["replica"])
+        seen = _answering_replicas(run, server)
         assert seen == {"0", "1"}
     finally:
         run.stop(abort=True)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import subprocess
 import sys
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests.certs import self_signed_cert
 from tests.util import free_port, wait_port
 
 from .conftest import SRC
@@ -21,34 +17,9 @@ from .conftest import SRC
 TOKEN = "gw-secret"
 
 
-def self_signed(tmp_path) -> tuple[str, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "*.example.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("*.example.test"), x509.DNSName("example.test")]), False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return str(cert_path), str(key_path)
-
-
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, upstreams):
-    cert, key = self_signed(tmp_path_factory.mktemp("tls"))
+    cert, key = (str(p) for p in self_signed_cert(tmp_path_factory.mktemp("tls"), "example.test"))
     port = free_port()
     proc = subprocess.Popen(
         [

@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_gateway import DOMAIN, make_cert
+from tests.certs import self_signed_cert
+from tests.e2e.test_gateway import DOMAIN
 from tests.security.conftest import METRICS_TOKEN, Tenants
 from tests.util import free_port, wait_until
 
@@ -114,7 +115,7 @@ def test_gateway_tls_files_are_no_oracle(tenants: Tenants, tmp_path: Path) -> No
 
 
 def test_plain_user_gateway_with_pem_on_loopback(tenants: Tenants, tmp_path: Path) -> None:
-    cert, key = make_cert(tmp_path)
+    cert, key = self_signed_cert(tmp_path, DOMAIN)
     r = create_gateway(tenants, "bobs", tenants.bob, name="bob-gw", tls_cert=cert.read_text(), tls_key=key.read_text())
     assert r.status_code == 200, r.text
     gw = r.json()
