@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 from sqlalchemy import select
 
+from dstack.core.http_client import internal_client
 from dstack.core.models.configurations import ServiceConfiguration
 from dstack.core.models.runs import JobProvisioningData, JobStatus, JobTerminationReason, RunSpec, RunStatus, RunType
 from dstack.proxy import ModelInfo, Replica, ServiceInfo, ServiceRegistry
@@ -69,7 +70,7 @@ class ServiceManager:
         self.services: dict[str, ServiceState] = {}
         self._sync_pending: set[str] = set()
         self._task: asyncio.Task | None = None
-        self._http = httpx.AsyncClient(timeout=10)
+        self._http = internal_client()
         #: extra publishers (gateways) told about every change: async fn(state, info, replicas | None)
         self.publishers: list = []
         registry.on_wake = self.wake
