@@ -32,9 +32,7 @@ def check_bind_address(host: str | None, admin: bool) -> str:
         if host.lower() != "localhost" and not admin:
             raise _forbidden(host) from None
         if host.lower() != "localhost" and not _hostname_ok(host):
-            raise InvalidRequest(
-                f"host must be an IP address or a host name, got {host!r}", fields=["host"]
-            ) from None
+            raise InvalidRequest(f"host must be an IP address or a host name, got {host!r}", fields=["host"]) from None
         return host
     if not addr.is_loopback and not admin:
         raise _forbidden(host)

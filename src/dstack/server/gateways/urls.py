@@ -32,9 +32,7 @@ async def resolve_gateway(
     if isinstance(choice, str):
         gw = (await session.execute(query.where(GatewayModel.name == choice))).scalar_one_or_none()
         if gw is None:
-            raise InvalidRequest(
-                f"gateway '{choice}' does not exist in project '{project.name}'", fields=["gateway"]
-            )
+            raise InvalidRequest(f"gateway '{choice}' does not exist in project '{project.name}'", fields=["gateway"])
         return gw
     gw = (await session.execute(query.where(GatewayModel.default.is_(True)))).scalars().first()
     if gw is None and choice is True:
