@@ -223,4 +223,3 @@ async def resolve(
     new_env = {k: _substitute(v, values) for k, v in env.items()}
     new_auth = {k: _substitute(v, values) for k, v in registry_auth.items()} if registry_auth else None
     return new_env, new_auth, secret_env
-
