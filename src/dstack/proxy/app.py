@@ -10,6 +10,7 @@ from dstack.proxy.auth import AuthCache, Authorizer, bearer_token, refusal_statu
 from dstack.proxy.forward import Proxy
 from dstack.proxy.http import ASGIApp, Receive, Scope, Send, header, route_path, send_detail
 from dstack.proxy.openai import ModelEndpoint
+from dstack.proxy.ratelimit import RateLimiter, retry_after_header
 from dstack.proxy.registry import ServiceRegistry, ServiceState
 
 _SAFE = "/:@!$&'()*+,;=-._~"
@@ -37,6 +38,7 @@ class ProxyApp:
         self.proxy = proxy
         self.registry = proxy.registry
         self.models = ModelEndpoint(proxy)
+        self.limiter = RateLimiter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -93,7 +95,36 @@ class ProxyApp:
             return
         if not await self.proxy.authorize(scope, send, info.project, info.auth):
             return
+        if info.rate_limits and not await self._within_rate_limits(scope, send, state):
+            return
         await self.proxy.forward(scope, receive, send, state, target, prefix if info.strip_prefix else "")
+
+    async def _within_rate_limits(self, scope: Scope, send: Send, state: ServiceState) -> bool:
+        """Take a token of the service's matching rate limit, or answer 429 with Retry-After."""
+        info = state.info
+        path = route_path(scope)
+        own = f"/services/{info.project}/{info.run_name}"
+        if path.startswith(own):
+            path = path[len(own) :] or "/"
+        client = (scope.get("client") or ("", 0))[0]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        wait = self.limiter.check((info.project, info.run_name), info.rate_limits, path, client, headers)
+        if wait is None:
+            return True
+        body = json.dumps({"detail": f"rate limit exceeded; retry in {wait:.2f}s"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 429,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", retry_after_header(wait)),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+        return False
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, state: ServiceState, target: bytes) -> None:
         info = state.info

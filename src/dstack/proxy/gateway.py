@@ -43,6 +43,7 @@ from dstack.core.http_client import bearer, internal_client
 from dstack.proxy.app import HostRouter, ProxyApp, build_proxy_app
 from dstack.proxy.auth import Authorizer, bearer_token
 from dstack.proxy.metrics import render_prometheus
+from dstack.proxy.ratelimit import RateLimitRule
 from dstack.proxy.registry import ModelInfo, Replica, ServiceInfo, ServiceRegistry
 
 
@@ -75,6 +76,8 @@ def parse_service(data: Any) -> ServiceInfo:
         data["model"] = ModelInfo(name=model)
     elif isinstance(model, dict):
         data["model"] = ModelInfo(**model)
+    if isinstance(data.get("rate_limits"), list):
+        data["rate_limits"] = tuple(RateLimitRule(**r) for r in data["rate_limits"])
     info = ServiceInfo(**data)
     if not info.project or not info.run_name:
         raise ValueError("project and run_name are required")

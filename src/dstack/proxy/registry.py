@@ -15,6 +15,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from dstack.proxy.metrics import ServiceMetrics
+from dstack.proxy.ratelimit import RateLimitRule
 
 WakeHook = Callable[[str, str], Awaitable[None]]
 
@@ -44,6 +45,8 @@ class ServiceInfo:
     min_replicas: int = 1
     #: why the last replica failed ("engine crashed: SIGSEGV"), for the proxy's 503 while none is ready
     last_error: str | None = None
+    #: the service's `rate_limits` (proxy/ratelimit.py)
+    rate_limits: tuple[RateLimitRule, ...] = ()
 
 
 @dataclass(frozen=True)

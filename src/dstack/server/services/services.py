@@ -20,6 +20,7 @@ from dstack.core.http_client import internal_client
 from dstack.core.models.configurations import ServiceConfiguration
 from dstack.core.models.runs import JobProvisioningData, JobStatus, JobTerminationReason, RunSpec, RunStatus, RunType
 from dstack.proxy import ModelInfo, Replica, ServiceInfo, ServiceRegistry
+from dstack.proxy.ratelimit import RateLimitRule
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import JobModel, RunModel, utcnow
 from dstack.server.services.runs import latest_jobs, mark_job_terminating, new_jobs, parse_configuration
@@ -148,6 +149,10 @@ class ServiceManager:
             hold_timeout=float(conf.request_hold_timeout),
             min_replicas=conf.replicas.min or 0,
             last_error=run.error,
+            rate_limits=tuple(
+                RateLimitRule(prefix=r.prefix, rps=r.rps, burst=r.burst, key=r.key.type, header=r.key.header)
+                for r in conf.rate_limits
+            ),
         )
         self.registry.upsert_service(info)
         for job_id in list(state.replicas):
