@@ -138,6 +138,7 @@ esac
 """
 
 
+@pytest.mark.slow  # starts its own server/agent process
 def test_gpu_readings_of_the_jobs_own_gpus(tmp_path: Path) -> None:
     """An agent whose PATH has an `nvidia-smi` reporting two GPUs: a job given GPU 0 reads GPU 0 only."""
     bin_dir = tmp_path / "bin"

@@ -157,6 +157,7 @@ def _wait_output(srv: ServerProcess, run_name: str, marker: str, timeout: float 
     raise AssertionError(f"run {run_name} printed no {marker!r}")
 
 
+@pytest.mark.slow  # starts its own server/agent process
 def test_secret_reaches_the_job_and_no_file_or_answer_holds_it(tmp_path: Path) -> None:
     """A server of its own, so every file it and its agent wrote can be searched."""
     value = "s3cr3t-" + pysecrets.token_hex(16)
