@@ -8,8 +8,8 @@ short-lived children is not lost between samples; `cpu_percent` is of one core (
 about 100, two busy processes about 200). Memory is the tree's summed RSS. GPU readings are those
 of the GPUs the job was given (`nvidia-smi` reports per device, not per process).
 
-Image jobs are measured through their process tree as well, which is the container CLI's: what
-runs inside the container is not under it, so their CPU and memory read near zero for now.
+Image jobs are not sampled yet: their processes run under the container runtime, not under the
+CLI process the agent started, so its tree would read near zero.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class MetricsSampler:
     def targets(self) -> list[Target]:
         out = []
         for job in list(self.manager.jobs.values()):
-            if job.state == "running" and job.pid:
+            if job.state == "running" and job.pid and not job.spec.image:
                 out.append(Target(job.spec.job_id, job.pid, job.pid_create_time, list(job.spec.gpus)))
         return out
 
