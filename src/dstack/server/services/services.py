@@ -13,7 +13,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import httpx
 from sqlalchemy import select
 
 from dstack.core.http_client import internal_client
@@ -23,6 +22,7 @@ from dstack.proxy import ModelInfo, Replica, ServiceInfo, ServiceRegistry
 from dstack.proxy.ratelimit import RateLimitRule
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import JobModel, RunModel, utcnow
+from dstack.server.services import probes as probes_service
 from dstack.server.services.runs import latest_jobs, mark_job_terminating, new_jobs, parse_configuration
 
 logger = logging.getLogger(__name__)
@@ -191,8 +191,8 @@ class ServiceManager:
     async def _probe(self, state: ServiceState, job_id: str) -> None:
         """Mark the replica ready once its probe passes; take it out when it stops answering."""
         probes = state.conf.probes
-        ready_after = probes[0].ready_after if probes else 1
-        interval_ready = float(probes[0].interval) if probes else 2.0
+        ready_after = probes_service.ready_after(probes)
+        interval_ready = probes_service.interval(probes)
         successes = failures = 0
         while True:
             replica = state.replicas.get(job_id)
@@ -220,12 +220,7 @@ class ServiceManager:
                 return True
             except (OSError, TimeoutError):
                 return False
-        probe = probes[0]
-        try:
-            r = await self._http.get(url + probe.url, timeout=float(probe.timeout))
-            return 200 <= r.status_code < 400
-        except httpx.HTTPError:
-            return False
+        return await probes_service.check_all(self._http, url, probes)
 
     # --- scaling -------------------------------------------------------------------------------
 
