@@ -1,11 +1,14 @@
 """The dashboard's service page and chat playground with a real model (SmolLM2 on the built-in engine)."""
 
 import re
+import threading
+from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 
-from dstack.api import CompletionService, Resources
+from dstack.api import CompletionService, Resources, Service
 from tests.e2e.util import wait_ready
 from tests.web.conftest import screenshot, sign_in
 
@@ -13,6 +16,7 @@ from tests.web.conftest import screenshot, sign_in
 pytestmark = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
 
 MODEL = "SmolLM2-135M-Instruct"
+APPS = Path(__file__).resolve().parents[1] / "e2e" / "apps"
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +60,42 @@ def test_chat_playground_streams_an_answer_through_the_proxy(server, smol, page)
     rps = page.locator("dt:has-text('Requests/s (1 min)') + dd").inner_text()
     assert float(rps) > 0, rps
     screenshot(page, "dashboard-service.png")
+
+
+def test_service_scaling_from_one_to_two_replicas_shows(server, page):
+    conf = Service(
+        commands=["python upstream.py plain 8000"],
+        port=8000,
+        resources=Resources(cpu=0, memory="0.2GB"),
+        replicas="1..2",
+        scaling={"metric": "rps", "target": 2, "scale_up_delay": "0s", "scale_down_delay": "2s"},
+    )
+    run = server.client().runs.submit(conf, run_name="web-scaling", repo_dir=APPS)
+    stop = threading.Event()
+    threads = []
+    try:
+        wait_ready(run.service_url, server.headers)
+        sign_in(page, server)
+        page.goto(server.url + "/runs/main/web-scaling")
+        page.evaluate("window.__still_here = 'yes'")
+        ready = page.get_by_test_id("replicas-ready")
+        expect(ready).to_have_text("1 of 1", timeout=30_000)
+
+        def load() -> None:
+            with httpx.Client(headers=server.headers) as c:
+                while not stop.is_set():
+                    c.get(run.service_url + "slow?s=0.05")
+
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for t in threads:
+            t.start()
+        expect(ready).to_have_text("2 of 2", timeout=90_000)  # polled in, no reload
+        assert page.evaluate("window.__still_here") == "yes"
+        rps = page.locator("dt:has-text('Requests/s (1 min)') + dd").inner_text()
+        assert float(rps) > 0, rps
+        screenshot(page, "dashboard-service-scaling.png")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        run.stop(abort=True)

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dstack.core.models.runs import RunStatus
+from dstack.core.models.runs import RunStatus, RunType
 from dstack.server.models import RunModel
 from dstack.serverless.models import ServerlessEndpointModel, ServerlessJobModel
 
@@ -25,13 +25,13 @@ async def runs_page(
 ) -> tuple[list[RunModel], bool]:
     """One page of runs, newest first, and whether more follow."""
     query = select(RunModel).where(RunModel.project_id.in_(project_ids), RunModel.deleted.is_(False))
-    finished = [s.value for s in RunStatus.finished_statuses()]
+    finished = list(RunStatus.finished_statuses())
     if status == "active":
         query = query.where(RunModel.status.notin_(finished))
     elif status == "finished":
         query = query.where(RunModel.status.in_(finished))
     if run_type:
-        query = query.where(RunModel.run_type == run_type)
+        query = query.where(RunModel.run_type == RunType(run_type))
     if name:
         escaped = name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(RunModel.run_name.like(f"%{escaped}%", escape="\\"))
