@@ -66,18 +66,23 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         db = Database(settings.resolved_database_url())
         set_database(db)
         await migrate.upgrade(db)
-        token, created = await bootstrap.ensure_admin(db)
+        token, created = await bootstrap.ensure_admin(db, settings.admin_token)
         app.state.admin_token = token
         app.state.admin_created = created
         ssh_backend = SSHBackend(db)
-        instances = InstanceManager(db, [LocalBackend(settings.server_dir / "local-agent"), ssh_backend])
+        instances = InstanceManager(
+            db,
+            [LocalBackend(settings.server_dir / "local-agent"), ssh_backend],
+            check_seconds=settings.agent_check_seconds,
+            recovery_hold_seconds=settings.agent_unreachable_seconds,
+        )
         await instances.start()
         fleets = FleetManager(db, instances, ssh_backend)
         app.state.fleets = fleets
         await fleets.start()
         notifier = LogNotifier()
         pipeline = Pipeline(db, instances, notifier)
-        services = ServiceManager(db, registry, pipeline.wake)
+        services = ServiceManager(db, registry, pipeline.wake, settings.autoscaler_window_seconds)
         pipeline.run_listeners.append(services.on_run_changed)
         app.state.services = services
         gateways = GatewayManager(db, settings)

@@ -1,7 +1,6 @@
 """First start: the admin user, the `main` project, and the client config that makes the CLI work at once."""
 
 import logging
-import os
 
 from sqlalchemy import select
 
@@ -14,9 +13,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROJECT = "main"
 
 
-async def ensure_admin(db: Database) -> tuple[str | None, bool]:
-    """Create the admin and `main` project when missing. Returns (token if known, created)."""
-    env_token = os.environ.get("DSTACK_SERVER_ADMIN_TOKEN")
+async def ensure_admin(db: Database, env_token: str | None = None) -> tuple[str | None, bool]:
+    """Create the admin and `main` project when missing. Returns (token if known, created).
+
+    `env_token` (settings: DSTACK_SERVER_ADMIN_TOKEN) becomes the admin's token, new or not."""
     async with db.session() as session:
         admin = (await session.execute(select(UserModel).where(UserModel.name == "admin"))).scalar_one_or_none()
         created = False

@@ -1,51 +1,89 @@
-"""Server settings, read from the environment once so every part agrees on paths and URLs."""
+"""Server settings: every `DSTACK_*` variable the server honours, read once, when it starts.
+
+`ServerSettings(...)` reads the environment when it is built (at `dstack server` start, or at the
+start of a server command such as `dstack server rekey`), never at import, and is frozen after:
+every part gets its values from this one object (`app.state.settings`, or passed to its
+constructor), so all parts agree and a test's subprocess environment is all it takes to change
+one. A value that cannot be used stops the start with the variable's name and what it must be.
+"""
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 from dstack.server.limits import ServerLimits
 
-
-def _home() -> Path:
-    return Path(os.environ.get("DSTACK_HOME", str(Path.home() / ".dstack"))).expanduser()
+DEFAULT_CODE_UPLOAD_LIMIT = 64 * 1024 * 1024
 
 
-@dataclass
+class SettingsError(ValueError):
+    """An environment variable the server cannot use: names it and says what it must be."""
+
+
+@dataclass(frozen=True)
 class ServerSettings:
-    home: Path = field(default_factory=_home)
     host: str = "127.0.0.1"
     port: int = 3000
-    database_url: str | None = None
-    code_upload_limit_bytes: int = int(os.environ.get("DSTACK_SERVER_CODE_UPLOAD_LIMIT", str(64 * 1024 * 1024)))
-    #: sizes and counts one request or project may ask for (README "Limits"), from DSTACK_SERVER_MAX_* etc.
-    limits: ServerLimits = field(default_factory=ServerLimits.from_env)
-    # Public URL users reach the server at; defaults to http://host:port.
+    #: public URL users reach the server at; defaults to http://host:port
     public_url: str | None = None
+    #: given explicitly, else DSTACK_DATABASE_URL, else SQLite under `data_dir`
+    database_url: str | None = field(default=None, repr=False)  # may hold a password
+    #: where to read from (default: `os.environ`); tests pass a dict
+    environ: InitVar[Mapping[str, str] | None] = None
 
-    @property
-    def server_dir(self) -> Path:
-        return Path(os.environ.get("DSTACK_SERVER_DIR", str(self.home / "server"))).expanduser()
+    #: DSTACK_HOME (default ~/.dstack)
+    home: Path = field(init=False)
+    #: DSTACK_SERVER_DIR (default <home>/server): database, keys, agents' and gateways' state
+    server_dir: Path = field(init=False)
+    #: DSTACK_SERVER_ENCRYPTION_KEY_FILE: the Fernet key(s) that encrypt stored credentials (`dstack.server.crypto`)
+    encryption_key_file: Path = field(init=False)
+    #: DSTACK_SERVER_ADMIN_TOKEN: the admin's token, set or reset at start (`bootstrap.ensure_admin`)
+    admin_token: str | None = field(init=False, repr=False)
+    #: DSTACK_SERVER_METRICS_TOKEN: a token that may read `/metrics` besides admins' (a Prometheus scraper)
+    metrics_token: str | None = field(init=False, repr=False)
+    #: DSTACK_SERVER_CODE_UPLOAD_LIMIT: the largest code archive `repos/upload_code` takes
+    code_upload_limit_bytes: int = field(init=False)
+    #: sizes and counts one request or project may ask for (README "Limits"), from DSTACK_SERVER_MAX_* etc.
+    limits: ServerLimits = field(init=False)
+    #: DSTACK_SERVER_AGENT_CHECK_SECONDS: how often the instance supervisor asks each agent's healthcheck
+    agent_check_seconds: float = field(init=False)
+    #: DSTACK_SERVER_AGENT_UNREACHABLE_SECONDS: how long jobs wait for an agent being brought back
+    agent_unreachable_seconds: float = field(init=False)
+    #: DSTACK_SERVER_AUTOSCALER_WINDOW: the request-rate window services scale on
+    autoscaler_window_seconds: float = field(init=False)
+    #: DSTACK_SERVER_GATEWAY_MONITOR_INTERVAL: how often gateway processes are checked
+    gateway_monitor_interval_seconds: float = field(init=False)
+
+    def __post_init__(self, environ: Mapping[str, str] | None) -> None:
+        env = os.environ if environ is None else environ
+        home = Path(env.get("DSTACK_HOME", str(Path.home() / ".dstack"))).expanduser()
+        server_dir = Path(env.get("DSTACK_SERVER_DIR", str(home / "server"))).expanduser()
+        key_file = env.get("DSTACK_SERVER_ENCRYPTION_KEY_FILE")
+        values = {
+            "home": home,
+            "server_dir": server_dir,
+            "encryption_key_file": Path(key_file).expanduser() if key_file else server_dir / "encryption.key",
+            "database_url": self.database_url or env.get("DSTACK_DATABASE_URL") or None,
+            "admin_token": env.get("DSTACK_SERVER_ADMIN_TOKEN") or None,
+            "metrics_token": env.get("DSTACK_SERVER_METRICS_TOKEN") or None,
+            "code_upload_limit_bytes": _whole(env, "DSTACK_SERVER_CODE_UPLOAD_LIMIT", DEFAULT_CODE_UPLOAD_LIMIT),
+            "limits": _limits(env),
+            "agent_check_seconds": _seconds(env, "DSTACK_SERVER_AGENT_CHECK_SECONDS", 2, low=0.01, high=3600),
+            "agent_unreachable_seconds": _seconds(env, "DSTACK_SERVER_AGENT_UNREACHABLE_SECONDS", 60, 0, 7 * 86400),
+            "autoscaler_window_seconds": _seconds(env, "DSTACK_SERVER_AUTOSCALER_WINDOW", 60, 0.1, 86400),
+            "gateway_monitor_interval_seconds": _seconds(env, "DSTACK_SERVER_GATEWAY_MONITOR_INTERVAL", 10, 0.01, 3600),
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
     @property
     def data_dir(self) -> Path:
         return self.server_dir / "data"
 
-    @property
-    def encryption_key_file(self) -> Path:
-        """The Fernet key(s) that encrypt stored credentials (see `dstack.server.crypto`)."""
-        path = os.environ.get("DSTACK_SERVER_ENCRYPTION_KEY_FILE")
-        return Path(path).expanduser() if path else self.server_dir / "encryption.key"
-
-    @property
-    def metrics_token(self) -> str | None:
-        """A token that may read `/metrics` besides admins' (for a Prometheus scraper)."""
-        return os.environ.get("DSTACK_SERVER_METRICS_TOKEN") or None
-
     def resolved_database_url(self) -> str:
-        url = self.database_url or os.environ.get("DSTACK_DATABASE_URL")
-        if url:
-            return _async_driver_url(url)
+        if self.database_url:
+            return _async_driver_url(self.database_url)
         from dstack.core.private import private_dir, touch_private
 
         private_dir(self.server_dir)
@@ -64,6 +102,39 @@ class ServerSettings:
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.port}"
+
+
+def _limits(env: Mapping[str, str]) -> ServerLimits:
+    try:
+        return ServerLimits.from_env(env)
+    except ValueError as e:  # names the variable already
+        raise SettingsError(str(e)) from None
+
+
+def _whole(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number of bytes, not {raw[:50]!r}") from None
+    if value < 1:
+        raise SettingsError(f"{name} must be at least 1, not {value}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return float(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds, not {raw[:50]!r}") from None
+    if not low <= value <= high:  # also refuses nan
+        raise SettingsError(f"{name} must be between {low:g} and {high:g} seconds, not {raw[:50]}")
+    return value
 
 
 def _async_driver_url(url: str) -> str:

@@ -20,7 +20,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    from dstack.cli.common import fail
     from dstack.server.main import run_server
+    from dstack.server.settings import SettingsError
 
-    run_server(args.host, args.port, args.log_level)
+    try:
+        run_server(args.host, args.port, args.log_level)
+    except SettingsError as e:  # a DSTACK_* variable the server cannot use: say which, no traceback
+        fail(str(e))
     return 0

@@ -39,7 +39,6 @@ from dstack.server.settings import ServerSettings
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT = 20.0
-MONITOR_INTERVAL = float(os.environ.get("DSTACK_SERVER_GATEWAY_MONITOR_INTERVAL", "10"))
 
 
 class GatewayStartError(Exception):
@@ -124,7 +123,7 @@ class GatewayManager:
 
     async def _monitor_loop(self) -> None:
         while True:
-            await asyncio.sleep(MONITOR_INTERVAL)
+            await asyncio.sleep(self.settings.gateway_monitor_interval_seconds)
             try:
                 async with self.db.session() as session:
                     ids = (await session.execute(select(GatewayModel.id))).scalars().all()

@@ -10,7 +10,6 @@ jobs. While an instance is being recovered it is `down`: nothing new is assigned
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -26,16 +25,22 @@ from dstack.server.models import InstanceModel
 
 logger = logging.getLogger(__name__)
 
-AGENT_CHECK_SECONDS = float(os.environ.get("DSTACK_SERVER_AGENT_CHECK_SECONDS", "2"))
-# Jobs wait this long for an instance whose agent is being brought back; past it the instance is
-# offered again (and fails what it cannot run) rather than holding work back forever.
-AGENT_RECOVERY_HOLD_SECONDS = float(os.environ.get("DSTACK_SERVER_AGENT_UNREACHABLE_SECONDS", "60"))
-
 
 class InstanceManager:
-    def __init__(self, db: Database, backends: list[Backend]) -> None:
+    def __init__(
+        self,
+        db: Database,
+        backends: list[Backend],
+        check_seconds: float = 2.0,
+        recovery_hold_seconds: float = 60.0,
+    ) -> None:
         self.db = db
         self.backends = backends
+        #: how often each agent's healthcheck is asked (settings: DSTACK_SERVER_AGENT_CHECK_SECONDS)
+        self.check_seconds = check_seconds
+        # Jobs wait this long for an instance whose agent is being brought back; past it the instance is
+        # offered again (and fails what it cannot run) rather than holding work back forever.
+        self.recovery_hold_seconds = recovery_hold_seconds
         self._clients: dict[str, AgentClient] = {}
         self._backend_of: dict[str, tuple[Backend, str]] = {}  # instance id -> (backend, instance name)
         self._retired: list[AgentClient] = []  # clients of replaced agents (closed at shutdown)
@@ -108,7 +113,7 @@ class InstanceManager:
     def is_down(self, instance_id: str) -> bool:
         """True while the instance's agent is lost and being brought back."""
         since = self._down.get(instance_id)
-        return since is not None and time.monotonic() - since < AGENT_RECOVERY_HOLD_SECONDS
+        return since is not None and time.monotonic() - since < self.recovery_hold_seconds
 
     async def wait_recovered(self, instance_id: str, old: AgentClient, timeout: float) -> AgentClient | None:
         """After a connection error through `old`: the instance's client once its agent answers
@@ -123,12 +128,12 @@ class InstanceManager:
                 return current
             if await current.healthy(timeout=min(2.0, max(0.1, deadline - loop.time()))):
                 return current
-            await self._recovered.wait(instance_id, min(AGENT_CHECK_SECONDS, max(0.0, deadline - loop.time())))
+            await self._recovered.wait(instance_id, min(self.check_seconds, max(0.0, deadline - loop.time())))
         return None
 
     async def _supervise(self) -> None:
         while True:
-            await asyncio.sleep(AGENT_CHECK_SECONDS)
+            await asyncio.sleep(self.check_seconds)
             # Each in its own task: a host that does not answer (an SSH connect timing out) must
             # not delay the checks of the others; one check per instance at a time.
             for instance_id in list(self._clients):

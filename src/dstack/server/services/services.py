@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +26,6 @@ from dstack.server.services.runs import latest_jobs, mark_job_terminating, new_j
 
 logger = logging.getLogger(__name__)
 
-AUTOSCALER_WINDOW = float(os.environ.get("DSTACK_SERVER_AUTOSCALER_WINDOW", "60"))
 AUTOSCALER_TICK = 1.0
 DRAIN_TIMEOUT = 60.0
 
@@ -64,8 +62,10 @@ def model_info(conf: ServiceConfiguration, meta: dict | None) -> ModelInfo | Non
 
 
 class ServiceManager:
-    def __init__(self, db: Database, registry: ServiceRegistry, wake_pipeline) -> None:
+    def __init__(self, db: Database, registry: ServiceRegistry, wake_pipeline, autoscaler_window: float = 60.0) -> None:
         self.db = db
+        #: seconds of request history the autoscaler looks at (settings: DSTACK_SERVER_AUTOSCALER_WINDOW)
+        self.autoscaler_window = autoscaler_window
         self.registry = registry
         self.wake_pipeline = wake_pipeline
         self.services: dict[str, ServiceState] = {}
@@ -253,7 +253,7 @@ class ServiceManager:
         conf = state.conf
         if conf.scaling is None or conf.replicas.min == conf.replicas.max:
             return
-        stats = self.registry.stats(state.project, state.run_name, window=AUTOSCALER_WINDOW)
+        stats = self.registry.stats(state.project, state.run_name, window=self.autoscaler_window)
         rps = stats.rps
         desired = math.ceil(rps / conf.scaling.target) if conf.scaling.target > 0 else conf.replicas.max
         if stats.in_flight > 0:
@@ -316,7 +316,7 @@ class ServiceManager:
     async def _finish_draining(self, state: ServiceState) -> None:
         if not state.draining:
             return
-        stats = self.registry.stats(state.project, state.run_name, window=AUTOSCALER_WINDOW)
+        stats = self.registry.stats(state.project, state.run_name, window=self.autoscaler_window)
         done = [
             jid
             for jid, since in state.draining.items()
