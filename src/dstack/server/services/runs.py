@@ -17,6 +17,7 @@ from dstack.core.models.resources import ResourcesSpec
 from dstack.core.models.runs import (
     InstanceOffer,
     InstanceResources,
+    InstanceStatus,
     Job,
     JobPlan,
     JobProvisioningData,
@@ -106,7 +107,7 @@ async def list_instances(session: AsyncSession, project_id: str | None = None) -
     where = InstanceModel.id.not_in(fleet_hosts)
     if project_id is not None:
         own = InstanceModel.id.in_(fleet_hosts.where(FleetInstanceModel.project_id == project_id))
-        where = where | (own & (InstanceModel.status == "idle"))
+        where = where | (own & (InstanceModel.status == InstanceStatus.IDLE))
     result = await session.execute(select(InstanceModel).where(where).order_by(InstanceModel.created_at))
     return list(result.scalars())
 
@@ -126,11 +127,15 @@ async def held_reservations(session: AsyncSession, instance_id: str) -> list[off
 
 
 async def get_offers(
-    session: AsyncSession, spec: ResourcesSpec, conf: BaseRunConfiguration | None = None
+    session: AsyncSession,
+    spec: ResourcesSpec,
+    conf: BaseRunConfiguration | None = None,
+    project_id: str | None = None,
 ) -> tuple[list[InstanceOffer], str | None]:
     """Offers that could run the job, free ones first; and, when none, why. With `conf`, its
-    placement settings (backends, regions, spot_policy, max_price) filter them too."""
-    instances = await list_instances(session)
+    placement settings (backends, regions, spot_policy, max_price) filter them too. With
+    `project_id`, the project's fleet hosts are offered too."""
+    instances = await list_instances(session, project_id)
     found: list[InstanceOffer] = []
     excluded: list[tuple[str, str]] = []
     for inst in instances:
@@ -173,7 +178,7 @@ async def get_plan(
         existing = await find_run(session, project, run_name)
         if existing is not None:
             current = run_to_wire(existing)
-    found, reason = await get_offers(session, conf.resources, conf)
+    found, reason = await get_offers(session, conf.resources, conf, project_id=project.id)
     spec = build_job_spec(run_name or "<random>", conf, 0, 0)
     spec.env = redact_env(spec.env)
     # Answers carry no credential: the client applies the plan with its own configuration.

@@ -83,9 +83,39 @@ class SSHBackend(Backend):
     # --- the Backend interface ------------------------------------------------------------
 
     async def ensure_instances(self, known: dict[str, AgentEndpoint]) -> list[ProvisionedInstance]:
-        """Nothing at start: the fleet manager (services/fleets.py) attaches fleet hosts in the
-        background, so a host that does not answer never delays the server's start."""
-        return []
+        """Fleet hosts whose agents a previous server used come back as they were stored, without
+        connecting: their forwarded ports are gone, so the supervisor's first check finds them
+        down and `recover_instance` re-attaches over SSH (running jobs are reconciled as after
+        any agent recovery). Never-attached hosts are left to the fleet manager, so a host that
+        does not answer never delays the server's start."""
+        async with self.db.session() as session:
+            rows = (
+                await session.execute(
+                    select(InstanceModel).where(
+                        InstanceModel.backend == self.name, InstanceModel.status != InstanceStatus.TERMINATED
+                    )
+                )
+            ).scalars()
+            out = []
+            for row in rows:
+                endpoint = known.get(row.name)
+                if endpoint is None:
+                    continue
+                agent = json.loads(row.agent or "{}")
+                endpoint.network_isolation = bool(agent.get("network_isolation"))
+                endpoint.containers = bool(agent.get("containers"))
+                out.append(
+                    ProvisionedInstance(
+                        name=row.name,
+                        backend=self.name,
+                        region=row.region,
+                        hostname=row.hostname,
+                        resources=InstanceResources.model_validate_json(row.resources),
+                        price=row.price,
+                        agent=endpoint,
+                    )
+                )
+        return out
 
     async def recover_instance(self, name: str, lost: AgentEndpoint) -> ProvisionedInstance | None:
         try:

@@ -100,7 +100,7 @@ async def load_assign_context(
     spec = JobSpec.model_validate_json(job.job_spec)
     requirements = ResourcesSpec.model_validate(spec.requirements)
     conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
-    every = await list_instances(session)
+    every = await list_instances(session, run.project_id)  # the server's own and the project's fleet hosts
     instances = [i for i in every if not is_down(i.id)]
     candidates = []
     excluded: list[tuple[str, str]] = []
