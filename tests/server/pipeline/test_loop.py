@@ -235,3 +235,18 @@ async def _submissions(world: World, run_id: str, n: int) -> bool:
 
 async def _latest_status(world: World, run_id: str, status: JobStatus) -> bool:
     return (await world.jobs(run_id))[-1].status == status.value
+
+
+async def test_a_job_not_yet_submitted_before_a_restart_is_not_submitted_once_its_run_failed(world):
+    inst_id, agent = await world.add_instance()
+    run = make_run({"nodes": 2}, project_id=world.project.id, user_id=world.user.id, status=RunStatus.PROVISIONING)
+    add_job(run, JobStatus.FAILED, job_num=0, exit_status=1, termination_reason="container_exited_with_error")
+    add_job(run, JobStatus.PROVISIONING, job_num=1, instance_id=inst_id, reserved='{"cpus": 1, "memory_mib": 512}')
+    async with world.db.session() as s:
+        s.add(run)
+        await s.commit()
+    await world.pipeline.process()
+    await world.pipeline.agents.wait_idle()
+    assert [j.status for j in await world.jobs(run.id)] == [JobStatus.FAILED, JobStatus.TERMINATED]
+    assert (await world.run(run.id)).status == RunStatus.FAILED
+    assert agent.requests == []

@@ -105,6 +105,8 @@ class AgentTasks:
         try:
             async with self.db.session() as session:
                 job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+                if JobStatus(job.status).is_finished():
+                    return  # ended before any agent heard of it
                 run = (await session.execute(select(RunModel).where(RunModel.id == job.run_id))).scalar_one()
                 inst = (
                     await session.execute(select(InstanceModel).where(InstanceModel.id == job.instance_id))

@@ -223,9 +223,10 @@ class Pipeline:
             if job.id in result.work.provision:
                 # Assigned in this very pass, stopped before any agent heard of it.
                 result.work.provision.remove(job.id)
-                job.agent_state = None
             decision = process_terminating_job(job, self.agents.is_provisioning(job.id))
             self._apply_job(job, decision)
+            if decision.end is not None:  # nothing of it is on an agent: nothing to provision or watch
+                result.work.watch = [w for w in result.work.watch if w[0] != job.id]
             if decision.send_stop and job.instance_id is not None:
                 result.work.stop.append((job.id, job.instance_id, job.stop_requested == "abort"))
 
