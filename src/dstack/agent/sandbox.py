@@ -20,7 +20,7 @@ and forks workers for later jobs of the same user, which a namespace would kill 
 Jobs of one project share one user (``project_id`` in the submission; jobs sent without one share
 the user of "default"): uids from ``UID_BASE`` on, without passwd entries, recorded in
 ``<home>/users.json`` so a project keeps its uid (and its files) across agent restarts, and
-allocated from a host-wide table (``HOST_TABLE``) so two agents on one host never share a uid. The user's
+allocated from a host-wide table (``Isolation.host_table``) so two agents on one host never share a uid. The user's
 private home is ``<home>/users/<uid>`` (0700). GPUs stay usable: ``/dev/nvidia*`` must be readable
 and writable by other users (the driver's default, 0666).
 """
@@ -43,8 +43,9 @@ from dstack.agent.capability import HostCapability, find_tool
 logger = logging.getLogger(__name__)
 
 UID_BASE = 200000
-# Which uid each (agent home, project) has, for every agent on this host (survives reboots).
-HOST_TABLE = Path(os.environ.get("DSTACK_AGENT_UID_TABLE", "/var/lib/dstack-agent/uids.json"))
+# Which uid each (agent home, project) has, for every agent on this host (survives reboots);
+# DSTACK_AGENT_UID_TABLE moves it (read when an agent builds its Isolation, not at import).
+DEFAULT_HOST_TABLE = Path("/var/lib/dstack-agent/uids.json")
 STASH = Path("/run/dstack-agent/sandbox")  # mounted over (as a 0700 tmpfs) inside each job's namespace
 # Never covered, even when one is a user's $HOME: the job needs what is in them.
 SYSTEM_DIRS = frozenset(
@@ -101,6 +102,7 @@ class Isolation(HostCapability):
         self._map_file = self.home / "users.json"
         self._lock = threading.Lock()
         self._tools = {name: find_tool(name) for name in ("unshare", "setpriv", "mount", "mkdir")}
+        self.host_table = Path(os.environ.get("DSTACK_AGENT_UID_TABLE") or DEFAULT_HOST_TABLE)
 
     # -- capability ------------------------------------------------------------------------
     def _try(self) -> str:
@@ -145,11 +147,11 @@ class Isolation(HostCapability):
         """A uid no other project of any agent on this host has: the host-wide table (under a
         lock) records each (agent home, project)."""
         host_key = f"{self.home}\n{key}"
-        HOST_TABLE.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(HOST_TABLE.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        self.host_table.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.host_table.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            table = _read_table(HOST_TABLE)
+            table = _read_table(self.host_table)
             uid = table.get(host_key)
             if not isinstance(uid, int):
                 # Entries of agent homes that are gone are dropped; their uids are not given again
@@ -161,7 +163,7 @@ class Isolation(HostCapability):
                 while uid in taken or _has_passwd_entry(uid):
                     uid += 1
                 table[host_key], table["_next"] = uid, uid + 1
-                _write_table(HOST_TABLE, table)
+                _write_table(self.host_table, table)
             return uid
         finally:
             os.close(fd)  # releases the flock
