@@ -23,6 +23,7 @@ from dstack.core.archives import (
     ExtractBudget,
     scan_tar,
 )
+from dstack.core.domain_errors import ErrorKind
 from dstack.core.models.configurations import (
     BaseRunConfiguration,
     ServerlessConfiguration,
@@ -30,18 +31,18 @@ from dstack.core.models.configurations import (
     TaskConfiguration,
 )
 from dstack.core.models.runs import JobStatus
-from dstack.server.errors import ServerClientError
+from dstack.server.errors import InvalidRequest
 
 MIB = 1024 * 1024
 
 
-class QuotaExceeded(ServerClientError):
-    status_code = 429
+class QuotaExceeded(InvalidRequest):
+    kind = ErrorKind.QUOTA_EXCEEDED
     code = "quota_exceeded"
 
 
-class BodyTooLarge(ServerClientError):
-    status_code = 413
+class BodyTooLarge(InvalidRequest):
+    kind = ErrorKind.TOO_LARGE
     code = "too_large"
 
 
@@ -94,7 +95,7 @@ def check_run_limits(conf: BaseRunConfiguration, limits: ServerLimits) -> None:
         checks.append(("workers", conf.workers.max, limits.max_workers, "max_workers"))
     for field, value, limit, setting in checks:
         if value is not None and value > limit:
-            raise ServerClientError(
+            raise InvalidRequest(
                 f"{field}: {value} is more than this server allows per run ({limit}; "
                 f"the server's {ServerLimits.SETTINGS[setting]} sets it)",
                 fields=[field],
@@ -132,10 +133,10 @@ def check_code_archive(blob: bytes, limits: ServerLimits) -> None:
     try:
         scan_tar(io.BytesIO(blob), budget)
     except ArchiveTooLarge as e:
-        raise ServerClientError(
+        raise InvalidRequest(
             f"{e} (the server allows {limits.code_extracted_limit_bytes // MIB} MiB and "
             f"{limits.code_max_files} files: {ServerLimits.SETTINGS['code_extracted_limit_bytes']}, "
             f"{ServerLimits.SETTINGS['code_max_files']})"
         ) from None
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        raise ServerClientError(f"the code archive is not a readable tar archive: {e}") from None
+        raise InvalidRequest(f"the code archive is not a readable tar archive: {e}") from None

@@ -36,7 +36,7 @@ from dstack.core.models.runs import (
 from dstack.core.names import name_error
 from dstack.server import crypto
 from dstack.server.db import Database, retry_on_conflict
-from dstack.server.errors import ResourceExists, ResourceNotFound, ServerClientError
+from dstack.server.errors import InvalidRequest, ResourceExists, ResourceNotFound
 from dstack.server.fleet_models import FleetInstanceModel
 from dstack.server.gateways.models import GatewayModel
 from dstack.server.gateways.urls import resolve_gateway, service_urls
@@ -53,9 +53,9 @@ def parse_configuration(run_spec: RunSpec) -> BaseRunConfiguration:
     try:
         return parse_run_configuration(run_spec.configuration, environ={})
     except ConfigurationError as e:
-        raise ServerClientError(f"invalid configuration: {where}{e}", fields=[e.field] if e.field else None)
+        raise InvalidRequest(f"invalid configuration: {where}{e}", fields=[e.field] if e.field else None) from e
     except (ValueError, TypeError, OverflowError, RecursionError) as e:  # a validator tripped on odd input
-        raise ServerClientError(f"invalid configuration: {where}{type(e).__name__}: {str(e)[:200]}")
+        raise InvalidRequest(f"invalid configuration: {where}{type(e).__name__}: {str(e)[:200]}") from e
 
 
 def requested_run_name(run_spec: RunSpec, conf: BaseRunConfiguration) -> str | None:
@@ -64,7 +64,7 @@ def requested_run_name(run_spec: RunSpec, conf: BaseRunConfiguration) -> str | N
     if run_spec.run_name is not None:
         problem = name_error("run", run_spec.run_name)
         if problem is not None:
-            raise ServerClientError(problem, fields=["run_name"])
+            raise InvalidRequest(problem, fields=["run_name"])
     return run_spec.run_name or conf.name
 
 
@@ -83,7 +83,7 @@ def check_engine(conf: BaseRunConfiguration) -> None:
     try:
         check_engine_settings(engine, gpu_requested=_gpu_requested(conf))
     except EngineError as e:
-        raise ServerClientError(str(e), fields=[e.field])
+        raise InvalidRequest(str(e), fields=[e.field]) from e
 
 
 def _gpu_requested(conf: BaseRunConfiguration) -> bool:
@@ -281,7 +281,7 @@ async def _model_meta(conf: BaseRunConfiguration) -> dict | None:
             resolve_chat_metadata, conf.model.name, conf.model.chat_template, conf.model.eos_token
         )
     except ModelMetadataError as e:
-        raise ServerClientError(str(e), fields=["model.chat_template"])
+        raise InvalidRequest(str(e), fields=["model.chat_template"]) from e
     return {"chat_template": meta.chat_template, "eos_token": meta.eos_token, "bos_token": meta.bos_token}
 
 
@@ -405,7 +405,7 @@ async def delete_runs(db: Database, project: ProjectModel, names: list[str]) -> 
         for name in names:
             run = await get_run(session, project, name)
             if not run.status.is_finished():
-                raise ServerClientError(f"run '{name}' is {run.status}; stop it before deleting")
+                raise InvalidRequest(f"run '{name}' is {run.status}; stop it before deleting")
             run.deleted = True
         await session.commit()
 
