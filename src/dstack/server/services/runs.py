@@ -2,8 +2,9 @@
 
 import json
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.errors import ConfigurationError
@@ -104,7 +105,7 @@ async def list_instances(session: AsyncSession, project_id: str | None = None) -
     """Instances a job may be placed on: the server's own, and for a project's jobs that project's
     fleet hosts whose agents are up (`idle`; see services/fleets.py)."""
     fleet_hosts = select(FleetInstanceModel.instance_id)
-    where = InstanceModel.id.not_in(fleet_hosts)
+    where: ColumnElement[bool] = InstanceModel.id.not_in(fleet_hosts)
     if project_id is not None:
         own = InstanceModel.id.in_(fleet_hosts.where(FleetInstanceModel.project_id == project_id))
         where = where | (own & (InstanceModel.status == InstanceStatus.IDLE))
@@ -266,7 +267,7 @@ async def submit_run(
     return await reload_run(session, run.id)
 
 
-async def _model_meta(conf: BaseRunConfiguration) -> dict | None:
+async def _model_meta(conf: BaseRunConfiguration) -> dict[str, Any] | None:
     """For `format: tgi` services, the chat template and eos token, found before anything starts."""
     if not isinstance(conf, ServiceConfiguration) or conf.model is None:
         return None
@@ -290,7 +291,7 @@ def service_spec_json(
     project: str,
     run_name: str,
     server_url: str,
-    model_meta: dict | None,
+    model_meta: dict[str, Any] | None,
     gateway: GatewayModel | None = None,
 ) -> str | None:
     if not isinstance(conf, ServiceConfiguration):
@@ -302,7 +303,7 @@ def service_spec_json(
             f"{server_url}/proxy/services/{project}/{run_name}/",
             f"{server_url}/proxy/models/{project}/v1",
         )
-    spec: dict = {"url": url}
+    spec: dict[str, Any] = {"url": url}
     if conf.model is not None:
         spec["model"] = {"name": conf.model.name, "type": conf.model.type, "base_url": model_base}
     if model_meta:
@@ -447,7 +448,7 @@ def run_to_wire(run: RunModel, service_url: str | None = None) -> Run:
     run_spec = RunSpec.model_validate_json(run.run_spec)
     run_spec.configuration = redact_configuration(run_spec.configuration)
     service = ServiceSpec.model_validate_json(run.service_spec) if run.service_spec else None
-    extra: dict = {}
+    extra: dict[str, Any] = {}
     return Run(
         id=run.id,
         project_name=run.project.name,
