@@ -143,6 +143,9 @@ def test_serverless_queue_depth_moves_as_test_jobs_are_sent(server, page, tmp_pa
     page.get_by_role("button", name="Send test job").click()
     expect(page.get_by_role("status")).to_contain_text("not valid JSON")
     expect(page.get_by_role("table", name="Recent jobs").get_by_role("row")).to_have_count(4)
+    chart = page.get_by_role("img", name="Queue depth over time")
+    expect(chart).to_have_attribute("data-last", "3", timeout=10_000)  # the plot's newest point
+    assert int(chart.get_attribute("data-points")) >= 3
     screenshot(page, "dashboard-endpoint.png")
 
 

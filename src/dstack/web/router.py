@@ -167,7 +167,34 @@ async def _run_context(request: Request, session: AsyncSession, project: str, na
         context["service"] = _service_info(request, project, name, run)
     if row["type"] == "serverless":
         context["endpoint"] = await _endpoint_info(request, session, model.id, run.run_name)
+    context["metrics"], context["charts"] = _chart_points(context["service"], context["endpoint"])
     return context
+
+
+def _chart_points(service: dict[str, Any] | None, endpoint: dict[str, Any] | None) -> tuple[dict, list]:
+    """This refresh's values for the page's charts, and which charts it has (key, title)."""
+    if service is not None:
+        points = {k: service[k] for k in ("rps", "p50", "p95", "ready")}
+        return points, [("rps", "Requests/s"), ("p50", "Latency p50 (ms)"), ("ready", "Ready replicas")]
+    if endpoint is not None:
+        workers = endpoint["workers"]
+        points = {
+            "queue": endpoint["queue"].get("inQueue", 0),
+            "in_progress": endpoint["queue"].get("inProgress", 0),
+            "jobs_per_s": endpoint["jobs_per_s"],
+            "delay_p50": endpoint["delay_ms"]["p50"],
+            "exec_p50": endpoint["execution_ms"]["p50"],
+            "workers": sum(n for state, n in workers.items() if state in ("idle", "running", "initializing")),
+        }
+        charts = [
+            ("queue", "Queue depth"),
+            ("jobs_per_s", "Jobs/s"),
+            ("delay_p50", "Delay p50 (ms)"),
+            ("exec_p50", "Execution p50 (ms)"),
+            ("workers", "Workers"),
+        ]
+        return points, charts
+    return {}, []
 
 
 def _service_info(request: Request, project: str, name: str, run: Any) -> dict[str, Any]:

@@ -143,3 +143,66 @@
     if (section) setUp(section);
   });
 })();
+
+// Charts (uPlot): each refresh of the run's summary carries its numbers in data-metrics; the page
+// keeps the last 10 minutes of them and plots each one.
+(function () {
+  "use strict";
+  var KEEP = 300;
+
+  function setUp(box) {
+    var defs = JSON.parse(box.dataset.charts);
+    var times = [];
+    var values = {};
+    var plots = [];
+    defs.forEach(function (def) {
+      var key = def[0], title = def[1];
+      values[key] = [];
+      var figure = document.createElement("figure");
+      figure.setAttribute("role", "img");
+      figure.setAttribute("aria-label", title + " over time");
+      figure.dataset.key = key;
+      box.appendChild(figure);
+      var opts = {
+        title: title,
+        width: Math.max(260, Math.min(560, box.clientWidth - 8)),
+        height: 150,
+        legend: { show: false },
+        series: [{}, { label: title, stroke: "#2251c5", fill: "rgba(34,81,197,0.08)", spanGaps: true }],
+        scales: { y: { range: function (u, min, max) { return [0, Math.max(1, max * 1.15)]; } } }
+      };
+      plots.push({ key: key, plot: new uPlot(opts, [times, values[key]], figure), figure: figure });
+    });
+
+    function sample() {
+      var body = document.getElementById("summary-body");
+      if (!body || !body.dataset.metrics) return;
+      var m = JSON.parse(body.dataset.metrics);
+      times.push(Date.now() / 1000);
+      defs.forEach(function (def) {
+        var v = m[def[0]];
+        values[def[0]].push(v === undefined ? null : v);
+      });
+      if (times.length > KEEP) {
+        times.splice(0, times.length - KEEP);
+        defs.forEach(function (def) { values[def[0]].splice(0, values[def[0]].length - KEEP); });
+      }
+      plots.forEach(function (p) {
+        p.plot.setData([times, values[p.key]]);
+        var last = values[p.key][values[p.key].length - 1];
+        p.figure.dataset.last = last === null ? "" : String(last);
+        p.figure.dataset.points = String(times.length);
+      });
+    }
+    sample();
+    document.body.addEventListener("htmx:afterSettle", function (e) {
+      var path = e.detail && e.detail.pathInfo ? e.detail.pathInfo.requestPath || "" : "";
+      if (/\/summary$/.test(path)) sample();
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var box = document.querySelector(".charts[data-charts]");
+    if (box && window.uPlot) setUp(box);
+  });
+})();
