@@ -41,9 +41,7 @@ def test_task_runs_on_a_fleet_host(host_net, tmp_path):
     with running_server(tmp_path) as srv:
         client = srv.client()
         _fleet(client, host_net, [h0, h1], "runs")
-        task = Task(
-            commands=["hostname", "cat data.txt", "echo ip=$DSTACK_NODES_IPS"], backends=["ssh"], resources=SMALL
-        )
+        task = Task(commands=["hostname", "cat data.txt"], fleets=["runs"], resources=SMALL)
         run = client.runs.submit(task, run_name="remote-task", repo_dir=repo)
         output = b"".join(run.logs()).decode()
         run.refresh()

@@ -337,6 +337,8 @@ class BaseRunConfiguration(BaseModel):
     max_price: float | None = Field(default=None, gt=0, le=MAX_PLAIN_NUMBER)
     backends: StrList | None = None
     regions: StrList | None = None
+    #: run only on these fleets' hosts (SSH fleets: `type: fleet`)
+    fleets: StrList | None = None
 
     @model_validator(mode="before")
     @classmethod

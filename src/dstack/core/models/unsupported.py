@@ -38,7 +38,6 @@ RUN_FIELDS: dict[str, tuple[Any, ...]] = {
     "startup_order": (None,),
     "stop_criteria": (None,),
     "schedule": (None,),
-    "fleets": (None, []),
     "instances": (None, []),
     "tags": (None, {}),
     "backend_options": (None, []),

@@ -1,7 +1,7 @@
 """Matching a job's resource requirements against instances, and reserving what it gets."""
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dstack.core.models.resources import ResourcesSpec
 from dstack.core.models.runs import InstanceResources
@@ -18,11 +18,11 @@ class Reservation:
     memory_mib: int
     gpus: list[int] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"cpus": self.cpus, "memory_mib": self.memory_mib, "gpus": self.gpus}
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "Reservation":
+    def from_dict(cls, d: dict[str, Any] | None) -> "Reservation":
         d = d or {}
         return cls(cpus=d.get("cpus", 0), memory_mib=d.get("memory_mib", 0), gpus=list(d.get("gpus", [])))
 
@@ -31,7 +31,7 @@ def _gb_to_mib(value: float) -> int:
     return int(round(float(value) * MIB_PER_GB))
 
 
-def matching_gpus(spec: ResourcesSpec, gpus: list[dict]) -> list[dict]:
+def matching_gpus(spec: ResourcesSpec, gpus: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The instance GPUs that satisfy the GPU spec's name/memory filters (count is checked by the caller)."""
     gspec = spec.gpu
     if gspec is None:
@@ -60,7 +60,7 @@ def fits_total(spec: ResourcesSpec, res: InstanceResources) -> bool:
         return False
     if spec.disk.min is not None and res.disk_mib < _gb_to_mib(spec.disk.min):
         return False
-    if wants_gpu(spec):
+    if spec.gpu is not None and wants_gpu(spec):
         if len(matching_gpus(spec, res.gpus)) < (spec.gpu.count.min or 1):
             return False
     return True
@@ -80,7 +80,7 @@ def reserve(spec: ResourcesSpec, res: InstanceResources, held: list[Reservation]
     if used_cpus + cpus > res.cpus or used_mem + memory > res.memory_mib:
         return None
     gpus: list[int] = []
-    if wants_gpu(spec):
+    if spec.gpu is not None and wants_gpu(spec):
         free = [g["index"] for g in matching_gpus(spec, res.gpus) if g["index"] not in used_gpus]
         need = spec.gpu.count.min or 1
         if len(free) < need:
@@ -109,6 +109,8 @@ def placement_mismatch(
         names = BACKEND_ALIASES.get(backend, (backend,))
         if not any(b.lower() in names for b in conf.backends):
             return f"backend {backend!r} is not in backends {conf.backends}"
+    if conf.fleets and (backend != "ssh" or region not in conf.fleets):  # a fleet host's region is its fleet
+        return f"not a host of fleets {conf.fleets}"
     if conf.regions is not None and region.lower() not in {r.lower() for r in conf.regions}:
         return f"region {region!r} is not in regions {conf.regions}"
     if conf.spot_policy == "spot" and not spot:
