@@ -39,7 +39,7 @@ from dstack.server.services.instances import InstanceManager
 from dstack.server.services.logs import LogNotifier
 from dstack.server.services.runs import run_to_wire
 from dstack.server.services.serverless_workers import ServerlessBridge, server_ports
-from dstack.server.services.services import ServiceManager
+from dstack.server.services.service_replicas import ServiceManager
 from dstack.server.settings import ServerSettings
 from dstack.serverless.router import ServerlessApp
 from dstack.serverless.service import ServerlessService
