@@ -8,6 +8,7 @@ never answers them back); a configuration may also carry `ssh_key` directly (the
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, Literal
 
@@ -76,6 +77,16 @@ class SSHHostParams(_SSHEndpoint):
     proxy_jump: SSHProxyParams | None = None
     #: the address other hosts of the fleet reach it on (multi-node jobs); default: probed
     internal_ip: str | None = Field(default=None, max_length=64)
+
+    @field_validator("internal_ip")
+    @classmethod
+    def _internal_ip(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"invalid internal_ip {value[:60]!r}: expected an IP address") from None
+        return value
 
     @field_validator("hostname")
     @classmethod

@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import platform
 import secrets
+import sys
 from typing import Any
 
 from sqlalchemy import select
@@ -224,7 +226,7 @@ class FleetManager:
             row["host_key"] = conn.host_key
             row["jump_host_key"] = conn.jump_host_key
             row["resources"] = _resources(found).model_dump()
-            problem = _resources_problem(conf, found)
+            problem = _python_problem(found) or _resources_problem(conf, found)
             if problem:
                 row["error"] = problem
             return row
@@ -453,6 +455,18 @@ def _check_conf(conf: FleetConfiguration) -> None:
 
 def _resources(found: HostProbe) -> InstanceResources:
     return InstanceResources(cpus=found.cpus, memory_mib=found.memory_mib, disk_mib=found.disk_mib, gpus=found.gpus)
+
+
+def _python_problem(found: HostProbe) -> str | None:
+    """The agent runs on the host's CPython of the server's minor version (its bundle holds
+    binary modules built for it): say so at plan time rather than fail the deployment later."""
+    want = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if found.machine and found.machine != platform.machine():
+        return f"the host is {found.machine}; the agent is built for {platform.machine()}"
+    if found.python_for(want) is None:
+        have = ", ".join(sorted(set(found.pythons.values()))) or "none"
+        return f"the agent needs CPython {want} on the host (found: {have})"
+    return None
 
 
 def _resources_problem(conf: FleetConfiguration, found: HostProbe) -> str | None:

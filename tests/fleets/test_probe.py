@@ -1,0 +1,75 @@
+"""Host probing and the agent bundle, without hosts: parsing what a host says about itself, the
+checks that refuse a host the agent cannot run on, and a bundle that names itself by content."""
+
+import io
+import sys
+import tarfile
+
+import pytest
+
+from dstack.core.errors import ConfigurationError
+from dstack.core.yaml_loader import load_configuration_text
+from dstack.server.backends.ssh.agent import AgentDeployError, check_python
+from dstack.server.backends.ssh.bundle import AgentBundle, build_bundle
+from dstack.server.backends.ssh.probe import parse_probe
+from dstack.server.services.fleets import _python_problem
+
+OUTPUT = """\
+cpus=16
+mem_kb=65843212
+disk_kb=1024000000
+hostname=gpu-box
+machine=x86_64
+addrs=10.0.0.5 192.168.1.5
+python=/usr/bin/python3 3.10
+python=/usr/bin/python3.11 3.11
+gpu=0, NVIDIA A100-SXM4-80GB, 81920
+gpu=1, NVIDIA A100-SXM4-80GB, 81920
+container=docker
+systemd=1
+"""
+
+
+def test_parse_probe():
+    p = parse_probe(OUTPUT)
+    assert (p.cpus, p.memory_mib, p.disk_mib, p.hostname, p.machine) == (16, 64300, 1000000, "gpu-box", "x86_64")
+    assert [g["name"] for g in p.gpus] == ["NVIDIA A100-SXM4-80GB"] * 2 and p.gpus[1]["memory_mib"] == 81920
+    assert p.addresses == ["10.0.0.5", "192.168.1.5"]
+    assert p.containers == ["docker"] and p.systemd
+    assert p.python_for("3.11") == "/usr/bin/python3.11" and p.python_for("3.12") is None
+
+
+def test_parse_probe_tolerates_garbage():
+    p = parse_probe("motd banner\ncpus=lots\nmem_kb=\n=x\n")
+    assert (p.cpus, p.memory_mib, p.gpus, p.pythons) == (0, 0, [], {})
+
+
+def test_hosts_the_agent_cannot_run_on_are_refused():
+    bundle = AgentBundle(data=b"", digest="0" * 64, python="3.11", machine="x86_64")
+    assert check_python(parse_probe(OUTPUT), bundle) == "/usr/bin/python3.11"
+    with pytest.raises(AgentDeployError, match=r"needs CPython 3.11 on the host \(found: 3.10\)"):
+        check_python(parse_probe("machine=x86_64\npython=/usr/bin/python3 3.10\n"), bundle)
+    with pytest.raises(AgentDeployError, match="aarch64"):
+        check_python(parse_probe("machine=aarch64\npython=/usr/bin/python3 3.11\n"), bundle)
+    want = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert "needs CPython" in (_python_problem(parse_probe("python=/usr/bin/python3 2.7\n")) or "")
+    assert _python_problem(parse_probe(f"python=/usr/bin/python3 {want}\n")) is None
+
+
+def test_internal_ip_must_be_an_address():
+    with pytest.raises(ConfigurationError, match="internal_ip"):
+        load_configuration_text(
+            "type: fleet\nname: f\nssh_config:\n  hosts:\n    - hostname: a\n      internal_ip: x y\n"
+        )
+
+
+@pytest.mark.slow  # imports the agent in a subprocess and compresses ~15 MB
+def test_bundle_holds_the_agent_and_its_imports():
+    b = build_bundle()
+    names = tarfile.open(fileobj=io.BytesIO(b.data)).getnames()
+    tops = {n.split("/")[0] for n in names}
+    assert {"dstack", "uvicorn", "fastapi", "pydantic", "pydantic_core", "psutil"} <= tops
+    assert "dstack/agent/__main__.py" in names
+    assert any(t.startswith("pydantic_core-") and t.endswith(".dist-info") for t in tops)  # importlib.metadata
+    assert not any("__pycache__" in n for n in names)
+    assert len(b.data) < 64 * 1024 * 1024 and b.name == b.digest[:16]
