@@ -93,6 +93,7 @@ def test_service_scaling_from_one_to_two_replicas_shows(server, page):
         assert page.evaluate("window.__still_here") == "yes"
         rps = page.locator("dt:has-text('Requests/s (1 min)') + dd").inner_text()
         assert float(rps) > 0, rps
+        expect(page.get_by_role("img", name="Ready replicas over time")).to_have_attribute("data-last", "2")
         screenshot(page, "dashboard-service-scaling.png")
     finally:
         stop.set()
