@@ -295,13 +295,9 @@ class Pipeline:
             await self.agents.send_stop(job_id, instance_id, abort)
 
     def _on_job_changed(self, run_id: str) -> None:
-        self.notifier.notify(run_id)
+        """An agent's report or a failed provisioning changed a job: decide what follows."""
         self.wake()
-        for listener in self.run_listeners:
-            try:
-                listener(run_id)
-            except Exception:
-                logger.exception("a run listener failed for run %s", run_id)
+        self._notify_run_changed(run_id)
 
     def _notify_run_changed(self, run_id: str) -> None:
         self.notifier.notify(run_id)
