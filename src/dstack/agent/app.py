@@ -21,6 +21,7 @@ from dstack.agent.host_info import host_info
 from dstack.agent.jobs import JobError, JobManager
 from dstack.agent.metrics import MAX_SAMPLES_PER_ANSWER, MetricsSampler
 from dstack.agent.models import AgentJobSubmission, StopRequest
+from dstack.core.tokens import bearer_token
 from dstack.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -56,11 +57,10 @@ def create_app(home: Path, token: str) -> FastAPI:
     app.state.manager = manager
 
     def auth(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given:
+        given = bearer_token(request.headers.get("authorization"))
+        if given is None:
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(403, "invalid token")
 
     @app.exception_handler(RequestValidationError)

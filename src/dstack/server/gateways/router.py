@@ -13,16 +13,18 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dstack.core.domain_errors import ErrorKind
+from dstack.core.http_errors import status_for
 from dstack.core.names import name_error
 from dstack.server import crypto
-from dstack.server.db import get_session
-from dstack.server.errors import InvalidRequest, ResourceExists, ResourceNotFound
+from dstack.server.db import get_database, get_session
+from dstack.server.errors import Forbidden, InvalidRequest, NotAuthenticated, ResourceExists, ResourceNotFound
 from dstack.server.gateways.manager import GatewayStartError
 from dstack.server.gateways.models import GatewayModel
 from dstack.server.gateways.tls import MAX_PEM, check_bind_address, read_tls_pair
 from dstack.server.gateways.urls import public_base
 from dstack.server.models import ProjectModel, UserModel, new_id
-from dstack.server.security import authenticate, bearer_token, project_for_member, require_project_member
+from dstack.server.security import bearer_token, project_access, require_project_member
 
 router = APIRouter(tags=["gateways"])
 logger = logging.getLogger(__name__)
@@ -239,10 +241,10 @@ async def delete_gateways(
 # --- called by gateways -------------------------------------------------------------------
 
 
-async def _calling_gateway(request: Request, session: AsyncSession) -> GatewayModel | JSONResponse:
+async def _calling_gateway(request: Request, session: AsyncSession) -> GatewayModel:
     token = bearer_token(request)
     if token is None:
-        return JSONResponse({"detail": [{"msg": "gateway token required", "code": "not_authenticated"}]}, 401)
+        raise NotAuthenticated("gateway token required")
     # Tokens are stored encrypted (each with its own nonce): compare with every gateway's (a handful).
     gw = next(
         (
@@ -253,30 +255,25 @@ async def _calling_gateway(request: Request, session: AsyncSession) -> GatewayMo
         None,
     )
     if gw is None:
-        return JSONResponse({"detail": [{"msg": "unknown gateway token", "code": "forbidden"}]}, 403)
+        raise Forbidden("unknown gateway token")
     return gw
 
 
 @router.post("/api/proxy/authorize", include_in_schema=False)
 async def authorize(body: AuthorizeRequest, request: Request, session: AsyncSession = Depends(get_session)):
     gw = await _calling_gateway(request, session)
-    if isinstance(gw, JSONResponse):
-        return gw
-    allowed = False
-    if body.project == gw.project.name and body.token:
-        user = await authenticate(session, body.token)
-        allowed = user is not None and await project_for_member(session, user, body.project) is not None
+    # uncached: the gateway caches the answer itself (a second cache here would double how long a
+    # revoked token keeps working there)
+    allowed = body.project == gw.project.name and await project_access(get_database(), body.project, body.token)
     if not allowed:
-        return JSONResponse({"allowed": False}, 403)
+        return JSONResponse({"allowed": False}, status_for(ErrorKind.FORBIDDEN))
     return {"allowed": True}
 
 
 @router.post("/api/proxy/wake", include_in_schema=False)
 async def wake(body: WakeRequest, request: Request, session: AsyncSession = Depends(get_session)):
     gw = await _calling_gateway(request, session)
-    if isinstance(gw, JSONResponse):
-        return gw
     if body.project != gw.project.name:
-        return JSONResponse({"detail": [{"msg": "not this gateway's project", "code": "forbidden"}]}, 403)
+        raise Forbidden("not this gateway's project")
     await request.app.state.services.wake(body.project, body.run_name)
     return {}
