@@ -124,7 +124,7 @@ class HostNetwork:
             raise ValueError(f"at most {MAX_HOSTS} hosts")
         new = [self._add_host() for _ in range(n)]
         for h in new:
-            self._wait_sshd(h)
+            self.wait_sshd(h)
         return new
 
     def _add_host(self) -> Host:
@@ -198,7 +198,7 @@ class HostNetwork:
         )
         log.close()
 
-    def _wait_sshd(self, host: Host, timeout: float = 20) -> None:
+    def wait_sshd(self, host: Host, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert host.sshd is not None
