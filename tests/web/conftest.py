@@ -45,8 +45,8 @@ def sign_in(page, server, token: str | None = None) -> None:
     page.wait_for_url("**/runs")
 
 
-def screenshot(page, name: str) -> None:
+def screenshot(page, name: str, full_page: bool = False) -> None:
     """Keep a screenshot from the run in docs/ (the README shows them)."""
     if os.environ.get("DSTACK_TEST_SCREENSHOTS", "1") != "0":
         page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=str(DOCS / name), full_page=False)
+        page.screenshot(path=str(DOCS / name), full_page=full_page)

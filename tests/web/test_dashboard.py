@@ -146,7 +146,7 @@ def test_serverless_queue_depth_moves_as_test_jobs_are_sent(server, page, tmp_pa
     chart = page.get_by_role("img", name="Queue depth over time")
     expect(chart).to_have_attribute("data-last", "3", timeout=10_000)  # the plot's newest point
     assert int(chart.get_attribute("data-points")) >= 3
-    screenshot(page, "dashboard-endpoint.png")
+    screenshot(page, "dashboard-endpoint.png", full_page=True)
 
 
 @pytest.mark.parametrize("width", [390])

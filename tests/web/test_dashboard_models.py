@@ -94,7 +94,7 @@ def test_service_scaling_from_one_to_two_replicas_shows(server, page):
         rps = page.locator("dt:has-text('Requests/s (1 min)') + dd").inner_text()
         assert float(rps) > 0, rps
         expect(page.get_by_role("img", name="Ready replicas over time")).to_have_attribute("data-last", "2")
-        screenshot(page, "dashboard-service-scaling.png")
+        screenshot(page, "dashboard-service-scaling.png", full_page=True)
     finally:
         stop.set()
         for t in threads:
