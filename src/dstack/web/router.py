@@ -171,7 +171,9 @@ async def _run_context(request: Request, session: AsyncSession, project: str, na
     return context
 
 
-def _chart_points(service: dict[str, Any] | None, endpoint: dict[str, Any] | None) -> tuple[dict, list]:
+def _chart_points(
+    service: dict[str, Any] | None, endpoint: dict[str, Any] | None
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """This refresh's values for the page's charts, and which charts it has (key, title)."""
     if service is not None:
         points = {k: service[k] for k in ("rps", "p50", "p95", "ready")}
@@ -240,12 +242,16 @@ async def _endpoint_info(request: Request, session: AsyncSession, run_id: str, n
 
 
 @router.get("/runs/{project}/{name}")
-async def run_page(request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)):
+async def run_page(
+    request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)
+) -> HTMLResponse:
     return _page(request, "run.html", **await _run_context(request, session, project, name))
 
 
 @router.get("/runs/{project}/{name}/summary")
-async def run_summary(request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)):
+async def run_summary(
+    request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)
+) -> HTMLResponse:
     return _page(request, "run_summary.html", **await _run_context(request, session, project, name))
 
 
@@ -258,7 +264,9 @@ def _job_key(request: Request) -> tuple[int, int]:
 
 
 @router.get("/runs/{project}/{name}/logs/events")
-async def log_events(request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)):
+async def log_events(
+    request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)
+) -> StreamingResponse:
     """Logs as server-sent events, from the stored log rows; `Last-Event-ID` resumes after a drop."""
     _, project_model = await require_web_project(request, session, project)
     run = await runs_service.get_run(session, project_model, name)
@@ -289,7 +297,9 @@ async def log_events(request: Request, project: str, name: str, session: AsyncSe
 
 
 @router.get("/runs/{project}/{name}/logs.txt")
-async def log_download(request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)):
+async def log_download(
+    request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)
+) -> StreamingResponse:
     _, project_model = await require_web_project(request, session, project)
     run = await runs_service.get_run(session, project_model, name)
     replica, job = _job_key(request)
@@ -312,13 +322,15 @@ async def log_download(request: Request, project: str, name: str, session: Async
 
 
 @router.get("/runs/{project}/{name}/stop")
-async def stop_confirm(request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)):
+async def stop_confirm(
+    request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)
+) -> HTMLResponse:
     context = await _run_context(request, session, project, name)
     return _page(request, "stop.html", abort=request.query_params.get("abort") == "1", **context)
 
 
 @router.post("/runs/{project}/{name}/stop")
-async def stop(request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)):
+async def stop(request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)) -> Response:
     form = await request.form()
     check_post(request, str(form.get("csrf") or ""))
     _, project_model = await require_web_project(request, session, project)
@@ -328,7 +340,9 @@ async def stop(request: Request, project: str, name: str, session: AsyncSession 
 
 
 @router.post("/runs/{project}/{name}/test-job")
-async def test_job(request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)):
+async def test_job(
+    request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)
+) -> HTMLResponse:
     form = await request.form()
     check_post(request, str(form.get("csrf") or ""))
     await require_web_project(request, session, project)
