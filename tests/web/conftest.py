@@ -46,7 +46,8 @@ def sign_in(page, server, token: str | None = None) -> None:
 
 
 def screenshot(page, name: str, full_page: bool = False) -> None:
-    """Keep a screenshot from the run in docs/ (the README shows them)."""
-    if os.environ.get("DSTACK_TEST_SCREENSHOTS", "1") != "0":
+    """With DSTACK_TEST_SCREENSHOTS=1, keep a screenshot from the run in docs/ (the README shows them);
+    off by default, so a test run leaves the working tree as it was."""
+    if os.environ.get("DSTACK_TEST_SCREENSHOTS") == "1":
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(DOCS / name), full_page=full_page)
