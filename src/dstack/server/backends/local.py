@@ -4,6 +4,7 @@ import asyncio
 import logging
 import secrets
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -81,8 +82,11 @@ async def _is_healthy(endpoint: AgentEndpoint) -> bool:
         return False
 
 
-async def _get_host(endpoint: AgentEndpoint) -> dict:
+async def _get_host(endpoint: AgentEndpoint) -> dict[str, Any]:
     async with internal_client(token=endpoint.token) as client:
         r = await client.get(f"{endpoint.url}/api/host")
         r.raise_for_status()
-        return r.json()
+        host = r.json()
+    if not isinstance(host, dict):
+        raise ValueError(f"the local agent's /api/host answered {type(host).__name__}, not an object")
+    return host

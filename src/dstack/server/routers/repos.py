@@ -14,10 +14,12 @@ from dstack.core.names import repo_id_error
 from dstack.server.db import get_session
 from dstack.server.errors import InvalidRequest
 from dstack.server.limits import BodyTooLarge, check_code_archive
-from dstack.server.models import CodeModel, RepoModel
+from dstack.server.models import CodeModel, ProjectModel, RepoModel, UserModel
 from dstack.server.security import require_project_member
 
 router = APIRouter(prefix="/api/project/{project_name}/repos", tags=["repos"])
+#: what require_project_member gives an endpoint
+Member = tuple[UserModel, ProjectModel]
 
 
 class InitRepoRequest(BaseModel):
@@ -44,8 +46,10 @@ async def _get_or_create_repo(session: AsyncSession, project_id: str, repo_id: s
 
 @router.post("/init")
 async def init_repo(
-    body: InitRepoRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
-) -> dict:
+    body: InitRepoRequest,
+    member: Member = Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> dict[str, str]:
     _check_repo_id(body.repo_id)
     repo = await _get_or_create_repo(session, member[1].id, body.repo_id)
     repo.info = json.dumps(body.repo_info)
@@ -55,8 +59,11 @@ async def init_repo(
 
 @router.post("/upload_code")
 async def upload_code(
-    repo_id: str, request: Request, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
-) -> dict:
+    repo_id: str,
+    request: Request,
+    member: Member = Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> dict[str, str]:
     _check_repo_id(repo_id)
     limit = request.app.state.settings.code_upload_limit_bytes
     chunks, size = [], 0
