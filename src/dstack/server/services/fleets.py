@@ -17,7 +17,8 @@ import logging
 import platform
 import secrets
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -37,6 +38,7 @@ from dstack.server.services import offers
 from dstack.server.services.instances import InstanceManager
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The 400 refusal: `InvalidRequest` once the errors refactoring lands, `ServerClientError` before.
 BadRequest: Any = getattr(_errors, "InvalidRequest", None) or getattr(_errors, "ServerClientError")  # noqa: B009
@@ -530,3 +532,73 @@ async def _refuse_busy(session: AsyncSession, instances: list[InstanceModel]) ->
         names = {i.id: i.name for i in instances}
         what = ", ".join(sorted({f"{names.get(str(i), i)} runs {r}" for i, r in busy}))
         raise BadRequest(f"cannot remove instances with active jobs ({what}); stop those runs first")
+
+
+# --- multi-node runs on `placement: cluster` fleets ---------------------------------------------
+
+
+async def cluster_fleet_of(session: AsyncSession, run: RunModel, fleets: list[str] | None) -> FleetModel | None:
+    """The `placement: cluster` fleet a run's `fleets:` names (its project's), if any."""
+    for name in fleets or []:
+        fleet = (
+            await session.execute(
+                select(FleetModel).where(
+                    FleetModel.project_id == run.project_id, FleetModel.name == name, FleetModel.deleted.is_(False)
+                )
+            )
+        ).scalar_one_or_none()
+        if fleet is not None and json.loads(fleet.spec).get("placement") == "cluster":
+            return fleet
+    return None
+
+
+async def cluster_candidates(
+    session: AsyncSession,
+    run: RunModel,
+    fleets: list[str] | None,
+    nodes: int,
+    candidates: list[T],
+    instance_of: Callable[[T], InstanceModel],
+    has_room: Callable[[T], bool],
+) -> list[T] | None:
+    """For a multi-node task pinned to a `placement: cluster` fleet: the candidates on that
+    fleet's hosts that no other job of the run holds (one node per host), and none at all unless
+    every node still waiting gets a host now (all or nothing: a run never starts half its nodes).
+    None when the run is not such a task (the candidates stand as they are)."""
+    if nodes <= 1:
+        return None
+    fleet = await cluster_fleet_of(session, run, fleets)
+    if fleet is None:
+        return None
+    hosts = set(
+        (
+            await session.execute(select(FleetInstanceModel.instance_id).where(FleetInstanceModel.fleet_id == fleet.id))
+        ).scalars()
+    )
+    active = [j for j in run.jobs if not JobStatus(j.status).is_finished()]
+    held = {j.instance_id for j in active if j.instance_id is not None}
+    waiting = sum(1 for j in active if j.status == JobStatus.SUBMITTED)
+    mine = [c for c in candidates if instance_of(c).id in hosts and instance_of(c).id not in held]
+    if sum(1 for c in mine if has_room(c)) < waiting:
+        return []
+    return mine
+
+
+async def node_ips(session: AsyncSession, run: RunModel) -> list[str] | None:
+    """The internal addresses of a multi-node run's hosts, by node rank (DSTACK_NODES_IPS;
+    the first is DSTACK_MASTER_NODE_IP), or None for a single-node run."""
+    latest: dict[int, JobModel] = {}
+    for j in run.jobs:
+        if j.replica_num == 0 and (j.job_num not in latest or j.submission_num > latest[j.job_num].submission_num):
+            latest[j.job_num] = j
+    if len(latest) <= 1:
+        return None
+    ips = []
+    for num in sorted(latest):
+        instance_id = latest[num].instance_id
+        if instance_id is None:
+            return None
+        fi = await session.get(FleetInstanceModel, instance_id)
+        inst = await session.get(InstanceModel, instance_id)
+        ips.append((fi.internal_ip if fi is not None else None) or (inst.hostname if inst is not None else ""))
+    return ips

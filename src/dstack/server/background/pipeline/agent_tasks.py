@@ -35,6 +35,7 @@ from dstack.server.background.pipeline.jobs_provisioning import (
 from dstack.server.background.pipeline.jobs_running import store_report
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import InstanceModel, JobModel, RunModel, utcnow
+from dstack.server.services.fleets import node_ips as fleet_node_ips
 from dstack.server.services.runs import parse_configuration
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ class AgentTasks:
                     await session.execute(select(InstanceModel).where(InstanceModel.id == job.instance_id))
                 ).scalar_one()
                 run_spec = RunSpec.model_validate_json(run.run_spec)
-                submission = build_submission(run, job, run_spec, parse_configuration(run_spec), inst)
+                ips = await fleet_node_ips(session, run)
+                submission = build_submission(run, job, run_spec, parse_configuration(run_spec), inst, ips)
                 submission = await resolve_secrets(session, run.project_id, submission)
                 code = await code_blob(session, run.project_id, run_spec)
             client = self.agents.client(inst.id)

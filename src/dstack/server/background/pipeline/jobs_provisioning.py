@@ -32,7 +32,12 @@ def venv_key(project_id: str, spec: JobSpec) -> str | None:
 
 
 def build_submission(
-    run: RunModel, job: JobModel, run_spec: RunSpec, conf: BaseRunConfiguration, inst: InstanceModel
+    run: RunModel,
+    job: JobModel,
+    run_spec: RunSpec,
+    conf: BaseRunConfiguration,
+    inst: InstanceModel,
+    node_ips: list[str] | None = None,
 ) -> AgentJobSubmission:
     """The agent's job submission: the job's spec with its stored credentials decrypted, the
     resources reserved for it, and how the host runs it. Built as the agent's own wire model,
@@ -41,6 +46,9 @@ def build_submission(
     reservation = offers.Reservation.from_dict(json.loads(job.reserved or "{}"))
     env = reveal_env(spec.env)  # stored encrypted (services.secrets)
     env.update(dstack_env(run.run_name, run.id, spec, nodes_count(conf), reservation.gpus, inst.hostname))
+    if node_ips:  # a multi-node run across hosts: their internal addresses, by node rank
+        env["DSTACK_MASTER_NODE_IP"] = node_ips[0]
+        env["DSTACK_NODES_IPS"] = "\n".join(node_ips)
     # The built-in engine ships with dstack: engine jobs run it with the agent's Python.
     env.setdefault("DSTACK_ENGINE_PYTHON", sys.executable)
     serverless = run.run_type == RunType.SERVERLESS

@@ -26,6 +26,8 @@ from dstack.server.background.pipeline.common import (
 from dstack.server.background.pipeline.decisions import Assignment, JobDecision, JobEnd
 from dstack.server.models import InstanceModel, JobModel, RunModel
 from dstack.server.services import offers
+from dstack.server.services.fleets import cluster_candidates
+from dstack.server.services.jobs import nodes_count
 from dstack.server.services.runs import held_reservations, instance_resources, list_instances, parse_configuration
 
 
@@ -115,6 +117,17 @@ async def load_assign_context(
         conflict = await port_conflict(session, inst, spec)
         held = [] if conflict else await held_reservations(session, inst.id)
         candidates.append(Candidate(inst, res, held, conflict))
+    cluster = await cluster_candidates(  # a multi-node task on a `placement: cluster` fleet
+        session,
+        run,
+        conf.fleets,
+        nodes_count(conf),
+        candidates,
+        lambda c: c.instance,
+        lambda c: not c.port_conflict and offers.reserve(requirements, c.resources, c.held) is not None,
+    )
+    if cluster is not None:
+        candidates = cluster
     return AssignContext(
         requirements=requirements,
         retry=conf.effective_retry(),

@@ -1,0 +1,75 @@
+"""`nodes: 2` on a `placement: cluster` fleet: one node per host, the ranks reach each other over
+TCP on the hosts' internal addresses through DSTACK_MASTER_NODE_IP, and the run is the master's."""
+
+import time
+
+import pytest
+
+from dstack.api import Resources, RunStatus, Task
+from dstack.core.models.fleets import FleetConfiguration
+from tests.conftest import running_server
+
+pytestmark = pytest.mark.slow
+SMALL = Resources(cpu="0..", memory="0.1GB..", disk="1GB..")
+
+# rank 0 serves one connection and prints what rank 1 sent; rank 1 connects (retrying) and sends
+# its hostname. Both print where they run and what dstack told them.
+SCRIPT = r"""
+import os, socket, sys, time
+rank, master = int(os.environ["DSTACK_NODE_RANK"]), os.environ["DSTACK_MASTER_NODE_IP"]
+ips = os.environ["DSTACK_NODES_IPS"].split()
+print(f"rank={rank} host={socket.gethostname()} nodes={os.environ['DSTACK_NODES_NUM']} ips={','.join(ips)}", flush=True)
+if rank == 0:
+    s = socket.create_server(("0.0.0.0", 29477))
+    s.settimeout(120)
+    conn, _ = s.accept()
+    print("got:", conn.recv(100).decode(), flush=True)
+else:
+    for _ in range(240):
+        try:
+            c = socket.create_connection((master, 29477), timeout=2)
+            c.sendall(f"hello from {socket.gethostname()}".encode())
+            c.close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        sys.exit("rank 1 never reached the master")
+"""
+
+
+def test_two_nodes_on_two_hosts(host_net, tmp_path):
+    h0, h1 = host_net.hosts[:2]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "ranks.py").write_text(SCRIPT)
+    with running_server(tmp_path) as srv:
+        client = srv.client()
+        conf = FleetConfiguration.model_validate(
+            {
+                "type": "fleet",
+                "name": "cl",
+                "placement": "cluster",
+                "ssh_config": {"identity_file": str(host_net.key), "hosts": [h0.address, h1.address]},
+            }
+        )
+        client.fleets.apply(conf)
+        deadline = time.time() + 180
+        while not all(i.status == "idle" for i in client.fleets.get("cl").instances):
+            assert time.time() < deadline, client.fleets.get("cl")
+            time.sleep(0.5)
+        task = Task(commands=["python3 ranks.py"], nodes=2, fleets=["cl"], resources=SMALL)
+        run = client.runs.submit(task, run_name="two-nodes", repo_dir=repo)
+        output = b"".join(run.logs()).decode()
+        run.refresh()
+        assert run.status == RunStatus.DONE, (run.status, run.error, output)
+        hosts = {j.job_submissions[-1].job_provisioning_data.hostname for j in run.jobs}
+        assert hosts == {h0.address, h1.address}  # one node per host
+        first = output.splitlines()[0]
+        assert first.startswith("rank=0 ") and "nodes=2" in first, output
+        master_host = first.split("host=")[1].split()[0]
+        got = [line for line in output.splitlines() if line.startswith("got: hello from ")]
+        assert got and got[0].split()[-1] in {"h0", "h1"} and got[0].split()[-1] != master_host, output
+        ips = first.split("ips=")[1].split(",")
+        assert sorted(ips) == sorted([h0.address, h1.address])
+        client.fleets.delete("cl")
