@@ -1,0 +1,231 @@
+"""The Slurm backend: offers from `sinfo`, one Slurm job per dstack job, whose batch script runs
+dstack's agent in the allocation; the server reaches that agent on the compute node.
+
+Files live under the shared directory (`shared_dir`, default the server's `slurm/` directory when
+Slurm's commands run on this host): `jobs/<name>/token` (0600, read by the agent with
+`--token-file`), `jobs/<name>/home` (the agent's home, its `agent.json` tells the port) and
+`jobs/<name>/slurm.out`. They are read and written with the same transport as Slurm's commands,
+so a login host works like this host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dstack.core.daemon import child_pythonpath
+from dstack.core.models.resources import Range, ResourcesSpec
+from dstack.core.models.runs import InstanceOffer, InstanceResources
+from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInstance
+from dstack.server.backends.slurm.commands import CommandRunner, SlurmCommandError, runner_for
+from dstack.server.backends.slurm.config import SlurmBackendConfig
+from dstack.server.backends.slurm.jobs import SlurmJobState, batch_script, parse_scontrol_job, sbatch_options
+from dstack.server.backends.slurm.offers import SINFO_FORMAT, SlurmShape, parse_sinfo, shapes
+from dstack.server.services.offers import fits_total
+
+logger = logging.getLogger(__name__)
+
+_JOB_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+_JOB_ID = re.compile(r"^\d+(_\d+)?$")
+
+
+class SlurmBackendError(Exception):
+    """Submitting or reading a Slurm job failed; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class SlurmSubmission:
+    job_id: str
+    name: str
+    partition: str
+    job_dir: str
+
+
+def _without_disk(spec: ResourcesSpec) -> ResourcesSpec:
+    """Slurm does not schedule disk (no `--tmp` unless nodes declare TmpDisk): it is not matched."""
+    return spec.model_copy(update={"disk": Range[float](min=None, max=None)})
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def __init__(
+        self,
+        config: SlurmBackendConfig,
+        default_dir: Path,
+        runner: CommandRunner | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        if config.login is not None and config.shared_dir is None:
+            raise SlurmBackendError("slurm: a backend with a login host needs shared_dir (where nodes find the agent)")
+        self.config = config
+        self.runner = runner or runner_for(config.login)
+        self.dir = config.shared_dir or str(default_dir)
+        self.python = python
+
+    async def ensure_instances(self, known: dict[str, AgentEndpoint]) -> list[ProvisionedInstance]:
+        return []  # no standing instances: each job gets its own allocation
+
+    async def shutdown(self) -> None:
+        await self.runner.close()
+
+    # -- offers --------------------------------------------------------------------------------
+
+    async def shapes(self) -> list[SlurmShape]:
+        out = await self.runner.check(["sinfo", "-h", "-N", "-o", SINFO_FORMAT])
+        return shapes(parse_sinfo(out), self.config.partitions)
+
+    async def offers(self, spec: ResourcesSpec | None = None) -> list[InstanceOffer]:
+        """Partition × node shape; with `spec`, only those that could ever run it."""
+        found = await self.shapes()
+        if spec is not None:
+            found = [s for s in found if fits_total(_without_disk(spec), s.resources)]
+        return [s.offer() for s in found]
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        name: str,
+        spec: ResourcesSpec,
+        *,
+        partition: str | None = None,
+        max_duration: int | None = None,
+        nodes: int = 1,
+    ) -> SlurmSubmission:
+        """Submit one Slurm job running an agent; the partition is the first that fits (free first)."""
+        if not _JOB_NAME.match(name):
+            raise SlurmBackendError(f"slurm: invalid job name {name!r}")
+        fitting = [s for s in await self.shapes() if fits_total(_without_disk(spec), s.resources)]
+        if partition is not None:
+            fitting = [s for s in fitting if s.partition == partition]
+        if not fitting:
+            raise SlurmBackendError(f"slurm: no partition has nodes for {spec.pretty_format()}")
+        fitting.sort(key=lambda s: s.available == 0)
+        shape = fitting[0]
+        job_dir = f"{self.dir}/jobs/{name}"
+        token_file = f"{job_dir}/token"
+        q = shlex.quote
+        await self.runner.check(
+            ["sh", "-c", f"umask 077 && mkdir -p {q(job_dir)}/home && cat > {q(token_file)}"],
+            stdin=secrets.token_hex(24),
+        )
+        options = sbatch_options(
+            spec,
+            self.config,
+            partition=shape.partition,
+            job_name=name,
+            output=f"{job_dir}/slurm.out",
+            max_duration=max_duration,
+            gpu_type=shape.gpu_type,
+            nodes=nodes,
+        )
+        script = batch_script(self.python, child_pythonpath(), f"{job_dir}/home", token_file)
+        try:
+            out = await self.runner.check(["sbatch", *options], stdin=script)
+        except SlurmCommandError as e:
+            raise SlurmBackendError(f"slurm: sbatch refused the job: {e}") from e
+        job_id = out.strip().split(";")[0]
+        if not _JOB_ID.match(job_id):
+            raise SlurmBackendError(f"slurm: sbatch answered {out.strip()[:200]!r}, not a job id")
+        logger.info("submitted Slurm job %s (%s) to partition %s", job_id, name, shape.partition)
+        return SlurmSubmission(job_id=job_id, name=name, partition=shape.partition, job_dir=job_dir)
+
+    async def state(self, job_id: str) -> SlurmJobState | None:
+        """The job's state, reason and nodes; None once Slurm forgot it (past MinJobAge)."""
+        _check_id(job_id)
+        r = await self.runner.run(["scontrol", "show", "job", "-o", job_id])
+        if r.code != 0:
+            if "Invalid job id" in r.stderr:
+                return None
+            raise SlurmBackendError(f"slurm: scontrol show job {job_id} failed: {r.stderr.strip()[:500]}")
+        st = parse_scontrol_job(r.stdout)
+        if st is not None and st.nodes:
+            names = await self.runner.check(["scontrol", "show", "hostnames", st.nodes[0]])
+            st = SlurmJobState(st.job_id, st.state, st.reason, names.split(), st.exit_code)
+        return st
+
+    async def node_address(self, node: str) -> str:
+        out = await self.runner.check(["scontrol", "show", "node", "-o", node])
+        m = re.search(r"\bNodeAddr=(\S+)", out)
+        if m is None:
+            raise SlurmBackendError(f"slurm: scontrol show node {node} has no NodeAddr")
+        return m.group(1)
+
+    async def agent(self, sub: SlurmSubmission, timeout: float = 60.0) -> tuple[AgentEndpoint, str]:
+        """Wait until the job runs and its agent wrote `agent.json`: the endpoint and the node name."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        q = shlex.quote
+        while loop.time() < deadline:
+            st = await self.state(sub.job_id)
+            if st is None or st.final:
+                raise SlurmBackendError(
+                    f"slurm: job {sub.job_id} ended before its agent started: {st.message() if st else 'gone'}"
+                )
+            if st.state == "RUNNING" and st.nodes:
+                r = await self.runner.run(
+                    ["sh", "-c", f"cat {q(sub.job_dir)}/home/agent.json 2>/dev/null; echo; cat {q(sub.job_dir)}/token"]
+                )
+                lines = r.stdout.splitlines()
+                if len(lines) >= 2 and lines[0].strip():
+                    try:
+                        info = json.loads(lines[0])
+                        port, pid = int(info["port"]), int(info["pid"])
+                    except (ValueError, KeyError, TypeError):
+                        port = 0
+                    if port:
+                        address = await self.node_address(st.nodes[0])
+                        return AgentEndpoint(
+                            url=f"http://{address}:{port}", token=lines[-1].strip(), pid=pid
+                        ), st.nodes[0]
+            await asyncio.sleep(0.3)
+        raise SlurmBackendError(f"slurm: the agent of job {sub.job_id} did not start within {timeout:g} s")
+
+    async def cancel(self, job_id: str, grace: float = 10.0) -> None:
+        """Stop: SIGTERM to the batch step (the agent stops its job), then `scancel` after `grace`."""
+        _check_id(job_id)
+        st = await self.state(job_id)
+        if st is None or st.final:
+            return
+        if st.state == "RUNNING":  # a pending job has no batch step to signal: cancelled outright
+            await self.runner.run(["scancel", "--batch", "--signal=TERM", job_id])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            while loop.time() < deadline:
+                st = await self.state(job_id)
+                if st is None or st.final:
+                    return
+                await asyncio.sleep(0.3)
+        await self.runner.check(["scancel", job_id])
+
+    def instance(
+        self, sub: SlurmSubmission, node: str, agent: AgentEndpoint, spec: ResourcesSpec
+    ) -> ProvisionedInstance:
+        """The job's allocation as an instance (what it asked for, on `node`)."""
+        res = InstanceResources(
+            cpus=max(1, spec.cpu.min or 1),
+            memory_mib=int(round(float(spec.memory.min or 0) * 1024)),
+            disk_mib=0,
+        )
+        return ProvisionedInstance(
+            name=f"slurm-{sub.job_id}",
+            backend=self.name,
+            region=sub.partition,
+            hostname=node,
+            resources=res,
+            price=0.0,
+            agent=agent,
+        )
+
+
+def _check_id(job_id: str) -> None:
+    if not _JOB_ID.match(job_id):
+        raise SlurmBackendError(f"slurm: invalid job id {job_id!r}")
