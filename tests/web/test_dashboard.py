@@ -148,6 +148,22 @@ def test_serverless_queue_depth_moves_as_test_jobs_are_sent(server, page, tmp_pa
     assert int(chart.get_attribute("data-points")) >= 3
     screenshot(page, "dashboard-endpoint.png", full_page=True)
 
+    # a member of another project cannot send jobs to this endpoint through their own project's path
+    r = httpx.post(server.url + "/api/users/create", json={"username": "web-outsider"}, headers=server.headers)
+    token = r.json()["creds"]["token"]
+    r = httpx.post(
+        server.url + "/api/projects/create",
+        json={"project_name": "outsider-proj"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 200, r.text
+    c = _session(server, token)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', c.get("/runs").text).group(1)
+    for path in ("/runs/outsider-proj/web-endpoint/test-job", "/runs/main/web-endpoint/test-job"):
+        r = c.post(path, data={"csrf": csrf, "input": "{}"})
+        assert r.status_code in (403, 404), (path, r.status_code, r.text)
+    expect(depth).to_have_text("3")
+
 
 @pytest.mark.parametrize("width", [390])
 def test_phone_width_controls_have_names(server, browser, width):

@@ -50,13 +50,17 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     }
 
 
+async def endpoint_of_run(session: AsyncSession, run_id: str) -> str | None:
+    """The id of run `run_id`'s serverless endpoint, if it has one."""
+    result = await session.execute(
+        select(ServerlessEndpointModel.endpoint_id).where(ServerlessEndpointModel.run_id == run_id)
+    )
+    return result.scalar_one_or_none()
+
+
 async def endpoint_stats(session: AsyncSession, run_id: str, window: float = 300.0) -> dict[str, Any] | None:
     """Recent jobs and throughput of the serverless endpoint of run `run_id` (None if it has none)."""
-    endpoint_id = (
-        await session.execute(
-            select(ServerlessEndpointModel.endpoint_id).where(ServerlessEndpointModel.run_id == run_id)
-        )
-    ).scalar_one_or_none()
+    endpoint_id = await endpoint_of_run(session, run_id)
     if endpoint_id is None:
         return None
     J = ServerlessJobModel

@@ -345,19 +345,29 @@ async def test_job(
 ) -> HTMLResponse:
     form = await request.form()
     check_post(request, str(form.get("csrf") or ""))
-    await require_web_project(request, session, project)
+    _, project_model = await require_web_project(request, session, project)
+    # endpoint ids are run names, unique across projects: only this project's run's endpoint
+    run = await runs_service.get_run(session, project_model, name)
+    endpoint_id = await queries.endpoint_of_run(session, run.id)
+    if endpoint_id is None:
+        raise HTTPException(404, f"run '{name}' has no serverless endpoint")
     raw = str(form.get("input") or "")
     message: str
+    if len(raw) > _MAX_TEST_INPUT:
+        return _status(f"Not sent: the input is over {_MAX_TEST_INPUT // 1024} KiB.")
     try:
-        if len(raw) > _MAX_TEST_INPUT:
-            raise ValueError(f"the input is over {_MAX_TEST_INPUT // 1024} KiB")
         value = json.loads(raw or "{}")
-        job_id = await request.app.state.serverless.client.submit(name, {"input": value})
-        message = f"Sent job {job_id}."
     except ValueError as e:
-        message = f"Not sent: the input is not valid JSON ({e})."
+        return _status(f"Not sent: the input is not valid JSON ({e}).")
+    try:
+        job_id = await request.app.state.serverless.client.submit(endpoint_id, {"input": value})
+        message = f"Sent job {job_id}."
     except ServerlessError as e:
         message = f"Not sent: {e.msg}"
+    return _status(message)
+
+
+def _status(message: str) -> HTMLResponse:
     return HTMLResponse(f'<p role="status">{_escape(message)}</p>')
 
 
