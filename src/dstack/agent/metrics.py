@@ -23,9 +23,11 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psutil
+
+from dstack.core.models.metrics import GpuSample, JobMetricsSample
 
 if TYPE_CHECKING:
     from dstack.agent.jobs import JobManager
@@ -63,7 +65,7 @@ class Target:
 
 @dataclass
 class _Series:
-    samples: deque[dict[str, Any]]
+    samples: deque[JobMetricsSample]
     last_cpu: tuple[float, float] | None = None  # (wall time, cpu seconds) of the previous sample
 
 
@@ -192,7 +194,7 @@ class MetricsSampler:
                 logger.exception("sampling job metrics failed")
             await asyncio.sleep(max(0.05, self.interval - (time.monotonic() - started)))
 
-    def measure(self, targets: list[Target]) -> list[tuple[str, float, float, int, list[dict[str, Any]]]]:
+    def measure(self, targets: list[Target]) -> list[tuple[str, float, float, int, list[GpuSample]]]:
         """(job id, time, cpu seconds, rss, gpus) per target still alive; runs in a thread."""
         readings = self.gpus.read() if any(t.gpus for t in targets) else {}
         out = []
@@ -201,19 +203,19 @@ class MetricsSampler:
             if usage is None:
                 continue
             gpus = [
-                {
-                    "index": i,
-                    "util_percent": readings[i].util_percent,
-                    "memory_used_bytes": readings[i].memory_used_bytes,
-                    "memory_total_bytes": readings[i].memory_total_bytes,
-                }
+                GpuSample(
+                    index=i,
+                    util_percent=readings[i].util_percent,
+                    memory_used_bytes=readings[i].memory_used_bytes,
+                    memory_total_bytes=readings[i].memory_total_bytes,
+                )
                 for i in t.gpus
                 if i in readings
             ]
             out.append((t.job_id, time.time(), usage[0], usage[1], gpus))
         return out
 
-    def record(self, measured: Iterable[tuple[str, float, float, int, list[dict[str, Any]]]]) -> None:
+    def record(self, measured: Iterable[tuple[str, float, float, int, list[GpuSample]]]) -> None:
         for job_id, now, cpu_seconds, rss, gpus in measured:
             series = self._series.get(job_id)
             if series is None:
@@ -227,13 +229,13 @@ class MetricsSampler:
             percent = max(0.0, (cpu_seconds - series.last_cpu[1]) / wall * 100)
             series.last_cpu = (now, cpu_seconds)
             series.samples.append(
-                {
-                    "ts": round(now, 3),
-                    "cpu_percent": round(percent, 1),
-                    "cpu_seconds": round(cpu_seconds, 3),
-                    "memory_bytes": rss,
-                    "gpus": gpus,
-                }
+                JobMetricsSample(
+                    ts=round(now, 3),
+                    cpu_percent=round(percent, 1),
+                    cpu_seconds=round(cpu_seconds, 3),
+                    memory_bytes=rss,
+                    gpus=gpus,
+                )
             )
 
     def forget(self, known_job_ids: Iterable[str]) -> None:
@@ -242,10 +244,10 @@ class MetricsSampler:
         for job_id in [j for j in self._series if j not in known]:
             del self._series[job_id]
 
-    def samples(self, job_id: str, after: float = 0.0, limit: int = MAX_SAMPLES_PER_ANSWER) -> list[dict[str, Any]]:
+    def samples(self, job_id: str, after: float = 0.0, limit: int = MAX_SAMPLES_PER_ANSWER) -> list[JobMetricsSample]:
         """The job's kept samples newer than `after`, oldest first (at most `limit`, the newest)."""
         series = self._series.get(job_id)
         if series is None:
             return []
-        newer = [s for s in series.samples if s["ts"] > after]
+        newer = [s for s in series.samples if s.ts > after]
         return newer[-limit:]

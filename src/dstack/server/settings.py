@@ -54,6 +54,10 @@ class ServerSettings:
     autoscaler_window_seconds: float = field(init=False)
     #: DSTACK_SERVER_GATEWAY_MONITOR_INTERVAL: how often gateway processes are checked
     gateway_monitor_interval_seconds: float = field(init=False)
+    #: DSTACK_SERVER_METRICS_INTERVAL: how often job usage samples are pulled from the agents
+    metrics_interval_seconds: float = field(init=False)
+    #: DSTACK_SERVER_METRICS_RETENTION_SECONDS: how long stored job usage samples are kept
+    metrics_retention_seconds: float = field(init=False)
 
     def __post_init__(self, environ: Mapping[str, str] | None) -> None:
         env = os.environ if environ is None else environ
@@ -73,6 +77,8 @@ class ServerSettings:
             "agent_unreachable_seconds": _seconds(env, "DSTACK_SERVER_AGENT_UNREACHABLE_SECONDS", 60, 0, 7 * 86400),
             "autoscaler_window_seconds": _seconds(env, "DSTACK_SERVER_AUTOSCALER_WINDOW", 60, 0.1, 86400),
             "gateway_monitor_interval_seconds": _seconds(env, "DSTACK_SERVER_GATEWAY_MONITOR_INTERVAL", 10, 0.01, 3600),
+            "metrics_interval_seconds": _seconds(env, "DSTACK_SERVER_METRICS_INTERVAL", 2, 0.2, 600),
+            "metrics_retention_seconds": _seconds(env, "DSTACK_SERVER_METRICS_RETENTION_SECONDS", 3600, 10, 90 * 86400),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)  # frozen: set once, here

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -23,9 +22,11 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from pydantic import ValidationError
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dstack.core.models.metrics import JobMetricsSample
 from dstack.core.models.runs import JobStatus
 from dstack.server.agent_client import AgentError
 from dstack.server.db import Database
@@ -33,35 +34,18 @@ from dstack.server.models import JobMetricsPointModel, JobModel, ProjectModel, R
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_INTERVAL_SECONDS = 2.0
-DEFAULT_RETENTION_SECONDS = 3600.0
 MAX_POINTS_PER_ANSWER = 10_000
 MAX_CONCURRENT_PULLS = 32
-
-
-def _env_seconds(name: str, default: float, low: float, high: float) -> float:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: not a number of seconds") from None
-    if not low <= value <= high:
-        raise ValueError(f"{name}={raw!r}: must be between {low:g} and {high:g} seconds")
-    return value
 
 
 class MetricsCollector:
     """The server's side of job metrics: one loop that pulls, stores and expires points."""
 
-    def __init__(self, db: Database, instances: Any) -> None:
+    def __init__(self, db: Database, instances: Any, interval: float = 2.0, retention: float = 3600.0) -> None:
         self.db = db
         self.instances = instances  # services.instances.InstanceManager: `client(instance_id)`
-        self.interval = _env_seconds("DSTACK_SERVER_METRICS_INTERVAL", DEFAULT_INTERVAL_SECONDS, 0.2, 600)
-        self.retention = _env_seconds(
-            "DSTACK_SERVER_METRICS_RETENTION_SECONDS", DEFAULT_RETENTION_SECONDS, 10, 90 * 86400
-        )
+        self.interval = interval  # settings: DSTACK_SERVER_METRICS_INTERVAL
+        self.retention = retention  # settings: DSTACK_SERVER_METRICS_RETENTION_SECONDS
         self._last_ts: dict[str, float] = {}  # job id -> newest stored sample's time
         self._task: asyncio.Task[None] | None = None
         self._limit = asyncio.Semaphore(MAX_CONCURRENT_PULLS)
@@ -114,11 +98,11 @@ class MetricsCollector:
         points = [
             JobMetricsPointModel(
                 job_id=job_id,
-                timestamp=float(s["ts"]),
-                cpu_percent=float(s["cpu_percent"]),
-                cpu_seconds=float(s["cpu_seconds"]),
-                memory_bytes=int(s["memory_bytes"]),
-                gpus=json.dumps(s.get("gpus") or []),
+                timestamp=s.ts,
+                cpu_percent=s.cpu_percent,
+                cpu_seconds=s.cpu_seconds,
+                memory_bytes=s.memory_bytes,
+                gpus=json.dumps([g.model_dump() for g in s.gpus]),
             )
             for job_id, samples in pulled
             for s in samples
@@ -131,10 +115,10 @@ class MetricsCollector:
             await session.commit()
         for job_id, samples in pulled:
             if samples:
-                self._last_ts[job_id] = max(self._last_ts.get(job_id, 0.0), float(samples[-1]["ts"]))
+                self._last_ts[job_id] = max(self._last_ts.get(job_id, 0.0), samples[-1].ts)
         return len(points)
 
-    async def _pull(self, job_id: str, instance_id: str) -> tuple[str, list[dict[str, Any]]]:
+    async def _pull(self, job_id: str, instance_id: str) -> tuple[str, list[JobMetricsSample]]:
         try:
             client = self.instances.client(instance_id)
         except KeyError:  # an instance without an agent client (yet)
@@ -144,41 +128,28 @@ class MetricsCollector:
                 samples = await client.metrics(job_id, self._last_ts.get(job_id, 0.0))
             except (AgentError, httpx.HTTPError, ValueError, KeyError, RuntimeError):
                 return job_id, []  # an agent restarting or gone: the pipeline deals with it
-        return job_id, [s for s in samples if _valid_sample(s)]
+        return job_id, [sample for s in samples if (sample := _valid_sample(s)) is not None]
 
 
-def _valid_sample(s: Any) -> bool:
+def _valid_sample(s: Any) -> JobMetricsSample | None:
+    """The sample if it is one (an agent's answer is input like any other), else None: skipped."""
     try:
-        return (
-            isinstance(s, dict)
-            and float(s["ts"]) > 0
-            and 0 <= float(s["cpu_percent"]) < 1e6
-            and 0 <= float(s["cpu_seconds"]) < 1e12
-            and 0 <= int(s["memory_bytes"]) < 2**62
-            and isinstance(s.get("gpus") or [], list)
-            and len(s.get("gpus") or []) <= 64
-            and all(_valid_gpu(g) for g in s.get("gpus") or [])
-        )
-    except (KeyError, TypeError, ValueError, OverflowError):
-        return False
-
-
-def _valid_gpu(g: Any) -> bool:
-    return (
-        isinstance(g, dict)
-        and isinstance(g.get("index"), int)
-        and 0 <= g["index"] < 1024
-        and 0 <= float(g["util_percent"]) <= 100
-        and 0 <= int(g["memory_used_bytes"]) < 2**62
-        and 0 <= int(g["memory_total_bytes"]) < 2**62
-    )
+        return JobMetricsSample.model_validate(s)
+    except ValidationError:
+        return None
 
 
 def install(app: FastAPI) -> None:
     """Start the collector with the server and stop it with it (the app's lifespan hooks)."""
 
     async def _start(app: FastAPI) -> None:
-        collector = MetricsCollector(app.state.db, app.state.instances)
+        settings = app.state.settings
+        collector = MetricsCollector(
+            app.state.db,
+            app.state.instances,
+            interval=settings.metrics_interval_seconds,
+            retention=settings.metrics_retention_seconds,
+        )
         app.state.job_metrics = collector
         await collector.start()
 
