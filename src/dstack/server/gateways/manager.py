@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import psutil
@@ -35,6 +36,9 @@ from dstack.server.db import Database
 from dstack.server.gateways.models import GatewayModel
 from dstack.server.models import ProjectModel
 from dstack.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from dstack.server.services.service_replicas import ServiceState
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +83,7 @@ def _target(gw: GatewayModel) -> Target:
     return Target(gw.id, gw.project.name, gw.name, api_url(gw), crypto.decrypt(gw.token))
 
 
-def _service_json(info: ServiceInfo) -> dict:
+def _service_json(info: ServiceInfo) -> dict[str, Any]:
     return dataclasses.asdict(info)
 
 
@@ -97,7 +101,7 @@ class GatewayManager:
         self._published: dict[tuple[str, str], Published] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._start_locks: dict[str, asyncio.Lock] = {}
-        self._monitor: asyncio.Task | None = None
+        self._monitor: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -221,7 +225,7 @@ class GatewayManager:
             "--wake-url",
             f"{base}/api/proxy/wake",
         ]
-        if gw.tls:
+        if gw.tls_cert and gw.tls_key:
             cmd += ["--tls-cert", gw.tls_cert, "--tls-key", gw.tls_key]
         env = dict(os.environ, PYTHONPATH=child_pythonpath(), DSTACK_GATEWAY_TOKEN=crypto.decrypt(gw.token))
         log_path = self._log_file(gw)
@@ -249,8 +253,8 @@ class GatewayManager:
         shutil.rmtree(self.home / gateway_id, ignore_errors=True)
 
     def _terminate(self, gw: GatewayModel) -> None:
-        if self._is_ours(gw):
-            pid = gw.pid
+        pid = gw.pid
+        if pid is not None and self._is_ours(gw):
             _kill_group(pid, signal.SIGTERM)
             try:
                 psutil.Process(pid).wait(5)
@@ -278,7 +282,7 @@ class GatewayManager:
 
     # --- publishing ------------------------------------------------------------------------
 
-    async def publish(self, state, info: ServiceInfo | None, replicas: list[Replica] | None) -> None:
+    async def publish(self, state: ServiceState, info: ServiceInfo | None, replicas: list[Replica] | None) -> None:
         """ServiceManager publisher: push a service's info/replicas (or its removal) to gateways."""
         key = (state.project, state.run_name)
         lock = self._locks.setdefault(key, asyncio.Lock())
@@ -290,7 +294,7 @@ class GatewayManager:
                     await self._remove(target, *key)
                 return
             entry = self._published.setdefault(key, Published())
-            entry.choice = getattr(state.conf, "gateway", None)
+            entry.choice = state.conf.gateway
             if info is not None:
                 entry.info = info
             if replicas is not None:
@@ -317,6 +321,8 @@ class GatewayManager:
     async def _push(self, target: Target, entry: Published, upsert: bool) -> None:
         headers = bearer(target.token)
         info = entry.info
+        if info is None:
+            return  # nothing registered yet: the service's first sync brings its info
         reps = {"replicas": [{"id": r.id, "url": r.url, "ready": r.ready} for r in entry.replicas]}
         path = f"{target.api_url}/api/registry/services/{info.project}/{info.run_name}/replicas"
         try:

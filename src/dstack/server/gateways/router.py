@@ -6,6 +6,7 @@ import logging
 import re
 import secrets
 import socket
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -27,6 +28,8 @@ from dstack.server.models import ProjectModel, UserModel, new_id
 from dstack.server.security import bearer_token, project_access, require_project_member
 
 router = APIRouter(tags=["gateways"])
+#: what require_project_member gives an endpoint
+Member = tuple[UserModel, ProjectModel]
 logger = logging.getLogger(__name__)
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -65,7 +68,7 @@ class WakeRequest(BaseModel):
     run_name: str
 
 
-def gateway_dict(gw: GatewayModel) -> dict:
+def gateway_dict(gw: GatewayModel) -> dict[str, Any]:
     host = socket.gethostname() if gw.host in ("0.0.0.0", "::", "") else gw.host
     return {
         "name": gw.name,
@@ -126,7 +129,7 @@ def _validate(body: CreateGatewayRequest, user: UserModel) -> CreateGatewayReque
     admin = user.global_role == "admin"
     host = check_bind_address(body.host, admin)
     pem = None
-    if body.tls_cert:
+    if body.tls_cert and body.tls_key:
         pem = read_tls_pair(body.tls_cert, body.tls_key, admin)
     port = body.port or (443 if pem else 80)
     return body.model_copy(
@@ -144,9 +147,9 @@ def _validate(body: CreateGatewayRequest, user: UserModel) -> CreateGatewayReque
 async def create_gateway(
     body: CreateGatewayRequest,
     request: Request,
-    member=Depends(require_project_member),
+    member: Member = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
-) -> dict:
+) -> dict[str, Any]:
     user, project = member
     body = _validate(body, user)
     existing = await _project_gateways(session, project)
@@ -176,7 +179,7 @@ async def create_gateway(
         token=crypto.encrypt(secrets.token_urlsafe(32)),
     )
     manager = request.app.state.gateways
-    if body.tls_cert:  # validated PEM: the gateway process reads it from 0600 files of its own
+    if body.tls_cert and body.tls_key:  # validated PEM: the gateway process reads it from 0600 files of its own
         gw.tls_cert, gw.tls_key = manager.store_tls(gw.id, body.tls_cert.encode(), body.tls_key.encode())
     session.add(gw)
     await session.commit()
@@ -196,22 +199,26 @@ async def create_gateway(
 
 @router.post("/api/project/{project_name}/gateways/list")
 async def list_gateways(
-    member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
-) -> list[dict]:
+    member: Member = Depends(require_project_member), session: AsyncSession = Depends(get_session)
+) -> list[dict[str, Any]]:
     return [gateway_dict(g) for g in await _project_gateways(session, member[1])]
 
 
 @router.post("/api/project/{project_name}/gateways/get")
 async def get_gateway(
-    body: GatewayNameRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
-) -> dict:
+    body: GatewayNameRequest,
+    member: Member = Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> dict[str, Any]:
     return gateway_dict(await _get(session, member[1], body.name))
 
 
 @router.post("/api/project/{project_name}/gateways/set_default")
 async def set_default_gateway(
-    body: GatewayNameRequest, member=Depends(require_project_member), session: AsyncSession = Depends(get_session)
-) -> dict:
+    body: GatewayNameRequest,
+    member: Member = Depends(require_project_member),
+    session: AsyncSession = Depends(get_session),
+) -> dict[str, Any]:
     gw = await _get(session, member[1], body.name)
     for g in await _project_gateways(session, member[1]):
         g.default = g.id == gw.id
@@ -223,7 +230,7 @@ async def set_default_gateway(
 async def delete_gateways(
     body: DeleteGatewaysRequest,
     request: Request,
-    member=Depends(require_project_member),
+    member: Member = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> None:
     _, project = member
@@ -259,8 +266,10 @@ async def _calling_gateway(request: Request, session: AsyncSession) -> GatewayMo
     return gw
 
 
-@router.post("/api/proxy/authorize", include_in_schema=False)
-async def authorize(body: AuthorizeRequest, request: Request, session: AsyncSession = Depends(get_session)):
+@router.post("/api/proxy/authorize", include_in_schema=False, response_model=None)
+async def authorize(
+    body: AuthorizeRequest, request: Request, session: AsyncSession = Depends(get_session)
+) -> JSONResponse | dict[str, bool]:
     gw = await _calling_gateway(request, session)
     # uncached: the gateway caches the answer itself (a second cache here would double how long a
     # revoked token keeps working there)
@@ -271,7 +280,7 @@ async def authorize(body: AuthorizeRequest, request: Request, session: AsyncSess
 
 
 @router.post("/api/proxy/wake", include_in_schema=False)
-async def wake(body: WakeRequest, request: Request, session: AsyncSession = Depends(get_session)):
+async def wake(body: WakeRequest, request: Request, session: AsyncSession = Depends(get_session)) -> dict[str, Any]:
     gw = await _calling_gateway(request, session)
     if body.project != gw.project.name:
         raise Forbidden("not this gateway's project")

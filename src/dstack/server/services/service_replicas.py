@@ -10,18 +10,22 @@ import json
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.http_client import internal_client
-from dstack.core.models.configurations import ServiceConfiguration
+from dstack.core.models.configurations import ProbeSpec, ServiceConfiguration
 from dstack.core.models.runs import JobProvisioningData, JobStatus, JobTerminationReason, RunSpec, RunStatus, RunType
 from dstack.proxy import ModelInfo, Replica, ServiceInfo, ServiceRegistry
 from dstack.proxy.ratelimit import RateLimitRule
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import JobModel, RunModel, utcnow
 from dstack.server.services import probes as probes_service
+from dstack.server.services.fleets import replica_url
 from dstack.server.services.runs import latest_jobs, mark_job_terminating, new_jobs, parse_configuration
 
 logger = logging.getLogger(__name__)
@@ -38,8 +42,28 @@ class ServiceState:
     conf: ServiceConfiguration
     last_scaled_at: float = field(default_factory=time.monotonic)
     replicas: dict[str, Replica] = field(default_factory=dict)
-    probes: dict[str, asyncio.Task] = field(default_factory=dict)
+    probes: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     draining: dict[str, float] = field(default_factory=dict)  # job id → when draining began
+
+
+#: a gateway publisher: told (state, info, replicas) on every change, (state, None, None) on removal
+Publisher = Callable[[ServiceState, ServiceInfo | None, list[Replica] | None], Awaitable[None]]
+
+
+def replica_bounds(conf: ServiceConfiguration) -> tuple[int, int]:
+    """`replicas` as (min, max): the configuration's validator requires both ends."""
+    low, high = conf.replicas.min, conf.replicas.max
+    if low is None or high is None:
+        raise ValueError("replicas needs both bounds")  # unreachable: ServiceConfiguration refuses it
+    return low, high
+
+
+def service_configuration(run_spec: RunSpec) -> ServiceConfiguration:
+    """The run's configuration, which is a service's (the caller checked the run type)."""
+    conf = parse_configuration(run_spec)
+    if not isinstance(conf, ServiceConfiguration):
+        raise TypeError(f"run is a {conf.type}, not a service")
+    return conf
 
 
 def latest_replicas(run: RunModel) -> dict[int, JobModel]:
@@ -47,7 +71,7 @@ def latest_replicas(run: RunModel) -> dict[int, JobModel]:
     return {replica: job for (replica, _), job in latest_jobs(run).items()}
 
 
-def model_info(conf: ServiceConfiguration, meta: dict | None) -> ModelInfo | None:
+def model_info(conf: ServiceConfiguration, meta: dict[str, Any] | None) -> ModelInfo | None:
     if conf.model is None:
         return None
     meta = meta or {}
@@ -62,7 +86,13 @@ def model_info(conf: ServiceConfiguration, meta: dict | None) -> ModelInfo | Non
 
 
 class ServiceManager:
-    def __init__(self, db: Database, registry: ServiceRegistry, wake_pipeline, autoscaler_window: float = 60.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        registry: ServiceRegistry,
+        wake_pipeline: Callable[[], None],
+        autoscaler_window: float = 60.0,
+    ) -> None:
         self.db = db
         #: seconds of request history the autoscaler looks at (settings: DSTACK_SERVER_AUTOSCALER_WINDOW)
         self.autoscaler_window = autoscaler_window
@@ -70,10 +100,10 @@ class ServiceManager:
         self.wake_pipeline = wake_pipeline
         self.services: dict[str, ServiceState] = {}
         self._sync_pending: set[str] = set()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._http = internal_client()
-        #: extra publishers (gateways) told about every change: async fn(state, info, replicas | None)
-        self.publishers: list = []
+        #: extra publishers (gateways) told about every change
+        self.publishers: list[Publisher] = []
         registry.on_wake = self.wake
 
     async def start(self) -> None:
@@ -129,13 +159,16 @@ class ServiceManager:
             if run.status.is_finished() or run.deleted:
                 self._forget(run_id)
                 return
-            conf = parse_configuration(run_spec)
+            conf = service_configuration(run_spec)
+            assert conf.port is not None  # the configuration's validator requires it
             meta = json.loads(run.service_spec).get("model_meta") if run.service_spec else None
             jobs = [j for j in latest_replicas(run).values() if j.status == JobStatus.RUNNING]
-            endpoints = {}
+            endpoints: dict[str, str] = {}
             for job in jobs:
+                if job.job_provisioning_data is None:
+                    continue  # a running job always has one; nothing to route to without it
                 jpd = JobProvisioningData.model_validate_json(job.job_provisioning_data)
-                endpoints[job.id] = f"http://{jpd.address or '127.0.0.1'}:{conf.port.container_port}"
+                endpoints[job.id] = await replica_url(jpd, conf.port.container_port)  # fleet hosts: tunneled
         state = self.services.get(run_id)
         if state is None:
             state = self.services[run_id] = ServiceState(run_id, project, run_name, conf)
@@ -147,7 +180,7 @@ class ServiceManager:
             model=model_info(conf, meta),
             strip_prefix=conf.strip_prefix,
             hold_timeout=float(conf.request_hold_timeout),
-            min_replicas=conf.replicas.min or 0,
+            min_replicas=replica_bounds(conf)[0],
             last_error=run.error,
             rate_limits=tuple(
                 RateLimitRule(prefix=r.prefix, rps=r.rps, burst=r.burst, key=r.key.type, header=r.key.header)
@@ -211,7 +244,7 @@ class ServiceManager:
                 await self._publish(state)
             await asyncio.sleep(interval_ready if now_ready else 0.1)
 
-    async def _check(self, url: str, probes) -> bool:
+    async def _check(self, url: str, probes: Sequence[ProbeSpec]) -> bool:
         if not probes:
             host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
             try:
@@ -251,14 +284,16 @@ class ServiceManager:
 
     async def _autoscale(self, state: ServiceState) -> None:
         conf = state.conf
-        if conf.scaling is None or conf.replicas.min == conf.replicas.max:
+        scaling = conf.scaling
+        low, high = replica_bounds(conf)
+        if scaling is None or low == high:
             return
         stats = self.registry.stats(state.project, state.run_name, window=self.autoscaler_window)
         rps = stats.rps
-        desired = math.ceil(rps / conf.scaling.target) if conf.scaling.target > 0 else conf.replicas.max
+        desired = math.ceil(rps / scaling.target) if scaling.target > 0 else high
         if stats.in_flight > 0:
             desired = max(desired, 1)
-        desired = max(conf.replicas.min, min(conf.replicas.max, desired))
+        desired = max(low, min(high, desired))
 
         async def rescale() -> None:
             run = (await session.execute(select(RunModel).where(RunModel.id == state.run_id))).scalar_one()
@@ -266,15 +301,15 @@ class ServiceManager:
                 return
             current = run.desired_replica_count
             since = time.monotonic() - state.last_scaled_at
-            if desired > current and (current == 0 or since >= conf.scaling.scale_up_delay):
+            if desired > current and (current == 0 or since >= scaling.scale_up_delay):
                 await self._set_desired(session, run, state, desired)
-            elif desired < current and since >= conf.scaling.scale_down_delay:
+            elif desired < current and since >= scaling.scale_down_delay:
                 await self._set_desired(session, run, state, desired)
 
         async with self.db.session() as session:
             await retry_on_conflict(session, rescale)
 
-    async def _set_desired(self, session, run: RunModel, state: ServiceState, desired: int) -> None:
+    async def _set_desired(self, session: AsyncSession, run: RunModel, state: ServiceState, desired: int) -> None:
         """Start or stop replica jobs to reach `desired`; stop not-ready replicas first."""
         logger.info("scaling %s from %s to %s replicas", run.run_name, run.desired_replica_count, desired)
         run.desired_replica_count = desired
@@ -297,7 +332,7 @@ class ServiceManager:
                 n += 1
         elif len(active) > desired:
 
-            def order(item):
+            def order(item: tuple[int, JobModel]) -> tuple[bool, int]:
                 n, j = item
                 replica = state.replicas.get(j.id)
                 return (replica is not None and replica.ready, -n)
