@@ -1,0 +1,195 @@
+"""The SSH server of a dev environment, run as the job's own process (``python -m dstack.agent.devenv``).
+
+Why inside the job: it then has everything the job has — its user and sandbox, its network
+namespace, its venv and env vars, its working directory — and every session it opens inherits
+them. OpenSSH's sshd cannot do this for a sandboxed job: it looks its user up in /etc/passwd and
+job users have no entry. The server reaches it through its tunnel (server/routers/tunnel.py).
+
+Environment: ``DSTACK_SSH_PORT`` (where to listen), ``DSTACK_SSH_KEY_PUB`` (the one accepted
+public key; removed before any session starts). A fresh host key is made at each start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import os
+import pty
+import struct
+import sys
+import termios
+from typing import Any
+
+import asyncssh
+
+PORT_ENV = "DSTACK_SSH_PORT"
+KEY_ENV = "DSTACK_SSH_KEY_PUB"
+PORT_BASE = 20000
+PORT_SPAN = 30000
+
+
+def ssh_port(job_id: str) -> int:
+    """The port a job's SSH server listens on, derived from the job id so the server and the job
+    agree on it without another round trip (a host-network job shares ports with its neighbours)."""
+    digest = hashlib.sha256(job_id.encode()).digest()
+    return PORT_BASE + int.from_bytes(digest[:4], "big") % PORT_SPAN
+
+
+def _session_env(term: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (KEY_ENV, PORT_ENV)}
+    if term:
+        env["TERM"] = term
+    return env
+
+
+def _argv(command: str | None) -> list[str]:
+    shell = os.environ.get("SHELL") or "/bin/bash"
+    if not os.path.exists(shell):
+        shell = "/bin/sh"
+    return [shell, "-c", command] if command else [shell, "-i"]
+
+
+class _Server(asyncssh.SSHServer):
+    def __init__(self, key: asyncssh.SSHKey) -> None:
+        self._key = key
+
+    def begin_auth(self, username: str) -> bool:
+        return True  # any user name: the key decides
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return key.public_data == self._key.public_data
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
+        return True  # local forwards (VS Code's server, `ssh -L`) from inside the job's network
+
+
+async def _run_pipes(process: asyncssh.SSHServerProcess[bytes]) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        *_argv(process.command),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_session_env(process.get_terminal_type()),
+    )
+    await process.redirect(stdin=proc.stdin, stdout=proc.stdout, stderr=proc.stderr)
+    return await proc.wait()
+
+
+def _set_size(fd: int, size: tuple[int, int, int, int]) -> None:
+    cols, rows = size[0] or 80, size[1] or 24
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+async def _run_pty(process: asyncssh.SSHServerProcess[bytes]) -> int:
+    master, slave = pty.openpty()
+    _set_size(master, process.term_size)
+
+    def controlling_tty() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = await asyncio.create_subprocess_exec(
+        *_argv(process.command),
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=_session_env(process.get_terminal_type()),
+        preexec_fn=controlling_tty,
+    )
+    os.close(slave)
+    loop = asyncio.get_running_loop()
+    output_done = asyncio.Event()
+
+    def readable() -> None:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(master)
+            output_done.set()
+            return
+        process.stdout.write(data)
+
+    loop.add_reader(master, readable)
+
+    async def feed() -> None:
+        while True:
+            try:
+                data = await process.stdin.read(65536)
+            except asyncssh.TerminalSizeChanged as change:
+                _set_size(master, (change.width, change.height, 0, 0))
+                continue
+            except asyncssh.BreakReceived:
+                continue
+            if not data:
+                return
+            os.write(master, data)
+
+    feeder = asyncio.create_task(feed())
+    rc = await proc.wait()
+    try:
+        await asyncio.wait_for(output_done.wait(), 1.0)
+    except TimeoutError:
+        loop.remove_reader(master)
+    feeder.cancel()
+    os.close(master)
+    return rc
+
+
+async def _handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
+    try:
+        if process.subsystem:
+            process.exit(1)
+            return
+        rc = await (_run_pty(process) if process.get_terminal_type() else _run_pipes(process))
+        process.exit(rc if rc >= 0 else 128 - rc)
+    except (OSError, asyncssh.Error) as e:
+        process.stderr.write(f"dstack: cannot start the session: {e}\n".encode())
+        process.exit(1)
+
+
+async def serve(port: int, key_line: str, host: str = "0.0.0.0") -> asyncssh.SSHAcceptor:
+    """Listen for SSH sessions that present `key_line`'s key."""
+    client_key = asyncssh.import_public_key(key_line)
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    return await asyncssh.create_server(
+        lambda: _Server(client_key),
+        host,
+        port,
+        server_host_keys=[host_key],
+        process_factory=_handle,
+        encoding=None,
+        sftp_factory=True,
+        allow_scp=True,
+        agent_forwarding=False,
+        x11_forwarding=False,
+        keepalive_interval=30,
+    )
+
+
+async def _main(argv: list[str]) -> int:
+    port_text, key_line = os.environ.get(PORT_ENV, ""), os.environ.pop(KEY_ENV, "")
+    if not port_text.isdigit() or not key_line:
+        print(f"dstack: {PORT_ENV} and {KEY_ENV} must be set", file=sys.stderr)
+        return 2
+    try:
+        acceptor = await serve(int(port_text), key_line)
+    except (OSError, ValueError, asyncssh.Error) as e:
+        print(f"dstack: cannot start the SSH server on port {port_text}: {e}", file=sys.stderr)
+        return 1
+    print(f"dstack: the dev environment is ready (SSH on port {port_text}, working dir {os.getcwd()})", flush=True)
+    await acceptor.wait_closed()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> Any:
+    return asyncio.run(_main(argv if argv is not None else sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
