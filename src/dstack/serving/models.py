@@ -10,6 +10,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+from dstack.core.quantize import GPU_QUANTIZE
 from dstack.serving.gguf import read_chat_metadata
 
 __all__ = ["ModelError", "resolve_model", "read_chat_metadata", "check_quantize", "BUILTIN_MODEL_ID"]
@@ -17,20 +18,6 @@ __all__ = ["ModelError", "resolve_model", "read_chat_metadata", "check_quantize"
 BUILTIN_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _BUILTIN_NAMES = {"smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
 
-# Quantization schemes of GPU engines (TGI, vLLM): the weights are not GGUF, llama.cpp can't run them.
-_GPU_QUANTIZE = {
-    "awq",
-    "gptq",
-    "bitsandbytes",
-    "bitsandbytes-nf4",
-    "bitsandbytes-fp4",
-    "eetq",
-    "exl2",
-    "marlin",
-    "fp8",
-    "compressed-tensors",
-    "hqq",
-}
 # When no --quantize is given, prefer these GGUF variants (a good size/quality trade-off on CPU).
 _PREFERRED = ["q4_k_m", "q4_k_s", "q4_0", "q4_1", "q5_k_m", "q8_0", "f16"]
 
@@ -41,7 +28,7 @@ class ModelError(Exception):
 
 def check_quantize(quantize: str | None) -> None:
     """Refuse GPU-only quantization formats before any download or load."""
-    if quantize and quantize.lower() in _GPU_QUANTIZE:
+    if quantize and quantize.lower() in GPU_QUANTIZE:
         raise ModelError(
             f"--quantize {quantize} is a GPU weight format; the built-in engine runs GGUF models "
             f"on llama.cpp. Use a GGUF quantization type (e.g. Q4_K_M, Q8_0) or a GPU engine "

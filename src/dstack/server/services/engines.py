@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dstack.core.models.configurations import BaseRunConfiguration, EngineSpec
+from dstack.core.quantize import GPU_QUANTIZE, TGI_QUANTIZE, VLLM_QUANTIZE
 
 TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.5"
 VLLM_VERSION = "0.33.0"
@@ -40,34 +41,6 @@ _DTYPES = {
     "float": "float32",
 }
 _TGI_DTYPES = {"float16", "bfloat16"}
-# GPU weight formats (EngineSpec.quantize) each engine loads, under its own name.
-_TGI_QUANTIZE = {
-    q: q
-    for q in (
-        "awq",
-        "gptq",
-        "bitsandbytes",
-        "bitsandbytes-nf4",
-        "bitsandbytes-fp4",
-        "eetq",
-        "exl2",
-        "marlin",
-        "fp8",
-        "compressed-tensors",
-    )
-}
-_VLLM_QUANTIZE = {
-    "awq": "awq",
-    "gptq": "gptq",
-    "marlin": "marlin",
-    "fp8": "fp8",
-    "hqq": "hqq",
-    "compressed-tensors": "compressed-tensors",
-    "bitsandbytes": "bitsandbytes",
-    "bitsandbytes-nf4": "bitsandbytes",
-    "bitsandbytes-fp4": "bitsandbytes",
-}
-GPU_QUANTIZE = set(_TGI_QUANTIZE) | set(_VLLM_QUANTIZE)
 
 
 class EngineError(ValueError):
@@ -86,7 +59,7 @@ def choose_engine(engine: EngineSpec, gpus: list[int], containers: bool) -> str:
     if not gpus or is_gguf(engine):
         return "builtin"
     quant = (engine.quantize or "").lower()
-    if containers and (not quant or quant in _TGI_QUANTIZE):
+    if containers and (not quant or quant in TGI_QUANTIZE):
         return "tgi"
     return "vllm"
 
@@ -189,7 +162,7 @@ def _dtype(engine: EngineSpec, allowed: set[str] | None, engine_name: str) -> st
     return value
 
 
-def _quantize(engine: EngineSpec, table: dict[str, str], engine_name: str) -> str | None:
+def _quantize(engine: EngineSpec, table: Mapping[str, str], engine_name: str) -> str | None:
     if not engine.quantize:
         return None
     value = table.get(engine.quantize.lower())
@@ -205,7 +178,7 @@ def _quantize(engine: EngineSpec, table: dict[str, str], engine_name: str) -> st
 def tgi_submission(engine: EngineSpec, env: Mapping[str, str]) -> dict[str, Any]:
     """TGI's image with its launcher's arguments; the image's entrypoint is the launcher."""
     args = ["--model-id", hf_model_id(engine), "--hostname", "0.0.0.0", "--port", str(engine.port)]
-    quantize = _quantize(engine, _TGI_QUANTIZE, "TGI")
+    quantize = _quantize(engine, TGI_QUANTIZE, "TGI")
     if quantize:
         args += ["--quantize", quantize]
     dtype = _dtype(engine, _TGI_DTYPES, "TGI")
@@ -228,7 +201,7 @@ def vllm_command(engine: EngineSpec) -> str:
     """The shell line: dstack's TGI bridge (agent's Python) starting vLLM (job venv) behind it."""
     model = hf_model_id(engine)
     vllm = ["vllm", "serve", model, "--served-model-name", model]
-    quantize = _quantize(engine, _VLLM_QUANTIZE, "vLLM")
+    quantize = _quantize(engine, VLLM_QUANTIZE, "vLLM")
     if quantize:
         vllm += ["--quantization", quantize]
     dtype = _dtype(engine, None, "vLLM")
