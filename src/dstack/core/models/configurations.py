@@ -29,6 +29,7 @@ from dstack.core.limits import MAX_JOBS_PER_RUN, MAX_PATH, MAX_PLAIN_NUMBER, MAX
 from dstack.core.models.common import Duration, DurationOrOff, Env, PortMapping
 from dstack.core.models.resources import Range, ResourcesSpec
 from dstack.core.models.unsupported import strip_unset, unsupported_message
+from dstack.core.models.volumes import InstanceMountPoint, VolumeMountPoint, parse_mounts
 from dstack.core.names import validate_name
 
 SUPPORTED_PYTHONS = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
@@ -309,7 +310,20 @@ class ScalerSpec(BaseModel):
 
 #: fields where `null` means "the default" (dstack's client sends them so)
 _NULL_MEANS_DEFAULT = frozenset(
-    {"replicas", "probes", "ide", "nodes", "ports", "env", "setup", "commands", "init", "rate_limits", "strip_prefix"}
+    {
+        "replicas",
+        "probes",
+        "ide",
+        "nodes",
+        "ports",
+        "env",
+        "setup",
+        "commands",
+        "init",
+        "rate_limits",
+        "strip_prefix",
+        "volumes",
+    }
 )
 
 
@@ -339,6 +353,10 @@ class BaseRunConfiguration(BaseModel):
     regions: StrList | None = None
     #: run only on these fleets' hosts (SSH fleets: `type: fleet`)
     fleets: StrList | None = None
+    #: named volumes (`NAME:/path`) and instance paths (`/host/dir:/path`) mounted into the job
+    volumes: Annotated[list[VolumeMountPoint | InstanceMountPoint], BeforeValidator(parse_mounts)] = Field(
+        default_factory=list
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -23,7 +23,6 @@ RUN_FIELDS: dict[str, tuple[Any, ...]] = {
     "single_branch": (None,),
     "docker": (None, False),
     "dstack": (None, False),
-    "volumes": (None, []),
     "repos": (None, []),
     "files": (None, []),
     "priority": (None,),
