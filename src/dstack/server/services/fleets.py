@@ -20,11 +20,12 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import asyncssh
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.models.fleets import FleetConfiguration, SSHHostParams, SSHKey, SSHProxyParams
-from dstack.core.models.runs import InstanceResources, InstanceStatus, JobStatus
+from dstack.core.models.runs import InstanceResources, InstanceStatus, JobProvisioningData, JobStatus
 from dstack.server import crypto
 from dstack.server import errors as _errors
 from dstack.server.backends.ssh.backend import HostUnreachable, SSHBackend, connect_and_probe
@@ -124,6 +125,23 @@ def public_spec(spec: str) -> dict[str, Any]:
     return dict(data)
 
 
+#: the running server's SSH backend (set while a FleetManager runs): reaches replicas on fleet hosts
+_forwarder: SSHBackend | None = None
+
+
+async def replica_url(jpd: JobProvisioningData, port: int) -> str:
+    """Where the proxy reaches a service replica: directly on the server's own host; through the
+    fleet host's SSH connection (a local port forward) on a fleet host, whose job network the
+    server cannot reach and where no port is opened for it."""
+    address = jpd.address or "127.0.0.1"
+    if jpd.backend == "ssh" and _forwarder is not None:
+        try:
+            return await _forwarder.forward_url(jpd.instance_name, address, port)
+        except (HostUnreachable, OSError, asyncssh.Error) as e:
+            logger.warning("no tunnel to replica %s:%s on %s: %s", address, port, jpd.instance_name, e)
+    return f"http://{address}:{port}"
+
+
 class FleetManager:
     def __init__(self, db: Database, instances: InstanceManager, backend: SSHBackend) -> None:
         self.db = db
@@ -135,10 +153,15 @@ class FleetManager:
     # --- bringing hosts up ----------------------------------------------------------------
 
     async def start(self) -> None:
+        global _forwarder
+        _forwarder = self.backend
         await self._attach_pending()
         self._loop = asyncio.create_task(self._retry_loop(), name="fleet-hosts")
 
     async def stop(self) -> None:
+        global _forwarder
+        if _forwarder is self.backend:
+            _forwarder = None
         tasks = [t for t in [self._loop, *self._attaching.values()] if t is not None]
         for t in tasks:
             t.cancel()

@@ -78,6 +78,8 @@ class SSHBackend(Backend):
     def __init__(self, db: Database) -> None:
         self.db = db
         self._attached: dict[str, _Attached] = {}  # instance name -> connection and forward
+        #: (instance name, address on the host, port) -> local forward to it (service replicas)
+        self._forwards: dict[tuple[str, str, int], asyncssh.SSHListener] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     # --- the Backend interface ------------------------------------------------------------
@@ -239,7 +241,23 @@ class SSHBackend(Backend):
             logger.warning("stopping the agent on %s failed: %s", name, describe_error(e))
         await self._detach(name)
 
+    async def forward_url(self, name: str, address: str, port: int) -> str:
+        """A local URL that reaches `address:port` as seen from the host (a service replica in
+        the host's job network), through the host's SSH connection: no port opens on the host.
+        Raises `HostUnreachable` while the host is not attached."""
+        attached = self._attached.get(name)
+        if attached is None:
+            raise HostUnreachable(f"instance {name} is not attached")
+        key = (name, address, port)
+        listener = self._forwards.get(key)
+        if listener is None:
+            listener = await attached.connection.conn.forward_local_port("127.0.0.1", 0, address, port)
+            self._forwards[key] = listener
+        return f"http://127.0.0.1:{listener.get_port()}"
+
     async def _detach(self, name: str) -> None:
+        for key in [k for k in self._forwards if k[0] == name]:
+            self._forwards.pop(key).close()
         attached = self._attached.pop(name, None)
         if attached is not None:
             attached.listener.close()
