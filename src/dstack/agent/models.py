@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dstack.core.models.runs import JobProcess
+
 JobState = Literal["submitted", "preparing", "running", "done", "failed", "terminated", "aborted"]
 #: the states a job never leaves; the one list, read by the agent and the server's pipeline alike
 FINAL_STATES: frozenset[str] = frozenset({"done", "failed", "terminated", "aborted"})
@@ -24,9 +26,11 @@ class RegistryCredentials(BaseModel):
     __str__ = __repr__
 
 
-class AgentJobSubmission(BaseModel):
-    """What the server sends to run one job (built by server.background.pipeline.jobs_provisioning);
-    unknown fields are ignored for forward compatibility."""
+class AgentJobSubmission(JobProcess):
+    """What the server sends to run one job (built by server.background.pipeline.jobs_provisioning):
+    the job's process as in its `JobSpec` (the shared `JobProcess` fields: commands, setup, env,
+    working_dir, python, image, ports) plus what the host needs; unknown fields are ignored for
+    forward compatibility."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -35,12 +39,6 @@ class AgentJobSubmission(BaseModel):
     # Jobs of one project run as one unprivileged user of their own where the agent isolates jobs
     # (agent.sandbox); jobs without it share the user of "default".
     project_id: str | None = Field(default=None, max_length=128)
-    commands: list[str] = Field(default_factory=list)
-    setup: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    working_dir: str | None = None
-    python: str | None = None
-    image: str | None = None
     # With an image and no commands: arguments to the image's own entrypoint (e.g. an engine's flags).
     args: list[str] = Field(default_factory=list)
     # Credentials for pulling a private `image` ({"username", "password"}); never logged.
@@ -49,7 +47,6 @@ class AgentJobSubmission(BaseModel):
     # env.json (a job whose agent restarts before its start fails then as "agent restarted").
     secret_env: list[str] = Field(default_factory=list, max_length=1000)
     gpus: list[int] = Field(default_factory=list)
-    ports: list[int] = Field(default_factory=list)
     stop_grace_seconds: float = Field(default=10, ge=0)
     # "isolated": own network namespace (if the host supports it; else it runs as "host").
     network: Literal["host", "isolated"] = "host"

@@ -177,10 +177,13 @@ class InstanceOffer(BaseModel):
     availability: str = "available"  # available | busy (fits, but not free now)
 
 
-class JobSpec(BaseModel):
-    job_num: int = 0
-    replica_num: int = 0
-    job_name: str
+class JobProcess(BaseModel):
+    """What a job runs and how its process starts, written once for both sides of the seam: the
+    server's `JobSpec` (API and database) and the agent's wire submission
+    (`dstack.agent.models.AgentJobSubmission`) extend it. They stay two models because each adds
+    what only its side has: the server the job's place in the run and its resource request, the
+    agent the host's decisions (job id, GPUs, credentials, network, venv)."""
+
     commands: list[str] = Field(default_factory=list)
     setup: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
@@ -188,6 +191,12 @@ class JobSpec(BaseModel):
     python: str | None = None
     image: str | None = None
     ports: list[int] = Field(default_factory=list)
+
+
+class JobSpec(JobProcess):
+    job_num: int = 0
+    replica_num: int = 0
+    job_name: str
     requirements: dict[str, Any] = Field(default_factory=dict)  # ResourcesSpec as dict
     max_duration: int | None = None
     stop_grace_seconds: int = 10
