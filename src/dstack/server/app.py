@@ -32,6 +32,7 @@ from dstack.server.routers import fleets as fleets_router
 from dstack.server.routers import metrics as metrics_router
 from dstack.server.routers import projects, repos, runs, users
 from dstack.server.routers import secrets as secrets_router
+from dstack.server.routers import volumes as volumes_router
 from dstack.server.security import project_access, require_metrics_reader
 from dstack.server.services import job_metrics
 from dstack.server.services.fleets import FleetManager
@@ -217,6 +218,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(fleets_router.router)
     app.include_router(secrets_router.router)
     app.include_router(metrics_router.router)
+    app.include_router(volumes_router.router)
     job_metrics.install(app)  # pulls the agents' job metrics while the server runs
     mount_dashboard(app)  # `/` and `/static`: the web dashboard (dstack.web)
     return app

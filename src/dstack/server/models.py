@@ -277,3 +277,21 @@ class JobMetricsPointModel(Base):
         Index("ix_job_metrics_points_job_ts", "job_id", "timestamp"),
         Index("ix_job_metrics_points_ts", "timestamp"),
     )
+
+
+class VolumeModel(Base):
+    """A project's volume (`type: volume`); which runs have it attached is read from the runs
+    themselves (services/volumes.py), so nothing needs releasing when a run ends."""
+
+    __tablename__ = "volumes"
+    __table_args__ = (UniqueConstraint("project_id", "name"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    backend: Mapped[str] = mapped_column(String(20))
+    size_gb: Mapped[float | None] = mapped_column(Float, nullable=True)  # recorded, not enforced on local
+    #: an existing directory of the host registered as the volume (`volume_id`); None: one of ours
+    external_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    shared: Mapped[bool] = mapped_column(Boolean, default=False)
+    configuration: Mapped[str] = mapped_column(Text)  # JSON, as applied
+    created_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
