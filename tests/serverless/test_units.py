@@ -62,15 +62,20 @@ def test_settings_from_configuration():
     )
 
 
-def test_signals_wake_waiters():
-    from dstack.serverless.signals import Signals
+def test_pool_wakeups_are_the_keyed_notifier():
+    """The pool's long polls wait on the one keyed notifier (core.notifier), keyed as the pool keys them."""
+    from dstack.core.notifier import KeyedNotifier
+
+    notifier: KeyedNotifier[str] = KeyedNotifier()
 
     async def main():
-        sig = Signals()
-        waiter = asyncio.ensure_future(sig.wait("k", 5))
+        waiter = asyncio.ensure_future(notifier.wait("take:e1", 5))
         await asyncio.sleep(0.01)
-        sig.fire("k")
+        notifier.notify("take:e2")  # another key wakes nobody here
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        notifier.notify("take:e1")
         assert await waiter is True
-        assert await sig.wait("k", 0.01) is False
+        assert await notifier.wait("take:e1", 0.01) is False
 
     asyncio.run(main())

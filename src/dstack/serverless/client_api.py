@@ -57,7 +57,7 @@ class ClientApi:
             raise ServerlessError(ErrorKind.INVALID, "'policy.lowPriority' must be a boolean", "invalid_request")
         input_json = json.dumps(body["input"], separators=(",", ":"))
         job_id = await self.pool.store.submit(endpoint_id, input_json, webhook, timeout_ms, ttl_ms, low)
-        self.pool.signals.fire("take:" + endpoint_id)
+        self.pool.notifier.notify("take:" + endpoint_id)
         if not low and not any(
             w.endpoint_id == endpoint_id and w.state in (INITIALIZING, READY) for w in self.pool.workers.values()
         ):
@@ -76,7 +76,7 @@ class ClientApi:
         job_id = await self.submit(endpoint_id, body)
         while True:
             remaining = deadline - time.monotonic()
-            fired = await self.pool.signals.wait("job:" + job_id, min(remaining, 1.0))
+            fired = await self.pool.notifier.wait("job:" + job_id, min(remaining, 1.0))
             row = await self.pool.store.get(endpoint_id, job_id)
             if row is None or row.status in TERMINAL or (not fired and deadline - time.monotonic() <= 0):
                 break
@@ -104,7 +104,7 @@ class ClientApi:
 
     async def wait_job(self, job_id: str, timeout: float) -> None:
         """Until the job changes (a chunk, progress, a final state) or `timeout`."""
-        await self.pool.signals.wait("job:" + job_id, timeout)
+        await self.pool.notifier.wait("job:" + job_id, timeout)
 
     async def cancel(self, endpoint_id: str, job_id: str) -> dict[str, Any]:
         self.pool.ep(endpoint_id)
@@ -129,7 +129,7 @@ class ClientApi:
                 f"only FAILED or TIMED_OUT jobs can be retried; job '{job_id}' is {old}",
                 "invalid_state",
             )
-        self.pool.signals.fire("take:" + endpoint_id)
+        self.pool.notifier.notify("take:" + endpoint_id)
         self.pool.kick.set()
         return {"id": job_id, "status": IN_QUEUE}
 

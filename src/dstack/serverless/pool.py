@@ -4,7 +4,7 @@ the webhook sender all act through one `Pool`.
 
 State lives in the database (jobs, workers, webhook deliveries); memory only caches endpoint
 settings and worker liveness, and both are rebuilt by `load()`, so a restarted server carries on
-with the queue it left. Long polls are woken in-process (`Signals`), never by polling the DB.
+with the queue it left. Long polls are woken in-process (`KeyedNotifier`), never by polling the DB.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dstack.core.notifier import KeyedNotifier
 from dstack.core.tokens import hash_token
 from dstack.serverless.errors import ErrorKind, ServerlessError
 from dstack.serverless.models import ServerlessEndpointModel
 from dstack.serverless.ports import ServerPorts
 from dstack.serverless.queue import Finished, Store
 from dstack.serverless.settings import EndpointSettings, ServiceOptions
-from dstack.serverless.signals import Signals
 
 log = logging.getLogger("dstack.serverless.service")
 
@@ -75,7 +75,8 @@ class Pool:
         self.base_url = base_url.rstrip("/")
         self.options = options
         self.store = Store(ports.database)
-        self.signals = Signals()
+        #: in-process wake-ups: "take:<endpoint>" job takers, "job:<id>" result waiters, "stop:<worker>" stop channels
+        self.notifier: KeyedNotifier[str] = KeyedNotifier()
         self.endpoints: dict[str, _Endpoint] = {}
         self.workers: dict[str, _Worker] = {}
         self.refused: set[str] = set()  # uncounted workers that called in (logged once each)
@@ -158,7 +159,7 @@ class Pool:
         for w in workers:
             self.workers.pop(w.worker_id, None)
         await self.store.delete_endpoint(endpoint_id)
-        self.signals.fire("take:" + endpoint_id)
+        self.notifier.notify("take:" + endpoint_id)
         if ep is not None:
             await asyncio.gather(*(self.call_launcher_stop(endpoint_id, w.worker_id) for w in workers))
 
@@ -238,7 +239,7 @@ class Pool:
                 now - self.heard(w),
                 self.options.lost_grace,
             )
-            self.signals.fire("take:" + endpoint_id)
+            self.notifier.notify("take:" + endpoint_id)
             self.kick.set()
             return
         await self.forget_worker(endpoint_id, worker_id, reason)
@@ -259,7 +260,7 @@ class Pool:
         await self.store.delete_worker(worker_id)
         self.after_requeue(endpoint_id, requeued, failed)
         if w is not None:
-            self.signals.fire("stop:" + worker_id)
+            self.notifier.notify("stop:" + worker_id)
         self.kick.set()
 
     def worker_ids(self) -> list[str]:
@@ -309,13 +310,13 @@ class Pool:
 
     def finished(self, done: list[Finished]) -> None:
         for d in done:
-            self.signals.fire("job:" + d.id)
+            self.notifier.notify("job:" + d.id)
         if any(d.hooked for d in done):
             self.hook_kick.set()
 
     def after_requeue(self, endpoint_id: str, requeued: list[str], failed: list[Finished]) -> None:
         if requeued:
-            self.signals.fire("take:" + endpoint_id)
+            self.notifier.notify("take:" + endpoint_id)
             self.kick.set()
         if failed:
             self.finished(failed)
@@ -324,7 +325,7 @@ class Pool:
         w = self.workers.get(worker_id)
         if w is not None and job_ids:
             w.stops.update(job_ids)
-            self.signals.fire("stop:" + worker_id)
+            self.notifier.notify("stop:" + worker_id)
 
     async def launch(self, ep: _Endpoint) -> None:
         worker_id = f"{ep.endpoint_id}-{uuid.uuid4().hex[:8]}"
@@ -345,7 +346,7 @@ class Pool:
         w.state, w.stop_requested_at = state, time.time()
         log.info("serverless: stopping worker %s (%s): %s", w.worker_id, state, reason)
         await self.store.set_worker_state(w.worker_id, state, reason)
-        self.signals.fire("take:" + w.endpoint_id)
+        self.notifier.notify("take:" + w.endpoint_id)
         self.spawn(self.call_launcher_stop(w.endpoint_id, w.worker_id))
 
     async def lose_worker(self, w: _Worker, state: str, reason: str) -> None:

@@ -75,7 +75,7 @@ class Scaler:
 
     async def _expire(self) -> None:
         for row in await self.pool.store.expire(self.pool.options.retention):
-            self.pool.signals.fire("job:" + row.id)
+            self.pool.notifier.notify("job:" + row.id)
             if row.status == IN_PROGRESS and row.worker_id:
                 self.pool.send_stop(row.worker_id, [row.id])
 

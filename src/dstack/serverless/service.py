@@ -49,7 +49,7 @@ class ServerlessService:
         """Stop the loops and release long polls. Workers keep running: they are jobs of the run."""
         pool = self.pool
         pool.closing = True
-        pool.signals.fire_all()
+        pool.notifier.notify_all()
         for task in [*self._tasks, *pool.bg]:
             task.cancel()
         await asyncio.gather(*self._tasks, *pool.bg, return_exceptions=True)

@@ -47,7 +47,7 @@ class WorkerProtocol:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            await self.pool.signals.wait("take:" + endpoint_id, min(remaining, self.pool.options.take_recheck))
+            await self.pool.notifier.wait("take:" + endpoint_id, min(remaining, self.pool.options.take_recheck))
             if is_disconnected is not None and await is_disconnected():
                 break
             w = self.pool.workers.get(worker_id) or w
@@ -60,7 +60,7 @@ class WorkerProtocol:
         w = await self.pool.touch(endpoint_id, worker_id)
         if data.get("status") == IN_PROGRESS:
             if await self.pool.store.progress(job_id, worker_id, _dumps(data.get("output"))):
-                self.pool.signals.fire("job:" + job_id)
+                self.pool.notifier.notify("job:" + job_id)
             return
         error = data.get("error")
         status = FAILED if error else COMPLETED
@@ -80,14 +80,14 @@ class WorkerProtocol:
         data = _parse_object(raw)
         await self.pool.touch(endpoint_id, worker_id)
         if "output" in data and await self.pool.store.add_chunk(job_id, worker_id, _dumps(data["output"])):
-            self.pool.signals.fire("job:" + job_id)
+            self.pool.notifier.notify("job:" + job_id)
 
     async def job_stop(self, endpoint_id: str, worker_id: str) -> list[str]:
         """Long poll of the stop channel: ids of the worker's jobs that were cancelled or timed out."""
         self.pool.ep(endpoint_id)
         w = await self.pool.touch(endpoint_id, worker_id)
         if not w.stops:
-            await self.pool.signals.wait("stop:" + worker_id, self.pool.options.take_wait)
+            await self.pool.notifier.wait("stop:" + worker_id, self.pool.options.take_wait)
         w = self.pool.workers.get(worker_id) or w
         ids, w.stops = sorted(w.stops), set()
         return ids
