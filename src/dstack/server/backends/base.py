@@ -2,7 +2,9 @@
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
+from dstack.core.http_client import internal_client
 from dstack.core.models.runs import InstanceResources
 
 
@@ -55,3 +57,15 @@ class Backend(ABC):
         A hook, not abstract: a backend that holds nothing (the local one) has nothing to release.
         """
         return None
+
+
+async def agent_host(endpoint: AgentEndpoint, timeout: float = 15.0) -> dict[str, Any]:
+    """The agent's `/api/host`: its CPUs, memory, disk, GPUs and what it can do (isolation,
+    containers), which every backend reads when it attaches an agent."""
+    async with internal_client(token=endpoint.token, timeout=timeout) as client:
+        r = await client.get(f"{endpoint.url}/api/host")
+        r.raise_for_status()
+        host = r.json()
+    if not isinstance(host, dict):
+        raise ValueError(f"the agent's /api/host answered {type(host).__name__}, not an object")
+    return host

@@ -4,7 +4,6 @@ import asyncio
 import logging
 import secrets
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
@@ -12,7 +11,7 @@ import psutil
 from dstack.agent.launcher import read_agent_json, start_agent
 from dstack.core.http_client import internal_client
 from dstack.core.models.runs import InstanceResources
-from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInstance
+from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInstance, agent_host
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +28,7 @@ class LocalBackend(Backend):
         endpoint = known.get(LOCAL_INSTANCE_NAME)
         if endpoint is None or not await _is_healthy(endpoint):
             endpoint = await asyncio.to_thread(self._start_agent)
-        host = await _get_host(endpoint)
+        host = await agent_host(endpoint)
         endpoint.network_isolation = bool(host.get("network_isolation"))
         endpoint.containers = bool(host.get("containers"))
         resources = InstanceResources(
@@ -80,13 +79,3 @@ async def _is_healthy(endpoint: AgentEndpoint) -> bool:
             return r.status_code == 200
     except httpx.HTTPError:
         return False
-
-
-async def _get_host(endpoint: AgentEndpoint) -> dict[str, Any]:
-    async with internal_client(token=endpoint.token) as client:
-        r = await client.get(f"{endpoint.url}/api/host")
-        r.raise_for_status()
-        host = r.json()
-    if not isinstance(host, dict):
-        raise ValueError(f"the local agent's /api/host answered {type(host).__name__}, not an object")
-    return host

@@ -12,15 +12,13 @@ import json
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import Any
 
 import asyncssh
-import httpx
 from sqlalchemy import select
 
 from dstack.core.models.runs import InstanceResources, InstanceStatus
 from dstack.server import crypto
-from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInstance
+from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInstance, agent_host
 from dstack.server.backends.ssh import agent as remote
 from dstack.server.backends.ssh.bundle import agent_bundle
 from dstack.server.backends.ssh.connection import Connection, Endpoint, Target, connect, describe_error
@@ -186,7 +184,7 @@ class SSHBackend(Backend):
             raise
         self._attached[name] = _Attached(conn, listener)
         endpoint = AgentEndpoint(url=f"http://127.0.0.1:{listener.get_port()}", token=token, pid=agent.pid)
-        host = await _get_host(endpoint)
+        host = await agent_host(endpoint)
         endpoint.network_isolation = bool(host.get("network_isolation"))
         endpoint.containers = bool(host.get("containers"))
         if internal_ip is None:
@@ -264,10 +262,3 @@ class SSHBackend(Backend):
             attached.connection.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(attached.connection.wait_closed(), 5)
-
-
-async def _get_host(endpoint: AgentEndpoint) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=15) as client:
-        r = await client.get(f"{endpoint.url}/api/host", headers={"Authorization": f"Bearer {endpoint.token}"})
-        r.raise_for_status()
-        return dict(r.json())
