@@ -64,6 +64,9 @@ def test_a_user_sees_only_their_projects_and_a_new_token_ends_sessions(server):
     page = c.get("/runs").text
     assert 'value="webuser-own"' in page and 'value="main"' not in page
     assert c.get("/runs/main/some-run", follow_redirects=False).status_code == 404
+    instances = c.get("/instances")
+    assert instances.status_code == 403 and "only a global admin" in instances.text
+    assert 'href="/instances"' not in page
     admin_page = _session(server, server.token).get("/runs").text
     assert 'value="main"' in admin_page
     r = httpx.post(server.url + "/api/users/refresh_token", json={"username": "webuser"}, headers=h)
@@ -91,6 +94,11 @@ def test_sign_in_follow_logs_and_stop_a_task(server, page, tmp_path):
     expect(row).to_contain_text("running", timeout=90_000)
     assert page.evaluate("window.__still_here") == "yes"
     screenshot(page, "dashboard-runs.png")
+
+    page.get_by_role("link", name="Instances").click()
+    hosts = page.get_by_role("table", name="Instances")
+    expect(hosts.get_by_role("link", name="main/web-ticker")).to_be_visible()  # what runs where
+    page.go_back()
 
     page.get_by_role("link", name="web-ticker").click()
     page.wait_for_url("**/runs/main/web-ticker")

@@ -8,8 +8,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from dstack.core.models.runs import RunStatus, RunType
-from dstack.server.models import RunModel
+from dstack.core.models.runs import InstanceResources, JobStatus, RunStatus, RunType
+from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel
 from dstack.serverless.models import ServerlessEndpointModel, ServerlessJobModel
 
 PAGE = 100  # runs per page: the list stays fast with any number stored
@@ -101,3 +101,43 @@ async def endpoint_stats(session: AsyncSession, run_id: str, window: float = 300
             for r in recent
         ],
     }
+
+
+async def instances_with_jobs(session: AsyncSession) -> list[dict[str, Any]]:
+    """Every instance with the active jobs placed on it (what runs where), for admins."""
+    instances = list((await session.execute(select(InstanceModel).order_by(InstanceModel.name))).scalars())
+    active = (
+        await session.execute(
+            select(JobModel.instance_id, JobModel.job_name, JobModel.status, RunModel.run_name, ProjectModel.name)
+            .join(RunModel, RunModel.id == JobModel.run_id)
+            .join(ProjectModel, ProjectModel.id == JobModel.project_id)
+            .where(JobModel.instance_id.is_not(None), JobModel.status.notin_(list(JobStatus.finished_statuses())))
+            .order_by(JobModel.submitted_at)
+        )
+    ).all()
+    by_instance: dict[str, list[dict[str, str]]] = {}
+    for row in active:
+        if row[0] is None:
+            continue
+        by_instance.setdefault(row[0], []).append(
+            {"job": row[1], "status": str(getattr(row[2], "value", row[2])), "run": row[3], "project": row[4]}
+        )
+    out = []
+    for inst in instances:
+        try:
+            resources = InstanceResources.model_validate_json(inst.resources).pretty()
+        except ValueError:
+            resources = "-"
+        out.append(
+            {
+                "name": inst.name,
+                "backend": inst.backend,
+                "region": inst.region,
+                "hostname": inst.hostname,
+                "status": str(getattr(inst.status, "value", inst.status)),
+                "resources": resources,
+                "price": inst.price,
+                "jobs": by_instance.get(inst.id, []),
+            }
+        )
+    return out

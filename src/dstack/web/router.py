@@ -145,6 +145,15 @@ async def runs_table(request: Request, session: AsyncSession = Depends(get_sessi
     return _page(request, "runs_table.html", **await _runs_table(request, session))
 
 
+@router.get("/instances")
+async def instances_page(request: Request, session: AsyncSession = Depends(get_session)) -> HTMLResponse:
+    """Hosts, their state and what runs where: instances serve every project, so admins only."""
+    user = await require_web_user(request, session)
+    if user.global_role != "admin":
+        return _page(request, "instances.html", status_code=403, user=user, instances=None)
+    return _page(request, "instances.html", user=user, instances=await queries.instances_with_jobs(session))
+
+
 async def _run_context(request: Request, session: AsyncSession, project: str, name: str) -> dict[str, Any]:
     user, project_model = await require_web_project(request, session, project)
     model = await runs_service.find_run(session, project_model, name)
