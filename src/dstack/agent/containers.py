@@ -116,6 +116,7 @@ class ContainerRuntime:
         argv += ["-v", f"{c.code_dir}:{WORKFLOW_DIR}", "-w", c.workdir]
         if c.script is not None:
             argv += ["-v", f"{c.script}:{SCRIPT_PATH}:ro"]
+        argv += c.volumes
         for key in c.env_by_name:
             argv += ["--env", key]
         for key, value in c.env_by_value.items():
@@ -169,6 +170,7 @@ class ContainerSpec:
     env_by_value: dict[str, str] = field(default_factory=dict)
     gpus: list[int] = field(default_factory=list)
     stop_grace: float = 10
+    volumes: list[str] = field(default_factory=list)  # `-v SRC:DST` arguments (agent.mounts)
 
 
 # -- naming and paths --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from dstack.agent import containers, runner, sandbox
+from dstack.agent import containers, mounts, runner, sandbox
 from dstack.agent.logs import LogStore
 from dstack.agent.models import FINAL_STATES, AgentJobSubmission
 from dstack.agent.netns import NETNS_DIR, NetnsAllocation, NetnsError, NetworkIsolation
@@ -74,6 +74,7 @@ class Job:
         self.runtime: containers.ContainerRuntime | None = None  # the CLI, once prepared
         self._pull_proc: asyncio.subprocess.Process | None = None  # while the image is pulled
         self._kill_task: asyncio.Task[None] | None = None  # an abort's `kill` of the container
+        self.binds: list[mounts.Bind] = []  # its volumes' host directories, once prepared
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -198,6 +199,8 @@ class Job:
 
     async def _prepare(self) -> tuple[Path | None, Path]:
         spec = self.spec
+        if spec.volumes:
+            await self._prepare_volumes()
         if spec.image:
             return await self._prepare_image(spec.image)
         interp = self.manager.venvs.resolve(spec.python)
@@ -230,6 +233,19 @@ class Job:
         except OSError as e:
             raise JobError(400, f"cannot use working_dir {spec.working_dir!r}: {e}") from e
         return venv_dir, cwd
+
+    async def _prepare_volumes(self) -> None:
+        """The volumes' host directories (agent.mounts); a host job needs a mount namespace for them."""
+        spec, user = self.spec, self.user
+        if not spec.image and user is None and os.geteuid() != 0:
+            raise JobError(
+                400, "volumes need the agent to run as root (they are bind mounts in the job's own mount namespace)"
+            )
+        owner = (user.uid, user.gid) if user is not None else None
+        try:
+            self.binds = await asyncio.to_thread(mounts.resolve, self.manager.home, spec.volumes, owner)
+        except mounts.MountError as e:
+            raise JobError(400, str(e)) from e
 
     async def _prepare_image(self, image: str) -> tuple[None, Path]:
         """Find the container CLI and make sure the image is local; the CLI runs in the job dir."""
@@ -282,7 +298,9 @@ class Job:
             argv = ["bash", "--noprofile", "--norc", str(script)]
             if user is not None:  # GPUs: /dev/nvidia* must be usable by other users (0666, the default)
                 extra = [p for p in (self._python_prefix,) if p is not None]
-                argv = self.manager.isolation.wrap(argv, user, self.manager.isolation.exposures(extra))
+                argv = self.manager.isolation.wrap(argv, user, self.manager.isolation.exposures(extra), self.binds)
+            elif self.binds:
+                argv = mounts.wrap_plain(argv, self.binds)
             return [*prefix, *argv], env
         job_env = {"PYTHONUNBUFFERED": "1", **spec.env}
         by_name, by_value = containers.split_env(job_env)
@@ -299,6 +317,7 @@ class Job:
             env_by_value=by_value,
             gpus=list(spec.gpus),
             stop_grace=spec.stop_grace_seconds,
+            volumes=mounts.container_args(self.binds),
         )
         env = runner.base_env()
         env.update({k: job_env[k] for k in by_name})

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dstack.agent.mounts import AgentMount
 from dstack.core.models.runs import JobProcess
 
 JobState = Literal["submitted", "preparing", "running", "done", "failed", "terminated", "aborted"]
@@ -47,6 +48,8 @@ class AgentJobSubmission(JobProcess):
     # env.json (a job whose agent restarts before its start fails then as "agent restarted").
     secret_env: list[str] = Field(default_factory=list, max_length=1000)
     gpus: list[int] = Field(default_factory=list)
+    # Volumes and host directories mounted into the job (agent.mounts).
+    volumes: list[AgentMount] = Field(default_factory=list, max_length=32)
     stop_grace_seconds: float = Field(default=10, ge=0)
     # "isolated": own network namespace (if the host supports it; else it runs as "host").
     network: Literal["host", "isolated"] = "host"

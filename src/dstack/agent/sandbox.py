@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dstack.agent.capability import HostCapability, find_tool
+from dstack.agent.mounts import Bind, stash_lines, target_lines
 
 logger = logging.getLogger(__name__)
 
@@ -199,14 +200,16 @@ class Isolation(HostCapability):
                 found.append(Path(os.environ[var]).expanduser())
         return found
 
-    def wrap(self, argv: list[str], user: JobUser, exposures: list[Path]) -> list[str]:
-        """``argv`` run as ``user`` in its own mount namespace (see the module docstring)."""
+    def wrap(self, argv: list[str], user: JobUser, exposures: list[Path], binds: list[Bind] | None = None) -> list[str]:
+        """``argv`` run as ``user`` in its own mount namespace (see the module docstring), with the
+        job's volumes (``binds``) mounted last."""
         script = _sandbox_script(
             self._tools,
             user,
             _real_dirs(exposures),
             _real_dirs(self.hidden_roots()),
             private_proc=_proc_mounts_are_private(),
+            binds=binds or [],
         )
         assert self._tools["unshare"] is not None
         return [
@@ -289,7 +292,12 @@ def _proc_mounts_are_private() -> bool:
 
 
 def _sandbox_script(
-    tools: dict[str, str | None], user: JobUser, exposures: list[Path], hidden: list[Path], private_proc: bool = True
+    tools: dict[str, str | None],
+    user: JobUser,
+    exposures: list[Path],
+    hidden: list[Path],
+    private_proc: bool = True,
+    binds: list[Bind] | None = None,
 ) -> str:
     """The root part of the wrapper: private /proc, covered directories, then ``setpriv``."""
     # Exposures nested in another exposure come back with it.
@@ -307,6 +315,8 @@ def _sandbox_script(
     if private_proc:
         lines.append(f"{mount} -t proc -o nosuid,nodev,noexec,hidepid=2 proc /proc")
     lines.append(f"{mount} -t tmpfs -o mode=0700,size=64k dstack-stash {q(str(STASH))}")
+    if binds:  # volumes: their sources held before anything is covered, bound at their targets last
+        lines += stash_lines(binds, mount, mkdir)
     done: list[Path] = []
     for i, root in enumerate(ordered):
         under = [e for e in exposures if _covers(root, e) and e != root]
@@ -322,6 +332,8 @@ def _sandbox_script(
         for e in under:
             src = stash / e.relative_to(root)
             lines += [f"{mkdir} -p {q(str(e))}", f"{mount} --rbind {q(str(src))} {q(str(e))}"]
+    if binds:
+        lines += target_lines(binds, mount, mkdir)
     setpriv = q(tools["setpriv"] or "setpriv")
     lines.append(
         f'exec {setpriv} --reuid={user.uid} --regid={user.gid} --clear-groups --inh-caps=-all --no-new-privs -- "$@"'

@@ -109,6 +109,8 @@ def placement_mismatch(
         names = BACKEND_ALIASES.get(backend, (backend,))
         if not any(b.lower() in names for b in conf.backends):
             return f"backend {backend!r} is not in backends {conf.backends}"
+    if backend != "local" and any(getattr(m, "name", None) for m in conf.volumes):
+        return "the run's volumes live on the server's host (backend local)"  # services.volumes
     if conf.fleets and (backend != "ssh" or region not in conf.fleets):  # a fleet host's region is its fleet
         return f"not a host of fleets {conf.fleets}"
     if conf.regions is not None and region.lower() not in {r.lower() for r in conf.regions}:

@@ -220,6 +220,9 @@ async def submit_run(
         await check_project_quota(session, project.id, initial_replicas(conf) * nodes_count(conf), limits)
     refuse_redacted(conf.model_dump(mode="json"))
     check_engine(conf)
+    from dstack.server.services.volumes import check_run_volumes
+
+    await check_run_volumes(session, project, conf)  # named volumes exist and are free
     model_meta = await _model_meta(conf)
     gateway = await resolve_gateway(session, project, conf.gateway) if isinstance(conf, ServiceConfiguration) else None
     run_name = run_spec.run_name or conf.name

@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dstack.agent.models import AgentJobSubmission
 from dstack.core.models.configurations import BaseRunConfiguration
 from dstack.core.models.runs import RunStatus
 from dstack.core.models.volumes import InstanceMountPoint, VolumeConfiguration, VolumeMountPoint, named_volumes
@@ -221,3 +222,14 @@ def volume_to_wire(volume: VolumeModel, project_name: str, attached_to: list[str
         "attached_to": attached_to,
         "shared": volume.shared,
     }
+
+
+async def with_mounts(
+    session: AsyncSession, project_id: str, conf: BaseRunConfiguration, submission: AgentJobSubmission
+) -> AgentJobSubmission:
+    """The agent's submission with the job's volumes (at provisioning; a volume deleted since
+    submission fails the job naming it)."""
+    if not conf.volumes:
+        return submission
+    found = await agent_mounts(session, project_id, conf)
+    return AgentJobSubmission.model_validate({**submission.model_dump(), "volumes": found})

@@ -35,6 +35,7 @@ from dstack.server.background.pipeline.jobs_provisioning import (
 from dstack.server.background.pipeline.jobs_running import store_report
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import InstanceModel, JobModel, RunModel, utcnow
+from dstack.server.services import volumes
 from dstack.server.services.fleets import node_ips as fleet_node_ips
 from dstack.server.services.runs import parse_configuration
 
@@ -114,8 +115,10 @@ class AgentTasks:
                 ).scalar_one()
                 run_spec = RunSpec.model_validate_json(run.run_spec)
                 ips = await fleet_node_ips(session, run)
-                submission = build_submission(run, job, run_spec, parse_configuration(run_spec), inst, ips)
+                conf = parse_configuration(run_spec)
+                submission = build_submission(run, job, run_spec, conf, inst, ips)
                 submission = await resolve_secrets(session, run.project_id, submission)
+                submission = await volumes.with_mounts(session, run.project_id, conf, submission)
                 code = await code_blob(session, run.project_id, run_spec)
             client = self.agents.client(inst.id)
             try:
