@@ -75,6 +75,13 @@ class Run:
                 return jpd.address or jpd.hostname or "127.0.0.1"
         return "127.0.0.1"
 
+    def _on_fleet_host(self) -> bool:
+        for job in self._run.jobs:
+            jpd = job.job_submissions[-1].job_provisioning_data
+            if jpd:
+                return jpd.backend == "ssh"
+        return False
+
     @property
     def endpoint_id(self) -> str | None:
         """For serverless runs: the id in `/v2/{endpoint_id}/...`."""
@@ -164,6 +171,14 @@ class Run:
 
         address = self._job_address()
         mappings = ports_to_forward(self._run, ports_overrides, address)
+        if mappings and self._forwarder is None and self._on_fleet_host():
+            # a fleet host's job network is not reachable from here: through the server's tunnel
+            from dstack.api.tunnel import TunnelForwarder
+
+            api = self._client.api
+            tunnels = TunnelForwarder(api.base_url, api.token, self._client.project, self.name)
+            tunnels.start(ports_to_forward(self._run, ports_overrides, "tunnel"), bind_address)
+            self._forwarder = tunnels  # type: ignore[assignment]
         if mappings and self._forwarder is None:
             self._forwarder = PortForwarder(address, mappings, bind_address)
             self._forwarder.start()
@@ -207,6 +222,10 @@ class RunCollection:
             configuration=conf.model_dump(mode="json"),
             working_dir=conf.working_dir,
         )
+        if conf.type == "dev-environment":  # its SSH server accepts the user's key (api/ssh.py)
+            from dstack.api.ssh import public_key
+
+            spec.ssh_key_pub = public_key()
         repo_dir = repo_dir if repo_dir is not None else (repo if isinstance(repo, (str, os.PathLike)) else None)
         if repo_dir is not None:
             spec.repo_id, spec.repo_code_hash = self._client.repos.upload(repo_dir)
@@ -215,6 +234,7 @@ class RunCollection:
         )
         # The server's answer hides credentials (`***`); applying the plan sends ours again.
         plan.run_spec.configuration = spec.configuration
+        plan.run_spec.ssh_key_pub = spec.ssh_key_pub
         return plan
 
     def apply_plan(self, run_plan: RunPlan, repo=None, reserve_ports: bool = True, force: bool = False) -> Run:

@@ -102,6 +102,33 @@ def print_endpoints(run: Any, configuration_type: str) -> None:
         )
 
 
+def attach_dev_environment(run: Any, project: str) -> None:
+    """Write the run's `Host` entry (api/ssh.py) and say how to connect: `ssh RUN`, and the IDE's link
+    to the job's working directory (asked of the dev environment itself over that entry)."""
+    import subprocess
+
+    from dstack.api.ssh import write_host
+
+    config = write_host(run.name, project)
+    out = console()
+    out.print(f"To open an SSH session, run: [bold]ssh {escape(run.name)}[/]")
+    ide = run.run_spec.configuration.get("ide") or "vscode"
+    try:
+        pwd = subprocess.run(
+            ["ssh", "-F", str(config), run.name, "pwd"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pwd = ""
+    out.print(
+        f"To open it in {'Cursor' if ide == 'cursor' else 'VS Code'}, use: "
+        f"[bold]{escape(ide)}://vscode-remote/ssh-remote+{escape(run.name)}{escape(pwd if pwd.startswith('/') else '')}[/]"
+    )
+
+
 def final_status(run: Any) -> int:
     """Print how the run ended and return the exit code: 0 for DONE, 1 otherwise."""
     out = console()
@@ -163,6 +190,8 @@ def follow_run(run: Any, configuration_type: str, detach: bool) -> int:
         try:
             if not _is_finished(run):
                 run.attach()
+                if configuration_type == "dev-environment":
+                    attach_dev_environment(run, run._client.project)
         except Exception as e:  # port forwarding is a convenience: never fail the run over it
             err_console().print(f"[yellow]Warning:[/] cannot attach to {escape(run.name)}: {escape(e)}")
         stream_logs(run)

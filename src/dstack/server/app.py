@@ -21,9 +21,12 @@ from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
 from dstack.proxy.auth import Access, AuthCache
 from dstack.server import bootstrap, crypto, migrate
 from dstack.server.backends.local import LocalBackend
+from dstack.server.backends.slurm.allocations import SlurmAllocations
+from dstack.server.backends.slurm.registry import SlurmBackends, set_slurm_backends
 from dstack.server.backends.ssh.backend import SSHBackend
 from dstack.server.background.pipeline import Pipeline
 from dstack.server.body_limit import BodySizeLimit, RequestTooLarge
+from dstack.server.config_file import load_server_config
 from dstack.server.db import Database, get_database, get_session, set_database
 from dstack.server.db_errors import is_data_error
 from dstack.server.gateways import router as gateways_router
@@ -32,6 +35,7 @@ from dstack.server.routers import fleets as fleets_router
 from dstack.server.routers import metrics as metrics_router
 from dstack.server.routers import projects, repos, runs, users
 from dstack.server.routers import secrets as secrets_router
+from dstack.server.routers import tunnel as tunnel_router
 from dstack.server.routers import volumes as volumes_router
 from dstack.server.security import project_access, require_metrics_reader
 from dstack.server.services import job_metrics
@@ -59,6 +63,8 @@ async def _authorize(project: str, token: str | None) -> Access:
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
+    # `~/.dstack/server/config.yml` (projects' backends): a mistake stops the start, naming file, line, field.
+    server_config = load_server_config(settings.server_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,6 +89,17 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         await fleets.start()
         notifier = LogNotifier()
         pipeline = Pipeline(db, instances, notifier)
+        slurm = SlurmBackends(server_config, settings.server_dir)
+        allocations = None
+        if slurm:  # jobs placed on a project's Slurm cluster (backends/slurm/allocations.py)
+            set_slurm_backends(slurm)
+
+            def slurm_job_changed(run_id: str) -> None:
+                pipeline.wake()
+                notifier.notify(run_id)
+
+            allocations = SlurmAllocations(db, instances, slurm, pipeline.agents.provision, slurm_job_changed)
+            pipeline.slurm_launch = allocations.launch
         services = ServiceManager(db, registry, pipeline.wake, settings.autoscaler_window_seconds)
         pipeline.run_listeners.append(services.on_run_changed)
         app.state.services = services
@@ -102,6 +119,8 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         for hook in app.state.startup_hooks:
             await hook(app)
         await gateways.start()
+        if allocations is not None:
+            await allocations.start()  # re-attaches surviving allocations before jobs are watched
         await pipeline.start()
         await services.start()
         await gateways.reconcile()
@@ -113,6 +132,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             await services.stop()
             await gateways.stop()
             await pipeline.stop()
+            if allocations is not None:
+                await allocations.close()
+                set_slurm_backends(None)
             for hook in app.state.shutdown_hooks:
                 await hook(app)
             await fleets.stop()
@@ -219,6 +241,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(secrets_router.router)
     app.include_router(metrics_router.router)
     app.include_router(volumes_router.router)
+    tunnel_router.install(app)  # WS tunnels to jobs' ports (`ssh RUN`), dev environments' inactivity stop
     job_metrics.install(app)  # pulls the agents' job metrics while the server runs
     mount_dashboard(app)  # `/` and `/static`: the web dashboard (dstack.web)
     return app

@@ -5,6 +5,7 @@ Command modules import only `argparse` at module level so building the parser st
 
 from dstack.cli.commands import (
     apply,
+    attach,
     config,
     fleet,
     gateway,
@@ -18,6 +19,6 @@ from dstack.cli.commands import (
     stop,
 )
 
-COMMANDS = (server, init, config, run, apply, ps, stop, logs, metrics, secret, gateway, fleet)
+COMMANDS = (server, init, config, run, apply, attach, ps, stop, logs, metrics, secret, gateway, fleet)
 
 __all__ = ["COMMANDS"]

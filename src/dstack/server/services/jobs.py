@@ -1,7 +1,25 @@
 """Turning a run configuration into job specs, and job rows into the agent's job submission."""
 
-from dstack.core.models.configurations import BaseRunConfiguration, ServiceConfiguration, TaskConfiguration
+import asyncssh
+
+from dstack.core.models.configurations import (
+    BaseRunConfiguration,
+    DevEnvironmentConfiguration,
+    ServiceConfiguration,
+    TaskConfiguration,
+)
 from dstack.core.models.runs import JobSpec
+from dstack.server.errors import InvalidRequest
+
+#: what a dev environment's job runs after its `init`: the SSH server of agent/devenv.py, with the
+#: agent's Python (which ships it, like the built-in engine), in the job's environment
+DEVENV_COMMAND = 'exec "${DSTACK_ENGINE_PYTHON:-python3}" -m dstack.agent.devenv'
+
+
+def job_commands(conf: BaseRunConfiguration) -> list[str]:
+    if isinstance(conf, DevEnvironmentConfiguration):
+        return [*conf.init, DEVENV_COMMAND]
+    return conf.job_commands()
 
 
 def nodes_count(conf: BaseRunConfiguration) -> int:
@@ -24,7 +42,7 @@ def build_job_spec(run_name: str, conf: BaseRunConfiguration, replica_num: int, 
         job_num=job_num,
         replica_num=replica_num,
         job_name=f"{run_name}-{job_num}-{replica_num}",
-        commands=conf.job_commands(),
+        commands=job_commands(conf),
         setup=list(conf.setup),
         env=dict(conf.env),
         working_dir=conf.working_dir,
@@ -51,3 +69,16 @@ def dstack_env(run_name: str, run_id: str, spec: JobSpec, nodes: int, gpus: list
         "DSTACK_GPUS_NUM": str(len(gpus) * nodes),
         "DSTACK_GPUS_PER_NODE": str(len(gpus)),
     }
+
+
+def check_ssh_key(conf: BaseRunConfiguration, ssh_key_pub: str | None) -> None:
+    """A dev environment needs the user's public SSH key (`ssh_key_pub`, one OpenSSH line): its
+    SSH server accepts that key only. Refused here, at submission, rather than as a failed job."""
+    if not isinstance(conf, DevEnvironmentConfiguration):
+        return
+    if not ssh_key_pub:
+        raise InvalidRequest("a dev-environment needs ssh_key_pub (the user's public SSH key)", fields=["ssh_key_pub"])
+    try:
+        asyncssh.import_public_key(ssh_key_pub.strip())
+    except (asyncssh.KeyImportError, ValueError) as e:
+        raise InvalidRequest(f"ssh_key_pub is not an OpenSSH public key: {e}", fields=["ssh_key_pub"]) from e

@@ -36,6 +36,7 @@ from dstack.core.models.runs import (
 )
 from dstack.core.names import name_error
 from dstack.server import crypto
+from dstack.server.backends.slurm.registry import PLAN_MAX_AGE_SECONDS, slurm_backends
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.errors import InvalidRequest, ResourceExists, ResourceNotFound
 from dstack.server.fleet_models import FleetInstanceModel
@@ -44,7 +45,7 @@ from dstack.server.gateways.urls import resolve_gateway, service_urls
 from dstack.server.limits import ServerLimits, check_project_quota, check_run_limits
 from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel, UserModel, utcnow
 from dstack.server.services import offers
-from dstack.server.services.jobs import build_job_spec, nodes_count
+from dstack.server.services.jobs import build_job_spec, check_ssh_key, nodes_count
 from dstack.server.services.names import random_run_name
 from dstack.server.services.secrets import redact_configuration, redact_env, refuse_redacted, seal_configuration
 
@@ -136,7 +137,8 @@ async def get_offers(
     """Offers that could run the job, free ones first; and, when none, why. With `conf`, its
     placement settings (backends, regions, spot_policy, max_price) filter them too. With
     `project_id`, the project's fleet hosts are offered too."""
-    instances = await list_instances(session, project_id)
+    # A Slurm allocation is its own job's alone: Slurm's offers are the partitions (get_plan).
+    instances = [i for i in await list_instances(session, project_id) if i.backend != "slurm"]
     found: list[InstanceOffer] = []
     excluded: list[tuple[str, str]] = []
     for inst in instances:
@@ -180,6 +182,12 @@ async def get_plan(
         if existing is not None:
             current = run_to_wire(existing)
     found, reason = await get_offers(session, conf.resources, conf, project_id=project.id)
+    slurm = slurm_backends()
+    if slurm is not None and nodes_count(conf) == 1:  # the project's Slurm partitions (config.yml)
+        await slurm.refresh(max_age=PLAN_MAX_AGE_SECONDS)
+        extra = slurm.offers(project.name, conf.resources, conf)
+        if extra:
+            found, reason = found + extra, None
     spec = build_job_spec(run_name or "<random>", conf, 0, 0)
     spec.env = redact_env(spec.env)
     # Answers carry no credential: the client applies the plan with its own configuration.
@@ -220,6 +228,7 @@ async def submit_run(
         await check_project_quota(session, project.id, initial_replicas(conf) * nodes_count(conf), limits)
     refuse_redacted(conf.model_dump(mode="json"))
     check_engine(conf)
+    check_ssh_key(conf, run_spec.ssh_key_pub)
     from dstack.server.services.volumes import check_run_volumes
 
     await check_run_volumes(session, project, conf)  # named volumes exist and are free

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dstack.agent import devenv
 from dstack.agent.models import AgentJobSubmission
 from dstack.core.models.configurations import BaseRunConfiguration
 from dstack.core.models.runs import JobSpec, RunSpec, RunType
@@ -51,6 +52,9 @@ def build_submission(
         env["DSTACK_NODES_IPS"] = "\n".join(node_ips)
     # The built-in engine ships with dstack: engine jobs run it with the agent's Python.
     env.setdefault("DSTACK_ENGINE_PYTHON", sys.executable)
+    if run.run_type == RunType.DEV_ENVIRONMENT:  # its SSH server (agent/devenv.py): where, and whose key
+        env[devenv.PORT_ENV] = str(devenv.ssh_port(job.id))
+        env[devenv.KEY_ENV] = run_spec.ssh_key_pub or ""
     serverless = run.run_type == RunType.SERVERLESS
     fields: dict[str, Any] = {
         "job_id": job.id,
