@@ -5,6 +5,7 @@ from typing import Any
 import httpx
 
 from dstack.agent.models import AgentJobSubmission
+from dstack.core.http_client import internal_client
 from dstack.server.backends.base import AgentEndpoint
 
 
@@ -19,13 +20,7 @@ class AgentClient:
         """`transport`: how requests reach the agent (default: HTTP to `endpoint.url`); tests give
         an `httpx.MockTransport` to drive the pipeline without an agent process."""
         self.endpoint = endpoint
-        self._http = httpx.AsyncClient(
-            base_url=endpoint.url,
-            transport=transport,
-            headers={"Authorization": f"Bearer {endpoint.token}"},
-            timeout=httpx.Timeout(30.0, connect=5.0),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
-        )
+        self._http = internal_client(base_url=endpoint.url, token=endpoint.token, timeout=30.0, transport=transport)
 
     async def close(self) -> None:
         await self._http.aclose()
