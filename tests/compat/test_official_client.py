@@ -12,6 +12,7 @@ import httpx
 import yaml
 
 from tests.compat.official import OfficialClient
+from tests.util import free_port
 
 
 def _run(server, name: str) -> dict:
@@ -152,3 +153,59 @@ def test_python_api_apply_logs_stop(official: OfficialClient, server, tmp_path):
     assert result["running"] == "running" and result["stopped"] == "terminated"
     assert {"api-task", "api-long"} <= set(result["names"])
     assert _run(server, "api-long")["termination_reason"] == "stopped_by_user"
+
+
+ECHO_SERVICE = """
+type: service
+name: official-svc
+commands:
+  - |
+    cat > echo_openai.py <<'PY'
+    import json
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
+            msg = {"role": "assistant", "content": "echo: " + req["messages"][-1]["content"]}
+            body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": req.get("model"),
+                "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]}).encode()
+            self.send_response(200); self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    HTTPServer(("0.0.0.0", PORT), H).serve_forever()
+    PY
+  - python echo_openai.py
+port: PORT
+model: echo-model
+"""
+
+
+def test_service_with_the_openai_endpoint(official: OfficialClient, server, tmp_path):
+    conf = tmp_path / "svc.dstack.yml"
+    conf.write_text(ECHO_SERVICE.replace("PORT", str(free_port())))  # jobs may share the host's network
+    official.cli("apply", "-f", str(conf), "-y", "-d", cwd=tmp_path)
+    _wait_status(server, "official-svc", {"running"})
+    url = f"{server.url}/proxy/models/main/v1/chat/completions"
+    body = {"model": "echo-model", "messages": [{"role": "user", "content": "hi"}]}
+    deadline = time.time() + 120
+    r = httpx.post(url, headers=server.headers, json=body, timeout=10)
+    while r.status_code != 200 and time.time() < deadline:  # the replica's readiness
+        time.sleep(0.5)
+        r = httpx.post(url, headers=server.headers, json=body, timeout=10)
+    assert r.status_code == 200, (r.text, _run(server, "official-svc"))
+    assert r.json()["choices"][0]["message"]["content"] == "echo: hi"
+    code = textwrap.dedent(
+        """
+        from dstack.api import Client
+        run = Client.from_config().runs.get("official-svc")
+        print(run.status.value, run.service_url, run.service_model.name)
+        """
+    )
+    out = official.script(code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    status, service_url, model = out.stdout.split()
+    assert status == "running" and model == "echo-model"
+    assert service_url == f"{server.url}/proxy/services/main/official-svc/"
+    official.cli("stop", "official-svc", "-y")
+    assert _wait_status(server, "official-svc", {"terminated", "failed", "done"}, timeout=60)["status"] == "terminated"
