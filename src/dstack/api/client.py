@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from dstack.api.repos import BackendCollection, RepoCollection
     from dstack.api.runs import RunCollection
     from dstack.api.secrets import SecretCollection
+    from dstack.api.volumes import VolumeCollection
 
 
 class Client:
@@ -66,6 +67,12 @@ class Client:
         from dstack.api.metrics import MetricsCollection
 
         return MetricsCollection(self)
+
+    @cached_property
+    def volumes(self) -> VolumeCollection:
+        from dstack.api.volumes import VolumeCollection
+
+        return VolumeCollection(self)
 
     @property
     def project_name(self) -> str:

@@ -25,6 +25,7 @@ from dstack.core.models.configurations import (
     validation_issues,
 )
 from dstack.core.models.fleets import FleetConfiguration  # `type: fleet` (not a run)
+from dstack.core.models.volumes import VolumeConfiguration  # `type: volume` (not a run)
 
 CONFIGURATION_SUFFIX = ".dstack.yml"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -130,7 +131,8 @@ def load_configuration_text(
         )
     _check_duplicate_keys(root, source, path)
     try:
-        cls: type[BaseModel] = FleetConfiguration if data.get("type") == "fleet" else configuration_class(data)
+        not_runs: dict[Any, type[BaseModel]] = {"fleet": FleetConfiguration, "volume": VolumeConfiguration}
+        cls: type[BaseModel] = not_runs.get(data.get("type")) or configuration_class(data)
     except ConfigurationError as e:
         line, column = _position(root, ("type",))
         raise ConfigurationError(

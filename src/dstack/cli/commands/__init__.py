@@ -17,8 +17,9 @@ from dstack.cli.commands import (
     secret,
     server,
     stop,
+    volume,
 )
 
-COMMANDS = (server, init, config, run, apply, attach, ps, stop, logs, metrics, secret, gateway, fleet)
+COMMANDS = (server, init, config, run, apply, attach, ps, stop, logs, metrics, secret, gateway, fleet, volume)
 
 __all__ = ["COMMANDS"]

@@ -33,6 +33,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     if is_fleet_file(path):  # `type: fleet` is not a run
         return apply_fleet(args, path)
+    from dstack.cli.commands.volume import apply_volume, is_volume_file
+
+    if is_volume_file(path):  # nor is `type: volume`
+        return apply_volume(args, path)
     cwd = os.getcwd()
     working_dir = cwd if _inside(path, cwd) else os.path.dirname(path)
     return execute(args, path, working_dir)
