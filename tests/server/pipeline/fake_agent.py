@@ -128,6 +128,7 @@ class FakeAgents:
         self._clients: dict[str, AgentClient] = {}
         self.down: set[str] = set()
         self.agent_listeners: list[Any] = []
+        self.recovery_hold_seconds = 60.0
 
     def add(self, instance_id: str, agent: FakeAgent | None = None) -> FakeAgent:
         agent = agent or FakeAgent()

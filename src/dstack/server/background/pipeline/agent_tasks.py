@@ -23,7 +23,6 @@ from dstack.server.agent_client import AgentClient, AgentError
 from dstack.server.background.pipeline.common import (
     AGENT_LOST,
     AGENT_RECOVERY_WAIT_SECONDS,
-    AGENT_UNREACHABLE_SECONDS,
     LOG_LINGER_SECONDS,
 )
 from dstack.server.background.pipeline.jobs_provisioning import (
@@ -47,6 +46,9 @@ class AgentDirectory(Protocol):
     clients on `httpx.MockTransport`)."""
 
     agent_listeners: list[Callable[[str], Awaitable[None]]]
+    #: how long an instance's agent may stay unreachable before its jobs are given up
+    #: (settings: DSTACK_SERVER_AGENT_UNREACHABLE_SECONDS, the one ServerSettings value)
+    recovery_hold_seconds: float
 
     def client(self, instance_id: str) -> AgentClient: ...
 
@@ -194,7 +196,7 @@ class AgentTasks:
                 except (httpx.HTTPError, AgentError) as e:
                     now = time.time()
                     failing_since = failing_since or now
-                    if now - failing_since > AGENT_UNREACHABLE_SECONDS or isinstance(e, AgentError):
+                    if now - failing_since > self.agents.recovery_hold_seconds or isinstance(e, AgentError):
                         msg = (
                             f"{AGENT_LOST}: the instance's agent died and its successor does not know the job"
                             if client is not first_client

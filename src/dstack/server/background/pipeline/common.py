@@ -18,7 +18,6 @@ FINISHED_RUN = [s.value for s in RunStatus.finished_statuses()]
 MAX_REPLICA_FAILURES = 5
 REPLICA_STABLE_SECONDS = 300.0
 REPLICA_BACKOFF_MAX_SECONDS = 30.0
-AGENT_UNREACHABLE_SECONDS = float(os.environ.get("DSTACK_SERVER_AGENT_UNREACHABLE_SECONDS", "60"))
 # While a job keeps printing, the agent holds a pull's answer this long for more lines (a state
 # change still answers at once): a chatty job (a serverless worker logging every request) then
 # costs one transaction per interval, not one per line.
