@@ -190,3 +190,22 @@ def test_field_list_matches_the_official_models(official_venv_dir):
     assert out.returncode == 0, out.stderr
     official = json.loads(out.stdout)
     assert {k: set(v) for k, v in official.items()} == DSTACK_FIELDS
+
+
+def test_profile_settings_apply_where_the_configuration_leaves_them_unset():
+    from dstack.core.models.runs import RunSpec
+    from dstack.server.routers.dstack_wire import fold_profile
+
+    spec = RunSpec.model_validate(
+        {
+            "configuration": {**BASE["task"], "max_price": 2.0},
+            "profile": {"name": "default", "default": True, "spot_policy": "spot", "max_price": 1.0, "tags": None},
+        }
+    )
+    conf = parse_run_configuration(fold_profile(spec).configuration)
+    assert conf.spot_policy == "spot" and conf.max_price == 2.0  # the configuration's own value wins
+    assert "profile" not in spec.model_dump()  # never stored
+    spec = RunSpec.model_validate({"configuration": BASE["task"], "profile": {"idle_duration": "1h"}})
+    with pytest.raises(ConfigurationError) as e:  # a profile's unsupported setting is refused by name too
+        parse_run_configuration(fold_profile(spec).configuration)
+    assert e.value.field == "idle_duration"

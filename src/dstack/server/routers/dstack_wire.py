@@ -250,3 +250,20 @@ def offers_only_spec(spec: RunSpec) -> RunSpec:
     conf = spec.configuration
     kept: dict[str, Any] = {k: conf[k] for k in OFFER_FIELDS if conf.get(k) is not None}
     return spec.model_copy(update={"configuration": {"type": "task", "commands": [":"], **kept}})
+
+
+#: profile keys that describe the profile itself, not the run
+PROFILE_META = ("name", "default")
+
+
+def fold_profile(spec: RunSpec) -> RunSpec:
+    """dstack's client sends the profile (`.dstack/profiles.yml`, `--profile`) beside the
+    configuration; its settings apply where the configuration leaves a field unset, as in dstack.
+    Folded in, they are validated (and refused when not supported) like the configuration's own."""
+    profile = spec.profile or {}
+    settings = {k: v for k, v in profile.items() if k not in PROFILE_META and v is not None}
+    conf = dict(spec.configuration)
+    for key, value in settings.items():
+        if conf.get(key) is None:
+            conf[key] = value
+    return spec.model_copy(update={"configuration": conf, "profile": None})

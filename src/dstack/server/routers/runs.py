@@ -108,7 +108,8 @@ async def get_plan(
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
     user, project = member
-    run_spec = dstack_wire.offers_only_spec(body.run_spec) if body.for_offers_only else body.run_spec
+    run_spec = dstack_wire.fold_profile(body.run_spec)
+    run_spec = dstack_wire.offers_only_spec(run_spec) if body.for_offers_only else run_spec
     plan = await runs_service.get_plan(session, project, user, run_spec, request.app.state.settings.limits)
     data = plan.model_dump(mode="json")
     return dstack_wire.plan(data) if dstack_wire.wants_dstack_shapes(request) else data
@@ -136,7 +137,7 @@ async def submit(
     member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
-    return await _submit(request, session, member, body.run_spec)
+    return await _submit(request, session, member, dstack_wire.fold_profile(body.run_spec))
 
 
 @router.post("/api/project/{project_name}/runs/apply")
@@ -146,7 +147,7 @@ async def apply(
     member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
-    run_spec = body.plan.run_spec
+    run_spec = dstack_wire.fold_profile(body.plan.run_spec)
     user, project = member
     if run_spec.run_name and body.force:
         existing = await runs_service.find_run(session, project, run_spec.run_name)
