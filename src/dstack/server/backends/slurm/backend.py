@@ -26,7 +26,13 @@ from dstack.core.models.runs import InstanceOffer, InstanceResources
 from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInstance
 from dstack.server.backends.slurm.commands import CommandRunner, SlurmCommandError, runner_for
 from dstack.server.backends.slurm.config import SlurmBackendConfig
-from dstack.server.backends.slurm.jobs import SlurmJobState, batch_script, parse_scontrol_job, sbatch_options
+from dstack.server.backends.slurm.jobs import (
+    FINAL_STATES,
+    SlurmJobState,
+    batch_script,
+    parse_scontrol_job,
+    sbatch_options,
+)
 from dstack.server.backends.slurm.offers import SINFO_FORMAT, SlurmShape, parse_sinfo, shapes
 from dstack.server.services.offers import fits_total
 
@@ -159,35 +165,56 @@ class SlurmBackend(Backend):
             raise SlurmBackendError(f"slurm: scontrol show node {node} has no NodeAddr")
         return m.group(1)
 
+    async def find(self, name: str) -> str | None:
+        """The id of a Slurm job of ours named `name` that is not over (a submission made before a
+        server restart), so nothing is submitted twice."""
+        if not _JOB_NAME.match(name):
+            raise SlurmBackendError(f"slurm: invalid job name {name!r}")
+        out = await self.runner.check(["squeue", "-h", "-n", name, "-o", "%i %T"])
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and _JOB_ID.match(parts[0]) and parts[1] not in FINAL_STATES:
+                return parts[0]
+        return None
+
+    async def try_agent(self, sub: SlurmSubmission, st: SlurmJobState) -> tuple[AgentEndpoint, str] | None:
+        """The agent of a RUNNING job once it wrote `agent.json`: its endpoint and the node; else None."""
+        if st.state != "RUNNING" or not st.nodes:
+            return None
+        q = shlex.quote
+        r = await self.runner.run(
+            ["sh", "-c", f"cat {q(sub.job_dir)}/home/agent.json 2>/dev/null; echo; cat {q(sub.job_dir)}/token"]
+        )
+        lines = r.stdout.splitlines()
+        if len(lines) < 2 or not lines[0].strip():
+            return None
+        try:
+            info = json.loads(lines[0])
+            port, pid = int(info["port"]), int(info["pid"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        address = await self.node_address(st.nodes[0])
+        return AgentEndpoint(url=f"http://{address}:{port}", token=lines[-1].strip(), pid=pid), st.nodes[0]
+
     async def agent(self, sub: SlurmSubmission, timeout: float = 60.0) -> tuple[AgentEndpoint, str]:
         """Wait until the job runs and its agent wrote `agent.json`: the endpoint and the node name."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        q = shlex.quote
         while loop.time() < deadline:
             st = await self.state(sub.job_id)
             if st is None or st.final:
                 raise SlurmBackendError(
                     f"slurm: job {sub.job_id} ended before its agent started: {st.message() if st else 'gone'}"
                 )
-            if st.state == "RUNNING" and st.nodes:
-                r = await self.runner.run(
-                    ["sh", "-c", f"cat {q(sub.job_dir)}/home/agent.json 2>/dev/null; echo; cat {q(sub.job_dir)}/token"]
-                )
-                lines = r.stdout.splitlines()
-                if len(lines) >= 2 and lines[0].strip():
-                    try:
-                        info = json.loads(lines[0])
-                        port, pid = int(info["port"]), int(info["pid"])
-                    except (ValueError, KeyError, TypeError):
-                        port = 0
-                    if port:
-                        address = await self.node_address(st.nodes[0])
-                        return AgentEndpoint(
-                            url=f"http://{address}:{port}", token=lines[-1].strip(), pid=pid
-                        ), st.nodes[0]
+            found = await self.try_agent(sub, st)
+            if found is not None:
+                return found
             await asyncio.sleep(0.3)
         raise SlurmBackendError(f"slurm: the agent of job {sub.job_id} did not start within {timeout:g} s")
+
+    def submission(self, job_id: str, name: str, partition: str) -> SlurmSubmission:
+        """The submission of a job found by `find` (same files as `submit` made)."""
+        return SlurmSubmission(job_id=job_id, name=name, partition=partition, job_dir=f"{self.dir}/jobs/{name}")
 
     async def cancel(self, job_id: str, grace: float = 10.0) -> None:
         """Stop: SIGTERM to the batch step (the agent stops its job), then `scancel` after `grace`."""

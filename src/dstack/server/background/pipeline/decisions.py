@@ -18,6 +18,7 @@ from dstack.core.models.runs import (
     RunStatus,
     RunTerminationReason,
 )
+from dstack.server.backends.slurm.registry import SlurmPlacement
 from dstack.server.models import InstanceModel, JobModel
 from dstack.server.services.offers import Reservation
 
@@ -75,6 +76,8 @@ class JobDecision:
     end: JobEnd | None = None
     stop: StopJob | None = None
     assign: Assignment | None = None
+    #: the job goes to a Slurm allocation (backends/slurm/allocations.py launches it after the commit)
+    slurm: SlurmPlacement | None = None
     send_stop: bool = False
     wake_at: float | None = None
 

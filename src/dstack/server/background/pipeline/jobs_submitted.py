@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from dstack.core.models.configurations import Retry
 from dstack.core.models.resources import ResourcesSpec
 from dstack.core.models.runs import InstanceResources, JobSpec, JobStatus, JobTerminationReason, RunSpec
+from dstack.server.backends.slurm.registry import SlurmPlacement, slurm_backends
 from dstack.server.background.pipeline.common import (
     FINISHED_JOB,
     REPLICATED_RUN_TYPES,
@@ -24,7 +25,7 @@ from dstack.server.background.pipeline.common import (
     capped_timedelta,
 )
 from dstack.server.background.pipeline.decisions import Assignment, JobDecision, JobEnd
-from dstack.server.models import InstanceModel, JobModel, RunModel
+from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel
 from dstack.server.services import offers
 from dstack.server.services.fleets import cluster_candidates
 from dstack.server.services.jobs import nodes_count
@@ -56,6 +57,8 @@ class AssignContext:
     recovering: bool
     #: instances that fit but the placement settings rule out, and why (backends, regions, ...)
     placement_excluded: tuple[tuple[str, str], ...] = ()
+    #: where the project's Slurm backends would take the job when no instance has room
+    slurm: SlurmPlacement | None = None
 
 
 def process_submitted_job(ctx: AssignContext, now: datetime) -> JobDecision:
@@ -67,6 +70,8 @@ def process_submitted_job(ctx: AssignContext, now: datetime) -> JobDecision:
         reservation = offers.reserve(ctx.requirements, c.resources, c.held)
         if reservation is not None:
             return JobDecision(assign=Assignment(c.instance, c.resources, reservation))
+    if ctx.slurm is not None:
+        return JobDecision(slurm=ctx.slurm)
     if ctx.recovering:
         # Wait for the agent rather than fail for lack of a host.
         return JobDecision(wake_at=now.timestamp() + 1.0)
@@ -103,6 +108,7 @@ async def load_assign_context(
     requirements = ResourcesSpec.model_validate(spec.requirements)
     conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
     every = await list_instances(session, run.project_id)  # the server's own and the project's fleet hosts
+    every = [i for i in every if i.backend != "slurm"]  # a Slurm allocation is its own job's alone
     instances = [i for i in every if not is_down(i.id)]
     candidates = []
     excluded: list[tuple[str, str]] = []
@@ -128,6 +134,11 @@ async def load_assign_context(
     )
     if cluster is not None:
         candidates = cluster
+    slurm = None
+    registry = slurm_backends()
+    if registry is not None and nodes_count(conf) == 1:
+        project = (await session.execute(select(ProjectModel.name).where(ProjectModel.id == run.project_id))).scalar()
+        slurm = registry.placement(project, requirements, conf) if project else None
     return AssignContext(
         requirements=requirements,
         retry=conf.effective_retry(),
@@ -137,6 +148,7 @@ async def load_assign_context(
         candidates=candidates,
         recovering=len(instances) < len(every),
         placement_excluded=tuple(excluded),
+        slurm=slurm,
     )
 
 

@@ -45,6 +45,7 @@ class AgentWork:
     """What a committed pass asks of agents."""
 
     provision: list[str] = field(default_factory=list)  # job ids
+    slurm: list[str] = field(default_factory=list)  # job ids placed on Slurm (launched after the commit)
     watch: list[tuple[str, str | None]] = field(default_factory=list)  # (job id, agent state)
     stop: list[tuple[str, str, bool]] = field(default_factory=list)  # (job id, instance id, abort)
 
@@ -68,6 +69,8 @@ class Pipeline:
         self._stopping = False
         #: called with a run id whenever a run's jobs change (services re-register replicas)
         self.run_listeners: list[Callable[[str], object]] = []
+        #: submits a job placed on Slurm (backends/slurm/allocations.py; None: no Slurm backend)
+        self.slurm_launch: Callable[[str], None] | None = None
         instances.agent_listeners.append(self._on_agent_replaced)
 
     def wake(self) -> None:
@@ -185,6 +188,8 @@ class Pipeline:
                 await session.flush()  # the next job's context sees this one's reservation
                 if decision.assign is not None:
                     result.work.provision.append(job.id)
+                if decision.slurm is not None:
+                    result.work.slurm.append(job.id)
             elif status in ON_AGENT:
                 decision = process_running_job(job, now)
                 self._apply_job(job, decision)
@@ -223,6 +228,8 @@ class Pipeline:
             if job.id in result.work.provision:
                 # Assigned in this very pass, stopped before any agent heard of it.
                 result.work.provision.remove(job.id)
+            if job.id in result.work.slurm:
+                result.work.slurm.remove(job.id)
             decision = process_terminating_job(job, self.agents.is_provisioning(job.id))
             self._apply_job(job, decision)
             if decision.end is not None:  # nothing of it is on an agent: nothing to provision or watch
@@ -259,6 +266,20 @@ class Pipeline:
                 reserved=a.reservation.to_dict(),
                 price=a.instance.price,
             ).model_dump_json()
+        if decision.slurm is not None:
+            # No instance yet: the Slurm job's state and reason show as its name until the agent answers.
+            p = decision.slurm
+            job.status = JobStatus.PROVISIONING
+            job.last_processed_at = now
+            job.job_provisioning_data = JobProvisioningData(
+                backend="slurm",
+                region=p.partition,
+                instance_id=f"slurm:{p.index}",
+                instance_name="Slurm job being submitted",
+                hostname="",
+                resources=p.resources,
+                price=0.0,
+            ).model_dump_json()
 
     @staticmethod
     def _apply_run(session: AsyncSession, run: RunModel, decision: RunDecision) -> None:
@@ -287,6 +308,9 @@ class Pipeline:
     # --- after the commit -----------------------------------------------------------------
 
     async def _do_agent_work(self, work: AgentWork) -> None:
+        for job_id in work.slurm:
+            if self.slurm_launch is not None:
+                self.slurm_launch(job_id)
         for job_id in work.provision:
             self.agents.provision(job_id)
         for job_id, agent_state in work.watch:

@@ -1,0 +1,408 @@
+"""Slurm allocations of dstack jobs: submitting them, showing Slurm's pending reason, handing the
+agent to the pipeline once it answers, and releasing the allocation when the job is over.
+
+A job the pipeline placed on Slurm is `provisioning` with no instance; `launch` submits it (or
+finds the Slurm job a previous server submitted, by its name `dstack-<job id>`: nothing is
+submitted twice), writes Slurm's state and reason into the job's provisioning data while it is
+pending, and once the agent in the allocation answers, stores the allocation as an instance
+(`slurm-<Slurm job id>-<job id prefix>`, backend `slurm`, region the partition) and asks the
+pipeline to provision the job on it like on any host. A reconciling pass every second ends jobs
+whose Slurm job ended under them (NODE_FAIL, TIMEOUT, ...) with the mapped reason, cancels the
+allocations of finished jobs, and re-launches jobs left mid-launch by a server restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Callable
+
+from sqlalchemy import select
+
+from dstack.core.models.configurations import BaseRunConfiguration
+from dstack.core.models.resources import ResourcesSpec
+from dstack.core.models.runs import (
+    InstanceResources,
+    InstanceStatus,
+    JobProvisioningData,
+    JobSpec,
+    JobStatus,
+    JobTerminationReason,
+    RunSpec,
+)
+from dstack.server import crypto
+from dstack.server.backends.base import AgentEndpoint, ProvisionedInstance
+from dstack.server.backends.slurm.backend import SlurmBackend, SlurmBackendError, SlurmSubmission
+from dstack.server.backends.slurm.commands import SlurmCommandError
+from dstack.server.backends.slurm.registry import SlurmBackends
+from dstack.server.db import Database, retry_on_conflict
+from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel, utcnow
+from dstack.server.services.instances import InstanceManager
+from dstack.server.services.runs import parse_configuration
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0
+_INSTANCE_NAME = re.compile(r"^slurm-(\d+)-")
+ACTIVE_JOB = [s for s in JobStatus if not s.is_finished()]
+
+
+def slurm_job_name(job_id: str) -> str:
+    return f"dstack-{job_id}"
+
+
+def _jpd(job: JobModel) -> JobProvisioningData | None:
+    return JobProvisioningData.model_validate_json(job.job_provisioning_data) if job.job_provisioning_data else None
+
+
+class SlurmAllocations:
+    def __init__(
+        self,
+        db: Database,
+        instances: InstanceManager,
+        backends: SlurmBackends,
+        provision: Callable[[str], None],
+        on_job_changed: Callable[[str], None],
+    ) -> None:
+        self.db = db
+        self.instances = instances
+        self.backends = backends
+        self._provision = provision  # the pipeline submits the job to the agent that answered
+        self._on_job_changed = on_job_changed  # run id: wake the pipeline
+        self._launching: dict[str, asyncio.Task[None]] = {}
+        self._loop: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- start / stop --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Re-attach to the agents of allocations that outlived a previous server (before the
+        pipeline starts watching their jobs), then reconcile every second."""
+        await self.backends.refresh()
+        async with self.db.session() as session:
+            rows = (
+                await session.execute(
+                    select(InstanceModel).where(
+                        InstanceModel.backend == "slurm", InstanceModel.status != InstanceStatus.TERMINATED
+                    )
+                )
+            ).scalars()
+            found = list(rows)
+        for row in found:
+            await self._reattach(row)
+        self._loop = asyncio.create_task(self._run(), name="slurm-allocations")
+
+    async def close(self) -> None:
+        self._stopping = True
+        tasks = [t for t in [self._loop, *self._launching.values()] if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.backends.close()
+
+    async def _reattach(self, row: InstanceModel) -> None:
+        found = await self._backend_of_instance(row)
+        m = _INSTANCE_NAME.match(row.name)
+        if found is None or m is None:
+            return
+        backend, _ = found
+        agent = json.loads(row.agent or "{}")
+        try:
+            st = await backend.state(m.group(1))
+            token = crypto.decrypt(agent["token"])
+        except (SlurmBackendError, SlurmCommandError, KeyError, crypto.DecryptionError) as e:
+            logger.warning("Slurm allocation %s: cannot re-attach: %s", row.name, e)
+            return
+        if st is None or st.state != "RUNNING":
+            return  # the reconciling pass ends its jobs with Slurm's reason
+        endpoint = AgentEndpoint(url=agent["url"], token=token, pid=agent.get("pid"))
+        inst = ProvisionedInstance(
+            name=row.name,
+            backend="slurm",
+            region=row.region,
+            hostname=row.hostname,
+            resources=_resources(row),
+            price=0.0,
+            agent=endpoint,
+        )
+        await self.instances.add(row.id, backend, inst)
+        logger.info("re-attached to Slurm allocation %s (job %s)", row.name, m.group(1))
+
+    # -- launching -----------------------------------------------------------------------------
+
+    def launch(self, job_id: str) -> None:
+        """Submit (or find) the job's Slurm job and hand its agent to the pipeline (after the commit)."""
+        task = self._launching.get(job_id)
+        if (task is not None and not task.done()) or self._stopping:
+            return
+        self._launching[job_id] = asyncio.create_task(self._launch_logged(job_id), name=f"slurm-launch-{job_id}")
+
+    async def _launch_logged(self, job_id: str) -> None:
+        try:
+            await self._launch(job_id)
+        except asyncio.CancelledError:
+            raise
+        except (SlurmBackendError, SlurmCommandError) as e:
+            logger.warning("Slurm job for %s: %s", job_id, e)
+            await self._finish(job_id, JobTerminationReason.FAILED_TO_START_DUE_TO_NO_CAPACITY, str(e))
+        except Exception as e:
+            logger.exception("launching job %s on Slurm failed", job_id)
+            await self._finish(job_id, JobTerminationReason.EXECUTOR_ERROR, f"slurm: {e}")
+        finally:
+            if self._launching.get(job_id) is asyncio.current_task():
+                self._launching.pop(job_id, None)
+
+    async def _launch(self, job_id: str) -> None:
+        async with self.db.session() as session:
+            job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+            if JobStatus(job.status).is_finished() or job.instance_id is not None:
+                return
+            run = (await session.execute(select(RunModel).where(RunModel.id == job.run_id))).scalar_one()
+            project = (
+                await session.execute(select(ProjectModel.name).where(ProjectModel.id == run.project_id))
+            ).scalar_one()
+            spec = JobSpec.model_validate_json(job.job_spec)
+            conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
+            jpd = _jpd(job)
+        backend, partition = self._backend_for(project, jpd, conf)
+        requirements = ResourcesSpec.model_validate(spec.requirements)
+        name = slurm_job_name(job_id)
+        found = await backend.find(name)
+        if found is not None:
+            sub = backend.submission(found, name, partition)
+            logger.info("job %s: found its Slurm job %s (submitted before a restart)", job_id, found)
+        else:
+            sub = await backend.submit(name, requirements, partition=partition, max_duration=spec.max_duration)
+        shown = ""
+        while not self._stopping:
+            if await self._job_over(job_id):
+                await backend.cancel(sub.job_id)
+                return
+            st = await backend.state(sub.job_id)
+            if st is None or st.final:
+                reason = (st.termination_reason() if st else None) or JobTerminationReason.EXECUTOR_ERROR
+                if reason == JobTerminationReason.DONE_BY_RUNNER:
+                    reason = JobTerminationReason.EXECUTOR_ERROR  # the agent ended before the job started
+                await self._finish(job_id, reason, st.message() if st else f"Slurm job {sub.job_id} vanished")
+                return
+            message = st.message()
+            if message != shown:
+                await self._note(job_id, message)
+                shown = message
+            found_agent = await backend.try_agent(sub, st)
+            if found_agent is not None:
+                endpoint, node = found_agent
+                await self._attach(job_id, backend, sub, node, endpoint, requirements)
+                return
+            await asyncio.sleep(0.3)
+
+    def _backend_for(
+        self, project: str, jpd: JobProvisioningData | None, conf: BaseRunConfiguration
+    ) -> tuple[SlurmBackend, str]:
+        partition = jpd.region if jpd is not None else ""
+        index = 0
+        if jpd is not None and jpd.instance_id.startswith("slurm:"):
+            index = int(jpd.instance_id.split(":")[1])
+        backend = self.backends.backend(project, index)
+        if backend is None:
+            raise SlurmBackendError(f"slurm: project {project} has no Slurm backend {index} in config.yml any more")
+        return backend, partition
+
+    async def _attach(
+        self,
+        job_id: str,
+        backend: SlurmBackend,
+        sub: SlurmSubmission,
+        node: str,
+        endpoint: AgentEndpoint,
+        requirements: ResourcesSpec,
+    ) -> None:
+        inst = backend.instance(sub, node, endpoint, requirements)
+        inst.name = f"{inst.name}-{job_id[:8]}"
+        gpus = requirements.gpu.count.min if requirements.gpu is not None and requirements.gpu.count.min else 0
+        inst.resources.gpus = [{"index": i, "name": "gpu", "memory_mib": 0, "vendor": "nvidia"} for i in range(gpus)]
+
+        async def store() -> str | None:
+            job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+            if JobStatus(job.status).is_finished():
+                return None
+            row = InstanceModel(
+                name=inst.name,
+                backend="slurm",
+                region=inst.region,
+                hostname=node,
+                resources=inst.resources.model_dump_json(),
+                status=InstanceStatus.PROVISIONING,
+            )
+            session.add(row)
+            await session.flush()
+            job.instance_id = row.id
+            job.reserved = json.dumps(
+                {"cpus": inst.resources.cpus, "memory_mib": inst.resources.memory_mib, "gpus": list(range(gpus))}
+            )
+            job.job_provisioning_data = JobProvisioningData(
+                backend="slurm",
+                region=inst.region,
+                instance_id=row.id,
+                instance_name=inst.name,
+                hostname=node,
+                resources=inst.resources,
+                reserved=json.loads(job.reserved),
+                price=0.0,
+            ).model_dump_json()
+            await session.commit()
+            return row.id
+
+        async with self.db.session() as session:
+            instance_id = await retry_on_conflict(session, store)
+        if instance_id is None:
+            await backend.cancel(sub.job_id)
+            return
+        await self.instances.add(instance_id, backend, inst)  # stores the agent, supervises it
+        logger.info("job %s runs in Slurm job %s on %s", job_id, sub.job_id, node)
+        self._provision(job_id)
+
+    # -- reconciling ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self.backends.refresh()
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("reconciling Slurm allocations failed")
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def reconcile(self) -> None:
+        async with self.db.session() as session:
+            rows = list(
+                (
+                    await session.execute(
+                        select(InstanceModel).where(
+                            InstanceModel.backend == "slurm", InstanceModel.status != InstanceStatus.TERMINATED
+                        )
+                    )
+                ).scalars()
+            )
+            waiting = list(
+                (
+                    await session.execute(
+                        select(JobModel.id, JobModel.job_provisioning_data).where(
+                            JobModel.status.in_(ACTIVE_JOB), JobModel.instance_id.is_(None)
+                        )
+                    )
+                ).all()
+            )
+        for job_id, jpd_text in waiting:  # placed on Slurm, launch lost (a restart): launch again
+            if jpd_text and json.loads(jpd_text).get("backend") == "slurm" and job_id not in self._launching:
+                self.launch(job_id)
+        for row in rows:
+            await self._reconcile_instance(row)
+
+    async def _reconcile_instance(self, row: InstanceModel) -> None:
+        m = _INSTANCE_NAME.match(row.name)
+        found = await self._backend_of_instance(row)
+        if m is None or found is None:
+            return
+        backend, _ = found
+        slurm_id = m.group(1)
+        async with self.db.session() as session:
+            jobs = list((await session.execute(select(JobModel).where(JobModel.instance_id == row.id))).scalars())
+        active = [j for j in jobs if not JobStatus(j.status).is_finished()]
+        st = await backend.state(slurm_id)
+        if active and (st is None or st.final):
+            reason = (st.termination_reason() if st else None) or JobTerminationReason.INSTANCE_UNREACHABLE
+            if reason == JobTerminationReason.DONE_BY_RUNNER:
+                reason = JobTerminationReason.INSTANCE_UNREACHABLE  # the agent ended under a running job
+            message = st.message() if st else f"Slurm job {slurm_id} vanished"
+            for j in active:
+                await self._finish(j.id, reason, message)
+            active = []
+        if not active:
+            if st is not None and not st.final:
+                await backend.cancel(slurm_id)
+            await self.instances.remove(row.id)
+            await self._set_instance_status(row.id, InstanceStatus.TERMINATED)
+
+    async def _backend_of_instance(self, row: InstanceModel) -> tuple[SlurmBackend, str] | None:
+        async with self.db.session() as session:
+            found = (
+                await session.execute(
+                    select(ProjectModel.name, JobModel.job_provisioning_data)
+                    .join(RunModel, RunModel.project_id == ProjectModel.id)
+                    .join(JobModel, JobModel.run_id == RunModel.id)
+                    .where(JobModel.instance_id == row.id)
+                    .limit(1)
+                )
+            ).first()
+        if found is None:
+            return None
+        project, _ = found
+        backends = self.backends.by_project.get(project, [])
+        for b in backends:
+            if any(s.partition == row.region for s in await b.shapes()) or len(backends) == 1:
+                return b, project
+        return None
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    async def _job_over(self, job_id: str) -> bool:
+        async with self.db.session() as session:
+            status = (await session.execute(select(JobModel.status).where(JobModel.id == job_id))).scalar_one()
+        return JobStatus(status).is_finished() or status == JobStatus.TERMINATING
+
+    async def _note(self, job_id: str, message: str) -> None:
+        """Slurm's state and reason where the job's placement is shown (`instance_name`)."""
+
+        async def note() -> str | None:
+            job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+            jpd = _jpd(job)
+            if jpd is None or job.instance_id is not None or JobStatus(job.status).is_finished():
+                return None
+            jpd.instance_name = message[:200]
+            job.job_provisioning_data = jpd.model_dump_json()
+            job.last_processed_at = utcnow()
+            await session.commit()
+            return job.run_id
+
+        async with self.db.session() as session:
+            run_id = await retry_on_conflict(session, note)
+        if run_id is not None:
+            self._on_job_changed(run_id)
+
+    async def _finish(self, job_id: str, reason: JobTerminationReason, message: str) -> None:
+        async def finish() -> str | None:
+            job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+            if JobStatus(job.status).is_finished():
+                return None
+            if job.status == JobStatus.TERMINATING and job.termination_reason:
+                job.status = JobTerminationReason(job.termination_reason).to_status()
+            else:
+                job.termination_reason = reason
+                job.termination_reason_message = message
+                job.status = reason.to_status()
+            job.finished_at = utcnow()
+            await session.commit()
+            return job.run_id
+
+        async with self.db.session() as session:
+            run_id = await retry_on_conflict(session, finish)
+        if run_id is not None:
+            self._on_job_changed(run_id)
+
+    async def _set_instance_status(self, instance_id: str, status: InstanceStatus) -> None:
+        async def update() -> None:
+            row = (await session.execute(select(InstanceModel).where(InstanceModel.id == instance_id))).scalar_one()
+            row.status = status
+            await session.commit()
+
+        async with self.db.session() as session:
+            await retry_on_conflict(session, update)
+
+
+def _resources(row: InstanceModel) -> InstanceResources:
+    return InstanceResources.model_validate_json(row.resources)

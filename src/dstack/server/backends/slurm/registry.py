@@ -1,0 +1,115 @@
+"""The Slurm backends of each project (from `config.yml`) and what they offer, cached.
+
+The pipeline decides placements inside a database transaction, where no command may run: it
+reads the shapes cached here, which `refresh()` renews outside any transaction (the allocation
+manager calls it every few seconds; the run plan calls it before answering).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dstack.core.models.resources import ResourcesSpec
+from dstack.core.models.runs import InstanceOffer, InstanceResources
+from dstack.server.backends.slurm.backend import SlurmBackend, _without_disk
+from dstack.server.backends.slurm.commands import SlurmCommandError
+from dstack.server.backends.slurm.offers import SlurmShape
+from dstack.server.services import offers
+
+if TYPE_CHECKING:
+    from dstack.core.models.configurations import BaseRunConfiguration
+    from dstack.server.config_file import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+#: shapes older than this are refreshed before a plan answers
+PLAN_MAX_AGE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class SlurmPlacement:
+    """Where a job goes on Slurm: the project's `index`-th Slurm backend, `partition`."""
+
+    project: str
+    index: int
+    partition: str
+    resources: InstanceResources
+
+
+class SlurmBackends:
+    def __init__(self, config: ServerConfig, server_dir: Path) -> None:
+        self.by_project: dict[str, list[SlurmBackend]] = {}
+        for project in config.projects:
+            self.by_project[project.name] = [
+                SlurmBackend(b, server_dir / "slurm" / project.name / str(i)) for i, b in enumerate(project.backends)
+            ]
+        self._shapes: dict[tuple[str, int], list[SlurmShape]] = {}
+        self._refreshed = 0.0
+
+    def __bool__(self) -> bool:
+        return any(self.by_project.values())
+
+    def backend(self, project: str, index: int) -> SlurmBackend | None:
+        found = self.by_project.get(project, [])
+        return found[index] if 0 <= index < len(found) else None
+
+    async def refresh(self, max_age: float = 0.0) -> None:
+        """Read every backend's shapes again (a cluster that does not answer keeps none)."""
+        if time.monotonic() - self._refreshed < max_age:
+            return
+        for project, backends in self.by_project.items():
+            for i, b in enumerate(backends):
+                try:
+                    self._shapes[(project, i)] = await b.shapes()
+                except SlurmCommandError as e:
+                    logger.warning("Slurm backend %d of project %s: %s", i, project, e)
+                    self._shapes[(project, i)] = []
+        self._refreshed = time.monotonic()
+
+    def offers(self, project: str, spec: ResourcesSpec, conf: BaseRunConfiguration | None) -> list[InstanceOffer]:
+        """The cached shapes that could run `spec` and the placement settings allow."""
+        return [s.offer() for _, s in self._fitting(project, spec, conf)]
+
+    def placement(self, project: str, spec: ResourcesSpec, conf: BaseRunConfiguration) -> SlurmPlacement | None:
+        """The partition a job goes to: the first fitting shape with a free node, else the first fitting."""
+        fitting = self._fitting(project, spec, conf)
+        if not fitting:
+            return None
+        fitting.sort(key=lambda t: t[1].available == 0)
+        index, shape = fitting[0]
+        return SlurmPlacement(project, index, shape.partition, shape.resources)
+
+    def _fitting(
+        self, project: str, spec: ResourcesSpec, conf: BaseRunConfiguration | None
+    ) -> list[tuple[int, SlurmShape]]:
+        out = []
+        for i, _ in enumerate(self.by_project.get(project, [])):
+            for shape in self._shapes.get((project, i), []):
+                if not offers.fits_total(_without_disk(spec), shape.resources):
+                    continue
+                if conf is not None and offers.placement_mismatch(conf, "slurm", shape.partition, 0.0) is not None:
+                    continue
+                out.append((i, shape))
+        return out
+
+    async def close(self) -> None:
+        for backends in self.by_project.values():
+            for b in backends:
+                await b.shutdown()
+
+
+_current: SlurmBackends | None = None
+
+
+def set_slurm_backends(backends: SlurmBackends | None) -> None:
+    global _current
+    _current = backends
+
+
+def slurm_backends() -> SlurmBackends | None:
+    """The server's Slurm backends (None before start or when `config.yml` configures none)."""
+    return _current if _current else None

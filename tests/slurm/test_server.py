@@ -1,0 +1,109 @@
+"""dstack's server on a Slurm cluster: config.yml names the backend, the plan offers its partitions,
+a task pinned to `backends: [slurm]` runs as a Slurm job (its output in the logs, its flags in
+`scontrol show job`), a pending one shows Slurm's reason, and a stop cancels it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dstack.api import Resources, RunStatus, Task
+from tests.conftest import TEST_SERVER_ENV, ServerProcess, make_server
+from tests.slurm.cluster import PARTITION, SlurmCluster
+
+SMALL = Resources(cpu=2, memory="1GB", disk="1GB..")
+
+
+@pytest.fixture
+def slurm_server(slurm_cluster: SlurmCluster, tmp_path: Path) -> Iterator[ServerProcess]:
+    srv = make_server(tmp_path, **TEST_SERVER_ENV, SLURM_CONF=str(slurm_cluster.conf))
+    (srv.home / "server").mkdir(parents=True, exist_ok=True)
+    (srv.home / "server" / "config.yml").write_text(
+        "projects:\n"
+        "  - name: main\n"
+        "    backends:\n"
+        "      - type: slurm\n"
+        f"        partitions: [{PARTITION}]\n"
+        f"        shared_dir: {tmp_path / 'shared'}\n"
+    )
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        srv.kill_agents()
+        out = slurm_cluster.cli("squeue", "-h", "-o", "%i", check=False).stdout
+        for job_id in out.split():
+            slurm_cluster.cli("scancel", job_id, check=False)
+
+
+def _slurm_job_of(cluster: SlurmCluster, dstack_job_id: str) -> str:
+    out = cluster.cli("squeue", "-h", "-t", "all", "-n", f"dstack-{dstack_job_id}", "-o", "%i").stdout.split()
+    assert len(out) == 1, out  # submitted once
+    return out[0]
+
+
+def test_task_runs_as_a_slurm_job(slurm_server: ServerProcess, slurm_cluster: SlurmCluster) -> None:
+    client = slurm_server.client()
+    task = Task(commands=["hostname", "echo done-on-slurm"], backends=["slurm"], resources=SMALL, max_duration=900)
+    plan = client.runs.get_plan(task)
+    offers = plan.job_plans[0].offers
+    assert offers and {(o.backend, o.region) for o in offers} == {("slurm", PARTITION)}, offers
+    run = client.runs.submit(task, run_name="slurm-task")
+    output = b"".join(run.logs()).decode()
+    run.refresh()
+    assert run.status == RunStatus.DONE, (run.status, run.error, output, slurm_server.logs())
+    lines = output.splitlines()
+    assert lines[0] in {"sn1", "sn2"} and "done-on-slurm" in lines, output
+    sub = run.jobs[0].job_submissions[-1]
+    jpd = sub.job_provisioning_data
+    assert jpd.backend == "slurm" and jpd.region == PARTITION and jpd.hostname == lines[0]
+    slurm_id = _slurm_job_of(slurm_cluster, sub.id)
+    assert slurm_cluster.job_field(slurm_id, "CPUs/Task") == "2"
+    assert slurm_cluster.job_field(slurm_id, "TimeLimit") == "00:15:00"
+    assert "mem=1G" in slurm_cluster.job_field(slurm_id, "TRES")
+    deadline = time.time() + 30  # the allocation is released once the job is over
+    while time.time() < deadline and slurm_cluster.job_field(slurm_id, "JobState") not in ("COMPLETED", "CANCELLED"):
+        time.sleep(0.5)
+    assert slurm_cluster.job_field(slurm_id, "JobState") in ("COMPLETED", "CANCELLED")
+
+
+def test_pending_shows_slurm_reason_and_stop_cancels(slurm_server: ServerProcess, slurm_cluster: SlurmCluster) -> None:
+    blocker = slurm_cluster.cli("sbatch", "--parsable", "--gres=gpu:1", "--wrap", "sleep 300").stdout.strip()
+    deadline = time.time() + 30
+    while time.time() < deadline and slurm_cluster.job_field(blocker, "JobState") != "RUNNING":
+        time.sleep(0.3)
+    client = slurm_server.client()
+    task = Task(
+        commands=["echo never"],
+        backends=["slurm"],
+        resources=Resources(cpu=1, memory="1GB", disk="1GB..", gpu=1),
+    )
+    run = client.runs.submit(task, run_name="slurm-pending")
+    shown = ""
+    deadline = time.time() + 40
+    while time.time() < deadline:
+        run.refresh()
+        subs = run.jobs[0].job_submissions
+        jpd = subs[-1].job_provisioning_data if subs else None
+        shown = jpd.instance_name if jpd else ""
+        if "PENDING (Resources)" in shown:
+            break
+        time.sleep(0.5)
+    assert "PENDING (Resources)" in shown, (shown, run.status, slurm_server.logs())
+    assert run.status in (RunStatus.PROVISIONING, RunStatus.PENDING, RunStatus.SUBMITTED), run.status
+    slurm_id = _slurm_job_of(slurm_cluster, run.jobs[0].job_submissions[-1].id)
+    run.stop()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        run.refresh()
+        state = slurm_cluster.job_field(slurm_id, "JobState")
+        if run.status.is_finished() and state == "CANCELLED":
+            break
+        time.sleep(0.5)
+    assert run.status == RunStatus.TERMINATED, run.status
+    assert slurm_cluster.job_field(slurm_id, "JobState") == "CANCELLED"
+    slurm_cluster.cli("scancel", blocker)
