@@ -82,7 +82,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
 class SlurmCluster:
     """Two compute nodes (`sn1` with one fake GPU, `sn2` without), partition `debug`."""
 
-    def __init__(self, base: Path, cpus: int = 4, memory_mib: int = 4096, min_job_age: int = 300) -> None:
+    def __init__(self, base: Path, cpus: int = 4, memory_mib: int = 16384, min_job_age: int = 300) -> None:
         check_available()
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
