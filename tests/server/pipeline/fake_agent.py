@@ -34,6 +34,7 @@ class FakeAgent:
         self.requests: list[tuple[str, str]] = []  # (method, path)
         self.start_state = start_state
         self.refuse_submissions = refuse_submissions
+        self.unreachable = False  # set: every request fails to connect, as to a host whose link is down
         self._changed = asyncio.Event()
 
     def _notify(self) -> None:
@@ -51,6 +52,11 @@ class FakeAgent:
         job.logs.append({"seq": len(job.logs) + 1, "ts": time.time(), "stream": "stdout", "data": data})
         self._notify()
 
+    def cut_off(self) -> None:
+        """The host's link goes down: every request, a long poll in flight too, fails to connect."""
+        self.unreachable = True
+        self._notify()
+
     def forget(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
         self._notify()
@@ -64,6 +70,8 @@ class FakeAgent:
     async def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         self.requests.append((request.method, path))
+        if self.unreachable:
+            raise httpx.ConnectError("connection refused", request=request)
         parts = path.strip("/").split("/")  # api, jobs, <id>, <action>
         if request.method == "POST" and path == "/api/jobs":
             if self.refuse_submissions:
@@ -84,7 +92,7 @@ class FakeAgent:
             asyncio.get_running_loop().call_later(0.01, self._started, job)
             return httpx.Response(200, json={"state": job.state})
         if request.method == "GET" and action == "pull":
-            return await self._pull(job, request.url.params)
+            return await self._pull(job, request)
         if request.method == "POST" and action == "stop":
             if job.state not in FINAL_STATES:
                 job.state = "aborted" if json.loads(request.content).get("abort") else "terminated"
@@ -96,11 +104,12 @@ class FakeAgent:
             return httpx.Response(200, json={})
         return httpx.Response(405)
 
-    async def _pull(self, job: FakeJob, params: httpx.QueryParams) -> httpx.Response:
+    async def _pull(self, job: FakeJob, request: httpx.Request) -> httpx.Response:
+        params = request.url.params
         cursor = int(params.get("cursor", 0))
         known = params.get("known_state")
         deadline = time.monotonic() + float(params.get("wait", 0))
-        while job.state == known and len(job.logs) <= cursor and time.monotonic() < deadline:
+        while job.state == known and len(job.logs) <= cursor and time.monotonic() < deadline and not self.unreachable:
             changed = self._changed
             try:
                 await asyncio.wait_for(changed.wait(), deadline - time.monotonic())
@@ -108,6 +117,8 @@ class FakeAgent:
                 break
             if self.jobs.get(job.submission.job_id) is not job:
                 return httpx.Response(404, json={"detail": "unknown job"})
+        if self.unreachable:
+            raise httpx.ReadError("connection reset", request=request)
         records = job.logs[cursor:]
         body = {
             "state": job.state,  # with records, a final state is stored only once they all are

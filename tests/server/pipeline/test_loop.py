@@ -200,6 +200,26 @@ async def test_a_job_the_agent_forgot_ends_as_unreachable(world):
     assert job.termination_reason == JobTerminationReason.INSTANCE_UNREACHABLE.value
 
 
+async def test_an_unreachable_agent_is_given_up_after_the_directorys_hold(world):
+    """The watcher waits out the instance directory's recovery hold (the server's one
+    DSTACK_SERVER_AGENT_UNREACHABLE_SECONDS setting), then ends the job instance_unreachable."""
+    world.agents.recovery_hold_seconds = 60.0
+    _, agent = await world.add_instance()
+    run_id = await world.add_run()
+    await world.until("the job running", lambda: world.job_status(run_id, JobStatus.RUNNING))
+    agent.cut_off()
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # well within the hold: still running
+        await world.pipeline.process()
+        await asyncio.sleep(0.1)
+    assert await world.job_status(run_id, JobStatus.RUNNING)
+    world.agents.recovery_hold_seconds = 0.5
+    await world.until("the run failed", lambda: world.run_status(run_id, RunStatus.FAILED))
+    (job,) = await world.jobs(run_id)
+    assert job.termination_reason == JobTerminationReason.INSTANCE_UNREACHABLE.value
+    assert (job.termination_reason_message or "").startswith("agent unreachable")
+
+
 async def test_a_run_that_cannot_be_processed_fails_alone(world):
     await world.add_instance()
     good = await world.add_run()
