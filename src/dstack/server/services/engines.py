@@ -175,17 +175,33 @@ def _quantize(engine: EngineSpec, table: Mapping[str, str], engine_name: str) ->
     return value
 
 
+def _tuning_flags(
+    engine: EngineSpec,
+    engine_name: str,
+    quantize: tuple[Mapping[str, str], str],
+    dtype: tuple[set[str] | None, str],
+    concurrency_flag: str,
+) -> list[str]:
+    """The engine's optional flags from `engine:` (weight format, dtype, concurrency), each checked
+    against what this engine loads and written under this engine's flag names."""
+    flags: list[str] = []
+    value = _quantize(engine, quantize[0], engine_name)
+    if value:
+        flags += [quantize[1], value]
+    value = _dtype(engine, dtype[0], engine_name)
+    if value:
+        flags += [dtype[1], value]
+    if engine.max_concurrent_requests:
+        flags += [concurrency_flag, str(engine.max_concurrent_requests)]
+    return flags
+
+
 def tgi_submission(engine: EngineSpec, env: Mapping[str, str]) -> dict[str, Any]:
     """TGI's image with its launcher's arguments; the image's entrypoint is the launcher."""
     args = ["--model-id", hf_model_id(engine), "--hostname", "0.0.0.0", "--port", str(engine.port)]
-    quantize = _quantize(engine, TGI_QUANTIZE, "TGI")
-    if quantize:
-        args += ["--quantize", quantize]
-    dtype = _dtype(engine, _TGI_DTYPES, "TGI")
-    if dtype:
-        args += ["--dtype", dtype]
-    if engine.max_concurrent_requests:
-        args += ["--max-concurrent-requests", str(engine.max_concurrent_requests)]
+    args += _tuning_flags(
+        engine, "TGI", (TGI_QUANTIZE, "--quantize"), (_TGI_DTYPES, "--dtype"), "--max-concurrent-requests"
+    )
     return {
         "image": TGI_IMAGE,
         "args": args,
@@ -201,14 +217,7 @@ def vllm_command(engine: EngineSpec) -> str:
     """The shell line: dstack's TGI bridge (agent's Python) starting vLLM (job venv) behind it."""
     model = hf_model_id(engine)
     vllm = ["vllm", "serve", model, "--served-model-name", model]
-    quantize = _quantize(engine, VLLM_QUANTIZE, "vLLM")
-    if quantize:
-        vllm += ["--quantization", quantize]
-    dtype = _dtype(engine, None, "vLLM")
-    if dtype:
-        vllm += ["--dtype", dtype]
-    if engine.max_concurrent_requests:
-        vllm += ["--max-num-seqs", str(engine.max_concurrent_requests)]
+    vllm += _tuning_flags(engine, "vLLM", (VLLM_QUANTIZE, "--quantization"), (None, "--dtype"), "--max-num-seqs")
     bridge = [
         'exec "${DSTACK_ENGINE_PYTHON:-python3}"',
         "-m",
