@@ -219,3 +219,33 @@ def test_runs_list_filters(server, tmp_path):
     run.wait(timeout=60)
     assert "web-filter-task" in names(status="finished")
     assert "web-filter-task" not in names(status="active")
+
+
+def _csrf(c: httpx.Client) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', c.get("/projects").text).group(1)
+
+
+def test_projects_page_creates_projects_and_adds_members(server):
+    admin = _session(server, server.token)
+    csrf = _csrf(admin)
+    r = admin.post("/projects/create", data={"csrf": csrf, "project_name": "web-proj"})
+    assert r.status_code == 200 and "Created project web-proj." in r.text
+    r = admin.post("/projects/create", data={"csrf": csrf, "project_name": "web-proj"})
+    assert "Not created:" in r.text and "already exists" in r.text
+    r = admin.post("/projects/create", data={"csrf": csrf, "project_name": "bad name!"})
+    assert "Not created:" in r.text
+    assert admin.post("/projects/create", data={"project_name": "no-csrf"}).status_code == 403
+
+    r = httpx.post(server.url + "/api/users/create", json={"username": "web-member"}, headers=server.headers)
+    member_token = r.json()["creds"]["token"]
+    r = admin.post("/projects/web-proj/members/add", data={"csrf": csrf, "username": "web-member"})
+    assert "web-member is now a user of web-proj." in r.text
+    r = admin.post("/projects/web-proj/members/add", data={"csrf": csrf, "username": "nobody-here"})
+    assert "Not added:" in r.text and "not found" in r.text
+
+    member = _session(server, member_token)
+    page = member.get("/projects").text
+    assert "web-proj" in page and "Add member to web-proj" not in page  # a plain member cannot manage
+    r = member.post("/projects/web-proj/members/add", data={"csrf": _csrf(member), "username": "web-member"})
+    assert "Not added:" in r.text
+    assert 'value="web-proj"' in member.get("/runs").text

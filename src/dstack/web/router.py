@@ -20,7 +20,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dstack.core.errors import DstackError
 from dstack.server.db import get_database, get_session
+from dstack.server.routers import projects as projects_router
 from dstack.server.routers.projects import user_projects
 from dstack.server.security import authenticate
 from dstack.server.services import logs as logs_service
@@ -143,6 +145,60 @@ async def runs_page(request: Request, session: AsyncSession = Depends(get_sessio
 @router.get("/runs/table")
 async def runs_table(request: Request, session: AsyncSession = Depends(get_session)) -> HTMLResponse:
     return _page(request, "runs_table.html", **await _runs_table(request, session))
+
+
+# --- projects and members -------------------------------------------------------------------------
+
+
+async def _projects_context(request: Request, session: AsyncSession, message: str = "") -> dict[str, Any]:
+    user = await require_web_user(request, session)
+    rows = []
+    for project in await user_projects(session, user):
+        members = [{"name": m.user.name, "role": m.project_role} for m in project.members]
+        can_manage = user.global_role == "admin" or any(
+            m.user_id == user.id and m.project_role == "admin" for m in project.members
+        )
+        rows.append({"name": project.name, "members": members, "can_manage": can_manage})
+    return {"user": user, "projects": rows, "message": message}
+
+
+@router.get("/projects")
+async def projects_page(request: Request, session: AsyncSession = Depends(get_session)) -> HTMLResponse:
+    return _page(request, "projects.html", **await _projects_context(request, session))
+
+
+@router.post("/projects/create")
+async def project_create(request: Request, session: AsyncSession = Depends(get_session)) -> HTMLResponse:
+    """The API's own create_project (name rules, uniqueness, the creator as the project's admin)."""
+    form = await request.form()
+    check_post(request, str(form.get("csrf") or ""))
+    user = await require_web_user(request, session)
+    name = str(form.get("project_name") or "").strip()[:100]
+    try:
+        await projects_router.create_project(projects_router.CreateProjectRequest(project_name=name), user, session)
+        message = f"Created project {name}."
+    except DstackError as e:
+        await session.rollback()
+        message = f"Not created: {getattr(e, 'msg', str(e))}"
+    return _page(request, "projects.html", **await _projects_context(request, session, message))
+
+
+@router.post("/projects/{project}/members/add")
+async def member_add(request: Request, project: str, session: AsyncSession = Depends(get_session)) -> HTMLResponse:
+    """The API's own add_members: only a project admin (or a global admin) may add or change roles."""
+    form = await request.form()
+    check_post(request, str(form.get("csrf") or ""))
+    member = await require_web_project(request, session, project)
+    username = str(form.get("username") or "").strip()[:100]
+    role = str(form.get("project_role") or "user")
+    try:
+        body = projects_router.AddMembersRequest(members=[projects_router.Member(username=username, project_role=role)])
+        await projects_router.add_members(body, member, session)
+        message = f"{username} is now a {role} of {project}."
+    except (DstackError, ValueError) as e:
+        await session.rollback()
+        message = f"Not added: {getattr(e, 'msg', None) or str(e).splitlines()[0]}"
+    return _page(request, "projects.html", **await _projects_context(request, session, message))
 
 
 @router.get("/instances")
