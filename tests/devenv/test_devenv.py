@@ -91,15 +91,17 @@ def _write(repo: Path, body: str) -> Path:
     return path
 
 
+def _stop_process(proc: subprocess.Popen[str]) -> str:
+    proc.terminate()
+    try:
+        return str(proc.communicate(timeout=20)[0])
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return str(proc.communicate()[0])
+
+
 def _stop(env: dict[str, str], proc: subprocess.Popen[str] | None, run: str) -> str:
-    out = ""
-    if proc is not None:
-        proc.terminate()
-        try:
-            out = proc.communicate(timeout=20)[0]
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out = proc.communicate()[0]
+    out = _stop_process(proc) if proc is not None else ""
     _dstack(env, "stop", "-y", run, timeout=60)
     return out
 
@@ -183,25 +185,35 @@ def test_attach_forwards_a_tasks_port(server: Any, home: dict[str, str], tmp_pat
 def test_inactivity_duration_stops_an_unused_dev_environment(server: Any, home: dict[str, str], tmp_path: Path) -> None:
     run = _name("idle")
     repo = tmp_path / "repo"
-    path = _write(repo, f"type: dev-environment\nname: {run}\ninactivity_duration: 6s\n")
+    path = _write(repo, f"type: dev-environment\nname: {run}\ninactivity_duration: 12s\n")
     done = _dstack(home, "apply", "-y", "-d", "-f", str(path), cwd=repo)
     assert done.returncode == 0, done.stdout + done.stderr
+    config = Path(home["HOME"]) / ".dstack" / "ssh" / "config"
     try:
         wait_until(lambda: _status(server, run) == "running", 180, 0.5, f"{run} to run")
-        proc = _popen(home, "attach", run, "--no-logs")
-        config = Path(home["HOME"]) / ".dstack" / "ssh" / "config"
+        attach = _popen(home, "attach", run, "--no-logs")
         wait_until(lambda: config.exists() and f"Host {run}" in config.read_text(), 60, 0.5, "the ssh host entry")
-        proc.terminate()
-        proc.communicate(timeout=20)
         # an open session keeps it up past the limit ...
-        held = _ssh(home, run, "sleep 10; echo still-here", timeout=60)
-        assert held.returncode == 0 and "still-here" in held.stdout, held.stderr
+        held = subprocess.Popen(
+            ["ssh", "-F", str(config), "-o", "BatchMode=yes", run, "sleep 16; echo still-here"],
+            env=home,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        _stop_process(attach)
+        out, err = held.communicate(timeout=90)
+        assert held.returncode == 0 and "still-here" in out, err
         closed_at = time.monotonic()
         assert _status(server, run) == "running"
         # ... and after the last one closed, it stops once the limit has passed
         wait_until(lambda: _status(server, run) == "terminated", 60, 0.5, f"{run} to stop")
-        assert time.monotonic() - closed_at >= 5
+        assert time.monotonic() - closed_at >= 10
         job = server.client().runs.get(run).jobs[0].job_submissions[-1]
         assert "inactivity_duration" in (job.termination_reason_message or ""), job
+        # a stopped dev environment is refused with a reason, not a bare failure
+        refused = _ssh(home, run, "true")
+        assert refused.returncode != 0 and "has no running job" in refused.stderr, refused.stderr
     finally:
         _dstack(home, "stop", "-y", run, timeout=60)

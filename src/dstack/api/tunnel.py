@@ -60,15 +60,32 @@ def _pump_to_ws(read: Callable[[int], bytes], ws: ClientConnection) -> None:
         ws.close()
 
 
-def bridge_stdio(ws: ClientConnection) -> None:
-    """Relay stdin → tunnel and tunnel → stdout until either side ends."""
+def refusal(e: ConnectionClosed) -> str | None:
+    """The server's reason when it closed the tunnel as a refusal (codes 4xxx), else None."""
+    if e.rcvd is not None and 4000 <= e.rcvd.code < 5000:
+        return e.rcvd.reason or f"closed with code {e.rcvd.code}"
+    return None
+
+
+def bridge_stdio(ws: ClientConnection) -> str | None:
+    """Relay stdin → tunnel and tunnel → stdout until either side ends; the server's refusal, if any."""
+    try:
+        first = ws.recv(timeout=0.05)
+    except TimeoutError:
+        first = b""
+    except ConnectionClosed as e:
+        return refusal(e)
     threading.Thread(target=_pump_to_ws, args=(lambda n: os.read(0, n), ws), daemon=True).start()
     try:
+        if first:
+            os.write(1, first if isinstance(first, bytes) else first.encode())
         for message in ws:
-            data = message if isinstance(message, bytes) else message.encode()
-            os.write(1, data)
-    except (OSError, ConnectionClosed):
+            os.write(1, message if isinstance(message, bytes) else message.encode())
+    except ConnectionClosed as e:
+        return refusal(e)
+    except OSError:
         pass
+    return None
 
 
 class TunnelForwarder:

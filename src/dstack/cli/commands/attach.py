@@ -42,16 +42,23 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
         ws = open_tunnel(client.api.base_url, client.api.token, client.project, args.run, args.port)
     except TunnelError as e:
         fail(str(e))
-    bridge_stdio(ws)
+    refused = bridge_stdio(ws)
+    if refused:
+        fail(f"tunnel to {args.run} refused: {refused}")
     return 0
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from dstack.cli.attach import attach_dev_environment, stream_logs
     from dstack.cli.common import EXIT_ERROR, EXIT_OK, console, escape, fail, get_client
 
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)  # a SIGTERM detaches cleanly too (the run keeps running)
     client = get_client(args.project)
     run = client.runs.get(args.run)
     if run is None:

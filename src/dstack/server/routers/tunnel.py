@@ -108,7 +108,7 @@ async def tunnel(
 ) -> None:
     token = bearer_token(websocket.headers.get("authorization"), bare=True)
     if port is None and not ssh:
-        await websocket.close(CLOSE_NOT_FOUND, "give ?port=N or ?ssh=1")
+        await _refuse(websocket, CLOSE_NOT_FOUND, "give ?port=N or ?ssh=1")
         return
     code, run_id, host, target_port = await _target(get_database(), project_name, run_name[:200], token, port)
     if code:
@@ -117,12 +117,12 @@ async def tunnel(
             CLOSE_FORBIDDEN: f"project '{project_name}' does not exist or you are not a member of it",
             CLOSE_NOT_FOUND: f"run '{run_name}' has no running job to reach" + ("" if port else " over SSH"),
         }
-        await websocket.close(code, reasons[code][:120])
+        await _refuse(websocket, code, reasons[code])
         return
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, target_port), 15)
     except (OSError, TimeoutError) as e:
-        await websocket.close(CLOSE_UNREACHABLE, f"cannot reach the job's port {target_port}: {e}"[:120])
+        await _refuse(websocket, CLOSE_UNREACHABLE, f"cannot reach the job's port {target_port}: {e}")
         return
     await websocket.accept()
     if ssh:
@@ -133,6 +133,13 @@ async def tunnel(
         if ssh:
             SESSIONS.closed(run_id)
         writer.close()
+
+
+async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
+    """Accept, then close with a code and reason: a close before the handshake would reach the
+    client as a bare HTTP 403, without saying why."""
+    await websocket.accept()
+    await websocket.close(code, reason[:120])
 
 
 async def _relay(websocket: WebSocket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
