@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from dstack.core.env_numbers import number
 from dstack.core.models.metrics import GpuSample, JobMetricsSample
 
 if TYPE_CHECKING:
@@ -41,16 +42,10 @@ MAX_SAMPLES_PER_ANSWER = 1000
 
 
 def _env_number(name: str, default: float, low: float, high: float) -> float:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
     try:
-        value = float(raw)
-    except ValueError:
-        raise SystemExit(f"{name}={raw!r}: not a number") from None
-    if not low <= value <= high:
-        raise SystemExit(f"{name}={raw!r}: must be between {low:g} and {high:g}")
-    return value
+        return number(os.environ, name, default, low, high)
+    except ValueError as e:  # names the variable
+        raise SystemExit(str(e)) from None
 
 
 @dataclass

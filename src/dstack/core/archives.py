@@ -13,6 +13,8 @@ import tarfile
 from collections.abc import Mapping
 from typing import IO
 
+from dstack.core.env_numbers import whole_number
+
 DEFAULT_MAX_EXTRACTED_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_FILES = 50_000
 
@@ -53,22 +55,9 @@ class ExtractBudget:
         """Limits from `<prefix>_CODE_EXTRACTED_LIMIT` (bytes) and `<prefix>_CODE_MAX_FILES`."""
         env = os.environ if environ is None else environ
         return cls(
-            _env_int(env, f"{prefix}_CODE_EXTRACTED_LIMIT", DEFAULT_MAX_EXTRACTED_BYTES),
-            _env_int(env, f"{prefix}_CODE_MAX_FILES", DEFAULT_MAX_FILES),
+            whole_number(env, f"{prefix}_CODE_EXTRACTED_LIMIT", DEFAULT_MAX_EXTRACTED_BYTES),
+            whole_number(env, f"{prefix}_CODE_MAX_FILES", DEFAULT_MAX_FILES),
         )
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a whole number, not {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, not {value}")
-    return value
 
 
 def scan_tar(fileobj: IO[bytes], budget: ExtractBudget) -> None:

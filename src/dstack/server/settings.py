@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
+from dstack.core.env_numbers import number, whole_number
 from dstack.server.limits import ServerLimits
 
 DEFAULT_CODE_UPLOAD_LIMIT = 64 * 1024 * 1024
@@ -118,29 +119,17 @@ def _limits(env: Mapping[str, str]) -> ServerLimits:
 
 
 def _whole(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if not raw:
-        return default
     try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a whole number of bytes, not {raw[:50]!r}") from None
-    if value < 1:
-        raise SettingsError(f"{name} must be at least 1, not {value}")
-    return value
+        return whole_number(env, name, default, unit="bytes")
+    except ValueError as e:  # names the variable
+        raise SettingsError(str(e)) from None
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
-    raw = env.get(name)
-    if not raw:
-        return float(default)
     try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number of seconds, not {raw[:50]!r}") from None
-    if not low <= value <= high:  # also refuses nan
-        raise SettingsError(f"{name} must be between {low:g} and {high:g} seconds, not {raw[:50]}")
-    return value
+        return number(env, name, default, low, high, unit="seconds")
+    except ValueError as e:  # names the variable
+        raise SettingsError(str(e)) from None
 
 
 def _async_driver_url(url: str) -> str:
