@@ -91,11 +91,15 @@ async def require_metrics_reader(request: Request, session: AsyncSession, metric
         raise Forbidden("metrics cover every project: only a global admin or the metrics token may read them")
 
 
+#: what `require_project_member` gives an endpoint: the caller and the project they are a member of
+ProjectMember = tuple[UserModel, ProjectModel]
+
+
 async def require_project_member(
     project_name: str,
     user: UserModel = Depends(require_user),
     session: AsyncSession = Depends(get_session),
-) -> tuple[UserModel, ProjectModel]:
+) -> ProjectMember:
     project = await project_for_member(session, user, project_name)
     if project is None:
         # Same answer whether the project is missing or foreign: don't leak names.

@@ -25,11 +25,9 @@ from dstack.server.gateways.models import GatewayModel
 from dstack.server.gateways.tls import MAX_PEM, check_bind_address, read_tls_pair
 from dstack.server.gateways.urls import public_base
 from dstack.server.models import ProjectModel, UserModel, new_id
-from dstack.server.security import bearer_token, project_access, require_project_member
+from dstack.server.security import ProjectMember, bearer_token, project_access, require_project_member
 
 router = APIRouter(tags=["gateways"])
-#: what require_project_member gives an endpoint
-Member = tuple[UserModel, ProjectModel]
 logger = logging.getLogger(__name__)
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -147,7 +145,7 @@ def _validate(body: CreateGatewayRequest, user: UserModel) -> CreateGatewayReque
 async def create_gateway(
     body: CreateGatewayRequest,
     request: Request,
-    member: Member = Depends(require_project_member),
+    member: ProjectMember = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
     user, project = member
@@ -199,7 +197,7 @@ async def create_gateway(
 
 @router.post("/api/project/{project_name}/gateways/list")
 async def list_gateways(
-    member: Member = Depends(require_project_member), session: AsyncSession = Depends(get_session)
+    member: ProjectMember = Depends(require_project_member), session: AsyncSession = Depends(get_session)
 ) -> list[dict[str, Any]]:
     return [gateway_dict(g) for g in await _project_gateways(session, member[1])]
 
@@ -207,7 +205,7 @@ async def list_gateways(
 @router.post("/api/project/{project_name}/gateways/get")
 async def get_gateway(
     body: GatewayNameRequest,
-    member: Member = Depends(require_project_member),
+    member: ProjectMember = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
     return gateway_dict(await _get(session, member[1], body.name))
@@ -216,7 +214,7 @@ async def get_gateway(
 @router.post("/api/project/{project_name}/gateways/set_default")
 async def set_default_gateway(
     body: GatewayNameRequest,
-    member: Member = Depends(require_project_member),
+    member: ProjectMember = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
     gw = await _get(session, member[1], body.name)
@@ -230,7 +228,7 @@ async def set_default_gateway(
 async def delete_gateways(
     body: DeleteGatewaysRequest,
     request: Request,
-    member: Member = Depends(require_project_member),
+    member: ProjectMember = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> None:
     _, project = member

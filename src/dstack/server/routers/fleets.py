@@ -9,8 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.models.fleets import FleetConfiguration
 from dstack.server.db import get_session
-from dstack.server.models import ProjectModel, UserModel
-from dstack.server.security import require_project_member
+from dstack.server.security import ProjectMember, require_project_member
 from dstack.server.services.fleets import FleetManager
 
 router = APIRouter(prefix="/api/project/{project_name}/fleets", tags=["fleets"])
@@ -38,14 +37,11 @@ def _fleets(request: Request) -> FleetManager:
     return manager
 
 
-Member = tuple[UserModel, ProjectModel]
-
-
 @router.post("/get_plan")
 async def get_plan(
     body: FleetSpecRequest,
     request: Request,
-    member: Member = Depends(require_project_member),
+    member: ProjectMember = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
     """Probe each new host over SSH and say what applying would do."""
@@ -56,7 +52,7 @@ async def get_plan(
 async def apply(
     body: FleetSpecRequest,
     request: Request,
-    member: Member = Depends(require_project_member),
+    member: ProjectMember = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
     """Create the fleet, or update it in place (hosts added or removed)."""
@@ -66,7 +62,7 @@ async def apply(
 @router.post("/list")
 async def list_fleets(
     request: Request,
-    member: Member = Depends(require_project_member),
+    member: ProjectMember = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> list[dict[str, Any]]:
     return await _fleets(request).list_fleets(session, member[1])
@@ -76,7 +72,7 @@ async def list_fleets(
 async def get(
     body: FleetNameRequest,
     request: Request,
-    member: Member = Depends(require_project_member),
+    member: ProjectMember = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
     return await _fleets(request).get(session, member[1], body.name)
@@ -86,7 +82,7 @@ async def get(
 async def delete(
     body: DeleteFleetsRequest,
     request: Request,
-    member: Member = Depends(require_project_member),
+    member: ProjectMember = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
     await _fleets(request).delete(session, member[1], body.names)
@@ -97,7 +93,7 @@ async def delete(
 async def delete_instances(
     body: DeleteInstancesRequest,
     request: Request,
-    member: Member = Depends(require_project_member),
+    member: ProjectMember = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
     return await _fleets(request).delete_instances(session, member[1], body.name, body.instance_nums)

@@ -14,12 +14,10 @@ from dstack.core.names import repo_id_error
 from dstack.server.db import get_session
 from dstack.server.errors import InvalidRequest
 from dstack.server.limits import BodyTooLarge, check_code_archive
-from dstack.server.models import CodeModel, ProjectModel, RepoModel, UserModel
-from dstack.server.security import require_project_member
+from dstack.server.models import CodeModel, RepoModel
+from dstack.server.security import ProjectMember, require_project_member
 
 router = APIRouter(prefix="/api/project/{project_name}/repos", tags=["repos"])
-#: what require_project_member gives an endpoint
-Member = tuple[UserModel, ProjectModel]
 
 
 class InitRepoRequest(BaseModel):
@@ -47,7 +45,7 @@ async def _get_or_create_repo(session: AsyncSession, project_id: str, repo_id: s
 @router.post("/init")
 async def init_repo(
     body: InitRepoRequest,
-    member: Member = Depends(require_project_member),
+    member: ProjectMember = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, str]:
     _check_repo_id(body.repo_id)
@@ -61,7 +59,7 @@ async def init_repo(
 async def upload_code(
     repo_id: str,
     request: Request,
-    member: Member = Depends(require_project_member),
+    member: ProjectMember = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, str]:
     _check_repo_id(repo_id)
