@@ -209,3 +209,11 @@ def test_service_with_the_openai_endpoint(official: OfficialClient, server, tmp_
     assert service_url == f"{server.url}/proxy/services/main/official-svc/"
     official.cli("stop", "official-svc", "-y")
     assert _wait_status(server, "official-svc", {"terminated", "failed", "done"}, timeout=60)["status"] == "terminated"
+
+
+def test_fleet_and_secret_commands(official: OfficialClient):
+    assert "NAME" in official.cli("fleet").stdout  # the project's fleets (none yet): the listing parses
+    official.cli("secret", "set", "official-secret", "s3cret-value")
+    listing = official.cli("secret", "list").stdout
+    assert "official-secret" in listing and "s3cret-value" not in listing
+    assert "s3cret-value" in official.cli("secret", "get", "official-secret").stdout
