@@ -249,3 +249,25 @@ def test_projects_page_creates_projects_and_adds_members(server):
     r = member.post("/projects/web-proj/members/add", data={"csrf": _csrf(member), "username": "web-member"})
     assert "Not added:" in r.text
     assert 'value="web-proj"' in member.get("/runs").text
+
+
+def test_replacing_my_token_shows_the_new_one_once_and_keeps_this_session(server):
+    r = httpx.post(server.url + "/api/users/create", json={"username": "web-rotator"}, headers=server.headers)
+    old_token = r.json()["creds"]["token"]
+    c = _session(server, old_token)
+    old_cookie = c.cookies["dstack_session"]
+    r = c.post("/account/token", data={"csrf": _csrf(c)})
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    new_token = re.search(r'id="new-token" readonly value="([^"]+)"', r.text).group(1)
+    assert new_token != old_token and new_token not in c.cookies["dstack_session"]
+
+    def me(token: str) -> int:
+        return httpx.post(
+            server.url + "/api/users/get_my_user", headers={"Authorization": f"Bearer {token}"}
+        ).status_code
+
+    assert me(old_token) == 401 and me(new_token) == 200
+    assert c.get("/projects", follow_redirects=False).status_code == 200  # this browser's new session
+    assert "new-token" not in c.get("/projects").text  # shown once
+    stale = httpx.get(server.url + "/runs", cookies={"dstack_session": old_cookie})
+    assert stale.status_code == 303  # sessions made with the old token ended

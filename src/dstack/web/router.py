@@ -22,7 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.errors import DstackError
 from dstack.server.db import get_database, get_session
+from dstack.server.models import UserModel
 from dstack.server.routers import projects as projects_router
+from dstack.server.routers import users as users_router
 from dstack.server.routers.projects import user_projects
 from dstack.server.security import authenticate
 from dstack.server.services import logs as logs_service
@@ -78,16 +80,20 @@ async def signin(request: Request, session: AsyncSession = Depends(get_session))
             request, "signin.html", status_code=401, user=None, error="That token is not valid (or was revoked)."
         )
     response = RedirectResponse("/runs", status_code=303)
+    _set_session_cookie(request, response, session_keys(request).issue(user.id, user.token_hash))
+    return response
+
+
+def _set_session_cookie(request: Request, response: Response, cookie: str) -> None:
     response.set_cookie(
         COOKIE,
-        session_keys(request).issue(user.id, user.token_hash),
+        cookie,
         max_age=MAX_AGE,
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
         path="/",
     )
-    return response
 
 
 @router.post("/signout")
@@ -150,8 +156,10 @@ async def runs_table(request: Request, session: AsyncSession = Depends(get_sessi
 # --- projects and members -------------------------------------------------------------------------
 
 
-async def _projects_context(request: Request, session: AsyncSession, message: str = "") -> dict[str, Any]:
-    user = await require_web_user(request, session)
+async def _projects_context(
+    request: Request, session: AsyncSession, message: str = "", user: UserModel | None = None
+) -> dict[str, Any]:
+    user = user or await require_web_user(request, session)
     rows = []
     for project in await user_projects(session, user):
         members = [{"name": m.user.name, "role": m.project_role} for m in project.members]
@@ -199,6 +207,24 @@ async def member_add(request: Request, project: str, session: AsyncSession = Dep
         await session.rollback()
         message = f"Not added: {getattr(e, 'msg', None) or str(e).splitlines()[0]}"
     return _page(request, "projects.html", **await _projects_context(request, session, message))
+
+
+@router.post("/account/token")
+async def replace_token(request: Request, session: AsyncSession = Depends(get_session)) -> HTMLResponse:
+    """The API's own refresh_token for the signed-in user: the new token is shown once, the old one
+    (and every session made with it) stops working, and this browser gets a session for the new one."""
+    form = await request.form()
+    check_post(request, str(form.get("csrf") or ""))
+    user = await require_web_user(request, session)
+    answer = await users_router.refresh_token(users_router.UsernameRequest(username=user.name), user, session)
+    cookie = session_keys(request).issue(user.id, user.token_hash)
+    # the request's cookie is for the old token now: the page is for the user already checked
+    context = await _projects_context(request, session, "Your new token is below: it is shown only once.", user)
+    csrf = session_keys(request).csrf(cookie)  # the page's forms belong to the new session
+    response = _page(request, "projects.html", csrf=csrf, new_token=answer["creds"]["token"], **context)
+    response.headers["Cache-Control"] = "no-store"
+    _set_session_cookie(request, response, cookie)
+    return response
 
 
 @router.get("/instances")
