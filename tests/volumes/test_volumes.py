@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.conftest import SRC, ServerProcess
+from tests.conftest import SRC, ServerProcess, running_server
 
 SMALL = {"cpu": "0..", "memory": "0.5GB..", "disk": "1GB.."}
 BASE = "/api/project/main/volumes"
@@ -188,3 +189,17 @@ def test_a_container_job_sees_the_volume(server: ServerProcess, tmp_path: Path) 
     _run_to_end(server, f"c-{mark[:6]}", [f"echo {mark} > /data/from-container.txt"], ["boxed:/data"], image=image)
     out = _run_to_end(server, f"h-{mark[:6]}", ["cat /vol/from-container.txt"], ["boxed:/vol"])
     assert mark in out, out
+
+
+def test_volumes_without_job_isolation(tmp_path: Path) -> None:
+    """A root agent whose jobs are not isolated still gives each job its own mount namespace."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: without it the agent refuses volumes for host jobs (no mount namespace)")
+    with running_server(tmp_path, DSTACK_AGENT_NO_ISOLATION="1") as srv:
+        _create(srv, tmp_path, "plain")
+        mark = uuid.uuid4().hex
+        _run_to_end(srv, f"pw-{mark[:6]}", [f"echo {mark} > /data/x", "id -u"], ["plain:/data"])
+        assert "0\n" in _output(srv, f"pw-{mark[:6]}")  # ran as the agent's user: not isolated
+        out = _run_to_end(srv, f"pr-{mark[:6]}", ["cat /elsewhere/x"], ["plain:/elsewhere"])
+        assert mark in out, out
+        assert not Path("/data/x").exists()  # the mount was the job's alone
