@@ -36,6 +36,7 @@ SUPPORTED_PYTHONS = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
 RetryEvent = Literal["no-capacity", "interruption", "error"]
 ALL_RETRY_EVENTS: tuple[RetryEvent, ...] = ("no-capacity", "interruption", "error")
 SpotPolicy = Literal["spot", "on-demand", "auto"]
+MAX_STOP_DURATION = 24 * 3600
 
 
 class FieldValueError(ValueError):
@@ -346,6 +347,8 @@ class BaseRunConfiguration(BaseModel):
     registry_auth: RegistryAuth | None = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_duration: DurationOrOff | None = None
+    #: how long a stopping job has between SIGTERM and SIGKILL (default 10 s)
+    stop_duration: DurationOrOff | None = None
     retry: Annotated[Retry | None, BeforeValidator(_retry)] = None
     spot_policy: SpotPolicy | None = None
     max_price: float | None = Field(default=None, gt=0, le=MAX_PLAIN_NUMBER)
@@ -397,6 +400,15 @@ class BaseRunConfiguration(BaseModel):
         if enabled:
             data["retry"] = {"duration": policy.get("limit")}
         return data
+
+    @field_validator("stop_duration")
+    @classmethod
+    def _stop_duration(cls, value: int | str | None) -> int | str | None:
+        if value == "off":
+            raise ValueError("stop_duration: off (waiting for ever) is not supported yet; give a duration, e.g. 5m")
+        if isinstance(value, int) and value > MAX_STOP_DURATION:
+            raise ValueError(f"stop_duration cannot exceed {MAX_STOP_DURATION} seconds")
+        return value
 
     @field_validator("name")
     @classmethod

@@ -30,7 +30,6 @@ RUN_FIELDS: dict[str, tuple[Any, ...]] = {
     "availability_zones": (None, []),
     "instance_types": (None, []),
     "reservation": (None,),
-    "stop_duration": (None,),
     "creation_policy": (None, "reuse-or-create"),
     "idle_duration": (None,),
     "utilization_policy": (None,),

@@ -51,6 +51,7 @@ def build_job_spec(run_name: str, conf: BaseRunConfiguration, replica_num: int, 
         ports=job_ports(conf),
         requirements=conf.resources.model_dump(mode="json"),
         max_duration=max_duration,
+        stop_grace_seconds=conf.stop_duration if isinstance(conf.stop_duration, int) else 10,
         engine=getattr(conf, "engine", None) is not None,
     )
 
