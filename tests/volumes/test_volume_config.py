@@ -86,3 +86,13 @@ def test_mount_script_holds_sources_then_binds_targets() -> None:
     assert "mount --rbind '/srv/vol one' /run/dstack-agent/mounts/0" in first
     assert last == ["mkdir -p /data", "mount --rbind /run/dstack-agent/mounts/0 /data"]
     assert wrap_plain(["true"], []) == ["true"]  # no volumes: no namespace
+
+
+def test_runs_with_named_volumes_stay_on_the_servers_host() -> None:
+    from dstack.server.services.offers import placement_mismatch
+
+    named = parse_run_configuration({"type": "task", "commands": ["true"], "volumes": ["data:/data"]})
+    host_dir = parse_run_configuration({"type": "task", "commands": ["true"], "volumes": ["/srv:/srv"]})
+    assert placement_mismatch(named, "local", "local", 0) is None
+    assert "volumes live on the server's host" in (placement_mismatch(named, "ssh", "my-fleet", 0) or "")
+    assert placement_mismatch(host_dir, "ssh", "my-fleet", 0) is None  # a host path is on whichever host
