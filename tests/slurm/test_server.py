@@ -107,3 +107,62 @@ def test_pending_shows_slurm_reason_and_stop_cancels(slurm_server: ServerProcess
     assert run.status == RunStatus.TERMINATED, run.status
     assert slurm_cluster.job_field(slurm_id, "JobState") == "CANCELLED"
     slurm_cluster.cli("scancel", blocker)
+
+
+def _wait_status(run, statuses, timeout: float = 60):  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run.refresh()
+        if run.status in statuses:
+            return run
+        time.sleep(0.3)
+    raise AssertionError(f"run {run.name} is {run.status}, not in {statuses}")
+
+
+def test_server_restart_reattaches_to_running_slurm_job(
+    slurm_server: ServerProcess, slurm_cluster: SlurmCluster
+) -> None:
+    client = slurm_server.client()
+    task = Task(
+        commands=["for i in $(seq 1 40); do echo tick-$i; sleep 0.25; done"], backends=["slurm"], resources=SMALL
+    )
+    run = client.runs.submit(task, run_name="slurm-restart")
+    _wait_status(run, {RunStatus.RUNNING})
+    slurm_server.kill()  # SIGKILL: the Slurm job and its agent keep running
+    slurm_server.start()
+    run = slurm_server.client().runs.get("slurm-restart")
+    output = b"".join(run.logs()).decode()
+    run.refresh()
+    assert run.status == RunStatus.DONE, (run.status, run.error, output, slurm_server.logs())
+    ticks = [line for line in output.splitlines() if line.startswith("tick-")]
+    assert ticks == [f"tick-{i}" for i in range(1, 41)], output  # every line once
+    _slurm_job_of(slurm_cluster, run.jobs[0].job_submissions[-1].id)  # submitted once
+
+
+def test_node_failure_ends_the_job_and_retry_resubmits(
+    slurm_server: ServerProcess, slurm_cluster: SlurmCluster
+) -> None:
+    client = slurm_server.client()
+    task = Task(
+        commands=["hostname", "sleep 15", "echo finished"],
+        backends=["slurm"],
+        resources=SMALL,
+        retry={"on_events": ["interruption"], "duration": "10m"},
+    )
+    run = client.runs.submit(task, run_name="slurm-node-fail")
+    _wait_status(run, {RunStatus.RUNNING})
+    first = run.jobs[0].job_submissions[-1]
+    node = next(n for n in slurm_cluster.nodes if n.name == first.job_provisioning_data.hostname)
+    slurm_cluster.kill_node(node)  # slurmd and everything in its namespace, the agent included
+    try:
+        run = _wait_status(run, {RunStatus.DONE, RunStatus.FAILED, RunStatus.TERMINATED}, timeout=150)
+        subs = run.jobs[0].job_submissions
+        assert run.status == RunStatus.DONE, (run.status, run.error, subs, slurm_server.logs())
+        assert len(subs) >= 2, subs
+        assert subs[0].termination_reason == "instance_unreachable", subs[0]
+        assert subs[-1].job_provisioning_data.hostname != node.name
+        output = b"".join(run.logs()).decode()
+        assert "finished" in output, output
+    finally:
+        slurm_cluster.start_node(node)
+        slurm_cluster.wait_nodes_idle(timeout=60)
