@@ -80,6 +80,11 @@ def _ssh(env: dict[str, str], run: str, command: str, timeout: float = 60) -> An
     )
 
 
+def _wait_ssh(env: dict[str, str], run: str) -> None:
+    """Until the SSH server answers: a job is `running` while its `init` still runs, before it starts."""
+    wait_until(lambda: _ssh(env, run, "true").returncode == 0, 120, 0.5, f"the SSH server of {run}")
+
+
 def _status(server: Any, run: str) -> str:
     return str(server.client().runs.get(run).status.value)
 
@@ -129,6 +134,7 @@ def test_ssh_lands_in_the_jobs_environment(server: Any, home: dict[str, str], tm
         assert spec.ssh_key_pub == key.with_name("id_rsa.pub").read_text().strip()
         assert "PRIVATE" not in str(spec.model_dump())
 
+        _wait_ssh(home, run)
         done = _ssh(
             home,
             run,
@@ -177,6 +183,9 @@ def test_attach_forwards_a_tasks_port(server: Any, home: dict[str, str], tmp_pat
                 return ""
 
         assert token in wait_until(page, 120, 0.5, "the forwarded port to answer")
+        # the tunnel reaches only the ports the job declares (a host job's address is the host's own)
+        other = _dstack(home, "tunnel", "--port", "22", run, timeout=60)
+        assert other.returncode != 0 and "port 22 is not one of the run's ports" in other.stderr, other.stderr
     finally:
         out = _stop(home, proc, run)
     assert f"Port 8000 of the job is at localhost:{local}" in out, out
@@ -193,6 +202,7 @@ def test_inactivity_duration_stops_an_unused_dev_environment(server: Any, home: 
         wait_until(lambda: _status(server, run) == "running", 180, 0.5, f"{run} to run")
         attach = _popen(home, "attach", run, "--no-logs")
         wait_until(lambda: config.exists() and f"Host {run}" in config.read_text(), 60, 0.5, "the ssh host entry")
+        _wait_ssh(home, run)
         # an open session keeps it up past the limit ...
         held = subprocess.Popen(
             ["ssh", "-F", str(config), "-o", "BatchMode=yes", run, "sleep 16; echo still-here"],

@@ -22,6 +22,7 @@ from dstack.cli.views import run_error
 
 POLL_SECONDS = 0.5
 FINISH_WAIT_SECONDS = 60.0
+SSH_READY_SECONDS = 1800.0  # how long a dev environment's `init` may take before its link is printed anyway
 
 
 def _refresh(run: Any) -> str:
@@ -111,18 +112,28 @@ def attach_dev_environment(run: Any, project: str) -> None:
 
     config = write_host(run.name, project)
     out = console()
-    out.print(f"To open an SSH session, run: [bold]ssh {escape(run.name)}[/]")
     ide = run.run_spec.configuration.get("ide") or "vscode"
-    try:
-        pwd = subprocess.run(
-            ["ssh", "-F", str(config), run.name, "pwd"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            stdin=subprocess.DEVNULL,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pwd = ""
+    pwd = ""
+    deadline = time.monotonic() + SSH_READY_SECONDS
+    # `init` runs before the SSH server starts: wait until it answers (or the run ends)
+    while time.monotonic() < deadline:
+        try:
+            done = subprocess.run(
+                ["ssh", "-F", str(config), "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", run.name, "pwd"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            break
+        if done.returncode == 0:
+            pwd = done.stdout.strip()
+            break
+        if _is_finished(run.refresh()):
+            return
+        time.sleep(POLL_SECONDS * 2)
+    out.print(f"To open an SSH session, run: [bold]ssh {escape(run.name)}[/]")
     out.print(
         f"To open it in {'Cursor' if ide == 'cursor' else 'VS Code'}, use: "
         f"[bold]{escape(ide)}://vscode-remote/ssh-remote+{escape(run.name)}{escape(pwd if pwd.startswith('/') else '')}[/]"

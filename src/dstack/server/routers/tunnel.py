@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from dstack.agent.devenv import ssh_port
-from dstack.core.models.runs import JobProvisioningData, JobStatus, JobTerminationReason, RunStatus, RunType
+from dstack.core.models.runs import JobProvisioningData, JobSpec, JobStatus, JobTerminationReason, RunStatus, RunType
 from dstack.core.tokens import bearer_token
 from dstack.server.db import Database, get_database
 from dstack.server.models import JobModel, RunModel
@@ -37,8 +37,9 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/project/{project_name}/runs", tags=["runs"])
 CHUNK = 65536
 CHECK_SECONDS = 1.0
-#: WebSocket close codes: 4401 no valid token, 4403 no access, 4404 nothing to reach, 4502 connect failed
-CLOSE_AUTH, CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_UNREACHABLE = 4401, 4403, 4404, 4502
+#: WebSocket close codes: 4401 no valid token, 4403 no access, 4404 nothing to reach, 4400 a port the
+#: job does not declare, 4502 connect failed
+CLOSE_AUTH, CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_PORT, CLOSE_UNREACHABLE = 4401, 4403, 4404, 4400, 4502
 
 
 class Sessions:
@@ -93,6 +94,9 @@ async def _target(
             if run.run_type != RunType.DEV_ENVIRONMENT:
                 return CLOSE_NOT_FOUND, "", "", 0
             port = ssh_port(job.id)
+        elif port not in JobSpec.model_validate_json(job.job_spec).ports:
+            # only what the job declares: a host-network job's address is the host's own 127.0.0.1
+            return CLOSE_PORT, "", "", 0
         jpd = JobProvisioningData.model_validate_json(job.job_provisioning_data)
         url = urlsplit(await fleets.replica_url(jpd, port))
         return 0, run.id, url.hostname or "127.0.0.1", url.port or port
@@ -116,6 +120,7 @@ async def tunnel(
             CLOSE_AUTH: "invalid or missing token",
             CLOSE_FORBIDDEN: f"project '{project_name}' does not exist or you are not a member of it",
             CLOSE_NOT_FOUND: f"run '{run_name}' has no running job to reach" + ("" if port else " over SSH"),
+            CLOSE_PORT: f"port {port} is not one of the run's ports",
         }
         await _refuse(websocket, code, reasons[code])
         return
@@ -206,7 +211,12 @@ class InactivityWatch:
                 .where(RunModel.run_type == RunType.DEV_ENVIRONMENT, RunModel.status == RunStatus.RUNNING)
                 .options(selectinload(RunModel.jobs))
             )
-            for run in result.scalars():
+            runs = list(result.scalars())
+            running = {run.id for run in runs}
+            for table in (self.first_seen, self.sessions.last_closed):
+                for run_id in [r for r in table if r not in running]:
+                    del table[run_id]
+            for run in runs:
                 limit = json.loads(run.run_spec).get("configuration", {}).get("inactivity_duration")
                 if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
                     continue
