@@ -41,7 +41,7 @@ async def _active_endpoint_run(session: AsyncSession, endpoint_id: str) -> RunMo
                     RunModel.run_name == endpoint_id,
                     RunModel.run_type == RunType.SERVERLESS,
                     RunModel.deleted.is_(False),
-                    RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]),
+                    RunModel.status.notin_(RunStatus.finished_statuses()),
                 )
             )
         )
@@ -77,11 +77,7 @@ class JobWorkerLauncher:
     async def stop_worker(self, endpoint_id: str, worker_id: str) -> None:
         async def stop() -> None:
             job = (await session.execute(select(JobModel).where(JobModel.job_name == worker_id))).scalar_one_or_none()
-            if (
-                job is not None
-                and not JobStatus(job.status).is_finished()
-                and job.status != JobStatus.TERMINATING.value
-            ):
+            if job is not None and not job.status.is_finished() and job.status != JobStatus.TERMINATING:
                 mark_job_terminating(job, JobTerminationReason.SCALED_DOWN)
                 await session.commit()
 
@@ -151,7 +147,7 @@ class ServerlessBridge:
                     select(JobModel.run_id, JobModel.job_name, JobModel.status).where(JobModel.job_name.in_(ids))
                 )
             ).all()
-        for run_id in {r.run_id for r in rows if JobStatus(r.status).is_finished()}:
+        for run_id in {r.run_id for r in rows if r.status.is_finished()}:
             await self.on_run_changed(run_id)
 
     async def on_run_submitted(self, run: RunModel) -> None:
@@ -167,7 +163,7 @@ class ServerlessBridge:
                             RunModel.run_name == run.run_name,
                             RunModel.id != run.id,
                             RunModel.deleted.is_(False),
-                            RunModel.status.notin_([s.value for s in RunStatus.finished_statuses()]),
+                            RunModel.status.notin_(RunStatus.finished_statuses()),
                         )
                     )
                 )
@@ -202,9 +198,9 @@ class ServerlessBridge:
             finished = [
                 (j.job_name, j.termination_reason or j.status)
                 for j in jobs
-                if JobStatus(j.status).is_finished() and j.job_name not in self._reported
+                if j.status.is_finished() and j.job_name not in self._reported
             ]
-            stopping = run.status in (RunStatus.TERMINATING.value,) or RunStatus(run.status).is_finished()
+            stopping = run.status == RunStatus.TERMINATING or run.status.is_finished()
             name = run.run_name
         for worker_id, reason in finished:
             self._reported.add(worker_id)
