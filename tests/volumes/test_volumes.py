@@ -203,3 +203,32 @@ def test_volumes_without_job_isolation(tmp_path: Path) -> None:
         out = _run_to_end(srv, f"pr-{mark[:6]}", ["cat /elsewhere/x"], ["plain:/elsewhere"])
         assert mark in out, out
         assert not Path("/data/x").exists()  # the mount was the job's alone
+
+
+def test_the_size_is_enforced_where_the_host_can(server: ServerProcess, tmp_path: Path) -> None:
+    from dstack.agent import volume_image
+
+    why = volume_image.why_not_enforced()
+    if why is not None:
+        pytest.skip(f"sizes cannot be enforced here: {why}")
+    _create(server, tmp_path, "tiny", extra="")  # 1GB: enforced, listed so
+    assert "1GB" in _cli(server, "volume").stdout and "not enforced" not in _cli(server, "volume").stdout
+    r = _api(server, f"{BASE}/create", {"configuration": {"type": "volume", "name": "small", "size": "16MB"}})
+    assert r.status_code == 200 and r.json()["size_enforced"] is True, r.text
+    name = f"fill-{uuid.uuid4().hex[:6]}"
+    out = _run_to_end(
+        server,
+        name,
+        [
+            "dd if=/dev/zero of=/data/a bs=1M count=8 2>/dev/null && echo first-fits",
+            "dd if=/dev/zero of=/data/b bs=1M count=32 2>&1 | grep -o 'No space left on device' | head -1",
+            "df -k /data | tail -1",
+        ],
+        ["small:/data"],
+    )
+    assert "first-fits" in out and "No space left on device" in out, out
+    volume_id = _api(server, f"{BASE}/get", {"name": "small"}).json()["id"]
+    data_dir = next(server.home.rglob(f"volumes/{volume_id}"))
+    assert os.path.ismount(data_dir)
+    assert _api(server, f"{BASE}/delete", {"names": ["small", "tiny"]}).status_code == 200
+    assert not data_dir.exists() and not volume_image.image_path(data_dir).exists()

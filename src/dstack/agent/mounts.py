@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dstack.agent import volume_image
 from dstack.core.models.volumes import check_absolute_path, check_job_path
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -85,6 +86,8 @@ def resolve(home: Path, mounts: list[AgentMount], owner: tuple[int, int] | None)
                 volumes_dir(home).mkdir(parents=True, exist_ok=True)
                 os.chmod(volumes_dir(home), 0o711)  # users enter their own volume, nobody lists them
                 src.mkdir(mode=0o700, exist_ok=True)
+                if volume_image.ensure_mounted(src):  # a sized volume: its filesystem image
+                    os.chmod(src, 0o700)
                 if owner is not None and src.lstat().st_uid != owner[0]:
                     os.chown(src, owner[0], owner[1], follow_symlinks=False)
             except OSError as e:

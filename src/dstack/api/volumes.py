@@ -20,6 +20,8 @@ class Volume:
     shared: bool
     external: bool
     created_at: str
+    #: the size is a real limit (a filesystem image of that size); False: only recorded
+    size_enforced: bool = False
     #: runs not yet finished that have it attached
     attached_to: list[str] = field(default_factory=list)
 
@@ -34,6 +36,7 @@ class Volume:
             shared=bool(d.get("shared")),
             external=bool(d.get("external")),
             created_at=str(d.get("created_at", "")),
+            size_enforced=bool(d.get("size_enforced")),
             attached_to=list(d.get("attached_to") or []),
         )
 

@@ -289,7 +289,7 @@ class VolumeModel(Base):
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(100))
     backend: Mapped[str] = mapped_column(String(20))
-    size_gb: Mapped[float | None] = mapped_column(Float, nullable=True)  # recorded, not enforced on local
+    size_gb: Mapped[float | None] = mapped_column(Float, nullable=True)  # enforced where root (volume_image)
     #: an existing directory of the host registered as the volume (`volume_id`); None: one of ours
     external_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     shared: Mapped[bool] = mapped_column(Boolean, default=False)

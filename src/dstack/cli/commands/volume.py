@@ -44,8 +44,10 @@ def is_volume_file(path: str) -> bool:
     return isinstance(data, dict) and data.get("type") == "volume"
 
 
-def _size(size_gb: float | None) -> str:
-    return "-" if size_gb is None else f"{size_gb:g}GB"
+def _size(size_gb: float | None, enforced: bool = True) -> str:
+    if size_gb is None:
+        return "-"
+    return f"{size_gb:g}GB" + ("" if enforced else " (not enforced)")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -59,7 +61,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         [
             (v.name, "bold"),
             (v.backend, ""),
-            (_size(v.size_gb), ""),
+            (_size(v.size_gb, v.size_enforced), ""),
             ("shared" if v.shared else "-", ""),
             (", ".join(v.attached_to) or "-", ""),
             (v.created_at[:19].replace("T", " "), "grey62"),
@@ -98,6 +100,6 @@ def apply_volume(args: argparse.Namespace, path: str) -> int:
     conf = load_configuration(path)
     assert isinstance(conf, VolumeConfiguration)
     volume = get_client(args.project).volumes.create(conf)
-    size = f", {_size(volume.size_gb)}" if volume.size_gb is not None else ""
+    size = f", {_size(volume.size_gb, volume.size_enforced)}" if volume.size_gb is not None else ""
     console().print(f"[green]OK[/] volume [bold]{escape(volume.name)}[/] ready ({volume.backend}{size})")
     return 0

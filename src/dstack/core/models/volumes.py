@@ -4,8 +4,9 @@ A volume configuration follows dstack's shape (`name`, `backend`, `region`, `siz
 for an existing volume). Only `backend: local` (the server's own host) exists yet; `ssh` (fleet
 hosts) is refused as not yet supported and any other backend as unknown here. On `local` a volume
 is a directory under the local agent's data dir; `volume_id` registers an existing directory of
-the host instead (an absolute path, never deleted by `dstack volume delete`). `size` is recorded
-and shown, not enforced (no quota: see docs/architecture.md, Volumes). `shared: true` lets several
+the host instead (an absolute path, never deleted by `dstack volume delete`). `size` is a hard
+limit where the server runs as root (agent/volume_image.py), else recorded and shown as not
+enforced (docs/architecture.md, Volumes). `shared: true` lets several
 runs attach the volume at once; otherwise one run at a time.
 
 A run mounts volumes with `volumes:` entries, each either a named volume (`NAME:/job/path` or

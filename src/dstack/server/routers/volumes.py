@@ -52,13 +52,14 @@ def _configuration(data: dict[str, Any]) -> VolumeConfiguration:
 
 @router.post("/list")
 async def list_volumes(
+    request: Request,
     member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> list[dict[str, Any]]:
     _, project = member
     attached = await volumes.attachments(session, project.id)
     return [
-        volumes.volume_to_wire(v, project.name, attached.get(v.name, []))
+        volumes.volume_to_wire(v, project.name, attached.get(v.name, []), _server_dir(request))
         for v in await volumes.list_volumes(session, project)
     ]
 
@@ -66,13 +67,14 @@ async def list_volumes(
 @router.post("/get")
 async def get_volume(
     body: GetVolumeRequest,
+    request: Request,
     member: tuple[UserModel, ProjectModel] = Depends(require_project_member),
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
     _, project = member
     volume = await volumes.get_volume(session, project, body.name)
     attached = await volumes.attachments(session, project.id)
-    return volumes.volume_to_wire(volume, project.name, attached.get(volume.name, []))
+    return volumes.volume_to_wire(volume, project.name, attached.get(volume.name, []), _server_dir(request))
 
 
 @router.post("/create")
@@ -85,7 +87,7 @@ async def create_volume(
     _, project = member
     volume = await volumes.create_volume(session, project, _configuration(body.configuration), _server_dir(request))
     attached = await volumes.attachments(session, project.id)
-    return volumes.volume_to_wire(volume, project.name, attached.get(volume.name, []))
+    return volumes.volume_to_wire(volume, project.name, attached.get(volume.name, []), _server_dir(request))
 
 
 @router.post("/delete")

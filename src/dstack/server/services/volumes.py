@@ -2,8 +2,9 @@
 
 A `local` volume lives on the server's own host: a directory `<local agent home>/volumes/<id>`
 (the local agent's data dir; the agent mounts it into jobs, agent/mounts.py), or, registered with
-`volume_id`, an existing directory of the host, which delete leaves in place. `size` is recorded
-and listed; no quota enforces it (documented in docs/architecture.md, Volumes).
+`volume_id`, an existing directory of the host, which delete leaves in place. `size` is enforced
+by an ext4 image of that size loop-mounted on the directory where the server is root
+(agent/volume_image.py); elsewhere it is only recorded (`size_enforced: false`).
 
 Attachment is read from the runs: a volume is attached to every run not yet finished whose
 configuration names it. So nothing needs releasing when a run ends, a run's stop frees its
@@ -14,9 +15,10 @@ a run cannot be deleted.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dstack.agent import volume_image
 from dstack.agent.models import AgentJobSubmission
 from dstack.core.models.configurations import BaseRunConfiguration
 from dstack.core.models.runs import RunStatus
@@ -134,9 +137,11 @@ async def create_volume(
         path = local_volume_dir(server_dir, volume.id)
         try:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as e:
+            if volume.size_gb is not None and volume_image.why_not_enforced() is None:
+                await asyncio.to_thread(volume_image.create, path, int(volume.size_gb * 1024**3))
+        except (OSError, subprocess.SubprocessError) as e:
             await session.rollback()
-            raise InvalidRequest(f"cannot create the volume's directory on the server's host: {e}") from e
+            raise InvalidRequest(f"cannot create the volume's storage on the server's host: {e}") from e
     await session.commit()
     return volume
 
@@ -156,7 +161,7 @@ async def delete_volumes(session: AsyncSession, project: ProjectModel, names: li
     await session.commit()
     for volume in volumes:
         if volume.external_path is None:
-            shutil.rmtree(local_volume_dir(server_dir, volume.id), ignore_errors=True)
+            await asyncio.to_thread(volume_image.remove, local_volume_dir(server_dir, volume.id))
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -204,8 +209,15 @@ async def agent_mounts(session: AsyncSession, project_id: str, conf: BaseRunConf
     return out
 
 
-def volume_to_wire(volume: VolumeModel, project_name: str, attached_to: list[str]) -> dict[str, Any]:
-    """dstack's volume shape, with what this server adds (`attached_to`, `shared`, `path` when external)."""
+def size_enforced(server_dir: Path, volume: VolumeModel) -> bool:
+    """Whether the volume's size is a real limit (a filesystem image of that size backs it)."""
+    return volume.external_path is None and volume_image.image_path(local_volume_dir(server_dir, volume.id)).exists()
+
+
+def volume_to_wire(
+    volume: VolumeModel, project_name: str, attached_to: list[str], server_dir: Path | None = None
+) -> dict[str, Any]:
+    """dstack's volume shape, with what this server adds (`attached_to`, `shared`, `size_enforced`)."""
     return {
         "id": volume.id,
         "name": volume.name,
@@ -221,6 +233,7 @@ def volume_to_wire(volume: VolumeModel, project_name: str, attached_to: list[str
         "attachments": [{"run_name": r} for r in attached_to],
         "attached_to": attached_to,
         "shared": volume.shared,
+        "size_enforced": server_dir is not None and size_enforced(server_dir, volume),
     }
 
 
