@@ -29,6 +29,7 @@ from dstack.core.models.runs import InstanceResources, InstanceStatus, JobProvis
 from dstack.server import crypto
 from dstack.server import errors as _errors
 from dstack.server.backends.ssh.backend import HostUnreachable, SSHBackend, connect_and_probe
+from dstack.server.backends.ssh.bundle import AgentBundle, agent_bundle
 from dstack.server.backends.ssh.connection import Endpoint, Target
 from dstack.server.backends.ssh.probe import HostProbe
 from dstack.server.db import Database
@@ -149,6 +150,7 @@ class FleetManager:
         self.backend = backend
         self._attaching: dict[str, asyncio.Task[None]] = {}  # instance id -> attach in progress
         self._loop: asyncio.Task[None] | None = None
+        self._prebuild: asyncio.Task[AgentBundle] | None = None
 
     # --- bringing hosts up ----------------------------------------------------------------
 
@@ -157,12 +159,16 @@ class FleetManager:
         _forwarder = self.backend
         await self._attach_pending()
         self._loop = asyncio.create_task(self._retry_loop(), name="fleet-hosts")
+        # Built now (seconds of CPU) so the first host of a fleet does not wait for it.
+        self._prebuild = asyncio.create_task(asyncio.to_thread(agent_bundle), name="agent-bundle")
 
     async def stop(self) -> None:
         global _forwarder
         if _forwarder is self.backend:
             _forwarder = None
-        tasks = [t for t in [self._loop, *self._attaching.values()] if t is not None]
+        tasks: list[asyncio.Task[Any]] = [
+            t for t in [self._loop, self._prebuild, *self._attaching.values()] if t is not None
+        ]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
