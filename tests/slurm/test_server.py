@@ -166,3 +166,34 @@ def test_node_failure_ends_the_job_and_retry_resubmits(
     finally:
         slurm_cluster.start_node(node)
         slurm_cluster.wait_nodes_idle(timeout=60)
+
+
+def test_restart_while_pending_submits_once(slurm_server: ServerProcess, slurm_cluster: SlurmCluster) -> None:
+    blocker = slurm_cluster.cli("sbatch", "--parsable", "--gres=gpu:1", "--wrap", "sleep 300").stdout.strip()
+    deadline = time.time() + 30
+    while time.time() < deadline and slurm_cluster.job_field(blocker, "JobState") != "RUNNING":
+        time.sleep(0.3)
+    client = slurm_server.client()
+    task = Task(
+        commands=["echo ran-once"], backends=["slurm"], resources=Resources(cpu=1, memory="1GB", disk="1GB..", gpu=1)
+    )
+    run = client.runs.submit(task, run_name="slurm-pending-restart")
+    deadline = time.time() + 40
+    while time.time() < deadline:
+        run.refresh()
+        subs = run.jobs[0].job_submissions
+        jpd = subs[-1].job_provisioning_data if subs else None
+        if jpd is not None and "PENDING" in jpd.instance_name:
+            break
+        time.sleep(0.3)
+    job_id = run.jobs[0].job_submissions[-1].id
+    _slurm_job_of(slurm_cluster, job_id)
+    slurm_server.kill()
+    slurm_server.start()  # finds the pending Slurm job by its name instead of submitting another
+    slurm_cluster.cli("scancel", blocker)
+    run = slurm_server.client().runs.get("slurm-pending-restart")
+    output = b"".join(run.logs()).decode()
+    run.refresh()
+    assert run.status == RunStatus.DONE, (run.status, run.error, output, slurm_server.logs())
+    assert "ran-once" in output
+    _slurm_job_of(slurm_cluster, job_id)  # still exactly one Slurm job for the dstack job
