@@ -45,6 +45,8 @@ from dstack.server.services.runs import parse_configuration
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
+#: `sinfo` at most this often per cluster (placement reads the cached shapes)
+SHAPES_MAX_AGE_SECONDS = 5.0
 _INSTANCE_NAME = re.compile(r"^slurm-(\d+)-")
 ACTIVE_JOB = [s for s in JobStatus if not s.is_finished()]
 
@@ -269,7 +271,7 @@ class SlurmAllocations:
     async def _run(self) -> None:
         while not self._stopping:
             try:
-                await self.backends.refresh()
+                await self.backends.refresh(max_age=SHAPES_MAX_AGE_SECONDS)
                 await self.reconcile()
             except asyncio.CancelledError:
                 raise
