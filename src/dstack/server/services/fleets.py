@@ -159,8 +159,8 @@ class FleetManager:
         _forwarder = self.backend
         await self._attach_pending()
         self._loop = asyncio.create_task(self._retry_loop(), name="fleet-hosts")
-        # Built now (seconds of CPU) so the first host of a fleet does not wait for it.
-        self._prebuild = asyncio.create_task(asyncio.to_thread(agent_bundle), name="agent-bundle")
+        # The agent bundle is built when a plan is asked (not at every server start: seconds of
+        # CPU most servers never need), so it is ready by the time the hosts are confirmed.
 
     async def stop(self) -> None:
         global _forwarder
@@ -227,6 +227,8 @@ class FleetManager:
 
     async def plan(self, session: AsyncSession, project: ProjectModel, conf: FleetConfiguration) -> dict[str, Any]:
         """What applying would do, with what each new host offers (probed now over SSH)."""
+        if self._prebuild is None:  # the agent bundle, built while the hosts are probed and confirmed
+            self._prebuild = asyncio.create_task(asyncio.to_thread(agent_bundle), name="agent-bundle")
         _check_conf(conf)
         name = conf.name or ""
         fleet = await _active_fleet(session, project, name) if name else None
