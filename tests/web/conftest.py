@@ -13,8 +13,10 @@ def chromium_path() -> str | None:
     return os.environ.get("DSTACK_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def browser():
+    # per test: Playwright's sync API runs an event loop in this thread while it is open, and the next
+    # module-scoped server (PostgreSQL: tests/pg.py's asyncio.run) must not be set up inside it
     path = chromium_path()
     if path is None:
         pytest.skip("the dashboard's browser tests need Chromium (apt-get install chromium, or DSTACK_TEST_CHROMIUM)")
