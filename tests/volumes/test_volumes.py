@@ -191,6 +191,7 @@ def test_a_container_job_sees_the_volume(server: ServerProcess, tmp_path: Path) 
     assert mark in out, out
 
 
+@pytest.mark.slow  # starts its own server/agent process
 def test_volumes_without_job_isolation(tmp_path: Path) -> None:
     """A root agent whose jobs are not isolated still gives each job its own mount namespace."""
     if os.geteuid() != 0:
