@@ -67,15 +67,15 @@ IMPLEMENTED = {
     "version": "tests.core.test_configurations::test_dev_environment",
     "init": "tests.core.test_configurations::test_dev_environment",
     "inactivity_duration": "tests.core.test_configurations::test_dev_environment",
+    "shell": "tests.compat.test_shell_entrypoint::test_host_jobs_run_with_their_shell",
+    "entrypoint": "tests.compat.test_shell_entrypoint::test_host_entrypoint_gets_the_commands_as_arguments",
 }
 
 #: a value other than "not set" for each unsupported field
 SET_VALUES = {
     "user": "ubuntu",
     "privileged": True,
-    "entrypoint": "/bin/bash -c",
     "home_dir": "/home/ubuntu",
-    "shell": "bash",
     "nvcc": True,
     "single_branch": True,
     "docker": True,

@@ -122,7 +122,11 @@ class ContainerRuntime:
         for key, value in c.env_by_value.items():
             argv += ["--env", f"{key}={value}"]
         argv += self.gpu_args(c.gpus)
-        if c.script is not None:
+        if c.entrypoint:  # dstack's `entrypoint`: its first word replaces the image's, the rest lead the args
+            argv += ["--entrypoint", c.entrypoint[0], c.image, *c.entrypoint[1:], *c.args]
+        elif c.script is not None and c.shell is not None:
+            argv += ["--entrypoint", container_shell(c.shell), c.image, SCRIPT_PATH]
+        elif c.script is not None:
             argv += ["--entrypoint", "/bin/sh", c.image, "-c", SHELL_WRAPPER, SCRIPT_PATH]
         else:
             argv += [c.image, *c.args]
@@ -171,6 +175,13 @@ class ContainerSpec:
     gpus: list[int] = field(default_factory=list)
     stop_grace: float = 10
     volumes: list[str] = field(default_factory=list)  # `-v SRC:DST` arguments (agent.mounts)
+    shell: str | None = None  # the configuration's `shell`; None: bash when the image has it, else sh
+    entrypoint: list[str] | None = None  # the configuration's `entrypoint`, split into words
+
+
+def container_shell(shell: str) -> str:
+    """dstack's `shell` inside an image: `sh` and `bash` are /bin's, anything else an absolute path."""
+    return {"sh": "/bin/sh", "bash": "/bin/bash"}.get(shell, shell)
 
 
 # -- naming and paths --------------------------------------------------------------------------

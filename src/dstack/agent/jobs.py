@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import tarfile
@@ -295,7 +296,7 @@ class Job:
                     logger.warning("job %s: no warm start: %s", spec.job_id, e)
             if spec.worker_site:
                 env = with_worker_site(env)
-            argv = ["bash", "--noprofile", "--norc", str(script)]
+            argv = runner.job_argv(spec.shell, spec.entrypoint, spec.commands, script)
             if user is not None:  # GPUs: /dev/nvidia* must be usable by other users (0666, the default)
                 extra = [p for p in (self._python_prefix,) if p is not None]
                 argv = self.manager.isolation.wrap(argv, user, self.manager.isolation.exposures(extra), self.binds)
@@ -311,8 +312,10 @@ class Job:
             code_dir=self.repo_dir,
             workdir=containers.container_workdir(spec.working_dir),
             network=containers.network_arg(NETNS_DIR / self.netns.netns if self.netns is not None else None),
-            script=script if (spec.commands or spec.setup) else None,
-            args=list(spec.args),
+            script=script if (spec.commands or spec.setup) and spec.entrypoint is None else None,
+            args=list(spec.commands) if spec.entrypoint is not None else list(spec.args),
+            shell=spec.shell,
+            entrypoint=shlex.split(spec.entrypoint) if spec.entrypoint is not None else None,
             env_by_name=by_name,
             env_by_value=by_value,
             gpus=list(spec.gpus),

@@ -70,6 +70,16 @@ def job_env(spec_env: dict[str, str], venv_dir: Path | None, gpus: list[int], pi
     return env
 
 
+def job_argv(shell: str | None, entrypoint: str | None, commands: list[str], script: Path) -> list[str]:
+    """A host job's command line: its `entrypoint` with the commands as arguments (no shell, as
+    dstack runs it), else the script under `shell` (`sh`, `bash`, an absolute path; default bash)."""
+    if entrypoint is not None:
+        return [*shlex.split(entrypoint), *commands]
+    if shell is None or shell == "bash":
+        return ["bash", "--noprofile", "--norc", str(script)]
+    return ["/bin/sh" if shell == "sh" else shell, str(script)]
+
+
 def write_script(path: Path, setup: list[str], commands: list[str], setup_lock: Path | None = None) -> None:
     """One bash script: setup then commands, stopping at the first failing line with its status.
 

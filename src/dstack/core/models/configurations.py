@@ -9,6 +9,8 @@ classes under the names dstack's Python API uses.
 from __future__ import annotations
 
 import difflib
+import os
+import shlex
 import types
 import typing
 from collections.abc import Mapping
@@ -328,6 +330,26 @@ _NULL_MEANS_DEFAULT = frozenset(
 )
 
 
+def validate_shell(value: str) -> str:
+    """dstack's `shell`: `sh`, `bash`, or the absolute path of a shell (no spaces: one program)."""
+    if value in ("sh", "bash"):
+        return value
+    if not value.startswith("/") or any(c.isspace() for c in value) or "\0" in value:
+        raise ValueError("shell must be sh, bash, or an absolute path to a shell, e.g. /usr/bin/zsh")
+    return os.path.normpath(value)
+
+
+def validate_entrypoint(value: str) -> str:
+    """dstack's `entrypoint`: shell words (e.g. `python -u`), at least one."""
+    try:
+        words = shlex.split(value)
+    except ValueError as e:
+        raise ValueError(f"entrypoint is not valid shell words: {e}") from e
+    if not words:
+        raise ValueError("entrypoint must name a program, e.g. 'python -u'")
+    return value
+
+
 class BaseRunConfiguration(BaseModel):
     """Fields every run type shares: what to run, where, and with which limits."""
 
@@ -360,6 +382,10 @@ class BaseRunConfiguration(BaseModel):
     volumes: Annotated[list[VolumeMountPoint | InstanceMountPoint], BeforeValidator(parse_mounts)] = Field(
         default_factory=list
     )
+    #: what runs the setup and commands: `sh`, `bash` or an absolute path (default: bash, else the image's sh)
+    shell: str | None = Field(default=None, max_length=MAX_PATH)
+    #: dstack's Docker-style entrypoint (shell words): run directly, with `commands` as its arguments
+    entrypoint: str | None = Field(default=None, max_length=MAX_PATH)
 
     @model_validator(mode="before")
     @classmethod
@@ -410,6 +436,16 @@ class BaseRunConfiguration(BaseModel):
             raise ValueError(f"stop_duration cannot exceed {MAX_STOP_DURATION} seconds")
         return value
 
+    @field_validator("shell")
+    @classmethod
+    def _shell(cls, value: str | None) -> str | None:
+        return None if value is None else validate_shell(value)
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, value: str | None) -> str | None:
+        return None if value is None else validate_entrypoint(value)
+
     @field_validator("name")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
@@ -419,6 +455,14 @@ class BaseRunConfiguration(BaseModel):
     def _check_common(self) -> BaseRunConfiguration:
         if self.image is not None and self.python is not None:
             raise FieldValueError("python", "python and image are mutually exclusive; set only one")
+        if self.entrypoint is not None and self.setup:
+            raise FieldValueError(
+                "entrypoint", "entrypoint runs without a shell, so setup cannot run before it; put setup in commands"
+            )
+        if self.entrypoint is not None and (self.type == "dev-environment" or getattr(self, "engine", None)):
+            raise FieldValueError("entrypoint", "entrypoint is for tasks and services that run their own commands")
+        if self.entrypoint is not None and self.shell is not None:
+            raise FieldValueError("shell", "shell and entrypoint are mutually exclusive: the entrypoint runs directly")
         return self
 
     def effective_retry(self) -> Retry | None:
@@ -435,7 +479,7 @@ class BaseRunConfiguration(BaseModel):
                     "commands", "commands and engine are mutually exclusive: the engine brings its own command"
                 )
             return
-        if not self.commands and self.image is None:
+        if not self.commands and self.image is None and self.entrypoint is None:
             raise FieldValueError(
                 "commands", "commands is required unless an image (with its own entrypoint) or an engine is set"
             )

@@ -194,6 +194,10 @@ class JobProcess(BaseModel):
     python: str | None = None
     image: str | None = None
     ports: list[int] = Field(default_factory=list)
+    #: the configuration's `shell` (`sh`, `bash`, an absolute path; None: bash, else sh)
+    shell: str | None = Field(default=None, max_length=4096)
+    #: the configuration's `entrypoint`: run directly, `commands` are its arguments
+    entrypoint: str | None = Field(default=None, max_length=4096)
 
 
 class JobSpec(JobProcess):

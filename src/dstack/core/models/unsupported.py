@@ -16,9 +16,7 @@ RUN_FIELDS: dict[str, tuple[Any, ...]] = {
     # container/job details
     "user": (None,),
     "privileged": (None, False),
-    "entrypoint": (None,),
     "home_dir": (None, "/root"),
-    "shell": (None,),
     "nvcc": (None, False),
     "single_branch": (None,),
     "docker": (None, False),

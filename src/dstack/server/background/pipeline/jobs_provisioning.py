@@ -66,6 +66,8 @@ def build_submission(
         "working_dir": spec.working_dir,
         "python": spec.python,
         "image": spec.image,
+        "shell": spec.shell,
+        "entrypoint": spec.entrypoint,
         "registry_auth": reveal_registry_auth(run_spec.configuration) if spec.image else None,
         "gpus": reservation.gpus,
         "ports": spec.ports,
