@@ -89,12 +89,14 @@ class SshRunner(CommandRunner):
         async with self._lock:
             if self._conn is None:
                 keys = [os.path.expanduser(self.login.identity_file)] if self.login.identity_file else None
+                known = os.path.expanduser(self.login.known_hosts or "~/.ssh/known_hosts")
                 try:
                     self._conn = await asyncssh.connect(
                         self.login.hostname,
                         port=self.login.port,
                         username=self.login.user,
                         client_keys=keys,
+                        known_hosts=known,  # never unchecked: an unknown host key refuses the connection
                         connect_timeout=COMMAND_TIMEOUT,
                     )
                 except (OSError, asyncssh.Error) as e:

@@ -21,6 +21,8 @@ class SlurmLogin(BaseModel):
     user: str = Field(default="root", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.][A-Za-z0-9_.\-]*$")
     port: int = Field(default=22, ge=1, le=65535)
     identity_file: str | None = Field(default=None, max_length=4096)
+    #: the login host's key is checked against this file (default: the server user's ~/.ssh/known_hosts)
+    known_hosts: str | None = Field(default=None, max_length=4096)
 
 
 class SlurmBackendConfig(BaseModel):
