@@ -229,8 +229,14 @@ def volume_to_wire(
         "status_message": None,
         "deleted": False,
         "volume_id": volume.external_path or volume.id,
-        "provisioning_data": {"backend": volume.backend, "size_gb": volume.size_gb, "region": "local"},
-        "attachments": [{"run_name": r} for r in attached_to],
+        "last_processed_at": volume.created_at.isoformat(),
+        "provisioning_data": {
+            "backend": volume.backend,
+            "volume_id": volume.external_path or volume.id,
+            "size_gb": volume.size_gb,
+            "region": "local",
+        },
+        "attachments": None,  # dstack's are per instance; runs using it are in attached_to
         "attached_to": attached_to,
         "shared": volume.shared,
         "size_enforced": server_dir is not None and size_enforced(server_dir, volume),
