@@ -53,8 +53,10 @@ def check_available() -> None:
             )
 
 
-def _run(*cmd: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, env=env)
+def _run(
+    *cmd: str, check: bool = True, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, env=env, cwd=cwd)
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
     return r
@@ -278,8 +280,8 @@ class SlurmCluster:
     # -- use -----------------------------------------------------------------------------------
 
     def cli(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run a Slurm command against this cluster."""
-        return _run(*cmd, check=check, env=self.env)
+        """Run a Slurm command against this cluster (from its directory: `sbatch --wrap` output lands there)."""
+        return _run(*cmd, check=check, env=self.env, cwd=self.base)
 
     def job_field(self, job_id: str, name: str) -> str:
         """One `Key=Value` field of `scontrol show job` (e.g. `JobState`, `Reason`, `TRES`)."""
