@@ -233,3 +233,20 @@ def test_the_size_is_enforced_where_the_host_can(server: ServerProcess, tmp_path
     assert os.path.ismount(data_dir)
     assert _api(server, f"{BASE}/delete", {"names": ["small", "tiny"]}).status_code == 200
     assert not data_dir.exists() and not volume_image.image_path(data_dir).exists()
+
+
+def test_concurrent_submissions_get_one_attachment(server: ServerProcess, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not (server.database_url or "").startswith("postgresql"):
+        pytest.skip("SQLite ignores FOR UPDATE: racing submissions may both pass there (docs/architecture.md)")
+    _create(server, tmp_path, "race")
+    names = [f"race{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
+    with ThreadPoolExecutor(len(names)) as pool:
+        answers = list(pool.map(lambda n: _submit(server, n, ["sleep 300"], ["race:/data"]), names))
+    accepted = [n for n, r in zip(names, answers, strict=True) if r.status_code == 200]
+    try:
+        assert len(accepted) == 1, [(r.status_code, r.text[:200]) for r in answers]
+        assert all("is attached to run" in r.text for r in answers if r.status_code != 200)
+    finally:
+        _stop(server, *accepted)

@@ -172,9 +172,18 @@ async def check_run_volumes(session: AsyncSession, project: ProjectModel, conf: 
     names = named_volumes(conf.volumes)
     if not names:
         return
+    # PostgreSQL: the volumes' rows stay locked until the submission commits, so a concurrent
+    # submission naming one waits and then sees this run (SQLite ignores FOR UPDATE).
+    locked = await session.execute(
+        select(VolumeModel)
+        .where(VolumeModel.project_id == project.id, VolumeModel.name.in_(names))
+        .order_by(VolumeModel.id)
+        .with_for_update()
+    )
+    by_name = {v.name: v for v in locked.scalars()}
     attached = await attachments(session, project.id)
     for name in names:
-        volume = await find_volume(session, project.id, name)
+        volume = by_name.get(name)
         if volume is None:
             raise InvalidRequest(
                 f"volume '{name}' does not exist in project '{project.name}' (create it with "
