@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.models.runs import InstanceResources, JobStatus, RunStatus, RunType
-from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel
+from dstack.server.models import InstanceModel, JobMetricsPointModel, JobModel, ProjectModel, RunModel
 from dstack.serverless.models import ServerlessEndpointModel, ServerlessJobModel
 
 PAGE = 100  # runs per page: the list stays fast with any number stored
@@ -138,6 +138,50 @@ async def instances_with_jobs(session: AsyncSession) -> list[dict[str, Any]]:
                 "resources": resources,
                 "price": inst.price,
                 "jobs": by_instance.get(inst.id, []),
+            }
+        )
+    return out
+
+
+async def jobs_on_instances(session: AsyncSession, instance_names: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """What runs on each named instance (its active jobs) with each job's latest usage sample.
+
+    Keyed by instance name (the fleets service answers names); the usage is the newest point the
+    metrics collector stored (`job_metrics_points`), or None before the first sample."""
+    if not instance_names:
+        return {}
+    active = (
+        await session.execute(
+            select(InstanceModel.name, JobModel.id, JobModel.job_name, JobModel.status, RunModel.run_name)
+            .join(JobModel, JobModel.instance_id == InstanceModel.id)
+            .join(RunModel, RunModel.id == JobModel.run_id)
+            .where(InstanceModel.name.in_(instance_names), JobModel.status.in_(list(JobStatus.active_statuses())))
+            .order_by(JobModel.submitted_at)
+        )
+    ).all()
+    job_ids = [row[1] for row in active]
+    usage: dict[str, tuple[float, int]] = {}
+    if job_ids:
+        P = JobMetricsPointModel
+        newest = (
+            select(P.job_id, func.max(P.timestamp).label("ts")).where(P.job_id.in_(job_ids)).group_by(P.job_id)
+        ).subquery()
+        points = await session.execute(
+            select(P.job_id, P.cpu_percent, P.memory_bytes).join(
+                newest, (newest.c.job_id == P.job_id) & (newest.c.ts == P.timestamp)
+            )
+        )
+        usage = {job_id: (cpu, memory) for job_id, cpu, memory in points.all()}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, job_id, job_name, status, run_name in active:
+        sample = usage.get(job_id)
+        out.setdefault(name, []).append(
+            {
+                "run": run_name,
+                "job": job_name,
+                "status": str(getattr(status, "value", status)),
+                "cpu": f"{sample[0]:.0f}%" if sample else None,
+                "memory": f"{sample[1] / 2**20:.0f}MB" if sample else None,
             }
         )
     return out

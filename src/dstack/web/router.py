@@ -464,3 +464,103 @@ def _status(message: str) -> HTMLResponse:
 
 def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+# --- fleets and their hosts -----------------------------------------------------------------------
+# Reads and deletes go through the fleets API's own FleetManager (request.app.state.fleets), with
+# the project checked by `require_web_project` as the API's `require_project_member` does.
+
+
+def _fleet_manager(request: Request) -> Any:
+    return request.app.state.fleets
+
+
+async def _with_jobs(session: AsyncSession, fleets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The fleets service's answers, each host given its active jobs (run links) and their latest usage."""
+    names = [i["name"] for f in fleets for i in f["instances"]]
+    jobs = await queries.jobs_on_instances(session, names)
+    for f in fleets:
+        for i in f["instances"]:
+            i["running"] = jobs.get(i["name"], [])
+    return fleets
+
+
+async def _fleets_context(request: Request, session: AsyncSession, message: str = "") -> dict[str, Any]:
+    user = await require_web_user(request, session)
+    fleets: list[dict[str, Any]] = []
+    for project in await user_projects(session, user):
+        fleets.extend(await _fleet_manager(request).list_fleets(session, project))
+    return {"user": user, "fleets": await _with_jobs(session, fleets), "message": message}
+
+
+async def _fleet_context(
+    request: Request, session: AsyncSession, project: str, name: str, message: str = ""
+) -> dict[str, Any]:
+    user, project_model = await require_web_project(request, session, project)
+    if len(name) > 100:
+        raise HTTPException(404, "fleet names are at most 100 characters")
+    try:
+        fleet = await _fleet_manager(request).get(session, project_model, name)
+    except DstackError as e:
+        raise HTTPException(404, getattr(e, "msg", None) or str(e)) from e
+    return {"user": user, "fleet": (await _with_jobs(session, [fleet]))[0], "message": message}
+
+
+@router.get("/fleets")
+async def fleets_page(request: Request, session: AsyncSession = Depends(get_session)) -> HTMLResponse:
+    """The fleets of the user's projects, their hosts, state, what runs there and its usage."""
+    return _page(request, "fleets.html", **await _fleets_context(request, session))
+
+
+@router.get("/fleets/{project}/{name}")
+async def fleet_page(
+    request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)
+) -> HTMLResponse:
+    return _page(request, "fleet.html", **await _fleet_context(request, session, project, name))
+
+
+def _instance_num(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 6:
+        raise HTTPException(400, "instance must be a small non-negative integer")
+    return int(raw)
+
+
+@router.get("/fleets/{project}/{name}/delete")
+async def fleet_delete_confirm(
+    request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)
+) -> HTMLResponse:
+    """Asks first: deleting stops the hosts' agents (the hosts themselves stay as they are)."""
+    context = await _fleet_context(request, session, project, name)
+    num = _instance_num(request.query_params.get("instance"))
+    host = None
+    if num is not None:
+        host = next((i for i in context["fleet"]["instances"] if i["instance_num"] == num), None)
+        if host is None:
+            raise HTTPException(404, f"fleet '{name}' has no instance {num}")
+    return _page(request, "fleet_delete.html", host=host, **context)
+
+
+@router.post("/fleets/{project}/{name}/delete")
+async def fleet_delete(
+    request: Request, project: str, name: str, session: AsyncSession = Depends(get_session)
+) -> Response:
+    """FleetManager.delete (or delete_instances for one host): a host with active jobs is refused."""
+    form = await request.form()
+    check_post(request, str(form.get("csrf") or ""))
+    _, project_model = await require_web_project(request, session, project)
+    num = _instance_num(str(form.get("instance") or ""))
+    manager = _fleet_manager(request)
+    try:
+        if num is None:
+            await manager.delete(session, project_model, [name])
+        else:
+            await manager.delete_instances(session, project_model, name, [num])
+    except DstackError as e:
+        await session.rollback()
+        message = f"Not deleted: {getattr(e, 'msg', None) or str(e)}"
+        return _page(request, "fleet.html", **await _fleet_context(request, session, project, name, message))
+    if num is None:
+        return RedirectResponse("/fleets", status_code=303)
+    return RedirectResponse(f"/fleets/{project}/{name}", status_code=303)
