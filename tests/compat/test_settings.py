@@ -69,13 +69,13 @@ IMPLEMENTED = {
     "inactivity_duration": "tests.core.test_configurations::test_dev_environment",
     "shell": "tests.compat.test_shell_entrypoint::test_host_jobs_run_with_their_shell",
     "entrypoint": "tests.compat.test_shell_entrypoint::test_host_entrypoint_gets_the_commands_as_arguments",
+    "user": "tests.compat.test_container_user::test_image_job_user_and_home_dir",
+    "home_dir": "tests.compat.test_container_user::test_image_job_user_and_home_dir",
+    "privileged": "tests.compat.test_container_user::test_privileged_is_for_admins_and_gives_all_capabilities",
 }
 
 #: a value other than "not set" for each unsupported field
 SET_VALUES = {
-    "user": "ubuntu",
-    "privileged": True,
-    "home_dir": "/home/ubuntu",
     "nvcc": True,
     "single_branch": True,
     "docker": True,

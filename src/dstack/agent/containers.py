@@ -121,6 +121,12 @@ class ContainerRuntime:
             argv += ["--env", key]
         for key, value in c.env_by_value.items():
             argv += ["--env", f"{key}={value}"]
+        if c.home_dir is not None:
+            argv += ["--env", f"HOME={c.home_dir}"]
+        if c.user is not None:
+            argv += ["--user", c.user]
+        if c.privileged:
+            argv.append("--privileged")
         argv += self.gpu_args(c.gpus)
         if c.entrypoint:  # dstack's `entrypoint`: its first word replaces the image's, the rest lead the args
             argv += ["--entrypoint", c.entrypoint[0], c.image, *c.entrypoint[1:], *c.args]
@@ -177,6 +183,9 @@ class ContainerSpec:
     volumes: list[str] = field(default_factory=list)  # `-v SRC:DST` arguments (agent.mounts)
     shell: str | None = None  # the configuration's `shell`; None: bash when the image has it, else sh
     entrypoint: list[str] | None = None  # the configuration's `entrypoint`, split into words
+    user: str | None = None  # `--user`; None: the image's
+    home_dir: str | None = None  # HOME inside the container; None: the user's own
+    privileged: bool = False
 
 
 def container_shell(shell: str) -> str:

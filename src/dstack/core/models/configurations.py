@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import shlex
 import types
 import typing
@@ -315,6 +316,7 @@ class ScalerSpec(BaseModel):
 _NULL_MEANS_DEFAULT = frozenset(
     {
         "replicas",
+        "privileged",
         "probes",
         "ide",
         "nodes",
@@ -328,6 +330,11 @@ _NULL_MEANS_DEFAULT = frozenset(
         "volumes",
     }
 )
+
+
+_CONTAINER_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
+#: what dstack's client sends for `home_dir` when it is not set
+DEFAULT_HOME_DIR = "/root"
 
 
 def validate_shell(value: str) -> str:
@@ -386,6 +393,12 @@ class BaseRunConfiguration(BaseModel):
     shell: str | None = Field(default=None, max_length=MAX_PATH)
     #: dstack's Docker-style entrypoint (shell words): run directly, with `commands` as its arguments
     entrypoint: str | None = Field(default=None, max_length=MAX_PATH)
+    #: image jobs: the container's user (`name`, `uid`, `name:group`, `uid:gid`); host jobs run as the project's
+    user: str | None = Field(default=None, max_length=65)
+    #: image jobs: HOME inside the container ("/root", dstack's default, leaves the image's user's own)
+    home_dir: str | None = Field(default=None, max_length=MAX_PATH)
+    #: image jobs: a privileged container (admins only: it holds the host's root powers)
+    privileged: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -441,6 +454,24 @@ class BaseRunConfiguration(BaseModel):
     def _shell(cls, value: str | None) -> str | None:
         return None if value is None else validate_shell(value)
 
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str | None) -> str | None:
+        if value is not None and not _CONTAINER_USER.match(value):
+            raise ValueError(
+                "user must be a user name or uid, optionally with :group or :gid, e.g. ubuntu or 1000:1000"
+            )
+        return value
+
+    @field_validator("home_dir")
+    @classmethod
+    def _home_dir(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("/") or "\0" in value or "\n" in value:
+            raise ValueError("home_dir must be an absolute path inside the container, e.g. /home/ubuntu")
+        return os.path.normpath(value)
+
     @field_validator("entrypoint")
     @classmethod
     def _entrypoint(cls, value: str | None) -> str | None:
@@ -455,6 +486,17 @@ class BaseRunConfiguration(BaseModel):
     def _check_common(self) -> BaseRunConfiguration:
         if self.image is not None and self.python is not None:
             raise FieldValueError("python", "python and image are mutually exclusive; set only one")
+        if self.image is None:  # host jobs run as the project's own sandbox user (agent.sandbox), not in a container
+            if self.user is not None:
+                raise FieldValueError(
+                    "user", "user applies to image jobs; jobs without an image run as the project's user"
+                )
+            if self.home_dir not in (None, DEFAULT_HOME_DIR):
+                raise FieldValueError(
+                    "home_dir", "home_dir applies to image jobs; jobs without an image use their user's"
+                )
+            if self.privileged:
+                raise FieldValueError("privileged", "privileged applies to image jobs (a privileged container)")
         if self.entrypoint is not None and self.setup:
             raise FieldValueError(
                 "entrypoint", "entrypoint runs without a shell, so setup cannot run before it; put setup in commands"

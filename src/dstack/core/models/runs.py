@@ -198,6 +198,10 @@ class JobProcess(BaseModel):
     shell: str | None = Field(default=None, max_length=4096)
     #: the configuration's `entrypoint`: run directly, `commands` are its arguments
     entrypoint: str | None = Field(default=None, max_length=4096)
+    #: image jobs: the container's `--user`, HOME inside it (None: the image's), a privileged container
+    user: str | None = Field(default=None, max_length=65)
+    home_dir: str | None = Field(default=None, max_length=4096)
+    privileged: bool = False
 
 
 class JobSpec(JobProcess):

@@ -14,9 +14,6 @@ from typing import Any
 #: field -> the values that mean "not set" (what dstack's client sends by default)
 RUN_FIELDS: dict[str, tuple[Any, ...]] = {
     # container/job details
-    "user": (None,),
-    "privileged": (None, False),
-    "home_dir": (None, "/root"),
     "nvcc": (None, False),
     "single_branch": (None,),
     "docker": (None, False),

@@ -3,13 +3,14 @@
 import asyncssh
 
 from dstack.core.models.configurations import (
+    DEFAULT_HOME_DIR,
     BaseRunConfiguration,
     DevEnvironmentConfiguration,
     ServiceConfiguration,
     TaskConfiguration,
 )
 from dstack.core.models.runs import JobSpec
-from dstack.server.errors import InvalidRequest
+from dstack.server.errors import Forbidden, InvalidRequest
 
 #: what a dev environment's job runs after its `init`: the SSH server of agent/devenv.py, with the
 #: agent's Python (which ships it, like the built-in engine), in the job's environment
@@ -50,6 +51,9 @@ def build_job_spec(run_name: str, conf: BaseRunConfiguration, replica_num: int, 
         image=conf.image,
         shell=conf.shell,
         entrypoint=conf.entrypoint,
+        user=conf.user,
+        home_dir=None if conf.home_dir == DEFAULT_HOME_DIR else conf.home_dir,
+        privileged=conf.privileged,
         ports=job_ports(conf),
         requirements=conf.resources.model_dump(mode="json"),
         max_duration=max_duration,
@@ -72,6 +76,15 @@ def dstack_env(run_name: str, run_id: str, spec: JobSpec, nodes: int, gpus: list
         "DSTACK_GPUS_NUM": str(len(gpus) * nodes),
         "DSTACK_GPUS_PER_NODE": str(len(gpus)),
     }
+
+
+def check_privileged(conf: BaseRunConfiguration, global_role: str) -> None:
+    """A privileged container holds the host's root powers (devices, kernel settings, every file),
+    so only a global admin may run one: for anyone else it is refused at submission."""
+    if conf.privileged and global_role != "admin":
+        raise Forbidden(
+            "privileged: true is for global admins only (a privileged container has the host's root powers)"
+        )
 
 
 def check_ssh_key(conf: BaseRunConfiguration, ssh_key_pub: str | None) -> None:

@@ -45,7 +45,7 @@ from dstack.server.gateways.urls import resolve_gateway, service_urls
 from dstack.server.limits import ServerLimits, check_project_quota, check_run_limits
 from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel, UserModel, utcnow
 from dstack.server.services import offers
-from dstack.server.services.jobs import build_job_spec, check_ssh_key, nodes_count
+from dstack.server.services.jobs import build_job_spec, check_privileged, check_ssh_key, nodes_count
 from dstack.server.services.names import random_run_name
 from dstack.server.services.secrets import redact_configuration, redact_env, refuse_redacted, seal_configuration
 
@@ -229,6 +229,7 @@ async def submit_run(
     refuse_redacted(conf.model_dump(mode="json"))
     check_engine(conf)
     check_ssh_key(conf, run_spec.ssh_key_pub)
+    check_privileged(conf, user.global_role)
     from dstack.server.services.volumes import check_run_volumes
 
     await check_run_volumes(session, project, conf)  # named volumes exist and are free
