@@ -72,6 +72,7 @@ IMPLEMENTED = {
     "user": "tests.compat.test_container_user::test_image_job_user_and_home_dir",
     "home_dir": "tests.compat.test_container_user::test_image_job_user_and_home_dir",
     "privileged": "tests.compat.test_container_user::test_privileged_is_for_admins_and_gives_all_capabilities",
+    "files": "tests.compat.test_files::test_a_task_reads_its_files",
 }
 
 #: a value other than "not set" for each unsupported field
@@ -81,7 +82,6 @@ SET_VALUES = {
     "docker": True,
     "dstack": True,
     "repos": [{"url": "https://github.com/example/repo"}],
-    "files": ["../data:/data"],
     "priority": 10,
     "availability_zones": ["us-east-1a"],
     "instance_types": ["p4d.24xlarge"],

@@ -209,12 +209,38 @@ class _Guard:
         return data
 
 
-def archive_code(root: str | Path = ".", max_size: int = DEFAULT_MAX_SIZE) -> tuple[bytes, str]:
-    """Return `(tar.gz bytes, sha256 hex)` of `root`; raise `CodeTooLargeError` past `max_size`."""
+def extra_entries(files: list[tuple[str | Path, str]]) -> list[_Entry]:
+    """The configuration's `files` (local path, path relative to the repo) as archive entries:
+    a directory with its files (its ignore files apply), a single file as itself."""
+    out: list[_Entry] = []
+    for local, rel in files:
+        path = Path(local).expanduser()
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise DstackError(f"files: cannot read {local}: {e.strerror}") from e
+        prefix = rel.strip("/")
+        if stat.S_ISDIR(st.st_mode):
+            out += [
+                _Entry(f"{prefix}/{e.rel}" if prefix else e.rel, e.abs, e.size, e.mode, e.link)
+                for e in list_files(path)
+            ]
+        elif stat.S_ISREG(st.st_mode) and prefix:
+            out.append(_Entry(prefix, str(path), st.st_size, st.st_mode, None))
+        else:
+            raise DstackError(f"files: {local} is neither a regular file nor a directory")
+    return out
+
+
+def archive_code(
+    root: str | Path = ".", max_size: int = DEFAULT_MAX_SIZE, files: list[tuple[str | Path, str]] | None = None
+) -> tuple[bytes, str]:
+    """Return `(tar.gz bytes, sha256 hex)` of `root`, plus the configuration's `files` at their
+    paths (they count against the same limit); raise `CodeTooLargeError` past `max_size`."""
     import gzip
     import tarfile
 
-    entries = list_files(root)
+    entries = list_files(root) + extra_entries(files or [])
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=6) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:

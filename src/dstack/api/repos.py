@@ -27,13 +27,14 @@ class RepoCollection:
         )
         return repo_id
 
-    def upload(self, repo_dir: str | os.PathLike) -> tuple[str, str]:
-        """Archive and upload the directory; returns (repo_id, code hash)."""
+    def upload(self, repo_dir: str | os.PathLike, files: list[tuple[str | Path, str]] | None = None) -> tuple[str, str]:
+        """Archive and upload the directory, with the configuration's `files` (local path, path in
+        the repo) packed in at their paths; returns (repo_id, code hash)."""
         from dstack.api.runs import repo_id_for
 
         path = Path(repo_dir)
         repo_id = repo_id_for(path)
-        blob, digest = archive_code(path)
+        blob, digest = archive_code(path, files=files)
         result = self._client.api.post(
             f"/api/project/{self._client.project}/repos/upload_code",
             content=blob,

@@ -227,8 +227,17 @@ class RunCollection:
 
             spec.ssh_key_pub = public_key()
         repo_dir = repo_dir if repo_dir is not None else (repo if isinstance(repo, (str, os.PathLike)) else None)
+        if conf.files and repo_dir is None:
+            from dstack.core.errors import DstackError
+
+            raise DstackError("files are uploaded with the run's code: give repo_dir (the directory to upload)")
         if repo_dir is not None:
-            spec.repo_id, spec.repo_code_hash = self._client.repos.upload(repo_dir)
+            # `files`: local paths relative to the configuration file's directory (its path is
+            # relative to repo_dir, as the CLI gives it, or absolute), else to repo_dir
+            base = Path(repo_dir) / Path(configuration_path).parent if configuration_path else Path(repo_dir)
+            files = [(base / Path(f.local_path).expanduser(), f.path) for f in conf.files]
+            spec.repo_id, spec.repo_code_hash = self._client.repos.upload(repo_dir, files=files)
+            spec.files_in_code = bool(files)
         plan = RunPlan.model_validate(
             self._client.api.post(self._path("get_plan"), {"run_spec": spec.model_dump(mode="json")})
         )

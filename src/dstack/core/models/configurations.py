@@ -30,6 +30,7 @@ from pydantic import (
 from dstack.core.errors import ConfigurationError
 from dstack.core.limits import MAX_JOBS_PER_RUN, MAX_PATH, MAX_PLAIN_NUMBER, MAX_REF, MAX_TEXT, short_repr
 from dstack.core.models.common import Duration, DurationOrOff, Env, PortMapping
+from dstack.core.models.files import FilePathMapping, parse_files
 from dstack.core.models.resources import Range, ResourcesSpec
 from dstack.core.models.unsupported import strip_unset, unsupported_message
 from dstack.core.models.volumes import InstanceMountPoint, VolumeMountPoint, parse_mounts
@@ -399,6 +400,8 @@ class BaseRunConfiguration(BaseModel):
     home_dir: str | None = Field(default=None, max_length=MAX_PATH)
     #: image jobs: a privileged container (admins only: it holds the host's root powers)
     privileged: bool = False
+    #: extra local paths uploaded with the code, at paths inside the repo directory (core.models.files)
+    files: Annotated[list[FilePathMapping], BeforeValidator(parse_files)] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod

@@ -153,6 +153,8 @@ class RunSpec(BaseModel):
     configuration_path: str | None = Field(default=None, max_length=4096)
     configuration: dict[str, Any]
     ssh_key_pub: str | None = Field(default=None, max_length=16384)
+    #: the configuration's `files` are inside the code archive (dstack's own client packs them there)
+    files_in_code: bool = False
     #: dstack's client sends its profile (`.dstack/profiles.yml`) beside the configuration; the
     #: routers fold it into the configuration (`dstack_wire.fold_profile`); never stored
     profile: dict[str, Any] | None = Field(default=None, exclude=True)

@@ -19,7 +19,6 @@ RUN_FIELDS: dict[str, tuple[Any, ...]] = {
     "docker": (None, False),
     "dstack": (None, False),
     "repos": (None, []),
-    "files": (None, []),
     "priority": (None,),
     # profile (placement and lifecycle)
     "availability_zones": (None, []),

@@ -230,6 +230,12 @@ async def submit_run(
     check_engine(conf)
     check_ssh_key(conf, run_spec.ssh_key_pub)
     check_privileged(conf, user.global_role)
+    if conf.files and not run_spec.files_in_code:
+        raise InvalidRequest(
+            "files: this server takes them inside the code upload, which this client did not do; "
+            "use dstack's own client (dstack.api / the dstack CLI of this server) or remove files",
+            fields=["files"],
+        )
     from dstack.server.services.volumes import check_run_volumes
 
     await check_run_volumes(session, project, conf)  # named volumes exist and are free
