@@ -1,7 +1,7 @@
 """The dashboard's Fleets pages in a real Chromium, against a real server and one namespaced SSH host
 (tests/fleets/hosts.py): a fleet applied through the API shows with its host and state, a task on the
-host shows there with its usage, deleting a busy fleet is refused, and deleting it after the
-confirmation removes it. A member of another project sees none of it."""
+host shows there with its usage, deleting a busy fleet is refused, and deleting its host and
+then the fleet after the confirmations removes them. A member of another project sees none of it."""
 
 import re
 import time
@@ -113,6 +113,12 @@ def test_fleet_hosts_runs_and_delete(one_host, tmp_path, page):
         page.set_viewport_size({"width": 390, "height": 800})
         page.goto(srv.url + "/fleets/main/webfleet")
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+        page.get_by_role("link", name="Delete instance webfleet-0").click()
+        expect(page.get_by_role("heading", name="Delete instance webfleet-0 from fleet webfleet?")).to_be_visible()
+        page.get_by_role("button", name="Delete instance").click()
+        page.wait_for_url("**/fleets/main/webfleet")
+        expect(page.get_by_role("table", name="Hosts of fleet webfleet")).to_contain_text("No hosts.")
+        assert client.fleets.get("webfleet").instances == []
         page.get_by_role("link", name="Delete fleet webfleet").click()
         expect(page.get_by_role("heading", name="Delete fleet webfleet?")).to_be_visible()
         page.get_by_role("button", name="Delete fleet").click()
