@@ -19,6 +19,7 @@ import pty
 import struct
 import sys
 import termios
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -29,6 +30,22 @@ PORT_BASE = 20000
 PORT_SPAN = 30000
 
 
+AGENT_PYTHON_ENV = "DSTACK_AGENT_PYTHON"
+AGENT_PATH_ENV = "DSTACK_AGENT_PATH"
+
+
+def with_agent_python(env: dict[str, str]) -> Path:
+    """Called by the agent for a dev environment's job: the agent's interpreter and the folder its
+    `dstack` (and asyncssh) import from, which the job runs this module with — the server's own
+    interpreter path means nothing on a fleet host. Returns that folder (the sandbox exposes it)."""
+    import dstack
+
+    root = Path(dstack.__file__).resolve().parent.parent
+    env[AGENT_PYTHON_ENV] = sys.executable
+    env[AGENT_PATH_ENV] = str(root)
+    return root
+
+
 def ssh_port(job_id: str) -> int:
     """The port a job's SSH server listens on, derived from the job id so the server and the job
     agree on it without another round trip (a host-network job shares ports with its neighbours)."""
@@ -37,7 +54,8 @@ def ssh_port(job_id: str) -> int:
 
 
 def _session_env(term: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in (KEY_ENV, PORT_ENV)}
+    own = (KEY_ENV, PORT_ENV, AGENT_PYTHON_ENV, AGENT_PATH_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in own}
     if term:
         env["TERM"] = term
     return env
@@ -75,8 +93,28 @@ async def _run_pipes(process: asyncssh.SSHServerProcess[bytes]) -> int:
         stderr=asyncio.subprocess.PIPE,
         env=_session_env(process.get_terminal_type()),
     )
-    await process.redirect(stdin=proc.stdin, stdout=proc.stdout, stderr=proc.stderr)
-    return await proc.wait()
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+
+    async def copy_out(src: asyncio.StreamReader, dst: Any) -> None:
+        while data := await src.read(65536):
+            dst.write(data)
+
+    async def copy_in(dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await process.stdin.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, asyncssh.Error):
+            pass
+        finally:
+            dst.close()
+
+    feeder = asyncio.create_task(copy_in(proc.stdin))
+    # all of the output is sent before the exit status: the client reads it in that order
+    await asyncio.gather(copy_out(proc.stdout, process.stdout), copy_out(proc.stderr, process.stderr))
+    rc = await proc.wait()
+    feeder.cancel()
+    return rc
 
 
 def _set_size(fd: int, size: tuple[int, int, int, int]) -> None:

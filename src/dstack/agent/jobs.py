@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from dstack.agent import containers, mounts, runner, sandbox
+from dstack.agent import containers, devenv, mounts, runner, sandbox
 from dstack.agent.logs import LogStore
 from dstack.agent.models import FINAL_STATES, AgentJobSubmission
 from dstack.agent.netns import NETNS_DIR, NetnsAllocation, NetnsError, NetworkIsolation
@@ -297,8 +297,9 @@ class Job:
             if spec.worker_site:
                 env = with_worker_site(env)
             argv = runner.job_argv(spec.shell, spec.entrypoint, spec.commands, script)
+            agent_code = devenv.with_agent_python(env) if devenv.PORT_ENV in spec.env else None
             if user is not None:  # GPUs: /dev/nvidia* must be usable by other users (0666, the default)
-                extra = [p for p in (self._python_prefix,) if p is not None]
+                extra = [p for p in (self._python_prefix, agent_code) if p is not None]
                 argv = self.manager.isolation.wrap(argv, user, self.manager.isolation.exposures(extra), self.binds)
             elif self.binds:
                 argv = mounts.wrap_plain(argv, self.binds)

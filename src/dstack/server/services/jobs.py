@@ -13,8 +13,13 @@ from dstack.core.models.runs import JobSpec
 from dstack.server.errors import Forbidden, InvalidRequest
 
 #: what a dev environment's job runs after its `init`: the SSH server of agent/devenv.py, with the
-#: agent's Python (which ships it, like the built-in engine), in the job's environment
-DEVENV_COMMAND = 'exec "${DSTACK_ENGINE_PYTHON:-python3}" -m dstack.agent.devenv'
+#: agent's own Python and code (the agent names them in the job's environment), in the job's environment;
+#: the path goes on sys.path of this process only, never into the sessions' PYTHONPATH
+DEVENV_COMMAND = (
+    'exec "${DSTACK_AGENT_PYTHON:-python3}" -c '
+    "'import sys; sys.path.insert(0, sys.argv[1]); from dstack.agent.devenv import main; sys.exit(main([]))' "
+    '"${DSTACK_AGENT_PATH:-.}"'
+)
 
 
 def job_commands(conf: BaseRunConfiguration) -> list[str]:

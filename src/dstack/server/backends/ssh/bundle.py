@@ -31,6 +31,7 @@ _AGENT_IMPORTS = (
     "dstack.agent.app",
     "dstack.agent.runner",
     "dstack.agent.jobs",
+    "dstack.agent.devenv",  # a dev environment's SSH server (asyncssh), run by its job
     "uvicorn.protocols.http.h11_impl",
     "uvicorn.lifespan.on",
     "uvicorn.loops.asyncio",
