@@ -44,6 +44,8 @@ def test_submission_needs_a_valid_public_key() -> None:
     key = asyncssh.generate_private_key("ssh-ed25519").export_public_key("openssh").decode()
     check_ssh_key(dev, key)
     check_ssh_key(parse_run_configuration({"type": "task", "commands": ["x"]}), None)  # tasks need none
+    with pytest.raises(InvalidRequest, match="with an image is not supported yet"):
+        check_ssh_key(parse_run_configuration({"type": "dev-environment", "image": "ubuntu"}), key)
 
 
 def test_key_is_made_once_and_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

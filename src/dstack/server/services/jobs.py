@@ -97,6 +97,8 @@ def check_ssh_key(conf: BaseRunConfiguration, ssh_key_pub: str | None) -> None:
     SSH server accepts that key only. Refused here, at submission, rather than as a failed job."""
     if not isinstance(conf, DevEnvironmentConfiguration):
         return
+    if conf.image:  # its SSH server runs with the agent's Python, which a container does not have
+        raise InvalidRequest("a dev-environment with an image is not supported yet; remove image", fields=["image"])
     if not ssh_key_pub:
         raise InvalidRequest("a dev-environment needs ssh_key_pub (the user's public SSH key)", fields=["ssh_key_pub"])
     try:
