@@ -104,13 +104,13 @@ def test_unsupported_setting_is_refused_by_name(official: OfficialClient, tmp_pa
         """
         type: task
         name: official-priv
-        privileged: true
+        priority: 10
         commands: [echo hi]
         """,
     )
     r = official.cli("apply", "-f", str(conf), "-y", "-d", cwd=tmp_path, check=False)
     assert r.returncode != 0
-    assert "'privileged' is not supported yet" in r.stdout + r.stderr
+    assert "'priority' is not supported yet" in r.stdout + r.stderr
 
 
 def test_python_api_apply_logs_stop(official: OfficialClient, server, tmp_path):

@@ -318,6 +318,7 @@ _NULL_MEANS_DEFAULT = frozenset(
     {
         "replicas",
         "privileged",
+        "home_dir",
         "probes",
         "ide",
         "nodes",
@@ -397,7 +398,7 @@ class BaseRunConfiguration(BaseModel):
     #: image jobs: the container's user (`name`, `uid`, `name:group`, `uid:gid`); host jobs run as the project's
     user: str | None = Field(default=None, max_length=65)
     #: image jobs: HOME inside the container ("/root", dstack's default, leaves the image's user's own)
-    home_dir: str | None = Field(default=None, max_length=MAX_PATH)
+    home_dir: str = Field(default=DEFAULT_HOME_DIR, max_length=MAX_PATH)  # a string in dstack's models too
     #: image jobs: a privileged container (admins only: it holds the host's root powers)
     privileged: bool = False
     #: extra local paths uploaded with the code, at paths inside the repo directory (core.models.files)
@@ -468,9 +469,7 @@ class BaseRunConfiguration(BaseModel):
 
     @field_validator("home_dir")
     @classmethod
-    def _home_dir(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
+    def _home_dir(cls, value: str) -> str:
         if not value.startswith("/") or "\0" in value or "\n" in value:
             raise ValueError("home_dir must be an absolute path inside the container, e.g. /home/ubuntu")
         return os.path.normpath(value)
@@ -494,7 +493,7 @@ class BaseRunConfiguration(BaseModel):
                 raise FieldValueError(
                     "user", "user applies to image jobs; jobs without an image run as the project's user"
                 )
-            if self.home_dir not in (None, DEFAULT_HOME_DIR):
+            if self.home_dir != DEFAULT_HOME_DIR:
                 raise FieldValueError(
                     "home_dir", "home_dir applies to image jobs; jobs without an image use their user's"
                 )
