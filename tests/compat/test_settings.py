@@ -63,10 +63,9 @@ IMPLEMENTED = {
     "rate_limits": "tests.proxy.test_rate_limits::test_burst_gets_429_with_retry_after",
     "probes": "tests.server.test_probes::test_every_probe_with_its_method_headers_and_body",
     "replicas": "tests.core.test_configurations::test_service_replicas_and_scaling",
-    "ide": "tests.core.test_configurations::test_dev_environment",
-    "version": "tests.core.test_configurations::test_dev_environment",
-    "init": "tests.core.test_configurations::test_dev_environment",
-    "inactivity_duration": "tests.core.test_configurations::test_dev_environment",
+    "ide": "tests.devenv.test_devenv::test_ssh_lands_in_the_jobs_environment",
+    "init": "tests.devenv.test_devenv::test_ssh_lands_in_the_jobs_environment",
+    "inactivity_duration": "tests.devenv.test_devenv::test_inactivity_duration_stops_an_unused_dev_environment",
     "shell": "tests.compat.test_shell_entrypoint::test_host_jobs_run_with_their_shell",
     "entrypoint": "tests.compat.test_shell_entrypoint::test_host_entrypoint_gets_the_commands_as_arguments",
     "user": "tests.compat.test_container_user::test_image_job_user_and_home_dir",
@@ -97,6 +96,7 @@ SET_VALUES = {
     "backend_options": [{"type": "vastai"}],
     "groups": [{"name": "g", "replicas": 1}],
     "https": True,
+    "version": "1.90.0",
 }
 
 BASE = {

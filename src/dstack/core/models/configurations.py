@@ -627,7 +627,6 @@ class DevEnvironmentConfiguration(BaseRunConfiguration):
 
     type: Literal["dev-environment"] = "dev-environment"
     ide: Literal["vscode", "cursor"] = "vscode"
-    version: str | None = None
     init: StrList = Field(default_factory=list)
     inactivity_duration: DurationOrOff | None = None
     ports: list[PortMapping] = Field(default_factory=list)

@@ -39,7 +39,8 @@ RUN_FIELDS: dict[str, tuple[Any, ...]] = {
 TYPE_FIELDS: dict[str, dict[str, tuple[Any, ...]]] = {
     "task": {"groups": (None,)},
     "service": {"groups": (None,), "https": (None, "auto")},
-    "dev-environment": {},
+    # the IDE server version dstack installs in the job: the IDE here brings its own over SSH
+    "dev-environment": {"version": (None,)},
     "serverless": {},
 }
 
