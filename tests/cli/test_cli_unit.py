@@ -441,3 +441,21 @@ def test_init(fake: SimpleNamespace, capfd: pytest.CaptureFixture[str]) -> None:
 def test_gateway_without_api(fake: SimpleNamespace, capfd: pytest.CaptureFixture[str]) -> None:
     assert _cli("gateway", "list") == 1
     assert "not implemented yet" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,project",
+    [
+        (["fleet", "--project", "p1", "list"], "p1"),
+        (["fleet", "list", "--project", "p2"], "p2"),
+        (["secret", "--project", "p3", "list"], "p3"),
+        (["volume", "--project", "p4", "delete", "v"], "p4"),
+        (["volume", "list"], None),
+        (["gateway", "list", "--project", "p5"], "p5"),
+        (["ps", "--project", "p6"], "p6"),
+    ],
+)
+def test_project_option_before_or_after_a_subcommand(argv: list[str], project: str | None) -> None:
+    from dstack.cli.main import build_parser
+
+    assert build_parser().parse_args(argv).project == project

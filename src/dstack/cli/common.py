@@ -6,6 +6,7 @@ and `dstack ps` start quickly.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from datetime import UTC, datetime
@@ -88,6 +89,16 @@ def ask_yes_no(question: str, *, default_when_no_tty: bool | None = None) -> boo
             return True
         if answer in ("n", "no"):
             return False
+
+
+PROJECT_HELP = "the project (default: the default project in ~/.dstack/config.yml)"
+
+
+def add_project_option(parser: argparse.ArgumentParser, *, subcommand: bool = False) -> None:
+    """`--project`, the same everywhere. On a subcommand it defaults to "not given", so
+    `dstack fleet --project p list` keeps the value given before the subcommand."""
+    extra: dict[str, Any] = {"default": argparse.SUPPRESS} if subcommand else {}
+    parser.add_argument("--project", help=PROJECT_HELP, **extra)
 
 
 def get_client(project: str | None) -> Client:

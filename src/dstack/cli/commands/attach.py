@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from dstack.cli.common import add_project_option
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
@@ -19,7 +21,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "Follows the logs until the run ends; Ctrl-C detaches and leaves it running.",
     )
     p.add_argument("run", metavar="RUN", help="the run name")
-    p.add_argument("--project", help="the project (default: the default project in ~/.dstack/config.yml)")
+    add_project_option(p)
     p.add_argument("--no-logs", action="store_true", help="do not follow the logs: set up and wait for Ctrl-C")
     p.set_defaults(func=cmd_attach)
     t = sub.add_parser(
@@ -28,7 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Relay stdin and stdout through the server's tunnel to RUN's SSH server (or --port).",
     )
     t.add_argument("run", metavar="RUN", help="the run name")
-    t.add_argument("--project", help="the project (default: the default project in ~/.dstack/config.yml)")
+    add_project_option(t)
     t.add_argument("--port", type=int, default=None, help="a port of the job instead of its SSH server")
     t.set_defaults(func=cmd_tunnel)
 

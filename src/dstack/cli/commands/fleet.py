@@ -11,18 +11,19 @@ import argparse
 import time
 from typing import Any
 
-PROJECT_HELP = "the project (default: the default project in ~/.dstack/config.yml)"
+from dstack.cli.common import add_project_option
+
 WAIT_SECONDS = 600
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("fleet", help="manage fleets", description="List and delete fleets (apply creates them).")
-    p.add_argument("--project", help=PROJECT_HELP)
+    add_project_option(p)
     fsub = p.add_subparsers(dest="fleet_command", metavar="SUBCOMMAND")
     p.set_defaults(func=cmd_list)
 
     ls = fsub.add_parser("list", help="list fleets and their instances")
-    ls.add_argument("--project", help=PROJECT_HELP)
+    add_project_option(ls, subcommand=True)
     ls.set_defaults(func=cmd_list)
 
     d = fsub.add_parser("delete", help="delete a fleet, or some of its instances (-i)")
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="only instance N (repeatable)",
     )
     d.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    d.add_argument("--project", help=PROJECT_HELP)
+    add_project_option(d, subcommand=True)
     d.set_defaults(func=cmd_delete)
 
 

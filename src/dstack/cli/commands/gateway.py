@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-PROJECT_HELP = "the project (default: the default project in ~/.dstack/config.yml)"
+from dstack.cli.common import add_project_option
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,17 +35,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="make it the project's default gateway (the project's first gateway is the default)",
     )
-    c.add_argument("--project", help=PROJECT_HELP)
+    add_project_option(c)
     c.set_defaults(func=cmd_create)
 
     ls = gsub.add_parser("list", help="list gateways")
-    ls.add_argument("--project", help=PROJECT_HELP)
+    add_project_option(ls)
     ls.set_defaults(func=cmd_list)
 
     d = gsub.add_parser("delete", help="delete gateways")
     d.add_argument("names", nargs="+", metavar="NAME")
     d.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    d.add_argument("--project", help=PROJECT_HELP)
+    add_project_option(d)
     d.set_defaults(func=cmd_delete)
 
 

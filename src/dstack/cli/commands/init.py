@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
+from dstack.cli.common import add_project_option
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "init", help="register the current directory as a repo", description="Register the current directory as a repo."
     )
-    p.add_argument("--project", help="the project (default: the default project in ~/.dstack/config.yml)")
+    add_project_option(p)
     p.set_defaults(func=cmd_init)
 
 

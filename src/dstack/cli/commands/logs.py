@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dstack.cli.common import add_project_option
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("logs", help="show a run's logs", description="Print the logs of a run's job.")
@@ -13,7 +15,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-d", "--diagnose", action="store_true", help="show the agent's diagnostic logs instead")
     p.add_argument("--replica", type=int, default=0, metavar="N", help="the replica (default: 0)")
     p.add_argument("--job", type=int, default=0, metavar="N", help="the job within the replica (default: 0)")
-    p.add_argument("--project", help="the project (default: the default project in ~/.dstack/config.yml)")
+    add_project_option(p)
     p.set_defaults(func=cmd_logs)
 
 

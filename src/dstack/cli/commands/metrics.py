@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from dstack.cli.common import add_project_option
+
 WATCH_INTERVAL_SECONDS = 2.0
 
 
@@ -22,7 +24,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-w", "--watch", action="store_true", help="refresh every 2 seconds until Ctrl-C, like top")
     p.add_argument("--replica", type=int, default=None, help="only this replica")
     p.add_argument("--job", type=int, default=None, help="only this job number")
-    p.add_argument("--project", help="the project (default: the default project in ~/.dstack/config.yml)")
+    add_project_option(p)
     p.set_defaults(func=cmd_metrics)
 
 

@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Iterator
 from typing import Any
 
-from dstack.cli.common import Cell
+from dstack.cli.common import Cell, add_project_option
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="more columns (INSTANCE, ERROR always)")
     p.add_argument("-w", "--watch", action="store_true", help="refresh the table until Ctrl-C")
     p.add_argument("-n", "--last", type=int, default=None, metavar="N", help="show at most the last N runs")
-    p.add_argument("--project", help="the project (default: the default project in ~/.dstack/config.yml)")
+    add_project_option(p)
     p.set_defaults(func=cmd_ps)
 
 

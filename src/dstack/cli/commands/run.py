@@ -6,6 +6,8 @@ import argparse
 import os
 from typing import Any
 
+from dstack.cli.common import add_project_option
+
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Flags `run` and `apply` share."""
@@ -27,7 +29,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", metavar="RANGE", help="memory, e.g. 16GB..")
     p.add_argument("--disk", metavar="RANGE", help="disk, e.g. 100GB..")
     p.add_argument("--max-offers", type=int, default=3, metavar="N", help="how many offers to show (default: 3)")
-    p.add_argument("--project", help="the project (default: the default project in ~/.dstack/config.yml)")
+    add_project_option(p)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

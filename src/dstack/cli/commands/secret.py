@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-PROJECT_HELP = "the project (default: the default project in ~/.dstack/config.yml)"
+from dstack.cli.common import add_project_option
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,29 +19,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Manage the project's secrets (project admins and managers). Use them in configurations "
         "as ${{ secrets.NAME }} in env values and registry_auth.",
     )
-    p.add_argument("--project", help=PROJECT_HELP)
+    add_project_option(p)
     p.set_defaults(func=cmd_list)
     ssub = p.add_subparsers(dest="secret_command", metavar="SUBCOMMAND")
 
     ls = ssub.add_parser("list", help="list secrets (names only)")
-    ls.add_argument("--project", help=PROJECT_HELP, default=argparse.SUPPRESS)
+    add_project_option(ls, subcommand=True)
     ls.set_defaults(func=cmd_list)
 
     s = ssub.add_parser("set", help="create or update a secret")
     s.add_argument("name", metavar="NAME")
     s.add_argument("value", metavar="VALUE", nargs="?", help="default: read from the terminal (no echo) or stdin")
-    s.add_argument("--project", help=PROJECT_HELP, default=argparse.SUPPRESS)
+    add_project_option(s, subcommand=True)
     s.set_defaults(func=cmd_set)
 
     g = ssub.add_parser("get", help="show a secret's value")
     g.add_argument("name", metavar="NAME")
-    g.add_argument("--project", help=PROJECT_HELP, default=argparse.SUPPRESS)
+    add_project_option(g, subcommand=True)
     g.set_defaults(func=cmd_get)
 
     d = ssub.add_parser("delete", help="delete secrets")
     d.add_argument("names", nargs="+", metavar="NAME")
     d.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    d.add_argument("--project", help=PROJECT_HELP, default=argparse.SUPPRESS)
+    add_project_option(d, subcommand=True)
     d.set_defaults(func=cmd_delete)
 
 

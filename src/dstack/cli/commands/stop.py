@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dstack.cli.common import add_project_option
+
 STOP_WAIT_SECONDS = 60.0
 
 
@@ -12,7 +14,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="the run name(s)")
     p.add_argument("-x", "--abort", action="store_true", help="kill at once instead of a graceful stop")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    p.add_argument("--project", help="the project (default: the default project in ~/.dstack/config.yml)")
+    add_project_option(p)
     p.set_defaults(func=cmd_stop)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-PROJECT_HELP = "the project (default: the default project in ~/.dstack/config.yml)"
+from dstack.cli.common import add_project_option
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -17,18 +17,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="List and delete the project's volumes. Create one with `dstack apply -f` a "
         "`type: volume` configuration; runs mount it with `volumes: [NAME:/path]`.",
     )
-    p.add_argument("--project", help=PROJECT_HELP)
+    add_project_option(p)
     p.set_defaults(func=cmd_list)
     vsub = p.add_subparsers(dest="volume_command", metavar="SUBCOMMAND")
 
     ls = vsub.add_parser("list", help="list volumes")
-    ls.add_argument("--project", help=PROJECT_HELP, default=argparse.SUPPRESS)
+    add_project_option(ls, subcommand=True)
     ls.set_defaults(func=cmd_list)
 
     d = vsub.add_parser("delete", help="delete volumes and their data")
     d.add_argument("names", nargs="+", metavar="NAME")
     d.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    d.add_argument("--project", help=PROJECT_HELP, default=argparse.SUPPRESS)
+    add_project_option(d, subcommand=True)
     d.set_defaults(func=cmd_delete)
 
 
