@@ -16,7 +16,7 @@ import pytest
 from dstack.core.models.fleets import FleetConfiguration
 from tests.conftest import running_server
 from tests.devenv.test_devenv import _popen, _ssh, _wait_ssh
-from tests.fleets.hosts import HostNetwork, HostsUnavailable, check_available
+from tests.fleets.hosts import HostNetwork, hosts_or_skip
 from tests.util import wait_until
 
 pytestmark = pytest.mark.slow
@@ -26,16 +26,8 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 @pytest.fixture
 def host_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostNetwork]:
     """One namespaced host with its own sshd (tests/fleets/hosts.py), or a skip saying why not."""
-    try:
-        check_available()
-    except HostsUnavailable as e:
-        pytest.skip(str(e))
-    net = HostNetwork(tmp_path_factory.mktemp("hosts"))
-    try:
-        net.add_hosts(1)
+    with hosts_or_skip(tmp_path_factory.mktemp("hosts"), 1) as net:
         yield net
-    finally:
-        net.close()
 
 
 def test_ssh_into_a_dev_environment_on_a_fleet_host(host_net: HostNetwork, tmp_path: Path) -> None:

@@ -4,19 +4,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fleets.hosts import HostNetwork, HostsUnavailable, check_available
+from tests.fleets.hosts import HostNetwork, hosts_or_skip
 
 
 @pytest.fixture(scope="session")
 def host_net(tmp_path_factory) -> Iterator[HostNetwork]:
     """A bridge with 3 hosts for the session; tests may add more with `add_hosts`."""
-    try:
-        check_available()
-    except HostsUnavailable as e:
-        pytest.skip(str(e))
-    net = HostNetwork(tmp_path_factory.mktemp("hosts"))
-    try:
-        net.add_hosts(3)
+    with hosts_or_skip(tmp_path_factory.mktemp("hosts"), 3) as net:
         yield net
-    finally:
-        net.close()

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 SSHD = "/usr/sbin/sshd"
 MAX_HOSTS = 60  # bounded: one /24, addresses .2 .. .61
 
@@ -241,9 +243,25 @@ class HostNetwork:
 
 @contextlib.contextmanager
 def host_network(base: Path, n: int) -> Iterator[HostNetwork]:
+    """`n` namespaced hosts, removed on exit; `HostsUnavailable` when this machine cannot make them."""
+    check_available()
     net = HostNetwork(base)
     try:
         net.add_hosts(n)
         yield net
     finally:
         net.close()
+
+
+@contextlib.contextmanager
+def hosts_or_skip(base: Path, n: int) -> Iterator[HostNetwork]:
+    """`host_network` for fixtures: a test skip that says why when hosts cannot be made here."""
+    try:
+        cm = host_network(base, n)
+        net = cm.__enter__()
+    except HostsUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        yield net
+    finally:
+        cm.__exit__(None, None, None)

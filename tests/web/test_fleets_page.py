@@ -13,7 +13,7 @@ from playwright.sync_api import expect
 from dstack.api import Resources, RunStatus, Task
 from dstack.core.models.fleets import FleetConfiguration
 from tests.conftest import running_server
-from tests.fleets.hosts import HostsUnavailable, host_network
+from tests.fleets.hosts import hosts_or_skip
 from tests.web.conftest import screenshot, sign_in
 
 pytestmark = pytest.mark.slow
@@ -23,11 +23,8 @@ TICKER = "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done"
 
 @pytest.fixture
 def one_host(tmp_path):
-    try:
-        with host_network(tmp_path / "hosts", 1) as net:
-            yield net
-    except HostsUnavailable as e:
-        pytest.skip(str(e))
+    with hosts_or_skip(tmp_path / "hosts", 1) as net:
+        yield net
 
 
 def _session(server, token) -> httpx.Client:
