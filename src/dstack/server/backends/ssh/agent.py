@@ -153,4 +153,12 @@ async def stop_agent(conn: asyncssh.SSHClientConnection, token: str, unit: str) 
     found = await running_agent(conn, token)
     await _run(conn, f"systemctl stop {shlex.quote(unit)} 2>/dev/null; true", timeout=30)
     if found is not None:
-        await _run(conn, f"kill {found.pid} 2>/dev/null; true", timeout=20)
+        # SIGTERM, up to 10 s for the agent to stop its jobs and exit, then SIGKILL: the fleet is
+        # deleted when this returns, not some time later.
+        pid = found.pid
+        await _run(
+            conn,
+            f"kill {pid} 2>/dev/null; for _ in $(seq 50); do kill -0 {pid} 2>/dev/null || exit 0; sleep 0.2; done; "
+            f"kill -9 {pid} 2>/dev/null; true",
+            timeout=20,
+        )
