@@ -59,6 +59,9 @@ class ServerSettings:
     metrics_interval_seconds: float = field(init=False)
     #: DSTACK_SERVER_METRICS_RETENTION_SECONDS: how long stored job usage samples are kept
     metrics_retention_seconds: float = field(init=False)
+    #: DSTACK_SERVER_SSH_PORT: where the SSH entry for dstack's official client listens (on `host`);
+    #: unset: no SSH entry (`dstack.server.ssh_entry`)
+    ssh_port: int | None = field(init=False)
 
     def __post_init__(self, environ: Mapping[str, str] | None) -> None:
         env = os.environ if environ is None else environ
@@ -80,6 +83,7 @@ class ServerSettings:
             "gateway_monitor_interval_seconds": _seconds(env, "DSTACK_SERVER_GATEWAY_MONITOR_INTERVAL", 10, 0.01, 3600),
             "metrics_interval_seconds": _seconds(env, "DSTACK_SERVER_METRICS_INTERVAL", 2, 0.2, 600),
             "metrics_retention_seconds": _seconds(env, "DSTACK_SERVER_METRICS_RETENTION_SECONDS", 3600, 10, 90 * 86400),
+            "ssh_port": _port(env, "DSTACK_SERVER_SSH_PORT"),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)  # frozen: set once, here
@@ -130,6 +134,15 @@ def _seconds(env: Mapping[str, str], name: str, default: float, low: float, high
         return number(env, name, default, low, high, unit="seconds")
     except ValueError as e:  # names the variable
         raise SettingsError(str(e)) from None
+
+
+def _port(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise SettingsError(f"{name} must be a TCP port (1-65535), got {raw[:20]!r}")
+    return int(raw)
 
 
 def _async_driver_url(url: str) -> str:
