@@ -19,7 +19,7 @@ from dstack.core.http_errors import error_body, server_error, to_http
 from dstack.core.private import private_dir
 from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
 from dstack.proxy.auth import Access, AuthCache
-from dstack.server import bootstrap, crypto, migrate
+from dstack.server import bootstrap, crypto, migrate, ssh_entry
 from dstack.server.backends.local import LocalBackend
 from dstack.server.backends.slurm.allocations import SlurmAllocations
 from dstack.server.backends.slurm.registry import SlurmBackends, set_slurm_backends
@@ -243,6 +243,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(volumes_router.router)
     tunnel_router.install(app)  # WS tunnels to jobs' ports (`ssh RUN`), dev environments' inactivity stop
     job_metrics.install(app)  # pulls the agents' job metrics while the server runs
+    ssh_entry.install(app)  # SSH for dstack's official client (DSTACK_SERVER_SSH_PORT; off when unset)
     mount_dashboard(app)  # `/` and `/static`: the web dashboard (dstack.web)
     return app
 
