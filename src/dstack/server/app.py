@@ -23,10 +23,10 @@ from dstack.server import bootstrap, crypto, migrate, ssh_entry
 from dstack.server.backends.local import LocalBackend
 from dstack.server.backends.slurm.allocations import SlurmAllocations
 from dstack.server.backends.slurm.registry import SlurmBackends, set_slurm_backends
-from dstack.server.backends.ssh.backend import SSHBackend
+from dstack.server.backends.ssh.backend import Home, SSHBackend
 from dstack.server.background.pipeline import Pipeline
 from dstack.server.body_limit import BodySizeLimit, RequestTooLarge
-from dstack.server.config_file import load_server_config
+from dstack.server.config_file import ConfigReloader, load_server_config
 from dstack.server.db import Database, get_database, get_session, set_database
 from dstack.server.db_errors import is_data_error
 from dstack.server.gateways import router as gateways_router
@@ -76,7 +76,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         token, created = await bootstrap.ensure_admin(db, settings.admin_token)
         app.state.admin_token = token
         app.state.admin_created = created
-        ssh_backend = SSHBackend(db)
+        ssh_backend = SSHBackend(db, home=Home.of(settings.url, settings.host, settings.port))
         instances = InstanceManager(
             db,
             [LocalBackend(settings.server_dir / "local-agent"), ssh_backend],
@@ -89,17 +89,18 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         await fleets.start()
         notifier = LogNotifier()
         pipeline = Pipeline(db, instances, notifier)
+        # Jobs placed on a project's Slurm cluster (backends/slurm/allocations.py); config.yml is
+        # re-read when it changes (or on SIGHUP), so a backend may appear after the start.
         slurm = SlurmBackends(server_config, settings.server_dir)
-        allocations = None
-        if slurm:  # jobs placed on a project's Slurm cluster (backends/slurm/allocations.py)
-            set_slurm_backends(slurm)
+        set_slurm_backends(slurm)
 
-            def slurm_job_changed(run_id: str) -> None:
-                pipeline.wake()
-                notifier.notify(run_id)
+        def slurm_job_changed(run_id: str) -> None:
+            pipeline.wake()
+            notifier.notify(run_id)
 
-            allocations = SlurmAllocations(db, instances, slurm, pipeline.agents.provision, slurm_job_changed)
-            pipeline.slurm_launch = allocations.launch
+        reloader = ConfigReloader(settings.server_dir, server_config)
+        allocations = SlurmAllocations(db, instances, slurm, pipeline.agents.provision, slurm_job_changed, reloader)
+        pipeline.slurm_launch = allocations.launch
         services = ServiceManager(db, registry, pipeline.wake, settings.autoscaler_window_seconds)
         pipeline.run_listeners.append(services.on_run_changed)
         app.state.services = services
@@ -107,6 +108,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         services.publishers.append(gateways.publish)
         app.state.gateways = gateways
         serverless = ServerlessService(server_ports(db, pipeline.wake, auth), base_url=settings.url)
+        fleets.serverless = serverless  # workers on a host found unreachable are requeued at once
         bridge = ServerlessBridge(db, serverless)
         pipeline.run_listeners.append(lambda run_id: asyncio.ensure_future(bridge.on_run_changed(run_id)))
         app.state.serverless = serverless

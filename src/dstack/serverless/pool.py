@@ -361,6 +361,20 @@ class Pool:
         self.after_requeue(w.endpoint_id, requeued, failed)
         await self.stop_worker(w, reason, state)
 
+    async def workers_lost(self, worker_ids: list[str], reason: str) -> None:
+        """The server lost these workers' host (a faster signal than their missed heartbeats):
+        requeue the jobs they hold now, stop counting them (the scaler starts replacements) and
+        stop their jobs for when the host comes back. A result one of them posts late is judged
+        by the queue like any other: the first result of a job wins."""
+        for worker_id in worker_ids:
+            w = self.workers.get(worker_id)
+            if w is None:
+                continue
+            if w.state == EXITED:
+                await self.forget_worker(w.endpoint_id, worker_id, reason)
+            elif w.state in (INITIALIZING, READY) or await self.store.jobs_of_worker(worker_id):
+                await self.lose_worker(w, UNHEALTHY, reason)
+
     async def call_launcher_stop(self, endpoint_id: str, worker_id: str) -> None:
         try:
             await self.launcher.stop_worker(endpoint_id, worker_id)

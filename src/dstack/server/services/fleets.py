@@ -18,14 +18,15 @@ import platform
 import secrets
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncssh
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dstack.agent.models import AgentJobSubmission
 from dstack.core.models.fleets import FleetConfiguration, SSHHostParams, SSHKey, SSHProxyParams
-from dstack.core.models.runs import InstanceResources, InstanceStatus, JobProvisioningData, JobStatus
+from dstack.core.models.runs import InstanceResources, InstanceStatus, JobProvisioningData, JobStatus, RunType
 from dstack.server import crypto
 from dstack.server import errors as _errors
 from dstack.server.backends.ssh.backend import HostUnreachable, SSHBackend, connect_and_probe
@@ -38,6 +39,9 @@ from dstack.server.fleet_models import FleetInstanceModel, FleetModel
 from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel
 from dstack.server.services import offers
 from dstack.server.services.instances import InstanceManager
+
+if TYPE_CHECKING:
+    from dstack.serverless.service import ServerlessService
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -143,11 +147,49 @@ async def replica_url(jpd: JobProvisioningData, port: int) -> str:
     return f"http://{address}:{port}"
 
 
+def with_home(inst: InstanceModel, submission: AgentJobSubmission) -> AgentJobSubmission:
+    """A job for a fleet host, with the server's URL in its env (serverless workers'
+    RUNPOD_WEBHOOK_* and anything else that starts with it) pointing at the host's reverse forward
+    to the server: the server is not reachable on the host's network."""
+    if inst.backend != "ssh" or _forwarder is None or _forwarder.home is None:
+        return submission
+    home = _forwarder.home_url(inst.name)
+    server = _forwarder.home.url
+    if home is None:
+        logger.warning(
+            "fleet host %s has no forward to the server: its job %s cannot call it", inst.name, submission.job_id
+        )
+        return submission
+    env = {
+        k: home + v[len(server) :] if v == server or v.startswith(server + "/") else v
+        for k, v in submission.env.items()
+    }
+    return submission.model_copy(update={"env": env})
+
+
+async def serverless_workers_on(session: AsyncSession, instance_name: str) -> list[str]:
+    """Serverless workers (their jobs' names) that run, or are being started, on an instance."""
+    rows = await session.execute(
+        select(JobModel.job_name)
+        .join(RunModel, RunModel.id == JobModel.run_id)
+        .join(InstanceModel, InstanceModel.id == JobModel.instance_id)
+        .where(
+            InstanceModel.name == instance_name,
+            RunModel.run_type == RunType.SERVERLESS,
+            JobModel.status.in_(ACTIVE_JOB_STATUSES),
+        )
+    )
+    return [name for name in rows.scalars() if name]
+
+
 class FleetManager:
     def __init__(self, db: Database, instances: InstanceManager, backend: SSHBackend) -> None:
         self.db = db
         self.instances = instances
         self.backend = backend
+        #: set by the app once the queue exists: workers on a host found unreachable are lost to it
+        self.serverless: ServerlessService | None = None
+        backend.unreachable_listeners.append(self._host_unreachable)
         self._attaching: dict[str, asyncio.Task[None]] = {}  # instance id -> attach in progress
         self._loop: asyncio.Task[None] | None = None
         self._prebuild: asyncio.Task[AgentBundle] | None = None
@@ -222,6 +264,19 @@ class FleetManager:
                 fi.status_message = None
                 await session.commit()
         await self.instances.add(instance_id, self.backend, inst)
+
+    async def _host_unreachable(self, name: str) -> None:
+        """The host stopped answering (SSH and agent both, ~20 s after it went away; faster than
+        a worker's missed heartbeats): the jobs its serverless workers hold go back to the queue
+        now and the scaler starts replacements where there is room. A worker that was alive after
+        all may still post its result: the queue keeps the first result of a job, so it is never
+        reported twice."""
+        if self.serverless is None:
+            return
+        async with self.db.session() as session:
+            workers = await serverless_workers_on(session, name)
+        if workers:
+            await self.serverless.pool.workers_lost(workers, f"instance {name} is unreachable")
 
     # --- plan and apply -------------------------------------------------------------------
 

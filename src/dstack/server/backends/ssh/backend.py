@@ -2,6 +2,11 @@
 forward to the host's agent (bound to the host's loopback); the server's `AgentClient` talks to
 the forwarded port. Reaching a host, re-attaching to its agent, or deploying one are the same
 call (`attach`), so a re-apply, a server restart and a lost connection all recover the same way.
+
+The same connection carries a reverse forward the other way (`Home`): a port on the host's
+loopback that ends at the server, for jobs there that call it (serverless workers' RUNPOD_WEBHOOK_*
+URLs; the server is not reachable on the host's network). Its port is stored and asked for again
+at every re-attach, so the URLs running workers were given keep working.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import contextlib
 import json
 import logging
 import secrets
+import shlex
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncssh
@@ -37,10 +44,28 @@ class HostUnreachable(Exception):
     """The host could not be reached or its agent not brought up; the message says why."""
 
 
+@dataclass(frozen=True)
+class Home:
+    """The server as jobs on fleet hosts reach it: `url` (the server's URL as jobs are told it,
+    `ServerSettings.url`) becomes `http://127.0.0.1:<port>` on a host, a reverse forward that ends
+    at `host:port` on the server's machine."""
+
+    url: str
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, url: str, bind_host: str, port: int) -> Home:
+        """From the server's URL and the address it binds (a wildcard is reached on loopback)."""
+        host = "127.0.0.1" if bind_host in ("", "0.0.0.0", "::") else bind_host
+        return cls(url.rstrip("/"), host, port)
+
+
 @dataclass
 class _Attached:
     connection: Connection
     listener: asyncssh.SSHListener
+    home: asyncssh.SSHListener | None = None
 
 
 def target_of(fi: FleetInstanceModel) -> Target:
@@ -73,8 +98,13 @@ async def connect_and_probe(target: Target) -> tuple[Connection, HostProbe]:
 class SSHBackend(Backend):
     name = "ssh"
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, home: Home | None = None) -> None:
         self.db = db
+        #: where jobs on the hosts reach the server (None: no reverse forward, e.g. unit tests)
+        self.home = home
+        #: awaited with an instance's name each time it is marked unreachable (its serverless
+        #: workers' jobs are requeued at once rather than after a missed heartbeat)
+        self.unreachable_listeners: list[Callable[[str], Awaitable[None]]] = []
         self._attached: dict[str, _Attached] = {}  # instance name -> connection and forward
         #: (instance name, address on the host, port) -> local forward to it (service replicas)
         self._forwards: dict[tuple[str, str, int], asyncssh.SSHListener] = {}
@@ -140,6 +170,12 @@ class SSHBackend(Backend):
             if fi is not None:
                 fi.status_message = message
             await session.commit()
+        if status == InstanceStatus.UNREACHABLE:
+            for listener in self.unreachable_listeners:
+                try:
+                    await listener(name)
+                except Exception:
+                    logger.exception("a listener of unreachable instance %s failed", name)
 
     async def attach(self, name: str, token: str | None) -> ProvisionedInstance:
         """Connect to the host (trusting its key on first use), reuse its agent if one runs with
@@ -168,6 +204,7 @@ class SSHBackend(Backend):
             target = target_of(fi)
             region = fleet.name if fleet is not None else ""
             internal_ip = fi.internal_ip
+            home_port = json.loads(fi.ssh or "{}").get("home_port")
         conn, found = await connect_and_probe(target)
         try:
             await self._trust(name, conn)
@@ -179,10 +216,13 @@ class SSHBackend(Backend):
             else:
                 logger.info("re-attached to the agent on %s (%s), pid %s", name, target.host.hostname, agent.pid)
             listener = await conn.conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", agent.port)
+            home = await self._forward_home(name, conn.conn, home_port if isinstance(home_port, int) else None)
         except BaseException:
             conn.close()
             raise
-        self._attached[name] = _Attached(conn, listener)
+        self._attached[name] = _Attached(conn, listener, home)
+        if home is not None and home.get_port() != home_port:
+            await self._set_home_port(name, home.get_port())
         endpoint = AgentEndpoint(url=f"http://127.0.0.1:{listener.get_port()}", token=token, pid=agent.pid)
         host = await agent_host(endpoint)
         endpoint.network_isolation = bool(host.get("network_isolation"))
@@ -218,6 +258,51 @@ class SSHBackend(Backend):
                 ssh["jump_host_key"] = conn.jump_host_key
                 changed = True
             if changed:
+                fi.ssh = json.dumps(ssh)
+                await session.commit()
+
+    async def _forward_home(
+        self, name: str, conn: asyncssh.SSHClientConnection, stored: int | None
+    ) -> asyncssh.SSHListener | None:
+        """The reverse forward to the server on the host's loopback, on the port used before if
+        there was one (running workers were given it). A port still held by a stale sshd session
+        of this host's previous connection (its link went down: the host's sshd never saw the
+        connection end) is freed by ending that session; any other holder gets a new port."""
+        if self.home is None:
+            return None
+        if stored:
+            for attempt in range(2):
+                try:
+                    return await conn.forward_remote_port("127.0.0.1", stored, self.home.host, self.home.port)
+                except asyncssh.ChannelListenError:
+                    if attempt == 0 and await _end_stale_forward(conn, stored):
+                        continue
+                    logger.warning(
+                        "fleet host %s: port %s on its loopback is taken; jobs started there before"
+                        " reach the server no more (serverless workers are replaced)",
+                        name,
+                        stored,
+                    )
+        try:
+            return await conn.forward_remote_port("127.0.0.1", 0, self.home.host, self.home.port)
+        except asyncssh.ChannelListenError as e:  # sshd refuses remote forwarding (AllowTcpForwarding)
+            logger.warning("fleet host %s: no forward to the server (%s): jobs there cannot call it", name, e.reason)
+            return None
+
+    def home_url(self, name: str) -> str | None:
+        """The server's URL as jobs on this (attached) host reach it, or None."""
+        attached = self._attached.get(name)
+        if attached is None or attached.home is None:
+            return None
+        return f"http://127.0.0.1:{attached.home.get_port()}"
+
+    async def _set_home_port(self, name: str, port: int) -> None:
+        async with self.db.session() as session:
+            inst = (await session.execute(select(InstanceModel).where(InstanceModel.name == name))).scalar_one()
+            fi = await session.get(FleetInstanceModel, inst.id)
+            if fi is not None:
+                ssh = json.loads(fi.ssh or "{}")
+                ssh["home_port"] = port
                 fi.ssh = json.dumps(ssh)
                 await session.commit()
 
@@ -259,6 +344,24 @@ class SSHBackend(Backend):
         attached = self._attached.pop(name, None)
         if attached is not None:
             attached.listener.close()
+            if attached.home is not None:
+                attached.home.close()
             attached.connection.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(attached.connection.wait_closed(), 5)
+
+
+async def _end_stale_forward(conn: asyncssh.SSHClientConnection, port: int) -> bool:
+    """End the sshd process listening on the host's 127.0.0.1:`port` if it is an sshd session of
+    this SSH user (a connection of ours that died on our side only); True if one was ended."""
+    script = (
+        f"pids=$(ss -Hltnp 'sport = :{int(port)}' 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); "
+        'n=0; for p in $pids; do [ "$(cat /proc/$p/comm 2>/dev/null)" = sshd ] && '
+        '[ "$(stat -c %u /proc/$p)" = "$(id -u)" ] && kill "$p" 2>/dev/null && n=1; done; '
+        '[ "$n" = 1 ] && sleep 0.5; [ "$n" = 1 ]'
+    )
+    try:
+        result = await conn.run(f"sh -c {shlex.quote(script)}", check=False, timeout=15)
+    except (asyncssh.Error, OSError, TimeoutError):
+        return False
+    return result.exit_status == 0

@@ -36,6 +36,7 @@ from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import InstanceModel, JobModel, RunModel, utcnow
 from dstack.server.services import volumes
 from dstack.server.services.fleets import node_ips as fleet_node_ips
+from dstack.server.services.fleets import with_home as fleet_with_home
 from dstack.server.services.runs import parse_configuration
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class AgentTasks:
                 ips = await fleet_node_ips(session, run)
                 conf = parse_configuration(run_spec)
                 submission = build_submission(run, job, run_spec, conf, inst, ips)
+                submission = fleet_with_home(inst, submission)  # fleet hosts call the server through SSH
                 submission = await resolve_secrets(session, run.project_id, submission)
                 submission = await volumes.with_mounts(session, run.project_id, conf, submission)
                 code = await code_blob(session, run.project_id, run_spec)
