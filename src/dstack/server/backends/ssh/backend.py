@@ -286,7 +286,7 @@ class SSHBackend(Backend):
         try:
             return await conn.forward_remote_port("127.0.0.1", 0, self.home.host, self.home.port)
         except asyncssh.ChannelListenError as e:  # sshd refuses remote forwarding (AllowTcpForwarding)
-            logger.warning("fleet host %s: no forward to the server (%s): jobs there cannot call it", name, e.reason)
+            logger.warning("fleet host %s: no forward to the server (%s): jobs there cannot call it", name, e)
             return None
 
     def home_url(self, name: str) -> str | None:
