@@ -177,14 +177,24 @@ class SlurmBackend(Backend):
                 return parts[0]
         return None
 
-    async def try_agent(self, sub: SlurmSubmission, st: SlurmJobState) -> tuple[AgentEndpoint, str] | None:
-        """The agent of a RUNNING job once it wrote `agent.json`: its endpoint and the node; else None."""
+    async def try_agent(
+        self, sub: SlurmSubmission, st: SlurmJobState, wait: float = 0.0
+    ) -> tuple[AgentEndpoint, str] | None:
+        """The agent of a RUNNING job once it wrote `agent.json`: its endpoint and the node; else None.
+
+        With `wait`, the check repeats every 50 ms for up to that long on the side that runs Slurm's
+        commands (one command over the transport, not one per check): the agent is noticed within
+        50 ms of writing the file instead of at the next poll."""
         if st.state != "RUNNING" or not st.nodes:
             return None
         q = shlex.quote
-        r = await self.runner.run(
-            ["sh", "-c", f"cat {q(sub.job_dir)}/home/agent.json 2>/dev/null; echo; cat {q(sub.job_dir)}/token"]
+        agent_json = f"{q(sub.job_dir)}/home/agent.json"
+        checks = max(0, min(200, int(wait / 0.05)))
+        script = (
+            f"i=0; while [ ! -s {agent_json} ] && [ $i -lt {checks} ]; do sleep 0.05; i=$((i+1)); done; "
+            f"cat {agent_json} 2>/dev/null; echo; cat {q(sub.job_dir)}/token"
         )
+        r = await self.runner.run(["sh", "-c", script])
         lines = r.stdout.splitlines()
         if len(lines) < 2 or not lines[0].strip():
             return None
@@ -206,10 +216,11 @@ class SlurmBackend(Backend):
                 raise SlurmBackendError(
                     f"slurm: job {sub.job_id} ended before its agent started: {st.message() if st else 'gone'}"
                 )
-            found = await self.try_agent(sub, st)
+            found = await self.try_agent(sub, st, wait=1.0 if st.state == "RUNNING" else 0.0)
             if found is not None:
                 return found
-            await asyncio.sleep(0.3)
+            if st.state != "RUNNING":
+                await asyncio.sleep(0.3)
         raise SlurmBackendError(f"slurm: the agent of job {sub.job_id} did not start within {timeout:g} s")
 
     def submission(self, job_id: str, name: str, partition: str) -> SlurmSubmission:
