@@ -58,7 +58,9 @@ def test_volume_file_errors_name_file_line_and_field(tmp_path: Path) -> None:
     conf = load_configuration(good)
     assert conf.name == "my-data" and float(conf.size) == 10 and conf.backend == "local"  # type: ignore[union-attr]
     for body, line, text in [
-        ("type: volume\nname: v\nbackend: ssh\n", 3, "not supported for volumes yet"),
+        ("type: volume\nname: v\nbackend: ssh\n", 1, "backend ssh needs region: the name of the fleet"),
+        ("type: volume\nname: v\nbackend: ssh\nregion: Bad_Name!\n", 4, "invalid fleet name"),
+        ("type: volume\nname: v\navailability_zone: h1\n", 3, "availability_zone is for backend ssh"),
         ("type: volume\nname: v\nbackend: aws\n", 3, "unknown volume backend 'aws'"),
         ("type: volume\nname: v\nvolume_id: relative/dir\n", 3, "absolute path"),
         ("type: volume\nname: v\nauto_cleanup_duration: 1h\n", 3, "auto_cleanup_duration"),
@@ -96,3 +98,38 @@ def test_runs_with_named_volumes_stay_on_the_servers_host() -> None:
     assert placement_mismatch(named, "local", "local", 0) is None
     assert "volumes live on the server's host" in (placement_mismatch(named, "ssh", "my-fleet", 0) or "")
     assert placement_mismatch(host_dir, "ssh", "my-fleet", 0) is None  # a host path is on whichever host
+
+
+def test_runs_with_named_volumes_go_to_the_volumes_host() -> None:
+    from dstack.core.models.volumes import VolumeHome
+    from dstack.server.services.offers import placement_mismatch
+
+    conf = parse_run_configuration({"type": "task", "commands": ["true"], "volumes": ["data:/data", "/srv:/srv"]})
+    on_h1 = {"data": VolumeHome("ssh", "gpus", "10.0.0.2")}
+
+    def why(backend: str, region: str, host: str | None, homes: dict[str, VolumeHome]) -> str | None:
+        return placement_mismatch(conf, backend, region, 0, hostname=host, volume_homes=homes)
+
+    assert why("ssh", "gpus", "10.0.0.2", on_h1) is None
+    assert why("ssh", "gpus", "10.0.0.3", on_h1) == "volume 'data' lives on host 10.0.0.2 of fleet gpus"
+    assert why("ssh", "other", "10.0.0.2", on_h1) == "volume 'data' lives on host 10.0.0.2 of fleet gpus"
+    assert why("local", "local", "server", on_h1) == "volume 'data' lives on host 10.0.0.2 of fleet gpus"
+    local = {"data": VolumeHome("local", "local")}
+    assert why("local", "local", "server", local) is None
+    assert why("ssh", "gpus", "10.0.0.2", local) == "volume 'data' lives on the server's host (backend local)"
+    assert why("local", "local", "server", {}) == "volume 'data' does not exist"
+
+
+def test_ssh_volume_configuration() -> None:
+    from dstack.core.models.volumes import VolumeConfiguration
+
+    conf = VolumeConfiguration.model_validate(
+        {"name": "v", "backend": "ssh", "region": "gpus", "availability_zone": "10.0.0.2", "size": "10GB"}
+    )
+    assert (conf.region, conf.availability_zone) == ("gpus", "10.0.0.2")
+    with pytest.raises(ValueError, match="availability_zone is a host"):
+        VolumeConfiguration.model_validate(
+            {"name": "v", "backend": "ssh", "region": "gpus", "availability_zone": "a b"}
+        )
+    with pytest.raises(ValueError, match="backend local has one region"):
+        VolumeConfiguration.model_validate({"name": "v", "region": "gpus"})

@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from dstack.agent.host_info import host_info
 from dstack.agent.jobs import JobError, JobManager
 from dstack.agent.metrics import MAX_SAMPLES_PER_ANSWER, MetricsSampler
-from dstack.agent.models import AgentJobSubmission, StopRequest
+from dstack.agent.models import AgentJobSubmission, MetricsBatchRequest, StopRequest
+from dstack.agent.volumes_api import volume_routes
 from dstack.core.tokens import bearer_token
 from dstack.version import __version__
 
@@ -72,6 +73,8 @@ def create_app(home: Path, token: str) -> FastAPI:
     @app.exception_handler(JobError)
     async def _job_error(request: Request, exc: JobError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    app.include_router(volume_routes(home, auth))  # a fleet host's volumes, made and removed here
 
     @app.get("/api/healthcheck")
     async def healthcheck() -> dict[str, Any]:
@@ -136,6 +139,14 @@ def create_app(home: Path, token: str) -> FastAPI:
     ) -> dict[str, Any]:
         manager.get(job_id)  # 404 for an unknown job
         return {"samples": sampler.samples(job_id, after, min(limit, MAX_SAMPLES_PER_ANSWER))}
+
+    @app.post("/api/metrics", dependencies=[Depends(auth)])
+    async def metrics_batch(body: MetricsBatchRequest) -> dict[str, Any]:
+        """Many jobs' samples in one answer (the server's collector asks once per agent, not per job);
+        jobs the agent does not know are left out."""
+        known = {job_id: after for job_id, after in body.after.items() if job_id in manager.jobs}
+        limit = min(body.limit, MAX_SAMPLES_PER_ANSWER)
+        return {"jobs": {job_id: sampler.samples(job_id, after, limit) for job_id, after in known.items()}}
 
     @app.post("/api/jobs/{job_id}/stop", dependencies=[Depends(auth)])
     async def stop(job_id: str, body: StopRequest | None = None) -> dict[str, str]:

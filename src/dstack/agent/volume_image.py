@@ -26,7 +26,7 @@ def image_path(volume_dir: Path) -> Path:
 def why_not_enforced() -> str | None:
     """Why this host cannot back a volume with an image (None: it can)."""
     if os.geteuid() != 0:
-        return "the server does not run as root (no loop mounts)"
+        return "not running as root (no loop mounts)"
     missing = [t for t in ("mkfs.ext4", "mount", "umount") if shutil.which(t) is None]
     if missing:
         return f"{', '.join(missing)} not found"
@@ -49,6 +49,21 @@ def create(volume_dir: Path, size_bytes: int) -> None:
     if out.returncode != 0:
         image.unlink(missing_ok=True)
         raise OSError(f"mkfs.ext4 failed: {(out.stderr or out.stdout).strip()[-300:]}")
+
+
+def prepare(volume_dir: Path, size_bytes: int | None) -> bool:
+    """A new volume's storage: its directory (0700), and its image when sized and this host can
+    enforce sizes; True when it has an image. Made already (an image or a directory): kept as is."""
+    if image_path(volume_dir).exists():
+        return True
+    volume_dir.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+    if volume_dir.exists():
+        return False
+    volume_dir.mkdir(mode=0o700)
+    if size_bytes is None or why_not_enforced() is not None:
+        return False
+    create(volume_dir, size_bytes)
+    return True
 
 
 def ensure_mounted(volume_dir: Path) -> bool:

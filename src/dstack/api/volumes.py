@@ -24,6 +24,10 @@ class Volume:
     size_enforced: bool = False
     #: runs not yet finished that have it attached
     attached_to: list[str] = field(default_factory=list)
+    #: `local`, or the fleet keeping an `ssh` volume
+    region: str = "local"
+    #: an `ssh` volume's host (its address in the fleet); None on `local`
+    availability_zone: str | None = None
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Volume:
@@ -38,6 +42,8 @@ class Volume:
             created_at=str(d.get("created_at", "")),
             size_enforced=bool(d.get("size_enforced")),
             attached_to=list(d.get("attached_to") or []),
+            region=str(prov.get("region") or "local"),
+            availability_zone=prov.get("availability_zone"),
         )
 
 

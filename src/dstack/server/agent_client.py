@@ -72,6 +72,38 @@ class AgentClient:
         samples: list[dict[str, Any]] = r.json()["samples"]
         return samples
 
+    async def create_volume(self, volume_id: str, size_bytes: int | None) -> bool:
+        """Make volume `volume_id` on the agent's host; whether its size is enforced there."""
+        r = await self._http.post(f"/api/volumes/{volume_id}", json={"size_bytes": size_bytes}, timeout=150)
+        if r.status_code != 200:
+            raise AgentError(f"the agent could not create the volume: {r.status_code} {_detail(r)}")
+        return bool(_json_object(r).get("size_enforced"))
+
+    async def delete_volume(self, volume_id: str) -> None:
+        r = await self._http.delete(f"/api/volumes/{volume_id}", timeout=150)
+        if r.status_code != 200:
+            raise AgentError(f"the agent could not delete the volume: {r.status_code} {_detail(r)}")
+
+    async def is_dir(self, path: str) -> bool:
+        """Whether `path` is a directory on the agent's host (a volume registered by `volume_id`)."""
+        r = await self._http.post("/api/volumes/check", json={"path": path})
+        if r.status_code != 200:
+            raise AgentError(f"the agent could not check {path}: {r.status_code} {_detail(r)}")
+        return bool(_json_object(r).get("is_dir"))
+
+    async def metrics_many(self, after: dict[str, float]) -> dict[str, list[dict[str, Any]]] | None:
+        """Several jobs' usage samples in one request (`POST /api/metrics`): job id -> samples newer
+        than `after[job id]`; jobs the agent does not know are left out. None from an agent older
+        than that route (the caller asks per job)."""
+        r = await self._http.post("/api/metrics", json={"after": after}, timeout=10)
+        if r.status_code in (404, 405):
+            return None
+        r.raise_for_status()
+        jobs = _json_object(r).get("jobs")
+        if not isinstance(jobs, dict):
+            raise AgentError("agent answered /api/metrics without a jobs object")
+        return {k: v for k, v in jobs.items() if isinstance(v, list)}
+
     async def stop(self, job_id: str, abort: bool) -> None:
         r = await self._http.post(f"/api/jobs/{job_id}/stop", json={"abort": abort})
         if r.status_code not in (200, 404, 409):
@@ -86,3 +118,13 @@ def _json_object(r: httpx.Response) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise AgentError(f"agent answered {r.request.url.path} with {type(body).__name__}, not an object")
     return body
+
+
+def _detail(r: httpx.Response) -> str:
+    """The agent's `detail`, bounded (an error answer's text)."""
+    try:
+        body = r.json()
+        detail = body.get("detail") if isinstance(body, dict) else None
+    except ValueError:
+        detail = None
+    return str(detail if detail is not None else r.text)[:500]

@@ -295,3 +295,8 @@ class VolumeModel(Base):
     shared: Mapped[bool] = mapped_column(Boolean, default=False)
     configuration: Mapped[str] = mapped_column(Text)  # JSON, as applied
     created_at: Mapped[datetime] = mapped_column(_dt(), default=utcnow)
+    #: `ssh`: the fleet and the host (its address) keeping the volume; None on `local`
+    region: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: `ssh`: whether the host's agent backs the size with a filesystem image (local: read from disk)
+    size_enforced: Mapped[bool | None] = mapped_column(Boolean, nullable=True)

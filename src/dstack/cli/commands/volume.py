@@ -61,6 +61,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         [
             (v.name, "bold"),
             (v.backend, ""),
+            (v.region, ""),
+            (v.availability_zone or "-", ""),
             (_size(v.size_gb, v.size_enforced), ""),
             ("shared" if v.shared else "-", ""),
             (", ".join(v.attached_to) or "-", ""),
@@ -68,7 +70,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         ]
         for v in volumes
     ]
-    print(render_table(["NAME", "BACKEND", "SIZE", "SHARED", "ATTACHED TO", "CREATED"], rows, use_color()))
+    print(
+        render_table(
+            ["NAME", "BACKEND", "REGION", "HOST", "SIZE", "SHARED", "ATTACHED TO", "CREATED"], rows, use_color()
+        )
+    )
     return 0
 
 
@@ -101,5 +107,8 @@ def apply_volume(args: argparse.Namespace, path: str) -> int:
     assert isinstance(conf, VolumeConfiguration)
     volume = get_client(args.project).volumes.create(conf)
     size = f", {_size(volume.size_gb, volume.size_enforced)}" if volume.size_gb is not None else ""
-    console().print(f"[green]OK[/] volume [bold]{escape(volume.name)}[/] ready ({volume.backend}{size})")
+    where = volume.backend
+    if volume.availability_zone:  # a fleet host's volume: say which host keeps it
+        where += f", fleet {volume.region}, host {volume.availability_zone}"
+    console().print(f"[green]OK[/] volume [bold]{escape(volume.name)}[/] ready ({escape(where)}{size})")
     return 0

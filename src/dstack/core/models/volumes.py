@@ -1,13 +1,15 @@
 """`type: volume` and the `volumes:` of a run: storage that outlives the runs that use it.
 
-A volume configuration follows dstack's shape (`name`, `backend`, `region`, `size`, `volume_id`
-for an existing volume). Only `backend: local` (the server's own host) exists yet; `ssh` (fleet
-hosts) is refused as not yet supported and any other backend as unknown here. On `local` a volume
-is a directory under the local agent's data dir; `volume_id` registers an existing directory of
-the host instead (an absolute path, never deleted by `dstack volume delete`). `size` is a hard
-limit where the server runs as root (agent/volume_image.py), else recorded and shown as not
-enforced (docs/architecture.md, Volumes). `shared: true` lets several
-runs attach the volume at once; otherwise one run at a time.
+A volume configuration follows dstack's shape (`name`, `backend`, `region`, `availability_zone`,
+`size`, `volume_id` for an existing volume). `backend: local` is the server's own host; `backend:
+ssh` is a host of an SSH fleet: `region` names the fleet and `availability_zone` (optional) the
+host, as its address is listed in the fleet's `ssh_config.hosts`; without it the server picks the
+fleet's first reachable host when the volume is created, and the volume stays on that host like
+a zonal disk (docs/architecture.md, Volumes). A volume is a directory under its host's agent data
+dir; `volume_id` registers an existing directory of that host instead (an absolute path, never
+deleted by `dstack volume delete`). `size` is a hard limit where the host's agent runs as root
+with mkfs.ext4 (agent/volume_image.py), else recorded and shown as not enforced. `shared: true`
+lets several runs attach the volume at once; otherwise one run at a time.
 
 A run mounts volumes with `volumes:` entries, each either a named volume (`NAME:/job/path` or
 `{name, path}`) or a path of the instance (`/host/dir:/job/dir` or `{instance_path, path}`).
@@ -16,18 +18,19 @@ A run mounts volumes with `volumes:` entries, each either a named volume (`NAME:
 from __future__ import annotations
 
 import posixpath
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from dstack.core.limits import MAX_PATH
 from dstack.core.models.resources import Memory
 from dstack.core.names import validate_name
 
 MAX_MOUNTS_PER_RUN = 32
-#: backends a volume may name: the server's host now; fleet hosts are the next step
-SUPPORTED_BACKENDS = ("local",)
-FUTURE_BACKENDS = ("ssh",)
+#: backends a volume may name: the server's own host, and the hosts of SSH fleets
+SUPPORTED_BACKENDS = ("local", "ssh")
+MAX_HOST = 255
 #: job paths a mount may not cover (the job needs them as the host has them)
 FORBIDDEN_TARGETS = ("/", "/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/run", "/tmp")
 _FORBIDDEN_UNDER = ("/proc/", "/sys/", "/dev/")
@@ -63,9 +66,12 @@ class VolumeConfiguration(BaseModel):
     type: Literal["volume"] = "volume"
     name: str
     backend: str = "local"
-    region: str | None = Field(default=None, max_length=100)
+    #: `local`: the one region `local`; `ssh`: the fleet's name
+    region: str | None = Field(default=None, max_length=100, validate_default=True)
+    #: `ssh`: the host of the fleet (its address in `ssh_config.hosts`); None: the first reachable one
+    availability_zone: str | None = Field(default=None, max_length=MAX_HOST)
     size: Memory | None = None
-    #: an existing volume: on `local`, an existing directory of the server's host
+    #: an existing volume: an existing directory of the volume's host
     volume_id: str | None = Field(default=None, max_length=MAX_PATH)
     #: several runs may attach it at once (else one run at a time)
     shared: bool = False
@@ -78,17 +84,31 @@ class VolumeConfiguration(BaseModel):
     @field_validator("backend")
     @classmethod
     def _backend(cls, value: str) -> str:
-        if value in FUTURE_BACKENDS:
-            raise ValueError(f"backend {value!r} is not supported for volumes yet; use backend: local")
         if value not in SUPPORTED_BACKENDS:
             raise ValueError(f"unknown volume backend {value!r}; this server has: {', '.join(SUPPORTED_BACKENDS)}")
         return value
 
-    @field_validator("region")
+    @field_validator("region", mode="after")
     @classmethod
-    def _region(cls, value: str | None) -> str | None:
+    def _region(cls, value: str | None, info: ValidationInfo) -> str | None:
+        backend = info.data.get("backend")
+        if backend == "ssh":
+            if value is None:
+                raise ValueError("backend ssh needs region: the name of the fleet whose host keeps the volume")
+            return validate_name("fleet", value)
         if value is not None and value != "local":
             raise ValueError(f"backend local has one region, 'local' (got {value!r})")
+        return value
+
+    @field_validator("availability_zone")
+    @classmethod
+    def _availability_zone(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if info.data.get("backend") != "ssh":
+            raise ValueError("backend local has one host (the server's); availability_zone is for backend ssh")
+        if not value or any(c.isspace() or c in "\x00/" for c in value):
+            raise ValueError(f"availability_zone is a host of the fleet as listed in its hosts, got {value[:100]!r}")
         return value
 
     @field_validator("size")
@@ -102,6 +122,27 @@ class VolumeConfiguration(BaseModel):
     @classmethod
     def _volume_id(cls, value: str | None) -> str | None:
         return None if value is None else check_absolute_path(value, "volume_id (an existing directory)")
+
+
+@dataclass(frozen=True)
+class VolumeHome:
+    """Where a named volume lives, for placement: the server's host (`local`), or one fleet host
+    (`ssh`, `region` the fleet, `host` its address)."""
+
+    backend: str
+    region: str
+    host: str | None = None
+
+    def admits(self, backend: str, region: str, hostname: str | None) -> bool:
+        """Whether an instance (its backend, region and hostname) holds this volume."""
+        if self.backend == "ssh":
+            return backend == "ssh" and region == self.region and hostname == self.host
+        return backend == self.backend
+
+    def describe(self) -> str:
+        if self.backend == "ssh":
+            return f"host {self.host} of fleet {self.region}"
+        return "the server's host (backend local)"
 
 
 class VolumeMountPoint(BaseModel):

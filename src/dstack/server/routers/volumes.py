@@ -1,7 +1,8 @@
 """Project volumes, at dstack's paths: `/api/project/{p}/volumes/{list,get,create,delete}`.
 
 Any member of the project may list, create and delete its volumes (as in dstack); see
-services.volumes for where a volume lives and when one may be attached or deleted.
+services.volumes for where a volume lives (the server's host, or a fleet host whose agent makes
+and removes it) and when one may be attached or deleted.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dstack.server.errors import InvalidRequest
 from dstack.server.models import ProjectModel, UserModel
 from dstack.server.security import require_project_member
 from dstack.server.services import volumes
+from dstack.server.services.instances import InstanceManager
 
 router = APIRouter(prefix="/api/project/{project_name}/volumes", tags=["volumes"])
 
@@ -38,6 +40,12 @@ class DeleteVolumesRequest(BaseModel):
 def _server_dir(request: Request) -> Path:
     server_dir: Path = request.app.state.settings.server_dir
     return server_dir
+
+
+def _instances(request: Request) -> InstanceManager | None:
+    """The agents of the project's fleet hosts (an `ssh` volume is made and removed by its host's)."""
+    instances: InstanceManager | None = getattr(request.app.state, "instances", None)
+    return instances
 
 
 def _configuration(data: dict[str, Any]) -> VolumeConfiguration:
@@ -85,7 +93,8 @@ async def create_volume(
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
     _, project = member
-    volume = await volumes.create_volume(session, project, _configuration(body.configuration), _server_dir(request))
+    conf = _configuration(body.configuration)
+    volume = await volumes.create_volume(session, project, conf, _server_dir(request), _instances(request))
     attached = await volumes.attachments(session, project.id)
     return volumes.volume_to_wire(volume, project.name, attached.get(volume.name, []), _server_dir(request))
 
@@ -98,5 +107,5 @@ async def delete_volumes(
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
     _, project = member
-    await volumes.delete_volumes(session, project, body.names, _server_dir(request))
+    await volumes.delete_volumes(session, project, body.names, _server_dir(request), _instances(request))
     return {}

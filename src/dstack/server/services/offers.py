@@ -1,5 +1,6 @@
 """Matching a job's resource requirements against instances, and reserving what it gets."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -8,6 +9,7 @@ from dstack.core.models.runs import InstanceResources
 
 if TYPE_CHECKING:
     from dstack.core.models.configurations import BaseRunConfiguration
+    from dstack.core.models.volumes import VolumeHome
 
 MIB_PER_GB = 1024
 
@@ -99,18 +101,48 @@ def describe_shortfall(spec: ResourcesSpec, instances: list[tuple[str, InstanceR
 BACKEND_ALIASES: dict[str, tuple[str, ...]] = {"local": ("local", "remote"), "ssh": ("ssh", "remote")}
 
 
+def volume_mismatch(
+    conf: "BaseRunConfiguration", backend: str, region: str, hostname: str | None, homes: Mapping[str, "VolumeHome"]
+) -> str | None:
+    """Why the run's named volumes rule out an instance: a volume lives on one host
+    (services.volumes.volume_homes), so a run naming it goes there."""
+    for m in conf.volumes:
+        name = getattr(m, "name", None)
+        if name is None:
+            continue  # an instance path is on whichever host
+        home = homes.get(name)
+        if home is None:
+            return f"volume {name!r} does not exist"
+        if not home.admits(backend, region, hostname):
+            return f"volume {name!r} lives on {home.describe()}"
+    return None
+
+
 def placement_mismatch(
-    conf: "BaseRunConfiguration", backend: str, region: str, price: float, spot: bool = False
+    conf: "BaseRunConfiguration",
+    backend: str,
+    region: str,
+    price: float,
+    spot: bool = False,
+    *,
+    hostname: str | None = None,
+    volume_homes: Mapping[str, "VolumeHome"] | None = None,
 ) -> str | None:
     """Why the configuration's placement settings (`backends`, `regions`, `spot_policy`,
-    `max_price`) rule out an instance, or None when they allow it. Today's instances are all
-    on-demand, so `spot_policy: spot` rules every one out."""
+    `max_price`) and its named volumes rule out an instance, or None when they allow it.
+    Today's instances are all on-demand, so `spot_policy: spot` rules every one out. Without
+    `volume_homes` (a caller that did not look them up) named volumes keep a run on the
+    server's host."""
     if conf.backends is not None:
         names = BACKEND_ALIASES.get(backend, (backend,))
         if not any(b.lower() in names for b in conf.backends):
             return f"backend {backend!r} is not in backends {conf.backends}"
-    if backend != "local" and any(getattr(m, "name", None) for m in conf.volumes):
-        return "the run's volumes live on the server's host (backend local)"  # services.volumes
+    if volume_homes is not None:
+        why = volume_mismatch(conf, backend, region, hostname, volume_homes)
+        if why is not None:
+            return why
+    elif backend != "local" and any(getattr(m, "name", None) for m in conf.volumes):
+        return "the run's volumes live on the server's host (backend local)"
     if conf.fleets and (backend != "ssh" or region not in conf.fleets):  # a fleet host's region is its fleet
         return f"not a host of fleets {conf.fleets}"
     if conf.regions is not None and region.lower() not in {r.lower() for r in conf.regions}:

@@ -48,6 +48,7 @@ from dstack.server.services import offers
 from dstack.server.services.jobs import build_job_spec, check_privileged, check_ssh_key, nodes_count
 from dstack.server.services.names import random_run_name
 from dstack.server.services.secrets import redact_configuration, redact_env, refuse_redacted, seal_configuration
+from dstack.server.services.volumes import volume_homes
 
 
 def parse_configuration(run_spec: RunSpec) -> BaseRunConfiguration:
@@ -139,13 +140,20 @@ async def get_offers(
     `project_id`, the project's fleet hosts are offered too."""
     # A Slurm allocation is its own job's alone: Slurm's offers are the partitions (get_plan).
     instances = [i for i in await list_instances(session, project_id) if i.backend != "slurm"]
+    homes = await volume_homes(session, project_id, conf) if conf is not None and project_id is not None else None
     found: list[InstanceOffer] = []
     excluded: list[tuple[str, str]] = []
     for inst in instances:
         res = instance_resources(inst)
         if not offers.fits_total(spec, res):
             continue
-        why = offers.placement_mismatch(conf, inst.backend, inst.region, inst.price) if conf is not None else None
+        why = (
+            offers.placement_mismatch(
+                conf, inst.backend, inst.region, inst.price, hostname=inst.hostname, volume_homes=homes
+            )
+            if conf is not None
+            else None
+        )
         if why is not None:
             excluded.append((inst.name, why))
             continue

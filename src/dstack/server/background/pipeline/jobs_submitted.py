@@ -30,6 +30,7 @@ from dstack.server.services import offers
 from dstack.server.services.fleets import cluster_candidates
 from dstack.server.services.jobs import nodes_count
 from dstack.server.services.runs import held_reservations, instance_resources, list_instances, parse_configuration
+from dstack.server.services.volumes import volume_homes
 
 
 @dataclass(frozen=True)
@@ -110,13 +111,16 @@ async def load_assign_context(
     every = await list_instances(session, run.project_id)  # the server's own and the project's fleet hosts
     every = [i for i in every if i.backend != "slurm"]  # a Slurm allocation is its own job's alone
     instances = [i for i in every if not is_down(i.id)]
+    homes = await volume_homes(session, run.project_id, conf)  # a named volume's host
     candidates = []
     excluded: list[tuple[str, str]] = []
     for inst in instances:
         res = instance_resources(inst)
         if not offers.fits_total(requirements, res):
             continue
-        why = offers.placement_mismatch(conf, inst.backend, inst.region, inst.price)
+        why = offers.placement_mismatch(
+            conf, inst.backend, inst.region, inst.price, hostname=inst.hostname, volume_homes=homes
+        )
         if why is not None:
             excluded.append((inst.name, why))
             continue
