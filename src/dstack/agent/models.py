@@ -83,3 +83,14 @@ class AgentJobSubmission(JobProcess):
 
 class StopRequest(BaseModel):
     abort: bool = False
+
+
+#: the most jobs one `POST /api/metrics` may name (an agent runs far fewer)
+MAX_METRICS_BATCH_JOBS = 10_000
+
+
+class MetricsBatchRequest(BaseModel):
+    """`POST /api/metrics`: for each job id, the time after which its samples are wanted."""
+
+    after: dict[str, float] = Field(default_factory=dict, max_length=MAX_METRICS_BATCH_JOBS)
+    limit: int = Field(default=1000, ge=1)

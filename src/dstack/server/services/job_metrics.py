@@ -1,8 +1,9 @@
 """Per-job usage metrics: pulled from the agents, kept for a retention window, served and exported.
 
 Each agent samples its running jobs (agent.metrics) and keeps a short window in memory; the
-collector here asks every agent that runs a job for the samples newer than the last one stored
-(`GET /api/jobs/{id}/metrics?after=TS`, every DSTACK_SERVER_METRICS_INTERVAL s, default 2) and
+collector here asks every agent that runs a job for its jobs' samples newer than the last one stored
+(one `POST /api/metrics` per agent, every DSTACK_SERVER_METRICS_INTERVAL s, default 2; per job,
+`GET /api/jobs/{id}/metrics?after=TS`, from an agent older than that route) and
 stores them in `job_metrics_points`. Points older than DSTACK_SERVER_METRICS_RETENTION_SECONDS
 (default 3600) are deleted, so what is stored is bounded by time whatever runs. The API answers
 in dstack's shape (`{"metrics": [{"name", "timestamps", "values"}]}`, newest first), and
@@ -94,7 +95,15 @@ class MetricsCollector:
         running = {job_id for job_id, _ in rows}
         for job_id in [j for j in self._last_ts if j not in running]:
             del self._last_ts[job_id]
-        pulled = await asyncio.gather(*(self._pull(job_id, inst) for job_id, inst in rows if inst is not None))
+        by_instance: dict[str, list[str]] = {}
+        for job_id, inst in rows:
+            if inst is not None:
+                by_instance.setdefault(inst, []).append(job_id)
+        pulled = [
+            pair
+            for pairs in await asyncio.gather(*(self._pull_instance(i, jobs) for i, jobs in by_instance.items()))
+            for pair in pairs
+        ]
         points = [
             JobMetricsPointModel(
                 job_id=job_id,
@@ -117,6 +126,22 @@ class MetricsCollector:
             if samples:
                 self._last_ts[job_id] = max(self._last_ts.get(job_id, 0.0), samples[-1].ts)
         return len(points)
+
+    async def _pull_instance(self, instance_id: str, job_ids: list[str]) -> list[tuple[str, list[JobMetricsSample]]]:
+        """Every job of one agent in one request (an agent with many jobs would otherwise be asked
+        once per job every interval); per job from an agent that predates the batch route."""
+        try:
+            client = self.instances.client(instance_id)
+        except KeyError:  # an instance without an agent client (yet)
+            return []
+        async with self._limit:
+            try:
+                answer = await client.metrics_many({j: self._last_ts.get(j, 0.0) for j in job_ids})
+            except (AgentError, httpx.HTTPError, ValueError, KeyError, RuntimeError):
+                return []  # an agent restarting or gone: the pipeline deals with it
+        if answer is None:
+            return list(await asyncio.gather(*(self._pull(j, instance_id) for j in job_ids)))
+        return [(j, [sample for s in answer.get(j, []) if (sample := _valid_sample(s)) is not None]) for j in job_ids]
 
     async def _pull(self, job_id: str, instance_id: str) -> tuple[str, list[JobMetricsSample]]:
         try:
