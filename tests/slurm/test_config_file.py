@@ -1,11 +1,14 @@
 """`~/.dstack/server/config.yml`: Slurm backends are read, mistakes are refused with file, line, field."""
 
+import logging
+import os
 from pathlib import Path
 
 import pytest
 
 from dstack.core.errors import ConfigurationError
-from dstack.server.config_file import load_server_config, parse_server_config
+from dstack.server.backends.slurm.registry import SlurmBackends
+from dstack.server.config_file import ConfigReloader, load_server_config, parse_server_config
 
 GOOD = """\
 projects:
@@ -86,3 +89,44 @@ def test_not_a_mapping_and_bad_yaml() -> None:
         parse_server_config("[1, 2]\n", "config.yml")
     with pytest.raises(ConfigurationError, match=r"config.yml:2: invalid YAML"):
         parse_server_config("projects: {\n", "config.yml")
+
+
+def _write(path: Path, text: str) -> None:
+    """Write and move the mtime on, so an edit within the filesystem's timestamp granularity shows."""
+    path.write_text(text)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+
+def test_reloader_applies_edits_and_keeps_the_old_config_on_a_bad_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "config.yml"
+    _write(path, GOOD)
+    reloader = ConfigReloader(tmp_path)
+    assert reloader.check() is None  # unchanged
+    _write(path, GOOD.replace("qos: normal", "qos: high"))
+    new = reloader.check()
+    assert new is not None and new.backends_of("main")[0].qos == "high"
+    assert reloader.check() is None  # once per change
+    with caplog.at_level(logging.ERROR, logger="dstack.server.config_file"):
+        _write(path, GOOD.replace("partitions: [gpu, cpu]", "partitons: [gpu]"))
+        assert reloader.check() is None
+    assert reloader.current.backends_of("main")[0].qos == "high"  # the previous one stays
+    logged = caplog.text
+    assert f"{path}:6:" in logged and "projects[0].backends[0].partitons" in logged, logged
+    assert "keeps its previous configuration" in logged
+    path.unlink()  # no file: no backends
+    new = reloader.check()
+    assert new is not None and new.projects == []
+
+
+def test_apply_keeps_unchanged_backends_and_replaces_changed_ones(tmp_path: Path) -> None:
+    two = GOOD + "      - type: slurm\n        shared_dir: /shared/two\n        login: {hostname: login2}\n"
+    backends = SlurmBackends(parse_server_config(two), tmp_path)
+    first, second = backends.by_project["main"]
+    backends.apply(parse_server_config(two.replace("/shared/two", "/shared/2")))
+    assert backends.by_project["main"][0] is first  # same settings: same backend (its connection)
+    assert backends.by_project["main"][1] is not second and backends.by_project["main"][1].dir == "/shared/2"
+    backends.apply(parse_server_config("projects: []\n"))
+    assert not backends and backends.backend("main", 0) is None

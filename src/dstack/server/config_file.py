@@ -1,12 +1,16 @@
-"""`~/.dstack/server/config.yml`: the projects' backends, read at server start.
+"""`~/.dstack/server/config.yml`: the projects' backends, read at server start and again when
+the file changes.
 
 Validated like run configurations (`core.yaml_loader`): any mistake is a `ConfigurationError`
 naming the file, the line and the field; the server refuses to start on one rather than run
-without a backend the file asks for.
+without a backend the file asks for. A running server re-reads the file when it changes (or on
+SIGHUP, `ConfigReloader`); a bad edit is logged with its file, line and field and the
+configuration in use stays.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -17,6 +21,8 @@ from dstack.core.models.configurations import validation_issues
 # The YAML loader's bounded parser and pydantic-to-line mapping, shared with run configurations.
 from dstack.core.yaml_loader import _check_duplicate_keys, _parse_yaml, _to_configuration_error
 from dstack.server.backends.slurm.config import SlurmBackendConfig
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE_NAME = "config.yml"
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -59,6 +65,41 @@ def load_server_config(server_dir: Path) -> ServerConfig:
     except UnicodeDecodeError as e:
         raise ConfigurationError(f"{path}: not UTF-8: {e}", path=str(path)) from e
     return parse_server_config(text, str(path))
+
+
+class ConfigReloader:
+    """Notices edits of `config.yml` (its size and mtime) and reads the new version.
+
+    `check()` answers the new configuration once per change, or None: unchanged, or the edit is
+    refused (logged with file, line and field; the caller keeps what it runs with)."""
+
+    def __init__(self, server_dir: Path, current: ServerConfig | None = None) -> None:
+        self.path = server_dir / CONFIG_FILE_NAME
+        self.current = current if current is not None else load_server_config(server_dir)
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def check(self, force: bool = False) -> ServerConfig | None:
+        stamp = self._stamp()
+        if stamp == self._seen and not force:
+            return None
+        self._seen = stamp
+        try:
+            new = load_server_config(self.path.parent)
+        except ConfigurationError as e:
+            logger.error("%s not applied, the server keeps its previous configuration: %s", self.path, e)
+            return None
+        if new == self.current:
+            return None
+        self.current = new
+        logger.info("%s changed: configuration applied", self.path)
+        return new
 
 
 def parse_server_config(text: str, source: str = CONFIG_FILE_NAME) -> ServerConfig:

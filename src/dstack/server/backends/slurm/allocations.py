@@ -14,9 +14,11 @@ allocations of finished jobs, and re-launches jobs left mid-launch by a server r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
+import signal
 from collections.abc import Callable
 
 from sqlalchemy import select
@@ -37,6 +39,7 @@ from dstack.server.backends.base import AgentEndpoint, ProvisionedInstance
 from dstack.server.backends.slurm.backend import SlurmBackend, SlurmBackendError, SlurmSubmission
 from dstack.server.backends.slurm.commands import SlurmCommandError
 from dstack.server.backends.slurm.registry import SlurmBackends
+from dstack.server.config_file import ConfigReloader
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel, utcnow
 from dstack.server.services.instances import InstanceManager
@@ -45,6 +48,8 @@ from dstack.server.services.runs import parse_configuration
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0
+#: a running allocation's agent is awaited this long per transport command (checked every 50 ms)
+AGENT_WAIT_SECONDS = 1.0
 #: `sinfo` at most this often per cluster (placement reads the cached shapes)
 SHAPES_MAX_AGE_SECONDS = 5.0
 _INSTANCE_NAME = re.compile(r"^slurm-(\d+)-")
@@ -67,6 +72,7 @@ class SlurmAllocations:
         backends: SlurmBackends,
         provision: Callable[[str], None],
         on_job_changed: Callable[[str], None],
+        reloader: ConfigReloader | None = None,
     ) -> None:
         self.db = db
         self.instances = instances
@@ -76,6 +82,9 @@ class SlurmAllocations:
         self._launching: dict[str, asyncio.Task[None]] = {}
         self._loop: asyncio.Task[None] | None = None
         self._stopping = False
+        self._reloader = reloader  # config.yml edits (checked every pass) and SIGHUP
+        self._reload_now = asyncio.Event()
+        self._sighup = False
 
     # -- start / stop --------------------------------------------------------------------------
 
@@ -94,10 +103,28 @@ class SlurmAllocations:
             found = list(rows)
         for row in found:
             await self._reattach(row)
+        if self._reloader is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_now.set)
+                self._sighup = True
         self._loop = asyncio.create_task(self._run(), name="slurm-allocations")
+
+    def reload(self, force: bool = False) -> bool:
+        """Apply `config.yml` if it changed (or re-read it, `force`); False when nothing changed
+        or the edit was refused (logged with file, line and field)."""
+        if self._reloader is None:
+            return False
+        new = self._reloader.check(force=force)
+        if new is None:
+            return False
+        self.backends.apply(new)
+        return True
 
     async def close(self) -> None:
         self._stopping = True
+        if self._sighup:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         tasks = [t for t in [self._loop, *self._launching.values()] if t is not None]
         for t in tasks:
             t.cancel()
@@ -193,12 +220,15 @@ class SlurmAllocations:
             if message != shown:
                 await self._note(job_id, message)
                 shown = message
-            found_agent = await backend.try_agent(sub, st)
+            # Running: wait for the agent on the transport's side (noticed within 50 ms), looking
+            # at Slurm's state and the job's own between waits; pending: poll Slurm's state.
+            found_agent = await backend.try_agent(sub, st, wait=AGENT_WAIT_SECONDS)
             if found_agent is not None:
                 endpoint, node = found_agent
                 await self._attach(job_id, backend, sub, node, endpoint, requirements)
                 return
-            await asyncio.sleep(0.3)
+            if st.state != "RUNNING":
+                await asyncio.sleep(0.3)
 
     def _backend_for(
         self, project: str, jpd: JobProvisioningData | None, conf: BaseRunConfiguration
@@ -271,13 +301,17 @@ class SlurmAllocations:
     async def _run(self) -> None:
         while not self._stopping:
             try:
-                await self.backends.refresh(max_age=SHAPES_MAX_AGE_SECONDS)
-                await self.reconcile()
+                self.reload(force=self._reload_now.is_set())
+                self._reload_now.clear()
+                if self.backends:  # none configured (yet): nothing to look at
+                    await self.backends.refresh(max_age=SHAPES_MAX_AGE_SECONDS)
+                    await self.reconcile()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("reconciling Slurm allocations failed")
-            await asyncio.sleep(POLL_SECONDS)
+            with contextlib.suppress(TimeoutError):  # a SIGHUP reloads at once
+                await asyncio.wait_for(self._reload_now.wait(), POLL_SECONDS)
 
     async def reconcile(self) -> None:
         async with self.db.session() as session:

@@ -42,13 +42,37 @@ class SlurmPlacement:
 
 class SlurmBackends:
     def __init__(self, config: ServerConfig, server_dir: Path) -> None:
+        self.server_dir = server_dir
         self.by_project: dict[str, list[SlurmBackend]] = {}
-        for project in config.projects:
-            self.by_project[project.name] = [
-                SlurmBackend(b, server_dir / "slurm" / project.name / str(i)) for i, b in enumerate(project.backends)
-            ]
         self._shapes: dict[tuple[str, int], list[SlurmShape]] = {}
         self._refreshed = 0.0
+        self._retired: list[SlurmBackend] = []
+        self.apply(config)
+
+    def apply(self, config: ServerConfig) -> None:
+        """Use `config`'s backends from now on (a reload): an entry whose settings did not change
+        keeps its backend (connection, cached shapes); a changed or removed one is closed once the
+        next `refresh` has read the new ones. A project's backends are known by their position."""
+        old = self.by_project
+        new: dict[str, list[SlurmBackend]] = {}
+        for project in config.projects:
+            kept = old.get(project.name, [])
+            new[project.name] = [
+                kept[i]
+                if i < len(kept) and kept[i].config == b
+                else SlurmBackend(b, self.server_dir / "slurm" / project.name / str(i))
+                for i, b in enumerate(project.backends)
+            ]
+        in_use = {id(b) for backends in new.values() for b in backends}
+        self._retired += [b for backends in old.values() for b in backends if id(b) not in in_use]
+        for key in list(self._shapes):
+            name, i = key
+            was = old.get(name, [])
+            now = new.get(name, [])
+            if i >= len(now) or i >= len(was) or now[i] is not was[i]:
+                del self._shapes[key]
+        self.by_project = new
+        self._refreshed = 0.0  # the next refresh reads the new backends at once
 
     def __bool__(self) -> bool:
         return any(self.by_project.values())
@@ -69,6 +93,9 @@ class SlurmBackends:
                     logger.warning("Slurm backend %d of project %s: %s", i, project, e)
                     self._shapes[(project, i)] = []
         self._refreshed = time.monotonic()
+        retired, self._retired = self._retired, []
+        for b in retired:
+            await b.shutdown()
 
     def offers(self, project: str, spec: ResourcesSpec, conf: BaseRunConfiguration | None) -> list[InstanceOffer]:
         """The cached shapes that could run `spec` and the placement settings allow."""
@@ -97,6 +124,9 @@ class SlurmBackends:
         return out
 
     async def close(self) -> None:
+        for b in self._retired:
+            await b.shutdown()
+        self._retired = []
         for backends in self.by_project.values():
             for b in backends:
                 await b.shutdown()
