@@ -126,7 +126,7 @@ async def _submit(
     await secret_store.check_references(session, project.id, run_spec.configuration)  # 400 naming unknown ones
     run = await runs_service.submit_run(session, project, user, run_spec, settings.url, settings.limits)
     await request.app.state.on_run_submitted(run)
-    request.app.state.pipeline.wake()
+    request.app.state.pipeline.wake(run.id)  # this run's pass only (others have their own wakes)
     return await _wire(request, run)
 
 

@@ -213,6 +213,8 @@ class AgentTasks:
                 records: list[dict[str, Any]] = report.get("logs", [])
                 # A final state is stored with its last lines only: a job seen ended has all its output.
                 apply_state = state != known and not (final and records)
+                if not records and not apply_state:
+                    continue  # a long poll that ran out with nothing new: no transaction for it
                 async with self.db.session() as session:
                     await retry_on_conflict(
                         session, partial(store_report, session, job_id, report, records, apply_state)

@@ -29,7 +29,7 @@ from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel
 from dstack.server.services import offers
 from dstack.server.services.fleets import cluster_candidates
 from dstack.server.services.jobs import nodes_count
-from dstack.server.services.runs import held_reservations, instance_resources, list_instances, parse_configuration
+from dstack.server.services.runs import held_by_instance, instance_resources, list_instances, parse_configuration
 from dstack.server.services.volumes import volume_homes
 
 
@@ -114,6 +114,7 @@ async def load_assign_context(
     homes = await volume_homes(session, run.project_id, conf)  # a named volume's host
     candidates = []
     excluded: list[tuple[str, str]] = []
+    held_now = await held_by_instance(session, [i.id for i in instances])
     for inst in instances:
         res = instance_resources(inst)
         if not offers.fits_total(requirements, res):
@@ -125,7 +126,7 @@ async def load_assign_context(
             excluded.append((inst.name, why))
             continue
         conflict = await port_conflict(session, inst, spec)
-        held = [] if conflict else await held_reservations(session, inst.id)
+        held = [] if conflict else held_now[inst.id]
         candidates.append(Candidate(inst, res, held, conflict))
     cluster = await cluster_candidates(  # a multi-node task on a `placement: cluster` fleet
         session,

@@ -4,6 +4,12 @@ apply the decisions in one transaction, then talk to agents.
 A submit, an agent report or a deadline wakes it; every pass's changes are committed before
 any agent hears of them, so a server killed at any point resumes from the database. A run
 whose processing raises fails alone (SERVER_ERROR); contention only defers it.
+
+A wake names the run it concerns (a submit, an agent's report) or none (everything). A pass
+over one run's wake takes that run, the runs whose deadline is due and the runs with jobs still
+waiting for an instance (a job that ended may have freed one); every active run is looked at
+on a plain wake and every FULL_PASS_SECONDS, so with 1,000 active runs one report costs one
+run's pass, not 1,000.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from dstack.server.services.runs import mark_job_terminating, new_jobs, parse_co
 logger = logging.getLogger(__name__)
 
 IDLE_WAKE_SECONDS = 5.0
+#: every active run is passed over at least this often (a safety net: wakes name what changed)
+FULL_PASS_SECONDS = 30.0
 
 
 @dataclass
@@ -55,6 +63,8 @@ class PassResult:
     wake_at: float | None = None
     work: AgentWork = field(default_factory=AgentWork)
     run_changed: bool = False
+    #: a job of the run still waits for an instance with room
+    waiting: bool = False
 
 
 class Pipeline:
@@ -64,6 +74,11 @@ class Pipeline:
         self.notifier = notifier
         self.agents = AgentTasks(db, instances, on_logs=notifier.notify, on_job_changed=self._on_job_changed)
         self._wake = asyncio.Event()
+        self._full = True  # the next pass looks at every active run
+        self._last_full = 0.0  # monotonic time of the last full pass
+        self._dirty: set[str] = set()  # runs woken by name since the last pass
+        self._due: dict[str, float] = {}  # run id -> when it asked to be looked at again (epoch s)
+        self._waiting: set[str] = set()  # runs with a job waiting for an instance with room
         self._task: asyncio.Task[None] | None = None
         self._failed_runs: set[str] = set()  # runs whose processing raised (logged once each)
         self._stopping = False
@@ -73,7 +88,12 @@ class Pipeline:
         self.slurm_launch: Callable[[str], None] | None = None
         instances.agent_listeners.append(self._on_agent_replaced)
 
-    def wake(self) -> None:
+    def wake(self, run_id: str | None = None) -> None:
+        """Pass over `run_id` soon (a submit, an agent's report), or over every active run."""
+        if run_id is None:
+            self._full = True
+        else:
+            self._dirty.add(run_id)
         self._wake.set()
 
     async def start(self) -> None:
@@ -92,7 +112,11 @@ class Pipeline:
             self._wake.clear()
             timeout = IDLE_WAKE_SECONDS
             try:
-                deadline = await self.process()
+                if self._full or time.monotonic() - self._last_full >= FULL_PASS_SECONDS:
+                    self._full = False
+                    deadline = await self.process()
+                else:
+                    deadline = await self._process_some()
                 if deadline is not None:
                     timeout = min(timeout, max(0.01, deadline - time.time()))
             except asyncio.CancelledError:
@@ -106,13 +130,38 @@ class Pipeline:
                 pass
 
     async def process(self) -> float | None:
-        """One pass over active runs; returns the next time-based deadline (epoch seconds)."""
+        """One pass over every active run; returns the next time-based deadline (epoch seconds)."""
+        self._last_full = time.monotonic()
+        self._dirty.clear()
+        self._due.clear()
+        return await self._process_runs(None)
+
+    async def _process_some(self) -> float | None:
+        """A pass over the runs woken by name, those whose deadline is due and those waiting for room."""
+        now = time.time()
+        targets = self._dirty | self._waiting | {r for r, at in self._due.items() if at <= now}
+        self._dirty = set()
+        if targets:
+            await self._process_runs(targets)
+        return min(self._due.values(), default=None)
+
+    async def _process_runs(self, only: set[str] | None) -> float | None:
+        query = select(RunModel.id).where(RunModel.status.notin_(FINISHED_RUN)).order_by(RunModel.submitted_at)
+        if only is not None:
+            query = query.where(RunModel.id.in_(only))
         async with self.db.session() as session:
-            query = select(RunModel.id).where(RunModel.status.notin_(FINISHED_RUN)).order_by(RunModel.submitted_at)
             run_ids = list((await session.execute(query)).scalars())
+        for run_id in only or ():
+            self._due.pop(run_id, None)  # finished or processed below (which sets it again)
+            self._waiting.discard(run_id)
+        if only is None:
+            self._waiting.clear()
         deadline: float | None = None
         for run_id in run_ids:
-            deadline = earliest(deadline, await self._process_run_isolated(run_id))
+            wake_at = await self._process_run_isolated(run_id)
+            if wake_at is not None:
+                self._due[run_id] = wake_at
+            deadline = earliest(deadline, wake_at)
         return deadline
 
     async def _process_run_isolated(self, run_id: str) -> float | None:
@@ -142,6 +191,8 @@ class Pipeline:
         async with self.db.session() as session:
             result = await retry_on_conflict(session, lambda: self._run_pass(session, run_id))
         await self._do_agent_work(result.work)
+        if result.waiting:
+            self._waiting.add(run_id)
         if result.run_changed:
             self._notify_run_changed(run_id)
         return result.wake_at
@@ -217,6 +268,7 @@ class Pipeline:
             result.wake_at = earliest(result.wake_at, time.time())  # new jobs to assign, stops to finish
         await session.commit()
         result.run_changed = run.status != old_status or run.error != old_error
+        result.waiting = any(j.status == JobStatus.SUBMITTED for j in run.jobs)
         return result
 
     def _terminating_jobs(self, run: RunModel, result: PassResult) -> None:
@@ -320,7 +372,7 @@ class Pipeline:
 
     def _on_job_changed(self, run_id: str) -> None:
         """An agent's report or a failed provisioning changed a job: decide what follows."""
-        self.wake()
+        self.wake(run_id)
         self._notify_run_changed(run_id)
 
     def _notify_run_changed(self, run_id: str) -> None:
