@@ -86,6 +86,19 @@ class OfficialClient:
             )
         return r
 
+    def start(self, *args: str, cwd: Path | None = None) -> subprocess.Popen:
+        """The CLI as a background process (attached `apply`, `attach`), output to pipes, in a
+        process group of its own so a test can interrupt it like Ctrl-C."""
+        return subprocess.Popen(
+            [self.python, "-m", "dstack._internal.cli.main", *args],
+            cwd=cwd or self.home,
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
     def script(self, code: str, cwd: Path | None = None, timeout: float = 240):
         return subprocess.run(
             [self.python, "-c", code],

@@ -11,11 +11,13 @@ values its enums lack are mapped onto the nearest ones it has (the local backend
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 
 from dstack.core.models.runs import RunSpec
+from dstack.core.tokens import bearer_token
 
 #: the header dstack's official client sends on every request
 API_VERSION_HEADER = "x-api-version"
@@ -45,6 +47,45 @@ AVAILABILITY_KNOWN = frozenset("unknown available not_available no_quota no_bala
 def wants_dstack_shapes(request: Request) -> bool:
     """The request comes from dstack's official client (or one speaking its dialect)."""
     return API_VERSION_HEADER in request.headers
+
+
+@dataclass(frozen=True)
+class SshEntry:
+    """Where dstack's client reaches jobs over SSH (`dstack.server.ssh_entry`): the host it
+    reached the API at, and the entry's port."""
+
+    hostname: str
+    port: int
+
+
+def ssh_entry(request: Request) -> SshEntry | None:
+    """The SSH entry to advertise to this request's client; None when it is off."""
+    port = getattr(request.app.state.settings, "ssh_port", None)
+    if port is None or getattr(request.app.state, "ssh_entry_keys", None) is None:
+        return None
+    return SshEntry(hostname=request.url.hostname or request.app.state.settings.host, port=port)
+
+
+def with_user_key(request: Request, user_id: str, spec: RunSpec) -> RunSpec:
+    """dstack's client sends no `ssh_key_pub` unless given `--ssh-identity`: the run then gets the
+    user's own key (`users/get_my_user` hands it to that user), as dstack's server does."""
+    keys = getattr(request.app.state, "ssh_entry_keys", None)
+    if spec.ssh_key_pub or keys is None or not wants_dstack_shapes(request):
+        return spec
+    return spec.model_copy(update={"ssh_key_pub": keys.user_public_key(user_id)})
+
+
+def user_keys(request: Request, user_id: str) -> dict[str, str]:
+    """The user's SSH key pair for dstack's client (`UserSSHKeyManager`); empty when the entry is off."""
+    keys = getattr(request.app.state, "ssh_entry_keys", None)
+    if keys is None or not wants_dstack_shapes(request):
+        return {}
+    return {
+        "ssh_public_key": keys.user_public_key(user_id),
+        "ssh_private_key": keys.user_private_key(user_id),
+        # its model of this answer (`UserWithCreds`) requires the token: the one the caller sent
+        "creds": {"token": bearer_token(request.headers.get("authorization"), bare=True) or ""},
+    }
 
 
 def backend(name: str | None) -> str:
@@ -136,6 +177,22 @@ def offer(o: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def app_specs(spec: dict[str, Any], conf: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ports dstack's client forwards when it attaches (a task's or dev environment's `ports`;
+    a service is reached through the proxy), with the local port the configuration asks for."""
+    if conf.get("type") == "service":
+        return []
+    local: dict[int, int | None] = {}
+    for p in conf.get("ports") or []:
+        if isinstance(p, dict) and isinstance(p.get("container_port"), int):
+            local[p["container_port"]] = p.get("local_port")
+    return [
+        {"port": port, "map_to_port": local.get(port), "app_name": "app"}
+        for port in spec.get("ports") or []
+        if isinstance(port, int)
+    ]
+
+
 def job_spec(spec: dict[str, Any], conf: dict[str, Any]) -> dict[str, Any]:
     requirements = dict(spec.get("requirements") or {})
     requirements.update(
@@ -151,12 +208,20 @@ def job_spec(spec: dict[str, Any], conf: dict[str, Any]) -> dict[str, Any]:
         "requirements": requirements,
         "env": spec.get("env") or {},
         "commands": spec.get("commands") or [],
+        "app_specs": spec.get("app_specs") or app_specs(spec, conf),
     }
 
 
-def provisioning_data(jpd: dict[str, Any] | None) -> dict[str, Any] | None:
+def provisioning_data(
+    jpd: dict[str, Any] | None, job_id: str | None = None, entry: SshEntry | None = None
+) -> dict[str, Any] | None:
     if jpd is None:
         return None
+    # with the SSH entry on, dstack's client jumps through it as the job's id ("dockerized": a
+    # second SSH hop to the job); without it, there is no SSH to offer
+    reach: dict[str, Any] = {"username": "root", "ssh_port": None, "dockerized": False}
+    if entry is not None and job_id:
+        reach = {"hostname": entry.hostname, "username": job_id, "ssh_port": entry.port, "dockerized": True}
     return {
         **jpd,
         "backend": backend(jpd.get("backend")),
@@ -164,13 +229,12 @@ def provisioning_data(jpd: dict[str, Any] | None) -> dict[str, Any] | None:
         "instance_id": jpd.get("instance_id", ""),
         "region": jpd.get("region") or "local",
         "price": jpd.get("price") or 0.0,
-        "username": "root",
-        "ssh_port": None,
-        "dockerized": False,
+        "ssh_proxy": None,
+        **reach,
     }
 
 
-def submission(sub: dict[str, Any], run_processed_at: str | None) -> dict[str, Any]:
+def submission(sub: dict[str, Any], run_processed_at: str | None, entry: SshEntry | None = None) -> dict[str, Any]:
     reason = sub.get("termination_reason")
     return {
         **sub,
@@ -178,19 +242,21 @@ def submission(sub: dict[str, Any], run_processed_at: str | None) -> dict[str, A
         "status_message": sub.get("status"),
         "deployment_num": 0,
         "termination_reason": reason if reason is None or reason in JOB_TERMINATION_KNOWN else "executor_error",
-        "job_provisioning_data": provisioning_data(sub.get("job_provisioning_data")),
+        "job_provisioning_data": provisioning_data(sub.get("job_provisioning_data"), sub.get("id"), entry),
         "job_runtime_data": None,
     }
 
 
-def run(r: dict[str, Any]) -> dict[str, Any]:
-    """Our Run JSON as dstack's `Run`."""
+def run(r: dict[str, Any], entry: SshEntry | None = None) -> dict[str, Any]:
+    """Our Run JSON as dstack's `Run`; `entry`: the SSH entry to attach through, if on."""
     conf = (r.get("run_spec") or {}).get("configuration") or {}
     jobs = [
         {
             **job,
             "job_spec": job_spec(job.get("job_spec") or {}, conf),
-            "job_submissions": [submission(s, r.get("last_processed_at")) for s in job.get("job_submissions") or []],
+            "job_submissions": [
+                submission(s, r.get("last_processed_at"), entry) for s in job.get("job_submissions") or []
+            ],
         }
         for job in r.get("jobs") or []
     ]

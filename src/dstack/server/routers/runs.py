@@ -97,7 +97,7 @@ async def _wire(request: Request, run: RunModel) -> dict[str, Any]:
             if status:
                 wire.extra.update(status)
     data = wire.model_dump(mode="json")
-    return dstack_wire.run(data) if dstack_wire.wants_dstack_shapes(request) else data
+    return dstack_wire.run(data, dstack_wire.ssh_entry(request)) if dstack_wire.wants_dstack_shapes(request) else data
 
 
 @router.post("/api/project/{project_name}/runs/get_plan")
@@ -108,7 +108,7 @@ async def get_plan(
     session: AsyncSession = Depends(get_session),
 ) -> dict[str, Any]:
     user, project = member
-    run_spec = dstack_wire.fold_profile(body.run_spec)
+    run_spec = dstack_wire.with_user_key(request, user.id, dstack_wire.fold_profile(body.run_spec))
     run_spec = dstack_wire.offers_only_spec(run_spec) if body.for_offers_only else run_spec
     plan = await runs_service.get_plan(session, project, user, run_spec, request.app.state.settings.limits)
     data = plan.model_dump(mode="json")
@@ -123,6 +123,7 @@ async def _submit(
 ) -> dict[str, Any]:
     user, project = member
     settings = request.app.state.settings
+    run_spec = dstack_wire.with_user_key(request, user.id, run_spec)
     await secret_store.check_references(session, project.id, run_spec.configuration)  # 400 naming unknown ones
     run = await runs_service.submit_run(session, project, user, run_spec, settings.url, settings.limits)
     await request.app.state.on_run_submitted(run)

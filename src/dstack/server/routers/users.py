@@ -2,7 +2,7 @@
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -11,6 +11,7 @@ from dstack.core.names import name_error
 from dstack.server.db import get_session
 from dstack.server.errors import InvalidRequest, ResourceExists, ResourceNotFound
 from dstack.server.models import UserModel
+from dstack.server.routers import dstack_wire
 from dstack.server.security import hash_token, new_token, require_admin, require_user
 
 router = APIRouter(prefix="/api/users", tags=["users"])
@@ -48,8 +49,9 @@ def user_dict(user: UserModel, token: str | None = None) -> dict[str, Any]:
 
 
 @router.post("/get_my_user")
-async def get_my_user(user: UserModel = Depends(require_user)) -> dict[str, Any]:
-    return user_dict(user)
+async def get_my_user(request: Request, user: UserModel = Depends(require_user)) -> dict[str, Any]:
+    # dstack's client attaches with the user's SSH key pair, which only this answer carries
+    return {**user_dict(user), **dstack_wire.user_keys(request, user.id)}
 
 
 @router.post("/list")

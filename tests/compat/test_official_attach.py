@@ -1,0 +1,256 @@
+"""dstack's official client (0.22.5) attaching to our runs: `dstack apply` without `-d`,
+`dstack attach`, and `ssh RUN` with the SSH config it writes.
+
+The server runs with its SSH entry on (`DSTACK_SERVER_SSH_PORT`); the client uses the user SSH key
+the server hands it (`users/get_my_user`), as a user who passes no `--ssh-identity` does. Each
+step is the real CLI driving OpenSSH against a real server; what it prints comes from real jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import textwrap
+import threading
+
+import httpx
+import pytest
+
+from tests.compat.official import OfficialClient
+from tests.conftest import running_server
+from tests.util import free_port, wait_until
+
+pytestmark = pytest.mark.skipif(shutil.which("ssh") is None, reason="needs OpenSSH's client (Debian: openssh-client)")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(request, tmp_path_factory):
+    """A server of this module's with its SSH entry listening on a free port."""
+    with running_server(
+        tmp_path_factory.mktemp("server"), request.param, DSTACK_SERVER_SSH_PORT=str(free_port())
+    ) as srv:
+        yield srv
+
+
+class Output:
+    """A background CLI process's output, read as it comes."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        def seen() -> bool:
+            if text in self.text:
+                return True
+            if self.proc.poll() is not None:
+                self._thread.join(5)
+                if text in self.text:
+                    return True
+                raise AssertionError(f"exited {self.proc.returncode} before printing {text!r}:\n{self.text[-3000:]}")
+            return False
+
+        wait_until(seen, timeout=timeout, interval=0.2, what=repr(text))
+
+    def interrupt(self, timeout: float = 30) -> int:
+        """Ctrl-C, as a user detaches."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._thread.join(5)
+
+
+def _run(server, name: str) -> dict:
+    r = httpx.post(f"{server.url}/api/project/main/runs/get", headers=server.headers, json={"run_name": name})
+    r.raise_for_status()
+    return r.json()
+
+
+def _wait_status(server, name: str, statuses: set[str], timeout: float = 120) -> dict:
+    return wait_until(
+        lambda: (run := _run(server, name))["status"] in statuses and run, timeout=timeout, interval=0.5, what=name
+    )
+
+
+def _forwarded(port: int, out: Output, timeout: float = 180) -> str:
+    """What the job's server answers on the local end of the client's forward."""
+
+    def answer() -> str | None:
+        if out.proc.poll() is not None:
+            raise AssertionError(f"the client exited {out.proc.returncode}")
+        return _get(port)
+
+    try:
+        return wait_until(answer, timeout=timeout, interval=0.3, what=f"the forwarded port {port}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the client printed:\n{out.text[-3000:]}") from None
+
+
+def _get(port: int) -> str | None:
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/", timeout=3)
+    except httpx.HTTPError:
+        return None
+    return r.text if r.status_code == 200 else None
+
+
+def _http_once(port: int, answer: str) -> str:
+    """A job command: answer one GET on `port`, then print that it did."""
+    return (
+        "python3 -c 'import http.server as h\n"
+        "class H(h.BaseHTTPRequestHandler):\n"
+        "    def do_GET(s):\n"
+        f'        s.send_response(200); s.end_headers(); s.wfile.write(b"{answer}")\n'
+        f'srv = h.HTTPServer(("0.0.0.0", {port}), H); srv.timeout = 150; srv.handle_request(); print("served", flush=True)\''
+    )
+
+
+def test_attached_apply_forwards_the_port_and_shows_the_logs_to_the_end(official: OfficialClient, server, tmp_path):
+    job_port, local_port = free_port(), free_port()
+    conf = tmp_path / "attached.dstack.yml"
+    conf.write_text(
+        textwrap.dedent(
+            """
+            type: task
+            name: attached-task
+            ports: ["LOCAL:PORT"]
+            commands:
+              - echo first line
+              - echo second line
+            """
+        )
+        .replace("LOCAL", str(local_port))
+        .replace("PORT", str(job_port))
+        + f"  - |\n{textwrap.indent(_http_once(job_port, 'hello from the job'), '    ')}\n"
+        + "  - echo last line\n"
+    )
+    out = Output(official.start("apply", "-f", str(conf), "-y", cwd=tmp_path))
+    try:
+        # the job's port is reachable on the local port while the run is attached
+        assert _forwarded(local_port, out) == "hello from the job"
+        assert out.proc.wait(120) == 0, out.text
+    finally:
+        out.close()
+    lines = out.lines
+    # every line the job printed, in order, through the attached logs (not the logs API)
+    printed = [ln for ln in lines if ln in ("first line", "second line", "served", "last line")]
+    assert printed == ["first line", "second line", "served", "last line"], out.text
+    assert _run(server, "attached-task")["status"] == "done"
+    assert _get(local_port) is None  # the tunnel went with the run
+
+
+def test_attach_to_a_running_task_and_service(official: OfficialClient, server, tmp_path):
+    job_port, local_port = free_port(), free_port()
+    task = tmp_path / "task.dstack.yml"
+    task.write_text(
+        f'type: task\nname: attach-task\nports: ["{local_port}:{job_port}"]\ncommands:\n'
+        "  - echo task started\n"
+        f"  - |\n{textwrap.indent(_http_once(job_port, 'hello again'), '    ')}\n"
+        "  - sleep 600\n"
+    )
+    svc_port = free_port()
+    service = tmp_path / "svc.dstack.yml"
+    service.write_text(
+        f"type: service\nname: attach-svc\nport: {svc_port}\nauth: false\ncommands:\n"
+        "  - echo service up\n"
+        f"  - python3 -m http.server {svc_port}\n"
+    )
+    official.cli("apply", "-f", str(task), "-y", "-d", cwd=tmp_path)
+    official.cli("apply", "-f", str(service), "-y", "-d", cwd=tmp_path)
+    _wait_status(server, "attach-task", {"running"})
+    _wait_status(server, "attach-svc", {"running"})
+
+    out = Output(official.start("attach", "--logs", "attach-task"))
+    try:
+        out.wait_for("Attached to run")
+        assert (
+            wait_until(lambda: _get(local_port), timeout=60, interval=0.3, what="the forwarded port") == "hello again"
+        )
+        out.wait_for("served")  # the attached logs follow what the job prints
+        assert "task started" in out.text
+        out.interrupt()
+    finally:
+        out.close()
+
+    out = Output(official.start("attach", "--logs", "attach-svc"))
+    try:
+        out.wait_for("Attached to run")
+        out.wait_for("service up")
+        out.interrupt()
+    finally:
+        out.close()
+    official.cli("stop", "attach-task", "attach-svc", "-y")
+
+
+def test_ssh_into_a_dev_environment_with_the_config_it_writes(official: OfficialClient, server, tmp_path):
+    conf = tmp_path / "dev.dstack.yml"
+    conf.write_text("type: dev-environment\nname: attach-dev\nide: vscode\nenv:\n  - MARKER=from-the-dev-env\n")
+    official.cli("apply", "-f", str(conf), "-y", "-d", cwd=tmp_path)
+    _wait_status(server, "attach-dev", {"running"})
+    out = Output(official.start("attach", "attach-dev"))
+    try:
+        out.wait_for("Attached to run")
+        ssh_config = official.home / ".ssh" / "config"
+        r = subprocess.run(
+            ["ssh", "-F", str(ssh_config), "-o", "BatchMode=yes", "attach-dev", "echo $MARKER; echo $DSTACK_RUN_NAME"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**official.env()},
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.split() == ["from-the-dev-env", "attach-dev"], r.stdout + r.stderr
+        out.interrupt()
+    finally:
+        out.close()
+    official.cli("stop", "attach-dev", "-y")
+
+
+def test_the_entry_refuses_other_keys_and_other_jobs(official: OfficialClient, server, tmp_path):
+    """The entry opens a job only with that run's keys: a key of one's own is refused."""
+    official.cli("apply", "-f", str(_task(tmp_path, "entry-a")), "-y", "-d", cwd=tmp_path)
+    run = _wait_status(server, "entry-a", {"running"})
+    job_id = run["jobs"][0]["job_submissions"][-1]["id"]
+    port = int(server.env["DSTACK_SERVER_SSH_PORT"])
+    key = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    r = subprocess.run(
+        [
+            "ssh", "-F", "none", "-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-p", str(port),
+            "-W", "localhost:10022", f"{job_id}@127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
+    official.cli("stop", "entry-a", "-y")
+
+
+def _task(tmp_path, name: str):
+    path = tmp_path / f"{name}.dstack.yml"
+    path.write_text(f"type: task\nname: {name}\ncommands:\n  - sleep 600\n")
+    return path
