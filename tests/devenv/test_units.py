@@ -12,6 +12,7 @@ import asyncssh
 import pytest
 
 from dstack.agent.devenv import PORT_BASE, PORT_SPAN, ssh_port
+from dstack.agent.devenv_container import KEEPALIVE, READY_LINE, ContainerLauncher, ReadyWatch
 from dstack.api import ssh
 from dstack.api.tunnel import tunnel_url
 from dstack.core.models.configurations import parse_run_configuration
@@ -24,6 +25,9 @@ def test_dev_environment_runs_init_then_its_ssh_server() -> None:
     conf = parse_run_configuration({"type": "dev-environment", "init": ["pip install rich", "echo ready"]})
     spec = build_job_spec("dev", conf, 0, 0)
     assert spec.commands == ["pip install rich", "echo ready", DEVENV_COMMAND]
+    # with an image: init, then the container says so and stays up (its SSH server runs beside it)
+    imaged = parse_run_configuration({"type": "dev-environment", "image": "img", "init": ["echo ready"]})
+    assert build_job_spec("dev", imaged, 0, 0).commands == ["echo ready", KEEPALIVE]
     task = parse_run_configuration({"type": "task", "commands": ["echo hi"]})
     assert build_job_spec("t", task, 0, 0).commands == ["echo hi"]
 
@@ -44,8 +48,7 @@ def test_submission_needs_a_valid_public_key() -> None:
     key = asyncssh.generate_private_key("ssh-ed25519").export_public_key("openssh").decode()
     check_ssh_key(dev, key)
     check_ssh_key(parse_run_configuration({"type": "task", "commands": ["x"]}), None)  # tasks need none
-    with pytest.raises(InvalidRequest, match="with an image is not supported yet"):
-        check_ssh_key(parse_run_configuration({"type": "dev-environment", "image": "ubuntu"}), key)
+    check_ssh_key(parse_run_configuration({"type": "dev-environment", "image": "ubuntu"}), key)  # images too
 
 
 def test_key_is_made_once_and_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,3 +94,23 @@ def test_sessions_count_open_tunnels() -> None:
     s.closed("r")
     since = s.idle_since("r", 5.0)
     assert since is not None and since > 5.0
+
+
+def test_ready_line_is_found_across_chunks() -> None:
+    watch = ReadyWatch()
+    line = (READY_LINE + "\n").encode()
+    assert not watch.feed(b"init output\n" + line[:10])
+    assert watch.feed(line[10:])
+    assert "'" not in READY_LINE  # it is echoed inside single quotes
+
+
+def test_container_sessions_are_exec_into_the_container() -> None:
+    environ = {"PATH": "/usr/bin", "DSTACK_SSH_KEY_PUB": "ssh-ed25519 AAAA", "DSTACK_DEVENV_CONTAINER": "{}"}
+    launcher = ContainerLauncher(["podman", "--runtime", "runc"], "ctr", None, environ)
+    plain = launcher.argv("echo hi", None)
+    assert plain[:5] == ["podman", "--runtime", "runc", "exec", "-i"] and plain[5] == "ctr"
+    assert plain[-3:] == ["sh", "-c", "echo hi"]  # bash where the image has it, else sh
+    assert launcher.argv(None, "xterm")[5:8] == ["-t", "--env", "TERM=xterm"]
+    assert ContainerLauncher(["podman"], "ctr", "bash", environ).argv(None, None)[-2:] == ["/bin/bash", "-i"]
+    assert launcher.env(None) == {"PATH": "/usr/bin"}  # the server's own settings are not handed on
+    assert not launcher.local_files  # no SFTP/scp of the host's files

@@ -19,6 +19,7 @@ import pty
 import struct
 import sys
 import termios
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,23 @@ def _argv(command: str | None) -> list[str]:
     return [shell, "-c", command] if command else [shell, "-i"]
 
 
+class Launcher:
+    """How a session's process starts. This one: on the job's own host, as the job (this process
+    runs inside the job); `agent.devenv_container.ContainerLauncher` runs them in a container.
+    `local_files`: asyncssh's own SFTP and scp serve this process's filesystem (the job's)."""
+
+    local_files = True
+
+    def argv(self, command: str | None, term: str | None) -> list[str]:
+        return _argv(command)
+
+    def env(self, term: str | None) -> dict[str, str]:
+        return _session_env(term)
+
+
+HOST = Launcher()
+
+
 class _Server(asyncssh.SSHServer):
     def __init__(self, key: asyncssh.SSHKey) -> None:
         self._key = key
@@ -85,13 +103,13 @@ class _Server(asyncssh.SSHServer):
         return True  # local forwards (VS Code's server, `ssh -L`) from inside the job's network
 
 
-async def _run_pipes(process: asyncssh.SSHServerProcess[bytes]) -> int:
+async def _run_pipes(process: asyncssh.SSHServerProcess[bytes], argv: Sequence[str], env: dict[str, str]) -> int:
     proc = await asyncio.create_subprocess_exec(
-        *_argv(process.command),
+        *argv,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=_session_env(process.get_terminal_type()),
+        env=env,
     )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
 
@@ -122,7 +140,7 @@ def _set_size(fd: int, size: tuple[int, int, int, int]) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-async def _run_pty(process: asyncssh.SSHServerProcess[bytes]) -> int:
+async def _run_pty(process: asyncssh.SSHServerProcess[bytes], argv: Sequence[str], env: dict[str, str]) -> int:
     master, slave = pty.openpty()
     _set_size(master, process.term_size)
 
@@ -131,11 +149,11 @@ async def _run_pty(process: asyncssh.SSHServerProcess[bytes]) -> int:
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
     proc = await asyncio.create_subprocess_exec(
-        *_argv(process.command),
+        *argv,
         stdin=slave,
         stdout=slave,
         stderr=slave,
-        env=_session_env(process.get_terminal_type()),
+        env=env,
         preexec_fn=controlling_tty,
     )
     os.close(slave)
@@ -179,31 +197,43 @@ async def _run_pty(process: asyncssh.SSHServerProcess[bytes]) -> int:
     return rc
 
 
-async def _handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
+async def _handle(process: asyncssh.SSHServerProcess[bytes], launcher: Launcher) -> None:
     try:
+        term = process.get_terminal_type()
         if process.subsystem:
+            process.stderr.write(f"dstack: no subsystem {process.subsystem!r} here\n".encode())
             process.exit(1)
             return
-        rc = await (_run_pty(process) if process.get_terminal_type() else _run_pipes(process))
+        if term:
+            rc = await _run_pty(process, launcher.argv(process.command, term), launcher.env(term))
+        else:
+            rc = await _run_pipes(process, launcher.argv(process.command, None), launcher.env(None))
         process.exit(rc if rc >= 0 else 128 - rc)
     except (OSError, asyncssh.Error) as e:
         process.stderr.write(f"dstack: cannot start the session: {e}\n".encode())
         process.exit(1)
 
 
-async def serve(port: int, key_line: str, host: str = "0.0.0.0") -> asyncssh.SSHAcceptor:
-    """Listen for SSH sessions that present `key_line`'s key."""
+async def serve(port: int, key_line: str, host: str = "0.0.0.0", launcher: Launcher = HOST) -> asyncssh.SSHAcceptor:
+    """Listen for SSH sessions that present `key_line`'s key; `launcher` starts their processes.
+
+    SFTP and scp are asyncssh's own (on this process's filesystem) only when sessions run here:
+    beside a container, this process's filesystem is the host's, so they are off there."""
     client_key = asyncssh.import_public_key(key_line)
     host_key = asyncssh.generate_private_key("ssh-ed25519")
+
+    async def handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
+        await _handle(process, launcher)
+
     return await asyncssh.create_server(
         lambda: _Server(client_key),
         host,
         port,
         server_host_keys=[host_key],
-        process_factory=_handle,
+        process_factory=handle,
         encoding=None,
-        sftp_factory=True,
-        allow_scp=True,
+        sftp_factory=True if launcher.local_files else None,
+        allow_scp=launcher.local_files,
         agent_forwarding=False,
         x11_forwarding=False,
         keepalive_interval=30,

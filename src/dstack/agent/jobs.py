@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from dstack.agent import containers, devenv, mounts, runner, sandbox
+from dstack.agent import containers, devenv, devenv_container, mounts, runner, sandbox
 from dstack.agent.logs import LogStore
 from dstack.agent.models import FINAL_STATES, AgentJobSubmission
 from dstack.agent.netns import NETNS_DIR, NetnsAllocation, NetnsError, NetworkIsolation
@@ -305,6 +305,8 @@ class Job:
                 argv = mounts.wrap_plain(argv, self.binds)
             return [*prefix, *argv], env
         job_env = {"PYTHONUNBUFFERED": "1", **spec.env}
+        # a dev environment's SSH server settings are for the server beside the container, not the job
+        devenv_env = {k: job_env.pop(k) for k in (devenv.PORT_ENV, devenv.KEY_ENV) if k in job_env}
         by_name, by_value = containers.split_env(job_env)
         c = containers.ContainerSpec(
             name=self.container or "",
@@ -328,7 +330,12 @@ class Job:
         )
         env = runner.base_env()
         env.update({k: job_env[k] for k in by_name})
-        return self.runtime.run_cmd(c), env
+        argv = self.runtime.run_cmd(c)
+        if devenv_env:  # its SSH server runs beside the container, sessions inside (agent.devenv_container)
+            env.update(devenv_env)
+            netns = NETNS_DIR / self.netns.netns if self.netns is not None else None
+            argv = devenv_container.wrap(argv, self.runtime, c, netns, env)
+        return argv, env
 
     async def _run_inner(self) -> None:
         spec = self.spec

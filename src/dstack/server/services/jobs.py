@@ -2,6 +2,7 @@
 
 import asyncssh
 
+from dstack.agent import devenv_container
 from dstack.core.models.configurations import (
     DEFAULT_HOME_DIR,
     BaseRunConfiguration,
@@ -24,7 +25,9 @@ DEVENV_COMMAND = (
 
 def job_commands(conf: BaseRunConfiguration) -> list[str]:
     if isinstance(conf, DevEnvironmentConfiguration):
-        return [*conf.init, DEVENV_COMMAND]
+        # with an image, the SSH server runs beside the container (agent/devenv_container.py):
+        # the container says when `init` is done and stays up
+        return [*conf.init, devenv_container.KEEPALIVE if conf.image else DEVENV_COMMAND]
     return conf.job_commands()
 
 
@@ -97,8 +100,6 @@ def check_ssh_key(conf: BaseRunConfiguration, ssh_key_pub: str | None) -> None:
     SSH server accepts that key only. Refused here, at submission, rather than as a failed job."""
     if not isinstance(conf, DevEnvironmentConfiguration):
         return
-    if conf.image:  # its SSH server runs with the agent's Python, which a container does not have
-        raise InvalidRequest("a dev-environment with an image is not supported yet; remove image", fields=["image"])
     if not ssh_key_pub:
         raise InvalidRequest("a dev-environment needs ssh_key_pub (the user's public SSH key)", fields=["ssh_key_pub"])
     try:
