@@ -8,8 +8,9 @@ short-lived children is not lost between samples; `cpu_percent` is of one core (
 about 100, two busy processes about 200). Memory is the tree's summed RSS. GPU readings are those
 of the GPUs the job was given (`nvidia-smi` reports per device, not per process).
 
-Image jobs are not sampled yet: their processes run under the container runtime, not under the
-CLI process the agent started, so its tree would read near zero.
+An image job's usage is its container's cgroup (`agent.cgroups`: CPU time and memory of every
+process in it, `exec` sessions included), since its processes are not under the CLI process
+the agent started; GPUs as for host jobs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from dstack.agent import cgroups
 from dstack.core.env_numbers import number
 from dstack.core.models.metrics import GpuSample, JobMetricsSample
 
@@ -56,6 +58,8 @@ class Target:
     pid: int
     create_time: float | None
     gpus: list[int]
+    container: str | None = None  # an image job: its container's name ...
+    cli: list[str] | None = None  # ... and the container CLI that knows it
 
 
 @dataclass
@@ -165,13 +169,35 @@ class MetricsSampler:
     )
     gpus: NvidiaSmi = field(default_factory=NvidiaSmi)
     _series: dict[str, _Series] = field(default_factory=dict)
+    _cgroups: dict[str, cgroups.CgroupFiles] = field(default_factory=dict)  # image jobs', found once
 
     def targets(self) -> list[Target]:
         out = []
         for job in list(self.manager.jobs.values()):
-            if job.state == "running" and job.pid and not job.spec.image:
-                out.append(Target(job.spec.job_id, job.pid, job.pid_create_time, list(job.spec.gpus)))
+            if job.state != "running" or not job.pid:
+                continue
+            target = Target(job.spec.job_id, job.pid, job.pid_create_time, list(job.spec.gpus))
+            if job.spec.image:
+                if job.container is None or job.runtime is None:
+                    continue
+                target.container, target.cli = job.container, list(job.runtime.global_args)
+            out.append(target)
         return out
+
+    def usage(self, t: Target) -> tuple[float, int] | None:
+        """(CPU seconds, memory bytes) of a job: its process tree, or its container's cgroup."""
+        if t.container is None or t.cli is None:
+            return tree_usage(t.pid, t.create_time)
+        files = self._cgroups.get(t.job_id)
+        if files is None:
+            files = cgroups.container_files(t.cli, t.container)
+            if files is None:  # not started yet (or the runtime keeps no cgroup): next time
+                return None
+            self._cgroups[t.job_id] = files
+        read = files.read()
+        if read is None:  # the container is gone (a new one would have another cgroup)
+            self._cgroups.pop(t.job_id, None)
+        return read
 
     async def run(self) -> None:
         """The sampling loop (a task of the agent's lifespan); never raises out."""
@@ -194,7 +220,7 @@ class MetricsSampler:
         readings = self.gpus.read() if any(t.gpus for t in targets) else {}
         out = []
         for t in targets:
-            usage = tree_usage(t.pid, t.create_time)
+            usage = self.usage(t)
             if usage is None:
                 continue
             gpus = [
@@ -238,6 +264,8 @@ class MetricsSampler:
         known = set(known_job_ids)
         for job_id in [j for j in self._series if j not in known]:
             del self._series[job_id]
+        for job_id in [j for j in self._cgroups if j not in known]:
+            del self._cgroups[job_id]
 
     def samples(self, job_id: str, after: float = 0.0, limit: int = MAX_SAMPLES_PER_ANSWER) -> list[JobMetricsSample]:
         """The job's kept samples newer than `after`, oldest first (at most `limit`, the newest)."""
