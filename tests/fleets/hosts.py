@@ -105,6 +105,9 @@ class HostNetwork:
         self.subnet = _free_subnet()
         self.gateway = str(self.subnet.network_address + 1)
         self.hosts: list[Host] = []
+        #: the second network (`add_private_host`): its bridge, subnet and the jump host's address there
+        self.private: tuple[str, ipaddress.IPv4Network, str] | None = None
+        self.private_links: list[str] = []
         self.key = self.base / "id_ed25519"
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dstack-test", "-f", str(self.key))
         self.authorized_keys = self.base / "authorized_keys"
@@ -129,11 +132,48 @@ class HostNetwork:
             self.wait_sshd(h)
         return new
 
-    def _add_host(self) -> Host:
+    def add_private_host(self, jump: Host) -> Host:
+        """A host on a second bridge that this machine has no address on (so no route to), reached
+        only through `jump`: the jump host gets a second link there (`eth1`, the private
+        network's .1) and the new host's sshd listens on the private network only."""
+        if self.private is None:
+            subnet = _free_subnet()
+            if subnet.overlaps(self.subnet):
+                raise HostsUnavailable("no second free subnet for a private network")
+            bridge = f"dsbq{self.tag}"
+            _run("ip", "link", "add", bridge, "type", "bridge")
+            _run("ip", "link", "set", bridge, "up")
+            self.private = (bridge, subnet, str(subnet.network_address + 1))
+            link = f"dsj{self.tag}"
+            _run("ip", "link", "add", link, "type", "veth", "peer", "name", f"{link}p")
+            self.private_links.append(link)
+            _run("ip", "link", "set", f"{link}p", "netns", jump.netns)
+            _run("ip", "link", "set", link, "master", bridge)
+            _run("ip", "link", "set", link, "up")
+            ns = ("ip", "netns", "exec", jump.netns)
+            _run(*ns, "ip", "link", "set", f"{link}p", "name", "eth1")
+            _run(*ns, "ip", "addr", "add", f"{self.private[2]}/{subnet.prefixlen}", "dev", "eth1")
+            _run(*ns, "ip", "link", "set", "eth1", "up")
+        bridge, subnet, gateway = self.private
+        count = sum(1 for h in self.hosts if ipaddress.ip_address(h.address) in subnet)
+        host = self._add_host(net=(bridge, subnet, gateway), address=str(subnet.network_address + 2 + count))
+        deadline = time.monotonic() + 20
+        while True:  # this machine cannot connect to it: look for the listener from inside
+            assert host.sshd is not None
+            if host.sshd.poll() is not None:
+                raise RuntimeError(f"sshd of {host.name} exited: {(host.dir / 'sshd.log').read_text()[-2000:]}")
+            if f"{host.address}:22 " in host.exec("ss", "-ltnH").stdout:
+                return host
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sshd of {host.name} did not listen on {host.address}:22 within 20 s")
+            time.sleep(0.1)
+
+    def _add_host(self, net: tuple[str, ipaddress.IPv4Network, str] | None = None, address: str | None = None) -> Host:
         i = len(self.hosts)
         name = f"h{i}"
         netns = f"ds{self.tag}{name}"
-        address = str(self.subnet.network_address + 2 + i)
+        bridge, subnet, gateway = net or (self.bridge, self.subnet, self.gateway)
+        address = address or str(self.subnet.network_address + 2 + i)
         veth = f"dsv{self.tag}{i}"
         d = self.base / name
         d.mkdir()
@@ -142,14 +182,14 @@ class HostNetwork:
         _run("ip", "netns", "add", netns)
         _run("ip", "link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
         _run("ip", "link", "set", f"{veth}p", "netns", netns)
-        _run("ip", "link", "set", veth, "master", self.bridge)
+        _run("ip", "link", "set", veth, "master", bridge)
         _run("ip", "link", "set", veth, "up")
         ns = ("ip", "netns", "exec", netns)
         _run(*ns, "ip", "link", "set", "lo", "up")
         _run(*ns, "ip", "link", "set", f"{veth}p", "name", "eth0")
-        _run(*ns, "ip", "addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", "eth0")
+        _run(*ns, "ip", "addr", "add", f"{address}/{subnet.prefixlen}", "dev", "eth0")
         _run(*ns, "ip", "link", "set", "eth0", "up")
-        _run(*ns, "ip", "route", "add", "default", "via", self.gateway)
+        _run(*ns, "ip", "route", "add", "default", "via", gateway)
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "ssh_host_ed25519_key"))
         (d / "sshd_config").write_text(
             "\n".join(
@@ -238,6 +278,11 @@ class HostNetwork:
             subprocess.run(["ip", "netns", "del", host.netns], capture_output=True)
             subprocess.run(["ip", "link", "del", host.veth], capture_output=True)
         self.hosts = []
+        for link in self.private_links:
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
+        if self.private is not None:
+            subprocess.run(["ip", "link", "del", self.private[0]], capture_output=True)
+            self.private = None
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
 
 
