@@ -1,5 +1,6 @@
 """The server's side of the agent HTTP API (docs/contracts.md)."""
 
+import time
 from typing import Any
 
 import httpx
@@ -21,6 +22,16 @@ class AgentClient:
         an `httpx.MockTransport` to drive the pipeline without an agent process."""
         self.endpoint = endpoint
         self._http = internal_client(base_url=endpoint.url, token=endpoint.token, timeout=30.0, transport=transport)
+        self._http.event_hooks["response"].append(self._answered)
+        #: monotonic time of the agent's last 2xx answer to anything (None: none yet); a busy agent
+        #: answers polls and metrics all the time, which the supervisor counts as a sign of life
+        self.last_answer: float | None = None
+        #: monotonic time of the last healthcheck that the agent passed
+        self.last_healthy: float | None = None
+
+    async def _answered(self, response: httpx.Response) -> None:
+        if 200 <= response.status_code < 300:
+            self.last_answer = time.monotonic()
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -29,9 +40,12 @@ class AgentClient:
         """The agent answers its healthcheck, and is the process this client was made for."""
         try:
             r = await self._http.get("/api/healthcheck", timeout=timeout)
-            return r.status_code == 200 and self.endpoint.pid in (None, r.json().get("pid"))
+            ok = r.status_code == 200 and self.endpoint.pid in (None, r.json().get("pid"))
         except (httpx.HTTPError, ValueError, RuntimeError):  # RuntimeError: the client was closed
             return False
+        if ok:
+            self.last_healthy = time.monotonic()
+        return ok
 
     async def submit(self, submission: AgentJobSubmission) -> None:
         r = await self._http.post("/api/jobs", json=submission.model_dump(mode="json"))
