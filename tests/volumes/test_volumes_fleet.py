@@ -67,6 +67,26 @@ def _on_host(host: Host, *cmd: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["nsenter", "-t", str(host.sshd.pid), "-m", "--", *cmd], capture_output=True, text=True)
 
 
+def _give_cgroups(host: Host) -> None:
+    """Mount in the host's namespace the cgroup filesystems this machine has: `ip netns exec`
+    mounts a fresh /sys for the host, without /sys/fs/cgroup, and runc needs it for containers."""
+    lines = [""]
+    with open("/proc/self/mounts") as f:
+        mounts = [line.split() for line in f]
+    for _, point, fstype, opts, *_ in mounts:
+        if not point.startswith("/sys/fs/cgroup") or fstype not in ("cgroup", "cgroup2", "tmpfs"):
+            continue
+        if fstype == "tmpfs" and point != "/sys/fs/cgroup":
+            continue
+        flags = ",".join(o for o in opts.split(",") if o not in ("rw", "ro", "relatime", "nosuid", "nodev", "noexec"))
+        if flags.startswith("name="):
+            flags = "none," + flags  # a named hierarchy without controllers
+        lines.append(f"mkdir -p {point} && mount -t {fstype} {'-o ' + flags if flags else ''} {fstype} {point}")
+    script = "mountpoint -q /sys/fs/cgroup && exit 0" + "\n".join(lines)
+    done = _on_host(host, "sh", "-ec", script)
+    assert done.returncode == 0, done.stderr
+
+
 def _create(srv: ServerProcess, name: str, **extra: Any) -> dict[str, Any]:
     conf = {"type": "volume", "name": name, "backend": "ssh", "region": FLEET, **extra}
     r = _api(srv, f"{BASE}/create", {"configuration": conf})
@@ -115,9 +135,14 @@ def test_a_named_volume_keeps_data_on_its_host(fleet_server: ServerProcess, host
     out = _run(srv, f"kr-{mark[:6]}", ["cat /vol/note.txt", "hostname"], [{"name": "keep", "path": "/vol"}])
     assert out.split() == [mark, h1.name], out  # the next run, on the same host, reads it
 
-    enforced = volume["size_enforced"]
-    if enforced:  # the host's agent is root with mkfs.ext4: an image of that size backs it
+    # The hosts' agents run as root with this machine's tools: where this machine can back a size
+    # with an image, so can they, and the runs above wrote through its loop mount.
+    from dstack.agent import volume_image
+
+    assert volume["size_enforced"] is (volume_image.why_not_enforced() is None), volume
+    if volume["size_enforced"]:
         assert _on_host(h1, "test", "-f", f"{where}.img").returncode == 0
+        assert _on_host(h1, "mountpoint", "-q", where).returncode == 0
     assert _api(srv, f"{BASE}/delete", {"names": ["keep"]}).status_code == 200
     assert _on_host(h1, "test", "-e", where).returncode != 0, "delete removes it on the host"
     assert _on_host(h1, "test", "-e", f"{where}.img").returncode != 0
@@ -184,3 +209,31 @@ def test_a_host_that_does_not_answer_changes_nothing(fleet_server: ServerProcess
         time.sleep(1)
     assert r.status_code == 200, r.text
     assert _on_host(h0, "test", "-e", where).returncode != 0
+
+
+def test_a_container_on_the_fleet_host_sees_its_volumes(fleet_server: ServerProcess, host_net: HostNetwork) -> None:
+    from tests.images import ensure_test_image
+
+    image = ensure_test_image()  # skips, saying why, where podman cannot run it
+    h1 = host_net.hosts[1]
+    _give_cgroups(h1)
+    _create(fleet_server, "boxed", availability_zone=h1.address)
+    mark = uuid.uuid4().hex
+    shared = Path(f"/tmp/dstack-fleet-box-{mark[:8]}")
+    shared.mkdir(mode=0o755)
+    try:
+        (shared / "in.txt").write_text(f"path-{mark}\n")
+        os.chmod(shared / "in.txt", 0o644)
+        out = _run(
+            fleet_server,
+            f"cw-{mark[:6]}",
+            [f"echo {mark} > /data/from-container.txt", "cat /host/in.txt"],
+            ["boxed:/data", f"{shared}:/host"],
+            image=image,
+        )
+        assert f"path-{mark}" in out, out
+        out = _run(fleet_server, f"cr-{mark[:6]}", ["cat /vol/from-container.txt", "hostname"], ["boxed:/vol"])
+        assert out.split() == [mark, h1.name], out
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+        _api(fleet_server, f"{BASE}/delete", {"names": ["boxed"]})
