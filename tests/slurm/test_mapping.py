@@ -121,3 +121,11 @@ def test_server_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:
     )
     assert r.returncode != 0
     assert f"{tmp_path / 'server' / 'config.yml'}:5: projects[0].backends[0].qos" in r.stdout + r.stderr
+
+
+def test_multi_node_batch_script_runs_an_agent_per_node() -> None:
+    script = batch_script("/usr/bin/python3", "/src", "/shared/jobs/x/home", "/shared/jobs/x/token", nodes=3)
+    assert "srun --nodes=3 --ntasks=3 --ntasks-per-node=1" in script
+    assert '/shared/jobs/x/home/"$SLURM_PROCID"' in script  # one agent home per rank
+    single = batch_script("/usr/bin/python3", "/src", "/shared/jobs/x/home", "/shared/jobs/x/token")
+    assert "srun" not in single  # one node: the agent runs in the batch step itself

@@ -5,39 +5,12 @@ a task pinned to `backends: [slurm]` runs as a Slurm job (its output in the logs
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from dstack.api import Resources, RunStatus, Task
-from tests.conftest import TEST_SERVER_ENV, ServerProcess, make_server
+from tests.conftest import ServerProcess
 from tests.slurm.cluster import PARTITION, SlurmCluster
 
 SMALL = Resources(cpu=2, memory="1GB", disk="1GB..")
-
-
-@pytest.fixture
-def slurm_server(slurm_cluster: SlurmCluster, tmp_path: Path) -> Iterator[ServerProcess]:
-    srv = make_server(tmp_path, **TEST_SERVER_ENV, SLURM_CONF=str(slurm_cluster.conf))
-    (srv.home / "server").mkdir(parents=True, exist_ok=True)
-    (srv.home / "server" / "config.yml").write_text(
-        "projects:\n"
-        "  - name: main\n"
-        "    backends:\n"
-        "      - type: slurm\n"
-        f"        partitions: [{PARTITION}]\n"
-        f"        shared_dir: {tmp_path / 'shared'}\n"
-    )
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        srv.kill_agents()
-        out = slurm_cluster.cli("squeue", "-h", "-o", "%i", check=False).stdout
-        for job_id in out.split():
-            slurm_cluster.cli("scancel", job_id, check=False)
 
 
 def _slurm_job_of(cluster: SlurmCluster, dstack_job_id: str) -> str:

@@ -19,6 +19,7 @@ import secrets
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncssh
 from sqlalchemy import select
@@ -686,5 +687,8 @@ async def node_ips(session: AsyncSession, run: RunModel) -> list[str] | None:
             return None
         fi = await session.get(FleetInstanceModel, instance_id)
         inst = await session.get(InstanceModel, instance_id)
+        if inst is not None and inst.backend == "slurm":  # the node's address in Slurm (NodeAddr), the agent's
+            ips.append(urlsplit(json.loads(inst.agent or "{}").get("url", "")).hostname or inst.hostname)
+            continue
         ips.append((fi.internal_ip if fi is not None else None) or (inst.hostname if inst is not None else ""))
     return ips

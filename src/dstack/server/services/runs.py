@@ -205,7 +205,9 @@ async def get_plan(
             current = run_to_wire(existing)
     found, reason = await get_offers(session, conf.resources, conf, project_id=project.id)
     slurm = slurm_backends()
-    if slurm is not None and nodes_count(conf) == 1:  # the project's Slurm partitions (config.yml)
+    # The project's Slurm partitions (config.yml); a multi-node task there is one allocation of N
+    # nodes, unless it names fleets (a `placement: cluster` fleet's hosts take it).
+    if slurm is not None and (nodes_count(conf) == 1 or not conf.fleets):
         await slurm.refresh(max_age=PLAN_MAX_AGE_SECONDS)
         extra = slurm.offers(project.name, conf.resources, conf)
         if extra:

@@ -22,6 +22,7 @@ import signal
 from collections.abc import Callable
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.models.configurations import BaseRunConfiguration
 from dstack.core.models.resources import ResourcesSpec
@@ -43,6 +44,7 @@ from dstack.server.config_file import ConfigReloader
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import InstanceModel, JobModel, ProjectModel, RunModel, utcnow
 from dstack.server.services.instances import InstanceManager
+from dstack.server.services.jobs import nodes_count
 from dstack.server.services.runs import parse_configuration
 
 logger = logging.getLogger(__name__)
@@ -161,16 +163,21 @@ class SlurmAllocations:
 
     # -- launching -----------------------------------------------------------------------------
 
-    def launch(self, job_id: str) -> None:
-        """Submit (or find) the job's Slurm job and hand its agent to the pipeline (after the commit)."""
+    def launch(self, job_id: str, relaunch: bool = False) -> None:
+        """Submit the job's Slurm job and hand its agent to the pipeline (after the commit).
+
+        `relaunch`: the job was placed before (a server restart left it mid-launch), so the Slurm
+        job that server may have submitted is looked for first; a fresh placement has none."""
         task = self._launching.get(job_id)
         if (task is not None and not task.done()) or self._stopping:
             return
-        self._launching[job_id] = asyncio.create_task(self._launch_logged(job_id), name=f"slurm-launch-{job_id}")
+        self._launching[job_id] = asyncio.create_task(
+            self._launch_logged(job_id, relaunch), name=f"slurm-launch-{job_id}"
+        )
 
-    async def _launch_logged(self, job_id: str) -> None:
+    async def _launch_logged(self, job_id: str, relaunch: bool) -> None:
         try:
-            await self._launch(job_id)
+            await self._launch(job_id, relaunch)
         except asyncio.CancelledError:
             raise
         except (SlurmBackendError, SlurmCommandError) as e:
@@ -183,7 +190,7 @@ class SlurmAllocations:
             if self._launching.get(job_id) is asyncio.current_task():
                 self._launching.pop(job_id, None)
 
-    async def _launch(self, job_id: str) -> None:
+    async def _launch(self, job_id: str, relaunch: bool) -> None:
         async with self.db.session() as session:
             job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
             if JobStatus(job.status).is_finished() or job.instance_id is not None:
@@ -195,19 +202,41 @@ class SlurmAllocations:
             spec = JobSpec.model_validate_json(job.job_spec)
             conf = parse_configuration(RunSpec.model_validate_json(run.run_spec))
             jpd = _jpd(job)
-        backend, partition = self._backend_for(project, jpd, conf)
+            nodes = nodes_count(conf)
+            rank = job.job_num if nodes > 1 else 0
+            leader_id = job_id if rank == 0 else await self._leader_of(session, job)
+        backend, index, partition = self._backend_for(project, jpd, conf)
         requirements = ResourcesSpec.model_validate(spec.requirements)
-        name = slurm_job_name(job_id)
-        found = await backend.find(name)
-        if found is not None:
-            sub = backend.submission(found, name, partition)
-            logger.info("job %s: found its Slurm job %s (submitted before a restart)", job_id, found)
+        if leader_id is None:
+            await self._finish(job_id, JobTerminationReason.EXECUTOR_ERROR, "slurm: node 0 of the task is gone")
+            return
+        # A multi-node task is one allocation of `nodes` nodes, submitted by its rank 0 job and
+        # named after it; the other ranks wait for it and take the agent on their node.
+        name = slurm_job_name(leader_id)
+        if rank > 0:
+            found_sub = await self._wait_leader(job_id, leader_id, backend, name, partition, nodes)
+            if found_sub is None:
+                return
+            sub = found_sub
         else:
-            sub = await backend.submit(name, requirements, partition=partition, max_duration=spec.max_duration)
+            found = await backend.find(name) if relaunch else None
+            if found is not None:
+                sub = backend.submission(found, name, partition, nodes)
+                logger.info("job %s: found its Slurm job %s (submitted before a restart)", job_id, found)
+            else:
+                sub = await backend.submit(
+                    name,
+                    requirements,
+                    partition=partition,
+                    max_duration=spec.max_duration,
+                    nodes=nodes,
+                    known_shapes=self.backends.cached_shapes(project, index),
+                )
         shown = ""
         while not self._stopping:
             if await self._job_over(job_id):
-                await backend.cancel(sub.job_id)
+                if rank == 0:  # the allocation is rank 0's to release
+                    await backend.cancel(sub.job_id)
                 return
             st = await backend.state(sub.job_id)
             if st is None or st.final:
@@ -222,7 +251,7 @@ class SlurmAllocations:
                 shown = message
             # Running: wait for the agent on the transport's side (noticed within 50 ms), looking
             # at Slurm's state and the job's own between waits; pending: poll Slurm's state.
-            found_agent = await backend.try_agent(sub, st, wait=AGENT_WAIT_SECONDS)
+            found_agent = await backend.try_agent(sub, st, wait=AGENT_WAIT_SECONDS, rank=rank)
             if found_agent is not None:
                 endpoint, node = found_agent
                 await self._attach(job_id, backend, sub, node, endpoint, requirements)
@@ -230,9 +259,37 @@ class SlurmAllocations:
             if st.state != "RUNNING":
                 await asyncio.sleep(0.3)
 
+    async def _leader_of(self, session: AsyncSession, job: JobModel) -> str | None:
+        """The rank 0 job of `job`'s replica (its latest submission that is not over)."""
+        rows = (
+            await session.execute(
+                select(JobModel.id, JobModel.status)
+                .where(JobModel.run_id == job.run_id, JobModel.replica_num == job.replica_num, JobModel.job_num == 0)
+                .order_by(JobModel.submission_num.desc())
+                .limit(1)
+            )
+        ).first()
+        return None if rows is None or JobStatus(rows[1]).is_finished() else str(rows[0])
+
+    async def _wait_leader(
+        self, job_id: str, leader_id: str, backend: SlurmBackend, name: str, partition: str, nodes: int
+    ) -> SlurmSubmission | None:
+        """The allocation rank 0 submitted, once Slurm lists it; None when this job or rank 0 ended."""
+        while not self._stopping:
+            if await self._job_over(job_id):
+                return None
+            found = await backend.find(name)
+            if found is not None:
+                return backend.submission(found, name, partition, nodes)
+            if await self._job_over(leader_id):
+                await self._finish(job_id, JobTerminationReason.EXECUTOR_ERROR, "slurm: node 0 of the task ended")
+                return None
+            await asyncio.sleep(0.2)
+        return None
+
     def _backend_for(
         self, project: str, jpd: JobProvisioningData | None, conf: BaseRunConfiguration
-    ) -> tuple[SlurmBackend, str]:
+    ) -> tuple[SlurmBackend, int, str]:
         partition = jpd.region if jpd is not None else ""
         index = 0
         if jpd is not None and jpd.instance_id.startswith("slurm:"):
@@ -240,7 +297,7 @@ class SlurmAllocations:
         backend = self.backends.backend(project, index)
         if backend is None:
             raise SlurmBackendError(f"slurm: project {project} has no Slurm backend {index} in config.yml any more")
-        return backend, partition
+        return backend, index, partition
 
     async def _attach(
         self,
@@ -294,7 +351,25 @@ class SlurmAllocations:
             return
         await self.instances.add(instance_id, backend, inst)  # stores the agent, supervises it
         logger.info("job %s runs in Slurm job %s on %s", job_id, sub.job_id, node)
-        self._provision(job_id)
+        if sub.nodes == 1:
+            self._provision(job_id)
+            return
+        # Every rank is started once all have their node: their env lists every node's address.
+        async with self.db.session() as session:
+            job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+            latest: dict[int, JobModel] = {}
+            for j in (
+                await session.execute(
+                    select(JobModel).where(JobModel.run_id == job.run_id, JobModel.replica_num == job.replica_num)
+                )
+            ).scalars():
+                if j.job_num not in latest or j.submission_num > latest[j.job_num].submission_num:
+                    latest[j.job_num] = j
+        ranks = [latest.get(k) for k in range(sub.nodes)]
+        if all(j is not None and j.instance_id is not None for j in ranks):
+            for r in ranks:
+                if r is not None and not JobStatus(r.status).is_finished():
+                    self._provision(r.id)
 
     # -- reconciling ---------------------------------------------------------------------------
 
@@ -335,17 +410,34 @@ class SlurmAllocations:
             )
         for job_id, jpd_text in waiting:  # placed on Slurm, launch lost (a restart): launch again
             if jpd_text and json.loads(jpd_text).get("backend") == "slurm" and job_id not in self._launching:
-                self.launch(job_id)
+                self.launch(job_id, relaunch=True)
+        # The nodes of one allocation (a multi-node task) are instances named after the same Slurm job.
+        groups: dict[str, list[InstanceModel]] = {}
         for row in rows:
-            await self._reconcile_instance(row)
+            m = _INSTANCE_NAME.match(row.name)
+            if m is not None:
+                groups.setdefault(m.group(1), []).append(row)
+        for slurm_id, group in groups.items():
+            async with self.db.session() as session:
+                busy = (
+                    await session.execute(
+                        select(JobModel.instance_id).where(
+                            JobModel.instance_id.in_([r.id for r in group]), JobModel.status.in_(ACTIVE_JOB)
+                        )
+                    )
+                ).scalars()
+                busy_ids = set(busy)
+            for row in group:
+                others_busy = bool(busy_ids - {row.id})
+                await self._reconcile_instance(row, slurm_id, others_busy)
 
-    async def _reconcile_instance(self, row: InstanceModel) -> None:
-        m = _INSTANCE_NAME.match(row.name)
+    async def _reconcile_instance(self, row: InstanceModel, slurm_id: str, others_busy: bool) -> None:
+        """End the instance's jobs whose Slurm job ended; release an instance with none left (and
+        the Slurm job, once no other node of it has a job)."""
         found = await self._backend_of_instance(row)
-        if m is None or found is None:
+        if found is None:
             return
         backend, _ = found
-        slurm_id = m.group(1)
         async with self.db.session() as session:
             jobs = list((await session.execute(select(JobModel).where(JobModel.instance_id == row.id))).scalars())
         active = [j for j in jobs if not JobStatus(j.status).is_finished()]
@@ -359,7 +451,7 @@ class SlurmAllocations:
                 await self._finish(j.id, reason, message)
             active = []
         if not active:
-            if st is not None and not st.final:
+            if st is not None and not st.final and not others_busy:
                 await backend.cancel(slurm_id)
             await self.instances.remove(row.id)
             await self._set_instance_status(row.id, InstanceStatus.TERMINATED)

@@ -29,6 +29,7 @@ from dstack.server.backends.slurm.config import SlurmBackendConfig
 from dstack.server.backends.slurm.jobs import (
     FINAL_STATES,
     SlurmJobState,
+    agent_home,
     batch_script,
     parse_scontrol_job,
     sbatch_options,
@@ -52,6 +53,7 @@ class SlurmSubmission:
     name: str
     partition: str
     job_dir: str
+    nodes: int = 1  # one agent per node, `home/<rank>` when more than one
 
 
 def _without_disk(spec: ResourcesSpec) -> ResourcesSpec:
@@ -105,11 +107,16 @@ class SlurmBackend(Backend):
         partition: str | None = None,
         max_duration: int | None = None,
         nodes: int = 1,
+        known_shapes: list[SlurmShape] | None = None,
     ) -> SlurmSubmission:
-        """Submit one Slurm job running an agent; the partition is the first that fits (free first)."""
+        """Submit one Slurm job running an agent; the partition is the first that fits (free first).
+
+        `known_shapes` (the registry's cache) spares an `sinfo`; the token file is written by the
+        same command that runs `sbatch` (one command over the transport, the token on its stdin)."""
         if not _JOB_NAME.match(name):
             raise SlurmBackendError(f"slurm: invalid job name {name!r}")
-        fitting = [s for s in await self.shapes() if fits_total(_without_disk(spec), s.resources)]
+        candidates = known_shapes if known_shapes else await self.shapes()
+        fitting = [s for s in candidates if fits_total(_without_disk(spec), s.resources)]
         if partition is not None:
             fitting = [s for s in fitting if s.partition == partition]
         if not fitting:
@@ -119,10 +126,6 @@ class SlurmBackend(Backend):
         job_dir = f"{self.dir}/jobs/{name}"
         token_file = f"{job_dir}/token"
         q = shlex.quote
-        await self.runner.check(
-            ["sh", "-c", f"umask 077 && mkdir -p {q(job_dir)}/home && cat > {q(token_file)}"],
-            stdin=secrets.token_hex(24),
-        )
         options = sbatch_options(
             spec,
             self.config,
@@ -133,16 +136,22 @@ class SlurmBackend(Backend):
             gpu_type=shape.gpu_type,
             nodes=nodes,
         )
-        script = batch_script(self.python, child_pythonpath(), f"{job_dir}/home", token_file)
+        script = batch_script(self.python, child_pythonpath(), f"{job_dir}/home", token_file, nodes=nodes)
+        # The first line of stdin is the token (read by the shell's builtin, written 0600, never
+        # on a command line); the rest is the batch script, read by sbatch.
+        command = (
+            f"(umask 077 && mkdir -p {q(job_dir)}/home && IFS= read -r t && printf '%s' \"$t\" > {q(token_file)})"
+            f" && exec {shlex.join(['sbatch', *options])}"
+        )
         try:
-            out = await self.runner.check(["sbatch", *options], stdin=script)
+            out = await self.runner.check(["sh", "-c", command], stdin=secrets.token_hex(24) + "\n" + script)
         except SlurmCommandError as e:
             raise SlurmBackendError(f"slurm: sbatch refused the job: {e}") from e
         job_id = out.strip().split(";")[0]
         if not _JOB_ID.match(job_id):
             raise SlurmBackendError(f"slurm: sbatch answered {out.strip()[:200]!r}, not a job id")
         logger.info("submitted Slurm job %s (%s) to partition %s", job_id, name, shape.partition)
-        return SlurmSubmission(job_id=job_id, name=name, partition=shape.partition, job_dir=job_dir)
+        return SlurmSubmission(job_id=job_id, name=name, partition=shape.partition, job_dir=job_dir, nodes=nodes)
 
     async def state(self, job_id: str) -> SlurmJobState | None:
         """The job's state, reason and nodes; None once Slurm forgot it (past MinJobAge)."""
@@ -178,17 +187,18 @@ class SlurmBackend(Backend):
         return None
 
     async def try_agent(
-        self, sub: SlurmSubmission, st: SlurmJobState, wait: float = 0.0
+        self, sub: SlurmSubmission, st: SlurmJobState, wait: float = 0.0, rank: int = 0
     ) -> tuple[AgentEndpoint, str] | None:
-        """The agent of a RUNNING job once it wrote `agent.json`: its endpoint and the node; else None.
+        """The agent of a RUNNING job (on node `rank` of its allocation) once it wrote `agent.json`:
+        its endpoint and the node; else None.
 
         With `wait`, the check repeats every 50 ms for up to that long on the side that runs Slurm's
         commands (one command over the transport, not one per check): the agent is noticed within
         50 ms of writing the file instead of at the next poll."""
-        if st.state != "RUNNING" or not st.nodes:
+        if st.state != "RUNNING" or len(st.nodes) <= rank:
             return None
         q = shlex.quote
-        agent_json = f"{q(sub.job_dir)}/home/agent.json"
+        agent_json = f"{q(agent_home(f'{sub.job_dir}/home', sub.nodes, rank))}/agent.json"
         checks = max(0, min(200, int(wait / 0.05)))
         script = (
             f"i=0; while [ ! -s {agent_json} ] && [ $i -lt {checks} ]; do sleep 0.05; i=$((i+1)); done; "
@@ -203,8 +213,8 @@ class SlurmBackend(Backend):
             port, pid = int(info["port"]), int(info["pid"])
         except (ValueError, KeyError, TypeError):
             return None
-        address = await self.node_address(st.nodes[0])
-        return AgentEndpoint(url=f"http://{address}:{port}", token=lines[-1].strip(), pid=pid), st.nodes[0]
+        address = await self.node_address(st.nodes[rank])
+        return AgentEndpoint(url=f"http://{address}:{port}", token=lines[-1].strip(), pid=pid), st.nodes[rank]
 
     async def agent(self, sub: SlurmSubmission, timeout: float = 60.0) -> tuple[AgentEndpoint, str]:
         """Wait until the job runs and its agent wrote `agent.json`: the endpoint and the node name."""
@@ -223,9 +233,11 @@ class SlurmBackend(Backend):
                 await asyncio.sleep(0.3)
         raise SlurmBackendError(f"slurm: the agent of job {sub.job_id} did not start within {timeout:g} s")
 
-    def submission(self, job_id: str, name: str, partition: str) -> SlurmSubmission:
+    def submission(self, job_id: str, name: str, partition: str, nodes: int = 1) -> SlurmSubmission:
         """The submission of a job found by `find` (same files as `submit` made)."""
-        return SlurmSubmission(job_id=job_id, name=name, partition=partition, job_dir=f"{self.dir}/jobs/{name}")
+        return SlurmSubmission(
+            job_id=job_id, name=name, partition=partition, job_dir=f"{self.dir}/jobs/{name}", nodes=nodes
+        )
 
     async def cancel(self, job_id: str, grace: float = 10.0) -> None:
         """Stop: SIGTERM to the batch step (the agent stops its job), then `scancel` after `grace`."""

@@ -99,19 +99,41 @@ def sbatch_options(
     return opts
 
 
-def batch_script(python: str, pythonpath: str, agent_home: str, token_file: str) -> str:
+def agent_home(job_home: str, nodes: int, rank: int) -> str:
+    """Where the agent of node `rank` lives: the job's home, or one folder per node (`home/<rank>`)."""
+    return job_home if nodes == 1 else f"{job_home}/{rank}"
+
+
+def batch_script(python: str, pythonpath: str, agent_home: str, token_file: str, nodes: int = 1) -> str:
     """The batch script: the agent for this job, on every address of the node (its token guards it).
 
-    A stop is `scancel --batch --signal=TERM`: the script passes SIGTERM on, the agent stops its
-    job, and the Slurm job ends COMPLETED (the reason for the stop is dstack's own record); any
-    other end of the agent is the script's exit status (FAILED)."""
+    With `nodes` > 1 one `srun` step runs an agent on every node of the allocation, in
+    `agent_home/<rank>` (rank = `SLURM_PROCID`, the node's position in Slurm's node list).
+
+    A stop is `scancel --batch --signal=TERM`: the script passes SIGTERM on (srun forwards it to
+    its tasks), the agent stops its job, and the Slurm job ends COMPLETED (the reason for the stop
+    is dstack's own record); any other end of the agent is the script's exit status (FAILED)."""
     q = shlex.quote
+    agent = f"{q(python)} -m dstack.agent --host 0.0.0.0 --port 0"
+    if nodes == 1:
+        start = [
+            f"mkdir -p {q(agent_home)} || exit 1",
+            f"{agent} --home {q(agent_home)} --token-file {q(token_file)} &",
+        ]
+    else:
+        per_node = (
+            f'd={q(agent_home)}/"$SLURM_PROCID" && mkdir -p "$d" && '
+            f'exec {agent} --home "$d" --token-file {q(token_file)}'
+        )
+        start = [
+            f"srun --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1"
+            f' --cpus-per-task="${{SLURM_CPUS_PER_TASK:-1}}" --kill-on-bad-exit=0 sh -c {q(per_node)} &',
+        ]
     return "\n".join(
         [
             "#!/bin/sh",
-            f"mkdir -p {q(agent_home)} || exit 1",
             f"export PYTHONPATH={q(pythonpath)}",
-            f"{q(python)} -m dstack.agent --host 0.0.0.0 --port 0 --home {q(agent_home)} --token-file {q(token_file)} &",
+            *start,
             "agent=$!",
             'trap \'kill -TERM "$agent" 2>/dev/null; wait "$agent"; exit 0\' TERM INT',
             'wait "$agent"',

@@ -97,6 +97,10 @@ class SlurmBackends:
         for b in retired:
             await b.shutdown()
 
+    def cached_shapes(self, project: str, index: int) -> list[SlurmShape]:
+        """The shapes last read for the project's `index`-th backend (empty before the first read)."""
+        return list(self._shapes.get((project, index), []))
+
     def offers(self, project: str, spec: ResourcesSpec, conf: BaseRunConfiguration | None) -> list[InstanceOffer]:
         """The cached shapes that could run `spec` and the placement settings allow."""
         return [s.offer() for _, s in self._fitting(project, spec, conf)]

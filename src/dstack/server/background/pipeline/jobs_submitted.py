@@ -141,7 +141,7 @@ async def load_assign_context(
         candidates = cluster
     slurm = None
     registry = slurm_backends()
-    if registry is not None and nodes_count(conf) == 1:
+    if registry is not None and (nodes_count(conf) == 1 or cluster is None):  # N nodes: one Slurm allocation
         project = (await session.execute(select(ProjectModel.name).where(ProjectModel.id == run.project_id))).scalar()
         slurm = registry.placement(project, requirements, conf) if project else None
     return AssignContext(
