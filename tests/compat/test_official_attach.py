@@ -8,6 +8,7 @@ step is the real CLI driving OpenSSH against a real server; what it prints comes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -107,6 +108,20 @@ def _forwarded(port: int, out: Output, timeout: float = 180) -> str:
         raise AssertionError(f"{e}; the client printed:\n{out.text[-3000:]}") from None
 
 
+@contextlib.contextmanager
+def _stopped_after(server, name: str):
+    """Stop the run however the test ends, and wait until it has: the next test needs the host."""
+    try:
+        yield
+    finally:
+        httpx.post(
+            f"{server.url}/api/project/main/runs/stop",
+            headers=server.headers,
+            json={"runs_names": [name], "abort": False},
+        ).raise_for_status()
+        _wait_status(server, name, {"terminated", "done", "failed"}, timeout=60)
+
+
 def _get(port: int) -> str | None:
     try:
         r = httpx.get(f"http://127.0.0.1:{port}/", timeout=3)
@@ -161,6 +176,7 @@ def test_attached_apply_forwards_the_port_and_shows_the_logs_to_the_end(official
 
 
 def test_attach_to_a_running_task_and_service(official: OfficialClient, server, tmp_path):
+    # one run at a time: each takes the whole (small) local host by default
     job_port, local_port = free_port(), free_port()
     task = tmp_path / "task.dstack.yml"
     task.write_text(
@@ -169,45 +185,49 @@ def test_attach_to_a_running_task_and_service(official: OfficialClient, server, 
         f"  - |\n{textwrap.indent(_http_once(job_port, 'hello again'), '    ')}\n"
         "  - sleep 600\n"
     )
+    official.cli("apply", "-f", str(task), "-y", "-d", cwd=tmp_path)
+    with _stopped_after(server, "attach-task"):
+        _wait_status(server, "attach-task", {"running"})
+        out = Output(official.start("attach", "--logs", "attach-task"))
+        try:
+            out.wait_for("Attached to run")
+            assert _forwarded(local_port, out, 60) == "hello again"
+            out.wait_for("served")  # the attached logs follow what the job prints
+            assert "task started" in out.text
+            assert out.interrupt() == 0
+        finally:
+            out.close()
+        assert _get(local_port) is None  # detached: the forward is gone
+
     svc_port = free_port()
     service = tmp_path / "svc.dstack.yml"
     service.write_text(
-        f"type: service\nname: attach-svc\nport: {svc_port}\nauth: false\ncommands:\n"
+        f"type: service\nname: attach-svc\nport: {svc_port}\ncommands:\n"
         "  - echo service up\n"
         f"  - python3 -m http.server {svc_port}\n"
     )
-    official.cli("apply", "-f", str(task), "-y", "-d", cwd=tmp_path)
     official.cli("apply", "-f", str(service), "-y", "-d", cwd=tmp_path)
-    _wait_status(server, "attach-task", {"running"})
-    _wait_status(server, "attach-svc", {"running"})
-
-    out = Output(official.start("attach", "--logs", "attach-task"))
-    try:
-        out.wait_for("Attached to run")
-        assert (
-            wait_until(lambda: _get(local_port), timeout=60, interval=0.3, what="the forwarded port") == "hello again"
-        )
-        out.wait_for("served")  # the attached logs follow what the job prints
-        assert "task started" in out.text
-        out.interrupt()
-    finally:
-        out.close()
-
-    out = Output(official.start("attach", "--logs", "attach-svc"))
-    try:
-        out.wait_for("Attached to run")
-        out.wait_for("service up")
-        out.interrupt()
-    finally:
-        out.close()
-    official.cli("stop", "attach-task", "attach-svc", "-y")
+    with _stopped_after(server, "attach-svc"):
+        _wait_status(server, "attach-svc", {"running"})
+        out = Output(official.start("attach", "--logs", "attach-svc"))
+        try:
+            out.wait_for("Attached to run")
+            out.wait_for("service up")
+            out.interrupt()
+        finally:
+            out.close()
 
 
 def test_ssh_into_a_dev_environment_with_the_config_it_writes(official: OfficialClient, server, tmp_path):
     conf = tmp_path / "dev.dstack.yml"
     conf.write_text("type: dev-environment\nname: attach-dev\nide: vscode\nenv:\n  - MARKER=from-the-dev-env\n")
     official.cli("apply", "-f", str(conf), "-y", "-d", cwd=tmp_path)
-    _wait_status(server, "attach-dev", {"running"})
+    with _stopped_after(server, "attach-dev"):
+        _wait_status(server, "attach-dev", {"running"})
+        _ssh_into(official)
+
+
+def _ssh_into(official: OfficialClient) -> None:
     out = Output(official.start("attach", "attach-dev"))
     try:
         out.wait_for("Attached to run")
@@ -224,13 +244,17 @@ def test_ssh_into_a_dev_environment_with_the_config_it_writes(official: Official
         out.interrupt()
     finally:
         out.close()
-    official.cli("stop", "attach-dev", "-y")
 
 
 def test_the_entry_refuses_other_keys_and_other_jobs(official: OfficialClient, server, tmp_path):
     """The entry opens a job only with that run's keys: a key of one's own is refused."""
     official.cli("apply", "-f", str(_task(tmp_path, "entry-a")), "-y", "-d", cwd=tmp_path)
-    run = _wait_status(server, "entry-a", {"running"})
+    with _stopped_after(server, "entry-a"):
+        run = _wait_status(server, "entry-a", {"running"})
+        _refused(server, run, tmp_path)
+
+
+def _refused(server, run: dict, tmp_path) -> None:
     job_id = run["jobs"][0]["job_submissions"][-1]["id"]
     port = int(server.env["DSTACK_SERVER_SSH_PORT"])
     key = tmp_path / "other_key"
@@ -247,7 +271,6 @@ def test_the_entry_refuses_other_keys_and_other_jobs(official: OfficialClient, s
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
-    official.cli("stop", "entry-a", "-y")
 
 
 def _task(tmp_path, name: str):

@@ -16,6 +16,7 @@ from dstack.server.security import require_project_member, require_user
 from dstack.server.services import logs as logs_service
 from dstack.server.services import runs as runs_service
 from dstack.server.services import secret_store
+from dstack.server.services.log_window import log_window
 
 router = APIRouter(tags=["runs"])
 
@@ -79,7 +80,7 @@ class PollLogsRequest(BaseModel):
     descending: bool = False
     diagnose: bool = False
 
-    @field_validator("end_time", "descending", "diagnose")
+    @field_validator("diagnose")
     @classmethod
     def _not_yet(cls, value: Any, info: ValidationInfo) -> Any:
         if value:
@@ -220,6 +221,21 @@ async def poll_logs(
 ) -> dict[str, Any]:
     run = await runs_service.get_run(session, member[1], body.run_name)
     limit = min(max(body.limit, 1), 5000)
+    if body.descending or body.end_time is not None:
+        # a window of what is stored now (dstack's client: newest first, or up to a time), no waiting
+        window = await log_window(
+            session,
+            run,
+            body.job_num,
+            body.replica_num,
+            int(body.next_token) if body.next_token else (body.start_after or None),
+            limit,
+            submission_id=body.job_submission_id,
+            after_time=body.start_time.timestamp() if body.start_time else None,
+            before_time=body.end_time.timestamp() if body.end_time else None,
+            descending=body.descending,
+        )
+        return {**window, "finished": run.status.is_finished() and window["next_token"] is None}
     page = await logs_service.poll_logs(
         session,
         request.app.state.log_notifier,
