@@ -246,31 +246,61 @@ def _ssh_into(official: OfficialClient) -> None:
         out.close()
 
 
-def test_the_entry_refuses_other_keys_and_other_jobs(official: OfficialClient, server, tmp_path):
-    """The entry opens a job only with that run's keys: a key of one's own is refused."""
+def test_the_entry_opens_a_job_only_with_its_keys_and_only_its_ports(official: OfficialClient, server, tmp_path):
+    """The user's key opens the user's job's channel to the "container" hop; another key, an
+    unknown job, and any other destination are refused."""
     official.cli("apply", "-f", str(_task(tmp_path, "entry-a")), "-y", "-d", cwd=tmp_path)
     with _stopped_after(server, "entry-a"):
         run = _wait_status(server, "entry-a", {"running"})
-        _refused(server, run, tmp_path)
+        job_id = run["jobs"][0]["job_submissions"][-1]["id"]
+        me = httpx.post(
+            f"{server.url}/api/users/get_my_user", headers={**server.headers, "X-API-VERSION": "0.22.5"}
+        ).json()
+        user_key = tmp_path / "user_key"
+        user_key.write_text(me["ssh_private_key"])
+        user_key.chmod(0o600)
+        other_key = tmp_path / "other_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other_key)], check=True)
 
-
-def _refused(server, run: dict, tmp_path) -> None:
-    job_id = run["jobs"][0]["job_submissions"][-1]["id"]
-    port = int(server.env["DSTACK_SERVER_SSH_PORT"])
-    key = tmp_path / "other_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        ok = _jump(server, user_key, job_id, "localhost:10022")
+        assert ok.stdout.startswith("SSH-2.0-"), ok.stderr  # the inner hop's banner
+        denied = _jump(server, other_key, job_id, "localhost:10022")
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied.stderr
+        unknown = _jump(server, user_key, "00000000-0000-4000-8000-000000000000", "localhost:10022")
+        assert unknown.returncode != 0 and "Permission denied" in unknown.stderr, unknown.stderr
+        for dest in ("localhost:22", f"127.0.0.1:{server.port}", "example.com:10022"):
+            r = _jump(server, user_key, job_id, dest)
+            assert not r.stdout and "prohibited" in r.stderr, (dest, r.stderr)
+    # no login on the outer hop: it serves one channel and nothing else
     r = subprocess.run(
-        [
-            "ssh", "-F", "none", "-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-p", str(port),
-            "-W", "localhost:10022", f"{job_id}@127.0.0.1",
-        ],
-        capture_output=True,
+        [*_ssh_base(server, user_key), f"{job_id}@127.0.0.1", "id"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode != 0, r.stdout
+
+
+def _ssh_base(server, key) -> list[str]:
+    port = int(server.env["DSTACK_SERVER_SSH_PORT"])
+    return [
+        "ssh", "-F", "none", "-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-p", str(port),
+    ]  # fmt: skip
+
+
+def _jump(server, key, user: str, dest: str) -> subprocess.CompletedProcess:
+    """`ssh -W dest` through the entry (what ProxyJump does), reading what comes back for a moment."""
+    proc = subprocess.Popen(
+        [*_ssh_base(server, key), "-W", dest, f"{user}@127.0.0.1"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    assert r.returncode != 0 and "Permission denied" in r.stderr, r.stderr
+    )
+    try:
+        out, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:  # a channel stays open until its peer ends it: enough seen
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _task(tmp_path, name: str):
