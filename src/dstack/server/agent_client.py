@@ -28,6 +28,8 @@ class AgentClient:
         self.last_answer: float | None = None
         #: monotonic time of the last healthcheck that the agent passed
         self.last_healthy: float | None = None
+        #: the last failed healthcheck ran out of time (a slow agent or server), rather than being refused
+        self.last_check_timed_out = False
 
     async def _answered(self, response: httpx.Response) -> None:
         if 200 <= response.status_code < 300:
@@ -38,9 +40,13 @@ class AgentClient:
 
     async def healthy(self, timeout: float = 2.0) -> bool:
         """The agent answers its healthcheck, and is the process this client was made for."""
+        self.last_check_timed_out = False
         try:
             r = await self._http.get("/api/healthcheck", timeout=timeout)
             ok = r.status_code == 200 and self.endpoint.pid in (None, r.json().get("pid"))
+        except httpx.TimeoutException:
+            self.last_check_timed_out = True
+            return False
         except (httpx.HTTPError, ValueError, RuntimeError):  # RuntimeError: the client was closed
             return False
         if ok:

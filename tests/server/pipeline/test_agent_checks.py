@@ -38,3 +38,43 @@ async def test_busy_agents_are_checked_less_often_and_silent_ones_at_once():
         assert await manager.check("i") is False and checks == ["health"] * 3
     finally:
         await client.close()
+
+
+class _Backend:
+    def __init__(self) -> None:
+        self.recoveries = 0
+
+    async def recover_instance(self, name: str, lost: AgentEndpoint) -> None:
+        self.recoveries += 1
+        return None
+
+
+async def test_a_late_healthcheck_of_an_agent_that_answers_is_not_a_lost_agent():
+    mode = {"health": "timeout"}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/healthcheck":
+            if mode["health"] == "timeout":
+                raise httpx.ReadTimeout("slow", request=request)
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"jobs": {}})
+
+    client = AgentClient(
+        AgentEndpoint(url="http://agent.test", token="t", pid=42), transport=httpx.MockTransport(handle)
+    )
+    backend = _Backend()
+    manager = InstanceManager(db=None, backends=[], check_seconds=0.5)  # type: ignore[arg-type]
+    manager._clients["i"] = client
+    manager._backend_of["i"] = (backend, "host-1")  # type: ignore[assignment]
+    try:
+        await client.metrics_many({})  # it answered just now; its last real healthcheck is long ago
+        assert await manager.check("i") is False and backend.recoveries == 0 and not manager.is_down("i")
+        client.last_answer = time.monotonic() - 0.5 * HEALTHCHECK_EVERY_CHECKS  # silent for a while too
+        await manager.check("i")
+        assert backend.recoveries == 1
+        mode["health"] = "refused"  # refused: gone, however recently it answered
+        await client.metrics_many({})
+        await manager.check("i")
+        assert backend.recoveries == 2
+    finally:
+        await client.close()

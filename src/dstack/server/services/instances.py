@@ -165,6 +165,13 @@ class InstanceManager:
             and now - client.last_healthy < self.check_seconds * HEALTHCHECK_EVERY_CHECKS
         )
 
+    def _answered_lately(self, client: AgentClient) -> bool:
+        """The agent answered something within HEALTHCHECK_EVERY_CHECKS checks."""
+        return (
+            client.last_answer is not None
+            and time.monotonic() - client.last_answer < self.check_seconds * HEALTHCHECK_EVERY_CHECKS
+        )
+
     async def check(self, instance_id: str) -> bool:
         """Ask the instance's agent whether it lives; bring back one that died. True if it was replaced."""
         client = self._clients[instance_id]
@@ -173,6 +180,12 @@ class InstanceManager:
             return False
         if await client.healthy():
             self._down.pop(instance_id, None)
+            return False
+        if client.last_check_timed_out and self._answered_lately(client):
+            # A healthcheck that only ran out of time while the agent answers other requests: the
+            # server (or the host) is busy, not the agent gone. Re-attaching now would add load
+            # (a new SSH connection per host) exactly when there is too much.
+            logger.debug("the agent of instance %s answered its healthcheck late; not treated as lost", instance_id)
             return False
         backend, name = self._backend_of[instance_id]
         first = instance_id not in self._down
