@@ -114,3 +114,29 @@ def test_container_sessions_are_exec_into_the_container() -> None:
     assert ContainerLauncher(["podman"], "ctr", "bash", environ).argv(None, None)[-2:] == ["/bin/bash", "-i"]
     assert launcher.env(None) == {"PATH": "/usr/bin"}  # the server's own settings are not handed on
     assert not launcher.local_files  # no SFTP/scp of the host's files
+
+
+def test_inactivity_counts_from_what_the_job_row_keeps() -> None:
+    """A restarted server counts from the stored last close (not from its own start), and from its
+    own start for a session the previous server's stop cut off."""
+    from datetime import UTC, datetime, timedelta
+
+    from dstack.core.models.runs import JobStatus
+    from dstack.server.models import JobModel, RunModel
+    from dstack.server.routers.tunnel import InactivityWatch
+
+    now = datetime.now(UTC)
+    job = JobModel(status=JobStatus.RUNNING, submission_num=0, started_at=now - timedelta(seconds=100))
+    run = RunModel(id="r1", jobs=[job])
+    watch = InactivityWatch(db=None, app=None, sessions=Sessions())  # type: ignore[arg-type]
+    t = now.timestamp()
+    assert watch.idle_since(run, t) == job.started_at.timestamp()  # never had a session: since its start
+    job.ssh_opened_at, job.ssh_closed_at = now - timedelta(seconds=60), now - timedelta(seconds=40)
+    assert watch.idle_since(run, t) == job.ssh_closed_at.timestamp()  # since the stored last close
+    job.ssh_opened_at = now - timedelta(seconds=30)  # open when the previous server stopped
+    assert watch.idle_since(run, t) == watch.started
+    watch.sessions.opened("r1")  # open on this server
+    assert watch.idle_since(run, t) is None
+    watch.sessions.closed("r1")
+    since = watch.idle_since(run, t)
+    assert since is not None and abs(since - t) < 5  # just closed

@@ -218,6 +218,9 @@ class JobModel(Base):
     agent_state: Mapped[str | None] = mapped_column(String(20), nullable=True)
     log_cursor: Mapped[int] = mapped_column(BigInteger, default=0)
     stop_requested: Mapped[str | None] = mapped_column(String(20), nullable=True)  # stop | abort
+    # a dev environment's last SSH session: opened and closed (routers/tunnel.py, inactivity_duration)
+    ssh_opened_at: Mapped[datetime | None] = mapped_column(_dt(), nullable=True)
+    ssh_closed_at: Mapped[datetime | None] = mapped_column(_dt(), nullable=True)
     version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
     run: Mapped[RunModel] = relationship(back_populates="jobs")
 

@@ -9,7 +9,9 @@ stdout for OpenSSH's `ProxyCommand` (`dstack tunnel`). Nothing listens on the jo
 
 Each tunnel to a dev environment's SSH server counts as a session: `Sessions` remembers how many
 are open and when the last one closed, and `InactivityWatch` stops a dev environment whose
-`inactivity_duration` has passed with none open.
+`inactivity_duration` has passed with none open. The job row keeps when its last session opened and
+closed (`ssh_opened_at`, `ssh_closed_at`), so a restarted server goes on counting from there; a
+session still open when the server stopped was ended by that stop, so the count restarts then.
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ import asyncio
 import json
 import logging
 import time
+from datetime import datetime
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Query, WebSocket, WebSocketDisconnect
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import selectinload
 
 from dstack.agent.devenv import ssh_port
 from dstack.core.models.runs import JobProvisioningData, JobSpec, JobStatus, JobTerminationReason, RunStatus, RunType
 from dstack.core.tokens import bearer_token
+from dstack.server.background.pipeline.common import aware
 from dstack.server.db import Database, get_database
-from dstack.server.models import JobModel, RunModel
+from dstack.server.models import JobModel, RunModel, utcnow
 from dstack.server.security import authenticate, project_for_member
 from dstack.server.services import fleets
 from dstack.server.services.runs import find_run, mark_job_terminating
@@ -72,34 +76,34 @@ SESSIONS = Sessions()
 
 async def _target(
     db: Database, project_name: str, run_name: str, token: str | None, port: int | None
-) -> tuple[int, str, str, int]:
-    """(close code or 0, run id, host, port) of what to connect to."""
+) -> tuple[int, str, str, int, str]:
+    """(close code or 0, run id, host, port, job id) of what to connect to."""
     async with db.session() as session:
         user = await authenticate(session, token)
         if user is None:
-            return CLOSE_AUTH, "", "", 0
+            return CLOSE_AUTH, "", "", 0, ""
         project = await project_for_member(session, user, project_name)
         if project is None:
-            return CLOSE_FORBIDDEN, "", "", 0
+            return CLOSE_FORBIDDEN, "", "", 0, ""
         run = await find_run(session, project, run_name)
         if run is None or run.status != RunStatus.RUNNING:
-            return CLOSE_NOT_FOUND, "", "", 0
+            return CLOSE_NOT_FOUND, "", "", 0, ""
         jobs = await session.execute(
             select(JobModel).where(JobModel.run_id == run.id, JobModel.status == JobStatus.RUNNING)
         )
         job = next(iter(sorted(jobs.scalars(), key=lambda j: (j.replica_num, j.job_num))), None)
         if job is None or not job.job_provisioning_data:
-            return CLOSE_NOT_FOUND, "", "", 0
+            return CLOSE_NOT_FOUND, "", "", 0, ""
         if port is None:
             if run.run_type != RunType.DEV_ENVIRONMENT:
-                return CLOSE_NOT_FOUND, "", "", 0
+                return CLOSE_NOT_FOUND, "", "", 0, ""
             port = ssh_port(job.id)
         elif port not in JobSpec.model_validate_json(job.job_spec).ports:
             # only what the job declares: a host-network job's address is the host's own 127.0.0.1
-            return CLOSE_PORT, "", "", 0
+            return CLOSE_PORT, "", "", 0, ""
         jpd = JobProvisioningData.model_validate_json(job.job_provisioning_data)
         url = urlsplit(await fleets.replica_url(jpd, port))
-        return 0, run.id, url.hostname or "127.0.0.1", url.port or port
+        return 0, run.id, url.hostname or "127.0.0.1", url.port or port, job.id
 
 
 @router.websocket("/{run_name}/tunnel")
@@ -114,7 +118,7 @@ async def tunnel(
     if port is None and not ssh:
         await _refuse(websocket, CLOSE_NOT_FOUND, "give ?port=N or ?ssh=1")
         return
-    code, run_id, host, target_port = await _target(get_database(), project_name, run_name[:200], token, port)
+    code, run_id, host, target_port, job_id = await _target(get_database(), project_name, run_name[:200], token, port)
     if code:
         reasons = {
             CLOSE_AUTH: "invalid or missing token",
@@ -132,12 +136,30 @@ async def tunnel(
     await websocket.accept()
     if ssh:
         SESSIONS.opened(run_id)
+        await record_ssh_session(job_id, "ssh_opened_at")
     try:
         await _relay(websocket, reader, writer)
     finally:
+        writer.close()
         if ssh:
             SESSIONS.closed(run_id)
-        writer.close()
+            await record_ssh_session(job_id, "ssh_closed_at")
+
+
+async def record_ssh_session(job_id: str, column: str) -> None:
+    """Store when a session opened or closed on the job row. A plain UPDATE of that column: it
+    does not bump the row's version, so it never conflicts with the pipeline's writes."""
+    try:
+        async with get_database().session() as session:
+            await session.execute(
+                update(JobModel)
+                .where(JobModel.id == job_id)
+                .values({column: utcnow()})
+                .execution_options(synchronize_session=False)
+            )
+            await session.commit()
+    except Exception:  # the in-memory count still holds; only a restart would lose this one
+        logger.exception("cannot record an SSH session of job %s", job_id)
 
 
 async def _refuse(websocket: WebSocket, code: int, reason: str) -> None:
@@ -176,14 +198,15 @@ async def _relay(websocket: WebSocket, reader: asyncio.StreamReader, writer: asy
 
 
 class InactivityWatch:
-    """Stops a running dev environment after `inactivity_duration` seconds with no SSH session
-    (counted from when this server first saw it running, or from its last session's end)."""
+    """Stops a running dev environment after `inactivity_duration` seconds with no SSH session,
+    counted from its last session's end, else from its job's start (`idle_since`)."""
 
     def __init__(self, db: Database, app: FastAPI, sessions: Sessions = SESSIONS) -> None:
         self.db = db
         self.app = app
         self.sessions = sessions
-        self.first_seen: dict[str, float] = {}
+        self.first_seen: dict[str, float] = {}  # wall time; for a job with no start time stored
+        self.started = time.time()  # a session open when the previous server stopped ended then
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -202,8 +225,26 @@ class InactivityWatch:
                 logger.exception("inactivity check failed")
             await asyncio.sleep(CHECK_SECONDS)
 
+    def idle_since(self, run: RunModel, now: float) -> float | None:
+        """Wall time since when `run` has had no SSH session; None while one is open."""
+        if self.sessions.open.get(run.id):
+            return None
+        jobs = [j for j in run.jobs if j.status == JobStatus.RUNNING] or list(run.jobs)
+        job = max(jobs, key=lambda j: j.submission_num) if jobs else None
+        since = self.first_seen.setdefault(run.id, now)
+        if job is not None:
+            since = _stamp(job.started_at, since)
+            opened, closed = _stamp(job.ssh_opened_at, 0.0), _stamp(job.ssh_closed_at, 0.0)
+            if opened > closed:  # open when the last server stopped (this one did not open it)
+                since = max(since, self.started)
+            since = max(since, closed)
+        memory = self.sessions.last_closed.get(run.id)  # monotonic: this server's own record
+        if memory is not None:
+            since = max(since, now - (time.monotonic() - memory))
+        return since
+
     async def check(self) -> None:
-        now = time.monotonic()
+        now = time.time()
         stopped = False
         async with self.db.session() as session:
             result = await session.execute(
@@ -220,7 +261,7 @@ class InactivityWatch:
                 limit = json.loads(run.run_spec).get("configuration", {}).get("inactivity_duration")
                 if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
                     continue
-                since = self.sessions.idle_since(run.id, self.first_seen.setdefault(run.id, now))
+                since = self.idle_since(run, now)
                 if since is None or now - since < limit:
                     continue
                 message = f"inactivity_duration: no SSH session for {limit} s"
@@ -234,6 +275,11 @@ class InactivityWatch:
                 await session.commit()
         if stopped:
             self.app.state.pipeline.wake()
+
+
+def _stamp(value: datetime | None, default: float) -> float:
+    dt = aware(value)
+    return dt.timestamp() if dt is not None else default
 
 
 def install(app: FastAPI) -> None:
