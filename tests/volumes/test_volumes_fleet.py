@@ -237,3 +237,18 @@ def test_a_container_on_the_fleet_host_sees_its_volumes(fleet_server: ServerProc
     finally:
         shutil.rmtree(shared, ignore_errors=True)
         _api(fleet_server, f"{BASE}/delete", {"names": ["boxed"]})
+
+
+def test_a_volume_whose_fleet_is_gone_refuses_runs(fleet_server: ServerProcess, host_net: HostNetwork) -> None:
+    """Last in the module: it deletes the fleet."""
+    srv = fleet_server
+    h0 = host_net.hosts[0]
+    volume = _create(srv, "orphan", availability_zone=h0.address)
+    where = f"{AGENT_VOLUMES}/{volume['id']}"
+    srv.client().fleets.delete(FLEET)
+    r = _submit(srv, "orphan-run", ["true"], ["orphan:/data"], resources=SMALL)
+    assert r.status_code == 400, r.text
+    assert f"volume 'orphan' lives on host {h0.address} of fleet '{FLEET}', which is no longer a host" in r.text
+    assert _api(srv, f"{BASE}/delete", {"names": ["orphan"]}).status_code == 200  # forgotten...
+    assert "orphan" not in [v["name"] for v in _api(srv, f"{BASE}/list").json()]
+    assert _on_host(h0, "test", "-d", where).returncode == 0  # ...its data left on the host
