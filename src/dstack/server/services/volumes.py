@@ -301,7 +301,8 @@ async def delete_volumes(
 ) -> None:
     """Delete all of `names` (and the data of the ones we made), or none of them: when one does not
     exist (404), is attached to a run (400 naming it) or lives on a fleet host that does not answer
-    (503 naming it). A volume whose host left its fleets is only forgotten (its data stays there)."""
+    (503 naming it). A volume whose host left its fleets is only forgotten (its data stays there).
+    A host that fails between its check and its delete is reported with those deleted before it."""
     volumes = [await get_volume(session, project, name) for name in dict.fromkeys(names)]
     attached = await attachments(session, project.id)
     busy = [f"'{v.name}' is attached to run {', '.join(attached[v.name])}" for v in volumes if attached.get(v.name)]
@@ -328,14 +329,19 @@ async def delete_volumes(
             f"cannot delete now: {'; '.join(down)} does not answer; nothing was deleted, try again when it is back",
             fields=["names"],
         )
+    removed: list[VolumeModel] = []
     for volume, client in remote:
         try:
             await client.delete_volume(volume.id)
         except (httpx.HTTPError, AgentError) as e:
-            await session.rollback()
+            for gone in removed:  # their data is gone: so are their rows
+                await session.delete(gone)
+            await session.commit()
+            done = f" (deleted: {', '.join(v.name for v in removed)})" if removed else ""
             raise HostUnavailable(
-                f"cannot delete volume '{volume.name}' on host {volume.host}: {e}", fields=["names"]
+                f"cannot delete volume '{volume.name}' on host {volume.host}: {e}{done}", fields=["names"]
             ) from e
+        removed.append(volume)
     for volume in volumes:
         await session.delete(volume)
     await session.commit()
