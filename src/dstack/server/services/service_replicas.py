@@ -22,6 +22,7 @@ from dstack.core.models.configurations import ProbeSpec, ServiceConfiguration
 from dstack.core.models.runs import JobProvisioningData, JobStatus, JobTerminationReason, RunSpec, RunStatus, RunType
 from dstack.proxy import ModelInfo, Replica, ServiceInfo, ServiceRegistry
 from dstack.proxy.ratelimit import RateLimitRule
+from dstack.server.backends.slurm.allocations import replica_url as slurm_replica_url
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import JobModel, RunModel, utcnow
 from dstack.server.services import probes as probes_service
@@ -168,7 +169,10 @@ class ServiceManager:
                 if job.job_provisioning_data is None:
                     continue  # a running job always has one; nothing to route to without it
                 jpd = JobProvisioningData.model_validate_json(job.job_provisioning_data)
-                endpoints[job.id] = await replica_url(jpd, conf.port.container_port)  # fleet hosts: tunneled
+                if jpd.backend == "slurm":  # on a compute node, maybe behind a login host
+                    endpoints[job.id] = await slurm_replica_url(jpd, conf.port.container_port)
+                else:
+                    endpoints[job.id] = await replica_url(jpd, conf.port.container_port)  # fleet hosts: tunneled
         state = self.services.get(run_id)
         if state is None:
             state = self.services[run_id] = ServiceState(run_id, project, run_name, conf)

@@ -20,6 +20,7 @@ import logging
 import re
 import signal
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -87,6 +88,8 @@ class SlurmAllocations:
         self._reloader = reloader  # config.yml edits (checked every pass) and SIGHUP
         self._reload_now = asyncio.Event()
         self._sighup = False
+        self._backend_by_instance: dict[str, SlurmBackend] = {}  # for the proxy's way to a replica
+        self._node_address: dict[str, str] = {}  # instance name -> the node's NodeAddr
 
     # -- start / stop --------------------------------------------------------------------------
 
@@ -109,7 +112,33 @@ class SlurmAllocations:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_now.set)
                 self._sighup = True
+        global _current
+        _current = self
         self._loop = asyncio.create_task(self._run(), name="slurm-allocations")
+
+    async def replica_url(self, jpd: JobProvisioningData, port: int) -> str:
+        """Where the proxy reaches a replica in an allocation: the node's address, or a local
+        forward through the login host's SSH connection when Slurm's commands go through one."""
+        # Jobs on Slurm use the node's network: the agent reports them on loopback.
+        address = self._node_address.get(jpd.instance_name) or jpd.address or jpd.hostname
+        backend = self._backend_by_instance.get(jpd.instance_name)
+        if backend is None:
+            return f"http://{address}:{port}"
+        try:
+            host, local = await backend.runner.forward(address, port)
+        except SlurmCommandError as e:
+            logger.warning("replica %s:%s on %s: %s", address, port, jpd.instance_name, e)
+            return f"http://{address}:{port}"
+        if (host, local) != (address, port):
+            logger.info(
+                "replica %s:%s on %s is reached through the login host (%s:%s)",
+                address,
+                port,
+                jpd.instance_name,
+                host,
+                local,
+            )
+        return f"http://{host}:{local}"
 
     def reload(self, force: bool = False) -> bool:
         """Apply `config.yml` if it changed (or re-read it, `force`); False when nothing changed
@@ -123,6 +152,9 @@ class SlurmAllocations:
         return True
 
     async def close(self) -> None:
+        global _current
+        if _current is self:
+            _current = None
         self._stopping = True
         if self._sighup:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -159,6 +191,8 @@ class SlurmAllocations:
             agent=endpoint,
         )
         await self.instances.add(row.id, backend, inst)
+        self._backend_by_instance[row.name] = backend
+        self._node_address[row.name] = urlsplit(endpoint.url).hostname or row.hostname
         logger.info("re-attached to Slurm allocation %s (job %s)", row.name, m.group(1))
 
     # -- launching -----------------------------------------------------------------------------
@@ -337,6 +371,7 @@ class SlurmAllocations:
                 instance_id=row.id,
                 instance_name=inst.name,
                 hostname=node,
+                address=urlsplit(endpoint.url).hostname,  # the node's NodeAddr: where its ports are
                 resources=inst.resources,
                 reserved=json.loads(job.reserved),
                 price=0.0,
@@ -350,6 +385,8 @@ class SlurmAllocations:
             await backend.cancel(sub.job_id)
             return
         await self.instances.add(instance_id, backend, inst)  # stores the agent, supervises it
+        self._backend_by_instance[inst.name] = backend
+        self._node_address[inst.name] = urlsplit(endpoint.url).hostname or node
         logger.info("job %s runs in Slurm job %s on %s", job_id, sub.job_id, node)
         if sub.nodes == 1:
             self._provision(job_id)
@@ -454,6 +491,8 @@ class SlurmAllocations:
             if st is not None and not st.final and not others_busy:
                 await backend.cancel(slurm_id)
             await self.instances.remove(row.id)
+            self._backend_by_instance.pop(row.name, None)
+            self._node_address.pop(row.name, None)
             await self._set_instance_status(row.id, InstanceStatus.TERMINATED)
 
     async def _backend_of_instance(self, row: InstanceModel) -> tuple[SlurmBackend, str] | None:
@@ -530,6 +569,17 @@ class SlurmAllocations:
 
         async with self.db.session() as session:
             await retry_on_conflict(session, update)
+
+
+_current: SlurmAllocations | None = None
+
+
+async def replica_url(jpd: JobProvisioningData, port: int) -> str:
+    """The proxy's URL of a service replica running in a Slurm allocation (see
+    `SlurmAllocations.replica_url`); the node's address when no allocation manager runs."""
+    if _current is None:
+        return f"http://{jpd.address or jpd.hostname}:{port}"
+    return await _current.replica_url(jpd, port)
 
 
 def _resources(row: InstanceModel) -> InstanceResources:

@@ -34,6 +34,10 @@ class CommandRunner(ABC):
     async def run(self, argv: list[str], stdin: str | None = None) -> CommandResult:
         """Run `argv` where Slurm's commands live; never raises for a non-zero exit."""
 
+    async def forward(self, host: str, port: int) -> tuple[str, int]:
+        """Where this side reaches `host:port`: the address itself (no tunnel needed)."""
+        return host, port
+
     async def close(self) -> None:
         return None
 
@@ -84,6 +88,7 @@ class SshRunner(CommandRunner):
         self.login = login
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock = asyncio.Lock()
+        self._forwards: dict[tuple[str, int], tuple[asyncssh.SSHClientConnection, asyncssh.SSHListener]] = {}
 
     async def _connection(self) -> asyncssh.SSHClientConnection:
         async with self._lock:
@@ -117,7 +122,25 @@ class SshRunner(CommandRunner):
         err = err.decode(errors="replace") if isinstance(err, bytes) else err
         return CommandResult(int(r.exit_status or 0), out[:MAX_OUTPUT], err[:MAX_OUTPUT])
 
+    async def forward(self, host: str, port: int) -> tuple[str, int]:
+        """A local port forwarded through the login host's connection to `host:port` (a compute
+        node the server cannot reach itself), opened once per target and connection."""
+        conn = await self._connection()
+        key = (host, port)
+        found = self._forwards.get(key)
+        if found is not None and found[0] is conn:
+            return "127.0.0.1", found[1].get_port()
+        try:
+            listener = await conn.forward_local_port("127.0.0.1", 0, host, port)
+        except (OSError, asyncssh.Error) as e:
+            raise SlurmCommandError(f"no forward to {host}:{port} through {self.login.hostname}: {e}") from e
+        self._forwards[key] = (conn, listener)
+        return "127.0.0.1", listener.get_port()
+
     async def close(self) -> None:
+        for _, listener in self._forwards.values():
+            listener.close()
+        self._forwards.clear()
         if self._conn is not None:
             self._conn.close()
             self._conn = None

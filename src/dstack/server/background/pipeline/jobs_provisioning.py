@@ -75,8 +75,11 @@ def build_submission(
         "gpus": reservation.gpus,
         "ports": spec.ports,
         "stop_grace_seconds": spec.stop_grace_seconds,
-        # Replicas of a service share one fixed port: each gets its own network namespace.
-        "network": "isolated" if run.run_type == RunType.SERVICE or spec.ports else "host",
+        # Replicas of a service share one fixed port: each gets its own network namespace. A Slurm
+        # allocation is the job's own and its ports are reached on the node's address: host network.
+        "network": "isolated"
+        if (run.run_type == RunType.SERVICE or spec.ports) and inst.backend != "slurm"
+        else "host",
         "venv_key": venv_key(run.project_id, spec),
         # Serverless workers start from the venv's warm zygote (agent.prewarm),
         # unless the configuration's env says DSTACK_PREWARM=0 ...
