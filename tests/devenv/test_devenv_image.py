@@ -160,7 +160,8 @@ def test_ssh_lands_inside_the_container(server: Any, home: dict[str, str], tmp_p
             background.communicate(timeout=30)
         assert _status(server, run) == "running"
     finally:
-        _stop(home, proc, run)
+        out = _stop(home, proc, run)
+    assert f"vscode://vscode-remote/ssh-remote+{run}/workflow/sub" in out, out  # the container's working dir
 
 
 def test_inactivity_duration_stops_an_image_dev_environment(
