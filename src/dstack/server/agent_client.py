@@ -30,6 +30,8 @@ class AgentClient:
         self.last_healthy: float | None = None
         #: the last failed healthcheck ran out of time (a slow agent or server), rather than being refused
         self.last_check_timed_out = False
+        #: monotonic time of the first of the healthchecks in a row that ran out of time (None: the last did not)
+        self.timing_out_since: float | None = None
 
     async def _answered(self, response: httpx.Response) -> None:
         if 200 <= response.status_code < 300:
@@ -44,8 +46,10 @@ class AgentClient:
         try:
             r = await self._http.get("/api/healthcheck", timeout=timeout)
             ok = r.status_code == 200 and self.endpoint.pid in (None, r.json().get("pid"))
+            self.timing_out_since = None
         except httpx.TimeoutException:
             self.last_check_timed_out = True
+            self.timing_out_since = self.timing_out_since or time.monotonic()
             return False
         except (httpx.HTTPError, ValueError, RuntimeError):  # RuntimeError: the client was closed
             return False

@@ -69,7 +69,10 @@ async def test_a_late_healthcheck_of_an_agent_that_answers_is_not_a_lost_agent()
     try:
         await client.metrics_many({})  # it answered just now; its last real healthcheck is long ago
         assert await manager.check("i") is False and backend.recoveries == 0 and not manager.is_down("i")
-        client.last_answer = time.monotonic() - 0.5 * HEALTHCHECK_EVERY_CHECKS  # silent for a while too
+        client.last_answer = time.monotonic() - 0.5 * HEALTHCHECK_EVERY_CHECKS  # silent for a while too ...
+        await manager.check("i")
+        assert backend.recoveries == 0  # ... but its healthchecks have run late only briefly
+        client.timing_out_since = time.monotonic() - 0.5 * HEALTHCHECK_EVERY_CHECKS  # late for long
         await manager.check("i")
         assert backend.recoveries == 1
         mode["health"] = "refused"  # refused: gone, however recently it answered

@@ -172,6 +172,11 @@ class InstanceManager:
             and time.monotonic() - client.last_answer < self.check_seconds * HEALTHCHECK_EVERY_CHECKS
         )
 
+    def _timing_out_briefly(self, client: AgentClient) -> bool:
+        """Healthchecks have run out of time for less than HEALTHCHECK_EVERY_CHECKS checks in a row."""
+        since = client.timing_out_since
+        return since is not None and time.monotonic() - since < self.check_seconds * HEALTHCHECK_EVERY_CHECKS
+
     async def check(self, instance_id: str) -> bool:
         """Ask the instance's agent whether it lives; bring back one that died. True if it was replaced."""
         client = self._clients[instance_id]
@@ -181,10 +186,10 @@ class InstanceManager:
         if await client.healthy():
             self._down.pop(instance_id, None)
             return False
-        if client.last_check_timed_out and self._answered_lately(client):
-            # A healthcheck that only ran out of time while the agent answers other requests: the
-            # server (or the host) is busy, not the agent gone. Re-attaching now would add load
-            # (a new SSH connection per host) exactly when there is too much.
+        if client.last_check_timed_out and (self._answered_lately(client) or self._timing_out_briefly(client)):
+            # A healthcheck that only ran out of time, while the agent answers other requests or
+            # not for long yet: the server (or the host) is busy, not the agent gone. Re-attaching
+            # now would add load (a new SSH connection per host) exactly when there is too much.
             logger.debug("the agent of instance %s answered its healthcheck late; not treated as lost", instance_id)
             return False
         backend, name = self._backend_of[instance_id]
