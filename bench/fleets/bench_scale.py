@@ -151,7 +151,12 @@ class Phase:
                 names = [f"{self.prefix}-{i}" for i in range(start, min(jobs, start + burst))]
                 for f in [ex.submit(self._one, name, start) for name in names]:
                     f.result()
-                print(f"  {start + len(names)} active", flush=True)
+                burst_s = sorted(self.observed[n] for n in names)
+                print(
+                    f"  {start + len(names)} active; this burst's submit -> RUNNING p50 {pct(burst_s, 50):.2f} s,"
+                    f" max {burst_s[-1]:.2f} s; server CPU so far {sum(proc.cpu_times()[:2]) - cpu0:.0f} s",
+                    flush=True,
+                )
         return sum(proc.cpu_times()[:2]) - cpu0
 
     def server_view(self) -> list[float]:
