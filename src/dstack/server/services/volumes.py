@@ -225,6 +225,15 @@ async def _create_on_host(
         ) from e
 
 
+def _same(volume: VolumeModel, conf: VolumeConfiguration) -> bool:
+    """Whether `conf` is the volume's configuration as applied (stored before a field was added: the
+    field's default)."""
+    try:
+        return VolumeConfiguration.model_validate(json.loads(volume.configuration)) == conf
+    except ValueError:
+        return False
+
+
 async def create_volume(
     session: AsyncSession,
     project: ProjectModel,
@@ -236,7 +245,7 @@ async def create_volume(
     volume is made on its host first and stored after, so a host that fails leaves nothing."""
     existing = await find_volume(session, project.id, conf.name)
     if existing is not None:
-        if existing.configuration == _stored(conf):
+        if _same(existing, conf):
             return existing
         raise ResourceExists(
             f"volume '{conf.name}' exists with another configuration; delete it first (dstack volume delete "
