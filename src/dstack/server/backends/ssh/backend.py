@@ -353,11 +353,15 @@ class SSHBackend(Backend):
 
 async def _end_stale_forward(conn: asyncssh.SSHClientConnection, port: int) -> bool:
     """End the sshd process listening on the host's 127.0.0.1:`port` if it is an sshd session of
-    this SSH user (a connection of ours that died on our side only); True if one was ended."""
+    this SSH user whose connection came from where this one does (a connection of ours that died on
+    our side only; never another machine's); True if one was ended."""
     script = (
+        'me="${SSH_CLIENT%% *}"; [ -n "$me" ] || exit 1; '
         f"pids=$(ss -Hltnp 'sport = :{int(port)}' 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); "
         'n=0; for p in $pids; do [ "$(cat /proc/$p/comm 2>/dev/null)" = sshd ] && '
-        '[ "$(stat -c %u /proc/$p)" = "$(id -u)" ] && kill "$p" 2>/dev/null && n=1; done; '
+        '[ "$(stat -c %u /proc/$p)" = "$(id -u)" ] && '
+        'ss -Htnp state established 2>/dev/null | grep "pid=$p," | grep -q " $me:" && '
+        'kill "$p" 2>/dev/null && n=1; done; '
         '[ "$n" = 1 ] && sleep 0.5; [ "$n" = 1 ]'
     )
     try:
