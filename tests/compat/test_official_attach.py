@@ -124,7 +124,7 @@ def _stopped_after(server, name: str):
 
 def _get(port: int) -> str | None:
     try:
-        r = httpx.get(f"http://127.0.0.1:{port}/", timeout=3)
+        r = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)  # the job answers one request: do not give up on it
     except httpx.HTTPError:
         return None
     return r.text if r.status_code == 200 else None
