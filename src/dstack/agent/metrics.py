@@ -169,7 +169,8 @@ class MetricsSampler:
     )
     gpus: NvidiaSmi = field(default_factory=NvidiaSmi)
     _series: dict[str, _Series] = field(default_factory=dict)
-    _cgroups: dict[str, cgroups.CgroupFiles] = field(default_factory=dict)  # image jobs', found once
+    # image jobs' cgroup files, else their container's first process (no cgroup of its own), found once
+    _cgroups: dict[str, cgroups.CgroupFiles | int] = field(default_factory=dict)
 
     def targets(self) -> list[Target]:
         out = []
@@ -188,13 +189,14 @@ class MetricsSampler:
         """(CPU seconds, memory bytes) of a job: its process tree, or its container's cgroup."""
         if t.container is None or t.cli is None:
             return tree_usage(t.pid, t.create_time)
-        files = self._cgroups.get(t.job_id)
-        if files is None:
-            files = cgroups.container_files(t.cli, t.container)
-            if files is None:  # not started yet (or the runtime keeps no cgroup): next time
+        found = self._cgroups.get(t.job_id)
+        if found is None:
+            pid = cgroups.container_pid(t.cli, t.container)
+            if pid is None:  # not started yet: next time
                 return None
-            self._cgroups[t.job_id] = files
-        read = files.read()
+            found = self._cgroups[t.job_id] = cgroups.files_for(pid) or pid
+        # no cgroup of its own: the process tree of its first process (`exec` sessions not counted)
+        read = tree_usage(found, None) if isinstance(found, int) else found.read()
         if read is None:  # the container is gone (a new one would have another cgroup)
             self._cgroups.pop(t.job_id, None)
         return read
