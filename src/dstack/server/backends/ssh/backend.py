@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 UNIT = "dstack-agent"
 ATTACH_TIMEOUT = 120.0
+QUICK_CHECK_TIMEOUT = 5.0  # a command over a live connection, when the agent stopped answering
 
 
 class HostUnreachable(Exception):
@@ -148,11 +149,21 @@ class SSHBackend(Backend):
         return out
 
     async def recover_instance(self, name: str, lost: AgentEndpoint) -> ProvisionedInstance | None:
+        # The agent is lost. If the host's SSH connection does not run a command either, the host
+        # is unreachable now: say so at once (its serverless workers' jobs are requeued) rather
+        # than after a new connection times out too.
+        attached = self._attached.get(name)
+        marked = attached is not None and not await _answers(attached.connection.conn)
+        if marked:
+            await self.mark(name, InstanceStatus.UNREACHABLE, "the host does not answer over SSH")
         try:
-            return await self.attach(name, lost.token)
+            inst = await self.attach(name, lost.token)
         except HostUnreachable as e:
             await self.mark(name, InstanceStatus.UNREACHABLE, str(e))
             raise
+        if marked:  # back already: the instance manager stores it idle; the reason goes
+            await self._clear_message(name)
+        return inst
 
     async def shutdown(self) -> None:
         for name in list(self._attached):
@@ -306,6 +317,14 @@ class SSHBackend(Backend):
                 fi.ssh = json.dumps(ssh)
                 await session.commit()
 
+    async def _clear_message(self, name: str) -> None:
+        async with self.db.session() as session:
+            inst = (await session.execute(select(InstanceModel).where(InstanceModel.name == name))).scalar_one()
+            fi = await session.get(FleetInstanceModel, inst.id)
+            if fi is not None and fi.status_message is not None:
+                fi.status_message = None
+                await session.commit()
+
     async def _set_internal_ip(self, name: str, ip: str | None) -> None:
         async with self.db.session() as session:
             inst = (await session.execute(select(InstanceModel).where(InstanceModel.name == name))).scalar_one()
@@ -349,6 +368,15 @@ class SSHBackend(Backend):
             attached.connection.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(attached.connection.wait_closed(), 5)
+
+
+async def _answers(conn: asyncssh.SSHClientConnection) -> bool:
+    """Whether the host runs a command over this connection within `QUICK_CHECK_TIMEOUT`."""
+    try:
+        result = await asyncio.wait_for(conn.run("true", check=False), QUICK_CHECK_TIMEOUT)
+    except (asyncssh.Error, OSError, TimeoutError):
+        return False
+    return result.exit_status == 0
 
 
 async def _end_stale_forward(conn: asyncssh.SSHClientConnection, port: int) -> bool:
