@@ -31,7 +31,7 @@ import asyncssh
 from dstack.agent.devenv import ssh_port as devenv_ssh_port
 from dstack.core.models.runs import RunType
 from dstack.server.db import Database
-from dstack.server.routers.tunnel import SESSIONS
+from dstack.server.routers.tunnel import SESSIONS, record_ssh_session
 from dstack.server.services import fleets
 from dstack.server.services.logs import LogNotifier
 from dstack.server.ssh_entry import logs_ws
@@ -87,11 +87,14 @@ class Entry:
             if not target.running or target.jpd is None:
                 writer.close()
                 return
-            SESSIONS.opened(target.run_id)  # counts for the dev environment's inactivity_duration
+            # counts for the dev environment's inactivity_duration, as a WebSocket tunnel does
+            SESSIONS.opened(target.run_id)
+            await record_ssh_session(target.job_id, "ssh_opened_at")
             try:
                 await _relay_to(reader, writer, await fleets.replica_url(target.jpd, devenv_ssh_port(target.job_id)))
             finally:
                 SESSIONS.closed(target.run_id)
+                await record_ssh_session(target.job_id, "ssh_closed_at")
 
         return handler
 
