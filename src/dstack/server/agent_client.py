@@ -28,7 +28,8 @@ class AgentClient:
         self.last_answer: float | None = None
         #: monotonic time of the last healthcheck that the agent passed
         self.last_healthy: float | None = None
-        #: the last failed healthcheck ran out of time (a slow agent or server), rather than being refused
+        #: the last failed healthcheck ran out of time or lost its connection (a slow agent, server or SSH
+        #: forward), rather than being refused
         self.last_check_timed_out = False
         #: monotonic time of the first of the healthchecks in a row that ran out of time (None: the last did not)
         self.timing_out_since: float | None = None
@@ -47,7 +48,9 @@ class AgentClient:
             r = await self._http.get("/api/healthcheck", timeout=timeout)
             ok = r.status_code == 200 and self.endpoint.pid in (None, r.json().get("pid"))
             self.timing_out_since = None
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            # Out of time, or the connection dropped mid-way (through an SSH forward of a busy
+            # connection): maybe only slow. A refused connection (ConnectError) is not this.
             self.last_check_timed_out = True
             self.timing_out_since = self.timing_out_since or time.monotonic()
             return False
