@@ -46,14 +46,15 @@ class EntryKeys:
         seed = hmac.new(bytes.fromhex(self._secret), b"dstack-user-ssh-key:" + user_id.encode(), hashlib.sha256)
         return Ed25519PrivateKey.from_private_bytes(seed.digest())
 
-    def user_public_key(self, user_id: str, username: str = "") -> str:
-        """One OpenSSH line (`ssh-ed25519 AAAA... dstack-user`)."""
+    def user_public_key(self, user_id: str) -> str:
+        """One OpenSSH line (`ssh-ed25519 AAAA... dstack-user`), always the same text: dstack's
+        client compares it with the run's `ssh_key_pub` as strings."""
         raw = (
             self._user_key(user_id)
             .public_key()
             .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         )
-        return f"{raw.decode()} dstack-{username or 'user'}\n"
+        return f"{raw.decode()} dstack-user\n"
 
     def user_private_key(self, user_id: str) -> str:
         """The OpenSSH private key text: only ever for that user."""
