@@ -20,6 +20,7 @@ projects:
         account: ml
         qos: normal
         shared_dir: /shared/dstack
+        server_url: http://10.0.0.5:3000
 """
 
 
@@ -29,7 +30,7 @@ def test_reads_a_slurm_backend(tmp_path: Path) -> None:
     (b,) = cfg.backends_of("main")
     assert b.type == "slurm" and b.partitions == ["gpu", "cpu"] and b.account == "ml" and b.qos == "normal"
     assert b.login is not None and (b.login.hostname, b.login.user, b.login.port) == ("login1", "alice", 22)
-    assert b.shared_dir == "/shared/dstack"
+    assert b.shared_dir == "/shared/dstack" and b.server_url == "http://10.0.0.5:3000"
     assert cfg.backends_of("other") == []
 
 
@@ -63,6 +64,12 @@ def test_no_file_is_no_backends(tmp_path: Path) -> None:
             "projects:\n  - name: main\n    backends:\n      - type: slurm\n        partitions: ['gpu', 'a b']\n",
             5,
             "projects[0].backends[0].partitions[1]",
+            "pattern",
+        ),
+        (
+            "projects:\n  - name: main\n    backends:\n      - type: slurm\n        server_url: 'ftp://x; y'\n",
+            5,
+            "projects[0].backends[0].server_url",
             "pattern",
         ),
         ("projects:\n  - name: main\n  - name: main\n", 3, "projects[1].name", "listed twice"),

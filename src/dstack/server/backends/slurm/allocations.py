@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dstack.agent.models import AgentJobSubmission
 from dstack.core.models.configurations import BaseRunConfiguration
 from dstack.core.models.resources import ResourcesSpec
 from dstack.core.models.runs import (
@@ -580,6 +581,32 @@ async def replica_url(jpd: JobProvisioningData, port: int) -> str:
     if _current is None:
         return f"http://{jpd.address or jpd.hostname}:{port}"
     return await _current.replica_url(jpd, port)
+
+
+#: set in every serverless worker's env to a URL on the server (runpod's SDK polls it for jobs)
+_SERVER_URL_ENV = "RUNPOD_WEBHOOK_GET_JOB"
+
+
+def with_server_url(instance_name: str, backend_name: str, submission: AgentJobSubmission) -> AgentJobSubmission:
+    """A job for a Slurm allocation, with the server's URL in its env (serverless workers'
+    RUNPOD_WEBHOOK_* and anything else that starts with it) replaced by the backend's
+    `server_url`: the address the server gives its jobs may be its loopback, which a compute
+    node does not reach."""
+    if backend_name != "slurm" or _current is None:
+        return submission
+    backend = _current._backend_by_instance.get(instance_name)
+    target = backend.config.server_url if backend is not None else None
+    seen = submission.env.get(_SERVER_URL_ENV)
+    if not target or not seen:
+        return submission
+    parts = urlsplit(seen)
+    server = f"{parts.scheme}://{parts.netloc}"
+    target = target.rstrip("/")
+    env = {
+        k: target + v[len(server) :] if v == server or v.startswith(server + "/") else v
+        for k, v in submission.env.items()
+    }
+    return submission.model_copy(update={"env": env})
 
 
 def _resources(row: InstanceModel) -> InstanceResources:

@@ -39,3 +39,6 @@ class SlurmBackendConfig(BaseModel):
     qos: str | None = Field(default=None, pattern=SLURM_NAME)
     #: a directory every node sees at the same path: agent homes, job output
     shared_dir: str | None = Field(default=None, min_length=1, max_length=4096, pattern=r"^/")
+    #: the server's URL as the compute nodes reach it (serverless workers call its /v2 there);
+    #: default: the URL the server gives its jobs
+    server_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://[A-Za-z0-9_.\-\[\]:]+/?$")

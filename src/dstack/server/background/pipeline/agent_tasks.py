@@ -20,6 +20,7 @@ from sqlalchemy import select
 from dstack.agent.models import FINAL_STATES
 from dstack.core.models.runs import JobStatus, JobTerminationReason, RunSpec
 from dstack.server.agent_client import AgentClient, AgentError
+from dstack.server.backends.slurm.allocations import with_server_url as slurm_with_server_url
 from dstack.server.background.pipeline.common import (
     AGENT_LOST,
     AGENT_RECOVERY_WAIT_SECONDS,
@@ -121,6 +122,8 @@ class AgentTasks:
                 conf = parse_configuration(run_spec)
                 submission = build_submission(run, job, run_spec, conf, inst, ips)
                 submission = fleet_with_home(inst, submission)  # fleet hosts call the server through SSH
+                # Slurm nodes call the server at config.yml's server_url
+                submission = slurm_with_server_url(inst.name, inst.backend, submission)
                 submission = await resolve_secrets(session, run.project_id, submission)
                 submission = await volumes.with_mounts(session, run.project_id, conf, submission)
                 code = await code_blob(session, run.project_id, run_spec)
