@@ -245,7 +245,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(volumes_router.router)
     tunnel_router.install(app)  # WS tunnels to jobs' ports (`ssh RUN`), dev environments' inactivity stop
     job_metrics.install(app)  # pulls the agents' job metrics while the server runs
-    ssh_entry.install(app)  # SSH for dstack's official client (DSTACK_SERVER_SSH_PORT; off when unset)
+    ssh_entry.install(app)  # SSH for dstack's official client (DSTACK_SERVER_SSH_PORT; a free port when unset)
     mount_dashboard(app)  # `/` and `/static`: the web dashboard (dstack.web)
     return app
 

@@ -59,8 +59,8 @@ class ServerSettings:
     metrics_interval_seconds: float = field(init=False)
     #: DSTACK_SERVER_METRICS_RETENTION_SECONDS: how long stored job usage samples are kept
     metrics_retention_seconds: float = field(init=False)
-    #: DSTACK_SERVER_SSH_PORT: where the SSH entry for dstack's official client listens (on `host`);
-    #: unset: no SSH entry (`dstack.server.ssh_entry`)
+    #: DSTACK_SERVER_SSH_PORT: where the SSH entry for dstack's official client listens (on `host`,
+    #: `dstack.server.ssh_entry`); unset: a free port chosen at start (0 here); `off`: no SSH entry
     ssh_port: int | None = field(init=False)
 
     def __post_init__(self, environ: Mapping[str, str] | None) -> None:
@@ -83,7 +83,7 @@ class ServerSettings:
             "gateway_monitor_interval_seconds": _seconds(env, "DSTACK_SERVER_GATEWAY_MONITOR_INTERVAL", 10, 0.01, 3600),
             "metrics_interval_seconds": _seconds(env, "DSTACK_SERVER_METRICS_INTERVAL", 2, 0.2, 600),
             "metrics_retention_seconds": _seconds(env, "DSTACK_SERVER_METRICS_RETENTION_SECONDS", 3600, 10, 90 * 86400),
-            "ssh_port": _port(env, "DSTACK_SERVER_SSH_PORT"),
+            "ssh_port": _ssh_port(env),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)  # frozen: set once, here
@@ -143,6 +143,14 @@ def _port(env: Mapping[str, str], name: str) -> int | None:
     if not raw.isdigit() or not 1 <= int(raw) <= 65535:
         raise SettingsError(f"{name} must be a TCP port (1-65535), got {raw[:20]!r}")
     return int(raw)
+
+
+def _ssh_port(env: Mapping[str, str]) -> int | None:
+    """The SSH entry is on by default (a free port), so dstack's official client can attach to a
+    server started with no settings; `off` leaves no SSH listener at all."""
+    if env.get("DSTACK_SERVER_SSH_PORT", "").strip().lower() == "off":
+        return None
+    return _port(env, "DSTACK_SERVER_SSH_PORT") or 0
 
 
 def _async_driver_url(url: str) -> str:

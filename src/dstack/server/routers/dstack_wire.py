@@ -60,10 +60,10 @@ class SshEntry:
 
 def ssh_entry(request: Request) -> SshEntry | None:
     """The SSH entry to advertise to this request's client; None when it is off."""
-    port = getattr(request.app.state.settings, "ssh_port", None)
-    if port is None or getattr(request.app.state, "ssh_entry_keys", None) is None:
+    entry = getattr(request.app.state, "ssh_entry", None)  # set once it listens
+    if entry is None or not entry.port or getattr(request.app.state, "ssh_entry_keys", None) is None:
         return None
-    return SshEntry(hostname=request.url.hostname or request.app.state.settings.host, port=port)
+    return SshEntry(hostname=request.url.hostname or request.app.state.settings.host, port=entry.port)
 
 
 def with_user_key(request: Request, user_id: str, spec: RunSpec) -> RunSpec:

@@ -1,7 +1,7 @@
 """SSH access for dstack's official client: attached runs, `dstack attach`, `ssh RUN`.
 
-Off unless `DSTACK_SERVER_SSH_PORT` is set; then `install(app)` starts the entry (`server.Entry`)
-on the API's host at that port, keeps its keys on `app.state.ssh_entry_keys`, and the wire shapes
+On by default: `install(app)` starts the entry (`server.Entry`) on the API's host, at
+`DSTACK_SERVER_SSH_PORT` or a free port when that is unset (`off` turns it off), keeps its keys on `app.state.ssh_entry_keys`, and the wire shapes
 (`routers/dstack_wire.py`) advertise it to that client. See `server.py` for the two hops.
 """
 

@@ -57,6 +57,7 @@ class Entry:
         self.notifier = notifier
         self.keys = keys
         self._server: asyncssh.SSHAcceptor | None = None
+        self.port = 0
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncssh.listen(
@@ -69,7 +70,8 @@ class Entry:
             agent_forwarding=False,
             x11_forwarding=False,
         )
-        logger.info("SSH entry for dstack's client listening on %s:%s", host, port)
+        self.port = self._server.get_port()  # the one chosen when `port` is 0
+        logger.info("SSH entry for dstack's client listening on %s:%s", host, self.port)
 
     async def stop(self) -> None:
         if self._server is not None:
