@@ -41,6 +41,14 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
         help="KV cache type; q8_0 keeps greedy results identical with and without batching",
     )
     ap.add_argument(
+        "--kv-layout",
+        choices=["unified", "per-sequence"],
+        default="per-sequence",
+        help="per-sequence: one KV stream each, greedy output identical alone and batched; unified: one KV "
+        "buffer, prompts and decodes in one pass, any shared prefix reused (greedy output may differ at "
+        "near-ties between a request alone and batched); bench/serving/RESULTS-serving.md compares them",
+    )
+    ap.add_argument(
         "--weight-repack",
         choices=["auto", "on", "off"],
         default=os.environ.get("DSTACK_SERVING_REPACK", "auto"),
@@ -68,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
         prefill_chunk=a.prefill_chunk,
         prefix_cache_slots=a.prefix_cache_slots,
         kv_cache_type=a.kv_cache_type,
+        kv_unified=a.kv_layout == "unified",
         weight_repack=a.weight_repack,
         model_id=model_id,
         verbose=a.verbose,

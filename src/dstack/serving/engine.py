@@ -1,11 +1,16 @@
 """Continuous batching over one llama.cpp context.
 
-A scheduler thread owns the context. Each step it builds one batch holding the next token of
-every decoding sequence plus prompt chunks of newly admitted ones, calls `llama_decode` once,
-samples each sequence from its own logits row and hands the token to the request's consumer.
-Requests join and leave the running batch between any two steps; a finished or cancelled
-sequence has its KV cache cleared and its slot reused at once. `llama_decode` releases the GIL,
-so the asyncio HTTP layer keeps running while the model computes.
+A scheduler thread owns the context. Each step it decodes the next token of every running
+sequence and the next prompt chunk of newly admitted ones, samples each sequence from its own
+logits row and hands the token to the request's consumer. Requests join and leave between any
+two steps; a finished sequence's slot is reused at once, its KV kept for the prefix cache until
+then. `llama_decode` releases the GIL, so the asyncio HTTP layer keeps running meanwhile.
+
+How a step is split into `llama_decode` calls depends on the KV layout (llama.py):
+- unified (`--kv-layout unified`): one call per step, prompt chunks and decode tokens together, which
+  llama.cpp runs as one pass; prefixes are shared by tagging cells, so any length is reused;
+- one stream per sequence (the default; batch invariant): a call per prompt chunk, then one for all decodes
+  (see `_step_streams`), and prefix reuse from another slot costs a stream copy.
 """
 
 from __future__ import annotations
@@ -125,7 +130,10 @@ class Engine:
         # Slots beyond `max_active` are never decoded: they only keep finished sequences' KV for
         # the prefix cache, so it still has room when every decoding slot is busy.
         self.max_active = min(max_active or self.n_slots, self.n_slots)
-        self.cache = PrefixCache()
+        self.unified = model.kv_unified
+        # With a unified KV buffer reuse is a tag on cells: even a short prefix (a repeated
+        # prompt) is worth taking from another slot.
+        self.cache = PrefixCache(min_reuse=1) if self.unified else PrefixCache()
         self.prefill_chunk = max(1, min(prefill_chunk, model.n_batch))
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -227,7 +235,7 @@ class Engine:
                 if req.cancelled:
                     self.stats.cancelled += 1
                     continue
-                slot = heapq.heappop(self._free)
+                slot = self._take_slot()
                 seq = _Sequence(req, slot, self.model)
                 self._reuse_prefix(seq)
                 self._active[slot] = seq
@@ -236,10 +244,38 @@ class Engine:
             self.stats.queue_size = len(self._waiting)
             self.stats.batch_size = len(self._active)
 
+    def _take_slot(self) -> int:
+        """A free slot for a new sequence.
+
+        Separate streams: the lowest, so active slots stay contiguous (see `_release`). Unified:
+        an empty one, else the one whose cached prefix was used least recently, so the prefixes
+        other requests may still want survive longest.
+        """
+        if not self.unified:
+            return heapq.heappop(self._free)
+        slot = self.cache.parking_slot(self._free)
+        assert slot is not None
+        self._free.remove(slot)
+        heapq.heapify(self._free)
+        return slot
+
     def _reuse_prefix(self, seq: _Sequence) -> None:
         """Start `seq` from the longest prefix of its prompt some idle slot's KV already holds."""
         slot = seq.slot
         source, n = (None, 0) if seq.req.prefill_details else self.cache.best(seq.req.prompt, [slot, *self._free], slot)
+        if self.unified:
+            if source != slot:
+                self.model.clear_seq(slot)
+            if source is not None and source != slot:
+                self.model.share_prefix(source, slot, n)
+            elif source == slot:
+                self.model.truncate_seq(slot, n)
+            if source is not None:
+                seq.n_prefilled = seq.n_past = n
+                self.stats.prefix_cache_hits += 1
+                self.stats.prefix_cache_tokens += n
+            self.cache.drop(slot)
+            return
         if source is not None and source != slot:
             self.model.copy_seq(source, slot)  # the whole stream; the tail is cut below
         if source is None:
@@ -267,7 +303,7 @@ class Engine:
         del self._active[slot]
         tokens = seq.kv_tokens()
         top = max(self._active, default=-1)
-        if top > slot:
+        if top > slot and not self.unified:  # unified: no streams to keep contiguous
             # The hole gets the top sequence; this one's KV is parked in an idle slot first.
             park = self.cache.parking_slot(self._free) if len(tokens) >= self.cache.min_reuse else None
             if park is not None:
@@ -294,6 +330,60 @@ class Engine:
         self.cache.clear()
 
     def _step(self) -> None:
+        if self.unified:
+            self._step_unified()
+        else:
+            self._step_streams()
+
+    def _step_unified(self) -> None:
+        """One llama_decode call: the next token of every running sequence, then prompt chunks
+        of admitted ones, shortest remainder first, up to `n_batch` tokens in all.
+
+        Decode tokens always come first, so a long prompt is chunked (`prefill_chunk` tokens per
+        step) alongside the running sequences instead of stalling them, and a new prompt joins
+        the very next pass instead of waiting behind one: its first token comes out of the same
+        pass as everyone else's next token.
+        """
+        batch = self.model.batch
+        batch.clear()
+        decodes = []
+        for seq in sorted(self._active.values(), key=lambda s: s.slot):
+            if seq.next_token is not None:
+                decodes.append((seq, batch.add(seq.slot, [seq.next_token], seq.n_past, True)))
+                seq.fed.append(seq.next_token)
+                seq.n_past += 1
+        prefilling = sorted(
+            (s for s in self._active.values() if s.next_token is None and s.prefilling),
+            key=lambda s: len(s.req.prompt) - s.n_prefilled,
+        )
+        chunks = []
+        for seq in prefilling:
+            budget = self.model.n_batch - batch.n
+            if budget <= 0:
+                break
+            start = seq.n_prefilled
+            k = min(len(seq.req.prompt) - start, budget, self.prefill_chunk)
+            last = start + k == len(seq.req.prompt)
+            i = batch.add(seq.slot, seq.req.prompt[start : start + k], start, last)
+            if seq.req.prefill_details:
+                batch.set_all_logits(i - k + 1, i + 1)
+            seq.n_prefilled += k
+            seq.n_past = seq.n_prefilled
+            chunks.append((seq, i, k, last))
+        if batch.n == 0:
+            return
+        self._decode()
+        # New prompts' first tokens first: that is their time to first token.
+        for seq, i, k, last in chunks:
+            if seq.req.prefill_details:
+                self._prefill_logprobs(seq, i - k + 1, k)
+            if last and not seq.req.cancelled:
+                self._emit(seq, self.model.logits(i))
+        for seq, i in decodes:
+            if not seq.req.cancelled:
+                self._emit(seq, self.model.logits(i))
+
+    def _step_streams(self) -> None:
         """One scheduling step: each waiting prompt's next chunk in a llama_decode call of its
         own, shortest first, then one call with the next token of every running sequence.
 

@@ -1,7 +1,7 @@
 """A thin wrapper over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
 
 We use the low-level API, not `llama_cpp.Llama`, because continuous batching needs one context
-holding many sequences, each with its own KV-cache stream, decoded together in one call.
+holding many sequences (in one unified KV buffer, or a KV stream each) decoded together in one call.
 """
 
 from __future__ import annotations
@@ -179,6 +179,7 @@ class LlamaModel:
         self.n_ctx_per_seq = min(n_ctx_per_seq, self.n_ctx_train) if self.n_ctx_train > 0 else n_ctx_per_seq
         self.n_seq_max = n_seq_max
         self.n_batch = n_batch
+        self.kv_unified = kv_unified
         threads = threads or physical_cores()
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.n_ctx_per_seq * n_seq_max
@@ -187,8 +188,14 @@ class LlamaModel:
         cparams.n_seq_max = n_seq_max
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        # Batch invariance (greedy output identical whether a request runs alone or with others):
-        # - one KV stream per sequence (kv_unified=False): a sequence always occupies cells
+        # Two KV layouts (see engine.py for how each is scheduled):
+        # - unified (kv_unified=True, `--kv-layout unified`): one buffer whose cells are tagged by
+        #   sequence id. Any mix of prompt chunks and decode tokens goes through one pass, and a
+        #   shared prefix is reused by tagging its cells, not copying them. A sequence's cells lie
+        #   wherever llama.cpp found free ones, so the order attention sums them in can differ
+        #   between a run alone and a batched run: greedy output may flip at a near-tie.
+        # - one KV stream per sequence (kv_unified=False, the server's default): batch invariant (greedy output identical
+        #   whether a request runs alone or with others). A sequence always occupies cells
         #   0..n-1 of its own stream, in position order, whatever else runs;
         # - flash attention with a quantized (q8_0) KV cache: ggml's CPU kernel then always takes
         #   its row-by-row path, which reduces over a query's cells in the same order for any
@@ -286,6 +293,10 @@ class LlamaModel:
         """Copy a sequence's whole KV stream over another's; the data moves at the next decode,
         queued copies in the order they were asked for."""
         self.lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
+    def share_prefix(self, src: int, dst: int, n: int) -> None:
+        """Unified KV only: `dst` (empty) gets positions 0..n-1 of `src` by tagging those cells; no data moves."""
+        self.lib.llama_memory_seq_cp(self.memory, src, dst, 0, n)
 
     def move_seq(self, src: int, dst: int) -> None:
         """Move a sequence to another KV stream; the copy happens at the next decode."""

@@ -39,6 +39,7 @@ class ServeConfig:
     prefill_chunk: int = 256
     prefix_cache_slots: int = 4  # KV streams that only keep finished requests' prefixes for reuse
     kv_cache_type: str = "q8_0"  # q8_0 keeps greedy output batch-invariant (see llama.py)
+    kv_unified: bool = False  # True: one KV buffer for all sequences; False: a stream each (batch-invariant)
     weight_repack: str = "auto"  # auto | on | off (see llama.py: off where AMX is present)
     model_id: str | None = None
     verbose: bool = False
@@ -127,6 +128,7 @@ class Service:
                 threads=self.config.threads,
                 verbose=self.config.verbose,
                 kv_type=self.config.kv_cache_type,
+                kv_unified=self.config.kv_unified,
                 repack=self.config.weight_repack,
             )
             self.chat_template_source = template
@@ -140,6 +142,7 @@ class Service:
                 f"Model {path.name} loaded and warmed up in {time.monotonic() - t0:.1f}s "
                 f"(ctx {model.n_ctx_per_seq} tokens x {engine.max_active} sequences, "
                 f"{model.n_seq_max - engine.max_active} more for the prefix cache, "
+                f"{'unified' if model.kv_unified else 'per-sequence'} KV, "
                 f"{model.threads} threads, weight repacking {'on' if model.repack else 'off'}, "
                 f"extra buffer types: {', '.join(model.extra_buffer_types) or 'none'})",
                 flush=True,

