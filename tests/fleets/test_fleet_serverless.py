@@ -8,11 +8,8 @@ changes nothing (the queue keeps the first result)."""
 
 import contextlib
 import json
-import os
 import secrets
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,11 +19,10 @@ import pytest
 from dstack.api import Resources, Serverless
 from dstack.core.models.fleets import FleetConfiguration
 from tests.conftest import running_server
+from tests.wheelhouse import RUNPOD, runpod_wheelhouse
 
 pytestmark = pytest.mark.slow
 
-RUNPOD = "runpod==1.12.0"
-WHEELS = Path("/var/tmp/dstack-test-wheels/runpod-1.12.0")  # world-readable: job users install from it
 # all of a host's CPUs: two workers land on two different hosts, the third host stays free
 WHOLE_HOST = Resources(cpu="2..", memory="0.1GB..", disk="1GB..")
 # the server's default ping interval is 10 s: a worker is declared lost 40 s after its last ping
@@ -72,26 +68,7 @@ def _wait(what, predicate, timeout: float, interval: float = 0.5):
 
 @pytest.fixture(scope="module")
 def wheelhouse() -> Path:
-    """runpod and its dependencies as wheels, downloaded once into /var/tmp (kept across runs)."""
-    if (WHEELS / ".complete").exists():
-        return WHEELS
-    tmp = WHEELS.with_name(f"{WHEELS.name}.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    r = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", RUNPOD, "-d", str(tmp)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if r.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        pytest.skip(f"cannot download {RUNPOD} for the hosts' wheelhouse: {r.stderr.strip()[-300:]}")
-    (tmp / ".complete").touch()
-    for d in (WHEELS.parent, tmp):
-        d.chmod(0o755)
-    shutil.rmtree(WHEELS, ignore_errors=True)
-    tmp.rename(WHEELS)
-    return WHEELS
+    return runpod_wheelhouse()
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """A serverless worker on Slurm: an unmodified runpod handler (runpod==1.12.0 from the local
-wheelhouse tests/fleets/test_fleet_serverless.py fills) runs as a long-lived Slurm job and reaches
+wheelhouse, tests/wheelhouse.py) runs as a long-lived Slurm job and reaches
 the server's /v2 at config.yml's `server_url` (the server's address on the cluster's network: the
 URL the server gives its jobs is its loopback, which a compute node does not reach), and answers
 `runsync`."""
@@ -19,9 +19,7 @@ from dstack.api import Resources, Serverless
 from tests.conftest import TEST_SERVER_ENV, ServerProcess, make_server
 from tests.slurm.cluster import PARTITION, SlurmCluster
 from tests.util import wait_until
-
-RUNPOD = "runpod==1.12.0"
-WHEELS = Path("/var/tmp/dstack-test-wheels/runpod-1.12.0")
+from tests.wheelhouse import RUNPOD, runpod_wheelhouse
 
 HANDLER = """
 import socket
@@ -52,8 +50,7 @@ class AllAddressesServer(ServerProcess):
 
 @pytest.fixture
 def sls_server(slurm_cluster: SlurmCluster, tmp_path: Path) -> Iterator[ServerProcess]:
-    if not (WHEELS / ".complete").exists():
-        pytest.skip(f"no runpod wheelhouse at {WHEELS} (tests/fleets/test_fleet_serverless.py downloads it)")
+    runpod_wheelhouse()  # downloaded before the server starts (skips, saying why, without PyPI)
     base = make_server(tmp_path, **TEST_SERVER_ENV, SLURM_CONF=str(slurm_cluster.conf))
     srv = AllAddressesServer(base.home, base.port, base.token, base.database_url, base.extra_env)
     (srv.home / "server").mkdir(parents=True, exist_ok=True)
@@ -84,7 +81,7 @@ def test_runsync_served_by_a_worker_on_slurm(
     (repo / "handler.py").write_text(HANDLER)
     client = sls_server.client()
     sls = Serverless(
-        setup=[f"pip install -q --no-index --find-links {WHEELS} {RUNPOD}"],
+        setup=[f"pip install -q --no-index --find-links {runpod_wheelhouse()} {RUNPOD}"],
         commands=["python handler.py"],
         resources=Resources(cpu=1, memory="1GB", disk="1GB.."),
         workers="1..1",
