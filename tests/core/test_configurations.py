@@ -318,3 +318,12 @@ def test_round_trip(conf):
     assert parse_run_configuration(c.model_dump()) == c
     assert parse_run_configuration(c.model_dump(mode="json")) == c
     assert TypeAdapter(AnyRunConfiguration).validate_json(c.model_dump_json()) == c
+
+
+def test_fleets_as_dstack_clients_send_them():
+    """dstack's clients send fleet references as objects; names and shorthands stay as they are."""
+    refs = [{"project": None, "name": "a"}, "b", {"project": "other", "name": "c"}, {"name": "d"}]
+    assert task(fleets=refs).fleets == ["a", "b", "other/c", "d"]
+    assert task(fleets="a").fleets == ["a"]
+    with pytest.raises((ConfigurationError, ValidationError)):
+        task(fleets=[{"name": 3}])

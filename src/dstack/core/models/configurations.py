@@ -68,6 +68,25 @@ def _str_list(value: Any) -> Any:
 StrList = Annotated[list[str], BeforeValidator(_str_list)]
 
 
+def _fleet_refs(value: Any) -> Any:
+    """dstack's clients (0.20.14+) send each fleet as a reference `{"project": P, "name": N}`: the
+    current project's (P null) is the fleet's name; another project's is `P/N`, the shorthand a
+    configuration writes for it."""
+    value = _str_list(value)
+    if not isinstance(value, list):
+        return value
+    out = []
+    for item in value:
+        if isinstance(item, dict) and set(item) <= {"project", "name"} and isinstance(item.get("name"), str):
+            project = item.get("project")
+            item = f"{project}/{item['name']}" if isinstance(project, str) and project else item["name"]
+        out.append(item)
+    return out
+
+
+FleetList = Annotated[list[str], BeforeValidator(_fleet_refs)]
+
+
 def _python_version(value: Any) -> Any:
     """`3.11`, `"3.11"`, `3.1` (YAML's reading of `3.10`) → `"3.11"` / `"3.10"`."""
     if value is None:
@@ -386,7 +405,7 @@ class BaseRunConfiguration(BaseModel):
     backends: StrList | None = None
     regions: StrList | None = None
     #: run only on these fleets' hosts (SSH fleets: `type: fleet`)
-    fleets: StrList | None = None
+    fleets: FleetList | None = None
     #: named volumes (`NAME:/path`) and instance paths (`/host/dir:/path`) mounted into the job
     volumes: Annotated[list[VolumeMountPoint | InstanceMountPoint], BeforeValidator(parse_mounts)] = Field(
         default_factory=list
