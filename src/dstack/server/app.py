@@ -31,6 +31,7 @@ from dstack.server.db import Database, get_database, get_session, set_database
 from dstack.server.db_errors import is_data_error
 from dstack.server.gateways import router as gateways_router
 from dstack.server.gateways.manager import GatewayManager
+from dstack.server.routers import files as files_router
 from dstack.server.routers import fleets as fleets_router
 from dstack.server.routers import metrics as metrics_router
 from dstack.server.routers import projects, repos, runs, users
@@ -210,7 +211,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     def _body_limit(path: str) -> tuple[int, str]:
         if path.startswith(tuple(m + "/" for m in DATA_PLANE_MOUNTS)):
             return 2**62, "-"  # the data planes bound their own bodies (services' uploads, /v2's 64 MiB)
-        if path.endswith("/repos/upload_code") and settings.code_upload_limit_bytes > settings.limits.max_body_bytes:
+        if (
+            path.endswith(("/repos/upload_code", "/files/upload_archive"))
+            and settings.code_upload_limit_bytes > settings.limits.max_body_bytes
+        ):
             return settings.code_upload_limit_bytes, "DSTACK_SERVER_CODE_UPLOAD_LIMIT"
         return settings.limits.max_body_bytes, "DSTACK_SERVER_MAX_BODY_SIZE"
 
@@ -243,6 +247,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(secrets_router.router)
     app.include_router(metrics_router.router)
     app.include_router(volumes_router.router)
+    app.include_router(files_router.router)
     tunnel_router.install(app)  # WS tunnels to jobs' ports (`ssh RUN`), dev environments' inactivity stop
     job_metrics.install(app)  # pulls the agents' job metrics while the server runs
     ssh_entry.install(app)  # SSH for dstack's official client (DSTACK_SERVER_SSH_PORT; a free port when unset)

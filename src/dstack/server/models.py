@@ -123,6 +123,17 @@ class CodeModel(Base):
     blob: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class FileArchiveModel(Base):
+    """A `files:` archive uploaded by dstack's official client, stored once per user and hash."""
+
+    __tablename__ = "file_archives"
+    __table_args__ = (UniqueConstraint("user_id", "blob_hash"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    blob_hash: Mapped[str] = mapped_column(String(64))
+    blob: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class InstanceModel(Base):
     """A host that runs jobs. The local backend has one: this host."""
 

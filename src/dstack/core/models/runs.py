@@ -139,6 +139,14 @@ class InstanceStatus(StrEnum):
     UNREACHABLE = "unreachable"
 
 
+class FileArchiveMapping(BaseModel):
+    """dstack's official client uploads each `files:` entry as an archive (`/api/files/upload_archive`)
+    and names it here with the entry's job path; the server puts it into the code at provisioning."""
+
+    id: str = Field(max_length=36)
+    path: str = Field(min_length=1, max_length=4096)
+
+
 class RunSpec(BaseModel):
     """What a client submits: the configuration plus where its code is.
 
@@ -155,6 +163,8 @@ class RunSpec(BaseModel):
     ssh_key_pub: str | None = Field(default=None, max_length=16384)
     #: the configuration's `files` are inside the code archive (dstack's own client packs them there)
     files_in_code: bool = False
+    #: dstack's official client: its uploaded `files:` archives (server.services.file_archives)
+    file_archives: list[FileArchiveMapping] = Field(default_factory=list, max_length=100)
     #: dstack's client sends its profile (`.dstack/profiles.yml`) beside the configuration; the
     #: routers fold it into the configuration (`dstack_wire.fold_profile`); never stored
     profile: dict[str, Any] | None = Field(default=None, exclude=True)

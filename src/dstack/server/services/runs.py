@@ -254,10 +254,14 @@ async def submit_run(
     check_engine(conf)
     check_ssh_key(conf, run_spec.ssh_key_pub)
     check_privileged(conf, user.global_role)
-    if conf.files and not run_spec.files_in_code:
+    if run_spec.file_archives:  # dstack's official client uploaded them (routers/files.py)
+        from dstack.server.services.file_archives import check_archives
+
+        await check_archives(session, user.id, run_spec)
+    elif conf.files and not run_spec.files_in_code:
         raise InvalidRequest(
-            "files: this server takes them inside the code upload, which this client did not do; "
-            "use dstack's own client (dstack.api / the dstack CLI of this server) or remove files",
+            "files: this client uploaded them neither with the code nor as file archives; "
+            "use dstack's own client or dstack's official client, or remove files",
             fields=["files"],
         )
     from dstack.server.services.volumes import check_run_volumes

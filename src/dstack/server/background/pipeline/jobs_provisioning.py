@@ -3,6 +3,7 @@ agent is sent (`build_submission`, pure), then submit it, upload the code and st
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sys
@@ -111,7 +112,18 @@ async def submit_to_agent(client: AgentClient, submission: AgentJobSubmission, c
 
 
 async def code_blob(session: AsyncSession, project_id: str, run_spec: RunSpec) -> bytes:
-    """The run's uploaded code archive (empty when it has none)."""
+    """The run's uploaded code archive (empty when it has none), with dstack's official client's
+    `files:` archives put in at their paths (services.file_archives)."""
+    code = await _repo_code(session, project_id, run_spec)
+    if not run_spec.file_archives:
+        return code
+    from dstack.server.services import file_archives
+
+    archives = await file_archives.archive_blobs(session, run_spec)
+    return await asyncio.to_thread(file_archives.merge, code, archives)
+
+
+async def _repo_code(session: AsyncSession, project_id: str, run_spec: RunSpec) -> bytes:
     if not run_spec.repo_code_hash or not run_spec.repo_id:
         return b""
     result = await session.execute(

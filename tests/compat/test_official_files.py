@@ -1,0 +1,102 @@
+"""`files:` from dstack's official client (0.22.5): it uploads each entry as an archive
+(`/api/files/upload_archive`) and names them in `RunSpec.file_archives`; the job must see them.
+
+The module's server has a 1 MiB upload limit (DSTACK_SERVER_CODE_UPLOAD_LIMIT), so a larger entry
+is refused with the limit's name.
+"""
+
+import os
+import textwrap
+import time
+
+import httpx
+import pytest
+
+from tests.compat.official import OfficialClient
+from tests.conftest import running_server
+
+LIMIT = 1024 * 1024
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server(request, tmp_path_factory):
+    with running_server(
+        tmp_path_factory.mktemp("server"), request.param, DSTACK_SERVER_CODE_UPLOAD_LIMIT=str(LIMIT)
+    ) as srv:
+        yield srv
+
+
+def _wait_finished(server, name: str, timeout: float = 90) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        r = httpx.post(f"{server.url}/api/project/main/runs/get", headers=server.headers, json={"run_name": name})
+        r.raise_for_status()
+        run = r.json()
+        if run["status"] in ("done", "failed", "terminated"):
+            return run
+        assert time.time() < deadline, f"run {name} still {run['status']}"
+        time.sleep(0.5)
+
+
+def _conf(tmp_path, name: str, files: list[str], commands: list[str]):
+    body = f"type: task\nname: {name}\nfiles:\n"
+    body += "".join(f"  - {f}\n" for f in files)
+    body += "commands:\n" + "".join(f"  - {c}\n" for c in commands)
+    path = tmp_path / f"{name}.dstack.yml"
+    path.write_text(body)
+    return path
+
+
+def test_files_reach_the_job(official: OfficialClient, server, tmp_path):
+    (tmp_path / "local_dir" / "nested").mkdir(parents=True)
+    (tmp_path / "local_dir" / "nested" / "a.txt").write_text("from a directory\n")
+    (tmp_path / "file.txt").write_text("a single file\n")
+    conf = _conf(
+        tmp_path,
+        "official-files",
+        ["local_dir:/workflow/some/path", "file.txt"],
+        ["cat some/path/nested/a.txt", "cat file.txt"],
+    )
+    official.cli("apply", "-f", str(conf), "-y", "-d", cwd=tmp_path)
+    run = _wait_finished(server, "official-files")
+    assert run["status"] == "done", run
+    logs = official.cli("logs", "official-files").stdout
+    assert logs.splitlines()[-2:] == ["from a directory", "a single file"]
+    # the same content again: stored once per user and hash, the same id
+    first = httpx.post(
+        f"{server.url}/api/files/upload_archive", headers=server.headers, files={"file": ("h", b"\0" * 1024)}
+    )
+    again = httpx.post(
+        f"{server.url}/api/files/upload_archive", headers=server.headers, files={"file": ("h", b"\0" * 1024)}
+    )
+    assert first.status_code == 200, first.text
+    assert again.json() == first.json()
+    by_hash = httpx.post(
+        f"{server.url}/api/files/get_archive_by_hash", headers=server.headers, json={"hash": first.json()["hash"]}
+    )
+    assert by_hash.json() == first.json()
+
+
+def test_too_large_archive_is_refused(official: OfficialClient, server, tmp_path):
+    (tmp_path / "big.bin").write_bytes(os.urandom(LIMIT + 4096))
+    conf = _conf(tmp_path, "official-big", ["big.bin"], ["echo never"])
+    r = official.cli("apply", "-f", str(conf), "-y", "-d", cwd=tmp_path, check=False)
+    assert r.returncode != 0
+    assert "DSTACK_SERVER_CODE_UPLOAD_LIMIT" in r.stdout + r.stderr
+    direct = httpx.post(
+        f"{server.url}/api/files/upload_archive",
+        headers=server.headers,
+        files={"file": ("h", os.urandom(LIMIT + 1))},
+    )
+    assert 400 <= direct.status_code < 500 and "DSTACK_SERVER_CODE_UPLOAD_LIMIT" in direct.text, direct.text
+
+
+def test_unsupported_job_paths_are_refused_by_name(official: OfficialClient, server, tmp_path):
+    (tmp_path / "x.txt").write_text("x\n")
+    for path in ("/etc/x.txt", "~/x.txt"):
+        conf = _conf(tmp_path, "official-abs", [f"x.txt:{path}"], ["echo never"])
+        r = official.cli("apply", "-f", str(conf), "-y", "-d", cwd=tmp_path, check=False)
+        assert r.returncode != 0
+        assert path in textwrap.dedent(r.stdout + r.stderr), r.stdout + r.stderr
+    unauth = httpx.post(f"{server.url}/api/files/upload_archive", files={"file": ("h", b"x")})
+    assert unauth.status_code in (401, 403)
