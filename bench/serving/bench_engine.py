@@ -261,7 +261,8 @@ def median_chat(runs: list[ChatResult]) -> ChatResult:
 DSTACK_VARIANTS = {
     "dstack": [],
     "dstack-noprefix": ["--prefix-cache-slots", "0"],
-    "dstack-per-sequence": ["--kv-layout", "per-sequence"],  # the batch-invariant layout
+    "dstack-per-sequence": ["--kv-layout", "per-sequence"],  # the default, batch-invariant layout
+    "dstack-unified": ["--kv-layout", "unified"],
 }
 
 
