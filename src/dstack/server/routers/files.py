@@ -16,7 +16,7 @@ from starlette.datastructures import UploadFile
 
 from dstack.server.db import get_session
 from dstack.server.errors import InvalidRequest, ResourceNotFound
-from dstack.server.limits import BodyTooLarge, check_code_archive
+from dstack.server.limits import check_code_archive
 from dstack.server.models import FileArchiveModel, UserModel
 from dstack.server.security import require_user
 
@@ -56,8 +56,8 @@ async def upload_archive(
         if not isinstance(upload, UploadFile):
             raise InvalidRequest("upload_archive takes one multipart file named 'file'", fields=["file"])
         blob = await upload.read(limit + 1)
-    if len(blob) > limit:
-        raise BodyTooLarge(
+    if len(blob) > limit:  # 400 as dstack's server answers: its client shows only a 400's message
+        raise InvalidRequest(
             f"file archive is larger than the server's limit of {limit // (1024 * 1024)} MiB "
             "(DSTACK_SERVER_CODE_UPLOAD_LIMIT); exclude large files with .gitignore or .dstackignore"
         )
