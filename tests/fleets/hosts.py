@@ -21,11 +21,15 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from dstack.core.models.fleets import FleetConfiguration
+from tests.util import wait_for
 
 SSHD = "/usr/sbin/sshd"
 MAX_HOSTS = 60  # bounded: one /24, addresses .2 .. .61
@@ -310,3 +314,28 @@ def hosts_or_skip(base: Path, n: int) -> Iterator[HostNetwork]:
         yield net
     finally:
         cm.__exit__(None, None, None)
+
+
+def apply_fleet(
+    client: Any,
+    net: HostNetwork,
+    name: str,
+    hosts: Sequence[Host],
+    *,
+    timeout: float = 180,
+    ssh_config: dict[str, Any] | None = None,
+    **fields: Any,
+) -> Any:
+    """Apply fleet `name` of `hosts` (logged into with the network's key) through `client`
+    (`dstack.api.Client`) and return it once every host is idle. A host whose attach ran out of
+    time under load is retried by the server every 10 s, so `unreachable` on the way is waited out."""
+    conf = FleetConfiguration.model_validate(
+        {
+            "type": "fleet",
+            "name": name,
+            **fields,
+            "ssh_config": {"identity_file": str(net.key), "hosts": [h.address for h in hosts], **(ssh_config or {})},
+        }
+    )
+    client.fleets.apply(conf)
+    return wait_for(lambda: client.fleets.get(name), lambda f: all(i.status == "idle" for i in f.instances), timeout)

@@ -1,13 +1,11 @@
 """`nodes: 2` on a `placement: cluster` fleet: one node per host, the ranks reach each other over
 TCP on the hosts' internal addresses through DSTACK_MASTER_NODE_IP, and the run is the master's."""
 
-import time
-
 import pytest
 
 from dstack.api import Resources, RunStatus, Task
-from dstack.core.models.fleets import FleetConfiguration
 from tests.conftest import running_server
+from tests.fleets.hosts import apply_fleet
 
 pytestmark = pytest.mark.slow
 SMALL = Resources(cpu="0..", memory="0.1GB..", disk="1GB..")
@@ -45,19 +43,7 @@ def test_two_nodes_on_two_hosts(host_net, tmp_path):
     (repo / "ranks.py").write_text(SCRIPT)
     with running_server(tmp_path) as srv:
         client = srv.client()
-        conf = FleetConfiguration.model_validate(
-            {
-                "type": "fleet",
-                "name": "cl",
-                "placement": "cluster",
-                "ssh_config": {"identity_file": str(host_net.key), "hosts": [h0.address, h1.address]},
-            }
-        )
-        client.fleets.apply(conf)
-        deadline = time.time() + 180
-        while not all(i.status == "idle" for i in client.fleets.get("cl").instances):
-            assert time.time() < deadline, client.fleets.get("cl")
-            time.sleep(0.5)
+        apply_fleet(client, host_net, "cl", [h0, h1], placement="cluster")
         task = Task(commands=["python3 ranks.py"], nodes=2, fleets=["cl"], resources=SMALL)
         run = client.runs.submit(task, run_name="two-nodes", repo_dir=repo)
         output = b"".join(run.logs()).decode()

@@ -5,7 +5,6 @@ output comes back, and the proxy reaches a service replica there, all through th
 
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +15,7 @@ from dstack.core.models.fleets import FleetConfiguration
 from tests.conftest import running_server
 from tests.e2e.util import wait_ready
 from tests.fleets.hosts import hosts_or_skip
+from tests.util import wait_for
 
 pytestmark = pytest.mark.slow
 APPS = Path(__file__).resolve().parents[1] / "e2e" / "apps"
@@ -29,17 +29,6 @@ def jump_net(tmp_path_factory):
         jump = net.hosts[0]
         private = net.add_private_host(jump)
         yield net, jump, private
-
-
-def _wait(what, predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = what()
-        if predicate(value):
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:g} s: {value}")
 
 
 def test_fleet_through_proxy_jump(jump_net, tmp_path):
@@ -70,7 +59,7 @@ def test_fleet_through_proxy_jump(jump_net, tmp_path):
         )
         client.fleets.apply(conf)
         # (an attach that runs out of time under load is retried every 10 s: wait for idle)
-        inst = _wait(lambda: client.fleets.get("behind").instances[0], lambda i: i.status == "idle", 300)
+        inst = wait_for(lambda: client.fleets.get("behind").instances[0], lambda i: i.status == "idle", 300)
         assert inst.hostname == private.address
 
         # a task on the private host: its output (the host's own hostname) comes back
@@ -83,7 +72,7 @@ def test_fleet_through_proxy_jump(jump_net, tmp_path):
             run.refresh()
             return run.status
 
-        assert _wait(status, lambda s: s.is_finished(), 120) == RunStatus.DONE, run.error
+        assert wait_for(status, lambda s: s.is_finished(), 120) == RunStatus.DONE, run.error
         logs = b"".join(run.logs()).decode()
         assert private.name in logs.split() and "via-jump-jumped" in logs, logs
         assert run.jobs[0].job_submissions[-1].job_provisioning_data.hostname == private.address
@@ -100,7 +89,7 @@ def test_fleet_through_proxy_jump(jump_net, tmp_path):
             assert r.status_code == 200 and r.json()["replica"] == "0", r.text
         finally:
             svc.stop(abort=True)
-        _wait(lambda: client.fleets.get("behind").instances[0].jobs, lambda j: not j, 60)
+        wait_for(lambda: client.fleets.get("behind").instances[0].jobs, lambda j: not j, 60)
         client.fleets.delete("behind")
         assert not [p for p in private.pids() if b"dstack.agent" in _cmdline(p)]  # its agent is stopped
 

@@ -10,23 +10,13 @@ import time
 import pytest
 
 from dstack.api import Resources, RunStatus, Task
-from dstack.core.models.fleets import FleetConfiguration
 from tests.conftest import running_server
+from tests.fleets.hosts import apply_fleet
+from tests.util import wait_for
 
 pytestmark = pytest.mark.slow
 SMALL = Resources(cpu="0..", memory="0.1GB..", disk="1GB..")
 SLEEP = 30  # the task's length: longer than the ~20 s it takes to find the host unreachable
-
-
-def _wait(what, predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = what()
-        if predicate(value):
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:g} s: {value}")
 
 
 def _on_host(net, host, command: str) -> str:
@@ -54,39 +44,31 @@ def test_task_finished_while_host_away_is_reconciled_once(host_net, tmp_path):
     # the default 60 s that jobs wait for an unreachable agent: the host is back well within it
     with running_server(tmp_path) as srv:
         client = srv.client()
-        conf = FleetConfiguration.model_validate(
-            {
-                "type": "fleet",
-                "name": "away",
-                "ssh_config": {"identity_file": str(host_net.key), "hosts": [host.address]},
-            }
-        )
-        client.fleets.apply(conf)
-        _wait(lambda: client.fleets.get("away").instances[0].status, lambda s: s == "idle", 180)
+        apply_fleet(client, host_net, "away", [host])
         pid = json.loads(_on_host(host_net, host, "cat ~/.dstack/agent/home/agent.json"))["pid"]
         home_port, home_sshd = _home_forward(host)
         run = client.runs.submit(
             Task(commands=["echo started", f"sleep {SLEEP}", "echo finished-once"], fleets=["away"], resources=SMALL),
             run_name="away-task",
         )
-        _wait(lambda: b"".join(run.logs(follow=False)).decode(), lambda out: "started" in out, 120)
+        wait_for(lambda: b"".join(run.logs(follow=False)).decode(), lambda out: "started" in out, 120)
         started = time.monotonic()  # the job started no later than this
         try:
             host_net.link_down(host)
-            _wait(lambda: client.fleets.get("away").instances[0].status, lambda s: s == "unreachable", 60)
+            wait_for(lambda: client.fleets.get("away").instances[0].status, lambda s: s == "unreachable", 60)
             run.refresh()
             assert not run.status.is_finished(), run.status  # held while its agent may come back
             time.sleep(max(0.0, started + SLEEP + 3 - time.monotonic()))  # it finishes on the host meanwhile
             assert client.fleets.get("away").instances[0].status == "unreachable"
         finally:
             host_net.link_up(host)
-        _wait(lambda: client.fleets.get("away").instances[0].status, lambda s: s in ("idle", "busy"), 90)
+        wait_for(lambda: client.fleets.get("away").instances[0].status, lambda s: s in ("idle", "busy"), 90)
 
         def status():
             run.refresh()
             return run.status
 
-        assert _wait(status, lambda s: s.is_finished(), 60) == RunStatus.DONE, run.error
+        assert wait_for(status, lambda s: s.is_finished(), 60) == RunStatus.DONE, run.error
         sub = run.jobs[0].job_submissions[-1]
         assert sub.exit_status == 0, sub
         output = b"".join(run.logs()).decode()

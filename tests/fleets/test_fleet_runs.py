@@ -7,30 +7,11 @@ import time
 import pytest
 
 from dstack.api import Resources, RunStatus, Task
-from dstack.core.models.fleets import FleetConfiguration
 from tests.conftest import running_server
+from tests.fleets.hosts import apply_fleet
 
 pytestmark = pytest.mark.slow
 SMALL = Resources(cpu="0..", memory="0.1GB..", disk="1GB..")  # the hosts' homes are small tmpfs
-
-
-def _fleet(client, net, hosts, name):
-    conf = FleetConfiguration.model_validate(
-        {
-            "type": "fleet",
-            "name": name,
-            "ssh_config": {"identity_file": str(net.key), "hosts": [h.address for h in hosts]},
-        }
-    )
-    client.fleets.apply(conf)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        fleet = client.fleets.get(name)
-        if all(i.status == "idle" for i in fleet.instances):
-            return fleet
-        assert not any(i.status == "unreachable" for i in fleet.instances), fleet
-        time.sleep(0.5)
-    raise AssertionError(f"fleet {name} not idle: {client.fleets.get(name)}")
 
 
 def test_task_runs_on_a_fleet_host(host_net, tmp_path):
@@ -40,7 +21,7 @@ def test_task_runs_on_a_fleet_host(host_net, tmp_path):
     (repo / "data.txt").write_text("from-the-repo\n")
     with running_server(tmp_path) as srv:
         client = srv.client()
-        _fleet(client, host_net, [h0, h1], "runs")
+        apply_fleet(client, host_net, "runs", [h0, h1])
         task = Task(commands=["hostname", "cat data.txt"], fleets=["runs"], resources=SMALL)
         run = client.runs.submit(task, run_name="remote-task", repo_dir=repo)
         output = b"".join(run.logs()).decode()
@@ -57,7 +38,7 @@ def test_remote_job_survives_a_server_kill(host_net, tmp_path):
     h2 = host_net.hosts[2]
     with running_server(tmp_path) as srv:
         client = srv.client()
-        _fleet(client, host_net, [h2], "restart")
+        apply_fleet(client, host_net, "restart", [h2])
         task = Task(
             commands=["for i in $(seq 1 40); do echo tick-$i; sleep 0.25; done"], backends=["ssh"], resources=SMALL
         )

@@ -19,6 +19,7 @@ import pytest
 from dstack.api import Resources, Serverless
 from dstack.core.models.fleets import FleetConfiguration
 from tests.conftest import running_server
+from tests.util import wait_for
 from tests.wheelhouse import RUNPOD, runpod_wheelhouse
 
 pytestmark = pytest.mark.slow
@@ -55,17 +56,6 @@ runpod.serverless.start({"handler": handler})
 """
 
 
-def _wait(what, predicate, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = what()
-        if predicate(value):
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s: {value}")
-
-
 @pytest.fixture(scope="module")
 def wheelhouse() -> Path:
     return runpod_wheelhouse()
@@ -95,7 +85,7 @@ def endpoint(host_net, wheelhouse, worker_log, tmp_path_factory):
             }
         )
         client.fleets.apply(conf)
-        _wait(
+        wait_for(
             lambda: [i.status for i in client.fleets.get("slsfleet").instances],
             lambda s: s == ["idle"] * 3,
             180,
@@ -118,7 +108,7 @@ def endpoint(host_net, wheelhouse, worker_log, tmp_path_factory):
         finally:
             run.stop(abort=True)
             with contextlib.suppress(AssertionError):  # a killed host's job ends when the server gives it up
-                _wait(lambda: [i.jobs for i in client.fleets.get("slsfleet").instances], lambda j: not any(j), 150)
+                wait_for(lambda: [i.jobs for i in client.fleets.get("slsfleet").instances], lambda j: not any(j), 150)
             client.fleets.delete("slsfleet")
 
 
@@ -168,7 +158,7 @@ def _worker_token(endpoint_id: str) -> str:
 def test_runsync_on_a_fleet_host(endpoint, host_net, worker_log):
     srv, run, hosts = endpoint
     # two workers, each pays a pip install from the wheelhouse on its host
-    _wait(lambda: _health(srv, run)["workers"], lambda w: w["idle"] + w["running"] == 2, 420, interval=1)
+    wait_for(lambda: _health(srv, run)["workers"], lambda w: w["idle"] + w["running"] == 2, 420, interval=1)
     r = httpx.post(f"{run.endpoint_url}/runsync", headers=srv.headers, json={"input": {"value": "hi"}}, timeout=120)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -185,16 +175,16 @@ def test_runsync_on_a_fleet_host(endpoint, host_net, worker_log):
 
 def test_host_killed_mid_job_requeued_and_completed_once(endpoint, host_net, worker_log):
     srv, run, hosts = endpoint
-    _wait(lambda: _health(srv, run)["workers"], lambda w: w["idle"] + w["running"] == 2, 420, interval=1)
+    wait_for(lambda: _health(srv, run)["workers"], lambda w: w["idle"] + w["running"] == 2, 420, interval=1)
     r = httpx.post(
         f"{run.endpoint_url}/run", headers=srv.headers, json={"input": {"seconds": 8, "value": "x"}}, timeout=30
     )
     assert r.status_code == 200, r.text
     job = r.json()["id"]
-    st = _wait(lambda: _status(srv, run, job), lambda s: s["status"] == "IN_PROGRESS", 60, interval=0.2)
+    st = wait_for(lambda: _status(srv, run, job), lambda s: s["status"] == "IN_PROGRESS", 60, interval=0.2)
     lost = st["workerId"]
     names = {h.name: h for h in hosts}
-    first = _wait(lambda: [x for x in _lines(worker_log) if x["job"] == job], lambda xs: len(xs) == 1, 30)[0]
+    first = wait_for(lambda: [x for x in _lines(worker_log) if x["job"] == job], lambda xs: len(xs) == 1, 30)[0]
     assert first["what"] == "start" and first["worker"] == lost, first
     victim = names[first["host"]]
     busy = _job_hosts(run, active_only=True)
@@ -203,7 +193,7 @@ def test_host_killed_mid_job_requeued_and_completed_once(endpoint, host_net, wor
     killed_at = time.time()
     host_net.kill_host(victim)
     try:
-        done = _wait(lambda: _status(srv, run, job), lambda s: s["status"] == "COMPLETED", 150, interval=0.5)
+        done = wait_for(lambda: _status(srv, run, job), lambda s: s["status"] == "COMPLETED", 150, interval=0.5)
         assert done["output"]["value"] == "x"
         survivor = done["workerId"]
         assert done["output"]["host"] != victim.name and survivor != lost, done
@@ -217,7 +207,7 @@ def test_host_killed_mid_job_requeued_and_completed_once(endpoint, host_net, wor
 
         # a replacement worker is placed on the fleet's third, healthy host
         third = next(h for h in hosts if h.address not in busy)
-        _wait(lambda: _job_hosts(run, active_only=True).count(third.address), lambda n: n == 1, 60)
+        wait_for(lambda: _job_hosts(run, active_only=True).count(third.address), lambda n: n == 1, 60)
 
         # the lost worker's result, posted late, changes nothing: the first result stays
         late = httpx.post(
