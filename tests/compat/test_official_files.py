@@ -100,3 +100,40 @@ def test_unsupported_job_paths_are_refused_by_name(official: OfficialClient, ser
         assert path in textwrap.dedent(r.stdout + r.stderr), r.stdout + r.stderr
     unauth = httpx.post(f"{server.url}/api/files/upload_archive", files={"file": ("h", b"x")})
     assert unauth.status_code in (401, 403)
+
+
+def _tar(members: dict[str, bytes | None]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                t.addfile(info)
+            else:
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_merge_reroots_each_archive_at_its_path():
+    import io
+    import tarfile
+
+    from dstack.server.errors import InvalidRequest
+    from dstack.server.services.file_archives import job_path, merge
+
+    code = _tar({"main.py": b"code"})
+    dir_archive = _tar({"local_dir": None, "local_dir/nested/a.txt": b"a"})
+    file_archive = _tar({"file.txt": b"f"})
+    merged = merge(code, [(job_path("/workflow/some/path"), dir_archive), (job_path("file.txt"), file_archive)])
+    with tarfile.open(fileobj=io.BytesIO(merged), mode="r:*") as t:
+        got = {m.name: (t.extractfile(m).read() if m.isreg() else None) for m in t}
+    assert got == {"main.py": b"code", "some/path": None, "some/path/nested/a.txt": b"a", "file.txt": b"f"}
+    assert merge(code, []) == code
+    for bad in ("/etc/x", "~/x", "../x"):
+        with pytest.raises(InvalidRequest, match="x"):
+            job_path(bad)
