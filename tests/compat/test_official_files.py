@@ -100,6 +100,13 @@ def test_unsupported_job_paths_are_refused_by_name(official: OfficialClient, ser
         assert path in textwrap.dedent(r.stdout + r.stderr), r.stdout + r.stderr
     unauth = httpx.post(f"{server.url}/api/files/upload_archive", files={"file": ("h", b"x")})
     assert unauth.status_code in (401, 403)
+    # an archive nobody uploaded (or another user's) is refused by id
+    spec = {
+        "configuration": {"type": "task", "commands": ["echo x"], "files": ["x.txt"]},
+        "file_archives": [{"id": "00000000-0000-0000-0000-000000000000", "path": "x.txt"}],
+    }
+    r = httpx.post(f"{server.url}/api/project/main/runs/submit", json={"run_spec": spec}, headers=server.headers)
+    assert r.status_code == 400 and "00000000-0000-0000-0000-000000000000" in r.text, r.text
 
 
 def _tar(members: dict[str, bytes | None]) -> bytes:

@@ -11,7 +11,7 @@ import gzip
 import io
 import tarfile
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dstack.core.models.files import parse_file_mapping
@@ -34,21 +34,29 @@ def job_path(path: str) -> str:
         raise InvalidRequest(str(e), fields=["file_archives"]) from None
 
 
-async def check_archives(session: AsyncSession, user_id: str, run_spec: RunSpec) -> None:
-    """At submission: every named archive was uploaded by this user and its path is supported."""
+async def check_archives(session: AsyncSession, user_id: str, run_spec: RunSpec, max_bytes: int | None) -> None:
+    """At submission: every named archive was uploaded by this user, its path is supported, and
+    together they fit the code's extraction limit (else the merge at provisioning could not)."""
     ids = {a.id for a in run_spec.file_archives}
     for a in run_spec.file_archives:
         job_path(a.path)
-    found = set(
-        (
-            await session.execute(
-                select(FileArchiveModel.id).where(FileArchiveModel.id.in_(ids), FileArchiveModel.user_id == user_id)
+    rows = (
+        await session.execute(
+            select(FileArchiveModel.id, func.length(FileArchiveModel.blob)).where(
+                FileArchiveModel.id.in_(ids), FileArchiveModel.user_id == user_id
             )
-        ).scalars()
-    )
-    missing = sorted(ids - found)
+        )
+    ).all()
+    missing = sorted(ids - {r[0] for r in rows})
     if missing:
         raise InvalidRequest(f"file_archives: no uploaded file archive {missing[0]}", fields=["file_archives"])
+    total = sum(int(r[1]) for r in rows)
+    if max_bytes is not None and total > max_bytes:
+        raise InvalidRequest(
+            f"files: the archives total {total} bytes, more than the {max_bytes} bytes a job's code may extract to "
+            "(DSTACK_SERVER_CODE_EXTRACTED_LIMIT)",
+            fields=["file_archives"],
+        )
 
 
 async def archive_blobs(session: AsyncSession, run_spec: RunSpec) -> list[tuple[str, bytes]]:

@@ -257,7 +257,7 @@ async def submit_run(
     if run_spec.file_archives:  # dstack's official client uploaded them (routers/files.py)
         from dstack.server.services.file_archives import check_archives
 
-        await check_archives(session, user.id, run_spec)
+        await check_archives(session, user.id, run_spec, limits.code_extracted_limit_bytes if limits else None)
     elif conf.files and not run_spec.files_in_code:
         raise InvalidRequest(
             "files: this client uploaded them neither with the code nor as file archives; "
