@@ -77,6 +77,20 @@ def test_files_reach_the_job(official: OfficialClient, server, tmp_path):
     assert by_hash.json() == first.json()
 
 
+def test_files_reach_an_image_job(official: OfficialClient, server, tmp_path):
+    from tests.images import ensure_test_image
+
+    image = ensure_test_image()  # skips, saying why, without podman
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "b.txt").write_text("in the container\n")
+    conf = _conf(tmp_path, "official-files-image", ["cfg:/workflow/etc/cfg"], ["cat /workflow/etc/cfg/b.txt"])
+    conf.write_text(f"image: {image}\n" + conf.read_text())
+    official.cli("apply", "-f", str(conf), "-y", "-d", cwd=tmp_path)
+    run = _wait_finished(server, "official-files-image")
+    assert run["status"] == "done", run
+    assert official.cli("logs", "official-files-image").stdout.splitlines()[-1] == "in the container"
+
+
 def test_too_large_archive_is_refused(official: OfficialClient, server, tmp_path):
     (tmp_path / "big.bin").write_bytes(os.urandom(LIMIT + 4096))
     conf = _conf(tmp_path, "official-big", ["big.bin"], ["echo never"])
