@@ -16,6 +16,12 @@ import pytest
 from tests.pg import fresh_database
 from tests.util import free_port, wait_until
 
+# A suite started in the background by a shell without job control inherits SIGINT ignored, and
+# every process it starts would too: tests that press Ctrl-C on a CLI (detach, stop) could then
+# never pass. Handling it here gives children the default disposition again (exec resets it).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
