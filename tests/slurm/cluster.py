@@ -292,6 +292,20 @@ class SlurmCluster:
                 return value
         raise KeyError(f"{name} not in scontrol show job {job_id}: {out}")
 
+    def cancel_all(self) -> None:
+        """Cancel every job Slurm still holds (a test's server may leave allocations behind)."""
+        for job_id in self.cli("squeue", "-h", "-o", "%i", check=False).stdout.split():
+            self.cli("scancel", job_id, check=False)
+
+    def write_server_config(self, server_home: Path, shared_dir: Path, **settings: str) -> None:
+        """A test server's `~/.dstack/server/config.yml`: project `main` with this cluster's partition as
+        its Slurm backend, plus `settings` (e.g. `login`, `server_url`) as given, in YAML."""
+        lines = ["projects:", "  - name: main", "    backends:", "      - type: slurm"]
+        lines += [f"        partitions: [{PARTITION}]", f"        shared_dir: {shared_dir}"]
+        lines += [f"        {key}: {value}" for key, value in settings.items()]
+        (server_home / "server").mkdir(parents=True, exist_ok=True)
+        (server_home / "server" / "config.yml").write_text("\n".join(lines) + "\n")
+
     # -- teardown ------------------------------------------------------------------------------
 
     def _netns_pids(self, node: Node) -> list[int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TEST_SERVER_ENV, ServerProcess, make_server
-from tests.slurm.cluster import PARTITION, ClusterUnavailable, SlurmCluster, check_available
+from tests.slurm.cluster import ClusterUnavailable, SlurmCluster, check_available
 from tests.util import free_port, wait_until
 
 SSHD = "/usr/sbin/sshd"
@@ -32,24 +32,14 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
 @pytest.fixture
 def slurm_server(slurm_cluster: SlurmCluster, tmp_path: Path) -> Iterator[ServerProcess]:
     srv = make_server(tmp_path, **TEST_SERVER_ENV, SLURM_CONF=str(slurm_cluster.conf))
-    (srv.home / "server").mkdir(parents=True, exist_ok=True)
-    (srv.home / "server" / "config.yml").write_text(
-        "projects:\n"
-        "  - name: main\n"
-        "    backends:\n"
-        "      - type: slurm\n"
-        f"        partitions: [{PARTITION}]\n"
-        f"        shared_dir: {tmp_path / 'shared'}\n"
-    )
+    slurm_cluster.write_server_config(srv.home, tmp_path / "shared")
     srv.start()
     try:
         yield srv
     finally:
         srv.stop()
         srv.kill_agents()
-        out = slurm_cluster.cli("squeue", "-h", "-o", "%i", check=False).stdout
-        for job_id in out.split():
-            slurm_cluster.cli("scancel", job_id, check=False)
+        slurm_cluster.cancel_all()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 
 from dstack.api import Resources, Serverless
 from tests.conftest import TEST_SERVER_ENV, ServerProcess, make_server
-from tests.slurm.cluster import PARTITION, SlurmCluster
+from tests.slurm.cluster import SlurmCluster
 from tests.util import wait_until
 from tests.wheelhouse import RUNPOD, runpod_wheelhouse
 
@@ -53,15 +53,8 @@ def sls_server(slurm_cluster: SlurmCluster, tmp_path: Path) -> Iterator[ServerPr
     runpod_wheelhouse()  # downloaded before the server starts (skips, saying why, without PyPI)
     base = make_server(tmp_path, **TEST_SERVER_ENV, SLURM_CONF=str(slurm_cluster.conf))
     srv = AllAddressesServer(base.home, base.port, base.token, base.database_url, base.extra_env)
-    (srv.home / "server").mkdir(parents=True, exist_ok=True)
-    (srv.home / "server" / "config.yml").write_text(
-        "projects:\n"
-        "  - name: main\n"
-        "    backends:\n"
-        "      - type: slurm\n"
-        f"        partitions: [{PARTITION}]\n"
-        f"        shared_dir: {tmp_path / 'shared'}\n"
-        f"        server_url: http://{slurm_cluster.gateway}:{srv.port}\n"
+    slurm_cluster.write_server_config(
+        srv.home, tmp_path / "shared", server_url=f"http://{slurm_cluster.gateway}:{srv.port}"
     )
     srv.start()
     try:
@@ -69,8 +62,7 @@ def sls_server(slurm_cluster: SlurmCluster, tmp_path: Path) -> Iterator[ServerPr
     finally:
         srv.stop()
         srv.kill_agents()
-        for job_id in slurm_cluster.cli("squeue", "-h", "-o", "%i", check=False).stdout.split():
-            slurm_cluster.cli("scancel", job_id, check=False)
+        slurm_cluster.cancel_all()
 
 
 def test_runsync_served_by_a_worker_on_slurm(

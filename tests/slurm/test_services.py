@@ -12,7 +12,7 @@ import httpx
 from dstack.api import Resources, RunStatus, Service
 from tests.conftest import TEST_SERVER_ENV, ServerProcess, make_server
 from tests.e2e.util import wait_ready
-from tests.slurm.cluster import PARTITION, SlurmCluster
+from tests.slurm.cluster import SlurmCluster
 
 APPS = Path(__file__).resolve().parents[1] / "e2e" / "apps"
 SMALL = Resources(cpu=1, memory="1GB", disk="1GB..")
@@ -56,15 +56,10 @@ def test_service_through_the_login_host(
 ) -> None:
     port, key, known = login_host
     srv = make_server(tmp_path, **TEST_SERVER_ENV, SLURM_CONF=str(slurm_cluster.conf))
-    (srv.home / "server").mkdir(parents=True, exist_ok=True)
-    (srv.home / "server" / "config.yml").write_text(
-        "projects:\n"
-        "  - name: main\n"
-        "    backends:\n"
-        "      - type: slurm\n"
-        f"        login: {{hostname: 127.0.0.1, user: root, port: {port}, identity_file: {key}, known_hosts: {known}}}\n"
-        f"        partitions: [{PARTITION}]\n"
-        f"        shared_dir: {tmp_path / 'shared'}\n"
+    slurm_cluster.write_server_config(
+        srv.home,
+        tmp_path / "shared",
+        login=f"{{hostname: 127.0.0.1, user: root, port: {port}, identity_file: {key}, known_hosts: {known}}}",
     )
     srv.start()
     try:
