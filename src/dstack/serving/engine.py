@@ -361,14 +361,7 @@ class Engine:
             budget = self.model.n_batch - batch.n
             if budget <= 0:
                 break
-            start = seq.n_prefilled
-            k = min(len(seq.req.prompt) - start, budget, self.prefill_chunk)
-            last = start + k == len(seq.req.prompt)
-            i = batch.add(seq.slot, seq.req.prompt[start : start + k], start, last)
-            if seq.req.prefill_details:
-                batch.set_all_logits(i - k + 1, i + 1)
-            seq.n_prefilled += k
-            seq.n_past = seq.n_prefilled
+            i, k, last = self._add_prompt_chunk(seq, budget)
             chunks.append((seq, i, k, last))
         if batch.n == 0:
             return
@@ -420,10 +413,11 @@ class Engine:
                 if not seq.req.cancelled:
                     self._emit(seq, self.model.logits(i))
 
-    def _prefill_chunk(self, seq: _Sequence, budget: int) -> int:
-        """Decode the next chunk of `seq`'s prompt alone; sample its first token after the last chunk."""
+    def _add_prompt_chunk(self, seq: _Sequence, budget: int) -> tuple[int, int, bool]:
+        """Add the next chunk of `seq`'s prompt (at most `budget` and `prefill_chunk` tokens) to the
+        batch and advance its position; returns the batch index of the chunk's last token, the
+        chunk's length, and whether it ends the prompt (its logits then give the first token)."""
         batch = self.model.batch
-        batch.clear()
         start = seq.n_prefilled
         k = min(len(seq.req.prompt) - start, budget, self.prefill_chunk)
         last = start + k == len(seq.req.prompt)
@@ -432,6 +426,12 @@ class Engine:
             batch.set_all_logits(i - k + 1, i + 1)
         seq.n_prefilled += k
         seq.n_past = seq.n_prefilled
+        return i, k, last
+
+    def _prefill_chunk(self, seq: _Sequence, budget: int) -> int:
+        """Decode the next chunk of `seq`'s prompt alone; sample its first token after the last chunk."""
+        self.model.batch.clear()
+        i, k, last = self._add_prompt_chunk(seq, budget)
         self._decode()
         if seq.req.prefill_details:
             self._prefill_logprobs(seq, i - k + 1, k)
