@@ -6,34 +6,12 @@ import pytest
 from dstack.api import Resources, RunStatus, Task
 from tests.conftest import running_server
 from tests.fleets.hosts import apply_fleet
+from tests.multinode import ranks_script
 
 pytestmark = pytest.mark.slow
 SMALL = Resources(cpu="0..", memory="0.1GB..", disk="1GB..")
 
-# rank 0 serves one connection and prints what rank 1 sent; rank 1 connects (retrying) and sends
-# its hostname. Both print where they run and what dstack told them.
-SCRIPT = r"""
-import os, socket, sys, time
-rank, master = int(os.environ["DSTACK_NODE_RANK"]), os.environ["DSTACK_MASTER_NODE_IP"]
-ips = os.environ["DSTACK_NODES_IPS"].split()
-print(f"rank={rank} host={socket.gethostname()} nodes={os.environ['DSTACK_NODES_NUM']} ips={','.join(ips)}", flush=True)
-if rank == 0:
-    s = socket.create_server(("0.0.0.0", 29477))
-    s.settimeout(120)
-    conn, _ = s.accept()
-    print("got:", conn.recv(100).decode(), flush=True)
-else:
-    for _ in range(240):
-        try:
-            c = socket.create_connection((master, 29477), timeout=2)
-            c.sendall(f"hello from {socket.gethostname()}".encode())
-            c.close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        sys.exit("rank 1 never reached the master")
-"""
+SCRIPT = ranks_script(29477)  # tests/multinode.py
 
 
 def test_two_nodes_on_two_hosts(host_net, tmp_path):
