@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import SRC, ServerProcess, running_server
+from tests.util import wait_for
 
 BUSY = (
     "python3 -c 'import time\n"
@@ -53,6 +53,16 @@ def _metrics(srv: ServerProcess, run_name: str, **params: Any) -> dict[str, Any]
     return {m["name"]: m for m in r.json()["metrics"]}
 
 
+def _wait_samples(srv: ServerProcess, run_name: str, n: int = 8, timeout: float = 120) -> dict[str, Any]:
+    """The run's metric series once it has at least `n` CPU samples (up to the newest 100)."""
+    return wait_for(
+        lambda: _metrics(srv, run_name, limit=100),
+        lambda series: len(series.get("cpu_usage_percent", {}).get("values", [])) >= n,
+        timeout,
+        interval=1,
+    )
+
+
 def _job_cpu_lines(srv: ServerProcess, run_name: str) -> list[tuple[float, float]]:
     import base64
 
@@ -80,15 +90,8 @@ def test_busy_job_cpu_in_api_prometheus_and_cli(server: ServerProcess, tmp_path:
     r = _post(server, "/api/project/main/runs/submit", {"run_spec": {"configuration": conf}})
     assert r.status_code == 200, r.text
     try:
-        deadline = time.monotonic() + 120
-        series: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            series = _metrics(server, run_name, limit=100)
-            if len(series.get("cpu_usage_percent", {}).get("values", [])) >= 8:
-                break
-            time.sleep(1)
+        series = _wait_samples(server, run_name)
         cpu = series["cpu_usage_percent"]
-        assert len(cpu["values"]) >= 8, series
         assert cpu["timestamps"] == sorted(cpu["timestamps"], reverse=True)  # newest first, as dstack
         assert series["memory_usage_bytes"]["values"][0] > 1_000_000
         assert series["cpus_detected_num"]["values"][0] >= 1
