@@ -22,6 +22,8 @@ from dstack.agent.jobs import JobError, JobManager
 from dstack.agent.metrics import MAX_SAMPLES_PER_ANSWER, MetricsSampler
 from dstack.agent.models import AgentJobSubmission, MetricsBatchRequest, StopRequest
 from dstack.agent.volumes_api import volume_routes
+from dstack.agent.watch import WatchRequest
+from dstack.agent.watch import watch as watch_jobs
 from dstack.core.tokens import bearer_token
 from dstack.version import __version__
 
@@ -132,6 +134,11 @@ def create_app(home: Path, token: str) -> FastAPI:
             cursor, known_state, min(wait, MAX_WAIT_SECONDS), min(limit, MAX_LIMIT), min(linger, MAX_LINGER_SECONDS)
         )
         return Response(body, media_type="application/json")
+
+    @app.post("/api/watch", dependencies=[Depends(auth)])
+    async def watch(body: WatchRequest) -> Response:
+        """News of many jobs in one long poll (agent.watch): the server's one watch per agent."""
+        return Response(await watch_jobs(manager, body), media_type="application/json")
 
     @app.get("/api/jobs/{job_id}/metrics", dependencies=[Depends(auth)])
     async def metrics(

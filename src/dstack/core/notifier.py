@@ -10,6 +10,9 @@ a change made between its read and its wait subscribes *before* reading:
             await sub.wait(timeout)
 
 A key's state exists only while somebody is subscribed to it, so keys never accumulate.
+
+`version` counts notifications and `wait_any` wakes on a notify of any key: one watcher of many
+keys (an agent's watch over all its jobs) waits once, not once per key.
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ class KeyedNotifier(Generic[K]):
 
     def __init__(self) -> None:
         self._rounds: dict[K, _Round] = {}
+        #: how many notifications there have been (of any key); a watcher compares it with the
+        #: value it last saw to know whether anything changed meanwhile
+        self.version = 0
+        self._any: asyncio.Event | None = None  # set by the next notify of any key
 
     def subscribe(self, key: K) -> Subscription[K]:
         """Join the key's current round; close the subscription (or use it as a context manager)."""
@@ -92,9 +99,26 @@ class KeyedNotifier(Generic[K]):
 
     def notify(self, key: K) -> None:
         """Wake everybody subscribed to `key` now; later subscribers wait for the next notify."""
+        self.version += 1
         round_ = self._rounds.pop(key, None)
         if round_ is not None:
             round_.event.set()
+        any_ = self._any
+        if any_ is not None:
+            self._any = None
+            any_.set()
+
+    async def wait_any(self, timeout: float) -> bool:
+        """Until the next notify of any key (True) or `timeout` seconds pass (False)."""
+        if timeout <= 0:
+            return False
+        if self._any is None:
+            self._any = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._any.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
 
     def notify_all(self) -> None:
         for key in list(self._rounds):

@@ -90,6 +90,33 @@ class AgentClient:
         r.raise_for_status()
         return _json_object(r)
 
+    async def watch(
+        self,
+        jobs: dict[str, tuple[int, str | None]],
+        since: int | None,
+        wait: float,
+        limit: int = 2000,
+        linger: float = 0.0,
+    ) -> dict[str, Any] | None:
+        """News of many jobs in one long poll (`POST /api/watch`; job id -> (log cursor, known
+        state)): `{"seq", "jobs": {id: report}, "unknown": [ids]}`. None from an agent older than
+        that route (the caller pulls per job)."""
+        body = {
+            "jobs": {k: {"cursor": c, "state": s} for k, (c, s) in jobs.items()},
+            "since": since,
+            "wait": wait,
+            "limit": limit,
+            "linger": linger,
+        }
+        r = await self._http.post("/api/watch", json=body, timeout=wait + linger + 15)
+        if r.status_code in (404, 405):
+            return None
+        r.raise_for_status()
+        answer = _json_object(r)
+        if not isinstance(answer.get("jobs"), dict) or not isinstance(answer.get("seq"), int):
+            raise AgentError("agent answered /api/watch without seq and jobs")
+        return answer
+
     async def metrics(self, job_id: str, after: float) -> list[dict[str, Any]]:
         """The job's usage samples newer than `after` (agent.metrics), oldest first."""
         r = await self._http.get(f"/api/jobs/{job_id}/metrics", params={"after": after}, timeout=10)

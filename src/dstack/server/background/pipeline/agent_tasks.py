@@ -1,5 +1,6 @@
 """The pipeline's conversations with agents, each outside any database transaction: submitting a
-job (provisioning), long-polling it (watching) and telling it to stop.
+job (provisioning), watching it (one long poll per agent for all its jobs, `agent_watch`; one per
+job for an agent older than that) and telling it to stop.
 
 Every result is stored in a short transaction of its own, and the pipeline is woken to decide
 what follows from it.
@@ -21,6 +22,7 @@ from dstack.agent.models import FINAL_STATES
 from dstack.core.models.runs import JobStatus, JobTerminationReason, RunSpec
 from dstack.server.agent_client import AgentClient, AgentError
 from dstack.server.backends.slurm.allocations import with_server_url as slurm_with_server_url
+from dstack.server.background.pipeline.agent_watch import InstanceWatch, Watched
 from dstack.server.background.pipeline.common import (
     AGENT_LOST,
     AGENT_RECOVERY_WAIT_SECONDS,
@@ -60,7 +62,7 @@ class AgentDirectory(Protocol):
 
 
 class AgentTasks:
-    """One provisioning task per job being submitted, one watcher per job on an agent."""
+    """One provisioning task per job being submitted, one watch per agent (`InstanceWatch`)."""
 
     def __init__(
         self,
@@ -73,7 +75,13 @@ class AgentTasks:
         self.agents = agents
         self._on_logs = on_logs  # run id: new log lines are stored
         self._on_job_changed = on_job_changed  # run id: a job's state changed (wake the pipeline)
-        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}  # per-job pulls (agents without /api/watch)
+        self._instances: dict[str, InstanceWatch] = {}  # instance id -> the watch of its agent
+        self._watched: dict[str, str] = {}  # job id -> instance id whose watch has it
+        self._to_route: set[str] = set()  # jobs to hand to their instance's watch
+        self._router: asyncio.Task[None] | None = None
+        #: clients of agents without `/api/watch` (their jobs are pulled one by one)
+        self.legacy_clients: set[AgentClient] = set()
         self._provisioning: dict[str, asyncio.Task[None]] = {}
         self._stops_sent: set[str] = set()
         self._stopping = False
@@ -84,6 +92,9 @@ class AgentTasks:
     async def close(self) -> None:
         self._stopping = True
         tasks = [*self._watchers.values(), *self._provisioning.values()]
+        tasks += [w.task for w in self._instances.values() if w.task is not None]
+        if self._router is not None:
+            tasks.append(self._router)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -103,7 +114,7 @@ class AgentTasks:
     # --- provisioning ---------------------------------------------------------------------
 
     def provision(self, job_id: str) -> None:
-        if job_id in self._provisioning or job_id in self._watchers or self._stopping:
+        if job_id in self._provisioning or self._is_watched(job_id) or self._stopping:
             return
         self._provisioning[job_id] = asyncio.create_task(self._provision(job_id), name=f"provision-{job_id}")
 
@@ -177,13 +188,61 @@ class AgentTasks:
 
     # --- watching -------------------------------------------------------------------------
 
-    def watch(self, job_id: str) -> None:
+    def _is_watched(self, job_id: str) -> bool:
         task = self._watchers.get(job_id)
-        if (task is not None and not task.done()) or self._stopping:
+        return job_id in self._watched or job_id in self._to_route or (task is not None and not task.done())
+
+    def watch(self, job_id: str) -> None:
+        """Watch a job on its agent until it ends there (no-op while it is watched)."""
+        if self._stopping or self._is_watched(job_id):
             return
-        self._watchers[job_id] = asyncio.create_task(self._watch(job_id), name=f"watch-{job_id}")
+        self._to_route.add(job_id)
+        if self._router is None or self._router.done():
+            self._router = asyncio.create_task(self._route(), name="watch-router")
+
+    async def _route(self) -> None:
+        """Hand the jobs to watch to their instances' watches: one query for all that wait."""
+        while self._to_route and not self._stopping:
+            ids = list(self._to_route)
+            try:
+                async with self.db.session() as session:
+                    rows = (
+                        await session.execute(
+                            select(
+                                JobModel.id,
+                                JobModel.instance_id,
+                                JobModel.log_cursor,
+                                JobModel.agent_state,
+                                JobModel.run_id,
+                            ).where(JobModel.id.in_(ids))
+                        )
+                    ).all()
+            except Exception:
+                logger.exception("loading jobs to watch failed")
+                self._to_route.difference_update(ids)  # the next pass asks again
+                return
+            self._to_route.difference_update(ids)
+            for job_id, instance_id, cursor, known, run_id in rows:
+                if instance_id is None:
+                    continue
+                try:
+                    client = self.agents.client(instance_id)
+                except KeyError:  # its instance is gone
+                    continue
+                if client in self.legacy_clients:
+                    self._watchers[job_id] = asyncio.create_task(self._watch(job_id), name=f"watch-{job_id}")
+                    continue
+                inst = self._instances.get(instance_id)
+                if inst is None:
+                    inst = self._instances[instance_id] = InstanceWatch(self, instance_id, self._unwatched)
+                self._watched[job_id] = instance_id
+                inst.add(job_id, Watched(cursor=cursor, known=known, run_id=run_id, client=client))
+
+    def _unwatched(self, job_id: str) -> None:
+        self._watched.pop(job_id, None)
 
     async def _watch(self, job_id: str) -> None:
+        """The per-job long poll (`/pull`), for agents without `/api/watch`."""
         try:
             async with self.db.session() as session:
                 job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()

@@ -89,9 +89,33 @@ async def store_report(
     """Store an agent report: new log records, and the job's new state once every record of a
     final state is stored. Commits; run it under `db.retry_on_conflict`."""
     job = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
+    _store_one(session, job, report, records, apply_state)
+    await session.commit()
+
+
+#: one job's part of a watch answer: (job id, report, its log records, whether to apply its state)
+ReportItem = tuple[str, dict[str, Any], list[dict[str, Any]], bool]
+
+
+async def store_reports(session: AsyncSession, items: list[ReportItem]) -> set[str]:
+    """Store many jobs' reports (one watch answer) in one transaction; the ids of the jobs that no
+    longer exist (left out). Commits; run it under `db.retry_on_conflict`."""
+    ids = [item[0] for item in items]
+    jobs = {j.id: j for j in (await session.execute(select(JobModel).where(JobModel.id.in_(ids)))).scalars()}
+    for job_id, report, records, apply_state in items:
+        job = jobs.get(job_id)
+        if job is not None:
+            _store_one(session, job, report, records, apply_state)
+    await session.commit()
+    return set(ids) - set(jobs)
+
+
+def _store_one(
+    session: AsyncSession, job: JobModel, report: dict[str, Any], records: list[dict[str, Any]], apply_state: bool
+) -> None:
     if records:
         session.add_all(
-            JobLogModel(job_id=job_id, timestamp=r["ts"], stream=r["stream"], data=base64.b64decode(r["data"]))
+            JobLogModel(job_id=job.id, timestamp=r["ts"], stream=r["stream"], data=base64.b64decode(r["data"]))
             for r in records
         )
         job.log_cursor = report["next_cursor"]
@@ -104,4 +128,3 @@ async def store_report(
                 jpd.address = report["address"]
                 jpd.network = report.get("network", jpd.network)
                 job.job_provisioning_data = jpd.model_dump_json()
-    await session.commit()
