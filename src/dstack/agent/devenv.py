@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import hashlib
 import os
 import pty
 import struct
 import sys
 import termios
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncssh
+if TYPE_CHECKING:
+    import asyncssh
 
 PORT_ENV = "DSTACK_SSH_PORT"
 KEY_ENV = "DSTACK_SSH_KEY_PUB"
@@ -86,24 +88,34 @@ class Launcher:
 HOST = Launcher()
 
 
-class _Server(asyncssh.SSHServer):
-    def __init__(self, key: asyncssh.SSHKey) -> None:
-        self._key = key
+@functools.cache
+def _server_class() -> Callable[[asyncssh.SSHKey], asyncssh.SSHServer]:
+    """The SSH server class, made on first use: asyncssh is imported only where a session server
+    runs (the agent imports this module for its constants; asyncssh costs ~0.1 s of its start)."""
+    import asyncssh
 
-    def begin_auth(self, username: str) -> bool:
-        return True  # any user name: the key decides
+    class _Server(asyncssh.SSHServer):
+        def __init__(self, key: asyncssh.SSHKey) -> None:
+            self._key = key
 
-    def public_key_auth_supported(self) -> bool:
-        return True
+        def begin_auth(self, username: str) -> bool:
+            return True  # any user name: the key decides
 
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        return key.public_data == self._key.public_data
+        def public_key_auth_supported(self) -> bool:
+            return True
 
-    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
-        return True  # local forwards (VS Code's server, `ssh -L`) from inside the job's network
+        def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+            return key.public_data == self._key.public_data
+
+        def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
+            return True  # local forwards (VS Code's server, `ssh -L`) from inside the job's network
+
+    return _Server
 
 
 async def _run_pipes(process: asyncssh.SSHServerProcess[bytes], argv: Sequence[str], env: dict[str, str]) -> int:
+    import asyncssh
+
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE,
@@ -141,6 +153,8 @@ def _set_size(fd: int, size: tuple[int, int, int, int]) -> None:
 
 
 async def _run_pty(process: asyncssh.SSHServerProcess[bytes], argv: Sequence[str], env: dict[str, str]) -> int:
+    import asyncssh
+
     master, slave = pty.openpty()
     _set_size(master, process.term_size)
 
@@ -198,6 +212,8 @@ async def _run_pty(process: asyncssh.SSHServerProcess[bytes], argv: Sequence[str
 
 
 async def _handle(process: asyncssh.SSHServerProcess[bytes], launcher: Launcher) -> None:
+    import asyncssh
+
     try:
         term = process.get_terminal_type()
         if process.subsystem:
@@ -219,6 +235,9 @@ async def serve(port: int, key_line: str, host: str = "0.0.0.0", launcher: Launc
 
     SFTP and scp are asyncssh's own (on this process's filesystem) only when sessions run here:
     beside a container, this process's filesystem is the host's, so they are off there."""
+    import asyncssh
+
+    server_class = _server_class()
     client_key = asyncssh.import_public_key(key_line)
     host_key = asyncssh.generate_private_key("ssh-ed25519")
 
@@ -226,7 +245,7 @@ async def serve(port: int, key_line: str, host: str = "0.0.0.0", launcher: Launc
         await _handle(process, launcher)
 
     return await asyncssh.create_server(
-        lambda: _Server(client_key),
+        lambda: server_class(client_key),
         host,
         port,
         server_host_keys=[host_key],
@@ -241,6 +260,8 @@ async def serve(port: int, key_line: str, host: str = "0.0.0.0", launcher: Launc
 
 
 async def _main(argv: list[str]) -> int:
+    import asyncssh
+
     port_text, key_line = os.environ.get(PORT_ENV, ""), os.environ.pop(KEY_ENV, "")
     if not port_text.isdigit() or not key_line:
         print(f"dstack: {PORT_ENV} and {KEY_ENV} must be set", file=sys.stderr)

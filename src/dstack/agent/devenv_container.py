@@ -37,12 +37,13 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import asyncssh
+from typing import TYPE_CHECKING, Any
 
 from dstack.agent import devenv
 from dstack.agent.containers import ContainerRuntime, ContainerSpec, container_shell
+
+if TYPE_CHECKING:  # imported where a session server starts: the agent itself never needs it
+    import asyncssh
 
 SETTINGS_ENV = "DSTACK_DEVENV_CONTAINER"  # JSON: the CLI with its global args, the container, netns, shell
 READY_LINE = "dstack: init is done, starting the SSH server of the dev environment"  # no quote in it
@@ -121,6 +122,8 @@ class ReadyWatch:
 
 
 async def _serve_beside(run_argv: list[str], settings: dict[str, Any], port: int, key_line: str) -> int:
+    import asyncssh
+
     cli, name = list(settings["cli"]), str(settings["name"])
     env = {k: v for k, v in os.environ.items() if k not in OWN_ENV}
     proc = await asyncio.create_subprocess_exec(
