@@ -194,15 +194,18 @@ class SlurmBackend(Backend):
 
         With `wait`, the check repeats every 50 ms for up to that long on the side that runs Slurm's
         commands (one command over the transport, not one per check): the agent is noticed within
-        50 ms of writing the file instead of at the next poll."""
+        50 ms of writing the file instead of at the next poll. The same command reads the node's
+        address once the file is there (no second round trip)."""
         if st.state != "RUNNING" or len(st.nodes) <= rank:
             return None
         q = shlex.quote
+        node = st.nodes[rank]
         agent_json = f"{q(agent_home(f'{sub.job_dir}/home', sub.nodes, rank))}/agent.json"
         checks = max(0, min(200, int(wait / 0.05)))
         script = (
             f"i=0; while [ ! -s {agent_json} ] && [ $i -lt {checks} ]; do sleep 0.05; i=$((i+1)); done; "
-            f"cat {agent_json} 2>/dev/null; echo; cat {q(sub.job_dir)}/token"
+            f"cat {agent_json} 2>/dev/null; echo; cat {q(sub.job_dir)}/token; echo; "
+            f"[ -s {agent_json} ] && scontrol show node -o {q(node)}"
         )
         r = await self.runner.run(["sh", "-c", script])
         lines = r.stdout.splitlines()
@@ -213,8 +216,9 @@ class SlurmBackend(Backend):
             port, pid = int(info["port"]), int(info["pid"])
         except (ValueError, KeyError, TypeError):
             return None
-        address = await self.node_address(st.nodes[rank])
-        return AgentEndpoint(url=f"http://{address}:{port}", token=lines[-1].strip(), pid=pid), st.nodes[rank]
+        m = re.search(r"\bNodeAddr=(\S+)", "\n".join(lines[2:]))
+        address = m.group(1) if m is not None else await self.node_address(node)
+        return AgentEndpoint(url=f"http://{address}:{port}", token=lines[1].strip(), pid=pid), node
 
     async def agent(self, sub: SlurmSubmission, timeout: float = 60.0) -> tuple[AgentEndpoint, str]:
         """Wait until the job runs and its agent wrote `agent.json`: the endpoint and the node name."""

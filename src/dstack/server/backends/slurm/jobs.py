@@ -114,7 +114,9 @@ def batch_script(python: str, pythonpath: str, agent_home: str, token_file: str,
     its tasks), the agent stops its job, and the Slurm job ends COMPLETED (the reason for the stop
     is dstack's own record); any other end of the agent is the script's exit status (FAILED)."""
     q = shlex.quote
-    agent = f"{q(python)} -m dstack.agent --host 0.0.0.0 --port 0"
+    # --announce-early: agent.json as soon as the socket listens, so the server attaches while the
+    # agent's Python is still importing (its requests wait in the socket's backlog).
+    agent = f"{q(python)} -m dstack.agent --host 0.0.0.0 --port 0 --announce-early"
     if nodes == 1:
         start = [
             f"mkdir -p {q(agent_home)} || exit 1",
