@@ -10,6 +10,7 @@ slurmctld/slurmd/munge/slurm-client.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import tempfile
@@ -24,7 +25,21 @@ from tests.conftest import TEST_SERVER_ENV, make_server  # noqa: E402
 from tests.slurm.cluster import PARTITION, SlurmCluster  # noqa: E402
 
 
+def quiet(cluster: SlurmCluster, timeout: float = 30.0) -> None:
+    """Wait until Slurm holds no job (none pending, running or completing), then 0.5–1.5 s more.
+
+    Each measure starts from the same cluster state: a job submitted while the previous one is
+    still completing waits for the controller's next scheduling pass (about 1 s later) instead of
+    being placed at once, and the submission right after the other path's `scancel` would pay that
+    every time. The random pause keeps either measure from locking onto the scheduler's phase."""
+    deadline = time.monotonic() + timeout
+    while cluster.cli("squeue", "-h", "-o", "%i").stdout.strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.5, 1.5))
+
+
 def plain(cluster: SlurmCluster) -> float:
+    quiet(cluster)
     t0 = time.monotonic()
     job = cluster.cli("sbatch", "--parsable", "--wrap", "sleep 30").stdout.strip()
     while cluster.job_field(job, "JobState") != "RUNNING":
@@ -34,7 +49,8 @@ def plain(cluster: SlurmCluster) -> float:
     return took
 
 
-def dstack_task(client, i: int) -> float:  # type: ignore[no-untyped-def]
+def dstack_task(client, cluster: SlurmCluster, i: int) -> float:  # type: ignore[no-untyped-def]
+    quiet(cluster)
     task = Task(commands=["sleep 30"], backends=["slurm"], resources=Resources(cpu=1, memory="1GB", disk="1GB.."))
     t0 = time.monotonic()
     run = client.runs.submit(task, run_name=f"bench-slurm-{i}")
@@ -68,15 +84,17 @@ def main() -> None:
             try:
                 client = srv.client()
                 plain(cluster)  # warm-up of both paths
-                dstack_task(client, -1)
+                dstack_task(client, cluster, -1)
                 sb, ds = [], []
                 for i in range(args.runs):  # interleaved: both see the same cluster state
                     sb.append(plain(cluster))
-                    ds.append(dstack_task(client, i))
-                    time.sleep(1)  # stopped runs release their allocations
+                    ds.append(dstack_task(client, cluster, i))
             finally:
                 srv.stop()
                 srv.kill_agents()
+    print(
+        "runs (ms), plain / dstack:", ", ".join(f"{a * 1000:.0f}/{b * 1000:.0f}" for a, b in zip(sb, ds, strict=True))
+    )
     p50_sb, p50_ds = statistics.median(sb), statistics.median(ds)
     print(f"sbatch --wrap submit → RUNNING:      p50 {p50_sb * 1000:7.0f} ms  max {max(sb) * 1000:7.0f} ms")
     print(f"dstack task submit → run RUNNING:   p50 {p50_ds * 1000:7.0f} ms  max {max(ds) * 1000:7.0f} ms")
