@@ -9,6 +9,7 @@ needs root.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     cold, warm = [], []
+    phases: list[dict[str, float]] = []
     for _ in range(args.runs):
         base = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
         net = HostNetwork(base / "net")
@@ -53,6 +55,8 @@ def main() -> None:
                 t0 = time.monotonic()
                 client.fleets.apply(conf)
                 cold.append(time.monotonic() - t0 + _until_idle(client, "b"))
+                phases.append(_phases(srv.logs(tail=200000)))
+                print(f"cold run {len(cold)}: {cold[-1]:.2f} s; server: {phases[-1]}", flush=True)
                 srv.kill()
                 srv.start()
                 client = srv.client()
@@ -65,6 +69,19 @@ def main() -> None:
             net.close()
     for label, xs in (("cold (ship + start)", cold), ("server restart (re-attach)", warm)):
         print(f"{label}: median {statistics.median(xs):.2f} s, max {max(xs):.2f} s over {len(xs)} runs")
+    names = list(dict.fromkeys(n for p in phases for n in p))
+    print(
+        "cold phases, median s (server log):",
+        ", ".join(f"{n} {statistics.median(p.get(n, 0.0) for p in phases):.2f}" for n in names),
+    )
+
+
+def _phases(log: str) -> dict[str, float]:
+    """The server's `fleet host ... idle in T s: step S, ...` line, as {step: seconds}."""
+    found = re.findall(r"fleet host \S+ idle in [0-9.]+ s: (.*)", log)
+    if not found:
+        return {}
+    return {name: float(sec) for name, sec in re.findall(r"([a-z ]+?) ([0-9.]+)(?:, |$)", found[-1].strip())}
 
 
 def _reattached(srv) -> bool:

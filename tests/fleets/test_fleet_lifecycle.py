@@ -77,6 +77,12 @@ def test_fleet_lifecycle(host_net, tmp_path):
             assert _ssh(host_net, h, "ls ~/.dstack/agent/bundles/*/.complete").strip()
             pids[h.name] = _agent_pid(host_net, h)
             assert pids[h.name]
+            # no systemd on these hosts: the fallback start, its own session (setsid), outliving SSH
+            assert _ssh(host_net, h, f"ps -o sid= -p {pids[h.name]}").strip() == str(pids[h.name])
+            assert _ssh(host_net, h, "stat -c %a ~/.dstack/agent/token").strip() == "600"
+            # unpacked with bytecode for what the agent imports; the archive gone
+            assert _ssh(host_net, h, "ls ~/.dstack/agent/bundles/*/dstack/agent/__pycache__/app.*.pyc").strip()
+            assert not _ssh(host_net, h, "ls ~/.dstack/agent/bundles/ | grep -v '^[0-9a-f]*$'").strip()
             listeners = h.exec("ss", "-ltnH").stdout
             exposed = [line for line in listeners.splitlines() if h.address in line and ":22 " not in line]
             assert not exposed, listeners
@@ -96,15 +102,19 @@ def test_fleet_lifecycle(host_net, tmp_path):
         )
         client.fleets.apply(_conf(host_net, [h0, h1]))
         fleet = _wait_status(client, "lab", {h0.address: "idle", h1.address: "idle"})
+        bundle_inode = _ssh(host_net, h2, "stat -c %i ~/.dstack/agent/bundles/*/").strip()
+        assert bundle_inode
         deadline = time.time() + 20
         while _ssh(host_net, h2, f"kill -0 {pids['h2']} 2>/dev/null && echo alive").strip() and time.time() < deadline:
             time.sleep(0.2)
         assert not _ssh(host_net, h2, f"kill -0 {pids['h2']} 2>/dev/null && echo alive").strip()
 
-        # and added back: its number is free again
+        # and added back: its number is free again; the bundle it has is not shipped or unpacked again
         client.fleets.apply(_conf(host_net, [h0, h1, h2]))
         fleet = _wait_status(client, "lab", {h.address: "idle" for h in (h0, h1, h2)})
         assert {i.name for i in fleet.instances} == {"lab-0", "lab-1", "lab-2"}
+        assert _ssh(host_net, h2, "stat -c %i ~/.dstack/agent/bundles/*/").strip() == bundle_inode
+        assert _agent_pid(host_net, h2) not in (None, pids["h2"])
 
         fleet = client.fleets.delete_instances("lab", [1])
         assert {i.name for i in fleet.instances} == {"lab-0", "lab-2"}

@@ -1,7 +1,9 @@
 """Host probing and the agent bundle, without hosts: parsing what a host says about itself, the
-checks that refuse a host the agent cannot run on, and a bundle that names itself by content."""
+checks that refuse a host the agent cannot run on, and a bundle that names itself by content,
+carries bytecode for what the agent imports, and is kept on disk until what went into it changes."""
 
 import io
+import os
 import sys
 import tarfile
 
@@ -9,8 +11,9 @@ import pytest
 
 from dstack.core.errors import ConfigurationError
 from dstack.core.yaml_loader import load_configuration_text
+from dstack.server.backends.ssh import bundle as bundle_module
 from dstack.server.backends.ssh.agent import AgentDeployError, check_python
-from dstack.server.backends.ssh.bundle import AgentBundle, build_bundle
+from dstack.server.backends.ssh.bundle import AgentBundle, _build_into, _from_cache, cache_dir, fingerprint
 from dstack.server.backends.ssh.probe import parse_probe
 from dstack.server.services.fleets import _python_problem
 
@@ -63,13 +66,54 @@ def test_internal_ip_must_be_an_address():
         )
 
 
-@pytest.mark.slow  # imports the agent in a subprocess and compresses ~15 MB
-def test_bundle_holds_the_agent_and_its_imports():
-    b = build_bundle()
-    names = tarfile.open(fileobj=io.BytesIO(b.data)).getnames()
+@pytest.mark.slow  # imports the agent in a subprocess, compiles and compresses ~15 MB
+def test_bundle_holds_the_agent_its_imports_and_their_bytecode_and_is_kept(tmp_path, monkeypatch):
+    b = _build_into(tmp_path)
+    tar = tarfile.open(fileobj=io.BytesIO(b.data))
+    names = tar.getnames()
     tops = {n.split("/")[0] for n in names}
     assert {"dstack", "uvicorn", "fastapi", "pydantic", "pydantic_core", "psutil"} <= tops
     assert "dstack/agent/__main__.py" in names
     assert any(t.startswith("pydantic_core-") and t.endswith(".dist-info") for t in tops)  # importlib.metadata
-    assert not any("__pycache__" in n for n in names)
+    tag = sys.implementation.cache_tag
+    pyc = f"dstack/agent/__pycache__/app.{tag}.pyc"
+    assert pyc in names and f"fastapi/__pycache__/routing.{tag}.pyc" in names
+    header = tar.extractfile(pyc).read(16)  # type: ignore[union-attr]
+    assert int.from_bytes(header[4:8], "little") == 1  # hash-based, unchecked: the host never recompiles
+    assert not any(n.endswith(".pyc") and "/dstack/server/" in f"/{n}" for n in names)  # the agent's imports only
     assert len(b.data) < 64 * 1024 * 1024 and b.name == b.digest[:16]
+
+    # kept: the next server reads it (no build), the same bytes
+    monkeypatch.setattr(bundle_module, "_build", lambda *a: pytest.fail("built again"))
+    again = _from_cache(tmp_path)
+    assert again is not None and again.digest == b.digest
+    # an archive that does not match its manifest is not used
+    (archive,) = tmp_path.glob("agent-*.tar.gz")
+    archive.write_bytes(archive.read_bytes()[:-1] + b"x")
+    assert _from_cache(tmp_path) is None
+
+
+def test_fingerprint_changes_with_what_went_into_the_bundle(tmp_path):
+    pkg = tmp_path / "site" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    first = fingerprint([pkg])
+    assert fingerprint([pkg]) == first
+    (pkg / "a.py").write_text("x = 22\n")  # edited (size)
+    second = fingerprint([pkg])
+    assert second != first
+    os.utime(pkg / "a.py", ns=(1, 1))  # touched (mtime)
+    assert fingerprint([pkg]) != second
+    third = fingerprint([pkg])
+    (tmp_path / "site" / "other").mkdir()  # a package installed beside it
+    assert fingerprint([pkg]) != third
+
+
+def test_cache_dir_setting(monkeypatch, tmp_path):
+    monkeypatch.setenv("DSTACK_SERVER_AGENT_BUNDLE_CACHE", "off")
+    assert cache_dir() is None
+    monkeypatch.setenv("DSTACK_SERVER_AGENT_BUNDLE_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("DSTACK_SERVER_AGENT_BUNDLE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "dstack" / "agent-bundles"

@@ -166,7 +166,7 @@ def apply_fleet(args: argparse.Namespace, path: str) -> int:
             fleet = client.fleets.get(fleet.name)
             if all(i.status not in ("provisioning", "pending") for i in fleet.instances):
                 break
-            time.sleep(1)
+            time.sleep(0.2)  # a host comes up in ~2 s: a 1 s poll added up to a second
     print_fleets([fleet])
     bad = [i for i in fleet.instances if i.status not in ("idle", "busy")]
     if bad:

@@ -30,9 +30,10 @@ from dstack.core.models.fleets import FleetConfiguration, SSHHostParams, SSHKey,
 from dstack.core.models.runs import InstanceResources, InstanceStatus, JobProvisioningData, JobStatus, RunType
 from dstack.server import crypto
 from dstack.server import errors as _errors
-from dstack.server.backends.ssh.backend import HostUnreachable, SSHBackend, connect_and_probe
+from dstack.server.backends.ssh.backend import HostUnreachable, Ready, SSHBackend, connect_and_probe
 from dstack.server.backends.ssh.bundle import AgentBundle, agent_bundle
 from dstack.server.backends.ssh.connection import Endpoint, Target
+from dstack.server.backends.ssh.phases import Phases
 from dstack.server.backends.ssh.probe import HostProbe
 from dstack.server.db import Database
 from dstack.server.errors import ResourceExists, ResourceNotFound
@@ -238,19 +239,32 @@ class FleetManager:
             if not self.instances.has_client(instance_id):
                 self._spawn_attach(instance_id, name, agent)
 
-    def _spawn_attach(self, instance_id: str, name: str, agent_json: str | None) -> None:
+    def _spawn_attach(
+        self,
+        instance_id: str,
+        name: str,
+        agent_json: str | None,
+        phases: Phases | None = None,
+        ready: Ready | None = None,
+    ) -> None:
         task = self._attaching.get(instance_id)
         if task is not None and not task.done():
+            if ready is not None:
+                ready[0].close()
             return
-        self._attaching[instance_id] = asyncio.create_task(self._attach(instance_id, name, agent_json))
+        self._attaching[instance_id] = asyncio.create_task(
+            self._attach(instance_id, name, agent_json, phases or Phases(), ready)
+        )
 
-    async def _attach(self, instance_id: str, name: str, agent_json: str | None) -> None:
+    async def _attach(
+        self, instance_id: str, name: str, agent_json: str | None, phases: Phases, ready: Ready | None = None
+    ) -> None:
         token = None
         with contextlib.suppress(ValueError, crypto.DecryptionError):
             stored = json.loads(agent_json or "{}").get("token")
             token = crypto.decrypt(stored) if stored else None
         try:
-            inst = await self.backend.attach(name, token)
+            inst = await self.backend.attach(name, token, phases, ready)
         except HostUnreachable as e:
             logger.warning("fleet host %s: %s", name, e)
             await self.backend.mark(name, InstanceStatus.UNREACHABLE, str(e))
@@ -265,6 +279,15 @@ class FleetManager:
                 fi.status_message = None
                 await session.commit()
         await self.instances.add(instance_id, self.backend, inst)
+        phases.mark("idle")
+        logger.info("fleet host %s idle in %.2f s: %s", name, phases.total, phases)
+        # A new agent there, as after a recovery: the pipeline passes now, so a run waiting for
+        # room starts on this host at once rather than at its next idle round (seconds).
+        for listener in self.instances.agent_listeners:
+            try:
+                await listener(instance_id)
+            except Exception:
+                logger.exception("a listener of fleet host %s failed", name)
 
     async def _host_unreachable(self, name: str) -> None:
         """The host stopped answering (SSH and agent both, ~20 s after it went away; faster than
@@ -281,8 +304,16 @@ class FleetManager:
 
     # --- plan and apply -------------------------------------------------------------------
 
-    async def plan(self, session: AsyncSession, project: ProjectModel, conf: FleetConfiguration) -> dict[str, Any]:
-        """What applying would do, with what each new host offers (probed now over SSH)."""
+    async def plan(
+        self,
+        session: AsyncSession,
+        project: ProjectModel,
+        conf: FleetConfiguration,
+        keep: dict[str, Ready] | None = None,
+    ) -> dict[str, Any]:
+        """What applying would do, with what each new host offers (probed now over SSH). `keep`:
+        the connections to new hosts that probed fine are left open there, by host id (`apply`
+        deploys the agents over them instead of connecting again); the caller closes them."""
         if self._prebuild is None:  # the agent bundle, built while the hosts are probed and confirmed
             self._prebuild = asyncio.create_task(asyncio.to_thread(agent_bundle), name="agent-bundle")
         _check_conf(conf)
@@ -310,7 +341,6 @@ class FleetManager:
                 except HostUnreachable as e:
                     row["error"] = str(e)
                     return row
-            conn.close()
             row["probe"] = found.to_dict()
             row["host_key"] = conn.host_key
             row["jump_host_key"] = conn.jump_host_key
@@ -318,6 +348,10 @@ class FleetManager:
             problem = _python_problem(found) or _resources_problem(conf, found)
             if problem:
                 row["error"] = problem
+            if keep is not None and not problem:
+                keep[hid] = (conn, found)
+            else:
+                conn.close()
             return row
 
         rows = list(await asyncio.gather(*(probe_one(h) for h in hosts)))
@@ -345,8 +379,20 @@ class FleetManager:
         _check_conf(conf)
         if conf.name is None:
             conf = conf.model_copy(update={"name": f"fleet-{secrets.token_hex(3)}"})
+        opened: dict[str, Ready] = {}  # the plan's connections to new hosts, handed to their attaches
+        try:
+            return await self._apply(session, project, conf, opened)
+        finally:
+            for conn, _ in opened.values():
+                conn.close()
+
+    async def _apply(
+        self, session: AsyncSession, project: ProjectModel, conf: FleetConfiguration, opened: dict[str, Ready]
+    ) -> dict[str, Any]:
         assert conf.name is not None and conf.ssh_config is not None
-        plan = await self.plan(session, project, conf)
+        phases = Phases()
+        plan = await self.plan(session, project, conf, opened)
+        phases.mark("plan")
         failed = [h for h in plan["hosts"] if h.get("error")]
         if failed:
             raise BadRequest("; ".join(f"{h['hostname']}: {h['error']}" for h in failed), fields=["ssh_config.hosts"])
@@ -371,7 +417,7 @@ class FleetManager:
             fi.internal_ip = h.internal_ip or fi.internal_ip
             fi.ssh = _ssh_json(h, old.get("host_key"), old.get("jump_host_key"))
         next_num = max((fi.instance_num for fi, _ in existing), default=-1) + 1
-        new_ids: list[tuple[str, str]] = []
+        new_ids: list[tuple[str, str, str]] = []
         for row in plan["hosts"]:
             if row["action"] != "add":
                 continue
@@ -407,14 +453,15 @@ class FleetManager:
                     ssh=_ssh_json(h, row.get("host_key"), row.get("jump_host_key")),
                 )
             )
-            new_ids.append((inst.id, inst_name))
+            new_ids.append((inst.id, inst_name, _host_id(row["hostname"], row["port"])))
             next_num += 1
         await session.commit()
         for _fi, inst in removed:
             await self._terminate(session, inst)
         await session.commit()
-        for instance_id, inst_name in new_ids:
-            self._spawn_attach(instance_id, inst_name, None)
+        phases.mark("rows")
+        for instance_id, inst_name, hid in new_ids:
+            self._spawn_attach(instance_id, inst_name, None, phases.fork(), opened.pop(hid, None))
         return await self.get(session, project, conf.name)
 
     # --- reading and deleting -------------------------------------------------------------

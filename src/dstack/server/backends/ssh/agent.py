@@ -8,14 +8,15 @@ running agent with our token (a server restart, a re-apply) and reuses it with i
 
 from __future__ import annotations
 
-import asyncio
 import json
+import secrets
 import shlex
 from dataclasses import dataclass
 
 import asyncssh
 
 from dstack.server.backends.ssh.bundle import AgentBundle
+from dstack.server.backends.ssh.phases import Phases
 from dstack.server.backends.ssh.probe import HostProbe
 
 AGENT_DIR = ".dstack/agent"  # relative to the SSH user's home
@@ -56,13 +57,7 @@ async def running_agent(conn: asyncssh.SSHClientConnection, token: str) -> Remot
     )
     if code != 0 or not out.rstrip().endswith("alive"):
         return None
-    try:
-        info = json.loads(out.splitlines()[0])
-    except (ValueError, IndexError):
-        return None
-    if info.get("token") != token:
-        return None
-    return RemoteAgent(pid=int(info["pid"]), port=int(info["port"]))
+    return _parse_agent_json(out.splitlines()[0], token)
 
 
 def check_python(probe: HostProbe, bundle: AgentBundle) -> str:
@@ -76,76 +71,140 @@ def check_python(probe: HostProbe, bundle: AgentBundle) -> str:
     return python
 
 
-async def _ship_bundle(conn: asyncssh.SSHClientConnection, bundle: AgentBundle) -> str:
-    """Make sure `bundles/<name>/` exists on the host; returns its absolute path."""
-    code, home, err = await _run(conn, 'printf %s "$HOME"', timeout=20)
-    if code != 0 or not home.startswith("/"):
-        raise AgentDeployError(f"cannot find the SSH user's home directory: {err.strip()[:200]}")
-    base = f"{home}/{AGENT_DIR}"
-    target = f"{base}/bundles/{bundle.name}"
-    code, _, _ = await _run(conn, f"test -f {shlex.quote(target)}/.complete", timeout=20)
-    if code == 0:
-        return target
-    await _run(conn, f"mkdir -p {shlex.quote(base)}/bundles && chmod 700 {shlex.quote(base)}", timeout=20)
-    archive = f"{target}.tar.gz"
-    async with conn.start_sftp_client() as sftp:
-        async with sftp.open(archive, "wb") as f:
-            await f.write(bundle.data)
-    q = shlex.quote
-    code, _, err = await _run(
+def _parse_agent_json(text: str, token: str) -> RemoteAgent | None:
+    try:
+        info = json.loads(text)
+        if info.get("token") != token:
+            return None
+        return RemoteAgent(pid=int(info["pid"]), port=int(info["port"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+async def ship_bundle(conn: asyncssh.SSHClientConnection, bundle: AgentBundle) -> str:
+    """Make sure the bundle's archive or its unpacked folder is on the host (one command, then
+    one SFTP upload only if the host has neither); returns the agent's base folder there. The
+    archive is unpacked by `launch`, in the same command that starts the agent."""
+    name = shlex.quote(bundle.name)
+    code, out, err = await _run(
         conn,
-        f"rm -rf {q(target)}.tmp && mkdir -p {q(target)}.tmp && tar -xzf {q(archive)} -C {q(target)}.tmp"
-        f" && rm -rf {q(target)} && mv {q(target)}.tmp {q(target)} && touch {q(target)}/.complete; "
-        f"s=$?; rm -f {q(archive)}; exit $s",
-        timeout=300,
+        f'base="$HOME/{AGENT_DIR}"; mkdir -p "$base/bundles" && chmod 700 "$base" && printf "%s\\n" "$base" && '
+        f'{{ [ -f "$base/bundles/"{name}/.complete ] || [ -f "$base/bundles/"{name}.tar.gz ] && echo have || echo need; }}',
+        timeout=20,
     )
-    if code != 0:
-        raise AgentDeployError(f"unpacking the agent on the host failed: {err.strip()[-300:]}")
-    return target
+    lines = out.split("\n")
+    base = lines[0].strip()
+    if code != 0 or not base.startswith("/"):
+        raise AgentDeployError(f"cannot make the agent's folder in the SSH user's home: {err.strip()[:200]}")
+    if out.strip().endswith("need"):
+        archive = f"{base}/bundles/{bundle.name}.tar.gz"
+        partial = f"{archive}.{secrets.token_hex(4)}.part"  # two servers may ship at once
+        async with conn.start_sftp_client() as sftp:
+            async with sftp.open(partial, "wb") as f:
+                await f.write(bundle.data)
+            await sftp.posix_rename(partial, archive)
+    return base
+
+
+def launch_script(base: str, bundle: AgentBundle, python: str, unit: str, systemd: bool, timeout: float) -> str:
+    """One shell command that unpacks the bundle if it is still an archive, stores the token (read
+    from stdin, 0600), stops an agent started before with another token, starts the agent so it
+    outlives the SSH session, and waits (polling every 50 ms) until the agent has written
+    `agent.json`, which it does once it listens; prints that file. Exit 3 (with the end of the
+    agent's log on stderr) if the agent exits or does not come up within `timeout`."""
+    q = shlex.quote
+    target = f"{base}/bundles/{bundle.name}"
+    unpack = (
+        f"if [ ! -f {q(target)}/.complete ]; then "
+        f"rm -rf {q(target)}.tmp && mkdir -p {q(target)}.tmp && tar -xzf {q(target)}.tar.gz -C {q(target)}.tmp "
+        f"&& rm -rf {q(target)} && mv {q(target)}.tmp {q(target)} && touch {q(target)}/.complete "
+        f"|| {{ s=$?; echo 'unpacking the agent failed' >&2; exit $s; }}; fi; rm -f {q(target)}.tar.gz"
+    )
+    store_token = f"(umask 077 && cat > {q(base)}/token.new && mv {q(base)}/token.new {q(base)}/token) || exit 1"
+    info = f"{base}/home/agent.json"
+    stop_old = (
+        f"if [ -f {q(info)} ]; then "
+        f"pid=$(sed -n 's/.*\"pid\": *\\([0-9]*\\).*/\\1/p' {q(info)}); "
+        f'[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -f {q(info)}; fi'
+    )
+    agent = f"{q(python)} -m dstack.agent --host 127.0.0.1 --port 0 --home {q(base)}/home --token-file {q(base)}/token"
+    # One simple command in the background, every stream redirected: nothing keeps the channel
+    # open. Not in a subshell: `$!` is the agent itself (setsid does not fork outside job control).
+    nohup = f"PYTHONPATH={q(target)} setsid nohup {agent} >> {q(base)}/agent.log 2>&1 < /dev/null & apid=$!"
+    if systemd:
+        start = (
+            f"systemctl stop {q(unit)} 2>/dev/null; systemctl reset-failed {q(unit)} 2>/dev/null; "
+            f"if ! systemd-run --quiet --unit={q(unit)} --property=KillMode=process --setenv=PYTHONPATH={q(target)} "
+            f"--working-directory={q(base)} sh -c {q(agent + f' >> {q(base)}/agent.log 2>&1')}; then "
+            f"echo 'systemd-run failed: starting the agent with setsid instead' >> {q(base)}/agent.log; {nohup}; fi"
+        )
+    else:
+        start = nohup
+    tries = max(1, int(timeout / 0.05))
+    wait = (
+        f"i=0; while [ $i -lt {tries} ]; do "
+        f"if [ -f {q(info)} ]; then "
+        f"pid=$(sed -n 's/.*\"pid\": *\\([0-9]*\\).*/\\1/p' {q(info)}); "
+        f'if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then cat {q(info)}; exit 0; fi; fi; '
+        'if [ -n "$apid" ] && ! kill -0 "$apid" 2>/dev/null; then break; fi; '
+        "i=$((i+1)); sleep 0.05 2>/dev/null || sleep 1; done; "
+        f"echo 'the agent did not start' >&2; tail -c 2000 {q(base)}/agent.log >&2; exit 3"
+    )
+    return f"cd {q(base)} || exit 1; apid=; {unpack}; {store_token}; {stop_old}; {start}; {wait}"
+
+
+async def launch(
+    conn: asyncssh.SSHClientConnection,
+    token: str,
+    base: str,
+    bundle: AgentBundle,
+    python: str,
+    unit: str,
+    systemd: bool,
+) -> RemoteAgent:
+    """Start the agent from the shipped bundle (one command); its pid and port once it listens."""
+    script = launch_script(base, bundle, python, unit, systemd, START_TIMEOUT)
+    try:
+        r = await conn.run(script, input=token, check=False, timeout=START_TIMEOUT + 30)
+    except TimeoutError:
+        raise AgentDeployError(f"the agent did not start within {START_TIMEOUT:g} s") from None
+    out, err = _text(r.stdout), _text(r.stderr)
+    if r.exit_status == 3:
+        raise AgentDeployError(f"the agent did not start: {err.strip()[-1000:]}")
+    if r.exit_status != 0:
+        raise AgentDeployError(f"starting the agent failed: {err.strip()[-300:]}")
+    found = _parse_agent_json(out.strip(), token)
+    if found is None:
+        raise AgentDeployError(f"the agent started without the expected token: {out.strip()[:200]}")
+    return found
 
 
 async def start_agent(
-    conn: asyncssh.SSHClientConnection, token: str, probe: HostProbe, bundle: AgentBundle, unit: str
+    conn: asyncssh.SSHClientConnection,
+    token: str,
+    probe: HostProbe,
+    bundle: AgentBundle,
+    unit: str,
+    phases: Phases | None = None,
+    base: str | None = None,
 ) -> RemoteAgent:
-    """Ship the bundle if needed and start a new agent (stopping one with another token)."""
+    """Ship the bundle unless `base` says it was (or the host has it) and start a new agent
+    (stopping one with another token)."""
+    phases = phases or Phases()
     python = check_python(probe, bundle)
-    bundle_dir = await _ship_bundle(conn, bundle)
-    q = shlex.quote
-    base = bundle_dir.rsplit("/bundles/", 1)[0]
-    async with conn.start_sftp_client() as sftp:
-        async with sftp.open(f"{base}/token", "w", asyncssh.SFTPAttrs(permissions=0o600)) as f:
-            await f.write(token)
-        await sftp.chmod(f"{base}/token", 0o600)
-    agent = f"{q(python)} -m dstack.agent --host 127.0.0.1 --port 0 --home {q(base)}/home --token-file {q(base)}/token"
-    stop_old = (
-        f'f={q(base)}/home/agent.json; if [ -f "$f" ]; then '
-        'pid=$(sed -n \'s/.*"pid": *\\([0-9]*\\).*/\\1/p\' "$f"); '
-        '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -f "$f"; fi'
-    )
-    if probe.systemd:
-        launch = (
-            f"systemctl stop {q(unit)} 2>/dev/null; systemctl reset-failed {q(unit)} 2>/dev/null; "
-            f"systemd-run --quiet --unit={q(unit)} --property=KillMode=process --setenv=PYTHONPATH={q(bundle_dir)} "
-            f"--working-directory={q(base)} sh -c {q(agent + f' >> {base}/agent.log 2>&1')}"
-        )
-    else:
-        # One simple command in the background, every stream redirected: nothing keeps the SSH channel open.
-        launch = (
-            f"cd {q(base)} || exit 1; "
-            f"PYTHONPATH={q(bundle_dir)} setsid nohup {agent} >> {q(base)}/agent.log 2>&1 < /dev/null &"
-        )
-    code, _, err = await _run(conn, f"{stop_old}; {launch}", timeout=60)
-    if code != 0:
-        raise AgentDeployError(f"starting the agent failed: {err.strip()[-300:]}")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + START_TIMEOUT
-    while loop.time() < deadline:
-        found = await running_agent(conn, token)
-        if found is not None:
-            return found
-        await asyncio.sleep(0.3)
-    _, log, _ = await _run(conn, f"tail -c 2000 {q(base)}/agent.log", timeout=20)
-    raise AgentDeployError(f"the agent did not start within {START_TIMEOUT:g} s: {log.strip()[-1000:]}")
+    if base is None:
+        base = await ship_bundle(conn, bundle)
+        phases.mark("ship")
+    found = await launch(conn, token, base, bundle, python, unit, use_systemd(probe))
+    phases.mark("start agent")
+    return found
+
+
+def use_systemd(probe: HostProbe) -> bool:
+    """Whether the agent runs as a systemd unit: where systemd runs and the SSH user is root (the
+    system manager; a user manager's units end with the user's last session unless lingering
+    is on). Elsewhere, and if `systemd-run` fails, it is started with `setsid nohup`."""
+    return probe.systemd and probe.uid == 0
 
 
 async def stop_agent(conn: asyncssh.SSHClientConnection, token: str, unit: str) -> None:

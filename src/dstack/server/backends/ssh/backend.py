@@ -29,6 +29,7 @@ from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInsta
 from dstack.server.backends.ssh import agent as remote
 from dstack.server.backends.ssh.bundle import agent_bundle
 from dstack.server.backends.ssh.connection import Connection, Endpoint, Target, connect, describe_error
+from dstack.server.backends.ssh.phases import Phases
 from dstack.server.backends.ssh.probe import HostProbe, probe
 from dstack.server.db import Database
 from dstack.server.fleet_models import FleetInstanceModel, FleetModel
@@ -84,16 +85,32 @@ def target_of(fi: FleetInstanceModel) -> Target:
     return Target(host=host, jump=jump)
 
 
-async def connect_and_probe(target: Target) -> tuple[Connection, HostProbe]:
+async def _connect(target: Target) -> Connection:
     try:
-        conn = await connect(target)
+        return await connect(target)
     except Exception as e:
         raise HostUnreachable(describe_error(e)) from e
+
+
+async def _probe(conn: Connection) -> HostProbe:
     try:
-        return conn, await probe(conn.conn)
+        return await probe(conn.conn)
     except Exception as e:
         conn.close()
         raise HostUnreachable(f"probing the host failed: {describe_error(e)}") from e
+
+
+async def connect_and_probe(target: Target, phases: Phases | None = None) -> tuple[Connection, HostProbe]:
+    phases = phases or Phases()
+    conn = await _connect(target)
+    phases.mark("connect")
+    found = await _probe(conn)
+    phases.mark("probe")
+    return conn, found
+
+
+#: a connection already open to a host and what it probed there (the apply's plan), to reuse
+Ready = tuple[Connection, HostProbe]
 
 
 class SSHBackend(Backend):
@@ -188,13 +205,16 @@ class SSHBackend(Backend):
                 except Exception:
                     logger.exception("a listener of unreachable instance %s failed", name)
 
-    async def attach(self, name: str, token: str | None) -> ProvisionedInstance:
+    async def attach(
+        self, name: str, token: str | None, phases: Phases | None = None, ready: Ready | None = None
+    ) -> ProvisionedInstance:
         """Connect to the host (trusting its key on first use), reuse its agent if one runs with
-        `token`, else deploy and start one, and forward a local port to it."""
+        `token`, else deploy and start one, and forward a local port to it. `ready`: a connection
+        the caller opened and probed moments ago (it is used instead of a new one, and owned)."""
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             try:
-                return await asyncio.wait_for(self._attach(name, token), ATTACH_TIMEOUT)
+                return await asyncio.wait_for(self._attach(name, token, phases or Phases(), ready), ATTACH_TIMEOUT)
             except HostUnreachable:
                 raise
             except TimeoutError as e:
@@ -204,30 +224,57 @@ class SSHBackend(Backend):
             except Exception as e:
                 raise HostUnreachable(describe_error(e)) from e
 
-    async def _attach(self, name: str, token: str | None) -> ProvisionedInstance:
-        await self._detach(name)
-        async with self.db.session() as session:
-            inst = (await session.execute(select(InstanceModel).where(InstanceModel.name == name))).scalar_one()
-            fi = await session.get(FleetInstanceModel, inst.id)
-            if fi is None:
-                raise HostUnreachable(f"instance {name} is not a fleet host")
-            fleet = await session.get(FleetModel, fi.fleet_id)
-            target = target_of(fi)
-            region = fleet.name if fleet is not None else ""
-            internal_ip = fi.internal_ip
-            home_port = json.loads(fi.ssh or "{}").get("home_port")
-        conn, found = await connect_and_probe(target)
+    async def _attach(self, name: str, token: str | None, phases: Phases, ready: Ready | None) -> ProvisionedInstance:
+        try:
+            await self._detach(name)
+            async with self.db.session() as session:
+                inst = (await session.execute(select(InstanceModel).where(InstanceModel.name == name))).scalar_one()
+                fi = await session.get(FleetInstanceModel, inst.id)
+                if fi is None:
+                    raise HostUnreachable(f"instance {name} is not a fleet host")
+                fleet = await session.get(FleetModel, fi.fleet_id)
+                target = target_of(fi)
+                region = fleet.name if fleet is not None else ""
+                internal_ip = fi.internal_ip
+                home_port = json.loads(fi.ssh or "{}").get("home_port")
+        except BaseException:
+            if ready is not None:
+                ready[0].close()
+            raise
+        phases.mark("read host")
+        deploy = token is None  # a new token: no agent there has it, nothing to look for
+        base: str | None = None
+        if ready is not None:
+            conn, found = ready
+        elif deploy:  # probe and ship at once, on two channels of one connection
+            conn = await _connect(target)
+            phases.mark("connect")
+            try:
+                found, base = await asyncio.gather(_probe(conn), self._ship(conn))
+            except BaseException:
+                conn.close()
+                raise
+            phases.mark("probe + ship")
+        else:
+            conn, found = await connect_and_probe(target, phases)
         try:
             await self._trust(name, conn)
-            token = token or secrets.token_hex(24)
-            agent = await remote.running_agent(conn.conn, token)
+            agent = None
+            if token is not None:
+                agent = await remote.running_agent(conn.conn, token)
+                phases.mark("look for agent")
+            else:
+                token = secrets.token_hex(24)
             if agent is None:
-                agent = await remote.start_agent(conn.conn, token, found, await asyncio.to_thread(agent_bundle), UNIT)
+                bundle = await asyncio.to_thread(agent_bundle)
+                phases.mark("bundle")
+                agent = await remote.start_agent(conn.conn, token, found, bundle, UNIT, phases, base)
                 logger.info("started the agent on %s (%s), pid %s", name, target.host.hostname, agent.pid)
             else:
                 logger.info("re-attached to the agent on %s (%s), pid %s", name, target.host.hostname, agent.pid)
             listener = await conn.conn.forward_local_port("127.0.0.1", 0, "127.0.0.1", agent.port)
             home = await self._forward_home(name, conn.conn, home_port if isinstance(home_port, int) else None)
+            phases.mark("forwards")
         except BaseException:
             conn.close()
             raise
@@ -236,6 +283,7 @@ class SSHBackend(Backend):
             await self._set_home_port(name, home.get_port())
         endpoint = AgentEndpoint(url=f"http://127.0.0.1:{listener.get_port()}", token=token, pid=agent.pid)
         host = await agent_host(endpoint)
+        phases.mark("healthcheck")
         endpoint.network_isolation = bool(host.get("network_isolation"))
         endpoint.containers = bool(host.get("containers"))
         if internal_ip is None:
@@ -253,6 +301,10 @@ class SSHBackend(Backend):
             price=0.0,
             agent=endpoint,
         )
+
+    async def _ship(self, conn: Connection) -> str:
+        bundle = await asyncio.to_thread(agent_bundle)
+        return await remote.ship_bundle(conn.conn, bundle)
 
     async def _trust(self, name: str, conn: Connection) -> None:
         """Store the host keys seen on first use (later connections enforce them)."""

@@ -29,6 +29,7 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 for c in podman docker; do command -v "$c" >/dev/null 2>&1 && echo "container=$c"; done
 [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1 && echo "systemd=1"
+echo "uid=$(id -u)"
 true
 """
 
@@ -46,6 +47,7 @@ class HostProbe:
     containers: list[str] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)
     systemd: bool = False
+    uid: int | None = None
 
     def python_for(self, version: str) -> str | None:
         """An interpreter of this minor version, preferring the versioned name."""
@@ -104,6 +106,7 @@ def parse_probe(output: str) -> HostProbe:
         containers=containers,
         addresses=values.get("addrs", "").split(),
         systemd=values.get("systemd") == "1",
+        uid=num("uid") if values.get("uid", "").isdigit() else None,
     )
 
 
