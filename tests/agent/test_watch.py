@@ -74,3 +74,17 @@ def test_jobs_the_agent_does_not_know_are_named(client: httpx.Client) -> None:
     ghost = f"job-{uuid.uuid4().hex[:12]}"
     answer = watch(client, {ghost: (0, "running")}, wait=5)
     assert answer["unknown"] == [ghost] and answer["jobs"] == {}
+
+
+def test_a_job_submitted_with_start_runs_without_a_start_request(client: httpx.Client) -> None:
+    job_id = f"job-{uuid.uuid4().hex[:12]}"
+    r = client.post(
+        "/api/jobs", params={"start": "true"}, json={"job_id": job_id, "run_name": "t", "commands": ["echo hi"]}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] in ("preparing", "running", "done")
+    states, output = follow(client, [job_id], {"done", "failed"})
+    assert states == {job_id: "done"} and output == {job_id: b"hi\n"}
+    # Without `start` the job waits for its start, as before.
+    other = submit(client, ["echo no"], start=False)
+    assert watch(client, {other: (0, None)}, wait=0)["jobs"][other]["state"] == "submitted"

@@ -97,9 +97,13 @@ def create_app(home: Path, token: str) -> FastAPI:
         ]
 
     @app.post("/api/jobs", dependencies=[Depends(auth)])
-    async def submit(spec: AgentJobSubmission) -> dict[str, str]:
-        manager.submit(spec)
-        return {"job_id": spec.job_id}
+    async def submit(spec: AgentJobSubmission, start: bool = False) -> dict[str, str]:
+        """`start=true`: start it at once too (a job without code: one request instead of two)."""
+        job = manager.submit(spec)
+        if not start:
+            return {"job_id": spec.job_id}
+        job.start()
+        return {"job_id": spec.job_id, "state": job.state}
 
     @app.put("/api/jobs/{job_id}/code", dependencies=[Depends(auth)])
     async def upload_code(job_id: str, request: Request) -> dict[str, Any]:

@@ -60,10 +60,20 @@ class AgentClient:
             self.last_healthy = time.monotonic()
         return ok
 
-    async def submit(self, submission: AgentJobSubmission) -> None:
-        r = await self._http.post("/api/jobs", json=submission.model_dump(mode="json"))
-        if r.status_code not in (200, 409):
+    async def submit(self, submission: AgentJobSubmission, start: bool = False) -> dict[str, Any]:
+        """Hand the job to the agent; with `start`, ask it to start the job in the same request.
+        The answer has `state` only when the agent started it (an older agent ignores `start`, and
+        a job it already had is not started by this: the caller starts it)."""
+        params = {"start": "true"} if start else None
+        r = await self._http.post("/api/jobs", json=submission.model_dump(mode="json"), params=params)
+        if r.status_code == 409:
+            return {}
+        if r.status_code != 200:
             raise AgentError(f"agent refused job: {r.status_code} {r.text}")
+        try:
+            return _json_object(r)
+        except ValueError:
+            return {}
 
     async def upload_code(self, job_id: str, blob: bytes) -> None:
         r = await self._http.put(

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import httpx
 from sqlalchemy import select
 
-from dstack.agent.models import FINAL_STATES
+from dstack.agent.models import FINAL_STATES, AgentJobSubmission
 from dstack.core.models.runs import JobStatus, JobTerminationReason, RunSpec
 from dstack.server.agent_client import AgentClient, AgentError
 from dstack.server.backends.slurm.allocations import with_server_url as slurm_with_server_url
@@ -140,7 +140,7 @@ class AgentTasks:
                 code = await code_blob(session, run.project_id, run_spec)
             client = self.agents.client(inst.id)
             try:
-                result = await submit_to_agent(client, submission, code)
+                result = await _submit(client, submission, code)
             except httpx.TransportError as e:
                 # The agent may have just died: once the supervisor has brought it back, submit
                 # again (the new agent does not know the job); else fail as before.
@@ -148,7 +148,7 @@ class AgentTasks:
                 recovered = await self.agents.wait_recovered(inst.id, client, AGENT_RECOVERY_WAIT_SECONDS)
                 if recovered is None:
                     raise
-                result = await submit_to_agent(recovered, submission, code)
+                result = await _submit(recovered, submission, code)
             state = str(result.get("state", "submitted"))
 
             async def note_started() -> None:
@@ -319,6 +319,17 @@ class AgentTasks:
             run_id = await retry_on_conflict(session, finish)
         if run_id is not None:
             self._on_job_changed(run_id)
+
+
+async def _submit(client: AgentClient, submission: AgentJobSubmission, code: bytes) -> dict[str, Any]:
+    """Submit and start; a job without code in one request (`POST /api/jobs?start=true`), else
+    submit, upload, start. The agent's answer to the start."""
+    if code:
+        return await submit_to_agent(client, submission, code)
+    answer = await client.submit(submission, start=True)
+    if "state" in answer:
+        return answer
+    return await client.start(submission.job_id)  # an agent older than `start=true`, or one that had it
 
 
 async def _forget_on_agent(client: AgentClient, job_id: str) -> None:
