@@ -40,3 +40,14 @@ def test_parking_prefers_empty_slots_then_least_recently_used():
     assert cache.holds(2) == 20 and cache.holds(1) == 0
     cache.clear()
     assert cache.parking_slot([]) is None and cache.holds(2) == 0
+
+
+def test_move_hands_a_slot_s_tokens_to_another():
+    cache = PrefixCache(min_reuse=2)
+    cache.hold(0, [1, 2, 3])
+    cache.hold(4, [9, 9])
+    cache.move(0, 4)
+    assert cache.holds(0) == 0 and cache.holds(4) == 3
+    assert cache.best([1, 2, 3, 7], [0, 4], own=0) == (4, 3)
+    cache.move(0, 4)  # nothing held: the destination's old tokens are gone too
+    assert cache.holds(4) == 0

@@ -1,6 +1,7 @@
-"""The engine's scheduling with a unified KV buffer, on the real model (no HTTP): a new prompt
-joins the pass that carries the running sequences' next tokens, and a long prompt is prefilled in
-chunks alongside them instead of stalling them."""
+"""The engine's scheduling on the real model (no HTTP). Unified KV buffer: a new prompt joins the
+pass that carries the running sequences' next tokens, and a long prompt is prefilled in chunks
+alongside them instead of stalling them. One KV stream per sequence: a repeated prompt's cached
+KV survives another request taking its slot, and its one remaining token rides the running pass."""
 
 from __future__ import annotations
 
@@ -20,18 +21,27 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator:  # type: ignore[type-arg]
+def _engine(kv_unified: bool) -> Iterator:  # type: ignore[type-arg]
     from dstack.serving.engine import Engine
     from dstack.serving.llama import LlamaModel
     from dstack.serving.models import builtin_model_path
 
-    model = LlamaModel(Path(builtin_model_path()), n_ctx_per_seq=1024, n_seq_max=4, threads=1, kv_unified=True)
+    model = LlamaModel(Path(builtin_model_path()), n_ctx_per_seq=1024, n_seq_max=4, threads=1, kv_unified=kv_unified)
     eng = Engine(model, prefill_chunk=32)
     eng.start()
     yield eng
     eng.stop()
     model.close()
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator:  # type: ignore[type-arg]
+    yield from _engine(kv_unified=True)
+
+
+@pytest.fixture(scope="module")
+def streams_engine() -> Iterator:  # type: ignore[type-arg]
+    yield from _engine(kv_unified=False)
 
 
 class Tracked:
@@ -42,6 +52,7 @@ class Tracked:
         from dstack.serving.sampling import SamplingParams
 
         self.steps: list[int] = []
+        self.tokens: list[int] = []
         self.done = threading.Event()
         self.started = threading.Event()
         self.error: str | None = None
@@ -49,6 +60,7 @@ class Tracked:
         def emit(ev) -> None:  # type: ignore[no-untyped-def]  # runs on the scheduler thread
             if ev.token is not None:
                 self.steps.append(engine.stats.decode_steps)
+                self.tokens.append(ev.token.id)
                 self.started.set()
             if ev.finish is not None or ev.error is not None:
                 self.error = ev.error
@@ -91,3 +103,23 @@ def test_long_prompt_is_chunked_without_stalling_decodes(engine) -> None:  # typ
     )
     assert long.steps[0] == window[-1]
     assert long.steps[0] - before >= chunks, (before, long.steps)  # not prefilled in one call
+
+
+def test_repeated_prompt_rides_the_running_pass_per_sequence(streams_engine) -> None:  # type: ignore[no-untyped-def]
+    eng = streams_engine
+    prompt = eng.model.tokenize("The history of the Roman Empire begins")
+    first = Tracked(eng, prompt, 3)
+    assert first.done.wait(300) and first.error is None
+    # This one takes the lowest free slot, the one whose KV holds `prompt`: that KV is parked elsewhere.
+    running = Tracked(eng, eng.model.tokenize("Once upon a time"), 24)
+    assert running.started.wait(300)
+    hits, reused = eng.stats.prefix_cache_hits, eng.stats.prefix_cache_tokens
+    again = Tracked(eng, prompt, 3)
+    assert again.done.wait(300) and running.done.wait(300)
+    assert running.error is None and again.error is None
+    assert eng.stats.prefix_cache_hits == hits + 1
+    assert eng.stats.prefix_cache_tokens - reused == len(prompt) - 1
+    # Its last prompt token went through the same llama_decode call as the running sequence's next token...
+    assert again.steps[0] in running.steps, (again.steps, running.steps)
+    # ...and the reused, moved KV gives the same greedy tokens as the first, fresh run.
+    assert again.tokens == first.tokens

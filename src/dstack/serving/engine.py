@@ -276,6 +276,8 @@ class Engine:
                 self.stats.prefix_cache_tokens += n
             self.cache.drop(slot)
             return
+        if source != slot or n < self.cache.holds(slot):
+            self._park(slot, keep=source)
         if source is not None and source != slot:
             self.model.copy_seq(source, slot)  # the whole stream; the tail is cut below
         if source is None:
@@ -286,6 +288,19 @@ class Engine:
             self.stats.prefix_cache_hits += 1
             self.stats.prefix_cache_tokens += n
         self.cache.drop(slot)
+
+    def _park(self, slot: int, keep: int | None) -> None:
+        """Separate streams: before a new sequence overwrites (part of) `slot`, copy the prefix it caches
+        to an idle slot (an empty one, else the least recently used), so taking the lowest free
+        slot (which keeps the active ones contiguous) does not throw away a prompt that a later
+        request may repeat. `keep` (the slot the new sequence copies its prefix from) is never
+        the parking place. Costs one stream copy, done at the next decode."""
+        if self.cache.holds(slot) < self.cache.min_reuse:
+            return
+        park = self.cache.parking_slot(s for s in self._free if s not in (slot, keep))
+        if park is not None:
+            self.model.copy_seq(slot, park)
+            self.cache.move(slot, park)
 
     def _reap_cancelled(self) -> None:
         for seq in [s for s in self._active.values() if s.req.cancelled]:
@@ -366,7 +381,12 @@ class Engine:
         if batch.n == 0:
             return
         self._decode()
-        # New prompts' first tokens first: that is their time to first token.
+        self._emit_step(chunks, decodes)
+
+    def _emit_step(self, chunks: list[tuple[_Sequence, int, int, bool]], decodes: list[tuple[_Sequence, int]]) -> None:
+        """Sample after a call that carried prompt chunks (batch index of the last token, length,
+        whether it ends the prompt) and decode tokens (batch index). New prompts' first tokens
+        go out first: that is their time to first token."""
         for seq, i, k, last in chunks:
             if seq.req.prefill_details:
                 self._prefill_logprobs(seq, i - k + 1, k)
@@ -387,31 +407,39 @@ class Engine:
         A prompt's first token is sampled right after its own call: a new request's time to
         first token is its own prefill, not everyone's, and the running sequences still get a
         token every step. `prefill_chunk` and `n_batch` bound the prompt tokens of one step.
+
+        A prompt with one token left (a repeated prompt or a chat turn whose prefix was cached)
+        is shaped like a decode token, so it rides the decoding call instead of a call of its
+        own: its first token comes out of the running pass, and nothing is split.
         """
         seqs = [self._active[s] for s in sorted(self._active)]
         prefilling = sorted(
             (s for s in seqs if s.next_token is None and s.prefilling), key=lambda s: len(s.req.prompt) - s.n_prefilled
         )
-        budget = self.model.n_batch
-        for seq in prefilling:
+        last_tokens = [s for s in prefilling if len(s.req.prompt) - s.n_prefilled == 1]
+        budget = self.model.n_batch - len(last_tokens)
+        for seq in prefilling[len(last_tokens) :]:
             if budget <= 0:
                 break
             budget -= self._prefill_chunk(seq, budget)
         # A prompt call may have finished (and released) a sequence or moved one to another slot.
-        decoding = [s for s in seqs if s.next_token is not None and self._active.get(s.slot) is s]
-        if decoding:
-            batch = self.model.batch
-            batch.clear()
-            # Slot order: llama.cpp packs consecutive sequence ids into one ubatch.
-            outputs = []
-            for seq in sorted(decoding, key=lambda s: s.slot):
-                outputs.append((seq, batch.add(seq.slot, [seq.next_token], seq.n_past, True)))
-                seq.fed.append(seq.next_token)
-                seq.n_past += 1
-            self._decode()
-            for seq, i in outputs:
-                if not seq.req.cancelled:
-                    self._emit(seq, self.model.logits(i))
+        riding = {id(s) for s in last_tokens}
+        running = [s for s in seqs if self._active.get(s.slot) is s and (s.next_token is not None or id(s) in riding)]
+        if not running:
+            return
+        batch = self.model.batch
+        batch.clear()
+        # Slot order: llama.cpp packs consecutive sequence ids into one ubatch.
+        decodes, chunks = [], []
+        for seq in sorted(running, key=lambda s: s.slot):
+            if seq.next_token is None:
+                chunks.append((seq, *self._add_prompt_chunk(seq, 1)))
+                continue
+            decodes.append((seq, batch.add(seq.slot, [seq.next_token], seq.n_past, True)))
+            seq.fed.append(seq.next_token)
+            seq.n_past += 1
+        self._decode()
+        self._emit_step(chunks, decodes)
 
     def _add_prompt_chunk(self, seq: _Sequence, budget: int) -> tuple[int, int, bool]:
         """Add the next chunk of `seq`'s prompt (at most `budget` and `prefill_chunk` tokens) to the
