@@ -201,7 +201,8 @@ def stop_all(client, prefix: str, n: int) -> None:
         client.api.post(client.runs._path("stop"), {"runs_names": names[i : i + 200], "abort": True})
 
     def done() -> bool:
-        return not [r for r in client.runs.list() if r.name.startswith(prefix + "-")]
+        # `runs.list()` keeps the latest few finished runs too: wait for none of ours to be unfinished
+        return not [r for r in client.runs.list() if r.name.startswith(prefix + "-") and not r.status.is_finished()]
 
     _wait(f"{prefix} runs stopped", done, timeout=600, interval=2)
 

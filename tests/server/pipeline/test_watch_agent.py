@@ -155,3 +155,25 @@ async def test_a_restarted_pipeline_stores_nothing_twice(db: Database, agent: Ag
     finally:
         await pipeline.stop()
         await agents.close()
+
+
+async def test_an_agent_without_the_watch_route_is_pulled_per_job(db: Database) -> None:
+    from tests.server.pipeline.test_loop import World
+
+    world = World(db)
+    await world.setup()
+    try:
+        _, fake = await world.add_instance()
+        run_id = await world.add_run(jobs=2)
+        await world.until("jobs running", lambda: world.job_status(run_id, JobStatus.RUNNING))
+        jobs = await world.jobs(run_id)
+        for job in jobs:
+            fake.print(job.id, "bye\n")
+            fake.set_state(job.id, "done", exit_status=0)
+        await world.until("jobs done", lambda: world.job_status(run_id, JobStatus.DONE))
+        assert ("POST", "/api/watch") in fake.requests  # asked once, answered 404
+        for job in jobs:
+            assert ("GET", f"/api/jobs/{job.id}/pull") in fake.requests
+            assert await _lines(db, job.id) == ["bye"]
+    finally:
+        await world.close()

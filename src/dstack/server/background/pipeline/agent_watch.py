@@ -91,7 +91,12 @@ class InstanceWatch:
             self._take_new()
             if not self.jobs:
                 return
-            client = self.owner.agents.client(self.instance_id)  # a replaced agent: its successor
+            try:
+                client = self.owner.agents.client(self.instance_id)  # a replaced agent: its successor
+            except KeyError:  # the instance was removed (its fleet deleted): nothing to watch there
+                for job_id in [*self.jobs]:
+                    self._drop(job_id)
+                return
             if client is not seen:
                 since, seen = None, client
             asked = {k: (w.cursor, w.known) for k, w in self.jobs.items()}
