@@ -105,8 +105,14 @@ def test_fingerprint_changes_with_what_went_into_the_bundle(tmp_path):
     os.utime(pkg / "a.py", ns=(1, 1))  # touched (mtime)
     assert fingerprint([pkg]) != second
     third = fingerprint([pkg])
+    (pkg / "__pycache__").mkdir()  # Python writing bytecode there changes nothing that is shipped
+    (pkg / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"pyc")
+    assert fingerprint([pkg]) == third
+    (pkg / "b.py").write_text("")  # a module added
+    fourth = fingerprint([pkg])
+    assert fourth != third
     (tmp_path / "site" / "other").mkdir()  # a package installed beside it
-    assert fingerprint([pkg]) != third
+    assert fingerprint([pkg]) != fourth
 
 
 def test_cache_dir_setting(monkeypatch, tmp_path):

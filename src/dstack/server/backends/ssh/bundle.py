@@ -28,6 +28,7 @@ import logging
 import os
 import platform
 import py_compile
+import stat
 import subprocess
 import sys
 import tarfile
@@ -202,13 +203,15 @@ def cache_dir() -> Path | None:
 
 
 def fingerprint(paths: list[Path]) -> str:
-    """A digest of the interpreter, of every file under `paths` (path, size, mtime) and of the
-    folders that hold the packages among them (an entry added or removed changes its mtime):
-    what changes when a package is upgraded, installed, removed or edited."""
+    """A digest of the interpreter, of every file under `paths` as the bundle takes them (path,
+    size, mtime) and of the names in the folders that hold them (a package installed or removed
+    beside them): what changes when a package is upgraded, installed, removed or edited, and not
+    when Python writes bytecode (`__pycache__` and folder mtimes are left out for that)."""
     h = hashlib.sha256(f"{FORMAT} {sys.version} {platform.machine()} {sys.executable}".encode())
     for folder in sorted({p.parent for p in paths}):
         with contextlib.suppress(OSError):
-            h.update(f"{folder} {folder.stat().st_mtime_ns}\n".encode())
+            names = sorted(n for n in os.listdir(folder) if n not in _SKIP_DIRS)
+            h.update(f"{folder}: {' '.join(names)}\n".encode())
     for root in paths:
         stack = [root]
         while stack:
@@ -218,9 +221,11 @@ def fingerprint(paths: list[Path]) -> str:
             except OSError:
                 h.update(f"-{p}\n".encode())
                 continue
-            h.update(f"{p} {st.st_size} {st.st_mtime_ns}\n".encode())
-            if p.is_dir() and not p.is_symlink() and p.name not in _SKIP_DIRS:
-                stack.extend(sorted(p.iterdir(), reverse=True))
+            if stat.S_ISDIR(st.st_mode):
+                h.update(f"{p}/\n".encode())
+                stack.extend(sorted((c for c in p.iterdir() if c.name not in _SKIP_DIRS), reverse=True))
+            elif p.suffix != ".pyc":
+                h.update(f"{p} {st.st_size} {st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
