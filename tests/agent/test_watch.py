@@ -88,3 +88,16 @@ def test_a_job_submitted_with_start_runs_without_a_start_request(client: httpx.C
     # Without `start` the job waits for its start, as before.
     other = submit(client, ["echo no"], start=False)
     assert watch(client, {other: (0, None)}, wait=0)["jobs"][other]["state"] == "submitted"
+
+
+def test_a_submit_with_start_can_answer_once_the_job_runs(client: httpx.Client) -> None:
+    job_id = f"job-{uuid.uuid4().hex[:12]}"
+    body = {"job_id": job_id, "run_name": "t", "commands": ["sleep 30"]}
+    r = client.post("/api/jobs", params={"start": "true", "wait_running": 10}, json=body)
+    try:
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["state"] == "running" and answer["started_at"] is not None
+        assert answer["address"] == "127.0.0.1" or answer["network"] == "isolated"
+    finally:
+        client.post(f"/api/jobs/{job_id}/stop", json={"abort": True})

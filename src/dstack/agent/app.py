@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 MAX_LINGER_SECONDS = 1.0
 MAX_WAIT_SECONDS = 60.0
 MAX_LIMIT = 10000
+MAX_WAIT_RUNNING_SECONDS = 5.0
 
 
 def create_app(home: Path, token: str) -> FastAPI:
@@ -97,13 +98,30 @@ def create_app(home: Path, token: str) -> FastAPI:
         ]
 
     @app.post("/api/jobs", dependencies=[Depends(auth)])
-    async def submit(spec: AgentJobSubmission, start: bool = False) -> dict[str, str]:
-        """`start=true`: start it at once too (a job without code: one request instead of two)."""
+    async def submit(
+        spec: AgentJobSubmission, start: bool = False, wait_running: float = Query(0.0, ge=0)
+    ) -> dict[str, Any]:
+        """`start=true`: start it at once too (a job without code: one request instead of two);
+        `wait_running`: answer once it left `preparing` (or that many seconds passed), with its
+        state as `/pull` reports it, so the server learns `running` without a watch round trip."""
         job = manager.submit(spec)
         if not start:
             return {"job_id": spec.job_id}
         job.start()
-        return {"job_id": spec.job_id, "state": job.state}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(wait_running, MAX_WAIT_RUNNING_SECONDS)
+        while job.state == "preparing" and await manager.changes.wait(spec.job_id, deadline - loop.time()):
+            pass
+        return {
+            "job_id": spec.job_id,
+            "state": job.state,
+            "exit_status": job.exit_status,
+            "message": job.message,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+            "network": job.network,
+            "address": job.address,
+        }
 
     @app.put("/api/jobs/{job_id}/code", dependencies=[Depends(auth)])
     async def upload_code(job_id: str, request: Request) -> dict[str, Any]:

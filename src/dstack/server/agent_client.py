@@ -60,12 +60,16 @@ class AgentClient:
             self.last_healthy = time.monotonic()
         return ok
 
-    async def submit(self, submission: AgentJobSubmission, start: bool = False) -> dict[str, Any]:
-        """Hand the job to the agent; with `start`, ask it to start the job in the same request.
-        The answer has `state` only when the agent started it (an older agent ignores `start`, and
-        a job it already had is not started by this: the caller starts it)."""
-        params = {"start": "true"} if start else None
-        r = await self._http.post("/api/jobs", json=submission.model_dump(mode="json"), params=params)
+    async def submit(
+        self, submission: AgentJobSubmission, start: bool = False, wait_running: float = 0.0
+    ) -> dict[str, Any]:
+        """Hand the job to the agent; with `start`, ask it to start the job in the same request
+        (and to answer once the job left `preparing`, up to `wait_running` seconds). The answer
+        has `state` only when the agent started it (an older agent ignores `start`, and a job it
+        already had is not started by this: the caller starts it)."""
+        params: dict[str, str | float] | None = {"start": "true", "wait_running": wait_running} if start else None
+        timeout = 30.0 + wait_running
+        r = await self._http.post("/api/jobs", json=submission.model_dump(mode="json"), params=params, timeout=timeout)
         if r.status_code == 409:
             return {}
         if r.status_code != 200:

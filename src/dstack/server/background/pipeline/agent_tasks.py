@@ -34,7 +34,7 @@ from dstack.server.background.pipeline.jobs_provisioning import (
     resolve_secrets,
     submit_to_agent,
 )
-from dstack.server.background.pipeline.jobs_running import store_report
+from dstack.server.background.pipeline.jobs_running import store_report, store_started
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import InstanceModel, JobModel, RunModel, utcnow
 from dstack.server.services import volumes
@@ -43,6 +43,10 @@ from dstack.server.services.fleets import with_home as fleet_with_home
 from dstack.server.services.runs import parse_configuration
 
 logger = logging.getLogger(__name__)
+
+#: a job submitted with its start: the agent answers once it runs (or after this), so the common
+#: quick start is stored as `running` by provisioning itself, not by a watch round trip later
+START_WAIT_RUNNING_SECONDS = 1.0
 
 
 class AgentDirectory(Protocol):
@@ -149,15 +153,16 @@ class AgentTasks:
                 if recovered is None:
                     raise
                 result = await _submit(recovered, submission, code)
-            state = str(result.get("state", "submitted"))
 
             async def note_started() -> None:
                 row = (await session.execute(select(JobModel).where(JobModel.id == job_id))).scalar_one()
-                row.agent_state = state
+                store_started(row, result)
                 await session.commit()
 
             async with self.db.session() as session:
                 await retry_on_conflict(session, note_started)
+            if result.get("state") == "running":
+                self._on_job_changed(job.run_id)
             self._provisioning.pop(job_id, None)
             self.watch(job_id)
         except asyncio.CancelledError:
@@ -326,7 +331,7 @@ async def _submit(client: AgentClient, submission: AgentJobSubmission, code: byt
     submit, upload, start. The agent's answer to the start."""
     if code:
         return await submit_to_agent(client, submission, code)
-    answer = await client.submit(submission, start=True)
+    answer = await client.submit(submission, start=True, wait_running=START_WAIT_RUNNING_SECONDS)
     if "state" in answer:
         return answer
     return await client.start(submission.job_id)  # an agent older than `start=true`, or one that had it

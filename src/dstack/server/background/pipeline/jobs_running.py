@@ -110,10 +110,24 @@ async def store_reports(session: AsyncSession, items: list[ReportItem]) -> set[s
     return set(ids) - set(jobs)
 
 
+def store_started(job: JobModel, answer: dict[str, Any]) -> None:
+    """The agent's answer to a submit with start (`POST /api/jobs?start=true`): a job already
+    `running` is stored as such (no watch round trip needed); a final state is left for the watch,
+    which stores it with the job's last lines."""
+    if answer.get("state") == "running":
+        _store_one(None, job, answer, [], apply_state=True)
+    else:
+        job.agent_state = "preparing" if answer.get("state") in FINAL_STATES else str(answer.get("state", "submitted"))
+
+
 def _store_one(
-    session: AsyncSession, job: JobModel, report: dict[str, Any], records: list[dict[str, Any]], apply_state: bool
+    session: AsyncSession | None,
+    job: JobModel,
+    report: dict[str, Any],
+    records: list[dict[str, Any]],
+    apply_state: bool,
 ) -> None:
-    if records:
+    if records and session is not None:
         session.add_all(
             JobLogModel(job_id=job.id, timestamp=r["ts"], stream=r["stream"], data=base64.b64decode(r["data"]))
             for r in records
