@@ -106,8 +106,10 @@ class InstanceWatch:
             try:
                 while not poll.done():
                     added = asyncio.create_task(self._added.wait())
-                    await asyncio.wait({poll, added}, return_when=asyncio.FIRST_COMPLETED)
-                    added.cancel()
+                    try:
+                        await asyncio.wait({poll, added}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        added.cancel()
                     if self._added.is_set() and not poll.done():
                         await self._catch_up(client)
                 answer = poll.result()
