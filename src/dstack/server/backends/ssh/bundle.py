@@ -47,7 +47,8 @@ _AGENT_IMPORTS = (
     "dstack.agent.app",
     "dstack.agent.runner",
     "dstack.agent.jobs",
-    "dstack.agent.devenv",  # a dev environment's SSH server (asyncssh), run by its job
+    "dstack.agent.devenv",  # a dev environment's SSH server, run by its job with the agent's code
+    "asyncssh",  # ... which imports it only when it serves (the agent does not: not found by the scan)
     "uvicorn.protocols.http.h11_impl",
     "uvicorn.lifespan.on",
     "uvicorn.loops.asyncio",
