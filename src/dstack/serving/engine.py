@@ -386,13 +386,16 @@ class Engine:
     def _emit_step(self, chunks: list[tuple[_Sequence, int, int, bool]], decodes: list[tuple[_Sequence, int]]) -> None:
         """Sample after a call that carried prompt chunks (batch index of the last token, length,
         whether it ends the prompt) and decode tokens (batch index). New prompts' first tokens
-        go out first: that is their time to first token."""
+        go out first: that is their time to first token. Then the highest slot first: with one
+        KV stream per sequence, a sequence that finishes in the top active slot is released
+        without moving anything, so when a whole batch ends in one step (requests of the same
+        length started together) no stream is copied to close holes that are closing anyway."""
         for seq, i, k, last in chunks:
             if seq.req.prefill_details:
                 self._prefill_logprobs(seq, i - k + 1, k)
             if last and not seq.req.cancelled:
                 self._emit(seq, self.model.logits(i))
-        for seq, i in decodes:
+        for seq, i in sorted(decodes, key=lambda d: -d[0].slot):
             if not seq.req.cancelled:
                 self._emit(seq, self.model.logits(i))
 
