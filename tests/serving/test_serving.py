@@ -286,7 +286,10 @@ def test_greedy_concurrent_matches_sequential_unified_kv(unified_server: Server)
     must then be the same up to a near-tie: the first differing token is one where the run alone
     had its top two candidates within 0.1 in log-probability, and nothing is compared after it.
     Observed: 1 or 2 of these 6 prompts diverge, at gaps of 0.05-0.1; the layout is not batch
-    invariant, which is why it is not the default."""
+    invariant, which is one reason it is not the default. Not llama.cpp's own behaviour: its
+    llama-server from the same source, with --kv-unified and our KV settings (q8_0, flash attention),
+    gave identical tokens alone and batched on these prompts (bench/serving/greedy_batch_check.py,
+    RESULTS-serving.md 2026-12-02 10:20), so the cause is in how our layout places or shares cells."""
     for s, c in zip(*_greedy_alone_and_batched(unified_server), strict=True):
         alone, batched = [t["id"] for t in s["details"]["tokens"]], [t["id"] for t in c["details"]["tokens"]]
         assert len(alone) == len(batched) == 24
