@@ -19,7 +19,7 @@ from dstack.server.agent_client import AgentClient
 from dstack.server.backends.base import AgentEndpoint
 from dstack.server.background.pipeline import Pipeline
 from dstack.server.db import Database
-from dstack.server.models import JobLogModel, JobModel
+from dstack.server.models import JobLogModel, JobModel, RunModel
 from dstack.server.services.logs import LogNotifier
 from tests.agent.test_agent import TOKEN, _stop_agent
 from tests.server.pipeline.factories import add_job, make_instance, make_run, owner
@@ -177,3 +177,52 @@ async def test_an_agent_without_the_watch_route_is_pulled_per_job(db: Database) 
             assert await _lines(db, job.id) == ["bye"]
     finally:
         await world.close()
+
+
+async def test_an_agent_with_more_jobs_than_one_watch_lists_is_watched_in_slices(
+    db: Database, agent: AgentInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dstack.server.background.pipeline import agent_watch
+
+    monkeypatch.setattr(agent_watch, "MAX_JOBS_PER_WATCH", 2)
+    # Two long jobs are watched first (the first slice); the quick ones' ends must come in turn.
+    instance_id, long_ids = await _setup(db, ["sleep 60"], runs=2)
+    agents = RealAgents(agent)
+    agents.attach(instance_id)
+    pipeline = Pipeline(db, agents, LogNotifier())
+    try:
+
+        async def long_running() -> bool:
+            return all(j.status == JobStatus.RUNNING for j in await _jobs(db, long_ids))
+
+        await _until(pipeline, "the long jobs running", long_running)
+        quick_ids = await _add_runs(db, ["echo sliced"], runs=3)
+
+        async def quick_done() -> bool:
+            return all(j.status == JobStatus.DONE for j in await _jobs(db, quick_ids))
+
+        await _until(pipeline, "the quick jobs done", quick_done, timeout=20)
+        for job_id in quick_ids:
+            assert await _lines(db, job_id) == ["sliced"]
+        assert all(j.status == JobStatus.RUNNING for j in await _jobs(db, long_ids))
+    finally:
+        for job_id in long_ids:
+            await agents.client(instance_id).stop(job_id, abort=True)
+        await pipeline.stop()
+        await agents.close()
+
+
+async def _add_runs(db: Database, commands: list[str], runs: int) -> list[str]:
+    """More runs in the project of the runs there are."""
+    async with db.session() as s:
+        first = (await s.execute(select(JobModel))).scalars().first()
+        assert first is not None
+        project_id = first.project_id
+        user_id = (await s.execute(select(RunModel.user_id).where(RunModel.id == first.run_id))).scalar_one()
+        ids = []
+        for _ in range(runs):
+            run = make_run({"commands": commands}, project_id=project_id, user_id=user_id)
+            ids.append(add_job(run, spec={"commands": commands}).id)
+            s.add(run)
+        await s.commit()
+    return ids

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WATCH_WAIT_SECONDS = 20.0
+#: at most this many jobs per watch (the agent's bound, agent.watch.MAX_JOBS); an agent with more
+#: is watched a slice at a time, each watch the next slice (a slice's news answers at once)
+MAX_JOBS_PER_WATCH = 10000
+SLICE_WAIT_SECONDS = 1.0
 
 
 @dataclass
@@ -57,6 +61,7 @@ class InstanceWatch:
         self._new: dict[str, Watched] = {}  # added since the last watch was sent
         self._added = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self._offset = 0  # where the next slice starts (more jobs than MAX_JOBS_PER_WATCH)
 
     def add(self, job_id: str, watched: Watched) -> None:
         self._new[job_id] = watched
@@ -99,9 +104,12 @@ class InstanceWatch:
                 return
             if client is not seen:
                 since, seen = None, client
-            asked = {k: (w.cursor, w.known) for k, w in self.jobs.items()}
-            # Without a `since` (the first watch of this agent) answer at once, to learn its seq.
-            wait = WATCH_WAIT_SECONDS if since is not None else 0.0
+            asked = self._slice()
+            # Without a `since` (the first watch of this agent) answer at once, to learn its seq;
+            # watched a slice at a time, wait briefly on each (the others' news comes in turn).
+            wait = WATCH_WAIT_SECONDS if len(asked) == len(self.jobs) else SLICE_WAIT_SECONDS
+            if since is None:
+                wait = 0.0
             poll = asyncio.create_task(client.watch(asked, since, wait=wait, linger=LOG_LINGER_SECONDS))
             try:
                 while not poll.done():
@@ -131,17 +139,27 @@ class InstanceWatch:
             since = answer["seq"]
             await self._store(client, answer, asked)
 
+    def _slice(self) -> dict[str, tuple[int, str | None]]:
+        """The jobs the next watch lists: all of them, or the next MAX_JOBS_PER_WATCH in turn."""
+        items = list(self.jobs.items())
+        if len(items) > MAX_JOBS_PER_WATCH:
+            start = self._offset % len(items)
+            items = (items[start:] + items[:start])[:MAX_JOBS_PER_WATCH]
+            self._offset = start + MAX_JOBS_PER_WATCH
+        return {k: (w.cursor, w.known) for k, w in items}
+
     async def _catch_up(self, client: AgentClient) -> None:
         """Jobs added while a watch is in flight: their news now (that watch does not list them)."""
         new = self._take_new()
+        asked = {k: (w.cursor, w.known) for k, w in list(new.items())[:MAX_JOBS_PER_WATCH]}
         try:
-            answer = await client.watch({k: (w.cursor, w.known) for k, w in new.items()}, None, wait=0.0)
+            answer = await client.watch(asked, None, wait=0.0)
         except (httpx.HTTPError, AgentError):
             return  # the next watch lists them
         if answer is None:
             self._to_legacy(client)
             return
-        await self._store(client, answer, {k: (w.cursor, w.known) for k, w in new.items()})
+        await self._store(client, answer, asked)
 
     def _to_legacy(self, client: AgentClient) -> None:
         """An agent older than `/api/watch`: its jobs are pulled one by one."""
