@@ -74,7 +74,7 @@ class Timed:
         self.by_n.clear()
 
 
-def run_level(engine: Engine, c: int, new_tokens: int) -> tuple[float, int, list[str]]:
+def run_level(engine: Engine, c: int, new_tokens: int, logprobs: bool = False) -> tuple[float, int, list[str]]:
     done = threading.Semaphore(0)
     texts: list[str] = [""] * c
 
@@ -91,7 +91,7 @@ def run_level(engine: Engine, c: int, new_tokens: int) -> tuple[float, int, list
     reqs = [
         GenerationRequest(
             prompt=model.tokenize(PROMPTS[k % len(PROMPTS)]),
-            params=SamplingParams(),
+            params=SamplingParams(logprobs=logprobs),
             max_new_tokens=new_tokens,
             emit=make_emit(k),
         )
@@ -118,6 +118,11 @@ def main() -> None:
     ap.add_argument("--no-flash-attn", action="store_true")
     ap.add_argument("--kv-unified", action="store_true")
     ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument(
+        "--logprobs",
+        action="store_true",
+        help="score every token (TGI API); the HTTP benchmark's OpenAI requests do not",
+    )
     a = ap.parse_args()
     model = LlamaModel(
         Path(gguf_path()),
@@ -139,7 +144,7 @@ def main() -> None:
     for c in [int(x) for x in a.levels.split(",")]:
         for rep in range(a.reps):
             timed.reset()
-            dt, n, texts = run_level(engine, c, a.new_tokens)
+            dt, n, texts = run_level(engine, c, a.new_tokens, a.logprobs)
             py = timed.step_s - timed.decode_s
             per_n = " ".join(
                 f"b{k}:{1e3 * statistics.mean(v):.1f}ms(x{len(v)})"

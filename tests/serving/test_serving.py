@@ -343,6 +343,17 @@ def test_openai_chat(server: Server) -> None:
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
+def test_openai_chat_logprobs_only_when_asked(server: Server) -> None:
+    client = _openai(server)
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    plain = client.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0)
+    scored = client.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0, logprobs=True)
+    assert plain.choices[0].logprobs is None
+    assert scored.choices[0].message.content == plain.choices[0].message.content
+    entries = scored.choices[0].logprobs.content
+    assert entries and all(e.logprob is not None and e.logprob <= 0 for e in entries)
+
+
 def test_openai_stream_include_usage(server: Server) -> None:
     stream = _openai(server).chat.completions.create(
         model="m",

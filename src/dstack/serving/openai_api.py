@@ -43,7 +43,8 @@ def openai_finish_reason(reason: str) -> str:
     return "length" if reason == FINISH_LENGTH else "stop"
 
 
-def sampling_from_openai(body: _OpenAICommon, top_n: int = 0) -> SamplingParams:
+def sampling_from_openai(body: _OpenAICommon, top_n: int = 0, logprobs: bool = True) -> SamplingParams:
+    """`logprobs`: whether the response carries tokens' log-probabilities (else none are computed)."""
     greedy = body.temperature == 0.0
     return SamplingParams(
         do_sample=not greedy,
@@ -55,6 +56,7 @@ def sampling_from_openai(body: _OpenAICommon, top_n: int = 0) -> SamplingParams:
         presence_penalty=body.presence_penalty,
         repetition_penalty=body.repetition_penalty,
         top_n_tokens=top_n,
+        logprobs=logprobs,
     )
 
 
@@ -137,7 +139,7 @@ async def _run(
 ) -> Any:
     ticket = service.acquire()
     try:
-        sampling = sampling_from_openai(body, top_n)
+        sampling = sampling_from_openai(body, top_n, logprobs)
         reqs = [service.build(p, sampling, max_new, body.stop_list) for p in prompts]
     except BaseException:
         ticket.release()
