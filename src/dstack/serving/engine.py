@@ -76,6 +76,9 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     prefill_details: bool = False
     emit: Callable[[Event], None] = lambda e: None
+    # Set (by `Engine.stream`) when `emit` must run on this event loop: the scheduler then hands
+    # over all of a step's events for the loop in one thread-safe call instead of one per token.
+    loop: asyncio.AbstractEventLoop | None = None
     id: int = field(default_factory=itertools.count(1).__next__)
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
@@ -142,6 +145,7 @@ class Engine:
         self._free: list[int] = list(range(self.n_slots))
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[Event], None], Event]]] = {}
 
     # --- public, thread-safe --------------------------------------------------------------
     def start(self) -> None:
@@ -193,7 +197,8 @@ class Engine:
         """Submit `req` and yield its events; leaving the iteration early cancels it."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        req.emit = lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+        req.emit = queue.put_nowait
+        req.loop = loop
         self.submit(req)
         done = False
         try:
@@ -224,9 +229,29 @@ class Engine:
             except Exception as e:  # never let the scheduler die with requests hanging
                 logger.exception("engine step failed")
                 self._fail_all(f"generation failed: {e}")
+            self._flush()
         for seq in list(self._active.values()):
-            seq.req.emit(Event(token=None, error="server is shutting down"))
+            self._send(seq.req, Event(token=None, error="server is shutting down"))
             self._release(seq)
+        self._flush()
+
+    def _send(self, req: GenerationRequest, ev: Event) -> None:
+        """Queue `ev` for its consumer; `_flush` delivers it (at once when `req` has no event loop)."""
+        if req.loop is None:
+            req.emit(ev)
+        else:
+            self._outbox.setdefault(req.loop, []).append((req.emit, ev))
+
+    def _flush(self) -> None:
+        """Deliver the queued events: one `call_soon_threadsafe` (one wake-up of the HTTP loop) per
+        loop, not one per token -- at 16 sequences, 16 self-pipe writes and loop wake-ups per step
+        become one. Called after every sampling pass, so no token waits for another decode call."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
 
     def _admit(self) -> None:
         with self._cv:
@@ -338,7 +363,7 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         for seq in list(self._active.values()):
             self.stats.failed += 1
-            seq.req.emit(Event(token=None, error=message))
+            self._send(seq.req, Event(token=None, error=message))
             self._release(seq)
         for slot in range(self.n_slots):  # after a failed decode no KV stream is trusted
             self.model.clear_seq(slot)
@@ -398,6 +423,7 @@ class Engine:
         for seq, i in sorted(decodes, key=lambda d: -d[0].slot):
             if not seq.req.cancelled:
                 self._emit(seq, self.model.logits(i))
+        self._flush()
 
     def _step_streams(self) -> None:
         """One scheduling step: each waiting prompt's next chunk in a llama_decode call of its
@@ -468,6 +494,7 @@ class Engine:
             self._prefill_logprobs(seq, i - k + 1, k)
         if last and not seq.req.cancelled:
             self._emit(seq, self.model.logits(i))
+            self._flush()  # its first token goes out now, not after the running sequences' call
         return k
 
     def _decode(self) -> None:
@@ -521,7 +548,7 @@ class Engine:
         token = TokenInfo(tok, text, choice.logprob, special)
         if reason is None:
             seq.next_token = tok
-            seq.req.emit(Event(token=token, delta=seq.out.release(), top=top))
+            self._send(seq.req, Event(token=token, delta=seq.out.release(), top=top))
             return
         seq.out.flush()
         delta = seq.out.release(finished=True)
@@ -535,4 +562,10 @@ class Engine:
         )
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         self._release(seq)
-        seq.req.emit(Event(token=token, delta=delta, top=top, finish=finish))
+        self._send(seq.req, Event(token=token, delta=delta, top=top, finish=finish))
+
+
+def _deliver(items: list[tuple[Callable[[Event], None], Event]]) -> None:
+    """Runs on the event loop: hand a step's events to their requests' queues, in order."""
+    for emit, ev in items:
+        emit(ev)
