@@ -735,7 +735,10 @@ async def node_ips(session: AsyncSession, run: RunModel) -> list[str] | None:
         fi = await session.get(FleetInstanceModel, instance_id)
         inst = await session.get(InstanceModel, instance_id)
         if inst is not None and inst.backend == "slurm":  # the node's address in Slurm (NodeAddr), the agent's
-            ips.append(urlsplit(json.loads(inst.agent or "{}").get("url", "")).hostname or inst.hostname)
+            from dstack.server.backends.slurm.allocations import node_address  # lazy: it imports services
+
+            agent_host = urlsplit(json.loads(inst.agent or "{}").get("url", "")).hostname
+            ips.append(node_address(inst.name) or agent_host or inst.hostname)  # not a login host's forward
             continue
         ips.append((fi.internal_ip if fi is not None else None) or (inst.hostname if inst is not None else ""))
     return ips

@@ -182,6 +182,16 @@ class SlurmAllocations:
         if st is None or st.state != "RUNNING":
             return  # the reconciling pass ends its jobs with Slurm's reason
         endpoint = AgentEndpoint(url=agent["url"], token=token, pid=agent.get("pid"))
+        if backend.config.login is not None:  # the stored URL was the previous server's forward
+            try:
+                direct = await backend.agent_on(st, row.hostname, row.region)
+            except (SlurmBackendError, SlurmCommandError) as e:
+                logger.warning("Slurm allocation %s: cannot re-attach: %s", row.name, e)
+                return
+            if direct is None:
+                logger.warning("Slurm allocation %s: its agent.json is gone; not re-attached", row.name)
+                return
+            endpoint = direct
         inst = ProvisionedInstance(
             name=row.name,
             backend="slurm",
@@ -191,6 +201,11 @@ class SlurmAllocations:
             price=0.0,
             agent=endpoint,
         )
+        try:
+            inst = await backend.reach(inst)
+        except SlurmCommandError as e:
+            logger.warning("Slurm allocation %s: cannot re-attach: %s", row.name, e)
+            return
         await self.instances.add(row.id, backend, inst)
         self._backend_by_instance[row.name] = backend
         self._node_address[row.name] = urlsplit(endpoint.url).hostname or row.hostname
@@ -345,6 +360,7 @@ class SlurmAllocations:
     ) -> None:
         inst = backend.instance(sub, node, endpoint, requirements)
         inst.name = f"{inst.name}-{job_id[:8]}"
+        inst = await backend.reach(inst)  # through the login host's forward when there is one
         gpus = requirements.gpu.count.min if requirements.gpu is not None and requirements.gpu.count.min else 0
         inst.resources.gpus = [{"index": i, "name": "gpu", "memory_mib": 0, "vendor": "nvidia"} for i in range(gpus)]
 
@@ -383,6 +399,7 @@ class SlurmAllocations:
         async with self.db.session() as session:
             instance_id = await retry_on_conflict(session, store)
         if instance_id is None:
+            await backend.release(inst.name)
             await backend.cancel(sub.job_id)
             return
         await self.instances.add(instance_id, backend, inst)  # stores the agent, supervises it
@@ -404,7 +421,9 @@ class SlurmAllocations:
                 if j.job_num not in latest or j.submission_num > latest[j.job_num].submission_num:
                     latest[j.job_num] = j
         ranks = [latest.get(k) for k in range(sub.nodes)]
-        if all(j is not None and j.instance_id is not None for j in ranks):
+        # A rank counts once its agent is stored (`instances.add`), not when its row is committed:
+        # the ranks' env lists every node's address, read from there.
+        if all(j is not None and j.instance_id is not None and self.instances.has_client(j.instance_id) for j in ranks):
             for r in ranks:
                 if r is not None and not JobStatus(r.status).is_finished():
                     self._provision(r.id)
@@ -492,6 +511,7 @@ class SlurmAllocations:
             if st is not None and not st.final and not others_busy:
                 await backend.cancel(slurm_id)
             await self.instances.remove(row.id)
+            await backend.release(row.name)
             self._backend_by_instance.pop(row.name, None)
             self._node_address.pop(row.name, None)
             await self._set_instance_status(row.id, InstanceStatus.TERMINATED)
@@ -581,6 +601,12 @@ async def replica_url(jpd: JobProvisioningData, port: int) -> str:
     if _current is None:
         return f"http://{jpd.address or jpd.hostname}:{port}"
     return await _current.replica_url(jpd, port)
+
+
+def node_address(instance_name: str) -> str | None:
+    """The `NodeAddr` of an allocation's node (its agent's URL may be a login host's forward on
+    loopback), for `DSTACK_NODES_IPS`; None when no allocation manager knows the instance."""
+    return _current._node_address.get(instance_name) if _current is not None else None
 
 
 #: set in every serverless worker's env to a URL on the server (runpod's SDK polls it for jobs)

@@ -17,8 +17,9 @@ import re
 import secrets
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dstack.core.daemon import child_pythonpath
 from dstack.core.models.resources import Range, ResourcesSpec
@@ -77,12 +78,55 @@ class SlurmBackend(Backend):
         self.runner = runner or runner_for(config.login)
         self.dir = config.shared_dir or str(default_dir)
         self.python = python
+        #: instance name -> (the instance as the server reaches it, the agent's node address, port)
+        self._reached: dict[str, tuple[ProvisionedInstance, str, int]] = {}
 
     async def ensure_instances(self, known: dict[str, AgentEndpoint]) -> list[ProvisionedInstance]:
         return []  # no standing instances: each job gets its own allocation
 
     async def shutdown(self) -> None:
+        self._reached.clear()
         await self.runner.close()
+
+    # -- reaching agents -----------------------------------------------------------------------
+
+    async def reach(self, inst: ProvisionedInstance) -> ProvisionedInstance:
+        """`inst` with its agent's URL as the server reaches it: the node's address, or with a
+        login host a local port forwarded over its SSH connection (compute nodes are often not
+        routable from the server; the login host is). Remembered for `recover_instance`."""
+        parts = urlsplit(inst.agent.url)
+        address, port = parts.hostname or inst.hostname, parts.port or 80
+        host, local = await self.runner.forward(address, port)
+        url = f"http://{host}:{local}"
+        reached = replace(inst, agent=replace(inst.agent, url=url))
+        if (host, local) != (address, port):
+            self._reached[inst.name] = (reached, address, port)
+            logger.info(
+                "the agent of %s (%s:%s) is reached through the login host at %s", inst.name, address, port, url
+            )
+        return reached
+
+    async def recover_instance(self, name: str, lost: AgentEndpoint) -> ProvisionedInstance | None:
+        """The forward to an agent stopped answering: re-open it (the login host's connection
+        dropped and was re-made); None when the forward in use is still the current one."""
+        found = self._reached.get(name)
+        if found is None:
+            return None
+        inst, address, port = found
+        host, local = await self.runner.forward(address, port)
+        url = f"http://{host}:{local}"
+        if url == lost.url:
+            return None
+        reached = replace(inst, agent=replace(inst.agent, url=url))
+        self._reached[name] = (reached, address, port)
+        logger.info("the agent of %s is reached through a re-opened forward at %s", name, url)
+        return reached
+
+    async def release(self, name: str) -> None:
+        """The instance's job is over: close the forward to its agent, if it had one."""
+        found = self._reached.pop(name, None)
+        if found is not None:
+            await self.runner.close_forward(found[1], found[2])
 
     # -- offers --------------------------------------------------------------------------------
 
@@ -236,6 +280,19 @@ class SlurmBackend(Backend):
             if st.state != "RUNNING":
                 await asyncio.sleep(0.3)
         raise SlurmBackendError(f"slurm: the agent of job {sub.job_id} did not start within {timeout:g} s")
+
+    async def agent_on(self, st: SlurmJobState, node: str, partition: str) -> AgentEndpoint | None:
+        """The agent a running allocation started on `node`, read again from its `agent.json`
+        (a restarted server re-attaching through a login host: the forward it stored is gone)."""
+        if node not in st.nodes:
+            return None
+        r = await self.runner.run(["scontrol", "show", "job", "-o", st.job_id])
+        m = re.search(r"\bJobName=(\S+)", r.stdout)
+        if r.code != 0 or m is None or not _JOB_NAME.match(m.group(1)):
+            return None
+        sub = self.submission(st.job_id, m.group(1), partition, len(st.nodes))
+        found = await self.try_agent(sub, st, rank=st.nodes.index(node))
+        return found[0] if found is not None else None
 
     def submission(self, job_id: str, name: str, partition: str, nodes: int = 1) -> SlurmSubmission:
         """The submission of a job found by `find` (same files as `submit` made)."""

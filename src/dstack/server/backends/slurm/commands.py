@@ -38,6 +38,10 @@ class CommandRunner(ABC):
         """Where this side reaches `host:port`: the address itself (no tunnel needed)."""
         return host, port
 
+    async def close_forward(self, host: str, port: int) -> None:
+        """Stop forwarding to `host:port` (its job ended); nothing to do without a tunnel."""
+        return None
+
     async def close(self) -> None:
         return None
 
@@ -92,6 +96,8 @@ class SshRunner(CommandRunner):
 
     async def _connection(self) -> asyncssh.SSHClientConnection:
         async with self._lock:
+            if self._conn is not None and self._conn.is_closed():  # dropped: its forwards went with it
+                self._conn = None
             if self._conn is None:
                 keys = [os.path.expanduser(self.login.identity_file)] if self.login.identity_file else None
                 known = os.path.expanduser(self.login.known_hosts or "~/.ssh/known_hosts")
@@ -117,6 +123,9 @@ class SshRunner(CommandRunner):
         except (OSError, asyncssh.Error, TimeoutError) as e:
             self._conn = None
             raise SlurmCommandError(f"{argv[0]} on {self.login.hostname} failed: {e}") from e
+        if r.exit_status is None:  # no exit status: the connection dropped under it, not "exit 0, no output"
+            self._conn = None
+            raise SlurmCommandError(f"{argv[0]} on {self.login.hostname} did not finish: the connection dropped")
         out, err = r.stdout or "", r.stderr or ""
         out = out.decode(errors="replace") if isinstance(out, bytes) else out
         err = err.decode(errors="replace") if isinstance(err, bytes) else err
@@ -130,12 +139,19 @@ class SshRunner(CommandRunner):
         found = self._forwards.get(key)
         if found is not None and found[0] is conn:
             return "127.0.0.1", found[1].get_port()
+        if found is not None:  # opened over a connection that dropped since: re-opened on this one
+            found[1].close()
         try:
             listener = await conn.forward_local_port("127.0.0.1", 0, host, port)
         except (OSError, asyncssh.Error) as e:
             raise SlurmCommandError(f"no forward to {host}:{port} through {self.login.hostname}: {e}") from e
         self._forwards[key] = (conn, listener)
         return "127.0.0.1", listener.get_port()
+
+    async def close_forward(self, host: str, port: int) -> None:
+        found = self._forwards.pop((host, port), None)
+        if found is not None:
+            found[1].close()
 
     async def close(self) -> None:
         for _, listener in self._forwards.values():
