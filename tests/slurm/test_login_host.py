@@ -211,3 +211,49 @@ def test_two_nodes_through_the_login_host_get_the_nodes_addresses(
         srv.stop()
         srv.kill_agents()
         slurm_cluster.cancel_all()
+
+
+def test_restarted_server_reattaches_through_a_new_forward(
+    slurm_cluster: SlurmCluster, login_host: tuple[int, Path, Path], tmp_path: Path
+) -> None:
+    """The stored agent URL is the killed server's forward (gone with it): the restarted server reads
+    the agent's `agent.json` again and forwards anew; the task's every line arrives once."""
+    port, key, known = login_host
+    srv = make_server(tmp_path, **TEST_SERVER_ENV, SLURM_CONF=str(slurm_cluster.conf))
+    slurm_cluster.write_server_config(
+        srv.home,
+        tmp_path / "shared",
+        login=f"{{hostname: 127.0.0.1, user: root, port: {port}, identity_file: {key}, known_hosts: {known}}}",
+    )
+    srv.start()
+    try:
+        task = Task(
+            commands=["for i in $(seq 1 40); do echo tick-$i; sleep 0.25; done"],
+            backends=["slurm"],
+            resources=Resources(cpu=1, memory="1GB", disk="1GB.."),
+        )
+        run = srv.client().runs.submit(task, run_name="slurm-login-restart")
+
+        def running() -> str | None:
+            run.refresh()
+            jpd = run.jobs[0].job_submissions[-1].job_provisioning_data
+            return jpd.instance_name if run.status == RunStatus.RUNNING and jpd and jpd.instance_id else None
+
+        name = wait_until(running, timeout=90, interval=0.3, what="the task running")
+        first = _agent_url_of_instance(srv, name)
+        srv.kill()  # SIGKILL: the Slurm job and its agent keep running; the forward is gone
+        assert not _accepts(first)
+        srv.start()
+        run = srv.client().runs.get("slurm-login-restart")
+        output = b"".join(run.logs()).decode()
+        run.refresh()
+        assert run.status == RunStatus.DONE, (run.status, run.error, output, srv.logs())
+        ticks = [line for line in output.splitlines() if line.startswith("tick-")]
+        assert ticks == [f"tick-{i}" for i in range(1, 41)], output
+        assert f"re-attached to Slurm allocation {name}" in srv.logs(200_000)
+        again = _agent_url_of_instance(srv, name)
+        assert urlsplit(again).hostname == "127.0.0.1", again
+    finally:
+        srv.stop()
+        srv.kill_agents()
+        slurm_cluster.cancel_all()
