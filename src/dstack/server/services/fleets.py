@@ -19,7 +19,6 @@ import secrets
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
 
 import asyncssh
 from sqlalchemy import select
@@ -734,11 +733,13 @@ async def node_ips(session: AsyncSession, run: RunModel) -> list[str] | None:
             return None
         fi = await session.get(FleetInstanceModel, instance_id)
         inst = await session.get(InstanceModel, instance_id)
-        if inst is not None and inst.backend == "slurm":  # the node's address in Slurm (NodeAddr), the agent's
-            from dstack.server.backends.slurm.allocations import node_address  # lazy: it imports services
-
-            agent_host = urlsplit(json.loads(inst.agent or "{}").get("url", "")).hostname
-            ips.append(node_address(inst.name) or agent_host or inst.hostname)  # not a login host's forward
+        if inst is not None and inst.backend == "slurm":
+            # The node's NodeAddr, stored with the rank's placement in the same commit as its
+            # instance (not the agent's URL: with a login host that is a forward on loopback).
+            address = json.loads(latest[num].job_provisioning_data or "{}").get("address")
+            if not address:
+                return None
+            ips.append(address)
             continue
         ips.append((fi.internal_ip if fi is not None else None) or (inst.hostname if inst is not None else ""))
     return ips

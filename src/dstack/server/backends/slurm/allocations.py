@@ -603,12 +603,6 @@ async def replica_url(jpd: JobProvisioningData, port: int) -> str:
     return await _current.replica_url(jpd, port)
 
 
-def node_address(instance_name: str) -> str | None:
-    """The `NodeAddr` of an allocation's node (its agent's URL may be a login host's forward on
-    loopback), for `DSTACK_NODES_IPS`; None when no allocation manager knows the instance."""
-    return _current._node_address.get(instance_name) if _current is not None else None
-
-
 #: set in every serverless worker's env to a URL on the server (runpod's SDK polls it for jobs)
 _SERVER_URL_ENV = "RUNPOD_WEBHOOK_GET_JOB"
 

@@ -40,6 +40,7 @@ from dstack.server.models import InstanceModel, JobModel, RunModel, utcnow
 from dstack.server.services import volumes
 from dstack.server.services.fleets import node_ips as fleet_node_ips
 from dstack.server.services.fleets import with_home as fleet_with_home
+from dstack.server.services.jobs import nodes_count
 from dstack.server.services.runs import parse_configuration
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,11 @@ class AgentTasks:
                 run_spec = RunSpec.model_validate_json(run.run_spec)
                 ips = await fleet_node_ips(session, run)
                 conf = parse_configuration(run_spec)
+                if ips is None and nodes_count(conf) > 1:
+                    # A rank whose siblings have no node yet (a Slurm allocation's agents attach one
+                    # by one): a pass must not start it without every node's address; the
+                    # allocation starts all ranks once all are attached.
+                    return
                 submission = build_submission(run, job, run_spec, conf, inst, ips)
                 submission = fleet_with_home(inst, submission)  # fleet hosts call the server through SSH
                 # Slurm nodes call the server at config.yml's server_url
