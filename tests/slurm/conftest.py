@@ -31,8 +31,23 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
 
 @pytest.fixture
 def slurm_server(slurm_cluster: SlurmCluster, tmp_path: Path) -> Iterator[ServerProcess]:
+    yield from _server(slurm_cluster, tmp_path)
+
+
+@pytest.fixture
+def login_server(
+    slurm_cluster: SlurmCluster, login_host: tuple[int, Path, Path], tmp_path: Path
+) -> Iterator[ServerProcess]:
+    """A server whose Slurm backend runs Slurm's commands on the `login_host` over SSH."""
+    port, key, known = login_host
+    login = f"{{hostname: 127.0.0.1, user: root, port: {port}, identity_file: {key}, known_hosts: {known}}}"
+    yield from _server(slurm_cluster, tmp_path, login=login)
+
+
+def _server(slurm_cluster: SlurmCluster, tmp_path: Path, login: str | None = None) -> Iterator[ServerProcess]:
     srv = make_server(tmp_path, **TEST_SERVER_ENV, SLURM_CONF=str(slurm_cluster.conf))
-    slurm_cluster.write_server_config(srv.home, tmp_path / "shared")
+    settings = {"login": login} if login is not None else {}
+    slurm_cluster.write_server_config(srv.home, tmp_path / "shared", **settings)
     srv.start()
     try:
         yield srv

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from dstack.api import Resources, RunStatus, Service
-from tests.conftest import TEST_SERVER_ENV, ServerProcess, make_server
+from tests.conftest import ServerProcess
 from tests.e2e.util import wait_ready
 from tests.slurm.cluster import SlurmCluster
 
@@ -51,20 +51,6 @@ def test_service_replica_on_a_compute_node(slurm_server: ServerProcess, slurm_cl
     assert "reached through the login host" not in slurm_server.logs(100_000)
 
 
-def test_service_through_the_login_host(
-    slurm_cluster: SlurmCluster, login_host: tuple[int, Path, Path], tmp_path: Path
-) -> None:
-    port, key, known = login_host
-    srv = make_server(tmp_path, **TEST_SERVER_ENV, SLURM_CONF=str(slurm_cluster.conf))
-    slurm_cluster.write_server_config(
-        srv.home,
-        tmp_path / "shared",
-        login=f"{{hostname: 127.0.0.1, user: root, port: {port}, identity_file: {key}, known_hosts: {known}}}",
-    )
-    srv.start()
-    try:
-        _serve_and_stop(srv, slurm_cluster, "slurm-svc-login")
-        assert "reached through the login host (127.0.0.1:" in srv.logs(100_000)
-    finally:
-        srv.stop()
-        srv.kill_agents()
+def test_service_through_the_login_host(login_server: ServerProcess, slurm_cluster: SlurmCluster) -> None:
+    _serve_and_stop(login_server, slurm_cluster, "slurm-svc-login")
+    assert "reached through the login host (127.0.0.1:" in login_server.logs(100_000)
