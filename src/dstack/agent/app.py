@@ -112,16 +112,7 @@ def create_app(home: Path, token: str) -> FastAPI:
         deadline = loop.time() + min(wait_running, MAX_WAIT_RUNNING_SECONDS)
         while job.state == "preparing" and await manager.changes.wait(spec.job_id, deadline - loop.time()):
             pass
-        return {
-            "job_id": spec.job_id,
-            "state": job.state,
-            "exit_status": job.exit_status,
-            "message": job.message,
-            "started_at": job.started_at,
-            "finished_at": job.finished_at,
-            "network": job.network,
-            "address": job.address,
-        }
+        return {"job_id": spec.job_id, **job.status()}
 
     @app.put("/api/jobs/{job_id}/code", dependencies=[Depends(auth)])
     async def upload_code(job_id: str, request: Request) -> dict[str, Any]:

@@ -122,6 +122,19 @@ class Job:
             "netns": self.netns.to_dict() if self.netns is not None else None,
         }
 
+    def status(self, state: str | None = None) -> dict[str, Any]:
+        """What the server stores of the job (the /pull, /watch and submit answers); ``state`` as
+        read before the logs it goes with, else the current one."""
+        return {
+            "state": self.state if state is None else state,
+            "exit_status": self.exit_status,
+            "message": self.message,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "network": self.network,
+            "address": self.address,
+        }
+
     def save(self) -> None:
         """Write state.json atomically so a restarted agent still knows this job."""
         if not self.dir.exists():
@@ -163,18 +176,7 @@ class Job:
                     break
         state = self.state  # read before the logs: a final state then implies all logs are stored
         records, next_cursor = self.logs.read(cursor, limit)
-        head = json.dumps(
-            {
-                "state": state,
-                "exit_status": self.exit_status,
-                "message": self.message,
-                "started_at": self.started_at,
-                "finished_at": self.finished_at,
-                "network": self.network,
-                "address": self.address,
-                "next_cursor": next_cursor,
-            }
-        ).encode()
+        head = json.dumps({**self.status(state), "next_cursor": next_cursor}).encode()
         # Records are stored already encoded; splice them in rather than re-serialising.
         return head[:-1] + b', "logs": [' + b",".join(records) + b"]}"
 

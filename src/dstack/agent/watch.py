@@ -94,18 +94,7 @@ def _answer(manager: JobManager, req: WatchRequest, seq: int) -> bytes:
         if records and parts and size + batch > MAX_ANSWER_BYTES:
             continue  # its news waits for the next watch (which answers at once)
         size += batch
-        head = json.dumps(
-            {
-                "state": state,
-                "exit_status": job.exit_status,
-                "message": job.message,
-                "started_at": job.started_at,
-                "finished_at": job.finished_at,
-                "network": job.network,
-                "address": job.address,
-                "next_cursor": next_cursor,
-            }
-        ).encode()
+        head = json.dumps({**job.status(state), "next_cursor": next_cursor}).encode()
         # Records are stored already encoded; splice them in rather than re-serialising.
         parts.append(json.dumps(job_id).encode() + b":" + head[:-1] + b', "logs": [' + b",".join(records) + b"]}")
     head = json.dumps({"seq": seq, "unknown": unknown}).encode()
