@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -96,6 +97,27 @@ async def _jobs(db: Database, job_ids: list[str]) -> list[JobModel]:
         return list((await s.execute(select(JobModel).where(JobModel.id.in_(job_ids)))).scalars())
 
 
+def _all_in(db: Database, job_ids: list[str], status: JobStatus) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return all(j.status == status for j in await _jobs(db, job_ids))
+
+    return check
+
+
+@asynccontextmanager
+async def _pipeline(db: Database, agent: AgentInfo, instance_id: str) -> AsyncIterator[tuple[Pipeline, RealAgents]]:
+    """A pipeline over the database whose instance's agent is the real `agent`; stopped on exit
+    (as a server going away: the agent and its jobs go on)."""
+    agents = RealAgents(agent)
+    agents.attach(instance_id)
+    pipeline = Pipeline(db, agents, LogNotifier())
+    try:
+        yield pipeline, agents
+    finally:
+        await pipeline.stop()
+        await agents.close()
+
+
 async def _lines(db: Database, job_id: str) -> list[str]:
     async with db.session() as s:
         rows = (
@@ -106,55 +128,30 @@ async def _lines(db: Database, job_id: str) -> list[str]:
 
 async def test_one_watch_follows_every_job_of_an_agent(db: Database, agent: AgentInfo) -> None:
     instance_id, job_ids = await _setup(db, ["echo one", "sleep 0.5", "echo two"], runs=6)
-    agents = RealAgents(agent)
-    agents.attach(instance_id)
-    pipeline = Pipeline(db, agents, LogNotifier())
-    try:
-
-        async def all_done() -> bool:
-            return all(j.status == JobStatus.DONE for j in await _jobs(db, job_ids))
-
-        await _until(pipeline, "every job done", all_done)
+    async with _pipeline(db, agent, instance_id) as (pipeline, agents):
+        await _until(pipeline, "every job done", _all_in(db, job_ids, JobStatus.DONE))
         for job_id in job_ids:
             assert await _lines(db, job_id) == ["one", "two"]
         assert "/api/watch" in agents.paths
         assert not [p for p in agents.paths if p.endswith("/pull")]  # no per-job long poll
-    finally:
-        await pipeline.stop()
-        await agents.close()
 
 
 async def test_a_restarted_pipeline_stores_nothing_twice(db: Database, agent: AgentInfo) -> None:
     count = 150
     cmd = f"python3 -c \"import time\nfor i in range({count}):\n    print(f'n {{i}}', flush=True); time.sleep(0.01)\""
     instance_id, job_ids = await _setup(db, [cmd], runs=3)
-    agents = RealAgents(agent)
-    agents.attach(instance_id)
-    pipeline = Pipeline(db, agents, LogNotifier())
 
     async def some_lines() -> bool:
         return all([len(await _lines(db, j)) >= 10 for j in job_ids])
 
-    try:
+    async with _pipeline(db, agent, instance_id) as (pipeline, _):
         await _until(pipeline, "the first lines stored", some_lines)
-    finally:
-        await pipeline.stop()  # the server goes away mid-run; the jobs go on printing
-        await agents.close()
+    # the server went away mid-run; the jobs go on printing
     await asyncio.sleep(0.5)
-    agents = RealAgents(agent)
-    agents.attach(instance_id)
-    pipeline = Pipeline(db, agents, LogNotifier())
-    try:
-
-        async def all_done() -> bool:
-            return all(j.status == JobStatus.DONE for j in await _jobs(db, job_ids))
-
-        await _until(pipeline, "every job done", all_done)
+    async with _pipeline(db, agent, instance_id) as (pipeline, _):
+        await _until(pipeline, "every job done", _all_in(db, job_ids, JobStatus.DONE))
         for job_id in job_ids:
             assert await _lines(db, job_id) == [f"n {i}" for i in range(count)]
-    finally:
-        await pipeline.stop()
-        await agents.close()
 
 
 async def test_an_agent_without_the_watch_route_is_pulled_per_job(db: Database) -> None:
@@ -187,29 +184,17 @@ async def test_an_agent_with_more_jobs_than_one_watch_lists_is_watched_in_slices
     monkeypatch.setattr(agent_watch, "MAX_JOBS_PER_WATCH", 2)
     # Two long jobs are watched first (the first slice); the quick ones' ends must come in turn.
     instance_id, long_ids = await _setup(db, ["sleep 60"], runs=2)
-    agents = RealAgents(agent)
-    agents.attach(instance_id)
-    pipeline = Pipeline(db, agents, LogNotifier())
-    try:
-
-        async def long_running() -> bool:
-            return all(j.status == JobStatus.RUNNING for j in await _jobs(db, long_ids))
-
-        await _until(pipeline, "the long jobs running", long_running)
-        quick_ids = await _add_runs(db, ["echo sliced"], runs=3)
-
-        async def quick_done() -> bool:
-            return all(j.status == JobStatus.DONE for j in await _jobs(db, quick_ids))
-
-        await _until(pipeline, "the quick jobs done", quick_done, timeout=20)
-        for job_id in quick_ids:
-            assert await _lines(db, job_id) == ["sliced"]
-        assert all(j.status == JobStatus.RUNNING for j in await _jobs(db, long_ids))
-    finally:
-        for job_id in long_ids:
-            await agents.client(instance_id).stop(job_id, abort=True)
-        await pipeline.stop()
-        await agents.close()
+    async with _pipeline(db, agent, instance_id) as (pipeline, agents):
+        try:
+            await _until(pipeline, "the long jobs running", _all_in(db, long_ids, JobStatus.RUNNING))
+            quick_ids = await _add_runs(db, ["echo sliced"], runs=3)
+            await _until(pipeline, "the quick jobs done", _all_in(db, quick_ids, JobStatus.DONE), timeout=20)
+            for job_id in quick_ids:
+                assert await _lines(db, job_id) == ["sliced"]
+            assert await _all_in(db, long_ids, JobStatus.RUNNING)()
+        finally:
+            for job_id in long_ids:
+                await agents.client(instance_id).stop(job_id, abort=True)
 
 
 async def _add_runs(db: Database, commands: list[str], runs: int) -> list[str]:
