@@ -62,6 +62,7 @@ class InstanceWatch:
         self._added = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._offset = 0  # where the next slice starts (more jobs than MAX_JOBS_PER_WATCH)
+        self._forgets: set[asyncio.Task[None]] = set()  # deletes of ended jobs on the agent, in flight
 
     def add(self, job_id: str, watched: Watched) -> None:
         self._new[job_id] = watched
@@ -209,8 +210,12 @@ class InstanceWatch:
                 self.owner._on_logs(run_id)
             for run_id in changed:
                 self.owner._on_job_changed(run_id)
-            if ended:
-                await asyncio.gather(*(_forget(client, job_id) for job_id in ended))
+            for job_id in ended:
+                # In the background: a slow delete on the agent must not hold up the news of
+                # every other job on the host.
+                task = asyncio.create_task(_forget(client, job_id), name=f"forget-{job_id}")
+                self._forgets.add(task)
+                task.add_done_callback(self._forgets.discard)
         for job_id in answer.get("unknown", []):
             w = self.jobs.get(job_id)
             if w is None or job_id not in asked:
@@ -245,5 +250,5 @@ class InstanceWatch:
 async def _forget(client: AgentClient, job_id: str) -> None:
     try:
         await client.delete(job_id)
-    except httpx.HTTPError:
-        pass
+    except (httpx.HTTPError, AgentError):
+        pass  # the agent forgets it with the job's directory later; nothing of ours waits on it
