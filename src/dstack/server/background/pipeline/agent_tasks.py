@@ -24,9 +24,9 @@ from dstack.server.agent_client import AgentClient, AgentError
 from dstack.server.backends.slurm.allocations import with_server_url as slurm_with_server_url
 from dstack.server.background.pipeline.agent_watch import InstanceWatch, Watched
 from dstack.server.background.pipeline.common import (
-    AGENT_LOST,
     AGENT_RECOVERY_WAIT_SECONDS,
     LOG_LINGER_SECONDS,
+    lost_job_message,
 )
 from dstack.server.background.pipeline.jobs_provisioning import (
     build_submission,
@@ -272,11 +272,7 @@ class AgentTasks:
                     now = time.time()
                     failing_since = failing_since or now
                     if now - failing_since > self.agents.recovery_hold_seconds or isinstance(e, AgentError):
-                        msg = (
-                            f"{AGENT_LOST}: the instance's agent died and its successor does not know the job"
-                            if client is not first_client
-                            else f"agent unreachable: {e}"
-                        )
+                        msg = lost_job_message(client is not first_client, f"agent unreachable: {e}")
                         await self.finish_job(job_id, JobStatus.FAILED, JobTerminationReason.INSTANCE_UNREACHABLE, msg)
                         return
                     await asyncio.sleep(0.5)

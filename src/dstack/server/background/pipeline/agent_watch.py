@@ -23,7 +23,7 @@ import httpx
 from dstack.agent.models import FINAL_STATES
 from dstack.core.models.runs import JobStatus, JobTerminationReason
 from dstack.server.agent_client import AgentClient, AgentError
-from dstack.server.background.pipeline.common import AGENT_LOST, LOG_LINGER_SECONDS
+from dstack.server.background.pipeline.common import LOG_LINGER_SECONDS, lost_job_message
 from dstack.server.background.pipeline.jobs_running import ReportItem, store_reports
 from dstack.server.db import retry_on_conflict
 
@@ -221,11 +221,7 @@ class InstanceWatch:
             if w is None or job_id not in asked:
                 continue
             self._drop(job_id)
-            msg = (
-                f"{AGENT_LOST}: the instance's agent died and its successor does not know the job"
-                if client is not w.client
-                else "agent unreachable: the agent does not know this job"
-            )
+            msg = lost_job_message(client is not w.client, "agent unreachable: the agent does not know this job")
             await self.owner.finish_job(job_id, JobStatus.FAILED, JobTerminationReason.INSTANCE_UNREACHABLE, msg)
 
     async def _give_up(self, client: AgentClient, message: str) -> None:
@@ -235,11 +231,7 @@ class InstanceWatch:
         self._new.clear()
         for job_id, w in jobs.items():
             self._on_drop(job_id)
-            msg = (
-                f"{AGENT_LOST}: the instance's agent died and its successor does not know the job"
-                if client is not w.client
-                else message
-            )
+            msg = lost_job_message(client is not w.client, message)
             await self.owner.finish_job(job_id, JobStatus.FAILED, JobTerminationReason.INSTANCE_UNREACHABLE, msg)
 
     def _drop(self, job_id: str) -> None:

@@ -27,6 +27,16 @@ AGENT_RECOVERY_WAIT_SECONDS = 30.0
 # The reason's message of jobs an agent's death ended (termination reason `instance_unreachable`,
 # retried under `retry` on `interruption`).
 AGENT_LOST = "agent lost"
+
+
+def lost_job_message(replaced: bool, otherwise: str) -> str:
+    """Why a job its agent no longer answers for ended: its agent was replaced by one that does not
+    know it (``replaced``), else ``otherwise``."""
+    if replaced:
+        return f"{AGENT_LOST}: the instance's agent died and its successor does not know the job"
+    return otherwise
+
+
 # What an agent that starts reports for the jobs its dead predecessor was running (it kills them).
 AGENT_RESTARTED_MESSAGE = "agent restarted"
 # Date arithmetic on user-given durations is capped here: `timedelta` and `datetime` overflow
