@@ -123,3 +123,21 @@ def test_repeated_prompt_rides_the_running_pass_per_sequence(streams_engine) -> 
     assert again.steps[0] in running.steps, (again.steps, running.steps)
     # ...and the reused, moved KV gives the same greedy tokens as the first, fresh run.
     assert again.tokens == first.tokens
+
+
+def test_requests_with_cached_prompts_do_not_wait_for_another_prefill(streams_engine) -> None:  # type: ignore[no-untyped-def]
+    """Per-sequence KV: a repeated prompt (one token left: it rides the decoding call) and a new
+    prompt admitted in the same step. The decoding call goes first, since the rider would wait
+    for the whole prefill while the prompt waits for a one-token call, and the order changes
+    no token."""
+    eng = streams_engine
+    cached = eng.model.tokenize("Once upon a time")
+    first = Tracked(eng, cached, 3)
+    assert first.done.wait(300) and first.error is None
+    with eng._cv:  # both are admitted by the same step
+        again = Tracked(eng, cached, 3)
+        new = Tracked(eng, eng.model.tokenize("Chapter 1. The village at the edge of the forest"), 2)
+    assert again.done.wait(300) and new.done.wait(300)
+    assert again.error is None and new.error is None
+    assert again.steps[0] < new.steps[0], (again.steps, new.steps)
+    assert again.tokens == first.tokens

@@ -246,6 +246,25 @@ def test_validation_errors_are_422(server: Server) -> None:
     assert r.status_code == 422
 
 
+def test_generation_routes_reject_what_fastapi_rejects(server: Server) -> None:
+    """The generation routes parse bodies outside FastAPI (dstack/serving/sse.py); a body FastAPI
+    would refuse gets FastAPI's answer, the same 422 body as on every other route."""
+    url = server.url
+    r = httpx.post(url + "/v1/completions", content=b"{bad", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json() == {"error": "`1`: JSON decode error", "error_type": "validation"}
+    body = json.dumps({"prompt": "hi", "max_tokens": 2, "stream": True})
+    r = httpx.post(url + "/v1/completions", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
+    r = httpx.post(url + "/generate_stream", json={"inputs": "hi", "parameters": {"top_p": 1.5}})
+    assert r.status_code == 422 and "`top_p` must be > 0.0 and < 1.0" in r.json()["error"]
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user"}], "n": 9})
+    assert r.status_code == 422 and "`n` must be >= 1 and <= 4" in r.json()["error"]
+    with httpx.stream("POST", url + "/v1/completions", content=body, headers={"content-type": "application/json"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream; charset=utf-8"
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and len(lines) == 3
+
+
 def test_seeded_sampling_is_reproducible(server: Server) -> None:
     def sample(seed: int) -> str:
         return _generate(

@@ -7,39 +7,44 @@ until it is ready -- what readiness probes expect.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from dstack.serving.engine import TokenInfo
+from dstack.serving.openai_api import chat_completions, completions
 from dstack.serving.openai_api import router as openai_router
 from dstack.serving.sampling import SamplingParams
 from dstack.serving.schemas import (
     MAX_BEST_OF,
     MAX_STOP_SEQUENCES,
     MAX_TOP_N_TOKENS,
+    ChatCompletionRequest,
+    CompletionRequest,
     GenerateParameters,
     GenerateRequest,
     TokenizeRequest,
 )
-from dstack.serving.service import APIError, ClientGone, Result, Service, Ticket
+from dstack.serving.service import APIError, ClientGone, Result, Service
+from dstack.serving.sse import HotRoutes, SSEResponse, sse_event
 from dstack.version import __version__
-
-SSE_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
-
-
-def sse(payload: Any, space: bool = False) -> str:
-    return ("data: " if space else "data:") + json.dumps(payload, ensure_ascii=False) + "\n\n"
 
 
 def error_body(message: str, error_type: str) -> dict[str, str]:
     return {"error": message, "error_type": error_type}
+
+
+def error_response(exc: Exception) -> Response | None:
+    """The response for an exception the routes raise on purpose; None for any other."""
+    if isinstance(exc, APIError):
+        return JSONResponse(error_body(exc.message, exc.error_type), status_code=exc.status)
+    if isinstance(exc, ClientGone):
+        return Response(status_code=499)
+    return None
 
 
 def token_json(t: TokenInfo) -> dict[str, Any]:
@@ -72,7 +77,10 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def create_app(service: Service) -> FastAPI:
+def create_app(service: Service) -> HotRoutes:
+    """The server's ASGI app: the FastAPI app (`.app`), with its generation routes reached
+    through `HotRoutes` (sse.py)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if service.status == "loading" and service.engine is None:
@@ -100,8 +108,10 @@ def create_app(service: Service) -> FastAPI:
         return get_swagger_ui_html(openapi_url=f"{prefix}{app.openapi_url}", title=f"{app.title} - docs")
 
     @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.error_type), status_code=exc.status)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        response = error_response(exc)
+        assert response is not None
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -109,7 +119,9 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, exc: ClientGone) -> Response:
-        return Response(status_code=499)
+        response = error_response(exc)
+        assert response is not None
+        return response
 
     @app.get("/health", summary="200 when the model is loaded, 503 before")
     async def health() -> JSONResponse:
@@ -170,7 +182,7 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(await _generate(body, request))
 
     @app.post("/generate_stream", summary="Generate text, streamed as Server-Sent Events (TGI)")
-    async def generate_stream(body: GenerateRequest) -> StreamingResponse:
+    async def generate_stream(body: GenerateRequest) -> Response:
         return _stream(body)
 
     @app.post("/", summary="TGI compatibility route: /generate or /generate_stream by `stream`")
@@ -227,7 +239,7 @@ def create_app(service: Service) -> FastAPI:
             "top_tokens": [[token_json(t) for t in step] for step in r.top_tokens] if p.top_n_tokens else None,
         }
 
-    def _stream(body: GenerateRequest) -> StreamingResponse:
+    def _stream(body: GenerateRequest) -> SSEResponse:
         p = body.parameters
         if p.best_of is not None and p.best_of > 1:
             raise APIError(422, "`best_of` != 1 is not allowed for this endpoint", "validation")
@@ -240,21 +252,19 @@ def create_app(service: Service) -> FastAPI:
             ticket.release()
             raise
         prefix = body.inputs if p.return_full_text else ""
-        return StreamingResponse(
-            _tgi_events(req, ticket, p, prefix),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-            background=BackgroundTask(ticket.release),
-        )
+        return SSEResponse(_tgi_events(req, p, prefix), ticket.release)
 
-    async def _tgi_events(req: Any, ticket: Ticket, p: GenerateParameters, prefix: str) -> AsyncIterator[str]:
+    async def _tgi_events(req: Any, p: GenerateParameters, prefix: str) -> AsyncIterator[bytes]:
+        """TGI's stream: an event per token, the last one with the generated text (and details);
+        each item is every event ready at that moment."""
         index = 0
-        try:
-            async with aclosing(service.events(req)) as events:
-                async for ev in events:
+        async with aclosing(service.events(req)) as batches:
+            async for batch in batches:
+                out = []
+                for ev in batch:
                     if ev.error is not None:
-                        yield sse(error_body(ev.error, "generation"))
-                        return
+                        out.append(sse_event(error_body(ev.error, "generation"), space=False))
+                        break
                     assert ev.token is not None
                     index += 1
                     payload: dict[str, Any] = {
@@ -273,12 +283,16 @@ def create_app(service: Service) -> FastAPI:
                                 "seed": ev.finish.seed,
                                 "input_length": ev.finish.input_length,
                             }
-                    yield sse(payload)
-        finally:
-            ticket.release()
+                    out.append(sse_event(payload, space=False))
+                yield "".join(out).encode()
 
     app.include_router(openai_router)
-    return app
+    hot = {
+        "/v1/completions": (CompletionRequest, completions),
+        "/v1/chat/completions": (ChatCompletionRequest, chat_completions),
+        "/generate_stream": (GenerateRequest, lambda body, request: generate_stream(body)),
+    }
+    return HotRoutes(app, hot, error_response)
 
 
 def render_metrics(service: Service) -> str:

@@ -193,20 +193,28 @@ class Engine:
         with self._cv:
             self._cv.notify()
 
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[Event]:
-        """Submit `req` and yield its events; leaving the iteration early cancels it."""
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[list[Event]]:
+        """Submit `req` and yield its events, as lists of all those that arrived together (the
+        events of one scheduling step, or more when the consumer fell behind: a streaming
+        response writes each list with one send); leaving the iteration early cancels it."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        req.emit = queue.put_nowait
+        inbox = _Inbox()
+        req.emit = inbox.put
         req.loop = loop
         self.submit(req)
         done = False
         try:
             while True:
-                ev = await queue.get()
-                if ev.finish is not None or ev.error is not None:
-                    done = True
-                yield ev
+                if not inbox.events:
+                    inbox.waiter = loop.create_future()
+                    try:
+                        await inbox.waiter
+                    finally:
+                        inbox.waiter = None
+                batch, inbox.events = inbox.events, []
+                last = batch[-1]  # a request's final event is the last one it is ever sent
+                done = last.finish is not None or last.error is not None
+                yield batch
                 if done:
                     return
         finally:
@@ -427,7 +435,7 @@ class Engine:
 
     def _step_streams(self) -> None:
         """One scheduling step: each waiting prompt's next chunk in a llama_decode call of its
-        own, shortest first, then one call with the next token of every running sequence.
+        own, shortest first, and one call with the next token of every running sequence.
 
         With one KV stream per sequence, llama.cpp splits a batch that mixes sequences into
         ubatches holding the same number of tokens of each: two prompts of 100 tokens batched
@@ -440,19 +448,43 @@ class Engine:
         A prompt with one token left (a repeated prompt or a chat turn whose prefix was cached)
         is shaped like a decode token, so it rides the decoding call instead of a call of its
         own: its first token comes out of the running pass, and nothing is split.
+
+        Which goes first, the prompt calls or the decoding call, is what the new requests wait
+        for: a rider waits for every prompt call before the decoding call, a prompt for the
+        decoding call before it. On a CPU a call costs about its number of tokens, so the
+        decoding call goes first when the riders' wait it saves (riders x prompt tokens) is
+        larger than the prompts' wait it adds (prompts x decoding tokens). Requests that arrive
+        together with prefixes cached (the same prompts again, chat turns) then get their first
+        tokens from one short call instead of queueing behind the others' prefills.
         """
         seqs = [self._active[s] for s in sorted(self._active)]
         prefilling = sorted(
             (s for s in seqs if s.next_token is None and s.prefilling), key=lambda s: len(s.req.prompt) - s.n_prefilled
         )
-        last_tokens = [s for s in prefilling if len(s.req.prompt) - s.n_prefilled == 1]
-        budget = self.model.n_batch - len(last_tokens)
-        for seq in prefilling[len(last_tokens) :]:
+        riders = [s for s in prefilling if len(s.req.prompt) - s.n_prefilled == 1]
+        prompts = prefilling[len(riders) :]
+        budget = self.model.n_batch - len(riders)
+        prompt_tokens = sum(min(len(s.req.prompt) - s.n_prefilled, self.prefill_chunk) for s in prompts)
+        decoding = sum(1 for s in seqs if s.next_token is not None) + len(riders)
+        if riders and prompts and len(riders) * min(prompt_tokens, budget) > len(prompts) * decoding:
+            self._decode_running(seqs, riders)
+            self._prefill_prompts([s for s in prompts if self._active.get(s.slot) is s], budget)
+            return
+        self._prefill_prompts(prompts, budget)
+        # A prompt call may have finished (and released) a sequence or moved one to another slot.
+        self._decode_running(seqs, riders)
+
+    def _prefill_prompts(self, prompts: list[_Sequence], budget: int) -> None:
+        """The next chunk of each prompt, a call each, in order, within `budget` tokens in all."""
+        for seq in prompts:
             if budget <= 0:
                 break
             budget -= self._prefill_chunk(seq, budget)
-        # A prompt call may have finished (and released) a sequence or moved one to another slot.
-        riding = {id(s) for s in last_tokens}
+
+    def _decode_running(self, seqs: list[_Sequence], riders: list[_Sequence]) -> None:
+        """One call with the next token of every running sequence and the last prompt token of
+        each rider (of `seqs`, those still active)."""
+        riding = {id(s) for s in riders}
         running = [s for s in seqs if self._active.get(s.slot) is s and (s.next_token is not None or id(s) in riding)]
         if not running:
             return
@@ -563,6 +595,21 @@ class Engine:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         self._release(seq)
         self._send(seq.req, Event(token=token, delta=delta, top=top, finish=finish))
+
+
+class _Inbox:
+    """One streamed request's undelivered events, filled on its event loop (by `_deliver`)."""
+
+    __slots__ = ("events", "waiter")
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, ev: Event) -> None:
+        self.events.append(ev)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
 
 def _deliver(items: list[tuple[Callable[[Event], None], Event]]) -> None:

@@ -7,7 +7,6 @@ same engine path as TGI's routes.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,28 +14,23 @@ from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse
 
 from dstack.core.chat_template import ChatTemplate, ChatTemplateError
 from dstack.serving.engine import FINISH_LENGTH, Event, GenerationRequest, TokenInfo
 from dstack.serving.sampling import SamplingParams
 from dstack.serving.schemas import ChatCompletionRequest, CompletionRequest, _OpenAICommon
-from dstack.serving.service import Result, Service, Ticket, merge, validation_error
+from dstack.serving.service import Result, Service, merge, validation_error
+from dstack.serving.sse import SSEResponse, sse_event, to_json
 from dstack.version import __version__
 
 router = APIRouter(prefix="/v1")
 
-SSE_HEADERS = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 FINGERPRINT = f"dstack-serving-{__version__}"
 
 
 def _service(request: Request) -> Service:
     return request.app.state.service
-
-
-def _sse(payload: Any) -> str:
-    return "data: " + json.dumps(payload, ensure_ascii=False) + "\n\n"
 
 
 def openai_finish_reason(reason: str) -> str:
@@ -147,12 +141,7 @@ async def _run(
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(
-            _stream(service, reqs, ticket, rid, created, body, logprobs, echo_prompts, chat),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-            background=BackgroundTask(ticket.release),
-        )
+        return SSEResponse(_stream(service, reqs, rid, created, body, logprobs, echo_prompts, chat), ticket.release)
     try:
         results: list[Result] = await service.until_disconnect(
             request, asyncio.gather(*(service.collect(r) for r in reqs))
@@ -237,40 +226,60 @@ def _event_choice(i: int, ev: Event, logprobs: bool, chat: bool) -> dict[str, An
     return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
 
 
+def _chunk_object(chat: bool) -> str:
+    return "chat.completion.chunk" if chat else "text_completion"
+
+
+class _ChunkEncoder:
+    """A stream's chunks as server-sent events. Everything but the choices is the same in every
+    chunk of a stream, so it is encoded once; each chunk encodes only its choice."""
+
+    def __init__(self, rid: str, created: int, model: str, obj: str, usage_field: bool) -> None:
+        envelope = to_json(_chunk(rid, created, model, obj, [], usage_field))
+        head, tail = envelope.rsplit('"choices": []', 1)
+        self.head = "data: " + head + '"choices": ['
+        self.tail = "]" + tail + "\n\n"
+
+    def event(self, choice: dict[str, Any]) -> str:
+        return self.head + to_json(choice) + self.tail
+
+
 async def _stream(
     service: Service,
     reqs: list[GenerationRequest],
-    ticket: Ticket,
     rid: str,
     created: int,
     body: _OpenAICommon,
     logprobs: bool,
     echo_prompts: list[str] | None,
     chat: bool,
-) -> AsyncIterator[str]:
-    """A streamed chat or text completion: its chunks as server-sent events, then `[DONE]`."""
-    obj = "chat.completion.chunk" if chat else "text_completion"
+) -> AsyncIterator[bytes]:
+    """A streamed chat or text completion: its chunks as server-sent events, then `[DONE]`; each
+    item is every chunk ready at that moment. The opening chunks (each chat choice's role, the
+    echoed prompts) go out with the first tokens' chunks."""
     usage = body.include_usage
-    model = service.model_id
-    completion_tokens = 0
-    try:
-        for choice in _opening_choices(len(reqs), echo_prompts, chat):
-            yield _sse(_chunk(rid, created, model, obj, [choice], usage))
-        async with aclosing(merge([service.events(r) for r in reqs])) as events:
-            async for i, ev in events:
+    encoder = _ChunkEncoder(rid, created, service.model_id, _chunk_object(chat), usage)
+    out = [encoder.event(choice) for choice in _opening_choices(len(reqs), echo_prompts, chat)]
+    completion_tokens = finished = 0
+    async with aclosing(merge([service.events(r) for r in reqs])) as batches:
+        async for i, batch in batches:
+            for ev in batch:
                 if ev.error is not None:
-                    yield _sse({"error": {"message": ev.error, "type": "generation"}})
+                    out.append(sse_event({"error": {"message": ev.error, "type": "generation"}}))
+                    yield "".join(out).encode()
                     return
-                choice = _event_choice(i, ev, logprobs, chat)
-                if choice is None:
-                    continue
                 if ev.finish is not None:
                     completion_tokens += ev.finish.generated_tokens
-                yield _sse(_chunk(rid, created, model, obj, [choice], usage))
-        if usage:
-            final = _chunk(rid, created, model, obj, [], False)
-            final["usage"] = _usage(sum(len(r.prompt) for r in reqs), completion_tokens)
-            yield _sse(final)
-        yield "data: [DONE]\n\n"
-    finally:
-        ticket.release()
+                    finished += 1
+                choice = _event_choice(i, ev, logprobs, chat)
+                if choice is not None:
+                    out.append(encoder.event(choice))
+            if out and finished < len(reqs):  # the last chunks go out with `[DONE]`
+                yield "".join(out).encode()
+                out = []
+    if usage:
+        final = _chunk(rid, created, service.model_id, _chunk_object(chat), [], False)
+        final["usage"] = _usage(sum(len(r.prompt) for r in reqs), completion_tokens)
+        out.append(sse_event(final))
+    out.append("data: [DONE]\n\n")
+    yield "".join(out).encode()

@@ -231,30 +231,33 @@ class Service:
         )
 
     # --- running ----------------------------------------------------------------------------
-    async def events(self, req: GenerationRequest) -> AsyncIterator[Event]:
-        """The engine's events for `req`; closing this iterator cancels the generation."""
+    async def events(self, req: GenerationRequest) -> AsyncIterator[list[Event]]:
+        """The engine's events for `req`, in lists of those ready together (`Engine.stream`);
+        closing this iterator cancels the generation."""
         engine = self.require_ready()
-        async with aclosing(engine.stream(req)) as events:
-            async for ev in events:
-                if ev.error is not None:
+        async with aclosing(engine.stream(req)) as batches:
+            async for batch in batches:
+                last = batch[-1]
+                if last.error is not None:
                     self.count("failures")
-                elif ev.finish is not None:
+                elif last.finish is not None:
                     self.count("successes")
-                yield ev
+                yield batch
 
     async def collect(self, req: GenerationRequest) -> Result:
         tokens: list[TokenInfo] = []
         tops: list[list[TokenInfo]] = []
-        async with aclosing(self.events(req)) as events:
-            async for ev in events:
-                if ev.error is not None:
-                    raise APIError(500, ev.error, "generation")
-                assert ev.token is not None
-                tokens.append(ev.token)
-                if ev.top:
-                    tops.append(ev.top)
-                if ev.finish is not None:
-                    return Result(ev.finish, tokens, tops)
+        async with aclosing(self.events(req)) as batches:
+            async for batch in batches:
+                for ev in batch:
+                    if ev.error is not None:
+                        raise APIError(500, ev.error, "generation")
+                    assert ev.token is not None
+                    tokens.append(ev.token)
+                    if ev.top:
+                        tops.append(ev.top)
+                    if ev.finish is not None:
+                        return Result(ev.finish, tokens, tops)
         raise APIError(500, "generation ended without a result", "incomplete_generation")
 
     async def until_disconnect(self, request: Request, work: Awaitable[T]) -> T:
@@ -286,18 +289,18 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int, Event]]:
-    """Interleave several event streams as their events arrive, tagged with their index."""
+async def merge(streams: list[AsyncIterator[list[Event]]]) -> AsyncIterator[tuple[int, list[Event]]]:
+    """Interleave several streams of event lists as they arrive, each list tagged with its stream's index."""
     if len(streams) == 1:
-        async for ev in streams[0]:
-            yield 0, ev
+        async for batch in streams[0]:
+            yield 0, batch
         return
-    queue: asyncio.Queue[tuple[int, Event | None, BaseException | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, list[Event] | None, BaseException | None]] = asyncio.Queue()
 
-    async def pump(i: int, it: AsyncIterator[Event]) -> None:
+    async def pump(i: int, it: AsyncIterator[list[Event]]) -> None:
         try:
-            async for ev in it:
-                await queue.put((i, ev, None))
+            async for batch in it:
+                await queue.put((i, batch, None))
         except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
             await queue.put((i, None, e))
             return
@@ -307,13 +310,13 @@ async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[tuple[int,
     try:
         remaining = len(tasks)
         while remaining:
-            i, ev, exc = await queue.get()
+            i, batch, exc = await queue.get()
             if exc is not None:
                 raise exc
-            if ev is None:
+            if batch is None:
                 remaining -= 1
                 continue
-            yield i, ev
+            yield i, batch
     finally:
         for t in tasks:
             t.cancel()
