@@ -266,11 +266,14 @@ DSTACK_VARIANTS = {
 }
 
 
-def start(name: str, gguf: str, threads: int, llama_server: str | None, ctx: int, repack: bool) -> ServerProc:
+def start(
+    name: str, gguf: str, threads: int, llama_server: str | None, ctx: int, repack: bool, before: str | None = None
+) -> ServerProc:
     port = free_port()
     py = sys.executable
-    if name in DSTACK_VARIANTS or name == "dstack-passive":
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    if name in DSTACK_VARIANTS or name in ("dstack-passive", "dstack-before"):
+        # dstack-before: the engine from another checkout's src (--before), measured in the same run
+        env = dict(os.environ, PYTHONPATH=before if name == "dstack-before" and before else str(ROOT / "src"))
         if name == "dstack-passive":  # OpenMP threads sleep at barriers instead of spinning
             env["OMP_WAIT_POLICY"] = "passive"
         cmd = [
@@ -356,6 +359,7 @@ def main() -> int:
     ap.add_argument("--chat-tokens", type=int, default=32, help="new tokens per chat turn")
     ap.add_argument("--llama-server", default=shutil.which("llama-server") or "/tmp/llama-build/bin/llama-server")
     ap.add_argument("--out", default=None, help="write a markdown report here")
+    ap.add_argument("--before", default=None, help="src directory of another checkout, served as dstack-before")
     a = ap.parse_args()
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -370,7 +374,7 @@ def main() -> int:
     repack = dstack_repacks()
     # The machine is shared and noisy: all servers stay up, and every level is measured on each
     # server in turn, --repeat times; the median of each (server, level) is reported.
-    servers = {name: start(name, gguf, a.threads, a.llama_server, a.ctx, repack) for name in names}
+    servers = {name: start(name, gguf, a.threads, a.llama_server, a.ctx, repack, a.before) for name in names}
     runs: dict[str, dict[int, list[Level]]] = {name: {c: [] for c in levels} for name in names}
     chats: dict[str, list[ChatResult]] = {name: [] for name in names}
     try:

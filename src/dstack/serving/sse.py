@@ -147,10 +147,10 @@ class HotRoutes:
             return await self.app(scope, replay, send)
         scope["app"] = self.app  # what Starlette sets: endpoints find the service in app.state
         try:
-            response = await endpoint(body, Request(scope, replay))
+            response = await endpoint(body, Request(scope, receive))  # the body is read: only a disconnect comes
         except Exception as e:
             error = self.errors(e)
             if error is None:
                 raise
             response = error
-        await response(scope, replay, send)
+        await response(scope, receive, send)
