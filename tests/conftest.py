@@ -94,6 +94,13 @@ class ServerProcess:
         """The last `tail` characters of each start's log."""
         return "\n".join(p.read_text(errors="replace")[-tail:] for p in sorted(self.home.glob("server-*.log")))
 
+    def agent_logs(self, tail: int = 4000) -> str:
+        """The last `tail` characters of the log of each agent this server started locally."""
+        return "\n".join(
+            f"== {p.relative_to(self.home)}\n" + p.read_text(errors="replace")[-tail:]
+            for p in sorted(self.home.rglob("agent.log"))
+        )
+
     @property
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"}
@@ -182,6 +189,7 @@ def pytest_runtest_makereport(item, call):
             srv = item.funcargs.get(name) if hasattr(item, "funcargs") else None
             if isinstance(srv, ServerProcess):
                 report.sections.append((f"{name} log (last 12 kB of each start)", srv.logs(tail=12000)))
+                report.sections.append((f"{name}'s local agents' logs (last 4 kB each)", srv.agent_logs()))
     return report
 
 

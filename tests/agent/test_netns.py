@@ -140,8 +140,16 @@ def test_isolated_job_stop_removes_namespace(client: httpx.Client, home: Path) -
     out = text(records + more)
     assert f"inet {ns['address']}/30" in out and "127.0.0.1" in out  # its own veth + loopback, nothing else
     assert "eth0" not in out
-    assert ns["netns"] not in netns_list() and not link_exists(ns["host_if"])
-    assert json.loads((home / "jobs" / job_id / "state.json").read_text())["netns"] is None
+    # The end is reported first; the namespace goes right after (its removal must not hold up the news).
+    wait_until(
+        lambda: ns["netns"] not in netns_list() and not link_exists(ns["host_if"]), 10, 0.05, "the namespace to go"
+    )
+    wait_until(
+        lambda: json.loads((home / "jobs" / job_id / "state.json").read_text())["netns"] is None,
+        5,
+        0.05,
+        "state.json to drop the namespace",
+    )
     assert resp["address"] == ns["address"]
 
 

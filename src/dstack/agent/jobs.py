@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 EOF_AFTER_EXIT_SECONDS = 1.0  # how long leftover children may hold the pipes after the shell exits
 EOF_AFTER_KILL_SECONDS = 5.0
+SLOW_END_SECONDS = 2.0  # an end reported later than this after the exit is logged
 HOST_ADDRESS = "127.0.0.1"
 ENV_FILE = "env.json"  # a submitted job's env until it starts (0600)
 
@@ -401,6 +402,7 @@ class Job:
             asyncio.create_task(runner.pump(proc.stderr, "stderr", self.logs, self.notify)),
         ]
         rc = await proc.wait()
+        exited = time.monotonic()
         _, pending = await asyncio.wait(pumps, timeout=EOF_AFTER_EXIT_SECONDS)
         if pending:  # children left behind still hold the pipes: end them
             self._signal_group(signal.SIGKILL)
@@ -409,7 +411,6 @@ class Job:
                 task.cancel()
         if self._grace_task is not None:
             self._grace_task.cancel()
-        await self.release_network()
         if self.shared_venv is not None:  # a long job counts as a use until it ends
             touch_last_used(self.shared_venv)
         exit_status = rc if rc >= 0 else 128 - rc
@@ -427,6 +428,14 @@ class Job:
                 # A plain exit status says it all and leaves the job's own output as it was.
                 self.logs.append("stderr", f"dstack: the process {message}\n".encode(), time.time())
             self.set_state("failed", exit_status=exit_status, message=message)
+        if time.monotonic() - exited > SLOW_END_SECONDS:
+            logger.warning(
+                "job %s: its end is reported %.1f s after the process exited", spec.job_id, time.monotonic() - exited
+            )
+        # The end is reported first, the namespace removed after: its removal waits for a lock
+        # that every agent on the host shares, and the server must not wait on other agents'
+        # work to learn that this job ended (and start its replacement).
+        await self.release_network()
 
     def _stopped_state(self) -> str:
         return "aborted" if self.stop_requested == "abort" else "terminated"
@@ -509,7 +518,10 @@ class Job:
             self.manager.net.teardown(alloc)
         except Exception:
             logger.exception("job %s: cannot remove network namespace %s", self.spec.job_id, alloc.netns)
-        self.save()
+        try:
+            self.save()
+        except OSError:  # an ended job's directory deleted meanwhile: nothing left to record
+            pass
 
     def kill_now(self) -> None:
         """SIGKILL the process group (agent shutdown, delete); an image job's container goes too."""

@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -43,6 +44,7 @@ NETNS_DIR = Path("/run/netns")  # where iproute2 keeps named namespaces
 RUN_DIR = Path("/run/dstack-agent/netns")
 ETC_NETNS = Path("/etc/netns")  # `ip netns exec` bind-mounts /etc/netns/<ns>/* over /etc/*
 IP_TIMEOUT = 10.0
+SLOW_LOCK_SECONDS = 1.0  # a longer wait for the host-wide lock is logged
 
 
 class NetnsError(Exception):
@@ -137,7 +139,11 @@ class NetworkIsolation(HostCapability):
             RUN_DIR.mkdir(parents=True, exist_ok=True)
             fd = os.open(RUN_DIR.parent / "netns.lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
+                asked = time.monotonic()
                 fcntl.flock(fd, fcntl.LOCK_EX)
+                waited = time.monotonic() - asked
+                if waited > SLOW_LOCK_SECONDS:
+                    logger.warning("waited %.1f s for the host's network lock (another agent held it)", waited)
                 yield
             finally:
                 os.close(fd)  # releases the flock
@@ -178,7 +184,7 @@ class NetworkIsolation(HostCapability):
             try:
                 self._create(alloc)
             except Exception:
-                self._teardown_locked(alloc)
+                self._remove(alloc)
                 raise
         self._ensure_nat()
         self._resolv_conf(alloc)
@@ -199,13 +205,17 @@ class NetworkIsolation(HostCapability):
         self._run_ip("-n", a.netns, "route", "add", "default", "via", a.host_ip)
 
     def teardown(self, alloc: NetnsAllocation) -> None:
-        """Kill what still runs in the namespace, then remove it, its veth pair and marker. Idempotent."""
+        """Kill what still runs in the namespace, then remove it, its veth pair and marker. Idempotent.
+
+        Without the host-wide lock: the lock makes slot *choice* unique, and nobody chooses this
+        slot until its host-side address is gone, which is this teardown's doing. Taking the lock
+        here made a job's end wait on every other agent's namespace work.
+        """
         if self.ip is None:
             return
-        with self._host_lock():
-            self._teardown_locked(alloc)
+        self._remove(alloc)
 
-    def _teardown_locked(self, a: NetnsAllocation) -> None:
+    def _remove(self, a: NetnsAllocation) -> None:
         if (NETNS_DIR / a.netns).exists():
             out = self._run_ip("netns", "pids", a.netns, check=False).stdout
             for pid in out.split():
@@ -229,34 +239,39 @@ class NetworkIsolation(HostCapability):
         """
         if not self.available:
             return
+        names = sorted(p.name for p in NETNS_DIR.glob(f"{NS_PREFIX}*")) if NETNS_DIR.is_dir() else []
+        for name in names:
+            # The lock is taken per namespace, not for the whole scan: a host with hundreds of
+            # them would otherwise hold up every other agent's jobs while this one starts.
+            with self._host_lock():
+                if name not in self._active and (NETNS_DIR / name).exists():
+                    self._remove_if_stale(name)
         with self._host_lock():
-            names = sorted(p.name for p in NETNS_DIR.glob(f"{NS_PREFIX}*")) if NETNS_DIR.is_dir() else []
-            for name in names:
-                if name in self._active:
-                    continue
-                marker = _read_marker(name)
-                empty = not self._run_ip("netns", "pids", name, check=False).stdout.strip()
-                if marker is not None:
-                    owner = str(marker.get("home", ""))
-                    job_dir = Path(owner) / "jobs" / str(marker.get("job_id", ""))
-                    owner_pid = marker.get("pid")
-                    owner_dead = not (isinstance(owner_pid, int) and _pid_alive(owner_pid))
-                    stale = owner == self.home or not job_dir.is_dir() or (owner_dead and empty)
-                else:
-                    stale = empty
-                if not stale:
-                    continue
-                logger.info("removing stale network namespace %s", name)
-                slot = marker.get("slot") if marker else None
-                if isinstance(slot, int):
-                    host_ip, address = slot_addresses(slot)
-                    self._teardown_locked(NetnsAllocation(name, slot, f"dsh{slot}", f"dsn{slot}", host_ip, address))
-                else:
-                    self._teardown_locked(NetnsAllocation(name, -1, "", "", "", ""))
             if RUN_DIR.is_dir():  # markers whose namespace is gone
                 for path in RUN_DIR.glob(f"{NS_PREFIX}*.json"):
                     if not (NETNS_DIR / path.name[: -len(".json")]).exists():
                         path.unlink(missing_ok=True)
+
+    def _remove_if_stale(self, name: str) -> None:
+        marker = _read_marker(name)
+        empty = not self._run_ip("netns", "pids", name, check=False).stdout.strip()
+        if marker is not None:
+            owner = str(marker.get("home", ""))
+            job_dir = Path(owner) / "jobs" / str(marker.get("job_id", ""))
+            owner_pid = marker.get("pid")
+            owner_dead = not (isinstance(owner_pid, int) and _pid_alive(owner_pid))
+            stale = owner == self.home or not job_dir.is_dir() or (owner_dead and empty)
+        else:
+            stale = empty
+        if not stale:
+            return
+        logger.info("removing stale network namespace %s", name)
+        slot = marker.get("slot") if marker else None
+        if isinstance(slot, int):
+            host_ip, address = slot_addresses(slot)
+            self._remove(NetnsAllocation(name, slot, f"dsh{slot}", f"dsn{slot}", host_ip, address))
+        else:
+            self._remove(NetnsAllocation(name, -1, "", "", "", ""))
 
     def adopt(self, alloc: NetnsAllocation) -> None:
         """Remember an allocation read from a job's state.json (until it is torn down)."""
