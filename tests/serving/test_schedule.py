@@ -1,7 +1,8 @@
 """The engine's scheduling on the real model (no HTTP). Unified KV buffer: a new prompt joins the
 pass that carries the running sequences' next tokens, and a long prompt is prefilled in chunks
 alongside them instead of stalling them. One KV stream per sequence: a repeated prompt's cached
-KV survives another request taking its slot, and its one remaining token rides the running pass."""
+KV survives another request taking its slot, and its one remaining token rides the running pass;
+on an idle engine a cached prompt is reused in its own slot without a stream copy."""
 
 from __future__ import annotations
 
@@ -110,7 +111,8 @@ def test_repeated_prompt_rides_the_running_pass_per_sequence(streams_engine) -> 
     prompt = eng.model.tokenize("The history of the Roman Empire begins")
     first = Tracked(eng, prompt, 3)
     assert first.done.wait(300) and first.error is None
-    # This one takes the lowest free slot, the one whose KV holds `prompt`: that KV is parked elsewhere.
+    # The next request runs meanwhile; `prompt`'s KV is reused in place if it lies next to that
+    # one's slot, else copied (and the same tokens must come out either way).
     running = Tracked(eng, eng.model.tokenize("Once upon a time"), 24)
     assert running.started.wait(300)
     hits, reused = eng.stats.prefix_cache_hits, eng.stats.prefix_cache_tokens
@@ -121,7 +123,7 @@ def test_repeated_prompt_rides_the_running_pass_per_sequence(streams_engine) -> 
     assert eng.stats.prefix_cache_tokens - reused == len(prompt) - 1
     # Its last prompt token went through the same llama_decode call as the running sequence's next token...
     assert again.steps[0] in running.steps, (again.steps, running.steps)
-    # ...and the reused, moved KV gives the same greedy tokens as the first, fresh run.
+    # ...and the reused KV gives the same greedy tokens as the first, fresh run.
     assert again.tokens == first.tokens
 
 
@@ -140,4 +142,32 @@ def test_requests_with_cached_prompts_do_not_wait_for_another_prefill(streams_en
     assert again.done.wait(300) and new.done.wait(300)
     assert again.error is None and new.error is None
     assert again.steps[0] < new.steps[0], (again.steps, new.steps)
+    assert again.tokens == first.tokens
+
+
+def test_cached_prompt_on_an_idle_engine_starts_in_its_slot_without_a_copy(streams_engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Per-sequence KV, one request at a time (the benchmark's c=1): a prompt cached in an idle slot
+    is reused in that slot, with no KV stream copy before its first token. (It used to take the
+    lowest free slot: what that slot held was parked elsewhere, then the cached stream copied in,
+    ~2.5 ms each on 2,048-cell streams.) The same greedy tokens come out."""
+    eng = streams_engine
+    copies: list[tuple[int, int]] = []
+    copy_seq = eng.model.copy_seq
+
+    def counting(src: int, dst: int) -> None:  # move_seq copies through this too
+        copies.append((src, dst))
+        copy_seq(src, dst)
+
+    monkeypatch.setattr(eng.model, "copy_seq", counting)
+    prompt = eng.model.tokenize("In 1492, Columbus")
+    first = Tracked(eng, prompt, 8)
+    assert first.done.wait(300) and first.error is None
+    other = Tracked(eng, eng.model.tokenize("Here is a list of 100 animals:"), 8)
+    assert other.done.wait(300) and other.error is None
+    hits, reused, before = eng.stats.prefix_cache_hits, eng.stats.prefix_cache_tokens, len(copies)
+    again = Tracked(eng, prompt, 8)
+    assert again.done.wait(300) and again.error is None
+    assert eng.stats.prefix_cache_hits == hits + 1
+    assert eng.stats.prefix_cache_tokens - reused == len(prompt) - 1
+    assert copies[before:] == []
     assert again.tokens == first.tokens

@@ -452,6 +452,9 @@ def test_overload_429_and_disconnect_frees_slot(small_server: Server) -> None:
 
 def test_non_streaming_disconnect_cancels(small_server: Server) -> None:
     s = small_server
+    # An earlier test's cancelled stream is reaped at the engine's next step, which may come after
+    # its request has left (`requests_in_flight` 0): wait for that before counting.
+    wait_until(lambda: s.metric("dstack_serving_batch_size") == 0)
     cancelled = s.metric("dstack_serving_sequences_cancelled_total")
     # greedy, this prompt runs for ~400 tokens before the model ends it
     body = json.dumps({"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 1500}}).encode()

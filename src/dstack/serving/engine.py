@@ -10,13 +10,13 @@ How a step is split into `llama_decode` calls depends on the KV layout (llama.py
 - unified (`--kv-layout unified`): one call per step, prompt chunks and decode tokens together, which
   llama.cpp runs as one pass; prefixes are shared by tagging cells, so any length is reused;
 - one stream per sequence (the default; batch invariant): a call per prompt chunk, then one for all decodes
-  (see `_step_streams`), and prefix reuse from another slot costs a stream copy.
+  (see `_step_streams`); a prefix cached in a slot the new sequence may take is reused in place, one
+  cached elsewhere costs a stream copy (see `_place`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 import threading
@@ -122,6 +122,7 @@ class EngineStats:
     batch_size: int = 0
     prefix_cache_hits: int = 0
     prefix_cache_tokens: int = 0
+    stream_copies: int = 0  # KV stream copies (per-sequence layout): prefixes copied, parked or moved
 
 
 class Engine:
@@ -130,7 +131,7 @@ class Engine:
     def __init__(self, model: LlamaModel, prefill_chunk: int = 256, max_active: int | None = None) -> None:
         self.model = model
         self.n_slots = model.n_seq_max
-        # Slots beyond `max_active` are never decoded: they only keep finished sequences' KV for
+        # At most `max_active` slots decode at once; the others keep finished sequences' KV for
         # the prefix cache, so it still has room when every decoding slot is busy.
         self.max_active = min(max_active or self.n_slots, self.n_slots)
         self.unified = model.kv_unified
@@ -142,7 +143,7 @@ class Engine:
         self._cv = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()
         self._active: dict[int, _Sequence] = {}
-        self._free: list[int] = list(range(self.n_slots))
+        self._free: set[int] = set(range(self.n_slots))
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[Event], None], Event]]] = {}
@@ -268,72 +269,104 @@ class Engine:
                 if req.cancelled:
                     self.stats.cancelled += 1
                     continue
-                slot = self._take_slot()
-                seq = _Sequence(req, slot, self.model)
-                self._reuse_prefix(seq)
-                self._active[slot] = seq
+                if self.unified:
+                    seq = _Sequence(req, self._take_slot(), self.model)
+                    self._reuse_prefix(seq)
+                else:
+                    seq = self._place(req)
+                self._active[seq.slot] = seq
                 self.stats.requests += 1
                 self.stats.prompt_tokens += len(req.prompt) - seq.n_prefilled  # what is left to prefill
             self.stats.queue_size = len(self._waiting)
             self.stats.batch_size = len(self._active)
 
     def _take_slot(self) -> int:
-        """A free slot for a new sequence.
-
-        Separate streams: the lowest, so active slots stay contiguous (see `_release`). Unified:
-        an empty one, else the one whose cached prefix was used least recently, so the prefixes
-        other requests may still want survive longest.
-        """
-        if not self.unified:
-            return heapq.heappop(self._free)
-        slot = self.cache.parking_slot(self._free)
+        """Unified KV: a free slot for a new sequence, an empty one, else the one whose cached
+        prefix was used least recently, so the prefixes other requests may still want survive longest."""
+        slot = self.cache.parking_slot(sorted(self._free))
         assert slot is not None
         self._free.remove(slot)
-        heapq.heapify(self._free)
         return slot
 
     def _reuse_prefix(self, seq: _Sequence) -> None:
-        """Start `seq` from the longest prefix of its prompt some idle slot's KV already holds."""
+        """Unified KV: start `seq` from the longest prefix of its prompt some idle slot's KV holds."""
         slot = seq.slot
-        source, n = (None, 0) if seq.req.prefill_details else self.cache.best(seq.req.prompt, [slot, *self._free], slot)
-        if self.unified:
-            if source != slot:
-                self.model.clear_seq(slot)
-            if source is not None and source != slot:
-                self.model.share_prefix(source, slot, n)
-            elif source == slot:
-                self.model.truncate_seq(slot, n)
-            if source is not None:
-                seq.n_prefilled = seq.n_past = n
-                self.stats.prefix_cache_hits += 1
-                self.stats.prefix_cache_tokens += n
-            self.cache.drop(slot)
-            return
-        if source != slot or n < self.cache.holds(slot):
-            self._park(slot, keep=source)
-        if source is not None and source != slot:
-            self.model.copy_seq(source, slot)  # the whole stream; the tail is cut below
-        if source is None:
+        source, n = (
+            (None, 0)
+            if seq.req.prefill_details
+            else self.cache.best(seq.req.prompt, [slot, *sorted(self._free)], (slot,))
+        )
+        if source != slot:
             self.model.clear_seq(slot)
-        else:
+        if source is not None and source != slot:
+            self.model.share_prefix(source, slot, n)
+        elif source == slot:
             self.model.truncate_seq(slot, n)
-            seq.n_prefilled = seq.n_past = n
-            self.stats.prefix_cache_hits += 1
-            self.stats.prefix_cache_tokens += n
+        if source is not None:
+            self._started_from_cache(seq, n)
         self.cache.drop(slot)
 
+    def _next_to_active(self) -> list[int]:
+        """Separate streams: the free slots a new sequence may take. The active slots always form
+        one run of consecutive ids (llama.cpp decodes sequences of separate KV streams in one pass
+        only when their ids are consecutive; see `_release`), wherever it lies: a new sequence
+        takes a slot next to the run, or any slot when nothing runs."""
+        if not self._active:
+            return sorted(self._free)
+        lo, hi = min(self._active), max(self._active)
+        return [s for s in (lo - 1, hi + 1) if s in self._free]
+
+    def _place(self, req: GenerationRequest) -> _Sequence:
+        """Separate streams: choose `req`'s slot and start it from the longest prefix of its prompt
+        that some idle slot's KV holds.
+
+        If that slot is one the sequence may take (`_next_to_active`; any slot on an idle
+        server), the sequence starts there in place and no stream is copied: a follow-up request
+        (the same prompt again, a chat's next turn) costs a truncation only. Otherwise it takes
+        the empty or least recently used of the slots it may take, and the prefix is copied in
+        (one stream copy, plus one to park what that slot held if the cache should keep it).
+        """
+        near = self._next_to_active()
+        source, n = (None, 0) if req.prefill_details else self.cache.best(req.prompt, sorted(self._free), near)
+        slot = source if source in near else self.cache.parking_slot(near)
+        assert slot is not None
+        self._free.remove(slot)
+        seq = _Sequence(req, slot, self.model)
+        if source is None:
+            self._park(slot, keep=None)
+            self.model.clear_seq(slot)
+        elif source != slot:
+            self._park(slot, keep=source)
+            self._copy_stream(source, slot)  # the whole stream; the tail is cut below
+        elif self.cache.prompt_cut(slot, n) >= self.cache.min_reuse:
+            # In place, but cutting into the prompt another request left here (another chat
+            # sharing only the system prompt): that prompt is kept elsewhere first. A cut into
+            # generated tokens alone (the same prompt again) is not worth a copy before the first token.
+            self._park(slot, keep=None)
+        if source is not None:
+            self.model.truncate_seq(slot, n)
+            self._started_from_cache(seq, n)
+        self.cache.drop(slot)
+        return seq
+
+    def _started_from_cache(self, seq: _Sequence, n: int) -> None:
+        seq.n_prefilled = seq.n_past = n
+        self.stats.prefix_cache_hits += 1
+        self.stats.prefix_cache_tokens += n
+
     def _park(self, slot: int, keep: int | None) -> None:
-        """Separate streams: before a new sequence overwrites (part of) `slot`, copy the prefix it caches
-        to an idle slot (an empty one, else the least recently used), so taking the lowest free
-        slot (which keeps the active ones contiguous) does not throw away a prompt that a later
-        request may repeat. `keep` (the slot the new sequence copies its prefix from) is never
-        the parking place. Costs one stream copy, done at the next decode."""
-        if self.cache.holds(slot) < self.cache.min_reuse:
-            return
-        park = self.cache.parking_slot(s for s in self._free if s not in (slot, keep))
+        """Separate streams: before a new sequence overwrites (part of) `slot`, copy the prefix it
+        caches to an idle slot (an empty one, else the least recently used if older), so a prompt
+        a later request may repeat is not thrown away. `keep` (the slot the new sequence copies
+        its prefix from) is never the parking place. Costs one stream copy, done at the next decode."""
+        park = self.cache.park_target(slot, (s for s in self._free if s != keep))
         if park is not None:
-            self.model.copy_seq(slot, park)
+            self._copy_stream(slot, park)
             self.cache.move(slot, park)
+
+    def _copy_stream(self, src: int, dst: int, move: bool = False) -> None:
+        (self.model.move_seq if move else self.model.copy_seq)(src, dst)
+        self.stats.stream_copies += 1
 
     def _reap_cancelled(self) -> None:
         for seq in [s for s in self._active.values() if s.req.cancelled]:
@@ -341,31 +374,32 @@ class Engine:
             self._release(seq)
 
     def _release(self, seq: _Sequence) -> None:
-        """Free a sequence's slot, keeping the active slots contiguous from 0.
+        """Free a sequence's slot, keeping the active slots one run of consecutive ids.
 
         llama.cpp decodes sequences of separate KV streams together only when their ids are
-        consecutive; a hole would split every following step into several smaller ones. So
-        the sequence in the highest slot moves into the hole (a copy of its KV stream).
+        consecutive; a hole would split every following step into several smaller ones. A
+        sequence at either end of the run leaves no hole; from inside it, the sequence in the
+        highest slot moves into the hole (a copy of its KV stream).
         """
         slot = seq.slot
         del self._active[slot]
         tokens = seq.kv_tokens()
         top = max(self._active, default=-1)
-        if top > slot and not self.unified:  # unified: no streams to keep contiguous
+        if not self.unified and min(self._active, default=slot) < slot < top:  # unified: no streams
             # The hole gets the top sequence; this one's KV is parked in an idle slot first.
-            park = self.cache.parking_slot(self._free) if len(tokens) >= self.cache.min_reuse else None
+            park = self.cache.parking_slot(sorted(self._free)) if len(tokens) >= self.cache.min_reuse else None
             if park is not None:
-                self.model.copy_seq(slot, park)
-                self.cache.hold(park, tokens)
+                self._copy_stream(slot, park)
+                self.cache.hold(park, tokens, seq.n_prefilled)
             moved = self._active.pop(top)
-            self.model.move_seq(top, slot)
+            self._copy_stream(top, slot, move=True)
             moved.slot = slot
             self._active[slot] = moved
             self.cache.drop(top)
             slot = top
         else:
-            self.cache.hold(slot, tokens)  # its KV stays where it is
-        heapq.heappush(self._free, slot)
+            self.cache.hold(slot, tokens, seq.n_prefilled)  # its KV stays where it is
+        self._free.add(slot)
         self.stats.batch_size = len(self._active)
 
     def _fail_all(self, message: str) -> None:
@@ -420,7 +454,7 @@ class Engine:
         """Sample after a call that carried prompt chunks (batch index of the last token, length,
         whether it ends the prompt) and decode tokens (batch index). New prompts' first tokens
         go out first: that is their time to first token. Then the highest slot first: with one
-        KV stream per sequence, a sequence that finishes in the top active slot is released
+        KV stream per sequence, a sequence that finishes at an end of the active run is released
         without moving anything, so when a whole batch ends in one step (requests of the same
         length started together) no stream is copied to close holes that are closing anyway."""
         for seq, i, k, last in chunks:

@@ -9,7 +9,7 @@ sequence's KV in. The cache is bounded by the number of slots the context was cr
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 import numpy as np
 
@@ -31,44 +31,56 @@ class PrefixCache:
     def __init__(self, min_reuse: int = MIN_REUSE_TOKENS) -> None:
         self.min_reuse = min_reuse
         self._held: dict[int, np.ndarray] = {}
+        self._prompt: dict[int, int] = {}  # how many of the held tokens were the request's prompt
         self._used: dict[int, int] = {}
         self._clock = itertools.count()
 
-    def hold(self, slot: int, tokens: Sequence[int] | np.ndarray) -> None:
-        """`slot` is idle and its KV stream holds exactly `tokens` at positions 0..n-1."""
+    def hold(self, slot: int, tokens: Sequence[int] | np.ndarray, prompt_len: int | None = None) -> None:
+        """`slot` is idle and its KV stream holds exactly `tokens` at positions 0..n-1, the first
+        `prompt_len` of them (all when not given) the prompt of the request that left them."""
         if len(tokens) == 0:
             self.drop(slot)
             return
         self._held[slot] = np.asarray(tokens, dtype=np.int32)
+        self._prompt[slot] = len(tokens) if prompt_len is None else min(prompt_len, len(tokens))
         self._used[slot] = next(self._clock)
 
     def drop(self, slot: int) -> None:
         self._held.pop(slot, None)
+        self._prompt.pop(slot, None)
         self._used.pop(slot, None)
 
     def move(self, src: int, dst: int) -> None:
         """`dst` now holds what `src` held (its stream was copied there); `src` holds nothing."""
-        held = self._held.pop(src, None)
-        self._used.pop(src, None)
+        held = self._held.get(src)
+        prompt_len = self._prompt.get(src)
+        self.drop(src)
         if held is None:
             self.drop(dst)
         else:
-            self.hold(dst, held)
+            self.hold(dst, held, prompt_len)
 
     def clear(self) -> None:
         self._held.clear()
+        self._prompt.clear()
         self._used.clear()
 
     def holds(self, slot: int) -> int:
         held = self._held.get(slot)
         return 0 if held is None else len(held)
 
-    def best(self, prompt: Sequence[int], slots: Iterable[int], own: int) -> tuple[int | None, int]:
+    def prompt_cut(self, slot: int, n: int) -> int:
+        """How many tokens of the held request's prompt lie beyond position `n` (what keeping only
+        `n` tokens of `slot` throws away, its generated tokens not counted)."""
+        return max(0, self._prompt.get(slot, 0) - n)
+
+    def best(self, prompt: Sequence[int], slots: Iterable[int], own: Collection[int]) -> tuple[int | None, int]:
         """The idle slot whose KV shares the longest prefix with `prompt`, and that length.
 
         At least one prompt token is always left to compute (its logits start the generation).
-        `own` is the slot the request will occupy: reusing it in place needs no copy, so any
-        prefix counts there; another slot must share at least `min_reuse` tokens.
+        `own` are the slots the request may occupy: reusing one of them in place needs no copy,
+        so any prefix counts there and they win ties; another slot must share at least
+        `min_reuse` tokens.
         """
         if not self._held or len(prompt) < 2:
             return None, 0
@@ -79,9 +91,9 @@ class PrefixCache:
             if held is None:
                 continue
             n = min(common_prefix(held, p), len(p) - 1)
-            if n > best_len or (n == best_len and slot == own and n > 0):
+            if n > best_len or (n == best_len and n > 0 and slot in own and best_slot not in own):
                 best_slot, best_len = slot, n
-        if best_slot is None or (best_slot != own and best_len < self.min_reuse):
+        if best_slot is None or (best_slot not in own and best_len < self.min_reuse):
             return None, 0
         self._used[best_slot] = next(self._clock)
         return best_slot, best_len
@@ -95,3 +107,15 @@ class PrefixCache:
         if empty:
             return min(empty)
         return min(idle, key=lambda s: self._used.get(s, -1))
+
+    def park_target(self, slot: int, idle: Iterable[int]) -> int | None:
+        """Where to keep what `slot` holds before a new sequence overwrites it: an empty idle slot,
+        else the least recently used one if it was used before `slot`; None when `slot` holds too
+        little to be reused, or every idle slot holds something used more recently (then `slot`'s
+        prefix is the one the cache can best lose, and a copy would only lose another)."""
+        if self.holds(slot) < self.min_reuse:
+            return None
+        park = self.parking_slot(s for s in idle if s != slot)
+        if park is None or (park in self._held and self._used[park] > self._used[slot]):
+            return None
+        return park
