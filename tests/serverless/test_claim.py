@@ -44,3 +44,28 @@ async def test_takes_claim_exactly_what_they_return(db_url):
         await store.close()
     finally:
         await db.dispose()
+
+
+async def test_unclaim_gives_a_job_back_as_if_never_taken(db_url):
+    """A take whose worker was lost while its claim ran gives the jobs back (worker_protocol.take):
+    queued again, the attempt not counted, and only the claiming worker's jobs are touched."""
+    from sqlalchemy import select
+
+    from dstack.serverless.models import ServerlessJobModel
+
+    jobs = ServerlessJobModel.__table__
+    db = Database(db_url)
+    try:
+        await seed_endpoint(db)
+        store = Store(db)
+        job_id = await store.submit("ep", '{"i": 1}', None, 60_000, 600_000, False)
+        assert [r.id for r in await store.claim("ep", "lost", 1)] == [job_id]
+        assert await store.unclaim("other", [job_id]) == []  # not its job
+        assert await store.unclaim("lost", [job_id]) == [job_id]
+        async with db.session() as s:
+            row = (await s.execute(select(jobs.c.status, jobs.c.worker_id, jobs.c.attempts))).one()
+        assert tuple(row) == ("IN_QUEUE", None, 0)
+        assert [r.id for r in await store.claim("ep", "next", 1)] == [job_id]  # the next take gets it
+        await store.close()
+    finally:
+        await db.dispose()

@@ -321,6 +321,20 @@ class Store:
         rows.sort(key=lambda r: r.queued_at)
         return rows
 
+    async def unclaim(self, worker_id: str, job_ids: Sequence[str]) -> list[str]:
+        """Give back jobs a worker claimed but was never handed (it was lost while the claim ran):
+        queued again as if never taken, the attempt not counted. The ids put back."""
+        if not job_ids:
+            return []
+        cond = and_(J.c.id.in_(list(job_ids)), J.c.worker_id == worker_id, J.c.status == IN_PROGRESS)
+        stmt = (
+            update(J)
+            .where(cond)
+            .values(status=IN_QUEUE, worker_id=None, started_at=None, attempts=J.c.attempts - 1)
+            .returning(J.c.id)
+        )
+        return [r[0] for r in await self.ex.write(lambda conn: conn.execute(stmt).all())]
+
     async def finish(
         self, job_id: str, worker_id: str, status: str, output_json: str | None, error: str | None
     ) -> Finished | None:

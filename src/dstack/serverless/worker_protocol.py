@@ -41,6 +41,13 @@ class WorkerProtocol:
         while not self.pool.closing:
             if w.state in (READY, INITIALIZING) and self.pool.workers.get(worker_id) is w:
                 rows = await self.pool.store.claim(endpoint_id, worker_id, max(1, n))
+                if rows and (w.state not in (READY, INITIALIZING) or self.pool.workers.get(worker_id) is not w):
+                    # Lost while the claim ran (missed heartbeats, a lost host): its requeue did
+                    # not see these jobs yet, so they go back now instead of waiting on a worker
+                    # nobody counts any more.
+                    back = await self.pool.store.unclaim(worker_id, [r.id for r in rows])
+                    self.pool.after_requeue(endpoint_id, back, [])
+                    return []
                 if rows:
                     w.last_busy = time.time()
                     return rows
