@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import PROMPTS, free_port, stream_texts  # noqa: E402
+from bench_engine import PROMPTS, ServerProc, free_port, stream_texts  # noqa: E402
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -64,25 +63,14 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=30)
     ap.add_argument("--new-tokens", type=int, default=64)
     a = ap.parse_args()
-    proc = None
+    server = None
     url, pid = a.url, a.pid
     if url is None:
         port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dstack.serving", "--model", "SmolLM2-135M-Instruct", "--host", "127.0.0.1"]
-            + ["--port", str(port), "--threads", str(a.threads)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url, pid = f"http://127.0.0.1:{port}", proc.pid
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        cmd = [sys.executable, "-m", "dstack.serving", "--model", "SmolLM2-135M-Instruct", "--host", "127.0.0.1"]
+        server = ServerProc("dstack-http", cmd + ["--port", str(port), "--threads", str(a.threads)], port)
+        server.wait_ready(120)
+        url, pid = server.url, server.proc.pid
     try:
         asyncio.run(run(url, 3, 8))  # warm-up
         for n in (a.new_tokens, 2):
@@ -98,9 +86,8 @@ def main() -> int:
                 flush=True,
             )
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=15)
+        if server is not None:
+            server.stop()
     return 0
 
 
