@@ -428,10 +428,9 @@ class Job:
                 # A plain exit status says it all and leaves the job's own output as it was.
                 self.logs.append("stderr", f"dstack: the process {message}\n".encode(), time.time())
             self.set_state("failed", exit_status=exit_status, message=message)
-        if time.monotonic() - exited > SLOW_END_SECONDS:
-            logger.warning(
-                "job %s: its end is reported %.1f s after the process exited", spec.job_id, time.monotonic() - exited
-            )
+        late = time.monotonic() - exited
+        if late > SLOW_END_SECONDS:
+            logger.warning("job %s: its end is reported %.1f s after the process exited", spec.job_id, late)
         # The end is reported first, the namespace removed after: its removal waits for a lock
         # that every agent on the host shares, and the server must not wait on other agents'
         # work to learn that this job ended (and start its replacement).

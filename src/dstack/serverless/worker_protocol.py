@@ -13,7 +13,7 @@ from typing import Any
 from dstack.core.tokens import bearer_token, hash_token
 from dstack.serverless.errors import ErrorKind, ServerlessError
 from dstack.serverless.models import COMPLETED, FAILED, IN_PROGRESS
-from dstack.serverless.pool import INITIALIZING, READY, UNHEALTHY, Pool, log
+from dstack.serverless.pool import INITIALIZING, READY, UNHEALTHY, Pool, _Worker, log
 
 
 class WorkerProtocol:
@@ -39,9 +39,9 @@ class WorkerProtocol:
         w = await self.pool.touch(endpoint_id, worker_id)
         deadline = time.monotonic() + self.pool.options.take_wait
         while not self.pool.closing:
-            if w.state in (READY, INITIALIZING) and self.pool.workers.get(worker_id) is w:
+            if self._counted(w):
                 rows = await self.pool.store.claim(endpoint_id, worker_id, max(1, n))
-                if rows and (w.state not in (READY, INITIALIZING) or self.pool.workers.get(worker_id) is not w):
+                if rows and not self._counted(w):
                     # Lost while the claim ran (missed heartbeats, a lost host): its requeue did
                     # not see these jobs yet, so they go back now instead of waiting on a worker
                     # nobody counts any more.
@@ -59,6 +59,10 @@ class WorkerProtocol:
                 break
             w = self.pool.workers.get(worker_id) or w
         return []
+
+    def _counted(self, w: _Worker) -> bool:
+        """The worker may be handed jobs: the pool counts it (this very record) and it is live."""
+        return w.state in (READY, INITIALIZING) and self.pool.workers.get(w.worker_id) is w
 
     async def job_done(self, endpoint_id: str, worker_id: str, job_id: str, raw: bytes) -> None:
         """A result or a progress update; idempotent, and a late or foreign post changes nothing."""
