@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.routing import Mount
 from starlette.types import Receive, Scope, Send
 
+from dstack.core.body_limit import BodySizeLimit, RequestTooLarge
 from dstack.core.domain_errors import DomainError
 from dstack.core.errors import ConfigurationError
 from dstack.core.http_errors import error_body, server_error, to_http
@@ -25,7 +26,6 @@ from dstack.server.backends.slurm.allocations import SlurmAllocations
 from dstack.server.backends.slurm.registry import SlurmBackends, set_slurm_backends
 from dstack.server.backends.ssh.backend import Home, SSHBackend
 from dstack.server.background.pipeline import Pipeline
-from dstack.server.body_limit import BodySizeLimit, RequestTooLarge
 from dstack.server.config_file import ConfigReloader, load_server_config
 from dstack.server.db import Database, get_database, get_session, set_database
 from dstack.server.db_errors import is_data_error

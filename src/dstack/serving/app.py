@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from dstack.core.body_limit import BodySizeLimit, RequestTooLarge
 from dstack.serving.engine import TokenInfo
 from dstack.serving.openai_api import chat_completions, completions
 from dstack.serving.openai_api import router as openai_router
@@ -33,6 +34,10 @@ from dstack.serving.service import APIError, ClientGone, Result, Service
 from dstack.serving.sse import HotRoutes, SSEResponse, sse_event
 from dstack.version import __version__
 
+#: The largest request body the engine reads. Prompts are bounded in tokens after parsing; this
+#: bounds the bytes before (a 128k-token chat is a few MiB of JSON).
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
 
 def error_body(message: str, error_type: str) -> dict[str, str]:
     return {"error": message, "error_type": error_type}
@@ -44,6 +49,8 @@ def error_response(exc: Exception) -> Response | None:
         return JSONResponse(error_body(exc.message, exc.error_type), status_code=exc.status)
     if isinstance(exc, ClientGone):
         return Response(status_code=499)
+    if isinstance(exc, RequestTooLarge):
+        return JSONResponse(error_body(exc.detail, "validation"), status_code=413)
     return None
 
 
@@ -77,9 +84,9 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def create_app(service: Service) -> HotRoutes:
-    """The server's ASGI app: the FastAPI app (`.app`), with its generation routes reached
-    through `HotRoutes` (sse.py)."""
+def create_app(service: Service) -> BodySizeLimit:
+    """The server's ASGI app: the FastAPI app, with its generation routes reached through
+    `HotRoutes` (sse.py), every request body bounded by `MAX_BODY_BYTES` (413 over it)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -119,6 +126,12 @@ def create_app(service: Service) -> HotRoutes:
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, exc: ClientGone) -> Response:
+        response = error_response(exc)
+        assert response is not None
+        return response
+
+    @app.exception_handler(RequestTooLarge)
+    async def _too_large(request: Request, exc: RequestTooLarge) -> Response:
         response = error_response(exc)
         assert response is not None
         return response
@@ -292,7 +305,11 @@ def create_app(service: Service) -> HotRoutes:
         "/v1/chat/completions": (ChatCompletionRequest, chat_completions),
         "/generate_stream": (GenerateRequest, lambda body, request: generate_stream(body)),
     }
-    return HotRoutes(app, hot, error_response)
+    return BodySizeLimit(
+        HotRoutes(app, hot, error_response),
+        limit_for=lambda path: (MAX_BODY_BYTES, ""),
+        error_body=lambda message: error_body(message, "validation"),
+    )
 
 
 def render_metrics(service: Service) -> str:

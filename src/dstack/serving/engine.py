@@ -161,7 +161,7 @@ class Engine:
             self._thread.join(timeout=10)
 
     def warm_up(self, prompt: list[int], timeout: float = 600) -> None:
-        """Decode one token of `prompt` and wait for it: the server reports ready only after this.
+        """Prefill `prompt`, decode two tokens and wait for them: the server reports ready only after this.
 
         A build whose kernels crash on this CPU (see llama.py on AMX) then dies before /health
         ever answers 200, instead of dying on the first user's request after looking ready.
@@ -174,7 +174,9 @@ class Engine:
                 result.append(ev)
                 done.set()
 
-        self.submit(GenerationRequest(prompt=prompt, params=SamplingParams(), max_new_tokens=1, emit=emit))
+        # Two new tokens: the second one is a decoding step (a one-row batch), the first comes
+        # from the prompt's pass (many rows): llama.cpp picks different kernels for the two.
+        self.submit(GenerationRequest(prompt=prompt, params=SamplingParams(), max_new_tokens=2, emit=emit))
         if not done.wait(timeout):
             raise RuntimeError(f"warm-up decode did not finish in {timeout:.0f}s")
         if result[0].error is not None:

@@ -26,6 +26,17 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+#: The warm-up decodes this prompt (a few dozen tokens: llama.cpp's matrix-matrix kernels, which
+#: every prompt of 2+ tokens and every batched step use) and then one more token (the
+#: matrix-vector kernels of single-sequence decoding), so a kernel that crashes on this CPU crashes
+#: before /health answers 200. A one-token prompt would exercise only the second: on an AMX host with
+#: weight repacking forced on, "Hello" warmed up fine and the first real prompt died (SIGSEGV).
+WARM_UP_PROMPT = (
+    "The quick brown fox jumps over the lazy dog while the engine checks, before it reports "
+    "ready, that every kernel it will use runs on this processor."
+)
+
+
 @dataclass
 class ServeConfig:
     model: str
@@ -135,7 +146,7 @@ class Service:
             self.chat_template = ChatTemplate(template or CHATML_TEMPLATE, bos, eos)
             engine = Engine(model, prefill_chunk=self.config.prefill_chunk, max_active=self.config.max_batch_size)
             engine.start()
-            engine.warm_up(model.tokenize("Hello", add_special=True))
+            engine.warm_up(model.tokenize(WARM_UP_PROMPT, add_special=True))
             self.model, self.engine = model, engine
             self.status = "ready"
             print(

@@ -119,13 +119,19 @@ class HotRoutes:
         if route is None:
             return await self.app(scope, receive, send)
         chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+        except Exception as e:  # a bound on the body (core/body_limit.py) raises from receive
+            refusal = self.errors(e)
+            if refusal is None:
+                raise
+            return await refusal(scope, receive, send)
         raw = b"".join(chunks)
         replayed = False
 

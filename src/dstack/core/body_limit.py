@@ -1,4 +1,4 @@
-"""Request body size limit for the control-plane API (413 over the limit).
+"""Request body size limit for an ASGI app: the control-plane API and the built-in engine (413).
 
 Pure ASGI so it sees the body as it arrives: a declared `Content-Length` over the limit is
 refused before anything is read, and a chunked body is cut off at the first byte over it (the
@@ -26,15 +26,22 @@ class RequestTooLarge(HTTPException):
 
 
 def _message(limit: int, setting: str) -> str:
-    return f"the request body is larger than this server's limit of {limit / (1024 * 1024):g} MiB ({setting})"
+    where = f" ({setting})" if setting else ""
+    return f"the request body is larger than this server's limit of {limit / (1024 * 1024):g} MiB{where}"
 
 
 class BodySizeLimit:
     """Wraps an ASGI app; `limit_for(path)` is the most bytes a request body to `path` may have,
-    and the name of the setting that says so."""
+    and the name of the setting that says so ("" for a fixed limit)."""
 
-    def __init__(self, app: Any, limit_for: Callable[[str], tuple[int, str]]) -> None:
+    def __init__(
+        self,
+        app: Any,
+        limit_for: Callable[[str], tuple[int, str]],
+        error_body: Callable[[str], Any] | None = None,
+    ) -> None:
         self.app, self.limit_for = app, limit_for
+        self.error_body = error_body or (lambda message: {"detail": [{"msg": message, "code": "too_large"}]})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,7 +50,7 @@ class BodySizeLimit:
         limit, setting = self.limit_for(scope.get("path", ""))
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _refuse(send, limit, setting)
+            await _refuse(send, self.error_body(_message(limit, setting)))
             return
         seen = 0
 
@@ -69,10 +76,10 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _refuse(send: Send, limit: int, setting: str) -> None:
+async def _refuse(send: Send, error_body: Any) -> None:
     import json
 
-    body = json.dumps({"detail": [{"msg": _message(limit, setting), "code": "too_large"}]}).encode()
+    body = json.dumps(error_body).encode()
     await send(
         {
             "type": "http.response.start",
