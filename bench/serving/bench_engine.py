@@ -372,6 +372,11 @@ def main() -> int:
         print(f"llama-server binary not found ({a.llama_server}); skipping it")
         names.remove("llama-server")
     repack = dstack_repacks()
+    if "llama-cpp-python" in names and not repack:
+        # Its server has no setting for llama.cpp's extra buffer types, and on a host where
+        # they include AMX its first prompt of 2+ tokens dies with SIGSEGV (issue 9).
+        print("llama-cpp-python's server cannot turn weight repacking off and crashes on this CPU (AMX); skipping it")
+        names.remove("llama-cpp-python")
     # The machine is shared and noisy: all servers stay up, and every level is measured on each
     # server in turn, --repeat times; the median of each (server, level) is reported.
     servers = {name: start(name, gguf, a.threads, a.llama_server, a.ctx, repack, a.before) for name in names}

@@ -72,3 +72,19 @@ def test_parking_keeps_only_what_is_worth_a_copy():
     assert cache.park_target(3, [1, 2]) is None  # too short to be reused
     cache.move(0, 4)
     assert cache.prompt_cut(4, 1) == 2 and cache.prompt_cut(0, 0) == 0
+
+
+def test_tokens_another_slot_holds_are_not_parked_again():
+    """Requests that repeat a prompt leave the same tokens in several slots: a copy of tokens
+    another idle slot holds (in full, or as the start of longer ones) adds nothing to the cache."""
+    cache = PrefixCache(min_reuse=2)
+    cache.hold(0, [1, 2, 3, 4])
+    cache.hold(1, [5, 6])
+    assert cache.park_target(0, [0, 2, 3]) == 2  # nothing else holds 1 2 3 4
+    cache.hold(3, [1, 2, 3, 4, 9])
+    assert cache.held_elsewhere([1, 2, 3, 4], 0) and not cache.held_elsewhere([1, 2, 3, 4, 5], 0)
+    assert not cache.held_elsewhere([1, 2, 3, 4, 9], 3)  # a slot does not count for itself
+    assert cache.park_target(0, [0, 2]) is None
+    # ...and the slot that holds them counts as just used: it is the last one parking would overwrite
+    cache.hold(2, [7, 7])
+    assert cache.parking_slot([1, 2, 3]) == 1

@@ -389,7 +389,8 @@ class Engine:
         top = max(self._active, default=-1)
         if not self.unified and min(self._active, default=slot) < slot < top:  # unified: no streams
             # The hole gets the top sequence; this one's KV is parked in an idle slot first.
-            park = self.cache.parking_slot(sorted(self._free)) if len(tokens) >= self.cache.min_reuse else None
+            worth_keeping = len(tokens) >= self.cache.min_reuse and not self.cache.held_elsewhere(tokens)
+            park = self.cache.parking_slot(sorted(self._free)) if worth_keeping else None
             if park is not None:
                 self._copy_stream(slot, park)
                 self.cache.hold(park, tokens, seq.n_prefilled)

@@ -98,6 +98,18 @@ class PrefixCache:
         self._used[best_slot] = next(self._clock)
         return best_slot, best_len
 
+    def held_elsewhere(self, tokens: Sequence[int] | np.ndarray, slot: int | None = None) -> bool:
+        """Whether an idle slot other than `slot` holds all of `tokens` (and maybe more after
+        them): a copy of `tokens` would add nothing to the cache, so parking them is skipped. The
+        slot that holds them counts as used now, since they are. Requests that repeat a prompt
+        leave the same tokens in several slots (greedy decoding: prompt and output alike)."""
+        t = np.asarray(tokens, dtype=np.int32)
+        for other, held in self._held.items():
+            if other != slot and len(held) >= len(t) and common_prefix(held, t) == len(t):
+                self._used[other] = next(self._clock)
+                return True
+        return False
+
     def parking_slot(self, idle: Iterable[int]) -> int | None:
         """An idle slot to keep a finished sequence's KV in: an empty one, else the least recently used."""
         idle = list(idle)
@@ -112,8 +124,9 @@ class PrefixCache:
         """Where to keep what `slot` holds before a new sequence overwrites it: an empty idle slot,
         else the least recently used one if it was used before `slot`; None when `slot` holds too
         little to be reused, or every idle slot holds something used more recently (then `slot`'s
-        prefix is the one the cache can best lose, and a copy would only lose another)."""
-        if self.holds(slot) < self.min_reuse:
+        prefix is the one the cache can best lose, and a copy would only lose another), or another
+        slot holds the same tokens already."""
+        if self.holds(slot) < self.min_reuse or self.held_elsewhere(self._held[slot], slot):
             return None
         park = self.parking_slot(s for s in idle if s != slot)
         if park is None or (park in self._held and self._used[park] > self._used[slot]):
