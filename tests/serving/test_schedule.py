@@ -22,13 +22,13 @@ pytestmark = [
 ]
 
 
-def _engine(kv_unified: bool) -> Iterator:  # type: ignore[type-arg]
+def _engine(kv_unified: bool, host_cache_bytes: int = 0) -> Iterator:  # type: ignore[type-arg]
     from dstack.serving.engine import Engine
     from dstack.serving.llama import LlamaModel
     from dstack.serving.models import builtin_model_path
 
     model = LlamaModel(Path(builtin_model_path()), n_ctx_per_seq=1024, n_seq_max=4, threads=1, kv_unified=kv_unified)
-    eng = Engine(model, prefill_chunk=32)
+    eng = Engine(model, prefill_chunk=32, host_cache_bytes=host_cache_bytes)
     eng.start()
     yield eng
     eng.stop()
@@ -43,6 +43,11 @@ def engine() -> Iterator:  # type: ignore[type-arg]
 @pytest.fixture(scope="module")
 def streams_engine() -> Iterator:  # type: ignore[type-arg]
     yield from _engine(kv_unified=False)
+
+
+@pytest.fixture(scope="module")
+def host_cache_engine() -> Iterator:  # type: ignore[type-arg]
+    yield from _engine(kv_unified=False, host_cache_bytes=64 << 20)
 
 
 class Tracked:
@@ -209,3 +214,38 @@ def test_a_prompt_the_cache_holds_twice_is_not_parked_again(streams_engine, monk
     assert running.done.wait(300)
     again = Tracked(eng, prompt, 6)
     assert again.done.wait(300) and again.tokens == a.tokens
+
+
+def test_a_prompt_no_slot_holds_any_more_comes_back_from_host_memory(host_cache_engine) -> None:  # type: ignore[no-untyped-def]
+    """Per-sequence KV with a host cache: more distinct prompts than slots overwrite a prompt's
+    slot, which saves its cells to host memory first; the prompt asked again (while another
+    request decodes) is restored from there, with no prefill of the cached part, and gives the
+    same greedy tokens as the first time."""
+    eng = host_cache_engine
+    prompt = eng.model.tokenize("The history of the Roman Empire begins")
+    first = Tracked(eng, prompt, 12)
+    assert first.done.wait(300) and first.error is None
+    others = [
+        "Once upon a time",
+        "def fibonacci(n):",
+        "In 1492, Columbus",
+        "Here is a list of 100 animals:",
+        "Chapter 1. The village at the edge of the forest",
+    ]
+    for text in others:  # one at a time: each takes the least recently used of the 4 slots
+        t = Tracked(eng, eng.model.tokenize(text), 4)
+        assert t.done.wait(300) and t.error is None
+    assert not any(
+        eng.cache.held(slot) is not None and eng.cache.held(slot)[0][: len(prompt)].tolist() == prompt
+        for slot in range(eng.n_slots)
+    ), "a slot still holds the prompt: the test no longer evicts it"
+    assert eng.stats.host_cache_saves >= 1 and eng.host_cache.covers(prompt)
+    running = Tracked(eng, eng.model.tokenize("The meaning of life is"), 40)  # the restore happens beside it
+    assert running.started.wait(300)
+    hits, reused = eng.stats.host_cache_hits, eng.stats.prefix_cache_tokens
+    again = Tracked(eng, prompt, 12)
+    assert again.done.wait(300) and again.error is None
+    assert running.done.wait(300) and running.error is None
+    assert eng.stats.host_cache_hits == hits + 1
+    assert eng.stats.prefix_cache_tokens - reused == len(prompt) - 1
+    assert again.tokens == first.tokens

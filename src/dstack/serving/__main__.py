@@ -35,6 +35,13 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
         help="extra KV streams that keep finished requests' prompts for prefix reuse (0: only idle decoding slots)",
     )
     ap.add_argument(
+        "--host-cache-mib",
+        type=int,
+        default=None,
+        help="host memory for prompt prefixes no KV slot holds any more, restored instead of prefilled "
+        "(default 512 with the per-sequence KV layout, 0 with unified, which it does not work with; 0: off)",
+    )
+    ap.add_argument(
         "--kv-cache-type",
         choices=["q8_0", "f16"],
         default="q8_0",
@@ -63,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
             ap.error(f"--{name.replace('_', '-')} must be positive")
     if not 0 <= a.prefix_cache_slots <= 64 or a.max_batch_size + a.prefix_cache_slots > 256:
         ap.error("--prefix-cache-slots must be 0..64, and with --max-batch-size at most 256 (llama.cpp's limit)")
+    if a.host_cache_mib is None:
+        a.host_cache_mib = 0 if a.kv_layout == "unified" else 512
+    if not 0 <= a.host_cache_mib <= 65536:
+        ap.error("--host-cache-mib must be 0..65536")
+    if a.host_cache_mib and a.kv_layout == "unified":
+        ap.error("--host-cache-mib works with --kv-layout per-sequence only (unified shares prefixes between cells)")
     model_id = a.model_id or (BUILTIN_MODEL_ID if a.model.lower() in _BUILTIN_NAMES else a.model)
     return ServeConfig(
         model=a.model,
@@ -75,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
         threads=a.threads,
         prefill_chunk=a.prefill_chunk,
         prefix_cache_slots=a.prefix_cache_slots,
+        host_cache_mib=a.host_cache_mib,
         kv_cache_type=a.kv_cache_type,
         kv_unified=a.kv_layout == "unified",
         weight_repack=a.weight_repack,

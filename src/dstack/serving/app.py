@@ -357,6 +357,19 @@ def render_metrics(service: Service) -> str:
             "Prompt tokens not prefilled thanks to the cache",
             s.prefix_cache_tokens,
         )
+        metric(
+            "dstack_serving_host_cache_hits_total",
+            "counter",
+            "Requests whose cached prefix was restored from host memory",
+            s.host_cache_hits,
+        )
+        if engine.host_cache is not None:
+            metric(
+                "dstack_serving_host_cache_bytes",
+                "gauge",
+                "Host memory holding cached prefixes",
+                engine.host_cache.bytes,
+            )
         # TGI's names, for dashboards built for TGI
         metric("tgi_queue_size", "gauge", "Sequences waiting for a batch slot", s.queue_size)
         metric("tgi_batch_current_size", "gauge", "Sequences in the running batch", s.batch_size)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dstack.serving.host_cache import HostPrefixCache, SavedPrefix
 from dstack.serving.llama import LlamaModel
 from dstack.serving.prefix_cache import PrefixCache
 from dstack.serving.sampling import Sampler, SamplingParams
@@ -123,12 +124,16 @@ class EngineStats:
     prefix_cache_hits: int = 0
     prefix_cache_tokens: int = 0
     stream_copies: int = 0  # KV stream copies (per-sequence layout): prefixes copied, parked or moved
+    host_cache_hits: int = 0  # requests whose prefix came back from host memory (host_cache.py)
+    host_cache_saves: int = 0  # prefixes saved to host memory as their slot was overwritten
 
 
 class Engine:
     """The scheduler: submit requests from any thread, events come back through `emit`."""
 
-    def __init__(self, model: LlamaModel, prefill_chunk: int = 256, max_active: int | None = None) -> None:
+    def __init__(
+        self, model: LlamaModel, prefill_chunk: int = 256, max_active: int | None = None, host_cache_bytes: int = 0
+    ) -> None:
         self.model = model
         self.n_slots = model.n_seq_max
         # At most `max_active` slots decode at once; the others keep finished sequences' KV for
@@ -138,6 +143,9 @@ class Engine:
         # With a unified KV buffer reuse is a tag on cells: even a short prefix (a repeated
         # prompt) is worth taking from another slot.
         self.cache = PrefixCache(min_reuse=1) if self.unified else PrefixCache()
+        # Second level, per-sequence layout only: prefixes no slot holds any more, in host memory.
+        self.host_cache = HostPrefixCache(host_cache_bytes) if host_cache_bytes > 0 and not self.unified else None
+        self._copies_queued = False  # a stream copy waits for the next decode: slots' cells are not final
         self.prefill_chunk = max(1, min(prefill_chunk, model.n_batch))
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -330,6 +338,9 @@ class Engine:
         """
         near = self._next_to_active()
         source, n = (None, 0) if req.prefill_details else self.cache.best(req.prompt, sorted(self._free), near)
+        saved, n_saved = self._host_prefix(req) if n < len(req.prompt) - 1 else (None, 0)
+        if saved is not None and n_saved > n:
+            return self._restore(req, saved, n_saved, near)
         slot = source if source in near else self.cache.parking_slot(near)
         assert slot is not None
         self._free.remove(slot)
@@ -351,6 +362,50 @@ class Engine:
         self.cache.drop(slot)
         return seq
 
+    def _host_prefix(self, req: GenerationRequest) -> tuple[SavedPrefix | None, int]:
+        """The longest prefix of `req`'s prompt the host cache holds; none while a stream copy is
+        queued (restoring writes cells at once, and a queued copy could then overwrite them)."""
+        if self.host_cache is None or req.prefill_details or self._copies_queued:
+            return None, 0
+        return self.host_cache.best(req.prompt)
+
+    def _restore(self, req: GenerationRequest, saved: SavedPrefix, n: int, near: list[int]) -> _Sequence:
+        """Start `req` in the empty or least recently used slot it may take, from `saved`'s cells.
+        What that slot held goes to the host cache rather than another slot: parking would queue
+        a stream copy from the very cells the restore overwrites."""
+        slot = self.cache.parking_slot(near)
+        assert slot is not None
+        self._free.remove(slot)
+        seq = _Sequence(req, slot, self.model)
+        self._save_to_host(slot)
+        self.cache.drop(slot)
+        if self.model.restore_seq(saved.data, slot):
+            self.model.truncate_seq(slot, n)
+            self._started_from_cache(seq, n)
+            self.stats.host_cache_hits += 1
+        else:  # no room in the stream (cannot happen with one sequence per stream): prefill it all
+            self.model.clear_seq(slot)
+        return seq
+
+    def _save_to_host(self, slot: int, tokens: np.ndarray | None = None, prompt_len: int = 0) -> None:
+        """Keep what `slot` holds (the cache's entry, or `tokens` of the sequence leaving it) in
+        host memory before it is overwritten, unless a slot or the host cache has it already."""
+        if self.host_cache is None or self._copies_queued:
+            return
+        if tokens is None:
+            held = self.cache.held(slot)
+            if held is None:
+                return
+            tokens, prompt_len = held
+        if (
+            len(tokens) < self.cache.min_reuse
+            or self.cache.held_elsewhere(tokens, slot)
+            or self.host_cache.covers(tokens)
+        ):
+            return
+        self.host_cache.put(tokens, prompt_len, self.model.save_seq(slot))
+        self.stats.host_cache_saves += 1
+
     def _started_from_cache(self, seq: _Sequence, n: int) -> None:
         seq.n_prefilled = seq.n_past = n
         self.stats.prefix_cache_hits += 1
@@ -365,10 +420,13 @@ class Engine:
         if park is not None:
             self._copy_stream(slot, park)
             self.cache.move(slot, park)
+        else:
+            self._save_to_host(slot)
 
     def _copy_stream(self, src: int, dst: int, move: bool = False) -> None:
         (self.model.move_seq if move else self.model.copy_seq)(src, dst)
         self.stats.stream_copies += 1
+        self._copies_queued = True
 
     def _reap_cancelled(self) -> None:
         for seq in [s for s in self._active.values() if s.req.cancelled]:
@@ -394,6 +452,8 @@ class Engine:
             if park is not None:
                 self._copy_stream(slot, park)
                 self.cache.hold(park, tokens, seq.n_prefilled)
+            elif worth_keeping:
+                self._save_to_host(slot, np.asarray(tokens, dtype=np.int32), seq.n_prefilled)
             moved = self._active.pop(top)
             self._copy_stream(top, slot, move=True)
             moved.slot = slot
@@ -413,6 +473,8 @@ class Engine:
         for slot in range(self.n_slots):  # after a failed decode no KV stream is trusted
             self.model.clear_seq(slot)
         self.cache.clear()
+        if self.host_cache is not None:
+            self.host_cache.clear()
 
     def _step(self) -> None:
         if self.unified:
@@ -568,6 +630,7 @@ class Engine:
 
     def _decode(self) -> None:
         rc = self.model.decode()
+        self._copies_queued = False  # llama.cpp ran the queued stream copies first
         self.stats.decode_steps += 1
         self.stats.batch_tokens += self.model.batch.n
         if rc != 0:

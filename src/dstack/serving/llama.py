@@ -294,6 +294,22 @@ class LlamaModel:
         queued copies in the order they were asked for."""
         self.lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
+    def save_seq(self, seq_id: int) -> bytes:
+        """The KV cells of one sequence (llama.cpp's per-sequence state: its cells only, not the
+        whole stream), for `restore_seq`. Reads the cells as they are now: a stream copy still
+        queued for the next decode is not in them."""
+        size = int(self.lib.llama_state_seq_get_size(self.ctx, seq_id))
+        buf = (ctypes.c_uint8 * size)()
+        n = int(self.lib.llama_state_seq_get_data(self.ctx, buf, size, seq_id))
+        return bytes(memoryview(buf)[:n])
+
+    def restore_seq(self, data: bytes, seq_id: int) -> bool:
+        """Write cells saved by `save_seq` into sequence `seq_id` (cleared first); False when
+        llama.cpp refuses them (no room in that stream)."""
+        self.clear_seq(seq_id)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return int(self.lib.llama_state_seq_set_data(self.ctx, buf, len(data), seq_id)) > 0
+
     def share_prefix(self, src: int, dst: int, n: int) -> None:
         """Unified KV only: `dst` (empty) gets positions 0..n-1 of `src` by tagging those cells; no data moves."""
         self.lib.llama_memory_seq_cp(self.memory, src, dst, 0, n)

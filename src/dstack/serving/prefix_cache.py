@@ -27,6 +27,11 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if len(differ) else n
 
 
+def extends(held: np.ndarray, tokens: np.ndarray) -> bool:
+    """Whether `held` starts with all of `tokens` (a KV holding `held` holds `tokens` too)."""
+    return len(held) >= len(tokens) and common_prefix(held, tokens) == len(tokens)
+
+
 class PrefixCache:
     def __init__(self, min_reuse: int = MIN_REUSE_TOKENS) -> None:
         self.min_reuse = min_reuse
@@ -64,6 +69,11 @@ class PrefixCache:
         self._held.clear()
         self._prompt.clear()
         self._used.clear()
+
+    def held(self, slot: int) -> tuple[np.ndarray, int] | None:
+        """The tokens `slot` holds and how many of them were a prompt; None when it holds nothing."""
+        tokens = self._held.get(slot)
+        return None if tokens is None else (tokens, self._prompt[slot])
 
     def holds(self, slot: int) -> int:
         held = self._held.get(slot)
@@ -105,7 +115,7 @@ class PrefixCache:
         leave the same tokens in several slots (greedy decoding: prompt and output alike)."""
         t = np.asarray(tokens, dtype=np.int32)
         for other, held in self._held.items():
-            if other != slot and len(held) >= len(t) and common_prefix(held, t) == len(t):
+            if other != slot and extends(held, t):
                 self._used[other] = next(self._clock)
                 return True
         return False

@@ -49,6 +49,7 @@ class ServeConfig:
     threads: int | None = None
     prefill_chunk: int = 256
     prefix_cache_slots: int = 4  # KV streams that only keep finished requests' prefixes for reuse
+    host_cache_mib: int = 512  # prefixes no slot holds any more, kept in host memory (host_cache.py)
     kv_cache_type: str = "q8_0"  # q8_0 keeps greedy output batch-invariant (see llama.py)
     kv_unified: bool = False  # True: one KV buffer for all sequences; False: a stream each (batch-invariant)
     weight_repack: str = "auto"  # auto | on | off (see llama.py: off where AMX is present)
@@ -144,7 +145,12 @@ class Service:
             )
             self.chat_template_source = template
             self.chat_template = ChatTemplate(template or CHATML_TEMPLATE, bos, eos)
-            engine = Engine(model, prefill_chunk=self.config.prefill_chunk, max_active=self.config.max_batch_size)
+            engine = Engine(
+                model,
+                prefill_chunk=self.config.prefill_chunk,
+                max_active=self.config.max_batch_size,
+                host_cache_bytes=self.config.host_cache_mib * 1024 * 1024,
+            )
             engine.start()
             engine.warm_up(model.tokenize(WARM_UP_PROMPT, add_special=True))
             self.model, self.engine = model, engine
