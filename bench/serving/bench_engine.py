@@ -263,6 +263,7 @@ DSTACK_VARIANTS = {
     "dstack-noprefix": ["--prefix-cache-slots", "0"],
     "dstack-per-sequence": ["--kv-layout", "per-sequence"],  # the default, batch-invariant layout
     "dstack-unified": ["--kv-layout", "unified"],
+    "dstack-nohost": ["--host-cache-mib", "0"],  # no second-level prefix cache in host memory
 }
 
 

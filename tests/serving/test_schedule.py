@@ -249,3 +249,27 @@ def test_a_prompt_no_slot_holds_any_more_comes_back_from_host_memory(host_cache_
     assert eng.stats.host_cache_hits == hits + 1
     assert eng.stats.prefix_cache_tokens - reused == len(prompt) - 1
     assert again.tokens == first.tokens
+
+
+def test_a_prefix_overwritten_by_parking_goes_to_host_memory_first(host_cache_engine) -> None:  # type: ignore[no-untyped-def]
+    """Prompts sharing a long prefix (chats of one system prompt) each reuse another's slot in
+    place and park what it held into the least recently used slot: the prefix that parking
+    overwrites is saved to host memory first, and comes back from there."""
+    eng = host_cache_engine
+    prompt = eng.model.tokenize("In 1492, Columbus sailed the ocean blue")
+    first = Tracked(eng, prompt, 8)
+    assert first.done.wait(300) and first.error is None
+    shared = "You are a helpful assistant for a bakery in a small town. Answer briefly. Question number"
+    for i in range(6):
+        t = Tracked(eng, eng.model.tokenize(f"{shared} {i}: what do you bake?"), 4)
+        assert t.done.wait(300) and t.error is None
+    assert eng.stats.stream_copies > 0  # parking happened
+    assert not any(
+        eng.cache.held(slot) is not None and eng.cache.held(slot)[0][: len(prompt)].tolist() == prompt
+        for slot in range(eng.n_slots)
+    ), "a slot still holds the prompt: the test no longer evicts it"
+    hits = eng.stats.host_cache_hits
+    again = Tracked(eng, prompt, 8)
+    assert again.done.wait(300) and again.error is None
+    assert eng.stats.host_cache_hits == hits + 1
+    assert again.tokens == first.tokens

@@ -418,6 +418,7 @@ class Engine:
         its prefix from) is never the parking place. Costs one stream copy, done at the next decode."""
         park = self.cache.park_target(slot, (s for s in self._free if s != keep))
         if park is not None:
+            self._save_to_host(park)  # the least recently used prefix, which the copy overwrites
             self._copy_stream(slot, park)
             self.cache.move(slot, park)
         else:
@@ -450,6 +451,7 @@ class Engine:
             worth_keeping = len(tokens) >= self.cache.min_reuse and not self.cache.held_elsewhere(tokens)
             park = self.cache.parking_slot(sorted(self._free)) if worth_keeping else None
             if park is not None:
+                self._save_to_host(park)
                 self._copy_stream(slot, park)
                 self.cache.hold(park, tokens, seq.n_prefilled)
             elif worth_keeping:
