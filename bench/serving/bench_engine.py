@@ -118,13 +118,15 @@ async def chat_turn(client: httpx.AsyncClient, url: str, messages: list[dict], n
     return "".join(texts), ttft
 
 
-async def run_chat(url: str, conversations: int, n: int) -> ChatResult:
-    """`conversations` concurrent chats of len(USER_TURNS) turns each; TTFT per turn."""
+async def run_chat(url: str, conversations: int, n: int, run: int = 0) -> ChatResult:
+    """`conversations` concurrent chats of len(USER_TURNS) turns each; TTFT per turn. `run` makes
+    each repeat's system prompts new to the server (their shared part stays the same), so the
+    first turn is a first turn and not the previous repeat's conversation found in a cache."""
     by_turn: list[list[float]] = [[] for _ in USER_TURNS]
     async with httpx.AsyncClient(timeout=600) as client:
 
         async def conversation(k: int) -> None:
-            messages = [{"role": "system", "content": SYSTEM_PROMPT + f" (Shop {k}.)"}]
+            messages = [{"role": "system", "content": SYSTEM_PROMPT + f" (Shop {k}, run {run}.)"}]
             for turn, question in enumerate(USER_TURNS):
                 messages.append({"role": "user", "content": question})
                 answer, ttft = await chat_turn(client, url, messages, n)
@@ -399,7 +401,7 @@ def main() -> int:
                     )
             if a.chat:
                 for name, srv in servers.items():
-                    res = asyncio.run(run_chat(srv.url, a.chat, a.chat_tokens))
+                    res = asyncio.run(run_chat(srv.url, a.chat, a.chat_tokens, rep))
                     chats[name].append(res)
                     print(
                         f"rep {rep} {name:17s} chat: turn 1 TTFT p50 {res.turn_p50_ms(0):.0f} ms, later turns "
