@@ -111,19 +111,8 @@ class ProxyApp:
         wait = self.limiter.check((info.project, info.run_name), info.rate_limits, path, client, headers)
         if wait is None:
             return True
-        body = json.dumps({"detail": f"rate limit exceeded; retry in {wait:.2f}s"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 429,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"retry-after", retry_after_header(wait)),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        detail = f"rate limit exceeded; retry in {wait:.2f}s"
+        await send_detail(send, 429, detail, [(b"retry-after", retry_after_header(wait))])
         return False
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, state: ServiceState, target: bytes) -> None:
