@@ -114,27 +114,17 @@ def create_app(service: Service) -> BodySizeLimit:
         prefix = request.headers.get("x-forwarded-prefix", "").rstrip("/")
         return get_swagger_ui_html(openapi_url=f"{prefix}{app.openapi_url}", title=f"{app.title} - docs")
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> Response:
+    async def _mapped(request: Request, exc: Exception) -> Response:
         response = error_response(exc)
         assert response is not None
         return response
+
+    for raised_on_purpose in (APIError, ClientGone, RequestTooLarge):  # what error_response maps
+        app.add_exception_handler(raised_on_purpose, _mapped)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(error_body(_validation_message(exc), "validation"), status_code=422)
-
-    @app.exception_handler(ClientGone)
-    async def _gone(request: Request, exc: ClientGone) -> Response:
-        response = error_response(exc)
-        assert response is not None
-        return response
-
-    @app.exception_handler(RequestTooLarge)
-    async def _too_large(request: Request, exc: RequestTooLarge) -> Response:
-        response = error_response(exc)
-        assert response is not None
-        return response
 
     @app.get("/health", summary="200 when the model is loaded, 503 before")
     async def health() -> JSONResponse:
