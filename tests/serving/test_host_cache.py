@@ -34,6 +34,17 @@ def test_bounded_in_bytes_least_recently_used_out_first() -> None:
     assert cache.bytes == 0 and len(cache) == 0
 
 
+def test_bounded_in_entries_too() -> None:
+    """However small the states, at most `max_entries` are kept (each request's prefix lookup
+    compares its prompt with every entry)."""
+    cache = HostPrefixCache(1000, max_entries=2)
+    cache.put([1, 1], 2, b"x")
+    cache.put([2, 2], 2, b"y")
+    cache.put([3, 3], 2, b"z")  # [1, 1], the least recently used, goes
+    assert len(cache) == 2 and cache.bytes == 2
+    assert cache.best([1, 1, 5]) == (None, 0) and cache.best([3, 3, 5])[1] == 2
+
+
 def test_a_longer_prefix_replaces_the_entries_it_extends() -> None:
     cache = HostPrefixCache(1000)
     cache.put([1, 2], 2, b"a" * 10)
