@@ -6,10 +6,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm.exc import StaleDataError
 
 from dstack.core.tables import Base, sqlite_pragmas
+from dstack.server.db_errors import is_transient_conflict
 
 __all__ = ["Base", "Database", "get_database", "get_session", "retry_on_conflict", "set_database", "sqlite_pragmas"]
 
@@ -45,13 +47,17 @@ async def retry_on_conflict(session: AsyncSession, work: Callable[[], Awaitable[
 
     Runs and jobs carry a version column: an UPDATE built from rows someone else has changed
     since they were read matches nothing and raises StaleDataError instead of silently
-    overwriting, say, a user's stop with the pipeline's older view of the run. Rolling back
-    expires every loaded row, so the next attempt decides again from what is committed now.
+    overwriting, say, a user's stop with the pipeline's older view of the run. PostgreSQL may
+    also abort the transaction itself (a deadlock with a concurrent writer, a serialization
+    failure): that is the same conflict, found by the database. Rolling back expires every
+    loaded row, so the next attempt decides again from what is committed now.
     """
     for attempt in range(CONFLICT_ATTEMPTS):
         try:
             return await work()
-        except StaleDataError:
+        except (StaleDataError, DBAPIError) as e:
+            if isinstance(e, DBAPIError) and not is_transient_conflict(e):
+                raise
             await session.rollback()
             if attempt == CONFLICT_ATTEMPTS - 1:
                 raise
