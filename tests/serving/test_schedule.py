@@ -251,19 +251,26 @@ def test_a_prompt_no_slot_holds_any_more_comes_back_from_host_memory(host_cache_
     assert again.tokens == first.tokens
 
 
-def test_a_prefix_overwritten_by_parking_goes_to_host_memory_first(host_cache_engine) -> None:  # type: ignore[no-untyped-def]
+def test_a_prefix_displaced_from_its_slot_goes_to_host_memory_not_to_another_slot(host_cache_engine) -> None:  # type: ignore[no-untyped-def]
     """Prompts sharing a long prefix (chats of one system prompt) each reuse another's slot in
-    place and park what it held into the least recently used slot: the prefix that parking
-    overwrites is saved to host memory first, and comes back from there."""
+    place, cutting into the prompt it held. With a host cache what they cut is saved there, not
+    parked in another slot (no stream copy, which would also displace that slot's prefix), and
+    an older prompt pushed out of the slots comes back from host memory."""
     eng = host_cache_engine
     prompt = eng.model.tokenize("In 1492, Columbus sailed the ocean blue")
     first = Tracked(eng, prompt, 8)
     assert first.done.wait(300) and first.error is None
     shared = "You are a helpful assistant for a bakery in a small town. Answer briefly. Question number"
+    copies, saves = eng.stats.stream_copies, eng.stats.host_cache_saves
     for i in range(6):
         t = Tracked(eng, eng.model.tokenize(f"{shared} {i}: what do you bake?"), 4)
         assert t.done.wait(300) and t.error is None
-    assert eng.stats.stream_copies > 0  # parking happened
+    assert eng.stats.host_cache_saves - saves >= 5  # each chat's prompt the next one cut into
+    others = ["Volcanoes form where magma rises", "Coral reefs grow slowly in warm seas", "My favourite recipe is"]
+    for text in others:  # unrelated prompts: they fill the empty slots, then push the first prompt out
+        t = Tracked(eng, eng.model.tokenize(text), 4)
+        assert t.done.wait(300) and t.error is None
+    assert eng.stats.stream_copies == copies
     assert not any(
         eng.cache.held(slot) is not None and eng.cache.held(slot)[0][: len(prompt)].tolist() == prompt
         for slot in range(eng.n_slots)
@@ -273,3 +280,32 @@ def test_a_prefix_overwritten_by_parking_goes_to_host_memory_first(host_cache_en
     assert again.done.wait(300) and again.error is None
     assert eng.stats.host_cache_hits == hits + 1
     assert again.tokens == first.tokens
+
+
+def test_every_prefix_a_burst_of_arrivals_evicts_goes_to_host_memory(host_cache_engine) -> None:  # type: ignore[no-untyped-def]
+    """Requests admitted together each overwrite a slot. When the first one's parking queues a
+    stream copy (it continues a chat's system prompt in place, cutting into that chat), the
+    prefixes the others overwrite must still be saved: they were dropped while any copy was
+    queued, so under bursts of traffic a shared system prompt was lost from every level."""
+    eng = host_cache_engine
+    system = "You are the assistant of a small bakery. Answer in one short sentence, politely. Customer asks:"
+    first = []
+    for topic in ["do you sell rye bread?", "when do you open?", "is there parking?", "can I order a cake?"]:
+        prompt = eng.model.tokenize(f"{system} {topic}")
+        t = Tracked(eng, prompt, 6)  # one after another: the four slots end up holding these
+        assert t.done.wait(300) and t.error is None
+        first.append((prompt, t.tokens))
+    with eng._cv:  # all four arrive before the scheduler admits any: one admission round
+        burst = [Tracked(eng, eng.model.tokenize(f"{system} do you have gluten-free muffins?"), 4)]
+        burst += [
+            Tracked(eng, eng.model.tokenize(f"Question {i}: what is {i} times {i + 7}? Explain every step."), 4)
+            for i in range(3)
+        ]
+    for t in burst:
+        assert t.done.wait(300) and t.error is None
+    for prompt, tokens in first:  # each comes back whole, from a slot or from host memory
+        reused = eng.stats.prefix_cache_tokens
+        again = Tracked(eng, prompt, 6)
+        assert again.done.wait(300) and again.error is None
+        assert eng.stats.prefix_cache_tokens - reused == len(prompt) - 1
+        assert again.tokens == tokens

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -50,7 +51,9 @@ class BodySizeLimit:
         limit, setting = self.limit_for(scope.get("path", ""))
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _refuse(send, self.error_body(_message(limit, setting)))
+            # Nothing of the body is read: the connection closes rather than drain it.
+            refusal = JSONResponse(self.error_body(_message(limit, setting)), 413, {"connection": "close"})
+            await refusal(scope, receive, send)
             return
         seen = 0
 
@@ -74,21 +77,3 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
-
-
-async def _refuse(send: Send, error_body: Any) -> None:
-    import json
-
-    body = json.dumps(error_body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

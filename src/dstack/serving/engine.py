@@ -145,7 +145,11 @@ class Engine:
         self.cache = PrefixCache(min_reuse=1) if self.unified else PrefixCache()
         # Second level, per-sequence layout only: prefixes no slot holds any more, in host memory.
         self.host_cache = HostPrefixCache(host_cache_bytes) if host_cache_bytes > 0 and not self.unified else None
-        self._copies_queued = False  # a stream copy waits for the next decode: slots' cells are not final
+        # Slots a stream copy queued for the next decode reads from / writes to: until it runs, a
+        # destination's cells are not its data yet, and writing a source's cells would change what
+        # is copied. Other slots may be saved to and restored from host memory at any time.
+        self._copy_sources: set[int] = set()
+        self._copy_destinations: set[int] = set()
         self.prefill_chunk = max(1, min(prefill_chunk, model.n_batch))
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -338,7 +342,7 @@ class Engine:
         """
         near = self._next_to_active()
         source, n = (None, 0) if req.prefill_details else self.cache.best(req.prompt, sorted(self._free), near)
-        saved, n_saved = self._host_prefix(req) if n < len(req.prompt) - 1 else (None, 0)
+        saved, n_saved = self._host_prefix(req, near) if n < len(req.prompt) - 1 else (None, 0)
         if saved is not None and n_saved > n:
             return self._restore(req, saved, n_saved, near)
         slot = source if source in near else self.cache.parking_slot(near)
@@ -362,10 +366,13 @@ class Engine:
         self.cache.drop(slot)
         return seq
 
-    def _host_prefix(self, req: GenerationRequest) -> tuple[SavedPrefix | None, int]:
-        """The longest prefix of `req`'s prompt the host cache holds; none while a stream copy is
-        queued (restoring writes cells at once, and a queued copy could then overwrite them)."""
-        if self.host_cache is None or req.prefill_details or self._copies_queued:
+    def _host_prefix(self, req: GenerationRequest, near: list[int]) -> tuple[SavedPrefix | None, int]:
+        """The longest prefix of `req`'s prompt the host cache holds; none when the slot `_restore`
+        would write is part of a queued stream copy (restoring writes its cells at once)."""
+        if self.host_cache is None or req.prefill_details:
+            return None, 0
+        slot = self.cache.parking_slot(near)
+        if slot is None or slot in self._copy_sources or slot in self._copy_destinations:
             return None, 0
         return self.host_cache.best(req.prompt)
 
@@ -390,7 +397,7 @@ class Engine:
     def _save_to_host(self, slot: int, tokens: np.ndarray | None = None, prompt_len: int = 0) -> None:
         """Keep what `slot` holds (the cache's entry, or `tokens` of the sequence leaving it) in
         host memory before it is overwritten, unless a slot or the host cache has it already."""
-        if self.host_cache is None or self._copies_queued:
+        if self.host_cache is None or slot in self._copy_destinations:  # its data has not arrived yet
             return
         if tokens is None:
             held = self.cache.held(slot)
@@ -412,10 +419,19 @@ class Engine:
         self.stats.prefix_cache_tokens += n
 
     def _park(self, slot: int, keep: int | None) -> None:
-        """Separate streams: before a new sequence overwrites (part of) `slot`, copy the prefix it
-        caches to an idle slot (an empty one, else the least recently used if older), so a prompt
-        a later request may repeat is not thrown away. `keep` (the slot the new sequence copies
-        its prefix from) is never the parking place. Costs one stream copy, done at the next decode."""
+        """Separate streams: before a new sequence overwrites (part of) `slot`, keep the prefix it
+        caches, so a prompt a later request may repeat is not thrown away.
+
+        With a host cache it goes there: saving copies its cells only, and restoring them later
+        costs less than the stream copy that reusing it from another slot would. Without one it
+        is copied to an idle slot (an empty one, else the least recently used if older; never
+        `keep`, the slot the new sequence copies its prefix from): one copy of the whole stream
+        at the next decode. A copy queued for the next decode also blocks saving its destination
+        (see `_copy_destinations`): parking into slots that the same burst of arrivals overwrote
+        lost both the parked prefix and the one it displaced."""
+        if self.host_cache is not None:
+            self._save_to_host(slot)
+            return
         park = self.cache.park_target(slot, (s for s in self._free if s != keep))
         if park is not None:
             self._save_to_host(park)  # the least recently used prefix, which the copy overwrites
@@ -427,7 +443,8 @@ class Engine:
     def _copy_stream(self, src: int, dst: int, move: bool = False) -> None:
         (self.model.move_seq if move else self.model.copy_seq)(src, dst)
         self.stats.stream_copies += 1
-        self._copies_queued = True
+        self._copy_sources.add(src)
+        self._copy_destinations.add(dst)
 
     def _reap_cancelled(self) -> None:
         for seq in [s for s in self._active.values() if s.req.cancelled]:
@@ -447,11 +464,12 @@ class Engine:
         tokens = seq.kv_tokens()
         top = max(self._active, default=-1)
         if not self.unified and min(self._active, default=slot) < slot < top:  # unified: no streams
-            # The hole gets the top sequence; this one's KV is parked in an idle slot first.
+            # The hole gets the top sequence; this one's KV is kept first, in host memory when
+            # there is a host cache, else parked in an idle slot (see `_park`).
             worth_keeping = len(tokens) >= self.cache.min_reuse and not self.cache.held_elsewhere(tokens)
-            park = self.cache.parking_slot(sorted(self._free)) if worth_keeping else None
+            parks = worth_keeping and self.host_cache is None
+            park = self.cache.parking_slot(sorted(self._free)) if parks else None
             if park is not None:
-                self._save_to_host(park)
                 self._copy_stream(slot, park)
                 self.cache.hold(park, tokens, seq.n_prefilled)
             elif worth_keeping:
@@ -632,7 +650,9 @@ class Engine:
 
     def _decode(self) -> None:
         rc = self.model.decode()
-        self._copies_queued = False  # llama.cpp ran the queued stream copies first
+        # llama.cpp ran the queued stream copies first
+        self._copy_sources.clear()
+        self._copy_destinations.clear()
         self.stats.decode_steps += 1
         self.stats.batch_tokens += self.model.batch.n
         if rc != 0:
