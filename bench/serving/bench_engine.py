@@ -5,7 +5,9 @@ send streamed, greedy `/v1/completions` requests for `--new-tokens` tokens back 
 aggregate generated tokens/s and TTFT p50/p99 per concurrency level, then a multi-turn chat
 workload (concurrent conversations of 8 turns with a shared system prompt: TTFT of the first turn
 against later ones, which the prefix cache should halve), and the ratios of dstack to each peer
-measured in the same run, with the CPU model and flags.
+measured in the same run, with the CPU model and flags. Single-stream throughput is also measured
+paired (`--pairs`: requests alternated between dstack and each peer, a ratio per pair), since at
+one stream both run the same llama.cpp kernels and the machine's drift is larger than the gap.
 
 llama-server is built from the same llama.cpp source llama-cpp-python vendors, with the same
 native flags (`pip download --no-deps --no-binary :all: llama-cpp-python`, then in its
@@ -247,6 +249,50 @@ async def run_level(url: str, c: int, n: int, rounds: int, extra: dict) -> Level
         return Level(c, total, time.perf_counter() - t0, ttfts)
 
 
+@dataclass
+class Paired:
+    """Single-stream requests sent alternately to dstack and a peer: per pair, dstack's tokens/s
+    over the peer's. Neighbours on a shared machine change its speed over seconds, which moves
+    two 20 s runs of each server apart by more than the difference between them; a pair of
+    requests 0.7 s apart sees the same machine."""
+
+    ratios: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios)
+
+    def ci95(self) -> tuple[float, float]:
+        """95% confidence interval of the mean ratio (normal approximation)."""
+        mean = statistics.mean(self.ratios)
+        half = 1.96 * statistics.stdev(self.ratios) / len(self.ratios) ** 0.5
+        return mean - half, mean + half
+
+
+async def timed_request(client: httpx.AsyncClient, url: str, prompt: str, n: int) -> float:
+    t0 = time.perf_counter()
+    tokens, _ = await one_request(client, url, prompt, n, {})
+    return tokens / (time.perf_counter() - t0)
+
+
+async def run_paired(ours: str, peer: str, pairs: int, n: int) -> Paired:
+    """`pairs` requests of the same prompt to each server, in alternating order."""
+    async with httpx.AsyncClient(timeout=600) as client:
+        for url in (ours, peer):
+            await one_request(client, url, PROMPTS[0], 4, {})  # warm connections and caches
+        ratios = []
+        for i in range(pairs):
+            prompt = PROMPTS[i % len(PROMPTS)]
+            if i % 2:
+                theirs = await timed_request(client, peer, prompt, n)
+                mine = await timed_request(client, ours, prompt, n)
+            else:
+                mine = await timed_request(client, ours, prompt, n)
+                theirs = await timed_request(client, peer, prompt, n)
+            ratios.append(mine / theirs)
+        return Paired(ratios)
+
+
 def median_level(runs: list[Level]) -> Level:
     """The run with the median throughput, its TTFTs replaced by those of the run with the median
     TTFT p50 (both medians of the repeats; with the machine shared, best-of-N flattered whichever
@@ -364,6 +410,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="measurements per server and level (median reported)")
     ap.add_argument("--ctx", type=int, default=2048, help="context per sequence")
     ap.add_argument("--servers", default="dstack,llama-cpp-python,llama-server")
+    ap.add_argument(
+        "--pairs", type=int, default=40, help="single-stream requests alternated between dstack and each peer (0: skip)"
+    )
     ap.add_argument("--chat", type=int, default=4, help="concurrent conversations of the multi-turn workload (0: skip)")
     ap.add_argument("--chat-tokens", type=int, default=32, help="new tokens per chat turn")
     ap.add_argument("--llama-server", default=shutil.which("llama-server") or "/tmp/llama-build/bin/llama-server")
@@ -391,6 +440,7 @@ def main() -> int:
     servers = {name: start(name, gguf, a.threads, a.llama_server, a.ctx, repack, a.before) for name in names}
     runs: dict[str, dict[int, list[Level]]] = {name: {c: [] for c in levels} for name in names}
     chats: dict[str, list[ChatResult]] = {name: [] for name in names}
+    paired: dict[str, Paired] = {}
     try:
         for srv in servers.values():
             srv.wait_ready()
@@ -414,13 +464,21 @@ def main() -> int:
                         f"{res.later_p50_ms:.0f} ms  load {os.getloadavg()[0]:.2f}",
                         flush=True,
                     )
+        if a.pairs and "dstack" in servers:
+            for name, srv in servers.items():
+                if name != "dstack":
+                    paired[name] = pr = asyncio.run(run_paired(servers["dstack"].url, srv.url, a.pairs, a.new_tokens))
+                    lo, hi = pr.ci95()
+                    print(
+                        f"paired c=1 dstack / {name}: median {pr.median:.3f}, mean 95% CI {lo:.3f}-{hi:.3f}", flush=True
+                    )
     finally:
         for srv in servers.values():
             srv.stop()
     results = {name: [median_level(runs[name][c]) for c in levels] for name in names}
     best_chats = {name: median_chat(rs) for name, rs in chats.items() if rs}
 
-    report = render(results, best_chats, levels, a, gguf, repack)
+    report = render(results, best_chats, paired, levels, a, gguf, repack)
     print(report)
     if a.out:
         Path(a.out).write_text(report)
@@ -430,6 +488,7 @@ def main() -> int:
 def render(
     results: dict[str, list[Level]],
     chats: dict[str, ChatResult],
+    paired: dict[str, Paired],
     levels: list[int],
     a: argparse.Namespace,
     gguf: str,
@@ -462,6 +521,18 @@ def render(
                 + "; TTFT p50 "
                 + ", ".join(f"c={c}: {r:.2f}x" for c, r in zip(levels, ttft, strict=True))
             )
+    if paired:
+        lines += [
+            "",
+            f"Single stream, paired: {a.pairs} requests to each server in alternating order, dstack's tokens/s over "
+            "the peer's per pair:",
+            "",
+            "| peer | median | mean, 95% CI |",
+            "|---|---:|---:|",
+        ]
+        for name, pr in paired.items():
+            lo, hi = pr.ci95()
+            lines.append(f"| {name} | {pr.median:.3f}x | {lo:.3f}-{hi:.3f}x |")
     if chats:
         lines += [
             "",
