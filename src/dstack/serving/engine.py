@@ -434,11 +434,8 @@ class Engine:
             return
         park = self.cache.park_target(slot, (s for s in self._free if s != keep))
         if park is not None:
-            self._save_to_host(park)  # the least recently used prefix, which the copy overwrites
             self._copy_stream(slot, park)
             self.cache.move(slot, park)
-        else:
-            self._save_to_host(slot)
 
     def _copy_stream(self, src: int, dst: int, move: bool = False) -> None:
         (self.model.move_seq if move else self.model.copy_seq)(src, dst)
