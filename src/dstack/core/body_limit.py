@@ -7,15 +7,12 @@ endpoint's read raises `RequestTooLarge`, which the app answers with 413).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+from starlette.types import Message, Receive, Scope, Send
 
 
 class RequestTooLarge(HTTPException):
@@ -57,7 +54,7 @@ class BodySizeLimit:
             return
         seen = 0
 
-        async def limited_receive() -> dict[str, Any]:
+        async def limited_receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
