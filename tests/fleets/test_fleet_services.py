@@ -1,6 +1,7 @@
 """A service with 2 replicas on 2 fleet hosts behind the proxy: each replica is reached through its
 host's SSH connection (no port opens on the host), requests are balanced over both, and a
-streamed response arrives chunk by chunk."""
+streamed response arrives chunk by chunk. A replica whose app is not listening yet gets no
+traffic, though the forward's local port accepts connections."""
 
 import time
 from pathlib import Path
@@ -8,10 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dstack.api import Resources, Service
+from dstack.api import Resources, RunStatus, Service
 from dstack.core.models.fleets import FleetConfiguration
 from tests.conftest import running_server
 from tests.e2e.util import wait_ready
+from tests.fleets.hosts import apply_fleet
 
 pytestmark = pytest.mark.slow
 APPS = Path(__file__).resolve().parents[1] / "e2e" / "apps"
@@ -82,3 +84,43 @@ def test_service_replicas_on_two_hosts(host_net, tmp_path):
             assert time.time() < deadline
             time.sleep(0.5)
         client.fleets.delete("svc")
+
+
+def test_replica_gets_traffic_only_once_its_app_listens(host_net, tmp_path):
+    """The readiness check without probes must reach the app on the host, not stop at the local end
+    of the SSH forward (which accepts at once): else the proxy routes to a replica whose app has
+    not bound its port yet and answers 502."""
+    h2 = host_net.hosts[2]
+    with running_server(tmp_path) as srv:
+        client = srv.client()
+        apply_fleet(client, host_net, "late", [h2])
+        service = Service(
+            commands=["sleep 6", "python3 upstream.py plain 8000"],
+            port=8000,
+            fleets=["late"],
+            resources=Resources(cpu="0..", memory="0.1GB..", disk="1GB.."),
+        )
+        run = client.runs.submit(service, run_name="late-app", repo_dir=APPS)
+        try:
+            deadline = time.time() + 60
+            while run.status != RunStatus.RUNNING:
+                assert time.time() < deadline, (run.status, run.error)
+                time.sleep(0.2)
+                run.refresh()
+            answers: list[tuple[int, str]] = []
+            deadline = time.time() + 60
+            while not answers or answers[-1][0] != 200:
+                assert time.time() < deadline, answers[-5:]
+                r = httpx.get(run.service_url, headers=srv.headers, timeout=10)
+                answers.append((r.status_code, r.text))
+                time.sleep(0.2)
+            assert [a for a in answers if a[0] != 503 and a[0] != 200] == [], answers
+            assert any(code == 503 and "no ready replica" in text for code, text in answers), answers
+            assert answers[-1][1] and httpx.get(run.service_url, headers=srv.headers).json()["replica"] == "0"
+        finally:
+            run.stop(abort=True)
+        deadline = time.time() + 60
+        while any(i.jobs for i in client.fleets.get("late").instances):
+            assert time.time() < deadline
+            time.sleep(0.5)
+        client.fleets.delete("late")

@@ -23,6 +23,7 @@ from dstack.core.models.runs import JobProvisioningData, JobStatus, JobTerminati
 from dstack.proxy import ModelInfo, Replica, ServiceInfo, ServiceRegistry
 from dstack.proxy.ratelimit import RateLimitRule
 from dstack.server.backends.slurm.allocations import replica_url as slurm_replica_url
+from dstack.server.backends.ssh.forwards import reachable_through_forward
 from dstack.server.db import Database, retry_on_conflict
 from dstack.server.models import JobModel, RunModel, utcnow
 from dstack.server.services import probes as probes_service
@@ -251,6 +252,9 @@ class ServiceManager:
     async def _check(self, url: str, probes: Sequence[ProbeSpec]) -> bool:
         if not probes:
             host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
+            through = await reachable_through_forward(host, int(port))
+            if through is not None:  # an SSH forward's local port accepts whether or not the app listens
+                return through
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2)
                 writer.close()

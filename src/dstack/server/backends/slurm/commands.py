@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import asyncssh
 
 from dstack.server.backends.slurm.config import SlurmLogin
+from dstack.server.backends.ssh.forwards import Forward, open_forward
 
 #: the most output one Slurm command may return (a huge cluster's `sinfo` is far below this)
 MAX_OUTPUT = 8 * 1024 * 1024
@@ -92,7 +93,7 @@ class SshRunner(CommandRunner):
         self.login = login
         self._conn: asyncssh.SSHClientConnection | None = None
         self._lock = asyncio.Lock()
-        self._forwards: dict[tuple[str, int], tuple[asyncssh.SSHClientConnection, asyncssh.SSHListener]] = {}
+        self._forwards: dict[tuple[str, int], Forward] = {}
 
     async def _connection(self) -> asyncssh.SSHClientConnection:
         async with self._lock:
@@ -137,25 +138,25 @@ class SshRunner(CommandRunner):
         conn = await self._connection()
         key = (host, port)
         found = self._forwards.get(key)
-        if found is not None and found[0] is conn:
-            return "127.0.0.1", found[1].get_port()
+        if found is not None and found.conn is conn:
+            return "127.0.0.1", found.get_port()
         if found is not None:  # opened over a connection that dropped since: re-opened on this one
-            found[1].close()
+            found.close()
         try:
-            listener = await conn.forward_local_port("127.0.0.1", 0, host, port)
+            forward = await open_forward(conn, host, port)
         except (OSError, asyncssh.Error) as e:
             raise SlurmCommandError(f"no forward to {host}:{port} through {self.login.hostname}: {e}") from e
-        self._forwards[key] = (conn, listener)
-        return "127.0.0.1", listener.get_port()
+        self._forwards[key] = forward
+        return "127.0.0.1", forward.get_port()
 
     async def close_forward(self, host: str, port: int) -> None:
         found = self._forwards.pop((host, port), None)
         if found is not None:
-            found[1].close()
+            found.close()
 
     async def close(self) -> None:
-        for _, listener in self._forwards.values():
-            listener.close()
+        for forward in self._forwards.values():
+            forward.close()
         self._forwards.clear()
         if self._conn is not None:
             self._conn.close()

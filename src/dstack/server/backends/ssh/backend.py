@@ -29,6 +29,7 @@ from dstack.server.backends.base import AgentEndpoint, Backend, ProvisionedInsta
 from dstack.server.backends.ssh import agent as remote
 from dstack.server.backends.ssh.bundle import agent_bundle
 from dstack.server.backends.ssh.connection import Connection, Endpoint, Target, connect, describe_error
+from dstack.server.backends.ssh.forwards import Forward, open_forward
 from dstack.server.backends.ssh.phases import Phases
 from dstack.server.backends.ssh.probe import HostProbe, probe
 from dstack.server.db import Database
@@ -125,7 +126,7 @@ class SSHBackend(Backend):
         self.unreachable_listeners: list[Callable[[str], Awaitable[None]]] = []
         self._attached: dict[str, _Attached] = {}  # instance name -> connection and forward
         #: (instance name, address on the host, port) -> local forward to it (service replicas)
-        self._forwards: dict[tuple[str, str, int], asyncssh.SSHListener] = {}
+        self._forwards: dict[tuple[str, str, int], Forward] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     # --- the Backend interface ------------------------------------------------------------
@@ -403,11 +404,10 @@ class SSHBackend(Backend):
         if attached is None:
             raise HostUnreachable(f"instance {name} is not attached")
         key = (name, address, port)
-        listener = self._forwards.get(key)
-        if listener is None:
-            listener = await attached.connection.conn.forward_local_port("127.0.0.1", 0, address, port)
-            self._forwards[key] = listener
-        return f"http://127.0.0.1:{listener.get_port()}"
+        forward = self._forwards.get(key)
+        if forward is None:
+            forward = self._forwards[key] = await open_forward(attached.connection.conn, address, port)
+        return f"http://127.0.0.1:{forward.get_port()}"
 
     async def _detach(self, name: str) -> None:
         for key in [k for k in self._forwards if k[0] == name]:
