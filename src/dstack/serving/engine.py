@@ -342,9 +342,9 @@ class Engine:
         """
         near = self._next_to_active()
         source, n = (None, 0) if req.prefill_details else self.cache.best(req.prompt, sorted(self._free), near)
-        saved, n_saved = self._host_prefix(req, near) if n < len(req.prompt) - 1 else (None, 0)
-        if saved is not None and n_saved > n:
-            return self._restore(req, saved, n_saved, near)
+        hit = self._host_prefix(req, near) if n < len(req.prompt) - 1 else None
+        if hit is not None and hit[1] > n:
+            return self._restore(req, *hit)
         slot = source if source in near else self.cache.parking_slot(near)
         assert slot is not None
         self._free.remove(slot)
@@ -366,22 +366,22 @@ class Engine:
         self.cache.drop(slot)
         return seq
 
-    def _host_prefix(self, req: GenerationRequest, near: list[int]) -> tuple[SavedPrefix | None, int]:
-        """The longest prefix of `req`'s prompt the host cache holds; none when the slot `_restore`
-        would write is part of a queued stream copy (restoring writes its cells at once)."""
+    def _host_prefix(self, req: GenerationRequest, near: list[int]) -> tuple[SavedPrefix, int, int] | None:
+        """The longest prefix of `req`'s prompt the host cache holds, its length, and the slot
+        `_restore` would write (the empty or least recently used one `req` may take); none when
+        that slot is part of a queued stream copy (restoring writes its cells at once)."""
         if self.host_cache is None or req.prefill_details:
-            return None, 0
+            return None
         slot = self.cache.parking_slot(near)
         if slot is None or slot in self._copy_sources or slot in self._copy_destinations:
-            return None, 0
-        return self.host_cache.best(req.prompt)
+            return None
+        saved, n = self.host_cache.best(req.prompt)
+        return None if saved is None else (saved, n, slot)
 
-    def _restore(self, req: GenerationRequest, saved: SavedPrefix, n: int, near: list[int]) -> _Sequence:
-        """Start `req` in the empty or least recently used slot it may take, from `saved`'s cells.
-        What that slot held goes to the host cache rather than another slot: parking would queue
-        a stream copy from the very cells the restore overwrites."""
-        slot = self.cache.parking_slot(near)
-        assert slot is not None
+    def _restore(self, req: GenerationRequest, saved: SavedPrefix, n: int, slot: int) -> _Sequence:
+        """Start `req` in `slot` from `saved`'s cells. What that slot held goes to the host cache
+        rather than another slot: parking would queue a stream copy from the very cells the
+        restore overwrites."""
         self._free.remove(slot)
         seq = _Sequence(req, slot, self.model)
         self._save_to_host(slot)
