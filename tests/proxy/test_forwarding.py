@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
 
 import httpx
@@ -178,6 +180,47 @@ def test_retry_on_dead_replica(harness, upstreams):
     register(harness, "alldead", [Replica("dead", dead)], auth=False)
     r = httpx.get(f"{harness.url}/proxy/services/main/alldead/x")
     assert r.status_code == 502 and "unreachable" in r.json()["detail"]
+
+
+class Closer:
+    """A listener that accepts and closes at once, unanswered: what the local end of an SSH forward
+    does when the app behind it does not listen (the channel open fails)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+
+def test_unanswered_idempotent_request_goes_to_another_replica(harness, upstreams):
+    closer = Closer()
+    try:
+        register(harness, "closes", [Replica("gone", closer.url), Replica("a", upstreams["a"].url)], auth=False)
+        url = f"{harness.url}/proxy/services/main/closes/x"
+        with httpx.Client() as c:
+            for _ in range(6):
+                r = c.get(url)
+                assert r.status_code == 200 and r.json()["id"] == "a", r.text
+            assert closer.accepted >= 1  # the closing replica was tried and the request moved on
+            register(harness, "closes-only", [Replica("gone", closer.url)], auth=False)
+            only = f"{harness.url}/proxy/services/main/closes-only/x"
+            r = c.get(only)
+            assert r.status_code == 502 and "closed the connection" in r.json()["detail"], r.text
+            tried = closer.accepted
+            r = c.post(only, content=b"not repeatable")  # a POST is never sent twice
+            assert r.status_code == 502 and closer.accepted == tried + 1, (r.text, closer.accepted, tried)
+    finally:
+        closer.sock.close()
 
 
 def test_no_ready_replica_503_and_timeout_504(harness, upstreams):

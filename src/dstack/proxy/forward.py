@@ -42,6 +42,8 @@ _HOP_REQ = _HOP_RESP | {
     b"x-forwarded-prefix",
 }
 _UNAUTHORIZED = [(b"www-authenticate", b"Bearer")]
+#: methods RFC 9110 calls idempotent: a request that got no answer may be sent to another replica
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 class Proxy:
@@ -230,6 +232,16 @@ class Proxy:
                 if reused and not conn.got_bytes and not more and not fresh_retry:
                     fresh_retry = True  # a kept-alive connection went stale: the request is replayable
                     continue
+                if not conn.got_bytes and not more and not retried and scope["method"] in _IDEMPOTENT:
+                    # A fresh connection closed unanswered: through an SSH forward that is what a
+                    # replica whose app stopped listening looks like. Like nginx's default
+                    # `proxy_next_upstream error`, only a request that is safe to repeat goes to
+                    # another replica; the probes take this one out meanwhile.
+                    replica.down_until = time.monotonic() + 2.0
+                    alt = state.pick(exclude=replica)
+                    if alt is not None:
+                        retried, fresh_retry, replica = True, False, alt
+                        continue
                 await send_detail(send, 502, f"Replica '{replica.id}' of service '{state.info.run_name}' failed: {e}")
                 return 502
             except UpstreamError as e:
