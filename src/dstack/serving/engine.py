@@ -8,7 +8,8 @@ then. `llama_decode` releases the GIL, so the asyncio HTTP layer keeps running m
 
 How a step is split into `llama_decode` calls depends on the KV layout (llama.py):
 - unified (`--kv-layout unified`): one call per step, prompt chunks and decode tokens together, which
-  llama.cpp runs as one pass; prefixes are shared by tagging cells, so any length is reused;
+  llama.cpp runs as one pass; prefixes are shared by tagging cells, so any length is reused; not
+  exact once freed cells are reused (llama.py says how far off);
 - one stream per sequence (the default; batch invariant): a call per prompt chunk, then one for all decodes
   (see `_step_streams`); a prefix cached in a slot the new sequence may take is reused in place, one
   cached elsewhere costs a stream copy (see `_place`).

@@ -191,9 +191,11 @@ class LlamaModel:
         # Two KV layouts (see engine.py for how each is scheduled):
         # - unified (kv_unified=True, `--kv-layout unified`): one buffer whose cells are tagged by
         #   sequence id. Any mix of prompt chunks and decode tokens goes through one pass, and a
-        #   shared prefix is reused by tagging its cells, not copying them. A sequence's cells lie
-        #   wherever llama.cpp found free ones, so the order attention sums them in can differ
-        #   between a run alone and a batched run: greedy output may flip at a near-tie.
+        #   shared prefix is reused by tagging its cells, not copying them. Not exact: when another
+        #   sequence's cells are freed, llama.cpp puts this sequence's next tokens there, below its
+        #   older cells, and from then on its logits differ from the exact computation by up to ~1
+        #   (llama.cpp 0.3.36's CPU build, q8_0 and f16 KV; bench/serving/unified_cell_order_check.py
+        #   and RESULTS-serving.md). Attention should not depend on cell order; here it does.
         # - one KV stream per sequence (kv_unified=False, the server's default): batch invariant (greedy output identical
         #   whether a request runs alone or with others). A sequence always occupies cells
         #   0..n-1 of its own stream, in position order, whatever else runs;

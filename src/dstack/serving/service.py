@@ -164,6 +164,13 @@ class Service:
                 f"extra buffer types: {', '.join(model.extra_buffer_types) or 'none'})",
                 flush=True,
             )
+            if model.kv_unified:
+                print(
+                    "Warning: the unified KV layout is not exact: once other requests' cells are freed, "
+                    "llama.cpp's logits for a running request differ from the exact ones by up to ~1 "
+                    "(bench/serving/unified_cell_order_check.py); --kv-layout per-sequence is exact",
+                    flush=True,
+                )
         except Exception as e:
             self.status = "failed"
             self.error = f"{type(e).__name__}: {e}" if not str(e) else str(e)
