@@ -339,3 +339,8 @@ def apply_fleet(
     )
     client.fleets.apply(conf)
     return wait_for(lambda: client.fleets.get(name), lambda f: all(i.status == "idle" for i in f.instances), timeout)
+
+
+def wait_fleet_free(client: Any, name: str, timeout: float = 60) -> Any:
+    """Return fleet `name` once no instance of it holds a job (a stopped run's jobs are gone)."""
+    return wait_for(lambda: client.fleets.get(name), lambda f: not any(i.jobs for i in f.instances), timeout)

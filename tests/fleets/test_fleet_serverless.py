@@ -19,6 +19,7 @@ import pytest
 from dstack.api import Resources, Serverless
 from dstack.core.models.fleets import FleetConfiguration
 from tests.conftest import running_server
+from tests.fleets.hosts import wait_fleet_free
 from tests.util import wait_for
 from tests.wheelhouse import RUNPOD, runpod_wheelhouse
 
@@ -108,7 +109,7 @@ def endpoint(host_net, wheelhouse, worker_log, tmp_path_factory):
         finally:
             run.stop(abort=True)
             with contextlib.suppress(AssertionError):  # a killed host's job ends when the server gives it up
-                wait_for(lambda: [i.jobs for i in client.fleets.get("slsfleet").instances], lambda j: not any(j), 150)
+                wait_fleet_free(client, "slsfleet", 150)
             client.fleets.delete("slsfleet")
 
 

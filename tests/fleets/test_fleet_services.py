@@ -13,7 +13,7 @@ from dstack.api import Resources, RunStatus, Service
 from dstack.core.models.fleets import FleetConfiguration
 from tests.conftest import running_server
 from tests.e2e.util import wait_ready
-from tests.fleets.hosts import apply_fleet
+from tests.fleets.hosts import apply_fleet, wait_fleet_free
 
 pytestmark = pytest.mark.slow
 APPS = Path(__file__).resolve().parents[1] / "e2e" / "apps"
@@ -60,10 +60,7 @@ def test_service_replicas_on_two_hosts(host_net, tmp_path):
         finally:
             run.stop(abort=True)
 
-        deadline = time.time() + 60
-        while any(i.jobs for i in client.fleets.get("svc").instances):
-            assert time.time() < deadline
-            time.sleep(0.5)
+        wait_fleet_free(client, "svc")
         sse = Service(commands=["python3 upstream.py sse 8000"], port=8000, fleets=["svc"], resources=WHOLE_HOST)
         run = client.runs.submit(sse, run_name="remote-sse", repo_dir=APPS)
         try:
@@ -79,10 +76,7 @@ def test_service_replicas_on_two_hosts(host_net, tmp_path):
             assert arrivals[0] < 1.0 and arrivals[-1] - arrivals[0] > 0.8, arrivals  # not buffered
         finally:
             run.stop(abort=True)
-        deadline = time.time() + 60
-        while any(i.jobs for i in client.fleets.get("svc").instances):
-            assert time.time() < deadline
-            time.sleep(0.5)
+        wait_fleet_free(client, "svc")
         client.fleets.delete("svc")
 
 
@@ -119,8 +113,5 @@ def test_replica_gets_traffic_only_once_its_app_listens(host_net, tmp_path):
             assert answers[-1][1] and httpx.get(run.service_url, headers=srv.headers).json()["replica"] == "0"
         finally:
             run.stop(abort=True)
-        deadline = time.time() + 60
-        while any(i.jobs for i in client.fleets.get("late").instances):
-            assert time.time() < deadline
-            time.sleep(0.5)
+        wait_fleet_free(client, "late")
         client.fleets.delete("late")
