@@ -88,6 +88,21 @@ def test_auth_matrix(server, plain):
     wait_until(lambda: httpx.get(url, headers=carol_headers).status_code != 200, 10, 0.5, "the revoked token to fail")
 
 
+def test_a_submitted_service_answers_503_until_a_replica_is_ready(server):
+    """The proxy knows a service as soon as its submit answers: its URL says 503 "no ready replica"
+    (with Retry-After), not 404 "not running", also for the same name submitted again right after
+    the previous run of it ended."""
+    client = server.client()
+    for attempt in range(2):
+        run = serve(client, "early-svc", "plain")
+        r = httpx.get(run.service_url, headers=server.headers)
+        assert r.status_code == 503 and "no ready replica" in r.json()["detail"], (attempt, r.status_code, r.text)
+        assert r.headers["retry-after"]
+        assert wait_ready(run.service_url, server.headers).json()["replica"] == "0"
+        run.stop(abort=True)
+        wait_until(lambda r=run: r.refresh().status.is_finished(), 60, 0.2, "the run to end")
+
+
 def test_public_service_with_auth_false(server):
     run = serve(server.client(), "public-svc", "plain", auth=False)
     try:

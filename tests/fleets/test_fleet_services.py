@@ -89,7 +89,7 @@ def test_replica_gets_traffic_only_once_its_app_listens(host_net, tmp_path):
         client = srv.client()
         apply_fleet(client, host_net, "late", [h2])
         service = Service(
-            commands=["sleep 6", "python3 upstream.py plain 8000"],
+            commands=["sleep 10", "python3 upstream.py plain 8000"],
             port=8000,
             fleets=["late"],
             resources=Resources(cpu="0..", memory="0.1GB..", disk="1GB.."),

@@ -17,6 +17,7 @@ from dstack.core.body_limit import BodySizeLimit, RequestTooLarge
 from dstack.core.domain_errors import DomainError
 from dstack.core.errors import ConfigurationError
 from dstack.core.http_errors import error_body, server_error, to_http
+from dstack.core.models.runs import RunType
 from dstack.core.private import private_dir
 from dstack.proxy import ServiceRegistry, build_proxy_app, render_prometheus
 from dstack.proxy.auth import Access, AuthCache
@@ -31,6 +32,7 @@ from dstack.server.db import Database, get_database, get_session, set_database
 from dstack.server.db_errors import is_data_error
 from dstack.server.gateways import router as gateways_router
 from dstack.server.gateways.manager import GatewayManager
+from dstack.server.models import RunModel
 from dstack.server.routers import files as files_router
 from dstack.server.routers import fleets as fleets_router
 from dstack.server.routers import metrics as metrics_router
@@ -114,7 +116,16 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         pipeline.run_listeners.append(lambda run_id: asyncio.ensure_future(bridge.on_run_changed(run_id)))
         app.state.serverless = serverless
         app.state.serverless_bridge = bridge
-        app.state.on_run_submitted = bridge.on_run_submitted
+
+        async def on_run_submitted(run: RunModel) -> None:
+            """Before the submit answers: a service is in the proxy's registry (its URL answers
+            503 "no ready replica" until one is, never 404 "not running"), and a serverless
+            endpoint is set up."""
+            if run.run_type == RunType.SERVICE:
+                await services.sync(run.id)
+            await bridge.on_run_submitted(run)
+
+        app.state.on_run_submitted = on_run_submitted
         app.state.db = db
         app.state.instances = instances
         app.state.log_notifier = notifier

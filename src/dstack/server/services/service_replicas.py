@@ -220,6 +220,8 @@ class ServiceManager:
             return
         for task in state.probes.values():
             task.cancel()
+        if any(s.project == state.project and s.run_name == state.run_name for s in self.services.values()):
+            return  # the name belongs to a newer run now (submitted once this one finished)
         self.registry.remove_service(state.project, state.run_name)
         for publisher in self.publishers:
             asyncio.ensure_future(publisher(state, None, None))
