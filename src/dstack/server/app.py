@@ -122,7 +122,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             503 "no ready replica" until one is, never 404 "not running"), and a serverless
             endpoint is set up."""
             if run.run_type == RunType.SERVICE:
-                await services.sync(run.id)
+                await services.sync(run.id, gateways_later=True)
             await bridge.on_run_submitted(run)
 
         app.state.on_run_submitted = on_run_submitted

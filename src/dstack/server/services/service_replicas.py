@@ -106,6 +106,7 @@ class ServiceManager:
         self._http = internal_client()
         #: extra publishers (gateways) told about every change
         self.publishers: list[Publisher] = []
+        self._background: set[asyncio.Task[None]] = set()  # held so they are not collected mid-way
         registry.on_wake = self.wake
 
     async def start(self) -> None:
@@ -149,7 +150,9 @@ class ServiceManager:
 
         asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(_later()))
 
-    async def sync(self, run_id: str) -> None:
+    async def sync(self, run_id: str, gateways_later: bool = False) -> None:
+        """Make the proxy's view of a service match the database; `gateways_later`: tell gateways
+        in the background (a submit answers without waiting on a slow gateway)."""
         async with self.db.session() as session:
             run = (await session.execute(select(RunModel).where(RunModel.id == run_id))).scalar_one_or_none()
             if run is None:
@@ -203,16 +206,31 @@ class ServiceManager:
             if job_id not in state.replicas:
                 state.replicas[job_id] = Replica(job_id, url, ready=False)
                 state.probes[job_id] = asyncio.create_task(self._probe(state, job_id), name=f"probe-{job_id}")
-        await self._publish(state, info)
+        await self._publish(state, info, gateways_later)
 
-    async def _publish(self, state: ServiceState, info: ServiceInfo | None = None) -> None:
+    async def _publish(
+        self, state: ServiceState, info: ServiceInfo | None = None, gateways_later: bool = False
+    ) -> None:
         replicas = [r for jid, r in state.replicas.items() if jid not in state.draining]
         self.registry.set_replicas(state.project, state.run_name, replicas)
+        if gateways_later:
+            self._in_background(self._publish_to_gateways(state, info, replicas))
+        else:
+            await self._publish_to_gateways(state, info, replicas)
+
+    async def _publish_to_gateways(
+        self, state: ServiceState, info: ServiceInfo | None, replicas: list[Replica]
+    ) -> None:
         for publisher in self.publishers:
             try:
                 await publisher(state, info, replicas)
             except Exception:
                 logger.exception("publishing %s to a gateway failed", state.run_name)
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _forget(self, run_id: str) -> None:
         state = self.services.pop(run_id, None)
@@ -224,7 +242,7 @@ class ServiceManager:
             return  # the name belongs to a newer run now (submitted once this one finished)
         self.registry.remove_service(state.project, state.run_name)
         for publisher in self.publishers:
-            asyncio.ensure_future(publisher(state, None, None))
+            self._in_background(publisher(state, None, None))
 
     # --- readiness ---------------------------------------------------------------------------
 
