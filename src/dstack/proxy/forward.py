@@ -42,6 +42,8 @@ _HOP_REQ = _HOP_RESP | {
     b"x-forwarded-prefix",
 }
 _UNAUTHORIZED = [(b"www-authenticate", b"Bearer")]
+#: how long a replica that refused or dropped a connection gets no new requests (its probe decides after)
+DOWN_SECONDS = 2.0
 #: methods RFC 9110 calls idempotent: a request that got no answer may be sent to another replica
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
@@ -215,12 +217,10 @@ class Proxy:
                 await conn.read_head(pool.read_timeout)
             except UpstreamConnectError as e:
                 replica.in_flight -= 1
-                replica.down_until = time.monotonic() + 2.0
-                if not retried:
-                    alt = state.pick(exclude=replica)
-                    if alt is not None:
-                        retried, replica = True, alt
-                        continue
+                alt = fail_over(state, replica, retried)
+                if alt is not None:
+                    retried, replica = True, alt
+                    continue
                 await send_detail(
                     send, 502, f"Replica '{replica.id}' of service '{state.info.run_name}' is unreachable: {e}"
                 )
@@ -237,8 +237,7 @@ class Proxy:
                     # replica whose app stopped listening looks like. Like nginx's default
                     # `proxy_next_upstream error`, only a request that is safe to repeat goes to
                     # another replica; the probes take this one out meanwhile.
-                    replica.down_until = time.monotonic() + 2.0
-                    alt = state.pick(exclude=replica)
+                    alt = fail_over(state, replica, retried)
                     if alt is not None:
                         retried, fresh_retry, replica = True, False, alt
                         continue
@@ -316,6 +315,13 @@ class Proxy:
             watcher.cancel()
             if not released:
                 conn.close()
+
+
+def fail_over(state: ServiceState, replica: ReplicaState, retried: bool) -> ReplicaState | None:
+    """Keep new requests off `replica` for `DOWN_SECONDS`; the replica this request tries next,
+    none once it has moved already (a request goes to two replicas at most)."""
+    replica.down_until = time.monotonic() + DOWN_SECONDS
+    return None if retried else state.pick(exclude=replica)
 
 
 async def _watch_disconnect(receive: Receive, conn: Connection) -> None:

@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from dstack.proxy import tgi
 from dstack.proxy.auth import FORBIDDEN, UNAUTHENTICATED, bearer_token
-from dstack.proxy.forward import Proxy
+from dstack.proxy.forward import Proxy, fail_over
 from dstack.proxy.http import Receive, Scope, Send, read_body, send_json
 from dstack.proxy.registry import ReplicaState, ServiceState
 from dstack.proxy.upstream import Connection, UpstreamClosed, UpstreamConnectError, UpstreamError
@@ -216,8 +215,7 @@ class ModelEndpoint:
                 return conn, replica
             except UpstreamConnectError as e:
                 replica.in_flight -= 1
-                replica.down_until = time.monotonic() + 2.0
-                alt = None if retried else state.pick(exclude=replica)
+                alt = fail_over(state, replica, retried)
                 if alt is not None:
                     retried, replica = True, alt
                     continue

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
         default="per-sequence",
         help="per-sequence: one KV stream each, exact, greedy output identical alone and batched; unified: "
         "one KV buffer, prompts and decodes in one pass, any shared prefix reused, but not exact (after "
-        "other requests finish, llama.cpp's logits for a running one stray by up to ~1); "
+        "other requests finish, llama.cpp's logits for a running one stray by up to 1.6); "
         "bench/serving/RESULTS-serving.md compares them",
     )
     ap.add_argument(

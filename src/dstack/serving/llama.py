@@ -193,7 +193,7 @@ class LlamaModel:
         #   sequence id. Any mix of prompt chunks and decode tokens goes through one pass, and a
         #   shared prefix is reused by tagging its cells, not copying them. Not exact: when another
         #   sequence's cells are freed, llama.cpp puts this sequence's next tokens there, below its
-        #   older cells, and from then on its logits differ from the exact computation by up to ~1
+        #   older cells, and from then on its logits differ from the exact computation by up to 1.6
         #   (llama.cpp 0.3.36's CPU build, q8_0 and f16 KV; bench/serving/unified_cell_order_check.py
         #   and RESULTS-serving.md). Attention should not depend on cell order; here it does.
         # - one KV stream per sequence (kv_unified=False, the server's default): batch invariant (greedy output identical

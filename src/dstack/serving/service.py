@@ -167,7 +167,7 @@ class Service:
             if model.kv_unified:
                 print(
                     "Warning: the unified KV layout is not exact: once other requests' cells are freed, "
-                    "llama.cpp's logits for a running request differ from the exact ones by up to ~1 "
+                    "llama.cpp's logits for a running request differ from the exact ones by up to 1.6 "
                     "(bench/serving/unified_cell_order_check.py); --kv-layout per-sequence is exact",
                     flush=True,
                 )

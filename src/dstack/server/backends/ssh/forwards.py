@@ -7,11 +7,8 @@ listens, and the proxy's first request to it fails. `reachable` opens a channel 
 """
 
 import asyncio
-import logging
 
 import asyncssh
-
-logger = logging.getLogger(__name__)
 
 #: seconds a reachability check may take (the same bound as a direct TCP check's connect)
 CHECK_TIMEOUT = 2.0
